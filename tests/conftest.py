@@ -1,0 +1,41 @@
+"""Test lanes.
+
+* CPU (CI): ``TRITON_INTERPRET=1`` is set before tilefuse is imported, so every Triton kernel runs
+  in the Triton interpreter. Shapes stay small (<= 256 per dim).
+* CUDA: tests marked ``@pytest.mark.cuda`` run only where a GPU is present.
+"""
+import os
+
+import pytest
+
+try:
+    import torch
+    _HAS_CUDA = torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if _HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    import torch
+
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def device():
+    """'cuda' on a GPU machine, else 'cpu' (Triton interpreter lane)."""
+    return "cuda" if _HAS_CUDA else "cpu"

@@ -1,0 +1,30 @@
+"""Shared test helpers: compare a kernel against an fp64 reference with a tolerance tied to eager
+torch's own error in the same dtype (DEVELOPERS.md, correctness rules)."""
+from __future__ import annotations
+
+import torch
+
+# absolute floor per dtype, for outputs whose eager error happens to be ~0
+_FLOOR = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    if x.numel() == 0:
+        return 0.0
+    return (x.double() - ref.double()).abs().max().item()
+
+
+def assert_close_to_ref(out: torch.Tensor, ref64: torch.Tensor, eager: torch.Tensor | None = None,
+                        factor: float = 4.0, name: str = "output") -> None:
+    """``out`` must be within ``factor`` x eager torch's error (vs the fp64 ``ref64``) plus a
+    dtype floor scaled by the reference's magnitude."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    if out.numel() == 0:
+        return
+    scale = max(1.0, ref64.double().abs().max().item())
+    floor = _FLOOR.get(out.dtype, 1e-5) * scale
+    eager_err = max_err(eager, ref64) if eager is not None else 0.0
+    tol = factor * eager_err + floor
+    err = max_err(out, ref64)
+    assert err <= tol, (f"{name}: max error {err:.3e} > tol {tol:.3e} (eager torch error "
+                        f"{eager_err:.3e}, dtype {out.dtype})")

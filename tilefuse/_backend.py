@@ -1,0 +1,116 @@
+"""Backend dispatch: which implementation runs an op for given tensors.
+
+=====================  ===========================  ==========================================
+tensor device          environment                  backend
+=====================  ===========================  ==========================================
+cuda                   (default)                    ``triton``: compiled Triton kernels
+cpu                    ``TRITON_INTERPRET=1``       ``triton``: same kernels, Triton interpreter
+cpu                    (default)                    ``torch``: plain torch reference path
+any                    ``TILEFUSE_BACKEND=torch``   ``torch``
+cpu                    ``TILEFUSE_BACKEND=triton``  error unless ``TRITON_INTERPRET=1``
+=====================  ===========================  ==========================================
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("triton", "torch")
+
+
+class BackendError(RuntimeError):
+    """Raised when the requested backend cannot run on the given device."""
+
+
+@functools.lru_cache(maxsize=None)
+def has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - platforms without triton
+        return False
+    return True
+
+
+def _env_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+# Triton decides interpreter-vs-compiler when a kernel is decorated (at import), so the state is
+# snapshotted once, when tilefuse is imported: set TRITON_INTERPRET before ``import tilefuse``.
+_INTERPRET_AT_IMPORT = _env_interpret()
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run in the Triton interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return _INTERPRET_AT_IMPORT
+
+
+def forced_backend() -> str | None:
+    value = os.environ.get("TILEFUSE_BACKEND", "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in BACKENDS:
+        raise BackendError(
+            f"TILEFUSE_BACKEND={value!r} is not valid; expected one of 'auto', 'triton', 'torch'")
+    return value
+
+
+def backend_for_device(device: torch.device | str) -> str:
+    """Return ``'triton'`` or ``'torch'`` for tensors on ``device``."""
+    device = torch.device(device)
+    forced = forced_backend()
+    if forced == "torch":
+        return "torch"
+    if device.type == "cuda":
+        if not has_triton():
+            if forced == "triton":
+                raise BackendError("TILEFUSE_BACKEND=triton but triton is not installed")
+            return "torch"
+        return "triton"
+    if device.type == "cpu":
+        if interpreter_enabled() and has_triton():
+            return "triton"
+        if forced == "triton":
+            raise BackendError(
+                "TILEFUSE_BACKEND=triton was requested for CPU tensors, but Triton kernels only run "
+                "on CPU inside the Triton interpreter: set TRITON_INTERPRET=1 (before importing "
+                "tilefuse) or use TILEFUSE_BACKEND=torch")
+        return "torch"
+    if forced == "triton":
+        raise BackendError(f"no Triton backend for device type {device.type!r}")
+    return "torch"
+
+
+def backend_for(*tensors) -> str:
+    """Backend for the first tensor among ``tensors`` (others must be on the same device)."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            return backend_for_device(t.device)
+    return backend_for_device("cpu")
+
+
+def describe() -> dict:
+    """A summary of the environment for ``tilefuse info``."""
+    import platform
+    import sys
+
+    info = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "triton": None,
+        "interpreter": interpreter_enabled(),
+        "forced_backend": os.environ.get("TILEFUSE_BACKEND") or "auto",
+        "device": "cpu",
+        "capability": None,
+    }
+    if has_triton():
+        import triton
+
+        info["triton"] = triton.__version__
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+        info["capability"] = "%d.%d" % torch.cuda.get_device_capability(0)
+    return info

@@ -1,0 +1,1 @@
+"""Benchmark harness (``tilefuse bench``); see the benchmark issue."""

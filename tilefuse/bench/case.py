@@ -1,0 +1,30 @@
+"""The unit every kernel benchmark is made of.
+
+Each op family provides ``tilefuse/bench/kernels_<family>.py`` with a function
+``cases(device: str, dtype: torch.dtype, size: str) -> list[BenchCase]`` (size is ``"tiny"`` on CPU
+and ``"full"`` on GPU). The harness (``tilefuse bench kernels``) discovers those modules, times
+every implementation of each case and derives TFLOP/s or GB/s from the analytic model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict
+
+
+@dataclass
+class BenchCase:
+    family: str                    # "matmul", "layer_norm", ...
+    name: str                      # unique within the family, e.g. "fwd+bwd/4096x4096/gelu"
+    shape: Dict[str, Any]          # the problem size, for the report
+    dtype: str                     # "fp16", ...
+    # implementation label -> zero-arg callable; labels: "tilefuse", "eager", "compile",
+    # "vendor" (cuBLAS/cuDNN/_int_mm where one exists). Missing labels are simply not timed.
+    fns: Dict[str, Callable[[], Any]] = field(default_factory=dict)
+    flops: float = 0.0             # analytic floating-point (or int) ops of one call
+    bytes: float = 0.0             # analytic bytes moved to/from memory by one call
+    bound: str = "memory"          # "memory" (report GB/s) or "compute" (report TFLOP/s)
+    note: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.family}/{self.name}/{self.dtype}"

@@ -1,0 +1,88 @@
+"""The ``tilefuse`` command line: ``info`` here; ``autotune``, ``bench`` and ``compare`` are
+registered by their packages (each module in ``_SUBCOMMAND_MODULES`` defines
+``register(subparsers)`` adding parsers whose ``func(args) -> int`` runs the command)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+_SUBCOMMAND_MODULES = (
+    "tilefuse.autotune.cli",
+    "tilefuse.bench.cli",
+)
+
+
+
+def _info(args) -> int:
+    from tilefuse import _backend
+
+    info = _backend.describe()
+    rows = [
+        ("tilefuse", __import__("tilefuse").__version__),
+        ("python", info["python"]),
+        ("torch", info["torch"]),
+        ("triton", info["triton"] or "not installed"),
+        ("platform", info["platform"]),
+        ("device", info["device"] + (f" (sm {info['capability']})" if info["capability"] else "")),
+        ("TRITON_INTERPRET", "1" if info["interpreter"] else "0"),
+        ("TILEFUSE_BACKEND", info["forced_backend"]),
+        ("autotune cache", _cache_path()),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    import torch
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    print()
+    print("backend per op:")
+    for dev in devices:
+        try:
+            backend = _backend.backend_for_device(dev)
+            how = {"triton": "Triton kernel" + (" (interpreter)" if dev == "cpu" else " (compiled)"),
+                   "torch": "torch reference path"}[backend]
+        except _backend.BackendError as e:
+            how = f"error: {e}"
+        print(f"  {dev:<5} all ops ({', '.join(list_ops())}): {how}")
+    return 0
+
+
+def list_ops() -> list:
+    import tilefuse.ops as ops
+
+    return sorted(n for n in dir(ops) if not n.startswith("_") and callable(getattr(ops, n)))
+
+
+def _cache_path() -> str:
+    try:
+        from tilefuse.autotune import cache_path
+    except ImportError:
+        import os
+
+        return os.environ.get("TILEFUSE_CACHE_DIR", "~/.cache/tilefuse")
+    return str(cache_path())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tilefuse", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="versions, device, backend per op, autotune cache location")
+    p.set_defaults(func=_info)
+    for name in _SUBCOMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        mod.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Triton activation helpers shared by every kernel's epilogue (one copy, no per-kernel variants).
+
+``ACTIVATION`` codes are those of :data:`tilefuse.activations.ACTIVATIONS`:
+0 none, 1 relu, 2 relu6, 3 leaky_relu(ACT_PARAM), 4 gelu (erf), 5 gelu (tanh), 6 silu, 7 sigmoid,
+8 tanh. Inputs are fp32 tiles. Only ops the interpreter supports are used (``tl.erf``,
+``tl.sigmoid``, ``tl.exp``; tanh is written through the sigmoid, since ``libdevice`` is not
+available in the interpreter).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def apply_activation(x, ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr):
+    """act(x) for an fp32 tile."""
+    if ACTIVATION == 1:
+        x = tl.maximum(x, 0.0)
+    elif ACTIVATION == 2:
+        x = tl.minimum(tl.maximum(x, 0.0), 6.0)
+    elif ACTIVATION == 3:
+        x = tl.where(x > 0, x, x * ACT_PARAM)
+    elif ACTIVATION == 4:
+        x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    elif ACTIVATION == 5:
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        x = 0.5 * x * (1.0 + _tanh(inner))
+    elif ACTIVATION == 6:
+        x = x * tl.sigmoid(x)
+    elif ACTIVATION == 7:
+        x = tl.sigmoid(x)
+    elif ACTIVATION == 8:
+        x = _tanh(x)
+    return x
+
+
+@triton.jit
+def activation_grad(z, ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr):
+    """d act(z)/dz for an fp32 tile of pre-activations ``z`` (torch's conventions at kinks)."""
+    if ACTIVATION == 0:
+        g = tl.full(z.shape, 1.0, tl.float32)
+    elif ACTIVATION == 1:
+        g = tl.where(z > 0, 1.0, 0.0)
+    elif ACTIVATION == 2:
+        g = tl.where((z > 0) & (z < 6.0), 1.0, 0.0)
+    elif ACTIVATION == 3:
+        g = tl.where(z > 0, 1.0, ACT_PARAM)
+    elif ACTIVATION == 4:
+        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+        pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
+        g = cdf + z * pdf
+    elif ACTIVATION == 5:
+        inner = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        t = _tanh(inner)
+        g = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (
+            1.0 + 0.134145 * z * z)
+    elif ACTIVATION == 6:
+        s = tl.sigmoid(z)
+        g = s * (1.0 + z * (1.0 - s))
+    elif ACTIVATION == 7:
+        s = tl.sigmoid(z)
+        g = s * (1.0 - s)
+    else:
+        t = _tanh(z)
+        g = 1.0 - t * t
+    return g
+
+
+@triton.jit
+def activation_backward_kernel(dy_ptr, z_ptr, dz_ptr, n_elements,
+                               ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr,
+                               BLOCK: tl.constexpr):
+    """dz = dy * act'(z) over flat contiguous buffers (one pass, fp32 math)."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dz = dy * activation_grad(z, ACTIVATION, ACT_PARAM)
+    tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+def launch_activation_backward(dy, z, dz, activation: int, act_param: float):
+    """Launcher for :func:`activation_backward_kernel` (all three contiguous, same numel)."""
+    n = z.numel()
+    if n == 0:
+        return dz
+    block = 4096 if not z.is_cuda else 1024
+    activation_backward_kernel[(triton.cdiv(n, block),)](
+        dy, z, dz, n, ACTIVATION=activation, ACT_PARAM=float(act_param), BLOCK=block)
+    return dz

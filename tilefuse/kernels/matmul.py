@@ -1,0 +1,166 @@
+"""Coalesced, grouped-order matmul with a fused epilogue.
+
+C[b] = act(A[b] @ B[b] + bias) + residual[b], for A: (BATCH, M, K) and B: (BATCH, K, N) with
+arbitrary strides (stride 0 broadcasts a batch). Programs are ordered in super-groups of
+``GROUP_M`` row-blocks so that consecutive programs reuse the same B columns and A rows from L2
+(Triton tutorial 03). Offsets into the operands are computed in int64, so tensors with more than
+2^31 elements are addressed correctly. fp32 accumulation (fp64 for fp64 inputs); output cast in
+the epilogue.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tilefuse._backend import interpreter_enabled
+from tilefuse.kernels.activations import apply_activation
+
+MAX_GRID_Y = 65535
+
+
+@triton.jit
+def matmul_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr, res_ptr, pre_ptr,
+    M, N, K,
+    stride_ab, stride_am, stride_ak,
+    stride_bb, stride_bk, stride_bn,
+    stride_cb, stride_cm, stride_cn,
+    stride_rb, stride_rm, stride_rn,
+    stride_bias,
+    ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SAVE_PRE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # grouped ordering: GROUP_M row-blocks share a sweep over the column-blocks
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # wrap out-of-range rows/cols instead of masking every load (results are masked on store)
+    offs_am = (offs_m % M).to(tl.int64)
+    offs_bn = (offs_n % N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+
+    a_base = a_ptr + pid_b * stride_ab + offs_am[:, None] * stride_am
+    b_base = b_ptr + pid_b * stride_bb + offs_bn[None, :] * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        kk = k0 * BLOCK_K + offs_k
+        k_mask = kk < K
+        kk64 = kk.to(tl.int64)
+        a = tl.load(a_base + kk64[None, :] * stride_ak, mask=k_mask[None, :], other=0.0)
+        b = tl.load(b_base + kk64[:, None] * stride_bk, mask=k_mask[:, None], other=0.0)
+        if UPCAST:  # the interpreter's tl.dot is wrong for bf16: feed it fp32
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    # ---- epilogue: bias -> (save pre-activation) -> activation -> residual -> cast ----
+    offs_cm = offs_m.to(tl.int64)
+    offs_cn = offs_n.to(tl.int64)
+    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_cn * stride_bias, mask=offs_n < N, other=0.0)
+        acc = acc + bias.to(ACC_DTYPE)[None, :]
+    c_off = pid_b * stride_cb + offs_cm[:, None] * stride_cm + offs_cn[None, :] * stride_cn
+    if SAVE_PRE:
+        tl.store(pre_ptr + c_off, acc.to(pre_ptr.dtype.element_ty), mask=c_mask)
+    acc = apply_activation(acc, ACTIVATION, ACT_PARAM)
+    if HAS_RESIDUAL:
+        r_off = pid_b * stride_rb + offs_cm[:, None] * stride_rm + offs_cn[None, :] * stride_rn
+        res = tl.load(res_ptr + r_off, mask=c_mask, other=0.0)
+        acc = acc + res.to(ACC_DTYPE)
+    tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
+    """Default block config; :mod:`tilefuse.autotune` replaces it with tuned entries."""
+    if interpreter_enabled():
+        # the interpreter's cost is per program: few, large tiles
+        return dict(BLOCK_M=max(16, min(64, _next_pow2(M))), BLOCK_N=max(16, min(64, _next_pow2(N))),
+                    BLOCK_K=max(16, min(64, _next_pow2(K))), GROUP_M=8, num_warps=4, num_stages=1)
+    half = dtype in (torch.float16, torch.bfloat16)
+    block_k = 64 if half else 32
+    if M <= 16:
+        bm, bn, warps = 16, 64, 4
+    elif M <= 64:
+        bm, bn, warps = 64, 64, 4
+    else:
+        bm, bn, warps = 128, (128 if N > 64 else 64), 8 if half else 4
+    if dtype == torch.float64:
+        bm, bn, block_k, warps = min(bm, 64), 64, 16, 4
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, GROUP_M=8, num_warps=warps,
+                num_stages=3 if half else 2)
+
+
+def get_config(M: int, N: int, K: int, dtype: torch.dtype, flags: tuple = ()) -> dict:
+    """Config for this problem: tuned DB entry if one exists, else the heuristic."""
+    default = heuristic_config(M, N, K, dtype)
+    try:
+        from tilefuse.autotune import lookup
+    except ImportError:  # pragma: no cover
+        return default
+    return lookup("matmul", dict(M=M, N=N, K=K, dtype=str(dtype).replace("torch.", ""),
+                                 flags=flags), default)
+
+
+def launch_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, residual=None,
+                  pre=None, activation: int = 0, act_param: float = 0.0, allow_tf32: bool = False,
+                  config: dict | None = None) -> torch.Tensor:
+    """Launch on canonical 3-D operands: a (BATCH, M, K), b (BATCH, K, N), c (BATCH, M, N).
+
+    ``residual`` is (BATCH, M, N) with any strides (0 to broadcast); ``bias`` is (N,).
+    ``pre`` (same shape as c) receives the pre-activation when given.
+    """
+    batch, M, K = a.shape
+    N = b.shape[2]
+    if batch == 0 or M == 0 or N == 0:
+        return c
+    if config is None:
+        config = get_config(M, N, K, a.dtype, (activation, bias is not None, residual is not None))
+    cfg = dict(config)
+    num_warps = cfg.pop("num_warps", 4)
+    num_stages = cfg.pop("num_stages", 2)
+    if a.dtype == torch.float32 and allow_tf32 and a.is_cuda:
+        precision = "tf32"
+    else:
+        precision = "ieee"
+    dummy = c
+    res = residual if residual is not None else dummy
+    grid_x = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    for start in range(0, batch, MAX_GRID_Y):
+        stop = min(batch, start + MAX_GRID_Y)
+        sl = slice(start, stop)
+        matmul_kernel[(grid_x, stop - start)](
+            a[sl], b[sl], c[sl], bias if bias is not None else dummy, res[sl],
+            pre[sl] if pre is not None else dummy,
+            M, N, K,
+            a.stride(0), a.stride(1), a.stride(2),
+            b.stride(0), b.stride(1), b.stride(2),
+            c.stride(0), c.stride(1), c.stride(2),
+            res.stride(0), res.stride(1), res.stride(2),
+            bias.stride(0) if bias is not None else 0,
+            ACTIVATION=activation, ACT_PARAM=float(act_param),
+            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+            SAVE_PRE=pre is not None, INPUT_PRECISION=precision,
+            ACC_DTYPE=tl.float64 if a.dtype == torch.float64 else tl.float32,
+            UPCAST=bool(interpreter_enabled() and a.dtype == torch.bfloat16),
+            num_warps=num_warps, num_stages=num_stages, **cfg)
+    return c

@@ -22,7 +22,7 @@ demo: venv
 	$(BIN)/python -m tilefuse.demo
 
 test: venv
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not slow and not cuda"
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n 2 -m "not slow and not cuda"
 
 test-all: venv
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q

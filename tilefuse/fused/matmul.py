@@ -8,6 +8,7 @@ copies), and ``dbias = dz.sum(rows)``.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -113,7 +114,8 @@ def _backward(ctx, grad_out, grad_pre):
     db = _mm(a.transpose(1, 2), dz) if need[1] else None
     dbias = None
     if ctx.has_bias and need[2]:
-        dbias = dz.sum(dim=(0, 1), dtype=torch.float32).to(ctx.bias_dtype)
+        acc = torch.float64 if dz.dtype == torch.float64 else torch.float32
+        dbias = dz.sum(dim=(0, 1), dtype=acc).to(ctx.bias_dtype)
     dres = grad_out if (ctx.has_residual and need[3]) else None
     return da, db, dbias, dres, None, None, None, None
 
@@ -171,7 +173,7 @@ def matmul(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, activation=None,
         raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
     if b.dim() == 2:
         out_shape = tuple(a.shape[:-1]) + (N,)
-        a3 = a.reshape(1, -1, K)
+        a3 = a.reshape(1, math.prod(a.shape[:-1]), K)
         b3 = b.unsqueeze(0)
     else:
         try:
@@ -188,7 +190,7 @@ def matmul(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, activation=None,
         if residual.dtype != out_dtype:
             raise TypeError(f"residual must have the output dtype {out_dtype}, got "
                             f"{residual.dtype}")
-        r3 = residual.expand(out_shape).reshape(a3.shape[0], -1, N)
+        r3 = residual.expand(out_shape).reshape(a3.shape[0], a3.shape[1], N)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (a, b, bias))
     out, _ = matmul_op(a3, b3, bias, r3, act, act_param, out_dtype, bool(needs_grad and act != 0))

@@ -6,6 +6,7 @@
 ``tl.sigmoid``, ``tl.exp``; tanh is written through the sigmoid, since ``libdevice`` is not
 available in the interpreter).
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -42,7 +43,7 @@ def apply_activation(x, ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr):
 def activation_grad(z, ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr):
     """d act(z)/dz for an fp32 tile of pre-activations ``z`` (torch's conventions at kinks)."""
     if ACTIVATION == 0:
-        g = tl.full(z.shape, 1.0, tl.float32)
+        g = tl.full(z.shape, 1.0, z.dtype)
     elif ACTIVATION == 1:
         g = tl.where(z > 0, 1.0, 0.0)
     elif ACTIVATION == 2:
@@ -73,13 +74,13 @@ def activation_grad(z, ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr):
 @triton.jit
 def activation_backward_kernel(dy_ptr, z_ptr, dz_ptr, n_elements,
                                ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr,
-                               BLOCK: tl.constexpr):
-    """dz = dy * act'(z) over flat contiguous buffers (one pass, fp32 math)."""
+                               COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
+    """dz = dy * act'(z) over flat contiguous buffers (one pass, fp32 math; fp64 for fp64)."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elements
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(COMPUTE)
     dz = dy * activation_grad(z, ACTIVATION, ACT_PARAM)
     tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
@@ -91,5 +92,6 @@ def launch_activation_backward(dy, z, dz, activation: int, act_param: float):
         return dz
     block = 4096 if not z.is_cuda else 1024
     activation_backward_kernel[(triton.cdiv(n, block),)](
-        dy, z, dz, n, ACTIVATION=activation, ACT_PARAM=float(act_param), BLOCK=block)
+        dy, z, dz, n, ACTIVATION=activation, ACT_PARAM=float(act_param),
+        COMPUTE=tl.float64 if z.dtype == torch.float64 else tl.float32, BLOCK=block)
     return dz

@@ -69,6 +69,13 @@ def test_gradcheck_fp64(device):
         lambda a, w, b, r: ops.linear(a, w, b, activation="silu", residual=r), (a, w, bias, res))
 
 
+def test_grad_only_through_residual(device):
+    a, b = torch.randn(4, 5, device=device), torch.randn(5, 3, device=device)
+    r = torch.randn(4, 3, device=device, requires_grad=True)
+    ops.matmul(a, b, activation="relu", residual=r).sum().backward()
+    torch.testing.assert_close(r.grad, torch.ones_like(r))
+
+
 def test_fp32_backward_close_to_torch(device):
     x = torch.randn(33, 48, device=device, requires_grad=True)
     ref = torch.nn.Linear(48, 19).to(device)

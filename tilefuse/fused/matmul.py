@@ -102,6 +102,10 @@ def _backward(ctx, grad_out, grad_pre):
     a, b, pre = ctx.saved_tensors
     if grad_out is None:
         return (None,) * 8
+    need = ctx.needs_input_grad
+    dres = grad_out if (ctx.has_residual and need[3]) else None
+    if not (need[0] or need[1] or need[2]):
+        return None, None, None, dres, None, None, None, None
     if ctx.activation != 0:
         if pre.numel() == 0 and grad_out.numel() != 0:
             raise RuntimeError("tilefuse.matmul: pre-activation was not saved; cannot backprop "
@@ -109,14 +113,12 @@ def _backward(ctx, grad_out, grad_pre):
         dz = activation_backward_op(grad_out, pre, ctx.activation, ctx.act_param, a.dtype)
     else:
         dz = grad_out.to(a.dtype)
-    need = ctx.needs_input_grad
     da = _mm(dz, b.transpose(1, 2)) if need[0] else None
     db = _mm(a.transpose(1, 2), dz) if need[1] else None
     dbias = None
     if ctx.has_bias and need[2]:
         acc = torch.float64 if dz.dtype == torch.float64 else torch.float32
         dbias = dz.sum(dim=(0, 1), dtype=acc).to(ctx.bias_dtype)
-    dres = grad_out if (ctx.has_residual and need[3]) else None
     return da, db, dbias, dres, None, None, None, None
 
 

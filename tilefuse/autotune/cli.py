@@ -1,0 +1,237 @@
+"""``tilefuse autotune``: tune kernels for this GPU ahead of time and manage the tuning DB.
+
+    tilefuse autotune [--kernels matmul] [--shapes FILE|model:NAME] [--dtype fp16,bf16]
+                      [--budget-s N] [--exhaustive] [--timer auto|bench|wall|model] [--force]
+    tilefuse autotune --show | --clear | --export PATH
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tilefuse.autotune import chain
+from tilefuse.autotune.identity import current_identity
+from tilefuse.autotune.space import geomean, get_space, registered_spaces
+
+EXHAUSTIVE_DEFAULT_BUDGET_S = 120.0
+_SHORT = {"GROUP_M": "g", "num_warps": "w", "num_stages": "s"}
+
+
+def format_config(cfg) -> str:
+    if not isinstance(cfg, dict):
+        return "-"
+    parts = []
+    for k, v in cfg.items():
+        name = _SHORT.get(k) or (k[len("BLOCK_"):].lower() if k.startswith("BLOCK_") else k + "=")
+        parts.append(f"{name}{v}")
+    return " ".join(parts)
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+def _speedup(entry) -> str:
+    d, b = entry.get("default_time_ms"), entry.get("time_ms")
+    return f"{d / b:.2f}x" if d and b else "-"
+
+
+def _table(rows, header) -> None:
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    for r in [header] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _progress_factory(enabled: bool):
+    """progress(desc) -> callback(i, total) drawing a bar on stderr (tqdm when installed)."""
+    def make(desc):
+        state = {}
+
+        def cb(i, total):
+            if not enabled:
+                return
+            bar = state.get("bar")
+            if bar is None:
+                try:
+                    from tqdm import tqdm
+
+                    bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr, unit="cfg")
+                except ImportError:
+                    bar = False
+                state["bar"] = bar
+            if bar:
+                bar.update(i - bar.n)
+                if i >= total:
+                    bar.close()
+            else:
+                print(f"\r{desc}: {i}/{total} configs", end="\n" if i >= total else "",
+                      file=sys.stderr, flush=True)
+        return cb
+    return make
+
+
+def _split(value: str | None) -> list:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def _show(identity) -> int:
+    print(f"device: {identity.name} (sm {identity.capability}), triton {identity.triton}")
+    rows = []
+    for source, db in (("user", chain.user_db(identity)), ("shipped", chain.shipped_table(identity))):
+        print(f"{source} DB: {db.path} ({len(db)} entries)")
+        for key, e in sorted(db.entries().items()):
+            space = get_space(e.get("kernel", key.split("|", 1)[0]))
+            current = space is not None and key == chain.db_key(space, identity, e.get("bucket", ""))
+            rows.append((source, e.get("kernel", "?"), e.get("bucket", "?"),
+                         format_config(e.get("config")), _ms(e.get("time_ms")), _speedup(e),
+                         "yes" if current else "stale"))
+    if rows:
+        print()
+        _table(rows, ("source", "kernel", "bucket", "config", "best ms", "vs default", "current"))
+    return 0
+
+
+def _export(identity, path) -> int:
+    db = chain.user_db(identity)
+    entries = {}
+    for key, e in db.entries().items():
+        space = get_space(e.get("kernel", ""))
+        if space is not None and key == chain.db_key(space, identity, e.get("bucket", "")):
+            entries[key] = e
+    if not entries:
+        print(f"nothing to export: no current entries in {db.path}", file=sys.stderr)
+        return 1
+    n = db.export(path, entries)
+    print(f"exported {n} entries for {identity.name} to {path} (ship it as "
+          f"tilefuse/autotune/tables/{identity.slug}.json)")
+    return 0
+
+
+def _problems(args, identity):
+    """[(space, key)] with one problem per bucket, or raises ValueError."""
+    from tilefuse.autotune.shapes import load_shapes
+
+    kernels = _split(args.kernels) or ["matmul"]
+    device = identity.torch_device.split(":")[0]
+    dtypes = _split(args.dtype) or (["float16", "bfloat16"] if identity.is_cuda else ["float32"])
+    specs, origin = load_shapes(args.shapes, kernels, device)
+    out, seen = [], set()
+    for kernel, spec in specs:
+        if args.kernels and kernel not in kernels:
+            continue
+        space = get_space(kernel)
+        if space is None:
+            print(f"skipping {kernel}: no tuning space registered (known: "
+                  f"{', '.join(registered_spaces())})", file=sys.stderr)
+            continue
+        key = space.parse_shape(spec)
+        keys = [key] if "dtype" in key and not args.dtype else \
+            [space.parse_shape({**spec, "dtype": d}) for d in dtypes]
+        for k in keys:
+            bucket = space.bucket(k)
+            if (kernel, bucket) not in seen:
+                seen.add((kernel, bucket))
+                out.append((space, k))
+    return out, origin
+
+
+def _tune(args, identity) -> int:
+    from tilefuse.autotune.tuner import get_timer
+
+    if identity.name == "cpu":
+        print("no CUDA GPU and TRITON_INTERPRET is not set: nothing runs Triton kernels here "
+              "(set TRITON_INTERPRET=1 before running to tune through the interpreter)",
+              file=sys.stderr)
+        return 2
+    try:
+        problems, origin = _problems(args, identity)
+        timer = get_timer(args.timer, identity.torch_device)
+    except ValueError as e:
+        print(f"tilefuse autotune: {e}", file=sys.stderr)
+        return 2
+    if not problems:
+        print("nothing to tune (no problems for the requested kernels)", file=sys.stderr)
+        return 2
+    db = chain.user_db(identity)
+    print(f"tuning {len(problems)} problems ({origin}) on {identity.name}, timer {args.timer}, "
+          f"DB {db.path}")
+    per_problem = args.budget_s / len(problems) if args.budget_s else None
+    if per_problem is None and args.exhaustive:
+        per_problem = EXHAUSTIVE_DEFAULT_BUDGET_S
+        print(f"--exhaustive without --budget-s: {per_problem:.0f} s per problem")
+    progress = _progress_factory(not args.no_progress)
+    rows, failed, speedups = [], 0, []
+    for space, key in problems:
+        bucket = space.bucket(key)
+        entry, source = chain.stored_entry(space, identity, bucket)
+        if entry is not None and not args.force:
+            rows.append((space.name, space.describe(key), source + " (cached)",
+                         _ms(entry.get("default_time_ms")), _ms(entry.get("time_ms")),
+                         _speedup(entry), format_config(entry["config"])))
+            continue
+        entry = chain.tune_and_store(space, key, identity, timer=timer, budget_s=per_problem,
+                                     exhaustive=args.exhaustive, max_configs=args.max_configs,
+                                     progress=progress(space.describe(key)))
+        if entry is None:
+            failed += 1
+            rows.append((space.name, space.describe(key), "FAILED", "-", "-", "-", "-"))
+            continue
+        if entry.get("default_time_ms"):
+            speedups.append(entry["default_time_ms"] / entry["time_ms"])
+        rows.append((space.name, space.describe(key), f"tuned ({entry['tried']} cfgs)",
+                     _ms(entry.get("default_time_ms")), _ms(entry["time_ms"]), _speedup(entry),
+                     format_config(entry["config"])))
+    print()
+    _table(rows, ("kernel", "problem", "status", "default ms", "best ms", "speedup", "config"))
+    if speedups:
+        print(f"\ngeomean speedup over the heuristic default: {geomean(speedups):.2f}x "
+              f"(timer: {args.timer})")
+    print(f"database: {db.path} ({len(db)} entries)")
+    return 1 if failed else 0
+
+
+def run(args) -> int:
+    identity = current_identity()
+    if args.clear:
+        removed = chain.user_db(identity).clear()
+        chain.reset()
+        print(("removed " if removed else "nothing cached at ") + str(chain.cache_path(identity)))
+        return 0
+    if args.show:
+        return _show(identity)
+    if args.export:
+        return _export(identity, args.export)
+    return _tune(args, identity)
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "autotune", help="tune kernels for this GPU and manage the tuning database",
+        description=__doc__.splitlines()[0])
+    p.add_argument("--kernels", default=None,
+                   help="comma-separated kernel families (default: those named in --shapes, "
+                        "else matmul)")
+    p.add_argument("--shapes", default=None,
+                   help="FILE (JSON list or 'MxNxK [dtype]' lines) or model:NAME "
+                        "(e.g. model:resnet50, model:textcls); default: a built-in set")
+    p.add_argument("--dtype", default=None,
+                   help="comma-separated dtypes (fp16,bf16,fp32,fp64); default fp16,bf16 on "
+                        "CUDA, fp32 in the interpreter")
+    p.add_argument("--budget-s", type=float, default=None, dest="budget_s",
+                   help="total tuning time budget in seconds, split across problems")
+    p.add_argument("--max-configs", type=int, default=None, dest="max_configs",
+                   help="try at most N configs per problem")
+    p.add_argument("--exhaustive", action="store_true",
+                   help="search the full pruned product space, not just the curated list")
+    p.add_argument("--timer", default="auto", choices=("auto", "bench", "wall", "model"),
+                   help="auto: do_bench on CUDA, wall clock on CPU; model: instant stand-in "
+                        "for smoke tests (not a measurement)")
+    p.add_argument("--force", action="store_true", help="re-tune problems already in the DB")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--show", action="store_true", help="list what is cached for this GPU")
+    g.add_argument("--clear", action="store_true", help="remove this GPU's user DB")
+    g.add_argument("--export", metavar="PATH", help="write this GPU's current entries as a "
+                   "shippable table")
+    p.set_defaults(func=run)
+    return p

@@ -1,0 +1,210 @@
+"""Tuning space of the fused matmul (:mod:`tilefuse.kernels.matmul`).
+
+Bucket: next power of two of M, N and K (at least 16), dtype and the epilogue flags
+``(activation, has_bias, has_residual)`` that ``get_config`` passes. Config:
+``BLOCK_M/N/K, GROUP_M, num_warps, num_stages``.
+
+Pruning (before anything is compiled):
+
+* shape: a block never exceeds the bucket's power of two (tiles are clamped, then de-duplicated);
+* shared memory: ``num_stages * (BLOCK_M*BLOCK_K + BLOCK_K*BLOCK_N) * elem_size`` must fit the
+  device's opt-in shared memory;
+* registers: the accumulator holds at most 128 fp32 (64 fp64) values and at least 4 per thread;
+* GROUP_M values >= the number of row blocks behave identically: only one is kept;
+* interpreter: num_warps / num_stages have no effect there, they collapse to (4, 1).
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from tilefuse.autotune.space import KernelSpace, Limits, Problem, next_pow2, register_space
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+          "float64": torch.float64}
+DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32",
+                 "float": "float32", "fp64": "float64", "double": "float64"}
+
+# Curated first-try list (Triton tutorial 03 plus small-M tiles): the quick search used when
+# tuning on first use; the exhaustive CLI search adds the full product below.
+_CURATED = [
+    # BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages
+    (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3),
+    (128, 128, 32, 8, 4, 4), (128, 64, 32, 8, 4, 4), (64, 128, 32, 8, 4, 4),
+    (64, 256, 32, 8, 4, 4), (128, 32, 32, 8, 4, 4), (64, 64, 64, 8, 4, 3),
+    (64, 32, 32, 8, 2, 5), (32, 64, 32, 8, 2, 5), (32, 128, 64, 8, 4, 3),
+    (16, 64, 64, 8, 4, 3), (16, 128, 64, 8, 4, 4), (16, 32, 128, 8, 2, 3),
+]
+_PRODUCT = dict(BLOCK_M=(16, 32, 64, 128, 256), BLOCK_N=(16, 32, 64, 128, 256),
+                BLOCK_K=(32, 64, 128), GROUP_M=(1, 8), num_warps=(2, 4, 8),
+                num_stages=(2, 3, 4, 5))
+_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+
+
+def canonical_dtype(name) -> str:
+    if isinstance(name, torch.dtype):
+        name = str(name).replace("torch.", "")
+    name = str(name).lower().replace("torch.", "")
+    name = DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r} is not tunable for matmul; expected one of "
+                         f"{', '.join(sorted(DTYPES))} (or fp16/bf16/fp32/fp64)")
+    return name
+
+
+def _flags(key) -> tuple:
+    flags = tuple(key.get("flags") or (0, False, False))
+    act = int(flags[0]) if len(flags) > 0 else 0
+    bias = bool(flags[1]) if len(flags) > 1 else False
+    res = bool(flags[2]) if len(flags) > 2 else False
+    return act, bias, res
+
+
+def _dims(key) -> tuple:
+    return int(key["M"]), int(key["N"]), int(key["K"])
+
+
+class MatmulSpace(KernelSpace):
+    name = "matmul"
+    required = _KEYS
+
+    def sources(self):
+        from tilefuse.kernels import activations, matmul
+
+        return (matmul.matmul_kernel, activations)
+
+    def bucket(self, key):
+        M, N, K = _dims(key)
+        act, bias, res = _flags(key)
+        return (f"M={max(16, next_pow2(M))},N={max(16, next_pow2(N))},K={max(16, next_pow2(K))},"
+                f"{canonical_dtype(key['dtype'])},act={act},bias={int(bias)},res={int(res)}")
+
+    def default(self, key):
+        from tilefuse.kernels.matmul import heuristic_config
+
+        M, N, K = _dims(key)
+        return heuristic_config(M, N, K, DTYPES[canonical_dtype(key["dtype"])])
+
+    # ------------------------------------------------------------------------ pruning
+    def prune(self, configs, key, limits: Limits):
+        """Clamp to the shape, drop what cannot fit, de-duplicate equivalent configs."""
+        M, N, K = _dims(key)
+        dtype = DTYPES[canonical_dtype(key["dtype"])]
+        elem = torch.empty((), dtype=dtype).element_size()
+        acc_words = 2 if dtype == torch.float64 else 1
+        cap_m, cap_n, cap_k = (max(16, next_pow2(d)) for d in (M, N, K))
+        seen, out = set(), []
+        for cfg in configs:
+            c = dict(cfg)
+            c["BLOCK_M"] = min(c["BLOCK_M"], cap_m)
+            c["BLOCK_N"] = min(c["BLOCK_N"], cap_n)
+            c["BLOCK_K"] = min(c["BLOCK_K"], cap_k)
+            if limits.interpreter:
+                c["num_warps"], c["num_stages"] = 4, 1
+            else:
+                smem = c["num_stages"] * (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * elem
+                if smem > limits.shared_mem:
+                    continue
+                per_thread = c["BLOCK_M"] * c["BLOCK_N"] * acc_words / (32 * c["num_warps"])
+                if per_thread > 128 or per_thread < 4:
+                    continue
+            # every GROUP_M >= the number of row blocks gives the same program order
+            row_blocks = -(-M // c["BLOCK_M"])
+            ident = tuple(c[k] for k in _KEYS if k != "GROUP_M") + (min(c["GROUP_M"], row_blocks),)
+            if ident not in seen:
+                seen.add(ident)
+                out.append(c)
+        return out
+
+    def candidates(self, key, limits, exhaustive=False):
+        configs = [self.default(key)] + [dict(zip(_KEYS, t)) for t in _CURATED]
+        if exhaustive:
+            configs += [dict(zip(_KEYS, t)) for t in itertools.product(*_PRODUCT.values())]
+        return self.prune(configs, key, limits)
+
+    # ------------------------------------------------------------------------ problems
+    def prepare(self, key, device):
+        from tilefuse.activations import NAMES, torch_activation
+        from tilefuse.kernels.matmul import launch_matmul
+
+        M, N, K = _dims(key)
+        dtype = DTYPES[canonical_dtype(key["dtype"])]
+        act, has_bias, has_res = _flags(key)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+
+        def rand(*shape):
+            return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+        a, b = rand(1, M, K), rand(1, K, N)
+        bias = rand(N) if has_bias else None
+        res = rand(1, M, N) if has_res else None
+        c = torch.empty((1, M, N), device=device, dtype=dtype)
+        tf32 = bool(dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
+
+        def run(cfg):
+            return launch_matmul(a, b, c, bias=bias, residual=res, activation=act,
+                                 config=cfg, allow_tf32=tf32)
+
+        def reference(compute):
+            z = a.to(compute) @ b.to(compute)
+            if bias is not None:
+                z = z + bias.to(compute)
+            y = torch_activation(z, NAMES.get(act, "none"), 0.0)
+            return y + res.to(compute) if res is not None else y
+
+        ref64 = reference(torch.float64)
+        eager = reference(dtype).to(dtype)
+        eager_err = (eager.double() - ref64).abs().max().item() if ref64.numel() else 0.0
+        floor = {torch.float64: 1e-10, torch.float32: 1e-4 if not tf32 else 1e-2,
+                 torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
+        scale = max(1.0, ref64.abs().max().item()) if ref64.numel() else 1.0
+        tol = 8 * eager_err + floor * scale
+
+        def check(out):
+            if out.numel() == 0:
+                return True
+            err = (out.double() - ref64).abs().max().item()
+            return err == err and err <= tol  # NaN fails
+
+        return Problem(run=run, check=check, info=dict(flops=2.0 * M * N * K, tol=tol))
+
+    def parse_shape(self, spec):
+        spec = {"shape": spec} if isinstance(spec, str) else dict(spec)
+        if isinstance(spec.get("shape"), str):
+            parts = spec["shape"].lower().replace("x", " ").replace(",", " ").split()
+            if len(parts) != 3:
+                raise ValueError(f"matmul shape {spec['shape']!r}: expected 'MxNxK'")
+            spec.update(zip("MNK", parts))
+        try:
+            key = {d: int(spec[d]) for d in "MNK"}
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"matmul shape {spec!r}: needs integer M, N and K") from None
+        if min(key.values()) <= 0:
+            raise ValueError(f"matmul shape {spec!r}: M, N and K must be positive")
+        if spec.get("dtype"):
+            key["dtype"] = canonical_dtype(spec["dtype"])
+        act = spec.get("activation", 0)
+        if isinstance(act, str):
+            from tilefuse.activations import ACTIVATIONS, parse_activation
+
+            act = ACTIVATIONS[parse_activation(act)[0]][0]
+        key["flags"] = tuple(spec.get("flags") or (int(act), bool(spec.get("bias", False)),
+                                                   bool(spec.get("residual", False))))
+        return key
+
+    def default_shapes(self, device):
+        if device == "cpu":
+            return [dict(M=16, N=32, K=16), dict(M=33, N=17, K=29)]
+        return [dict(M=m, N=n, K=k) for m, n, k in (
+            (1, 4096, 4096), (16, 4096, 4096), (128, 768, 768), (128, 3072, 768),
+            (128, 768, 3072), (512, 1024, 1024), (2048, 2048, 2048), (4096, 4096, 4096),
+            (8192, 8192, 8192))]
+
+    def describe(self, key):
+        act, bias, res = _flags(key)
+        extra = "".join(s for s, on in ((f"+act{act}", act), ("+bias", bias), ("+res", res)) if on)
+        return f"{key['M']}x{key['N']}x{key['K']} {canonical_dtype(key['dtype'])}{extra}"
+
+
+register_space(MatmulSpace())

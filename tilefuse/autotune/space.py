@@ -1,0 +1,161 @@
+"""What a kernel family declares to be tunable: :class:`KernelSpace` and the registry.
+
+A family registers one space object (usually at the bottom of its ``tilefuse/kernels/<family>.py``
+or in ``tilefuse/autotune/<family>_space.py``)::
+
+    from tilefuse.autotune import KernelSpace, register_space
+
+    class LayerNormSpace(KernelSpace):
+        name = "layer_norm"
+        def sources(self):            return (layer_norm_fwd_kernel,)
+        def bucket(self, key):        return f"N={next_pow2(key['N'])},dtype={key['dtype']}"
+        def default(self, key):       return heuristic(key)
+        def candidates(self, key, limits, exhaustive=False): return [...pruned configs...]
+        def prepare(self, key, device): return Problem(run=..., check=...)
+
+    register_space(LayerNormSpace())
+
+and its launcher asks ``tilefuse.autotune.lookup("layer_norm", key, default)`` for a config.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+
+def next_pow2(x: int) -> int:
+    x = int(x)
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Hardware limits used to prune configs before they are compiled."""
+    shared_mem: int = 232448      # bytes of shared memory per block (opt-in maximum)
+    interpreter: bool = False     # num_warps / num_stages mean nothing in the interpreter
+    capability: str = "-"
+
+
+def device_limits(identity) -> Limits:
+    """Limits of the device behind ``identity`` (a :class:`DeviceIdentity`)."""
+    if not identity.is_cuda:
+        return Limits(interpreter=True)
+    shared = None
+    try:
+        from triton.runtime import driver
+
+        props = driver.active.utils.get_device_properties(identity.index)
+        shared = int(props["max_shared_mem"])
+    except Exception:
+        try:
+            import torch
+
+            props = torch.cuda.get_device_properties(identity.index)
+            shared = int(getattr(props, "shared_memory_per_block_optin", 0)) or None
+        except Exception:
+            shared = None
+    return Limits(shared_mem=shared or 101376, interpreter=False, capability=identity.capability)
+
+
+@dataclass
+class Problem:
+    """One concrete problem, inputs allocated: ``run(config)`` launches the kernel once and returns
+    its output; ``check(output)`` says whether that output is correct (configs that fail it are
+    rejected, never stored)."""
+    run: Callable[[dict], Any]
+    check: Callable[[Any], bool] = lambda out: True
+    info: Dict[str, Any] = field(default_factory=dict)
+
+
+class KernelSpace:
+    """Base class of a tunable kernel family. Subclasses override the methods below."""
+
+    name: str = ""
+    #: config keys every stored config must have, with int values (checked on load)
+    required: tuple = ()
+
+    def sources(self) -> tuple:
+        """Kernels / helpers / modules whose source text defines the kernel (hashed into the key)."""
+        raise NotImplementedError
+
+    def bucket(self, key: dict) -> str:
+        """Stable string naming the group of problems that share one tuned config."""
+        raise NotImplementedError
+
+    def default(self, key: dict) -> dict:
+        """The heuristic config (what runs when nothing is tuned)."""
+        raise NotImplementedError
+
+    def candidates(self, key: dict, limits: Limits, exhaustive: bool = False) -> List[dict]:
+        """Pruned configs to try for ``key``, best guesses first."""
+        raise NotImplementedError
+
+    def prepare(self, key: dict, device: str) -> Problem:
+        raise NotImplementedError
+
+    # -- optional -------------------------------------------------------------------------
+    def parse_shape(self, spec) -> dict:
+        """A key from a user spec (dict from a shapes file); override for friendlier formats."""
+        if not isinstance(spec, dict):
+            raise ValueError(f"{self.name}: cannot parse shape {spec!r}")
+        return dict(spec)
+
+    def default_shapes(self, device: str) -> List[dict]:
+        """Shapes ``tilefuse autotune`` tunes when none are given."""
+        return []
+
+    def describe(self, key: dict) -> str:
+        return ",".join(f"{k}={v}" for k, v in key.items() if k != "kernel")
+
+    def validate(self, config) -> bool:
+        """Whether a stored config is usable (guards against hand-edited or foreign entries)."""
+        if not isinstance(config, dict):
+            return False
+        for k in self.required:
+            v = config.get(k)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                return False
+        return True
+
+
+_REGISTRY: Dict[str, KernelSpace] = {}
+# built-in spaces, imported on first use so ``import tilefuse`` stays cheap
+_BUILTIN = {"matmul": "tilefuse.autotune.matmul_space"}
+
+
+def register_space(space: KernelSpace) -> KernelSpace:
+    """Register (or replace) the space of ``space.name``; returns it (usable as a decorator on
+    an instance-returning factory)."""
+    if not space.name:
+        raise ValueError("a KernelSpace needs a non-empty name")
+    _REGISTRY[space.name] = space
+    return space
+
+
+def get_space(name: str) -> Optional[KernelSpace]:
+    """The registered space for ``name``, importing its module on first use; None if none."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    for module in (_BUILTIN.get(name), f"tilefuse.kernels.{name}"):
+        if module is None:
+            continue
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            continue
+        if name in _REGISTRY:
+            return _REGISTRY[name]
+    return None
+
+
+def registered_spaces() -> List[str]:
+    for name in _BUILTIN:
+        get_space(name)
+    return sorted(_REGISTRY)
+
+
+def geomean(values) -> float:
+    values = [v for v in values if v > 0]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")

@@ -1,0 +1,309 @@
+"""Int8 custom ops and their public wrappers.
+
+* ``tilefuse::int8_matmul`` -- one op for both W8A8 (int8 ``a``) and weight-only int8 (float
+  ``a``); int8 ``b`` always. Backend: Triton kernel (:mod:`tilefuse.kernels.int8_matmul`) or a
+  torch reference path with the same semantics (int64 matmul for the exact int32 accumulator).
+* ``tilefuse::quantize_per_row`` -- the fused dynamic per-row quantizer.
+
+Autograd: int8 tensors and scales get no gradient; ``bias`` and ``residual`` do, and so does a
+float ``a`` (weight-only; the weight stays frozen). The pre-activation is recomputed with the same
+op, ``dz = dy * act'(z)`` runs on the shared activation-backward op, and ``da = (dz * scale) @ q``
+dequantizes the weight once, in the backward only.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from tilefuse._backend import backend_for
+from tilefuse.activations import NAMES, torch_activation
+
+
+def _torch_int8_matmul(a, b, a_scale, b_scale, bias, residual, activation, act_param, out_dtype):
+    if a.dtype == torch.int8:
+        if a.is_cuda:  # no int64 GEMM on CUDA; fp64 is exact here (|sum| < 2^53 for any K)
+            acc = torch.matmul(a.double(), b.double()).long().to(torch.int32)
+        else:
+            acc = torch.matmul(a.long(), b.long()).to(torch.int32)  # exact; wraps like int32
+        if out_dtype == torch.int32:
+            return acc
+        y = acc.float()
+    else:
+        y = torch.matmul(a.float(), b.float())
+    if a_scale is not None:
+        y = y * a_scale.float()[:, None]
+    if b_scale is not None:
+        y = y * b_scale.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    y = torch_activation(y, NAMES[activation], act_param)
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(out_dtype)
+
+
+@torch.library.custom_op("tilefuse::int8_matmul", mutates_args=())
+def int8_matmul_op(a: Tensor, b: Tensor, a_scale: Optional[Tensor], b_scale: Optional[Tensor],
+                   bias: Optional[Tensor], residual: Optional[Tensor], activation: int,
+                   act_param: float, out_dtype: torch.dtype) -> Tensor:
+    """a (M, K) int8|float, b (K, N) int8 -> (M, N) out_dtype (int32 = raw accumulator)."""
+    if backend_for(a) == "torch":
+        return _torch_int8_matmul(a, b, a_scale, b_scale, bias, residual, activation, act_param,
+                                  out_dtype).contiguous()
+    from tilefuse.kernels.int8_matmul import launch_int8_matmul
+
+    out = torch.empty((a.shape[0], b.shape[1]), device=a.device, dtype=out_dtype)
+    return launch_int8_matmul(a, b, out, a_scale=a_scale, b_scale=b_scale, bias=bias,
+                              residual=residual, activation=activation, act_param=act_param)
+
+
+@int8_matmul_op.register_fake
+def _(a, b, a_scale, b_scale, bias, residual, activation, act_param, out_dtype):
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    a, b, a_scale, b_scale, bias, residual, activation, act_param, out_dtype = inputs
+    ctx.activation, ctx.act_param = activation, act_param
+    ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+    ctx.save_for_backward(a, b, a_scale, b_scale, bias)
+
+
+def _backward(ctx, grad):
+    from tilefuse.fused.matmul import activation_backward_op, matmul_op
+
+    a, b, a_scale, b_scale, bias = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_da = need[0] and a.is_floating_point()
+    need_dbias = ctx.has_bias and need[4]
+    da = dbias = dres = None
+    if need_da or need_dbias:
+        if ctx.activation != 0:  # recompute the pre-activation with the same op
+            z = int8_matmul_op(a.detach(), b, a_scale, b_scale, bias, None, 0, 0.0, torch.float32)
+            dz = activation_backward_op(grad, z, ctx.activation, ctx.act_param, torch.float32)
+        else:
+            dz = grad.float()
+        if need_da:
+            dzs = (dz * b_scale.float()[None, :]) if b_scale is not None else dz
+            w = b.t().to(a.dtype)  # (N, K): the one dequantization, backward only
+            da, _ = matmul_op(dzs.to(a.dtype).unsqueeze(0), w.unsqueeze(0), None, None, 0, 0.0,
+                              a.dtype, False)
+            da = da.squeeze(0)
+        if need_dbias:
+            dbias = dz.sum(0).to(bias.dtype)
+    if ctx.has_residual and need[5]:
+        dres = grad
+    # no gradient for the scales (quantization parameters are not trained here)
+    return da, None, None, None, dbias, dres, None, None, None
+
+
+int8_matmul_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("tilefuse::quantize_per_row", mutates_args=())
+def quantize_per_row_op(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """x (M, N) float -> (q (M, N) int8, scale (M,) fp32)."""
+    from tilefuse.kernels.quant import torch_quantize_rows
+
+    if backend_for(x) == "torch":
+        q, s = torch_quantize_rows(x)
+        return q.contiguous(), s.contiguous()
+    from tilefuse.kernels.quant import launch_quantize_rows
+
+    q = torch.empty(x.shape, device=x.device, dtype=torch.int8)
+    s = torch.empty((x.shape[0],), device=x.device, dtype=torch.float32)
+    launch_quantize_rows(x, q, s)
+    return q, s
+
+
+@quantize_per_row_op.register_fake
+def _(x):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# public functional API (re-exported by tilefuse.ops)
+# --------------------------------------------------------------------------------------------
+_OUT_DTYPES = (torch.int32, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _per_row_scale(name: str, s, lead_shape: tuple, M: int) -> Optional[Tensor]:
+    """Accept a per-tensor scale (one element) or one per row (shape ``lead`` or ``lead + (1,)``);
+    return it as (M,) (stride 0 for per-tensor)."""
+    from tilefuse._validate import FLOAT_DTYPES, check_tensor
+
+    if s is None:
+        return None
+    check_tensor(name, s, dtypes=FLOAT_DTYPES)
+    if s.numel() == 1:
+        return s.reshape(1).expand(M)
+    if tuple(s.shape) in (tuple(lead_shape), tuple(lead_shape) + (1,)):
+        return s.reshape(M)
+    raise ValueError(f"{name} must have one element (per-tensor) or shape {tuple(lead_shape)} / "
+                     f"{tuple(lead_shape) + (1,)} (per-row), got {tuple(s.shape)}")
+
+
+def _per_col_scale(name: str, s, N: int) -> Optional[Tensor]:
+    """Per-tensor (one element) or per-output-channel ((N,), (N, 1) or (1, N)) scale -> (N,)."""
+    from tilefuse._validate import FLOAT_DTYPES, check_tensor
+
+    if s is None:
+        return None
+    check_tensor(name, s, dtypes=FLOAT_DTYPES)
+    if s.numel() == 1:
+        return s.reshape(1).expand(N)
+    if tuple(s.shape) in ((N,), (N, 1), (1, N)):
+        return s.reshape(N)
+    raise ValueError(f"{name} must have one element (per-tensor) or shape ({N},) (per-channel), "
+                     f"got {tuple(s.shape)}")
+
+
+def _epilogue_args(N: int, out_shape: tuple, bias, residual, activation):
+    from tilefuse._validate import FLOAT_DTYPES, check_broadcastable, check_tensor
+    from tilefuse.activations import activation_code
+
+    check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndim=1, allow_none=True)
+    if bias is not None and bias.shape[0] != N:
+        raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+    check_tensor("residual", residual, dtypes=FLOAT_DTYPES, allow_none=True)
+    r2 = None
+    if residual is not None:
+        check_broadcastable("residual", residual, out_shape)
+        r2 = residual.expand(out_shape).reshape(math.prod(out_shape[:-1]), N)
+    act, act_param = activation_code(activation)
+    return r2, act, act_param
+
+
+def int8_matmul(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None,
+                b_scale: Optional[Tensor] = None, bias: Optional[Tensor] = None, activation=None,
+                residual: Optional[Tensor] = None,
+                out_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``act((a @ b) * a_scale * b_scale + bias) + residual`` with int8 ``a``, ``b`` and an exact
+    int32 accumulator, in one kernel.
+
+    Args:
+        a: int8 ``(..., M, K)`` (leading dims fold into M) or ``(K,)``.
+        b: int8 ``(K, N)``, any strides (pass ``qweight.t()`` for an ``(N, K)`` weight).
+        a_scale: per-row ``(..., M)`` / ``(..., M, 1)`` or per-tensor (one element); float.
+        b_scale: per-column ``(N,)`` or per-tensor; float.
+        bias: ``(N,)`` float, added after the scales. activation: as :func:`tilefuse.ops.matmul`.
+        residual: float, broadcastable to the output, added after the activation.
+        out_dtype: ``torch.int32`` (raw accumulator, ``torch._int_mm`` semantics; only without
+            scales/bias/activation/residual), fp32, fp16 or bf16. Default: int32 when no epilogue
+            is requested, else fp32.
+
+    >>> import torch, tilefuse
+    >>> a = torch.randint(-127, 128, (4, 32), dtype=torch.int8)
+    >>> b = torch.randint(-127, 128, (32, 8), dtype=torch.int8)
+    >>> bool(torch.equal(tilefuse.ops.int8_matmul(a, b), (a.long() @ b.long()).int()))
+    True
+    """
+    from tilefuse._validate import check_same_device, check_tensor
+
+    check_tensor("a", a, dtypes=(torch.int8,), min_ndim=1)
+    check_tensor("b", b, dtypes=(torch.int8,), ndim=2)
+    check_same_device(a=a, b=b, a_scale=a_scale, b_scale=b_scale, bias=bias, residual=residual)
+    K, N = b.shape
+    if a.shape[-1] != K:
+        raise ValueError(f"inner dimensions do not match: a is {tuple(a.shape)} (K={a.shape[-1]}) "
+                         f"but b is {tuple(b.shape)} (K={K})")
+    lead = tuple(a.shape[:-1])
+    out_shape = lead + (N,)
+    M = math.prod(lead)
+    a2 = a.reshape(M, K)
+    sa = _per_row_scale("a_scale", a_scale, lead, M)
+    sb = _per_col_scale("b_scale", b_scale, N)
+    r2, act, act_param = _epilogue_args(N, out_shape, bias, residual, activation)
+    epilogue = sa is not None or sb is not None or bias is not None or r2 is not None or act != 0
+    if out_dtype is None:
+        out_dtype = torch.float32 if epilogue else torch.int32
+    if out_dtype not in _OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of int32, float32, float16, bfloat16; got "
+                        f"{out_dtype!r}")
+    if out_dtype == torch.int32 and epilogue:
+        raise ValueError("out_dtype=torch.int32 is the raw accumulator mode: it takes no a_scale, "
+                         "b_scale, bias, activation or residual")
+    out = int8_matmul_op(a2, b, sa, sb, bias, r2, act, act_param, out_dtype)
+    return out.reshape(out_shape)
+
+
+def weight_only_int8_linear(x: Tensor, qweight: Tensor, scale: Tensor,
+                            bias: Optional[Tensor] = None, activation=None,
+                            residual: Optional[Tensor] = None) -> Tensor:
+    """``act(x @ (qweight * scale).T + bias) + residual`` with the int8 weight dequantized in the
+    GEMM's load path (never materialised in memory).
+
+    Args:
+        x: ``(..., K)`` fp16/bf16/fp32. qweight: int8 ``(N, K)`` (torch Linear layout).
+        scale: per-output-channel ``(N,)`` / ``(N, 1)`` or per-tensor; float.
+        bias: ``(N,)`` float. Output has ``x``'s dtype. Gradients flow to ``x`` (weight frozen).
+    """
+    from tilefuse._validate import FLOAT_DTYPES, check_same_device, check_tensor
+
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
+    check_tensor("qweight", qweight, dtypes=(torch.int8,), ndim=2)
+    if scale is None:
+        raise TypeError("scale must be a torch.Tensor, got None")
+    check_same_device(x=x, qweight=qweight, scale=scale, bias=bias, residual=residual)
+    N, K = qweight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} features but qweight expects in_features={K} "
+                         f"(qweight shape {tuple(qweight.shape)})")
+    out_shape = tuple(x.shape[:-1]) + (N,)
+    sb = _per_col_scale("scale", scale, N)
+    r2, act, act_param = _epilogue_args(N, out_shape, bias, residual, activation)
+    x2 = x.reshape(math.prod(x.shape[:-1]), K)
+    out = int8_matmul_op(x2, qweight.t(), None, sb, bias, r2, act, act_param, x.dtype)
+    return out.reshape(out_shape)
+
+
+def quantize_per_row(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Symmetric dynamic int8 quantization per row (last dim), fused in one kernel.
+
+    Returns ``(q, scale)``: ``q`` int8 with ``x``'s shape, ``scale`` fp32 of shape
+    ``x.shape[:-1] + (1,)`` such that ``q * scale ~= x`` (error <= scale / 2 per element).
+    Not differentiable (``x`` is read detached).
+
+    >>> import torch, tilefuse
+    >>> x = torch.randn(3, 16)
+    >>> q, s = tilefuse.ops.quantize_per_row(x)
+    >>> bool(((q * s - x).abs() <= s / 2 + 1e-6).all())
+    True
+    """
+    from tilefuse._validate import FLOAT_DTYPES_F64, check_tensor
+
+    check_tensor("x", x, dtypes=FLOAT_DTYPES_F64, min_ndim=1)
+    x2 = x.detach().reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    q, s = quantize_per_row_op(x2)
+    return q.reshape(x.shape), s.reshape(tuple(x.shape[:-1]) + (1,))
+
+
+def dequantize_per_row(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``q * scale`` in ``dtype`` (the inverse of :func:`quantize_per_row`, up to rounding)."""
+    from tilefuse._validate import FLOAT_DTYPES, check_tensor
+
+    check_tensor("q", q, dtypes=(torch.int8,))
+    check_tensor("scale", scale, dtypes=FLOAT_DTYPES)
+    return (q.float() * scale.float()).to(dtype)
+
+
+def w8a8_linear(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor] = None,
+                activation=None, residual: Optional[Tensor] = None) -> Tensor:
+    """Dynamic W8A8 linear: ``x`` is quantized per row on the fly (:func:`quantize_per_row`), then
+    one int8 GEMM applies both scales, bias, activation and residual and writes ``x``'s dtype.
+    Inference only (no gradient through the quantizer)."""
+    from tilefuse._validate import FLOAT_DTYPES, check_tensor
+
+    check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
+    check_tensor("qweight", qweight, dtypes=(torch.int8,), ndim=2)
+    if x.shape[-1] != qweight.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features but qweight expects in_features="
+                         f"{qweight.shape[1]} (qweight shape {tuple(qweight.shape)})")
+    if scale is None:
+        raise TypeError("scale must be a torch.Tensor, got None")
+    qx, sx = quantize_per_row(x)
+    return int8_matmul(qx, qweight.t(), sx, scale, bias=bias, activation=activation,
+                       residual=residual, out_dtype=x.dtype)

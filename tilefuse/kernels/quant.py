@@ -1,0 +1,115 @@
+"""Fused dynamic per-row int8 quantizer: absmax -> scale -> round -> int8 in one kernel.
+
+For each row ``x[m, :]``: ``absmax = max |x|``, ``scale = absmax / 127`` (1.0 for an all-zero row)
+and ``q = clamp(round(x * (127 / absmax)), -127, 127)`` (symmetric: -128 is never produced, so
+``-q`` is always representable). Rounding is half away from zero (``floor(|v| + 0.5)``) in both
+this kernel and the torch reference path, so the two agree bit for bit where division is IEEE
+(the interpreter, the torch path); compiled GPU code may use an approximate division, so a value
+sitting exactly on a rounding tie can land one step away (documented in docs/quantization.md).
+
+Rows that fit one tile (``ONE_TILE``: the whole row in registers) are read from memory once; wider
+rows run two loops over column chunks (absmax, then quantize), the second read mostly from L2.
+Several rows share a program when rows are short. Offsets are int64.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tilefuse._backend import interpreter_enabled
+
+QMAX = 127.0
+MAX_ONE_TILE = 8192
+
+
+@triton.jit
+def _quantize_tile(x, inv):
+    v = x * inv[:, None]
+    r = tl.where(v >= 0, tl.floor(v + 0.5), tl.ceil(v - 0.5))
+    r = tl.minimum(tl.maximum(r, -127.0), 127.0)
+    return r.to(tl.int8)
+
+
+@triton.jit
+def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, N, stride_xm, stride_xn, stride_qm, stride_qn,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_TILE: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_mask = rows < M
+    rows64 = rows.to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    x_rows = x_ptr + rows64[:, None] * stride_xm
+    q_rows = q_ptr + rows64[:, None] * stride_qm
+    if ONE_TILE:
+        mask = r_mask[:, None] & (cols < N)[None, :]
+        cols64 = cols.to(tl.int64)
+        x = tl.load(x_rows + cols64[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
+        absmax = tl.max(tl.abs(x), axis=1)
+    else:
+        absmax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            cc = n0 + cols
+            mask = r_mask[:, None] & (cc < N)[None, :]
+            x = tl.load(x_rows + cc.to(tl.int64)[None, :] * stride_xn, mask=mask,
+                        other=0.0).to(tl.float32)
+            absmax = tl.maximum(absmax, tl.max(tl.abs(x), axis=1))
+    nonzero = absmax > 0
+    safe = tl.where(nonzero, absmax, 1.0)
+    inv = tl.where(nonzero, 127.0 / safe, 0.0)
+    scale = tl.where(nonzero, safe / 127.0, 1.0)
+    tl.store(s_ptr + rows64, scale, mask=r_mask)
+    if ONE_TILE:
+        tl.store(q_rows + cols64[None, :] * stride_qn, _quantize_tile(x, inv), mask=mask)
+    else:
+        for n0 in range(0, N, BLOCK_N):
+            cc = n0 + cols
+            mask = r_mask[:, None] & (cc < N)[None, :]
+            cc64 = cc.to(tl.int64)
+            x = tl.load(x_rows + cc64[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
+            tl.store(q_rows + cc64[None, :] * stride_qn, _quantize_tile(x, inv), mask=mask)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+def quant_config(M: int, N: int) -> dict:
+    """Tile shape: the whole row when it fits, and enough rows to give each program ~4-8K
+    elements on GPU (~64K in the interpreter, whose cost is per program). Unmeasured on GPU."""
+    interp = interpreter_enabled()
+    limit = 1 << 16 if interp else MAX_ONE_TILE
+    block_n = min(_next_pow2(max(N, 1)), limit)
+    one_tile = block_n >= N
+    target = (1 << 16) if interp else 4096
+    block_m = max(1, min(_next_pow2(max(M, 1)), target // block_n, 64 if not interp else 1024))
+    warps = 8 if block_m * block_n >= 8192 else 4
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile, num_warps=warps)
+
+
+def launch_quantize_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
+    """x (M, N) float with any strides -> q (M, N) int8, scale (M,) fp32 (both written)."""
+    M, N = x.shape
+    if M == 0:
+        return
+    if N == 0:
+        scale.fill_(1.0)
+        return
+    cfg = quant_config(M, N)
+    warps = cfg.pop("num_warps")
+    quantize_rows_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
+        x, q, scale, M, N, x.stride(0), x.stride(1), q.stride(0), q.stride(1),
+        num_warps=warps, **cfg)
+
+
+def torch_quantize_rows(x: torch.Tensor):
+    """Reference with the kernel's exact semantics: returns (q int8 (M, N), scale fp32 (M,))."""
+    xf = x.float()
+    absmax = xf.abs().amax(dim=1) if x.shape[1] else xf.new_zeros(x.shape[0])
+    nonzero = absmax > 0
+    safe = torch.where(nonzero, absmax, torch.ones_like(absmax))
+    inv = torch.where(nonzero, QMAX / safe, torch.zeros_like(absmax))
+    scale = torch.where(nonzero, safe / QMAX, torch.ones_like(absmax))
+    v = xf * inv[:, None]
+    r = torch.where(v >= 0, torch.floor(v + 0.5), torch.ceil(v - 0.5)).clamp_(-QMAX, QMAX)
+    return r.to(torch.int8), scale

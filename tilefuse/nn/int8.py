@@ -1,0 +1,130 @@
+"""Int8 inference modules: ``Int8Linear`` (W8A8 or weight-only) and ``Int8Conv1x1``.
+
+Inference only: the int8 weight and its scales are buffers, not parameters, so nothing here is
+trained (gradients do flow to the *input* in ``weight_only`` mode, with the weight frozen).
+"""
+from __future__ import annotations
+
+import torch
+
+from tilefuse.activations import parse_activation
+from tilefuse.fused.int8 import quantize_per_row, w8a8_linear, weight_only_int8_linear
+
+MODES = ("w8a8", "weight_only")
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+class Int8Linear(torch.nn.Module):
+    """A quantized :class:`torch.nn.Linear` with per-output-channel int8 weights.
+
+    * ``mode='w8a8'``: activations are quantized per row on the fly; int8 x int8 GEMM with int32
+      accumulation; scales, bias and activation in the epilogue.
+    * ``mode='weight_only'``: fp16/bf16/fp32 activations; the int8 weight is dequantized inside
+      the GEMM's load path.
+
+    ``state_dict`` holds ``weight`` (int8, ``(out, in)``), ``weight_scale`` (fp32, ``(out,)``) and
+    ``bias`` (float, when present), and round-trips through ``load_state_dict``.
+
+    >>> import torch, tilefuse
+    >>> lin = torch.nn.Linear(16, 4)
+    >>> q = tilefuse.nn.Int8Linear.from_float(lin, mode="weight_only")
+    >>> x = torch.randn(2, 16)
+    >>> bool((q(x) - lin(x)).abs().max() < 0.05)
+    True
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 mode: str = "w8a8", activation=None, device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.mode = _check_mode(mode)
+        self.activation, self.act_param = parse_activation(activation)
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8,
+                                                   device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32,
+                                                        device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, device=device,
+                                                     dtype=dtype or torch.float32))
+        else:
+            self.register_buffer("bias", None)
+
+    @classmethod
+    def from_float(cls, linear: torch.nn.Linear, mode: str = "w8a8",
+                   activation=None) -> "Int8Linear":
+        """Quantize ``linear``'s weight per output channel (symmetric absmax, int8 in [-127, 127]).
+
+        A :class:`tilefuse.nn.Linear` keeps its fused activation unless ``activation`` is given.
+        """
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        if activation is None and getattr(linear, "activation", "none") != "none":
+            activation = (linear.activation, linear.act_param)
+        w = linear.weight.detach()
+        m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                mode=mode, activation=activation, device=w.device, dtype=w.dtype)
+        q, s = quantize_per_row(w)
+        m.weight.copy_(q)
+        m.weight_scale.copy_(s.reshape(-1))
+        if linear.bias is not None:
+            m.bias = linear.bias.detach().clone()
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fn = w8a8_linear if self.mode == "w8a8" else weight_only_int8_linear
+        # bias/scales stay in their stored dtype: the epilogue reads them in fp32
+        return fn(x, self.weight, self.weight_scale, bias=self.bias,
+                  activation=(self.activation, self.act_param))
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
+
+    def extra_repr(self) -> str:
+        act = "" if self.activation == "none" else f", activation={self.activation}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, mode={self.mode}{act}")
+
+
+class Int8Conv1x1(torch.nn.Module):
+    """A 1x1, stride-1, unpadded, ungrouped ``Conv1d``/``Conv2d`` run as an :class:`Int8Linear`
+    over the channel dim (the input is moved to channels-last for the GEMM: one copy when it is
+    not already channels-last). ``state_dict`` keys live under ``linear.``."""
+
+    def __init__(self, linear: Int8Linear, ndim: int = 2) -> None:
+        super().__init__()
+        self.linear = linear
+        self.ndim = ndim
+
+    @staticmethod
+    def supports(conv: torch.nn.Module) -> bool:
+        if not isinstance(conv, (torch.nn.Conv1d, torch.nn.Conv2d)):
+            return False
+        one = (1,) * (conv.weight.dim() - 2)
+        return (tuple(conv.kernel_size) == one and tuple(conv.stride) == one
+                and tuple(conv.dilation) == one and conv.groups == 1
+                and not isinstance(conv.padding, str) and tuple(conv.padding) == (0,) * len(one))
+
+    @classmethod
+    def from_float(cls, conv: torch.nn.Module, mode: str = "w8a8") -> "Int8Conv1x1":
+        if not cls.supports(conv):
+            raise ValueError(f"only 1x1, stride-1, unpadded, ungrouped Conv1d/Conv2d can run as a "
+                             f"linear; got {conv}")
+        lin = torch.nn.Linear(conv.in_channels, conv.out_channels, bias=conv.bias is not None,
+                              device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(conv.weight.reshape(conv.out_channels, conv.in_channels))
+            if conv.bias is not None:
+                lin.bias.copy_(conv.bias)
+        return cls(Int8Linear.from_float(lin, mode=mode), ndim=conv.weight.dim() - 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x.movedim(1, -1))  # (N, *spatial, C)
+        return y.movedim(-1, 1)
+
+    def extra_repr(self) -> str:
+        return f"conv{self.ndim}d 1x1 as linear"

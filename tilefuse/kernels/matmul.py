@@ -15,11 +15,12 @@ import triton.language as tl
 
 from tilefuse._backend import interpreter_enabled
 from tilefuse.kernels.activations import apply_activation
+from tilefuse.kernels.dropout import RNG_Q, keep_mask
 
 MAX_GRID_Y = 65535
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["dc_seed"])
 def matmul_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, res_ptr, pre_ptr,
     M, N, K,
@@ -28,11 +29,12 @@ def matmul_kernel(
     stride_cb, stride_cm, stride_cn,
     stride_rb, stride_rm, stride_rn,
     stride_bias,
+    dc_seed, dc_p, dc_scale, dc_stride_k, dc_stride_n,
     ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SAVE_PRE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
+    GROUP_M: tl.constexpr, HAS_DROPCONNECT: tl.constexpr = False, DC_Q: tl.constexpr = RNG_Q,
 ):
     pid = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
@@ -63,11 +65,16 @@ def matmul_kernel(
         kk64 = kk.to(tl.int64)
         a = tl.load(a_base + kk64[None, :] * stride_ak, mask=k_mask[None, :], other=0.0)
         b = tl.load(b_base + kk64[:, None] * stride_bk, mask=k_mask[:, None], other=0.0)
+        if HAS_DROPCONNECT:  # DropConnect: drop B entries (mask from seed + B's logical index)
+            ridx = kk64[:, None] * dc_stride_k + offs_bn[None, :] * dc_stride_n
+            b = tl.where(keep_mask(dc_seed, ridx, dc_p, DC_Q), b, tl.zeros_like(b))
         if UPCAST:  # the interpreter's tl.dot is wrong for bf16: feed it fp32
             a = a.to(tl.float32)
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
+    if HAS_DROPCONNECT:  # survivors' 1/(1-p) applied once to the accumulator
+        acc = acc * dc_scale
     # ---- epilogue: bias -> (save pre-activation) -> activation -> residual -> cast ----
     offs_cm = offs_m.to(tl.int64)
     offs_cn = offs_n.to(tl.int64)
@@ -123,11 +130,14 @@ def get_config(M: int, N: int, K: int, dtype: torch.dtype, flags: tuple = ()) ->
 
 def launch_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, residual=None,
                   pre=None, activation: int = 0, act_param: float = 0.0, allow_tf32: bool = False,
-                  config: dict | None = None) -> torch.Tensor:
+                  config: dict | None = None, dropconnect: tuple | None = None) -> torch.Tensor:
     """Launch on canonical 3-D operands: a (BATCH, M, K), b (BATCH, K, N), c (BATCH, M, N).
 
     ``residual`` is (BATCH, M, N) with any strides (0 to broadcast); ``bias`` is (N,).
     ``pre`` (same shape as c) receives the pre-activation when given.
+    ``dropconnect=(seed, p, stride_k, stride_n)`` drops B[k, n] unless
+    ``keep_mask(seed, k*stride_k + n*stride_n, p)`` and scales the product by 1/(1-p)
+    (the same keep rule as :mod:`tilefuse.kernels.dropout`; BATCH must be 1).
     """
     batch, M, K = a.shape
     N = b.shape[2]
@@ -142,6 +152,7 @@ def launch_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, 
         precision = "tf32"
     else:
         precision = "ieee"
+    dc_seed, dc_p, dc_sk, dc_sn = dropconnect if dropconnect is not None else (0, 0.0, 0, 0)
     dummy = c
     res = residual if residual is not None else dummy
     grid_x = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
@@ -157,10 +168,12 @@ def launch_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, 
             c.stride(0), c.stride(1), c.stride(2),
             res.stride(0), res.stride(1), res.stride(2),
             bias.stride(0) if bias is not None else 0,
+            int(dc_seed), float(dc_p), float(1.0 / (1.0 - dc_p)), int(dc_sk), int(dc_sn),
             ACTIVATION=activation, ACT_PARAM=float(act_param),
             HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
             SAVE_PRE=pre is not None, INPUT_PRECISION=precision,
             ACC_DTYPE=tl.float64 if a.dtype == torch.float64 else tl.float32,
             UPCAST=bool(interpreter_enabled() and a.dtype == torch.bfloat16),
+            HAS_DROPCONNECT=dropconnect is not None,
             num_warps=num_warps, num_stages=num_stages, **cfg)
     return c

@@ -20,15 +20,26 @@ class Linear(torch.nn.Linear):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
-                 dtype=None, activation=None) -> None:
+                 dtype=None, activation=None, dropconnect: float = 0.0) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.activation, self.act_param = parse_activation(activation)
+        from tilefuse._validate import check_probability
+
+        # DropConnect (training only): weight entries dropped in the matmul kernel's load path
+        self.dropconnect = check_probability("dropconnect", dropconnect)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self, "dropconnect", 0.0) > 0.0 and self.training:
+            from tilefuse.fused.dropout import dropconnect_linear
+
+            return dropconnect_linear(x, self.weight, self.bias, p=self.dropconnect,
+                                      activation=(self.activation, self.act_param))
         return fused_linear(x, self.weight, self.bias, activation=(self.activation, self.act_param))
 
     def extra_repr(self) -> str:
         extra = "" if self.activation == "none" else f", activation={self.activation}"
+        if getattr(self, "dropconnect", 0.0) > 0.0:
+            extra += f", dropconnect={self.dropconnect}"
         return super().extra_repr() + extra
 
     @classmethod

@@ -1,0 +1,122 @@
+"""Label-smoothing cross-entropy vs torch (fp64 reference, eager-error tolerance): reductions,
+ignore_index, fp16/bf16 logits, wide rows (the chunked online-softmax loop), layouts, errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.utils import assert_close_to_ref
+from tilefuse import ops
+
+
+def _check(logits, target, **kw):
+    """loss and grad vs an fp64 reference; tolerance tied to eager torch in the same dtype."""
+    x = logits.detach().clone().requires_grad_()
+    out = ops.cross_entropy(x, target, **kw)
+    g = torch.randn_like(out, dtype=torch.float32).to(out.dtype)
+    (gx,) = torch.autograd.grad(out, x, g)
+    x64 = logits.detach().double().requires_grad_()
+    ref = F.cross_entropy(x64, target, **kw)
+    (gref,) = torch.autograd.grad(ref, x64, g.double())
+    xe = logits.detach().clone().requires_grad_()
+    eager = F.cross_entropy(xe, target, **kw)
+    (ge,) = torch.autograd.grad(eager, xe, g)
+    assert out.dtype == eager.dtype
+    assert_close_to_ref(out, ref, eager, name="loss")
+    assert_close_to_ref(gx, gref, ge, name="grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_matches_torch(device, dtype):
+    logits = (torch.randn(7, 37, device=device) * 4).to(dtype)
+    target = torch.randint(0, 37, (7,), device=device)
+    target[3] = -100
+    for eps, reduction in ((0.0, "mean"), (0.1, "mean"), (0.1, "sum"), (0.05, "none")):
+        _check(logits, target, label_smoothing=eps, reduction=reduction)
+
+
+def test_wide_rows_chunked(device):
+    from tilefuse.kernels.cross_entropy import launch_cross_entropy
+
+    V = 3001  # prime, several chunks at BLOCK=1024 (the default interpreter block is one chunk)
+    logits = torch.randn(5, V, device=device, dtype=torch.float16) * 3
+    target = torch.tensor([0, V - 1, 17, -100, 2999], device=device)
+    _check(logits, target, label_smoothing=0.2)
+    loss = torch.empty(5, device=device)
+    grad = torch.empty(5, V, device=device)
+    launch_cross_entropy(logits.float(), target, loss, grad, -100, 0.2, block=1024)
+    x64 = logits.double().requires_grad_()
+    ref = F.cross_entropy(x64, target, label_smoothing=0.2, reduction="none")
+    (gref,) = torch.autograd.grad(ref.sum(), x64)
+    assert torch.allclose(loss.double(), ref.detach(), atol=1e-4)
+    assert torch.allclose(grad.double(), gref, atol=1e-6)
+
+
+def test_shapes_and_layouts(device):
+    logits = torch.randn(20, 9, device=device)
+    target = torch.randint(0, 9, (20,), device=device)
+    _check(logits[::2], target[::2])                       # strided rows
+    _check(logits.t().contiguous().t(), target)             # column-major logits
+    _check(torch.randn(7, device=device), torch.tensor(3, device=device))  # unbatched
+    k_logits = torch.randn(2, 5, 3, 4, device=device)       # (N, C, d1, d2)
+    k_target = torch.randint(0, 5, (2, 3, 4), device=device)
+    _check(k_logits, k_target, reduction="none")
+    _check(k_logits, k_target, ignore_index=1)
+    _check(logits[:1], target[:1], label_smoothing=1.0)
+
+
+def test_ignore_all_and_empty(device):
+    logits = torch.randn(4, 6, device=device, requires_grad=True)
+    target = torch.full((4,), 5, device=device)
+    out = ops.cross_entropy(logits, target, ignore_index=5)
+    assert torch.isnan(out)  # 0 / 0, as torch
+    s = ops.cross_entropy(logits, target, ignore_index=5, reduction="sum")
+    s.backward()
+    assert s.item() == 0 and torch.equal(logits.grad, torch.zeros_like(logits))
+    e = ops.cross_entropy(torch.randn(0, 6, device=device), torch.zeros(0, dtype=torch.long,
+                                                                        device=device),
+                          reduction="sum")
+    assert e.item() == 0
+
+
+def test_errors(device):
+    x = torch.randn(4, 6, device=device)
+    t = torch.randint(0, 6, (4,), device=device)
+    with pytest.raises(TypeError, match="target"):
+        ops.cross_entropy(x, t.float())
+    with pytest.raises(TypeError, match="logits"):
+        ops.cross_entropy(t, t)
+    with pytest.raises(ValueError, match="target"):
+        ops.cross_entropy(x, t[:3])
+    with pytest.raises(ValueError, match="label_smoothing"):
+        ops.cross_entropy(x, t, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="reduction"):
+        ops.cross_entropy(x, t, reduction="avg")
+    if device == "cpu":
+        with pytest.raises(ValueError, match="target"):
+            ops.cross_entropy(x, torch.tensor([0, 1, 6, 2]))
+
+
+def test_torch_backend_and_no_grad(monkeypatch):
+    logits = torch.randn(6, 11, dtype=torch.float64)
+    target = torch.tensor([1, 2, -100, 10, 0, 5])
+    _check(logits, target, label_smoothing=0.3)
+    monkeypatch.setenv("TILEFUSE_BACKEND", "torch")
+    _check(logits.float(), target, label_smoothing=0.3)
+    with torch.no_grad():
+        out = ops.cross_entropy(logits.float().requires_grad_(), target)
+    assert torch.allclose(out.double(), F.cross_entropy(logits, target), atol=1e-6)
+
+
+def test_compile_fullgraph(device):
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, t: ops.cross_entropy(x, t, label_smoothing=0.1), fullgraph=True,
+                      backend="aot_eager")
+    x = torch.randn(8, 10, device=device, requires_grad=True)
+    t = torch.randint(0, 10, (8,), device=device)
+    out = f(x, t)
+    out.backward()
+    x64 = x.detach().double().requires_grad_()
+    ref = F.cross_entropy(x64, t, label_smoothing=0.1)
+    ref.backward()
+    assert torch.allclose(out.double(), ref, atol=1e-5)
+    assert torch.allclose(x.grad.double(), x64.grad, atol=1e-6)

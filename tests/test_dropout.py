@@ -1,0 +1,216 @@
+"""Dropout / dropout_add / dropout2d: statistics, reproducibility, forward/backward mask identity,
+checkpoint recompute, layouts, dtypes, errors (Triton interpreter on CPU, compiled on GPU)."""
+import pytest
+import torch
+
+import tilefuse
+from tilefuse import ops
+
+P = 0.3
+SCALE = 1.0 / (1.0 - P)
+
+
+def test_keep_rate_and_mean(device):
+    x = torch.ones(256, 256, device=device)
+    y = ops.dropout(x, P)
+    keep = (y != 0).float().mean().item()
+    assert abs(keep - (1 - P)) < 0.01  # 5 sigma for 65536 draws
+    assert abs(y.mean().item() - 1.0) < 0.02
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], SCALE))
+
+
+def test_values_and_dtypes(device):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        x = torch.randn(37, 53, device=device).to(dtype)
+        y = ops.dropout(x, P)
+        assert y.dtype == dtype and y.shape == x.shape
+        kept = y != 0
+        # survivors: x * 1/(1-p) in the op's compute dtype (fp32, fp64 for fp64), one rounding
+        ref = (x.double() * SCALE).to(dtype)
+        tol = {torch.float64: 1e-15, torch.float32: 2e-7}.get(dtype, 0.0)
+        assert torch.allclose(y[kept].double(), ref[kept].double(), rtol=tol + 1e-2 * (
+            dtype in (torch.float16, torch.bfloat16)), atol=0)
+
+
+def test_reproducible_and_fresh(device):
+    x = torch.randn(64, 33, device=device)
+    torch.manual_seed(7)
+    a = ops.dropout(x, 0.5)
+    b = ops.dropout(x, 0.5)
+    torch.manual_seed(7)
+    assert torch.equal(ops.dropout(x, 0.5), a)
+    assert not torch.equal(a, b)
+    torch.manual_seed(7)
+    with torch.random.fork_rng(devices=[]):
+        ops.dropout(x, 0.5)
+        ops.dropout(x, 0.5)
+    assert torch.equal(ops.dropout(x, 0.5), a)  # fork_rng isolated the draws inside it
+
+
+def test_backward_regenerates_mask(device):
+    x = (torch.rand(45, 61, device=device) + 0.5).requires_grad_()
+    y = ops.dropout(x, P)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    assert torch.equal(gx == 0, y == 0)
+    kept = y != 0
+    assert torch.allclose(gx[kept], g[kept] * SCALE)
+
+
+def test_checkpoint_recompute(device):
+    w = torch.randn(16, 16, device=device)
+
+    def block(h):
+        return ops.dropout(torch.tanh(h @ w), 0.5) @ w
+
+    x = torch.randn(8, 16, device=device, requires_grad=True)
+    torch.manual_seed(3)
+    (g_ref,) = torch.autograd.grad(block(x).sum(), x)
+    torch.manual_seed(3)
+    y = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+    (g_ck,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(g_ref, g_ck)
+
+
+@pytest.mark.parametrize("make", [
+    lambda t: t.t(),                               # transposed
+    lambda t: t[::2, 1:-3],                        # sliced
+    lambda t: t.reshape(4, 6, 10)[:, :, ::3].permute(2, 0, 1),
+], ids=["transposed", "sliced", "3d-permuted"])
+def test_non_contiguous_uses_logical_index(device, make):
+    x = make(torch.randn(24, 10, device=device))
+    torch.manual_seed(1)
+    a = ops.dropout(x, 0.5)
+    torch.manual_seed(1)
+    b = ops.dropout(x.contiguous(), 0.5)
+    assert torch.equal(a, b)
+
+
+def test_high_rank_and_edge_shapes(device):
+    x = torch.randn(2, 3, 2, 3, 2, 3, device=device)[..., ::2]  # > 4 dims after merging
+    torch.manual_seed(2)
+    a = ops.dropout(x, 0.5)
+    torch.manual_seed(2)
+    assert torch.equal(a, ops.dropout(x.contiguous(), 0.5))
+    x = torch.randn(2 * 3001, device=device)[::2]  # strided path vs multi-chunk fast path
+    torch.manual_seed(2)
+    a = ops.dropout(x, 0.5)
+    torch.manual_seed(2)
+    assert torch.equal(a, ops.dropout(x.contiguous(), 0.5))
+    for shape in [(0, 5), (1,), (1, 1), (7,)]:
+        x = torch.randn(shape, device=device)
+        assert ops.dropout(x, 0.5).shape == x.shape
+
+
+def test_identity_zero_and_errors(device):
+    x = torch.randn(5, 7, device=device, requires_grad=True)
+    assert ops.dropout(x, 0.0) is x
+    assert ops.dropout(x, 0.9, training=False) is x
+    z = ops.dropout(x, 1.0)
+    assert torch.equal(z, torch.zeros_like(x))
+    z.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+    with pytest.raises(ValueError, match="p"):
+        ops.dropout(x, 1.5)
+    with pytest.raises(TypeError, match="p"):
+        ops.dropout(x, "0.5")
+    with pytest.raises(TypeError, match="x"):
+        ops.dropout(torch.ones(3, dtype=torch.int64, device=device), 0.5)
+    with pytest.raises(TypeError, match="training"):
+        ops.dropout(x, 0.5, training=1)
+
+
+def test_dropout_add(device):
+    x = torch.randn(33, 40, device=device, requires_grad=True)
+    r = torch.randn(40, device=device, requires_grad=True)  # broadcast residual
+    torch.manual_seed(4)
+    y = ops.dropout_add(x, r, P)
+    torch.manual_seed(4)
+    d = ops.dropout(x, P)
+    assert torch.allclose(y, d + r, atol=1e-6)
+    g = torch.randn_like(y)
+    gx, gr = torch.autograd.grad(y, (x, r), g)
+    assert torch.equal(gx == 0, d == 0)
+    assert torch.allclose(gr, g.sum(0), atol=1e-5)
+    h = torch.randn(8, 8, device=device, dtype=torch.float16)
+    res = torch.randn(8, 8, device=device)
+    assert ops.dropout_add(h, res, 0.5).dtype == torch.float32  # torch promotion
+    assert torch.equal(ops.dropout_add(h, res, 0.5, training=False), res + h)
+    with pytest.raises(ValueError, match="residual"):
+        ops.dropout_add(x, torch.randn(3, device=device), 0.5)
+
+
+def test_dropout2d_channels(device):
+    x = torch.rand(3, 16, 5, 7, device=device) + 0.5
+    y = ops.dropout2d(x, 0.5)
+    dropped = (y == 0).all(dim=(2, 3))
+    kept = (y != 0).all(dim=(2, 3))
+    assert torch.equal(dropped | kept, torch.ones_like(dropped))
+    assert 0 < dropped.sum() < dropped.numel()
+    cl = x.to(memory_format=torch.channels_last).requires_grad_()
+    torch.manual_seed(5)
+    a = ops.dropout2d(x, 0.5)
+    torch.manual_seed(5)
+    b = ops.dropout2d(cl, 0.5)
+    assert b.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(a, b)
+    (g,) = torch.autograd.grad(b.sum(), cl)
+    assert torch.equal(g == 0, b == 0)
+    assert ops.dropout2d(torch.randn(4, 3, 3, device=device), 0.5).shape == (4, 3, 3)
+    with pytest.raises(ValueError, match="x"):
+        ops.dropout2d(torch.randn(4, 3, device=device), 0.5)
+
+
+def test_modules(device):
+    m = tilefuse.nn.Dropout(0.25)
+    assert isinstance(m, torch.nn.Dropout) and m.p == 0.25
+    x = torch.randn(4, 9, device=device)
+    y = m(x)
+    assert ((y == 0) | torch.isclose(y, x / 0.75)).all()
+    assert m.eval()(x) is x
+    m2 = tilefuse.nn.Dropout2d(0.5)
+    assert isinstance(m2, torch.nn.Dropout2d)
+    assert m2(torch.randn(2, 4, 3, 3, device=device)).shape == (2, 4, 3, 3)
+
+
+def test_torch_backend_path(monkeypatch):
+    monkeypatch.setenv("TILEFUSE_BACKEND", "torch")
+    x = (torch.rand(30, 20) + 0.5).requires_grad_()
+    y = ops.dropout_add(x, torch.zeros(30, 20), P)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(g == 0, y == 0)
+    assert abs((y != 0).float().mean().item() - (1 - P)) < 0.1
+    torch.manual_seed(9)
+    a = ops.dropout2d(torch.ones(2, 8, 3, 3), 0.5)
+    assert ((a == 0).all(dim=(2, 3)) | (a == 2).all(dim=(2, 3))).all()
+
+
+def test_compile_fullgraph_fresh_per_call(device):
+    torch._dynamo.reset()
+    f = torch.compile(lambda t: ops.dropout(t, 0.5) * 2.0, fullgraph=True, backend="aot_eager")
+    x = torch.ones(64, 32, device=device, requires_grad=True)
+    a, b = f(x), f(x)
+    assert not torch.equal(a, b)
+    a.sum().backward()
+    assert torch.equal(x.grad == 0, a == 0)
+
+
+@pytest.mark.slow
+def test_compile_inductor(device):
+    torch._dynamo.reset()
+    f = torch.compile(lambda t, r: ops.dropout_add(t, r, 0.5), fullgraph=True)
+    x, r = torch.ones(64, 32, device=device), torch.zeros(64, 32, device=device)
+    a, b = f(x, r), f(x, r)
+    assert not torch.equal(a, b) and set(a.unique().tolist()) <= {0.0, 2.0}
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_int64_counters_past_2_pow_31():
+    n = 2**31 + 2**20  # 4 GiB of fp16: counters past 2^31 must not wrap onto the head's
+    x = torch.ones(n, device="cuda", dtype=torch.float16)
+    y = ops.dropout(x, 0.5)
+    head, tail = y[: 2**20] == 0, y[2**31:] == 0
+    assert not torch.equal(head, tail)
+    assert abs(tail.float().mean().item() - 0.5) < 0.01
+    del x, y

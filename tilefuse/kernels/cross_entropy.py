@@ -1,0 +1,100 @@
+"""Label-smoothing cross-entropy: loss and gradient of one row per program, no probability tensor.
+
+For a row ``x`` of ``V`` logits, target ``t`` and smoothing ``eps`` (torch's definition)::
+
+    lse   = log(sum_j exp(x_j))                       (online max/sum over BLOCK-wide chunks)
+    loss  = (1 - eps) * (lse - x_t) + eps * (lse - mean_j x_j)
+    dloss/dx_j = softmax_j - (1 - eps) * [j == t] - eps / V
+
+Pass 1 streams the row once, keeping a running max ``m``, running ``sum exp(x - m)`` and
+``sum x`` in fp32, so a 32k-50k class row never materialises probabilities. When a gradient is
+wanted, pass 2 (same program) streams the row again and writes ``softmax - smoothed one-hot`` in
+the logits' dtype: backward is then one multiply by the incoming gradient. Rows whose target is
+``ignore_index`` get loss 0 and gradient 0. A target outside ``[0, V)`` yields a NaN loss (the
+CPU path validates it eagerly; on GPU that would cost a host sync).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tilefuse._backend import interpreter_enabled
+
+
+@triton.jit
+def cross_entropy_kernel(
+    x_ptr, t_ptr, loss_ptr, grad_ptr,
+    V, stride_xr, stride_xc, stride_t, stride_gr,
+    ignore_index, eps,
+    COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xr
+    tgt = tl.load(t_ptr + row * stride_t).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    if tgt == ignore_index:
+        tl.store(loss_ptr + row, 0.0)
+        if COMPUTE_GRAD:
+            for start in range(0, V, BLOCK):
+                c = start + cols
+                tl.store(grad_ptr + row * stride_gr + c,
+                         tl.zeros((BLOCK,), tl.float32).to(grad_ptr.dtype.element_ty), mask=c < V)
+    else:
+        # pass 1: online max / sum-exp, plus sum(x) for the smoothing term and x[target]
+        m = tl.full((BLOCK,), -3.0e38, tl.float32)  # finite: no inf - inf on empty lanes
+        s = tl.zeros((BLOCK,), tl.float32)
+        sx = tl.zeros((BLOCK,), tl.float32)
+        xt = tl.zeros((BLOCK,), tl.float32)
+        for start in range(0, V, BLOCK):
+            c = start + cols
+            cm = c < V
+            x = tl.load(x_row + c.to(tl.int64) * stride_xc, mask=cm,
+                        other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, x)
+            s = s * tl.exp(m - m_new) + tl.where(cm, tl.exp(x - m_new), 0.0)
+            m = m_new
+            sx += tl.where(cm, x, 0.0)
+            xt += tl.where(c == tgt, x, 0.0)
+        m_row = tl.max(m, axis=0)
+        s_row = tl.sum(s * tl.exp(m - m_row), axis=0)
+        lse = m_row + tl.log(s_row)
+        x_t = tl.sum(xt, axis=0)
+        mean_x = tl.sum(sx, axis=0) / V
+        loss = (1.0 - eps) * (lse - x_t) + eps * (lse - mean_x)
+        valid = (tgt >= 0) & (tgt < V)
+        loss = tl.where(valid, loss, float("nan"))
+        tl.store(loss_ptr + row, loss)
+        if COMPUTE_GRAD:
+            # pass 2: softmax - (1 - eps) * onehot - eps / V
+            for start in range(0, V, BLOCK):
+                c = start + cols
+                cm = c < V
+                x = tl.load(x_row + c.to(tl.int64) * stride_xc, mask=cm, other=0.0).to(tl.float32)
+                g = tl.exp(x - lse) - eps / V
+                g = tl.where(c == tgt, g - (1.0 - eps), g)
+                tl.store(grad_ptr + row * stride_gr + c, g.to(grad_ptr.dtype.element_ty), mask=cm)
+
+
+def _block(V: int, is_cuda: bool) -> int:
+    if interpreter_enabled() or not is_cuda:
+        return max(16, min(8192, triton.next_power_of_2(V)))
+    return max(128, min(4096, triton.next_power_of_2(V)))
+
+
+def launch_cross_entropy(logits: torch.Tensor, target: torch.Tensor, loss: torch.Tensor,
+                         grad: torch.Tensor | None, ignore_index: int, label_smoothing: float,
+                         block: int | None = None) -> None:
+    """logits (R, V) any strides, target (R,) integer, loss (R,) fp32, grad (R, V) contiguous
+    rows or None (loss only)."""
+    R, V = logits.shape
+    if R == 0:
+        return
+    block = block or _block(V, logits.is_cuda)
+    warps = 4 if block <= 1024 else 8 if block <= 2048 else 16
+    cross_entropy_kernel[(R,)](
+        logits, target, loss, grad if grad is not None else loss,
+        V, logits.stride(0), logits.stride(1), target.stride(0),
+        grad.stride(0) if grad is not None else 0,
+        int(ignore_index), float(label_smoothing),
+        COMPUTE_GRAD=grad is not None, BLOCK=block, num_warps=warps)

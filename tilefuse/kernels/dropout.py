@@ -1,0 +1,221 @@
+"""Counter-based (Philox) dropout kernels: ``out = [residual +] x * keep * scale``.
+
+The keep decision for an element is a pure function of ``(seed, rng_index)``:
+``keep = keep_mask(seed, rng_index // GROUP, p)`` (a Philox uniform > p), where ``rng_index`` is
+the element's *logical* row-major index (int64, so tensors past 2^31 elements get distinct
+counters) and ``GROUP`` is 1 for element dropout or ``H*W`` for channel dropout (Dropout2d).
+Nothing but the seed is stored for backward: the backward pass runs the same kernel on the
+incoming gradient and regenerates the identical mask, whatever the gradient's memory layout,
+because the counter is logical.
+
+Also here: :func:`mixup_kernel`, the batch mixup ``lam*x + (1-lam)*x[perm]`` in one pass (the
+regularization family's other elementwise kernel).
+
+Memory layout: the launcher permutes the dims into ``x``'s physical order (so loads/stores are
+coalesced for channels_last and transposed views too), merges dims that are contiguous in every
+operand, and passes up to four (size, stride) pairs per operand. A fully contiguous problem
+compiles to the ``CONTIG`` fast path (no index arithmetic, one Philox call per four elements:
+see :func:`keep_mask`). Problems that still need more than four dims after merging are the only
+ones that get a ``.contiguous()`` copy.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tilefuse._backend import interpreter_enabled
+
+MAX_DIMS = 4
+
+
+RNG_Q = 256  # counter layout constant: part of the mask definition, never tune it
+
+
+@triton.jit
+def keep_mask(seed, ridx, p, Q: tl.constexpr):
+    """Keep decision for the elements with logical rng indices ``ridx`` (any-shape int tile).
+
+    One Philox call yields four uniforms, so indices are laid out in chunks of ``4*Q``: element
+    ``ridx`` uses counter ``(ridx // 4Q) * Q + ridx % Q`` and output ``(ridx // Q) % 4``. The
+    contiguous fast path of :func:`dropout_kernel` exploits this (one Philox call per four
+    elements, each sub-block still a contiguous load); every other caller (strided path, channel
+    dropout, DropConnect in the matmul kernel) calls this helper and gets the same bits."""
+    ridx = ridx.to(tl.int64)
+    counter = (ridx // (4 * Q)) * Q + ridx % Q
+    lane = (ridx // Q) % 4
+    r0, r1, r2, r3 = tl.rand4x(seed, counter)
+    r = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+    return r > p
+
+
+@triton.jit
+def _scaled(x, keep, scale_hi, scale_lo, ACC_DTYPE: tl.constexpr):
+    if ACC_DTYPE == tl.float64:  # float args are fp32: 1/(1-p) to ~48 bits as a hi/lo pair
+        xs = x * scale_hi + x * scale_lo
+    else:
+        xs = x * scale_hi
+    return tl.where(keep, xs, 0.0)
+
+
+@triton.jit
+def _contig_lane(x_ptr, res_ptr, out_ptr, offs, m, keep, scale_hi, scale_lo,
+                 HAS_RESIDUAL: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(ACC_DTYPE)
+    y = _scaled(x, keep, scale_hi, scale_lo, ACC_DTYPE)
+    if HAS_RESIDUAL:
+        y = y + tl.load(res_ptr + offs, mask=m, other=0.0).to(ACC_DTYPE)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def dropout_kernel(
+    x_ptr, res_ptr, out_ptr, seed, p, scale_hi, scale_lo, n_elements, GROUP,
+    S1, S2, S3,
+    sx0, sx1, sx2, sx3, sr0, sr1, sr2, sr3, so0, so1, so2, so3, sl0, sl1, sl2, sl3,
+    HAS_RESIDUAL: tl.constexpr, CONTIG: tl.constexpr, GROUPED: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, Q: tl.constexpr, CH: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    if CONTIG:
+        # BLOCK = CH chunks of 4*Q elements; one Philox call per (chunk, j) feeds 4 elements
+        chunk = pid * CH + tl.arange(0, CH).to(tl.int64)
+        j = tl.arange(0, Q).to(tl.int64)
+        r0, r1, r2, r3 = tl.rand4x(seed, chunk[:, None] * Q + j[None, :])
+        base = chunk[:, None] * (4 * Q) + j[None, :]
+        _contig_lane(x_ptr, res_ptr, out_ptr, base, base < n_elements, r0 > p,
+                     scale_hi, scale_lo, HAS_RESIDUAL, ACC_DTYPE)
+        _contig_lane(x_ptr, res_ptr, out_ptr, base + Q, base + Q < n_elements, r1 > p,
+                     scale_hi, scale_lo, HAS_RESIDUAL, ACC_DTYPE)
+        _contig_lane(x_ptr, res_ptr, out_ptr, base + 2 * Q, base + 2 * Q < n_elements, r2 > p,
+                     scale_hi, scale_lo, HAS_RESIDUAL, ACC_DTYPE)
+        _contig_lane(x_ptr, res_ptr, out_ptr, base + 3 * Q, base + 3 * Q < n_elements, r3 > p,
+                     scale_hi, scale_lo, HAS_RESIDUAL, ACC_DTYPE)
+    else:
+        i = pid * BLOCK + tl.arange(0, BLOCK)
+        m = i < n_elements
+        i3 = i % S3
+        t = i // S3
+        i2 = t % S2
+        t = t // S2
+        i1 = t % S1
+        i0 = t // S1
+        ridx = i0 * sl0 + i1 * sl1 + i2 * sl2 + i3 * sl3
+        if GROUPED:
+            ridx = ridx // GROUP
+        keep = keep_mask(seed, ridx, p, Q)
+        x = tl.load(x_ptr + i0 * sx0 + i1 * sx1 + i2 * sx2 + i3 * sx3, mask=m,
+                    other=0.0).to(ACC_DTYPE)
+        y = _scaled(x, keep, scale_hi, scale_lo, ACC_DTYPE)
+        if HAS_RESIDUAL:
+            y = y + tl.load(res_ptr + i0 * sr0 + i1 * sr1 + i2 * sr2 + i3 * sr3, mask=m,
+                            other=0.0).to(ACC_DTYPE)
+        tl.store(out_ptr + i0 * so0 + i1 * so1 + i2 * so2 + i3 * so3,
+                 y.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def _plan(shape, strides_list):
+    """Permute dims into the first operand's physical order and merge dims contiguous in every
+    operand (incl. the logical-index strides, last in ``strides_list``). Returns (sizes,
+    [strides per operand]) with size-1 dims dropped, or None when more than MAX_DIMS remain."""
+    dims = [d for d in range(len(shape)) if shape[d] != 1]
+    lead = strides_list[0]
+    # stable sort by the lead operand's strides, largest first (ties keep logical order)
+    dims.sort(key=lambda d: -abs(lead[d]))
+    sizes = []
+    strides = [[] for _ in strides_list]
+    for d in dims:
+        if sizes and all(st[-1] == s[d] * shape[d] for st, s in zip(strides, strides_list)):
+            sizes[-1] *= shape[d]
+            for st, s in zip(strides, strides_list):
+                st[-1] = s[d]
+            continue
+        sizes.append(shape[d])
+        for st, s in zip(strides, strides_list):
+            st.append(s[d])
+    if len(sizes) > MAX_DIMS:
+        return None
+    pad = MAX_DIMS - len(sizes)
+    sizes = [1] * pad + sizes
+    strides = [[0] * pad + st for st in strides]
+    return sizes, strides
+
+
+def _logical_strides(shape):
+    out, acc = [], 1
+    for s in reversed(shape):
+        out.append(acc)
+        acc *= s
+    return out[::-1]
+
+
+def _block(n: int, is_cuda: bool) -> int:
+    if interpreter_enabled() or not is_cuda:  # few big programs
+        return max(4 * RNG_Q, min(1 << 16, triton.next_power_of_2(n)))
+    return 4 * RNG_Q
+
+
+def launch_dropout(x: torch.Tensor, out: torch.Tensor, seed: int, p: float, residual=None,
+                   group: int = 1) -> torch.Tensor:
+    """``out = [residual +] dropout(x)`` for same-shape ``x``, ``out`` and ``residual`` (any
+    strides; ``residual`` may be an expanded view). ``group`` > 1 shares one keep decision per
+    ``group`` consecutive logical elements (channel dropout)."""
+    n = x.numel()
+    if n == 0:
+        return out
+    shape = list(x.shape)
+    ops = [x, residual if residual is not None else x, out]
+    plan = _plan(shape, [list(t.stride()) for t in ops] + [_logical_strides(shape)])
+    if plan is None:  # > 4 dims after merging: one documented copy of the strided inputs
+        x = x.contiguous()
+        residual = residual.contiguous() if residual is not None else None
+        tmp = torch.empty(shape, dtype=out.dtype, device=out.device)
+        launch_dropout(x, tmp, seed, p, residual, group)
+        out.copy_(tmp)
+        return out
+    sizes, (sx, sr, so, sl) = plan
+    contig = (group == 1 and sizes[:3] == [1, 1, 1] and sx[3] == 1 and so[3] == 1
+              and sl[3] == 1 and (residual is None or sr[3] == 1))
+    block = _block(n, x.is_cuda)
+    scale = 1.0 / (1.0 - p)
+    scale_hi = float(torch.tensor(scale, dtype=torch.float32))
+    dropout_kernel[(triton.cdiv(n, block),)](
+        x, residual if residual is not None else x, out, int(seed), float(p), scale_hi,
+        scale - scale_hi, n,
+        int(group), sizes[1], sizes[2], sizes[3], *sx, *sr, *so, *sl,
+        HAS_RESIDUAL=residual is not None, CONTIG=bool(contig), GROUPED=group > 1,
+        ACC_DTYPE=tl.float64 if out.dtype == torch.float64 else tl.float32,
+        Q=RNG_Q, CH=block // (4 * RNG_Q), BLOCK=block, num_warps=4)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# mixup: out[n] = lam * x[n] + (1 - lam) * x[perm[n]]  (one pass: 2 reads, 1 write per element)
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def mixup_kernel(x_ptr, perm_ptr, out_ptr, D, stride_xn, stride_on, lam,
+                 ACC_DTYPE: tl.constexpr, BLOCK_D: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    m = cols < D
+    src = tl.load(perm_ptr + n).to(tl.int64)
+    a = tl.load(x_ptr + n * stride_xn + cols, mask=m, other=0.0).to(ACC_DTYPE)
+    b = tl.load(x_ptr + src * stride_xn + cols, mask=m, other=0.0).to(ACC_DTYPE)
+    y = b + lam * (a - b)  # torch.lerp(b, a, lam)
+    tl.store(out_ptr + n * stride_on + cols, y.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def launch_mixup(x2: torch.Tensor, perm: torch.Tensor, out: torch.Tensor, lam: float):
+    """x2, out: (N, D) with unit column stride; perm: (N,) int64 on the same device."""
+    N, D = x2.shape
+    if N == 0 or D == 0:
+        return out
+    if interpreter_enabled() or not x2.is_cuda:
+        block = max(16, min(1 << 14, triton.next_power_of_2(D)))
+    else:
+        block = 2048
+    mixup_kernel[(N, triton.cdiv(D, block))](
+        x2, perm, out, D, x2.stride(0), out.stride(0), float(lam),
+        ACC_DTYPE=tl.float64 if out.dtype == torch.float64 else tl.float32, BLOCK_D=block,
+        num_warps=4)
+    return out

@@ -1,0 +1,77 @@
+"""Multi-tensor reductions for grad clipping and grad-norm monitoring.
+
+Same chunk / per-tensor tables as :mod:`tilefuse.kernels.optim` (one launch covers every tensor
+of a (device, dtype) bucket). ``norm_partial_kernel`` writes one partial per chunk -- the sum of
+squares, the sum of |x| or the max |x| -- with no atomics (deterministic); the caller reduces the
+partials on device (total norm) or segment-sums them by the chunk -> tensor map (per-tensor
+norms). ``scale_kernel`` multiplies every tensor by a device scalar (the clip coefficient), so
+clipping never reads the norm back to the host.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tilefuse.kernels.optim import block_size, chunk_table, compute_dtype, tensor_table
+
+
+# roles: 0 tensor.  NORM: 2 -> sum of squares, 1 -> sum of |x|, 0 -> max |x| (the inf-norm)
+@triton.jit
+def norm_partial_kernel(ctab_ptr, cstart_ptr, ttab_ptr, x_ptr, out_ptr,
+                        NORM: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
+    # program -> (tensor t, its elements idx), inlined as in tilefuse.kernels.optim
+    t = tl.load(ctab_ptr + tl.program_id(0)).to(tl.int64)
+    row = ttab_ptr + t * 2
+    idx = tl.load(cstart_ptr + tl.program_id(0)) + tl.arange(0, BLOCK).to(tl.int64)
+    mask = idx < tl.load(row)
+    x_o = tl.load(row + 1) + idx
+    x = tl.abs(tl.load(x_ptr + x_o, mask=mask, other=0.0).to(CDT))
+    if NORM == 2:
+        r = tl.sum(x * x, axis=0)
+    elif NORM == 1:
+        r = tl.sum(x, axis=0)
+    else:
+        r = tl.max(x, axis=0)
+    tl.store(out_ptr + tl.program_id(0), r)
+
+
+@triton.jit
+def scale_kernel(ctab_ptr, cstart_ptr, ttab_ptr, x_ptr, coef_ptr,
+                 CDT: tl.constexpr, BLOCK: tl.constexpr):
+    """x *= coef (a device scalar) for every tensor of the bucket: the clip step."""
+    # program -> (tensor t, its elements idx), inlined as in tilefuse.kernels.optim
+    t = tl.load(ctab_ptr + tl.program_id(0)).to(tl.int64)
+    row = ttab_ptr + t * 2
+    idx = tl.load(cstart_ptr + tl.program_id(0)) + tl.arange(0, BLOCK).to(tl.int64)
+    mask = idx < tl.load(row)
+    x_o = tl.load(row + 1) + idx
+    x = tl.load(x_ptr + x_o, mask=mask, other=0.0).to(CDT)
+    tl.store(x_ptr + x_o, (x * tl.load(coef_ptr).to(CDT)).to(x_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def launch_norm_partials(tensors, norm: int):
+    """Per-chunk partial norms (sum of squares / sum |x| / max |x|) and the chunk -> tensor map."""
+    device = tensors[0].device
+    numels = [t.numel() for t in tensors]
+    block = block_size(numels)
+    ctab, cstart, n_chunks = chunk_table(numels, device, block)
+    bases, ttab = tensor_table([tensors])
+    acc = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    out = torch.empty(n_chunks, device=device, dtype=acc)
+    norm_partial_kernel[(n_chunks,)](ctab, cstart, ttab.to(device, non_blocking=True), bases[0],
+                                     out, NORM=norm, CDT=compute_dtype(acc), BLOCK=block,
+                                     num_warps=4)
+    return out, ctab
+
+
+def launch_scale(tensors, coef: torch.Tensor) -> None:
+    """tensors[i] *= coef (device scalar), one launch."""
+    device = tensors[0].device
+    numels = [t.numel() for t in tensors]
+    block = block_size(numels)
+    ctab, cstart, n_chunks = chunk_table(numels, device, block)
+    bases, ttab = tensor_table([tensors])
+    scale_kernel[(n_chunks,)](ctab, cstart, ttab.to(device, non_blocking=True), bases[0], coef,
+                              CDT=compute_dtype(tensors[0].dtype), BLOCK=block, num_warps=4)

@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# One prepared GPU check for a CUDA machine (written for an H200 with python3 + torch 2.11 +
+# triton 3.6 + pytest, pytest-benchmark, matplotlib, tqdm; no network). Installs nothing; runs
+# from the working tree with PYTHONPATH=. (never a venv):
+#
+#   1. nvidia-smi / versions / `tilefuse info`
+#   2. pytest -m cuda                                (timeout 90 s)
+#   3. pytest-benchmark of matmul+bias+GELU vs eager (timeout 35 s)
+#   4. tilefuse autotune for the shipped shape sets  (guarded; timeouts 85 s in all)
+#   5. tilefuse bench kernels, every family, no torch.compile (timeout 60 s, budget 40 s),
+#      then matmul with torch.compile too              (timeout 40 s, budget 25 s)
+#   6. tilefuse bench models, eager + patched, fp16 + int8, batch 1 and 32, proxies
+#                                                    (timeout 75 s, internal budget 55 s)
+#   7. the training-step table (ResNet-50, batch 32) (timeout 50 s, internal budget 35 s)
+#   8. tilefuse bench models, torch.compile variants (timeout 45 s, internal budget 25 s)
+#
+# The step timeouts add up to 500 s (~8 min); budgets end the bench steps early and cleanly, and
+# the model benches save a partial report after every configuration. Everything is written under
+# $OUT (default ./out/gpu_check) and packed into at most 7 files: summary.md, results.tar.gz
+# (every log, JSON, Markdown and plot, laid out as bench/results/<gpu>/<date>/ so it can be
+# unpacked at the repo root) and the five JSON reports.
+# Usage:  OUT=/some/dir bash bench/gpu_check.sh      (PYTHON=... to use another interpreter)
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET TILEFUSE_BACKEND
+export MPLBACKEND=Agg TILEFUSE_NO_PROGRESS=1 PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+OUT="${OUT:-$PWD/out/gpu_check}"
+mkdir -p "$OUT"
+WORK="$(mktemp -d)"
+STEPS="$WORK/steps.tsv"
+T0=$(date +%s)
+export TILEFUSE_CACHE_DIR="$WORK/autotune_cache"   # the tuning DB of this run comes back too
+
+step() {  # step NAME TIMEOUT_S CMD...   (never aborts the script)
+  local name="$1" limit="$2"; shift 2
+  local s=$(date +%s)
+  echo "=== [$name] (timeout ${limit}s): $*" | tee -a "$WORK/all.log"
+  timeout --kill-after=10 "$limit" "$@" > "$WORK/$name.log" 2>&1
+  local rc=$?
+  local dt=$(( $(date +%s) - s ))
+  tail -n 15 "$WORK/$name.log" | tee -a "$WORK/all.log"
+  local status=ok; [ $rc -ne 0 ] && status="rc=$rc"; [ $rc -eq 124 ] && status="TIMEOUT"
+  printf "%s\t%s\t%ss\t%s\n" "$name" "$status" "$dt" "$*" >> "$STEPS"
+}
+
+# 1. environment
+{ nvidia-smi || true; echo; $PY -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print('gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"; git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -50; } > "$WORK/env.log" 2>&1
+step info 20 $PY -m tilefuse info
+GPU="$($PY -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo unknown)"
+SLUG="$(echo "$GPU" | tr 'A-Z' 'a-z' | sed -E 's/^nvidia //; s/[^a-z0-9]+/-/g; s/^-|-$//g')"
+DATE="$(date -u +%Y-%m-%d)"
+RES="$WORK/bench/results/$SLUG/$DATE"
+mkdir -p "$RES"
+
+# 2-3. tests
+step pytest_cuda 90 $PY -m pytest -q -m cuda -p no:cacheprovider -rfE tests
+step pytest_benchmark 35 $PY -m pytest -q -p no:cacheprovider tests/bench --benchmark-enable \
+  --benchmark-json="$RES/pytest-benchmark.json" --benchmark-max-time=0.5
+
+# 4. autotune (only if this tree has the command)
+if $PY -m tilefuse autotune --help > /dev/null 2>&1; then
+  step autotune_default 35 $PY -m tilefuse autotune --budget-s 20 --no-progress
+  step autotune_resnet50 15 $PY -m tilefuse autotune --shapes model:resnet50 --budget-s 6 --no-progress
+  step autotune_textcls 15 $PY -m tilefuse autotune --shapes model:textcls --budget-s 6 --no-progress
+  mkdir -p "$RES/autotune"
+  step autotune_export 20 $PY -m tilefuse autotune --export "$RES/autotune/$SLUG.json"
+else
+  printf "autotune\tskipped\t0s\t'tilefuse autotune' not available in this tree\n" >> "$STEPS"
+fi
+
+# 5-7. benchmarks
+step bench_kernels 60 $PY -m tilefuse bench kernels --dtype bf16 --impls tilefuse,eager,vendor \
+  --time-budget 40 --out "$RES/kernels" --no-progress
+step bench_kernels_compile 40 $PY -m tilefuse bench kernels --only matmul --dtype bf16 --impls all \
+  --time-budget 25 --out "$RES/kernels_compile" --no-progress
+step bench_models 75 $PY -m tilefuse bench models --variants eager,patched --dtype fp16,int8 \
+  --batch 1,32 --runs 200 --time-budget 55 --no-train --out "$RES/models" --no-progress
+step bench_train 50 $PY -m tilefuse bench models --no-inference --train-model resnet50 \
+  --train-batch 32 --runs 200 --time-budget 35 \
+  --train-configs fp32,amp,fp32+cudnn_benchmark,fp32+checkpoint,fp32+fused,fp32+fused+fused_optim,amp+fused \
+  --out "$RES/train" --no-progress
+step bench_models_compile 45 $PY -m tilefuse bench models --variants compile,patched+compile \
+  --dtype fp16 --batch 1 --runs 200 --no-proxies --no-train --time-budget 25 \
+  --out "$RES/models_compile" --no-progress
+
+# a models step killed by its timeout still leaves the report of what it finished
+for r in models train models_compile; do
+  [ ! -f "$RES/$r/models.json" ] && [ -f "$RES/$r/models.partial.json" ] && \
+    cp "$RES/$r/models.partial.json" "$RES/$r/models.json"
+done
+
+# pack: summary.md + results.tar.gz + the JSON reports (<= 7 files in $OUT)
+TOTAL=$(( $(date +%s) - T0 ))
+SUM="$WORK/summary.md"
+{
+  echo "# tilefuse GPU check: $GPU, $DATE (${TOTAL}s of steps)"
+  echo
+  echo '```'; cat "$WORK/env.log" | head -40; echo '```'
+  echo
+  echo "| step | status | time | command |"; echo "|---|---|---|---|"
+  awk -F'\t' '{printf "| %s | %s | %s | `%s` |\n", $1, $2, $3, $4}' "$STEPS"
+  echo
+  echo "## pytest -m cuda (tail)"; echo '```'; tail -n 25 "$WORK/pytest_cuda.log" 2>/dev/null; echo '```'
+  for r in kernels kernels_compile models train models_compile; do
+    if ls "$RES/$r/"*.md > /dev/null 2>&1; then
+      echo; echo "## bench $r"; cat "$RES/$r/"*.md
+    elif [ -f "$RES/$r/models.json" ]; then
+      echo; echo "## bench $r: killed by its timeout; partial report in $r/models.json"
+    fi
+  done
+  echo
+  echo "Unpack results.tar.gz at the repo root to get bench/results/$SLUG/$DATE/."
+} > "$SUM" 2>&1
+cp "$WORK"/*.log "$WORK/steps.tsv" "$SUM" "$RES/" 2>/dev/null
+cp -r "$TILEFUSE_CACHE_DIR" "$RES/autotune_cache" 2>/dev/null
+tar -czf "$OUT/results.tar.gz" -C "$WORK" bench
+cp "$SUM" "$OUT/summary.md"
+[ -f "$RES/kernels/kernels.json" ] && cp "$RES/kernels/kernels.json" "$OUT/kernels.json"
+[ -f "$RES/models/models.json" ] && cp "$RES/models/models.json" "$OUT/models.json"
+[ -f "$RES/kernels_compile/kernels.json" ] && cp "$RES/kernels_compile/kernels.json" "$OUT/kernels_compile.json"
+[ -f "$RES/train/models.json" ] && cp "$RES/train/models.json" "$OUT/train.json"
+[ -f "$RES/models_compile/models.json" ] && cp "$RES/models_compile/models.json" "$OUT/models_compile.json"
+rm -rf "$WORK"
+echo "done in ${TOTAL}s; files in $OUT:"; ls -la "$OUT"

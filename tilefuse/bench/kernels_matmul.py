@@ -1,0 +1,108 @@
+"""Matmul benchmark cases: ``gelu(a @ w + bias)`` (the fused Linear+GELU of an MLP).
+
+Implementations per case:
+
+* ``tilefuse``: :func:`tilefuse.ops.matmul` with ``bias`` and ``activation="gelu"`` (one kernel
+  forward; backward = one elementwise pass + two matmuls);
+* ``eager``: ``F.gelu(torch.mm(a, w) + bias)`` (three kernels forward);
+* ``compile``: the eager function under :func:`torch.compile`;
+* ``vendor``: ``torch.mm(a, w)`` alone (cuBLAS, no epilogue): the roofline anchor, it does less
+  work than the others.
+
+``fwd`` cases time the forward; ``fwd+bwd`` cases time forward + backward w.r.t. a, w and bias
+with a fixed upstream gradient. Flops are the matmul flops only (2MNK forward, 6MNK with
+backward); bytes are each operand read/written once per kernel (an analytic lower bound).
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+from tilefuse.bench.case import BenchCase
+
+# (M, N, K): tokens x out_features x in_features
+SHAPES = {
+    "tiny": [(64, 96, 80)],
+    "full": [(4096, 4096, 4096), (8192, 11008, 4096)],
+}
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+               torch.float64: "fp64"}
+
+
+def _eager(a, w, b):
+    return F.gelu(torch.mm(a, w) + b)
+
+
+def _ours(a, w, b):
+    import tilefuse
+
+    return tilefuse.ops.matmul(a, w, bias=b, activation="gelu")
+
+
+def _vendor(a, w, b):
+    return torch.mm(a, w)
+
+
+class _LazyCompiled:
+    """``torch.compile(fn)`` built on first call: importing dynamo costs seconds, and the harness
+    skips the ``compile`` implementation on CPU by default."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, None
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, dynamic=False)
+        return self.compiled(*args)
+
+
+def _fwd(f, a, w, b):
+    def run():
+        return f(a, w, b)
+    return run
+
+
+def _fwd_bwd(f, a, w, b, g):
+    def run():
+        a.grad = w.grad = b.grad = None
+        f(a, w, b).backward(g)
+    return run
+
+
+def cases(device: str, dtype: torch.dtype, size: str) -> List[BenchCase]:
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"matmul benchmarks take floating dtypes, got {dtype}")
+    dname = DTYPE_NAMES[dtype]
+    es = torch.tensor([], dtype=dtype).element_size()
+    compiled = _LazyCompiled(_eager)
+    out: List[BenchCase] = []
+    for M, N, K in SHAPES[size]:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+
+        def rand(*shape, scale=1.0):
+            return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+        a, w, b = rand(M, K), rand(K, N, scale=K ** -0.5), rand(N)
+        shape = {"M": M, "N": N, "K": K}
+        fwd_bytes = (M * K + K * N + N + M * N) * es
+        out.append(BenchCase(
+            family="matmul", name=f"fwd/{M}x{N}x{K}/bias+gelu", shape=shape, dtype=dname,
+            fns={"tilefuse": _fwd(_ours, a, w, b), "eager": _fwd(_eager, a, w, b),
+                 "compile": _fwd(compiled, a, w, b), "vendor": _fwd(_vendor, a, w, b)},
+            flops=2.0 * M * N * K, bytes=float(fwd_bytes), bound="compute",
+            note="vendor = torch.mm without bias/GELU"))
+        ag, wg, bg = (t.clone().requires_grad_(True) for t in (a, w, b))
+        g = rand(M, N)
+        # + pre-activation store/load, dz write, dA and dB matmuls reading their operands
+        bwd_bytes = (3 * M * N + 2 * (M * K + K * N + M * N)) * es
+        out.append(BenchCase(
+            family="matmul", name=f"fwd+bwd/{M}x{N}x{K}/bias+gelu", shape=shape, dtype=dname,
+            fns={"tilefuse": _fwd_bwd(_ours, ag, wg, bg, g),
+                 "eager": _fwd_bwd(_eager, ag, wg, bg, g),
+                 "compile": _fwd_bwd(compiled, ag, wg, bg, g),
+                 "vendor": _fwd_bwd(_vendor, ag, wg, bg, g)},
+            flops=6.0 * M * N * K, bytes=float(fwd_bytes + bwd_bytes), bound="compute",
+            note="vendor = torch.mm fwd+bwd without bias/GELU"))
+    return out

@@ -1,0 +1,242 @@
+"""Custom ops and public wrappers for fused LayerNorm / RMSNorm + activation.
+
+``tilefuse::norm_act_fwd`` returns ``(y, mean, rstd)`` (``mean`` empty for RMSNorm) and
+``tilefuse::norm_act_bwd`` returns ``(dx, dw, db)`` (empty where not requested). Both dispatch
+with :func:`tilefuse._backend.backend_for`: Triton (CUDA or the interpreter) or the plain torch
+reference below. fp64 and empty inputs always take the torch path (the kernels compute in fp32).
+
+Residual semantics (pre-norm): ``y = act(norm(x + residual))``. The sum ``x + residual`` is not
+materialised: backward re-reads ``x`` and ``residual``, and ``d residual = d x``.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from tilefuse._backend import backend_for
+from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
+
+
+def _use_torch(x: Tensor) -> bool:
+    return backend_for(x) == "torch" or x.dtype == torch.float64 or x.numel() == 0
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _torch_stats(h: Tensor, eps: float, is_rms: bool):
+    if is_rms:
+        mean = torch.zeros(h.shape[0], 1, dtype=h.dtype, device=h.device)
+    else:
+        mean = h.mean(-1, keepdim=True)
+    var = (h - mean).pow(2).mean(-1, keepdim=True)
+    return mean, torch.rsqrt(var + eps)
+
+
+def _torch_fwd(x, residual, weight, bias, eps, is_rms, activation, act_param):
+    cd = _compute_dtype(x)
+    h = x.to(cd) if residual is None else x.to(cd) + residual.to(cd)
+    mean, rstd = _torch_stats(h, eps, is_rms)
+    z = (h - mean) * rstd
+    if weight is not None:
+        z = z * weight.to(cd)
+    if bias is not None:
+        z = z + bias.to(cd)
+    y = torch_activation(z, NAMES[activation], act_param).to(x.dtype)
+    mean_out = x.new_empty(0, dtype=torch.float32) if is_rms else mean.squeeze(-1).float()
+    return y.contiguous(), mean_out, rstd.squeeze(-1).float()
+
+
+@torch.library.custom_op("tilefuse::norm_act_fwd", mutates_args=())
+def norm_act_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                 bias: Optional[Tensor], eps: float, is_rms: bool, activation: int,
+                 act_param: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """x, residual: (M, N) with any strides -> (y (M, N), mean (M,) fp32 or empty, rstd (M,))."""
+    if _use_torch(x):
+        return _torch_fwd(x, residual, weight, bias, eps, is_rms, activation, act_param)
+    from tilefuse.kernels.norm import launch_norm_fwd
+
+    M, N = x.shape
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    mean = torch.empty(0 if is_rms else M, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(M, device=x.device, dtype=torch.float32)
+    launch_norm_fwd(x, residual, weight, bias, y, None if is_rms else mean, rstd, eps, is_rms,
+                    activation, act_param)
+    return y, mean, rstd
+
+
+@norm_act_fwd.register_fake
+def _(x, residual, weight, bias, eps, is_rms, activation, act_param):
+    M, N = x.shape
+    return (x.new_empty((M, N)), x.new_empty(0 if is_rms else M, dtype=torch.float32),
+            x.new_empty(M, dtype=torch.float32))
+
+
+def _torch_bwd(dy, x, residual, weight, bias, mean, rstd, is_rms, activation, act_param,
+               need_dw, need_db):
+    cd = _compute_dtype(x)
+    h = x.to(cd) if residual is None else x.to(cd) + residual.to(cd)
+    if h.numel() == 0:
+        dw = torch.zeros(x.shape[1], dtype=cd, device=x.device)
+        dx = torch.zeros_like(x)
+        return dx, (dw if need_dw else x.new_empty(0)), (dw.clone() if need_db else x.new_empty(0))
+    mean = torch.zeros_like(rstd).unsqueeze(-1) if is_rms else mean.to(cd).reshape(-1, 1)
+    rstd = rstd.to(cd).reshape(-1, 1)
+    xhat = (h - mean) * rstd
+    w = weight.to(cd) if weight is not None else torch.ones(1, dtype=cd, device=x.device)
+    dz = dy.to(cd)
+    if activation != 0:
+        z = xhat * w + (bias.to(cd) if bias is not None else 0.0)
+        dz = dz * torch_activation_grad(z, NAMES[activation], act_param)
+    g = dz * w
+    c2 = (g * xhat).mean(-1, keepdim=True)
+    c1 = 0.0 if is_rms else g.mean(-1, keepdim=True)
+    dx = ((g - c1 - xhat * c2) * rstd).to(x.dtype)
+    dw = (dz * xhat).sum(0) if need_dw else x.new_empty(0)
+    db = dz.sum(0) if need_db else x.new_empty(0)
+    return dx, dw, db
+
+
+@torch.library.custom_op("tilefuse::norm_act_bwd", mutates_args=())
+def norm_act_bwd(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                 bias: Optional[Tensor], mean: Tensor, rstd: Tensor, is_rms: bool,
+                 activation: int, act_param: float, need_dw: bool,
+                 need_db: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> (dx (M, N) in x's dtype, dw (N,) fp32 or empty, db (N,) fp32 or empty)."""
+    if _use_torch(x):
+        dx, dw, db = _torch_bwd(dy, x, residual, weight, bias, mean, rstd, is_rms, activation,
+                                act_param, need_dw, need_db)
+        return dx.contiguous(), dw.float() if need_dw else dw, db.float() if need_db else db
+    from tilefuse.kernels.norm import launch_norm_bwd
+
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    dw, db = launch_norm_bwd(dy, x, residual, weight, bias, None if is_rms else mean, rstd, dx,
+                             is_rms, activation, act_param, need_dw, need_db)
+    def empty():
+        return x.new_empty(0, dtype=torch.float32)  # a fresh one each: outputs may not alias
+    return dx, (dw if dw is not None else empty()), (db if db is not None else empty())
+
+
+@norm_act_bwd.register_fake
+def _(dy, x, residual, weight, bias, mean, rstd, is_rms, activation, act_param, need_dw,
+      need_db):
+    N = x.shape[1]
+    return (x.new_empty(x.shape), x.new_empty(N if need_dw else 0, dtype=torch.float32),
+            x.new_empty(N if need_db else 0, dtype=torch.float32))
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps, is_rms, activation, act_param = inputs
+    _, mean, rstd = output
+    ctx.is_rms, ctx.activation, ctx.act_param = is_rms, activation, act_param
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(x, residual, weight, bias, mean, rstd)
+
+
+def _backward(ctx, dy, _dmean, _drstd):
+    x, residual, weight, bias, mean, rstd = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_dw = weight is not None and need[2]
+    need_db = bias is not None and need[3]
+    dx, dw, db = norm_act_bwd(dy, x, residual, weight, bias, mean, rstd, ctx.is_rms,
+                              ctx.activation, ctx.act_param, need_dw, need_db)
+    dres = dx.to(residual.dtype) if (residual is not None and need[1]) else None
+    return (dx if need[0] else None, dres, dw.to(weight.dtype) if need_dw else None,
+            db.to(bias.dtype) if need_db else None, None, None, None, None)
+
+
+norm_act_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# public functional API (re-exported by tilefuse.ops)
+# --------------------------------------------------------------------------------------------
+def _normalized_shape(normalized_shape) -> Tuple[int, ...]:
+    if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
+        return (int(normalized_shape),)
+    if isinstance(normalized_shape, torch.Size) or isinstance(normalized_shape, (tuple, list)):
+        if all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 0
+               for d in normalized_shape):
+            return tuple(int(d) for d in normalized_shape)
+    raise TypeError(f"normalized_shape must be an int or a sequence of non-negative ints, got "
+                    f"{normalized_shape!r}")
+
+
+def _row_norm(x, normalized_shape, weight, bias, eps, activation, residual, is_rms, name):
+    from tilefuse._validate import (FLOAT_DTYPES_F64, check_broadcastable, check_same_device,
+                                    check_shape, check_tensor)
+    from tilefuse.activations import activation_code
+
+    check_tensor("x", x, dtypes=FLOAT_DTYPES_F64)
+    shape = _normalized_shape(normalized_shape)
+    if len(shape) == 0 or x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
+        raise ValueError(f"{name}: normalized_shape {shape} must be non-empty and match the "
+                         f"trailing dims of x, got x of shape {tuple(x.shape)}")
+    check_tensor("weight", weight, dtypes=FLOAT_DTYPES_F64, allow_none=True)
+    check_tensor("bias", bias, dtypes=FLOAT_DTYPES_F64, allow_none=True)
+    check_tensor("residual", residual, dtypes=FLOAT_DTYPES_F64, allow_none=True)
+    check_same_device(x=x, weight=weight, bias=bias, residual=residual)
+    if weight is not None:
+        check_shape("weight", weight, shape)
+    if bias is not None:
+        check_shape("bias", bias, shape)
+    if residual is not None:
+        check_broadcastable("residual", residual, tuple(x.shape))
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    act, act_param = activation_code(activation)
+    N = 1
+    for d in shape:
+        N *= d
+    # a view where the leading dims can be flattened; otherwise reshape copies (documented)
+    x2 = x.reshape(-1, N)
+    r2 = residual.expand(x.shape).reshape(-1, N) if residual is not None else None
+    w1 = weight.reshape(N) if weight is not None else None
+    b1 = bias.reshape(N) if bias is not None else None
+    y, _, _ = norm_act_fwd(x2, r2, w1, b1, float(eps), is_rms, act, act_param)
+    return y.view(x.shape)
+
+
+def layer_norm_act(x: Tensor, normalized_shape, weight: Optional[Tensor] = None,
+                   bias: Optional[Tensor] = None, eps: float = 1e-5, activation=None,
+                   residual: Optional[Tensor] = None) -> Tensor:
+    """``act(layer_norm(x + residual))`` in one row-wise kernel (fp32 statistics).
+
+    Same semantics as :func:`torch.nn.functional.layer_norm` followed by the activation; the
+    optional ``residual`` is added *before* the norm (pre-norm transformer block). ``activation``
+    is ``None``, a name (``"relu"``, ``"gelu"``, ``"silu"``, ...), ``(name, param)`` or a torch
+    activation module.
+
+    >>> import torch, tilefuse
+    >>> x = torch.randn(4, 10)
+    >>> y = tilefuse.ops.layer_norm_act(x, 10, activation="relu")
+    >>> bool(torch.allclose(y, torch.relu(torch.nn.functional.layer_norm(x, (10,))), atol=1e-5))
+    True
+    """
+    return _row_norm(x, normalized_shape, weight, bias, eps, activation, residual, False,
+                     "layer_norm_act")
+
+
+def rms_norm_act(x: Tensor, normalized_shape, weight: Optional[Tensor] = None,
+                 eps: Optional[float] = None, activation=None,
+                 residual: Optional[Tensor] = None) -> Tensor:
+    """``act(rms_norm(x + residual))``: :func:`torch.nn.functional.rms_norm` semantics
+    (``eps=None`` means ``torch.finfo(x.dtype).eps``), activation fused, residual added first.
+
+    >>> import torch, tilefuse
+    >>> x = torch.randn(4, 10)
+    >>> y = tilefuse.ops.rms_norm_act(x, [10], activation="silu")
+    >>> ref = torch.nn.functional.silu(torch.nn.functional.rms_norm(x, [10]))
+    >>> bool(torch.allclose(y, ref, atol=1e-5))
+    True
+    """
+    if eps is None and isinstance(x, torch.Tensor) and x.dtype.is_floating_point:
+        eps = torch.finfo(x.dtype).eps
+    return _row_norm(x, normalized_shape, weight, None, 0.0 if eps is None else eps, activation,
+                     residual, True, "rms_norm_act")

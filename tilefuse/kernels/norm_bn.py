@@ -1,0 +1,291 @@
+"""BatchNorm (train and eval) with a fused residual add and activation: ``act(bn(x) + residual)``.
+
+The input is viewed as ``(N, C, S)`` with arbitrary strides (2-D ``(N, C)`` has ``S = 1``;
+NCHW and channels_last 4-D inputs are both read in place), and each channel's ``R = N * S``
+values are indexed by ``r -> (r // S, r % S)``. Tiles are ``[BLOCK_R, BLOCK_C]``: up to 64
+channels wide where channels are innermost (2-D, channels_last: coalesced rows of channels), one
+channel for NCHW (the lanes then run along the contiguous spatial axis).
+
+The grid is split along ``R`` as well as ``C``, so a GPU fills up even with few channels:
+
+* training statistics, :func:`bn_stats_kernel`, grid ``(C blocks, SPLIT)``: each program takes a
+  slice of ``R`` and computes, in fp32, the local mean of ``x - K`` and the local sum of squared
+  deviations around it (two passes over a slice small enough to stay in cache). ``K`` is the
+  channel's first value, so ``x - K`` is exact near the mean and large means do not swamp fp32.
+  The launcher merges the ``SPLIT`` partials in a fixed order with Chan's parallel formula
+  (stable, deterministic);
+* :func:`bn_apply_kernel`, grid ``(R blocks, C blocks)``: ``y = act(((x - K) - (mean - K)) *
+  scale + b (+ residual))`` with ``scale = w * rstd``; eval runs only this, on the running stats;
+* backward: :func:`bn_bwd_reduce_kernel` writes per-slice partial sums of ``dz`` and
+  ``dz * xhat`` (``dz = dy * act'(z)``), merged in a fixed order (they are ``db`` and ``dw``);
+  :func:`bn_bwd_apply_kernel` then writes ``dx = w * rstd * (dz - mean(dz) - xhat *
+  mean(dz * xhat))`` (eval: ``dz * w * rstd``) and ``d residual = dz``. No atomics anywhere.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tilefuse._backend import interpreter_enabled
+from tilefuse.kernels.activations import activation_grad, apply_activation
+
+TILE = 4096           # elements per [BLOCK_R, BLOCK_C] tile on a GPU
+INTERP_TILE = 16384   # in the interpreter, which pays per program (tests shrink it)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+@triton.jit
+def bn_stats_kernel(x_ptr, pmean_ptr, pm2_ptr, C, R, S, R_PER, sxn, sxc, sxs,
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    sp = tl.program_id(1).to(tl.int64)
+    r_lo = sp * R_PER
+    r_hi = tl.minimum(r_lo + R_PER, R)
+    rr = tl.arange(0, BLOCK_R)
+    K = tl.load(x_ptr + c * sxc, mask=cmask, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+    for r0 in range(r_lo, r_hi, BLOCK_R):
+        r = (r0 + rr).to(tl.int64)
+        n = r // S
+        mask = (r < r_hi)[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + (n * sxn + (r - n * S) * sxs)[:, None] + (c * sxc)[None, :],
+                    mask=mask, other=0.0).to(tl.float32)
+        acc += tl.where(mask, x - K[None, :], 0.0)
+    local_mean = tl.sum(acc, axis=0) / (r_hi - r_lo)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+    for r0 in range(r_lo, r_hi, BLOCK_R):
+        r = (r0 + rr).to(tl.int64)
+        n = r // S
+        mask = (r < r_hi)[:, None] & cmask[None, :]
+        x = tl.load(x_ptr + (n * sxn + (r - n * S) * sxs)[:, None] + (c * sxc)[None, :],
+                    mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, (x - K[None, :]) - local_mean[None, :], 0.0)
+        acc += d * d
+    tl.store(pmean_ptr + sp * C + c, local_mean, mask=cmask)
+    tl.store(pm2_ptr + sp * C + c, tl.sum(acc, axis=0), mask=cmask)
+
+
+@triton.jit
+def bn_apply_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, k_ptr, md_ptr, var_ptr,
+                    C, R, S, sxn, sxc, sxs, srn, src, srs, syn, syc, sys_, eps,
+                    HAS_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_W: tl.constexpr,
+                    HAS_B: tl.constexpr, ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    mask = (r < R)[:, None] & cmask[None, :]
+    n = r // S
+    s = r - n * S
+    md = tl.load(md_ptr + c, mask=cmask, other=0.0)
+    scale = 1.0 / tl.sqrt(tl.load(var_ptr + c, mask=cmask, other=1.0) + eps)
+    if HAS_W:
+        scale = scale * tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + (n * sxn + s * sxs)[:, None] + (c * sxc)[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    if HAS_K:  # ((x - K) - (mean - K)): no cancellation for large means
+        x = x - tl.load(k_ptr + c, mask=cmask, other=0.0)[None, :]
+    z = (x - md[None, :]) * scale[None, :]
+    if HAS_B:
+        z += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        z += tl.load(r_ptr + (n * srn + s * srs)[:, None] + (c * src)[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+    if ACTIVATION != 0:  # (skipping the call keeps the interpreter fast)
+        z = apply_activation(z, ACTIVATION, ACT_PARAM)
+    tl.store(y_ptr + (n * syn + s * sys_)[:, None] + (c * syc)[None, :],
+             z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_tile(dy_ptr, x_ptr, r_ptr, w, b, mean, rstd, r, c, mask, S,
+              sdn, sdc, sds, sxn, sxc, sxs, srn, src, srs,
+              HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr):
+    """(xhat, dz = dy * act'(z)) for one tile, zero outside ``mask``."""
+    n = r // S
+    s = r - n * S
+    x = tl.load(x_ptr + (n * sxn + s * sxs)[:, None] + (c * sxc)[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
+    dz = tl.load(dy_ptr + (n * sdn + s * sds)[:, None] + (c * sdc)[None, :], mask=mask,
+                 other=0.0).to(tl.float32)
+    if ACTIVATION != 0:
+        z = xhat * w[None, :] + b[None, :]
+        if HAS_RESIDUAL:
+            z += tl.load(r_ptr + (n * srn + s * srs)[:, None] + (c * src)[None, :], mask=mask,
+                         other=0.0).to(tl.float32)
+        dz = tl.where(mask, dz * activation_grad(z, ACTIVATION, ACT_PARAM), 0.0)
+    return xhat, dz
+
+
+@triton.jit
+def _channel_params(w_ptr, b_ptr, mean_ptr, var_ptr, c, cmask, eps, HAS_W: tl.constexpr,
+                    HAS_B: tl.constexpr, BLOCK_C: tl.constexpr):
+    mean = tl.load(mean_ptr + c, mask=cmask, other=0.0)
+    rstd = 1.0 / tl.sqrt(tl.load(var_ptr + c, mask=cmask, other=1.0) + eps)
+    w = tl.full((BLOCK_C,), 1.0, tl.float32)
+    if HAS_W:
+        w = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    b = tl.zeros((BLOCK_C,), tl.float32)
+    if HAS_B:
+        b = tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    return mean, rstd, w, b
+
+
+@triton.jit
+def bn_bwd_reduce_kernel(dy_ptr, x_ptr, r_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, p1_ptr, p2_ptr,
+                         C, R, S, R_PER, sdn, sdc, sds, sxn, sxc, sxs, srn, src, srs, eps,
+                         HAS_RESIDUAL: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                         ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    sp = tl.program_id(1).to(tl.int64)
+    r_lo = sp * R_PER
+    r_hi = tl.minimum(r_lo + R_PER, R)
+    mean, rstd, w, b = _channel_params(w_ptr, b_ptr, mean_ptr, var_ptr, c, cmask, eps, HAS_W,
+                                       HAS_B, BLOCK_C)
+    a1 = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+    a2 = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+    for r0 in range(r_lo, r_hi, BLOCK_R):
+        r = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+        mask = (r < r_hi)[:, None] & cmask[None, :]
+        xhat, dz = _bwd_tile(dy_ptr, x_ptr, r_ptr, w, b, mean, rstd, r, c, mask, S,
+                             sdn, sdc, sds, sxn, sxc, sxs, srn, src, srs,
+                             HAS_RESIDUAL, ACTIVATION, ACT_PARAM)
+        a1 += dz
+        a2 += dz * xhat
+    tl.store(p1_ptr + sp * C + c, tl.sum(a1, axis=0), mask=cmask)
+    tl.store(p2_ptr + sp * C + c, tl.sum(a2, axis=0), mask=cmask)
+
+
+@triton.jit
+def bn_bwd_apply_kernel(dy_ptr, x_ptr, r_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, s1_ptr, s2_ptr,
+                        dx_ptr, dres_ptr,
+                        C, R, S, sdn, sdc, sds, sxn, sxc, sxs, srn, src, srs, son, soc, sos,
+                        eps,
+                        TRAINING: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_W: tl.constexpr,
+                        HAS_B: tl.constexpr, ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr,
+                        STORE_DRES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    mask = (r < R)[:, None] & cmask[None, :]
+    mean, rstd, w, b = _channel_params(w_ptr, b_ptr, mean_ptr, var_ptr, c, cmask, eps, HAS_W,
+                                       HAS_B, BLOCK_C)
+    xhat, dz = _bwd_tile(dy_ptr, x_ptr, r_ptr, w, b, mean, rstd, r, c, mask, S,
+                         sdn, sdc, sds, sxn, sxc, sxs, srn, src, srs,
+                         HAS_RESIDUAL, ACTIVATION, ACT_PARAM)
+    n = r // S
+    out_off = (n * son + (r - n * S) * sos)[:, None] + (c * soc)[None, :]
+    if STORE_DRES:
+        tl.store(dres_ptr + out_off, dz.to(dres_ptr.dtype.element_ty), mask=mask)
+    if TRAINING:
+        m1 = tl.load(s1_ptr + c, mask=cmask, other=0.0) / R
+        m2 = tl.load(s2_ptr + c, mask=cmask, other=0.0) / R
+        dz = dz - m1[None, :] - xhat * m2[None, :]
+    dx = dz * (w * rstd)[None, :]
+    tl.store(dx_ptr + out_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _tiles(x) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C): wide channel tiles when channels are innermost, else one channel."""
+    N, C, S = x.shape
+    R = N * S
+    block_c = min(_next_pow2(C), 64) if (x.stride(1) == 1 or S == 1) else 1
+    tile = TILE
+    if interpreter_enabled():  # the interpreter pays per program: few, large tiles
+        tile = INTERP_TILE
+        block_c = min(_next_pow2(C), max(block_c, tile // max(1, min(_next_pow2(R), tile))))
+    block_r = min(_next_pow2(R), max(1, tile // block_c))
+    return block_r, block_c
+
+
+def _split(R: int, c_blocks: int, block_r: int, device: torch.device) -> tuple[int, int]:
+    """(SPLIT, R_PER): slices of R (multiples of BLOCK_R) so that the reduction grid has about
+    4 programs per SM (2 slices in the interpreter, so the merge is exercised by the tests)."""
+    max_split = triton.cdiv(R, block_r)
+    if interpreter_enabled() or device.type != "cuda":
+        want = 2
+    else:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        want = max(1, (4 * sms) // c_blocks)
+    split = max(1, min(want, max_split))
+    r_per = triton.cdiv(triton.cdiv(R, split), block_r) * block_r
+    return triton.cdiv(R, r_per), r_per
+
+
+def _dummy(t):
+    return t
+
+
+def launch_batch_norm_fwd(x, residual, weight, bias, y, mean, var, training: bool, eps: float,
+                          activation: int, act_param: float):
+    """x, residual, y: (N, C, S) any strides; mean/var: (C,) fp32, written when training
+    (biased variance), read (running stats) in eval."""
+    N, C, S = x.shape
+    R = N * S
+    if C == 0 or R == 0:
+        return y
+    br, bc = _tiles(x)
+    cb = triton.cdiv(C, bc)
+    k = md = None
+    if training:
+        split, r_per = _split(R, cb, br, x.device)
+        pmean = torch.empty((split, C), device=x.device, dtype=torch.float32)
+        pm2 = torch.empty((split, C), device=x.device, dtype=torch.float32)
+        bn_stats_kernel[(cb, split)](x, pmean, pm2, C, R, S, r_per, *x.stride(),
+                                     BLOCK_R=br, BLOCK_C=bc, num_warps=4)
+        # Chan's merge of the slices, in a fixed order (deterministic)
+        cnt = torch.full((split, 1), float(r_per), device=x.device, dtype=torch.float32)
+        cnt[-1] = float(R - r_per * (split - 1))
+        md = (pmean * cnt).sum(0) / R
+        var.copy_((pm2 + cnt * (pmean - md) ** 2).sum(0) / R)
+        k = x[0, :, 0].float().contiguous()  # K: each channel's first value
+        mean.copy_(k + md)
+    res = residual if residual is not None else x
+    bn_apply_kernel[(triton.cdiv(R, br), cb)](
+        x, res, weight if weight is not None else x, bias if bias is not None else x, y,
+        k if k is not None else mean, md if md is not None else mean, var,
+        C, R, S, *x.stride(), *res.stride(), *y.stride(), float(eps),
+        HAS_K=k is not None, HAS_RESIDUAL=residual is not None, HAS_W=weight is not None,
+        HAS_B=bias is not None, ACTIVATION=activation, ACT_PARAM=float(act_param),
+        BLOCK_R=br, BLOCK_C=bc, num_warps=4)
+    return y
+
+
+def launch_batch_norm_bwd(dy, x, residual, weight, bias, mean, var, dx, dres, training: bool,
+                          eps: float, activation: int, act_param: float):
+    """Writes dx (and dres = dy * act'(z) when given); returns fp32 (dw, db), both (C,)."""
+    N, C, S = x.shape
+    R = N * S
+    if C == 0 or R == 0:
+        z = torch.zeros(C, device=x.device, dtype=torch.float32)
+        return z, z.clone()
+    br, bc = _tiles(x)
+    cb = triton.cdiv(C, bc)
+    split, r_per = _split(R, cb, br, x.device)
+    p1 = torch.empty((split, C), device=x.device, dtype=torch.float32)
+    p2 = torch.empty((split, C), device=x.device, dtype=torch.float32)
+    res = residual if residual is not None else x
+    w = weight if weight is not None else x
+    b = bias if bias is not None else x
+    bn_bwd_reduce_kernel[(cb, split)](
+        dy, x, res, w, b, mean, var, p1, p2, C, R, S, r_per,
+        *dy.stride(), *x.stride(), *res.stride(), float(eps),
+        HAS_RESIDUAL=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+        ACTIVATION=activation, ACT_PARAM=float(act_param), BLOCK_R=br, BLOCK_C=bc, num_warps=4)
+    db = p1.sum(0)   # fixed-order second stage
+    dw = p2.sum(0)
+    bn_bwd_apply_kernel[(triton.cdiv(R, br), cb)](
+        dy, x, res, w, b, mean, var, db, dw, dx, dres if dres is not None else dx,
+        C, R, S, *dy.stride(), *x.stride(), *res.stride(), *dx.stride(), float(eps),
+        TRAINING=training, HAS_RESIDUAL=residual is not None, HAS_W=weight is not None,
+        HAS_B=bias is not None, ACTIVATION=activation, ACT_PARAM=float(act_param),
+        STORE_DRES=dres is not None, BLOCK_R=br, BLOCK_C=bc, num_warps=4)
+    return dw, db

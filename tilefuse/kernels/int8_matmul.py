@@ -107,7 +107,7 @@ def _next_pow2(x: int) -> int:
     return 1 if x <= 1 else 1 << (x - 1).bit_length()
 
 
-def heuristic_config(M: int, N: int, K: int, a_is_int8: bool) -> dict:
+def heuristic_config(M: int, N: int, K: int, a_is_int8: bool, a_is_fp32: bool = False) -> dict:
     """Block config. int8 MMA consumes K in steps of 32, so BLOCK_K is 64-128 on GPU; decode
     shapes (M <= 16) use 16x32 tiles so the weight streams once across many programs.
     Unmeasured on GPU."""
@@ -117,6 +117,9 @@ def heuristic_config(M: int, N: int, K: int, a_is_int8: bool) -> dict:
                     BLOCK_N=max(16, min(64, _next_pow2(N))),
                     BLOCK_K=max(32, min(128, _next_pow2(K))), GROUP_M=8, num_warps=4, num_stages=1)
     block_k = 128 if a_is_int8 else 64
+    if a_is_fp32:  # weight-only with fp32 activations: fp32 MMA tiles must stay small to not spill
+        return dict(BLOCK_M=16 if M <= 16 else 64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4,
+                    num_stages=3)
     if M <= 16:  # decode: narrow N tiles so N=4096 still gives ~128 programs to stream K
         bm, bn, warps = 16, 32, 4
     elif M <= 64:
@@ -126,14 +129,15 @@ def heuristic_config(M: int, N: int, K: int, a_is_int8: bool) -> dict:
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=3)
 
 
-def get_config(M: int, N: int, K: int, a_is_int8: bool) -> dict:
+def get_config(M: int, N: int, K: int, a_is_int8: bool, a_is_fp32: bool = False) -> dict:
     """Tuned DB entry (``tilefuse.autotune``, family ``int8_matmul``) if any, else the heuristic."""
-    default = heuristic_config(M, N, K, a_is_int8)
+    default = heuristic_config(M, N, K, a_is_int8, a_is_fp32)
     try:
         from tilefuse.autotune import lookup
     except ImportError:
         return default
-    return lookup("int8_matmul", dict(M=M, N=N, K=K, mode="w8a8" if a_is_int8 else "w8a16"),
+    mode = "w8a8" if a_is_int8 else ("w8a32" if a_is_fp32 else "w8a16")
+    return lookup("int8_matmul", dict(M=M, N=N, K=K, mode=mode),
                   default)
 
 
@@ -151,7 +155,8 @@ def launch_int8_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a_scal
         return c
     a_is_int8 = a.dtype == torch.int8
     raw = c.dtype == torch.int32
-    cfg = dict(config if config is not None else get_config(M, N, K, a_is_int8))
+    cfg = dict(config if config is not None else
+               get_config(M, N, K, a_is_int8, a.dtype == torch.float32))
     num_warps = cfg.pop("num_warps", 4)
     num_stages = cfg.pop("num_stages", 2)
     dummy = c

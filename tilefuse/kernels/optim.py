@@ -16,9 +16,9 @@ only batches tensors that are dense with the param's exact strides (see tilefuse
 ``FINF`` (optional device scalar, GradScaler's found_inf) turns every load and store off when
 non-zero, so an overflowing step is skipped without a host sync.
 
-The chunk prologue and the grad/lerp steps are written inline in each kernel rather than as
-``@triton.jit`` helpers: every nested jit call costs milliseconds in the interpreter (CI lane),
-and they compile to the same code. The multi-tensor reductions (grad norms, clip scale) are in
+The chunk prologue, the grad/param load and the param store are shared ``@triton.jit`` helpers
+(``_chunk``, ``_load_grad_param``, ``_store_param``); they inline when compiled. The
+multi-tensor reductions (grad norms, clip scale) are in
 :mod:`tilefuse.kernels.optim_norm` and share the tables built here.
 """
 from __future__ import annotations
@@ -32,6 +32,44 @@ import triton.language as tl
 from tilefuse._backend import interpreter_enabled
 
 
+@triton.jit
+def _chunk(ctab_ptr, cstart_ptr, ttab_ptr, finf_ptr, NCOLS: tl.constexpr, HAS_FINF: tl.constexpr,
+           BLOCK: tl.constexpr):
+    """Program -> (tensor index t, its ttab row, element indices, mask). When GradScaler's
+    found_inf is set (HAS_FINF), the mask is all-false: nothing is loaded or stored."""
+    t = tl.load(ctab_ptr + tl.program_id(0)).to(tl.int64)
+    row = ttab_ptr + t * NCOLS
+    idx = tl.load(cstart_ptr + tl.program_id(0)) + tl.arange(0, BLOCK).to(tl.int64)
+    n = tl.load(row)
+    if HAS_FINF:
+        n = tl.where(tl.load(finf_ptr) == 0, n, 0)
+    return t, row, idx, idx < n
+
+
+@triton.jit
+def _load_grad_param(g_ptrs, gmul_ptr, p_ptrs, master_ptrs, mask, MAXIMIZE: tl.constexpr,
+                     HAS_MASTER: tl.constexpr, HAS_GMUL: tl.constexpr, CDT: tl.constexpr):
+    """Gradient (x AMP unscale/clip coefficient, negated for maximize) and the param (or its fp32
+    master copy), in the compute dtype."""
+    g = tl.load(g_ptrs, mask=mask, other=0.0).to(CDT)
+    if HAS_GMUL:
+        g = g * tl.load(gmul_ptr).to(CDT)
+    if MAXIMIZE:
+        g = -g
+    if HAS_MASTER:
+        p = tl.load(master_ptrs, mask=mask, other=0.0).to(CDT)
+    else:
+        p = tl.load(p_ptrs, mask=mask, other=0.0).to(CDT)
+    return g, p
+
+
+@triton.jit
+def _store_param(p, p_ptrs, master_ptrs, mask, HAS_MASTER: tl.constexpr):
+    if HAS_MASTER:
+        tl.store(master_ptrs, p.to(tl.float32), mask=mask)
+    tl.store(p_ptrs, p.to(p_ptrs.dtype.element_ty), mask=mask)
+
+
 # roles: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq, 4 max_exp_avg_sq, 5 master
 # scalars: lr, weight_decay, 1-beta1, beta2, 1-beta2, eps, lr/bc1, sqrt(bc2), 1-lr*wd
 @triton.jit
@@ -40,14 +78,7 @@ def adam_kernel(ctab_ptr, cstart_ptr, ttab_ptr, sc_ptr, gmul_ptr, finf_ptr,
                 AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
                 HAS_MASTER: tl.constexpr, HAS_GMUL: tl.constexpr, HAS_FINF: tl.constexpr,
                 CDT: tl.constexpr, F32: tl.constexpr, BLOCK: tl.constexpr):
-    # program -> (tensor t, its elements idx): inlined, see the module docstring
-    t = tl.load(ctab_ptr + tl.program_id(0)).to(tl.int64)
-    row = ttab_ptr + t * 7
-    idx = tl.load(cstart_ptr + tl.program_id(0)) + tl.arange(0, BLOCK).to(tl.int64)
-    n = tl.load(row)
-    if HAS_FINF:  # GradScaler found an inf/nan: load and store nothing
-        n = tl.where(tl.load(finf_ptr) == 0, n, 0)
-    mask = idx < n
+    t, row, idx, mask = _chunk(ctab_ptr, cstart_ptr, ttab_ptr, finf_ptr, 7, HAS_FINF, BLOCK)
     p_o = tl.load(row + 1) + idx
     g_o = tl.load(row + 2) + idx
     m_o = tl.load(row + 3) + idx
@@ -63,15 +94,8 @@ def adam_kernel(ctab_ptr, cstart_ptr, ttab_ptr, sc_ptr, gmul_ptr, finf_ptr,
     step_size = tl.load(sc + 6)
     bc2_sqrt = tl.load(sc + 7)
     decay = tl.load(sc + 8)
-    g = tl.load(g_ptr + g_o, mask=mask, other=0.0).to(CDT)
-    if HAS_GMUL:  # AMP unscale x clip coefficient
-        g = g * tl.load(gmul_ptr).to(CDT)
-    if MAXIMIZE:
-        g = -g
-    if HAS_MASTER:
-        p = tl.load(master_ptr + master_o, mask=mask, other=0.0).to(CDT)
-    else:
-        p = tl.load(p_ptr + p_o, mask=mask, other=0.0).to(CDT)
+    g, p = _load_grad_param(g_ptr + g_o, gmul_ptr, p_ptr + p_o, master_ptr + master_o, mask,
+                            MAXIMIZE, HAS_MASTER, HAS_GMUL, CDT)
     if DECOUPLED:
         p = p * decay
     else:
@@ -90,9 +114,7 @@ def adam_kernel(ctab_ptr, cstart_ptr, ttab_ptr, sc_ptr, gmul_ptr, finf_ptr,
     else:
         upd = m / (tl.sqrt(v) / bc2_sqrt + eps)
     p = p - step_size * upd
-    if HAS_MASTER:
-        tl.store(master_ptr + master_o, p.to(tl.float32), mask=mask)
-    tl.store(p_ptr + p_o, p.to(p_ptr.dtype.element_ty), mask=mask)
+    _store_param(p, p_ptr + p_o, master_ptr + master_o, mask, HAS_MASTER)
 
 
 # roles: 0 param, 1 grad, 2 momentum_buffer, 3 master
@@ -104,14 +126,7 @@ def sgd_kernel(ctab_ptr, cstart_ptr, ttab_ptr, sc_ptr, gmul_ptr, finf_ptr,
                MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
                HAS_MASTER: tl.constexpr, HAS_GMUL: tl.constexpr, HAS_FINF: tl.constexpr,
                CDT: tl.constexpr, F32: tl.constexpr, BLOCK: tl.constexpr):
-    # program -> (tensor t, its elements idx): inlined, see the module docstring
-    t = tl.load(ctab_ptr + tl.program_id(0)).to(tl.int64)
-    row = ttab_ptr + t * 5
-    idx = tl.load(cstart_ptr + tl.program_id(0)) + tl.arange(0, BLOCK).to(tl.int64)
-    n = tl.load(row)
-    if HAS_FINF:  # GradScaler found an inf/nan: load and store nothing
-        n = tl.where(tl.load(finf_ptr) == 0, n, 0)
-    mask = idx < n
+    t, row, idx, mask = _chunk(ctab_ptr, cstart_ptr, ttab_ptr, finf_ptr, 5, HAS_FINF, BLOCK)
     p_o = tl.load(row + 1) + idx
     g_o = tl.load(row + 2) + idx
     buf_o = tl.load(row + 3) + idx
@@ -119,15 +134,8 @@ def sgd_kernel(ctab_ptr, cstart_ptr, ttab_ptr, sc_ptr, gmul_ptr, finf_ptr,
     sc = sc_ptr + t * 5
     lr = tl.load(sc)
     wd = tl.load(sc + 1)
-    g = tl.load(g_ptr + g_o, mask=mask, other=0.0).to(CDT)
-    if HAS_GMUL:  # AMP unscale x clip coefficient
-        g = g * tl.load(gmul_ptr).to(CDT)
-    if MAXIMIZE:
-        g = -g
-    if HAS_MASTER:
-        p = tl.load(master_ptr + master_o, mask=mask, other=0.0).to(CDT)
-    else:
-        p = tl.load(p_ptr + p_o, mask=mask, other=0.0).to(CDT)
+    g, p = _load_grad_param(g_ptr + g_o, gmul_ptr, p_ptr + p_o, master_ptr + master_o, mask,
+                            MAXIMIZE, HAS_MASTER, HAS_GMUL, CDT)
     g = g + wd * p
     if MOMENTUM:
         buf = tl.load(buf_ptr + buf_o, mask=mask, other=0.0).to(CDT) * tl.load(sc + 2) \
@@ -138,9 +146,7 @@ def sgd_kernel(ctab_ptr, cstart_ptr, ttab_ptr, sc_ptr, gmul_ptr, finf_ptr,
         else:
             g = buf
     p = p - lr * g
-    if HAS_MASTER:
-        tl.store(master_ptr + master_o, p.to(tl.float32), mask=mask)
-    tl.store(p_ptr + p_o, p.to(p_ptr.dtype.element_ty), mask=mask)
+    _store_param(p, p_ptr + p_o, master_ptr + master_o, mask, HAS_MASTER)
 
 
 # roles: 0 param, 1 grad, 2 exp_avg, 3 master;  scalars: lr, 1-lr*wd, beta1, beta2
@@ -150,14 +156,7 @@ def lion_kernel(ctab_ptr, cstart_ptr, ttab_ptr, sc_ptr, gmul_ptr, finf_ptr,
                 MAXIMIZE: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_GMUL: tl.constexpr,
                 HAS_FINF: tl.constexpr, CDT: tl.constexpr, F32: tl.constexpr,
                 BLOCK: tl.constexpr):
-    # program -> (tensor t, its elements idx): inlined, see the module docstring
-    t = tl.load(ctab_ptr + tl.program_id(0)).to(tl.int64)
-    row = ttab_ptr + t * 5
-    idx = tl.load(cstart_ptr + tl.program_id(0)) + tl.arange(0, BLOCK).to(tl.int64)
-    n = tl.load(row)
-    if HAS_FINF:  # GradScaler found an inf/nan: load and store nothing
-        n = tl.where(tl.load(finf_ptr) == 0, n, 0)
-    mask = idx < n
+    t, row, idx, mask = _chunk(ctab_ptr, cstart_ptr, ttab_ptr, finf_ptr, 5, HAS_FINF, BLOCK)
     p_o = tl.load(row + 1) + idx
     g_o = tl.load(row + 2) + idx
     m_o = tl.load(row + 3) + idx
@@ -167,24 +166,15 @@ def lion_kernel(ctab_ptr, cstart_ptr, ttab_ptr, sc_ptr, gmul_ptr, finf_ptr,
     decay = tl.load(sc + 1)
     beta1 = tl.load(sc + 2)
     beta2 = tl.load(sc + 3)
-    g = tl.load(g_ptr + g_o, mask=mask, other=0.0).to(CDT)
-    if HAS_GMUL:  # AMP unscale x clip coefficient
-        g = g * tl.load(gmul_ptr).to(CDT)
-    if MAXIMIZE:
-        g = -g
-    if HAS_MASTER:
-        p = tl.load(master_ptr + master_o, mask=mask, other=0.0).to(CDT)
-    else:
-        p = tl.load(p_ptr + p_o, mask=mask, other=0.0).to(CDT)
+    g, p = _load_grad_param(g_ptr + g_o, gmul_ptr, p_ptr + p_o, master_ptr + master_o, mask,
+                            MAXIMIZE, HAS_MASTER, HAS_GMUL, CDT)
     m = tl.load(m_ptr + m_o, mask=mask, other=0.0).to(CDT)
     c = m * beta1 + g * (1.0 - beta1)
     update = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0)).to(CDT)
     p = p * decay - lr * update
     m = m * beta2 + g * (1.0 - beta2)
     tl.store(m_ptr + m_o, m.to(m_ptr.dtype.element_ty), mask=mask)
-    if HAS_MASTER:
-        tl.store(master_ptr + master_o, p.to(tl.float32), mask=mask)
-    tl.store(p_ptr + p_o, p.to(p_ptr.dtype.element_ty), mask=mask)
+    _store_param(p, p_ptr + p_o, master_ptr + master_o, mask, HAS_MASTER)
 
 
 # roles: 0 param, 1 grad, 2 square_avg, 3 grad_avg, 4 momentum_buffer, 5 master
@@ -195,14 +185,7 @@ def rmsprop_kernel(ctab_ptr, cstart_ptr, ttab_ptr, sc_ptr, gmul_ptr, finf_ptr,
                    CENTERED: tl.constexpr, MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
                    HAS_MASTER: tl.constexpr, HAS_GMUL: tl.constexpr, HAS_FINF: tl.constexpr,
                    CDT: tl.constexpr, F32: tl.constexpr, BLOCK: tl.constexpr):
-    # program -> (tensor t, its elements idx): inlined, see the module docstring
-    t = tl.load(ctab_ptr + tl.program_id(0)).to(tl.int64)
-    row = ttab_ptr + t * 7
-    idx = tl.load(cstart_ptr + tl.program_id(0)) + tl.arange(0, BLOCK).to(tl.int64)
-    n = tl.load(row)
-    if HAS_FINF:  # GradScaler found an inf/nan: load and store nothing
-        n = tl.where(tl.load(finf_ptr) == 0, n, 0)
-    mask = idx < n
+    t, row, idx, mask = _chunk(ctab_ptr, cstart_ptr, ttab_ptr, finf_ptr, 7, HAS_FINF, BLOCK)
     p_o = tl.load(row + 1) + idx
     g_o = tl.load(row + 2) + idx
     sq_o = tl.load(row + 3) + idx
@@ -215,15 +198,8 @@ def rmsprop_kernel(ctab_ptr, cstart_ptr, ttab_ptr, sc_ptr, gmul_ptr, finf_ptr,
     alpha = tl.load(sc + 2)
     oma = tl.load(sc + 3)
     eps = tl.load(sc + 4)
-    g = tl.load(g_ptr + g_o, mask=mask, other=0.0).to(CDT)
-    if HAS_GMUL:  # AMP unscale x clip coefficient
-        g = g * tl.load(gmul_ptr).to(CDT)
-    if MAXIMIZE:
-        g = -g
-    if HAS_MASTER:
-        p = tl.load(master_ptr + master_o, mask=mask, other=0.0).to(CDT)
-    else:
-        p = tl.load(p_ptr + p_o, mask=mask, other=0.0).to(CDT)
+    g, p = _load_grad_param(g_ptr + g_o, gmul_ptr, p_ptr + p_o, master_ptr + master_o, mask,
+                            MAXIMIZE, HAS_MASTER, HAS_GMUL, CDT)
     g = g + wd * p
     sq = tl.load(sq_ptr + sq_o, mask=mask, other=0.0).to(CDT) * alpha + oma * g * g
     tl.store(sq_ptr + sq_o, sq.to(sq_ptr.dtype.element_ty), mask=mask)
@@ -246,9 +222,7 @@ def rmsprop_kernel(ctab_ptr, cstart_ptr, ttab_ptr, sc_ptr, gmul_ptr, finf_ptr,
         p = p - lr * buf
     else:
         p = p - lr * upd
-    if HAS_MASTER:
-        tl.store(master_ptr + master_o, p.to(tl.float32), mask=mask)
-    tl.store(p_ptr + p_o, p.to(p_ptr.dtype.element_ty), mask=mask)
+    _store_param(p, p_ptr + p_o, master_ptr + master_o, mask, HAS_MASTER)
 
 
 # roles: 0 param, 1 grad, 2 sum, 3 master;  scalars: clr (lr after lr_decay), weight_decay, eps
@@ -258,14 +232,7 @@ def adagrad_kernel(ctab_ptr, cstart_ptr, ttab_ptr, sc_ptr, gmul_ptr, finf_ptr,
                    MAXIMIZE: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_GMUL: tl.constexpr,
                    HAS_FINF: tl.constexpr, CDT: tl.constexpr, F32: tl.constexpr,
                    BLOCK: tl.constexpr):
-    # program -> (tensor t, its elements idx): inlined, see the module docstring
-    t = tl.load(ctab_ptr + tl.program_id(0)).to(tl.int64)
-    row = ttab_ptr + t * 5
-    idx = tl.load(cstart_ptr + tl.program_id(0)) + tl.arange(0, BLOCK).to(tl.int64)
-    n = tl.load(row)
-    if HAS_FINF:  # GradScaler found an inf/nan: load and store nothing
-        n = tl.where(tl.load(finf_ptr) == 0, n, 0)
-    mask = idx < n
+    t, row, idx, mask = _chunk(ctab_ptr, cstart_ptr, ttab_ptr, finf_ptr, 5, HAS_FINF, BLOCK)
     p_o = tl.load(row + 1) + idx
     g_o = tl.load(row + 2) + idx
     sum_o = tl.load(row + 3) + idx
@@ -274,15 +241,8 @@ def adagrad_kernel(ctab_ptr, cstart_ptr, ttab_ptr, sc_ptr, gmul_ptr, finf_ptr,
     clr = tl.load(sc)
     wd = tl.load(sc + 1)
     eps = tl.load(sc + 2)
-    g = tl.load(g_ptr + g_o, mask=mask, other=0.0).to(CDT)
-    if HAS_GMUL:  # AMP unscale x clip coefficient
-        g = g * tl.load(gmul_ptr).to(CDT)
-    if MAXIMIZE:
-        g = -g
-    if HAS_MASTER:
-        p = tl.load(master_ptr + master_o, mask=mask, other=0.0).to(CDT)
-    else:
-        p = tl.load(p_ptr + p_o, mask=mask, other=0.0).to(CDT)
+    g, p = _load_grad_param(g_ptr + g_o, gmul_ptr, p_ptr + p_o, master_ptr + master_o, mask,
+                            MAXIMIZE, HAS_MASTER, HAS_GMUL, CDT)
     g = g + wd * p
     s = tl.load(sum_ptr + sum_o, mask=mask, other=0.0).to(CDT) + g * g
     tl.store(sum_ptr + sum_o, s.to(sum_ptr.dtype.element_ty), mask=mask)
@@ -290,9 +250,7 @@ def adagrad_kernel(ctab_ptr, cstart_ptr, ttab_ptr, sc_ptr, gmul_ptr, finf_ptr,
         p = p - clr * tl.div_rn(g, tl.sqrt_rn(s) + eps)
     else:
         p = p - clr * (g / (tl.sqrt(s) + eps))
-    if HAS_MASTER:
-        tl.store(master_ptr + master_o, p.to(tl.float32), mask=mask)
-    tl.store(p_ptr + p_o, p.to(p_ptr.dtype.element_ty), mask=mask)
+    _store_param(p, p_ptr + p_o, master_ptr + master_o, mask, HAS_MASTER)
 
 
 # ---- launchers ----

@@ -1,0 +1,404 @@
+"""``tilefuse.patch(model)``: rewrite a model's modules into fused tilefuse modules.
+
+How it works: the model is traced with :mod:`torch.fx` (the root if possible, else each child that
+traces, recursively) *only to find patterns*; the rewrite itself is module replacement at the same
+attribute paths, so the model keeps its class, its attribute names and (in train mode) its
+``state_dict`` keys. Replacements share the original parameter and buffer tensors.
+
+Rules (``ops=`` selects a subset; default all):
+
+==============  ==================================================================================
+``conv_bn_act`` eval: Conv2d -> BatchNorm2d folded into the conv (BN becomes Identity); a depthwise
+                conv becomes ``DepthwiseConv2d(activation=act)`` when the activation can be absorbed
+``bn_act``      BatchNorm1d/2d -> act  =>  ``BatchNormAct1d/2d(activation=act)``
+``linear_act``  Linear -> act  =>  ``tilefuse.nn.Linear(activation=act)``
+``norm_act``    LayerNorm/RMSNorm/GroupNorm -> act  =>  ``LayerNormAct``/``RMSNormAct``/...
+``depthwise``   depthwise Conv2d (groups == in == out channels)  =>  ``DepthwiseConv2d``
+``dropout``     Dropout/Dropout2d  =>  ``tilefuse.nn.Dropout``/``Dropout2d``
+==============  ==================================================================================
+
+The activation module of a fused pattern becomes ``nn.Identity``. When it cannot be removed (the
+same module object is called at several places, e.g. torchvision's ``BasicBlock.relu``, or it is a
+functional call like ``F.relu``) the pattern is still fused if the activation is idempotent
+(ReLU/ReLU6: ``relu(relu(x)) == relu(x)``), else it is left alone and the report says why.
+
+Residual patterns (``bn -> add -> act`` in train mode, ``dropout -> add``) need the residual passed
+into the fused op: the module that *owns* them is traced on its own and that instance gets the
+rewritten fx ``forward`` (class kept; ``unpatch`` removes it). See docs/models.md for the limits.
+"""
+from __future__ import annotations
+
+import copy
+import types
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from tilefuse import patch_rules as R
+
+ALL_OPS = ("conv_bn_act", "bn_act", "linear_act", "norm_act", "depthwise", "dropout")
+
+
+@dataclass
+class PatchReport:
+    """What :func:`patch` replaced and what it left alone (and why)."""
+    replaced: List[Tuple[str, str]] = field(default_factory=list)
+    left_alone: List[Tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"tilefuse.patch: {len(self.replaced)} replaced, "
+                 f"{len(self.left_alone)} left alone"]
+        lines += [f"  replaced   {p or '<root>'}: {d}" for p, d in self.replaced]
+        lines += [f"  left alone {p or '<root>'}: {d}" for p, d in self.left_alone]
+        return "\n".join(lines)
+
+
+@dataclass
+class _PatchState:
+    # path -> (original module, shares tensors with the replacement)
+    originals: Dict[str, Tuple[nn.Module, bool]] = field(default_factory=dict)
+    report: PatchReport = field(default_factory=PatchReport)
+    # owner path -> the instance-level forward it had before (None: the class's)
+    forwards: Dict[str, object] = field(default_factory=dict)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _graphs(module: nn.Module, prefix: str, report: PatchReport):
+    """Yield ``(prefix, graph)`` for the largest traceable pieces of ``module``."""
+    try:
+        graph = R.Tracer().trace(module)
+    except Exception as e:  # noqa: BLE001 - any tracing failure means: look at the children
+        if len(module._modules) == 0:
+            return
+        msg = str(e).strip().splitlines()[0][:90] if str(e).strip() else type(e).__name__
+        report.left_alone.append((prefix, f"{type(module).__name__} not fx-traceable ({msg}); "
+                                          f"patterns inside are searched child by child"))
+        for name, child in module.named_children():
+            yield from _graphs(child, _join(prefix, name), report)
+        return
+    yield prefix, graph
+
+
+class _Planner:
+    def __init__(self, model: nn.Module, ops: Iterable[str], report: PatchReport):
+        self.model = model
+        self.ops = set(ops)
+        self.report = report
+        self.plan: Dict[str, Tuple[nn.Module, bool, str]] = {}  # path -> (new, shared, descr)
+        self.modules = dict(model.named_modules())
+        self.candidates: List[Tuple[str, str]] = []  # (kind, module path) for owner rewrites
+        self.forwards: Dict[str, object] = {}  # owner path -> rewritten forward function
+
+    def replace(self, path, new, shared, descr):
+        self.plan[path] = (new, shared, descr)
+
+    def skip(self, path, why):
+        self.report.left_alone.append((path, why))
+
+    def _act_after(self, node, calls, mods):
+        """The activation applied to ``node``'s output, if ``node`` has exactly one user."""
+        users = list(node.users)
+        if len(users) != 1:
+            return None, None
+        act = R.node_activation(users[0], mods)
+        if act is None:
+            return None, None
+        name, param, removable = act
+        if removable and calls[users[0].target] != 1:
+            removable = False
+        return users[0], (name, param, removable)
+
+    def _absorb(self, path, act_node, act, prefix, what):
+        """Decide what happens to the activation after a fused producer; False = give up."""
+        name, param, removable = act
+        if removable:
+            self.replace(_join(prefix, act_node.target), nn.Identity(), False,
+                         f"absorbed into {what}")
+            return True
+        if name in R.IDEMPOTENT:
+            return True  # kept in place: act(act(x)) == act(x)
+        where = "shared by several call sites" if act_node.op == "call_module" else "functional"
+        self.skip(path, f"{what}: activation {name} is {where} and not idempotent")
+        return False
+
+    def graph(self, prefix: str, graph: fx.Graph) -> None:
+        mods = {n.target: self.modules[_join(prefix, n.target)] for n in graph.nodes
+                if n.op == "call_module"}
+        calls: Dict[str, int] = {}
+        for n in graph.nodes:
+            if n.op == "call_module":
+                calls[n.target] = calls.get(n.target, 0) + 1
+        done = set()
+        for node in graph.nodes:
+            if node.op != "call_module" or node.target in done or calls[node.target] != 1:
+                continue
+            m = mods[node.target]
+            path = _join(prefix, node.target)
+            if path in self.plan:
+                continue
+            kind = type(m)
+            if kind in (nn.BatchNorm2d, nn.BatchNorm1d):
+                self._bn(node, m, path, prefix, calls, mods, done)
+            elif kind is nn.Linear and "linear_act" in self.ops:
+                act_node, act = self._act_after(node, calls, mods)
+                if act is None:
+                    continue
+                if self._absorb(path, act_node, act, prefix, "Linear"):
+                    new = R.convert(R.fused_class("Linear"), m, R.act_spec(act[0], act[1]))
+                    self.replace(path, new, True, f"Linear -> {act[0]}: Linear(activation=)")
+            elif kind in (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) \
+                    and "norm_act" in self.ops:
+                act_node, act = self._act_after(node, calls, mods)
+                if act is None:
+                    continue
+                target = {nn.LayerNorm: "LayerNormAct", nn.GroupNorm: "GroupNormAct"}.get(
+                    kind, "RMSNormAct")
+                cls = R.fused_class(target)
+                if cls is None:
+                    self.skip(path, f"{kind.__name__} -> {act[0]}: tilefuse.nn.{target} not "
+                                    f"available")
+                elif self._absorb(path, act_node, act, prefix, target):
+                    self.replace(path, R.convert(cls, m, R.act_spec(act[0], act[1])), True,
+                                 f"{kind.__name__} -> {act[0]}: {target}")
+            elif kind is nn.Dropout and "dropout" in self.ops:
+                users = list(node.users)
+                if len(users) == 1 and R.is_add(users[0]):
+                    self.candidates.append(("dropout_add", path))
+
+    def _bn(self, node, bn, path, prefix, calls, mods, done):
+        conv_node = node.args[0] if node.args else None
+        conv = None
+        if (isinstance(conv_node, fx.Node) and conv_node.op == "call_module"
+                and type(mods[conv_node.target]) is nn.Conv2d and len(conv_node.users) == 1
+                and calls[conv_node.target] == 1 and isinstance(bn, nn.BatchNorm2d)):
+            conv = mods[conv_node.target]
+        act_node, act = self._act_after(node, calls, mods)
+        if (not self.model.training and conv is not None and bn.track_running_stats
+                and bn.running_mean is not None and "conv_bn_act" in self.ops):
+            cpath = _join(prefix, conv_node.target)
+            folded = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
+            descr = "Conv2d -> BatchNorm2d folded (eval)"
+            dw = R.fused_class("DepthwiseConv2d")
+            if R.is_depthwise(conv) and dw is not None and "depthwise" in self.ops:
+                spec = None
+                if act is not None and act[2]:
+                    spec = R.act_spec(act[0], act[1])
+                    self.replace(_join(prefix, act_node.target), nn.Identity(), False,
+                                 "absorbed into DepthwiseConv2d")
+                folded = R.convert(dw, folded, spec)
+                shown = spec[0] if isinstance(spec, tuple) else spec
+                descr += f" into DepthwiseConv2d(activation={shown})"
+            self.replace(cpath, folded, False, descr)
+            self.replace(path, nn.Identity(), False, "folded into the preceding conv")
+            done.add(conv_node.target)
+            return
+        if "bn_act" not in self.ops:
+            return
+        users = list(node.users)
+        if act is None and self.model.training and len(users) == 1 and R.is_add(users[0]):
+            self.candidates.append(("bn_add_act", path))
+        if act is None:
+            return
+        name = "BatchNormAct2d" if isinstance(bn, nn.BatchNorm2d) else "BatchNormAct1d"
+        cls = R.fused_class(name)
+        if cls is None:
+            self.skip(path, f"BatchNorm -> {act[0]}: tilefuse.nn.{name} not available")
+            return
+        if self._absorb(path, act_node, act, prefix, name):
+            self.replace(path, R.convert(cls, bn, R.act_spec(act[0], act[1])), True,
+                         f"{type(bn).__name__} -> {act[0]}: {name}")
+
+    def declared_residuals(self) -> None:
+        """Modules that declare ``tilefuse_residual = (("bn2", "relu_out"), ...)`` compute
+        ``act(bn(x) + residual)`` and call ``bn(x, residual)`` once ``act`` is ``nn.Identity``
+        (tilefuse.models' ResNet blocks). The pattern is invisible to module replacement
+        otherwise: ``bn -> add -> act`` needs the residual passed into the fused BN."""
+        if "bn_act" not in self.ops:
+            return
+        cls = R.fused_class("BatchNormAct2d")
+        for path, m in self.model.named_modules():
+            for bn_name, act_name in getattr(type(m), "tilefuse_residual", ()):
+                bn_path, act_path = _join(path, bn_name), _join(path, act_name)
+                bn, act = getattr(m, bn_name, None), getattr(m, act_name, None)
+                if bn_path in self.plan or type(bn) is not nn.BatchNorm2d or act is None:
+                    continue
+                if cls is None:
+                    self.skip(bn_path, "BatchNorm2d -> add -> act: tilefuse.nn.BatchNormAct2d "
+                                       "not available")
+                    continue
+                try:
+                    name, param = R.activation_from_module(act)
+                except ValueError:
+                    continue
+                self.replace(bn_path, R.convert(cls, bn, R.act_spec(name, param)), True,
+                             f"BatchNorm2d -> add(residual) -> {name}: BatchNormAct2d(residual)")
+                self.replace(act_path, nn.Identity(), False, "absorbed into BatchNormAct2d")
+
+    def rewrite_owners(self) -> None:
+        """Residual patterns inside one module's forward (``dropout -> add``,
+        ``bn -> add -> act``): trace the module that owns them, rewrite its graph and give that
+        instance the generated forward (its class, attributes and other methods are kept).
+        Only for owners that trace to the same graph in train and eval mode."""
+        owners: Dict[str, List[Tuple[str, str]]] = {}
+        for kind, path in self.candidates:
+            if path in self.plan:
+                continue
+            owner, _, local = path.rpartition(".")
+            owners.setdefault(owner, []).append((kind, local))
+        for owner_path, items in owners.items():
+            owner = self.model.get_submodule(owner_path) if owner_path else self.model
+            where = f"{items[0][0]} in {type(owner).__name__}"
+            if not owner_path:
+                self.skip(items[0][1], f"{where}: the owner is the root module; its forward is "
+                                       f"not rewritten")
+                continue
+            try:
+                mode = owner.training
+                graph = R.Tracer().trace(owner)
+                owner.train(not mode)
+                other = R.Tracer().trace(owner)
+                owner.train(mode)
+            except Exception:  # noqa: BLE001
+                self.skip(owner_path, f"{where}: owner not fx-traceable on its own")
+                continue
+            if graph.python_code("self").src != other.python_code("self").src:
+                self.skip(owner_path, f"{where}: forward depends on train/eval mode")
+                continue
+            mods = {n.target: owner.get_submodule(n.target) for n in graph.nodes
+                    if n.op == "call_module"}
+            calls: Dict[str, int] = {}
+            for n in graph.nodes:
+                if n.op == "call_module":
+                    calls[n.target] = calls.get(n.target, 0) + 1
+            changed = False
+            for kind, local in items:
+                nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == local]
+                if len(nodes) != 1:
+                    continue
+                changed |= getattr(R, "rw_" + kind)(self, graph, nodes[0], owner_path, mods, calls)
+            if changed:
+                graph.lint()
+                gm = fx.GraphModule(owner, graph)
+                self.forwards[owner_path] = type(gm).forward
+
+    def leaves(self) -> None:
+        """Position-independent rules, applied to every module (traced or not)."""
+        for path, m in self.model.named_modules():
+            if path in self.plan or R.is_tilefuse(m):
+                continue
+            if any(path.startswith(p + ".") for p in self.plan):
+                continue
+            if R.is_depthwise(m) and "depthwise" in self.ops:
+                cls = R.fused_class("DepthwiseConv2d")
+                if cls is None:
+                    self.skip(path, "depthwise Conv2d: tilefuse.nn.DepthwiseConv2d not available")
+                else:
+                    self.replace(path, R.convert(cls, m), True, "depthwise Conv2d: DepthwiseConv2d")
+            elif type(m) in (nn.Dropout, nn.Dropout2d) and "dropout" in self.ops:
+                name = type(m).__name__
+                cls = R.fused_class(name)
+                if cls is None:
+                    self.skip(path, f"{name}: tilefuse.nn.{name} not available")
+                else:
+                    self.replace(path, R.convert(cls, m), True, f"{name}: tilefuse.nn.{name}")
+
+
+def _set(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, new)
+
+
+def patch(model: nn.Module, ops: Optional[Iterable[str]] = None, inplace: bool = False,
+          verbose: bool = False) -> nn.Module:
+    """Rewrite ``model``'s modules into fused tilefuse modules and return the patched model.
+
+    Args:
+        model: any ``nn.Module``. Its mode decides the Conv->BN rule: in ``eval()`` BN is folded
+            into the conv (inference); in ``train()`` BN+act becomes ``BatchNormAct2d``.
+        ops: rule names to apply (subset of ``tilefuse.patch.ALL_OPS``); default all.
+        inplace: modify ``model`` itself instead of a deep copy.
+        verbose: print the report.
+
+    The report is ``tilefuse.patch_report(patched)``. ``tilefuse.unpatch(patched)`` restores the
+    original modules (with their current weights).
+
+    >>> import torch, tilefuse
+    >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> p = tilefuse.patch(m)
+    >>> type(p[0]).__module__, type(p[1]).__name__
+    ('tilefuse.nn.linear', 'Identity')
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    ops = ALL_OPS if ops is None else tuple(ops)
+    if isinstance(ops, str) or any(o not in ALL_OPS for o in ops):
+        raise ValueError(f"ops must be a collection of names from {ALL_OPS}, got {ops!r}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    state = getattr(model, "_tilefuse_patch", None) or _PatchState()
+    report = PatchReport()
+    planner = _Planner(model, ops, report)
+    for prefix, graph in _graphs(model, "", report):
+        planner.graph(prefix, graph)
+    planner.declared_residuals()
+    planner.rewrite_owners()
+    planner.leaves()
+    for path, (new, shared, descr) in planner.plan.items():
+        old = model.get_submodule(path)
+        if path not in state.originals:
+            state.originals[path] = (old, shared)
+        _set(model, path, new.train(old.training))
+        if not isinstance(new, nn.Identity):
+            report.replaced.append((path, descr))
+    for owner_path, fn in planner.forwards.items():
+        owner = model.get_submodule(owner_path)
+        state.forwards.setdefault(owner_path, owner.__dict__.get("forward"))
+        owner.forward = types.MethodType(fn, owner)
+        report.replaced.append((owner_path, "forward rewritten by torch.fx (residual fusion)"))
+    state.report = report
+    model._tilefuse_patch = state
+    if verbose:
+        print(report)
+    return model
+
+
+def patch_report(model: nn.Module) -> PatchReport:
+    """The report of the last :func:`patch` on ``model`` (an empty report if never patched)."""
+    state = getattr(model, "_tilefuse_patch", None)
+    return state.report if state is not None else PatchReport()
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Put back the modules :func:`patch` replaced (in place; returns ``model``).
+
+    Parameters and buffers the replacements shared are the originals' (trained values carry over;
+    re-bound in case ``.to()`` replaced buffer tensors). Folded convs are dropped and the original
+    conv + BN come back unchanged (moved to the model's device)."""
+    state = getattr(model, "_tilefuse_patch", None)
+    if state is None:
+        return model
+    for path in sorted(state.originals, key=lambda p: -p.count(".")):
+        orig, shared = state.originals[path]
+        current = model.get_submodule(path)
+        if shared:
+            R.share_state(orig, current)
+        else:
+            dev = next(iter(model.parameters()), None)
+            if dev is not None:
+                orig.to(dev.device)
+            orig.train(current.training)
+        _set(model, path, orig)
+    for path, old in state.forwards.items():
+        owner = model.get_submodule(path)
+        owner.__dict__.pop("forward", None)
+        if old is not None:
+            owner.forward = old
+    del model._tilefuse_patch
+    return model
+patch.ALL_OPS = ALL_OPS

@@ -99,12 +99,14 @@ def test_record_shapes_from_a_model(monkeypatch):
                                 torch.nn.Linear(4, 4))
     specs = record_shapes(model, torch.randn(2, 3, 8))
     assert specs == [
-        dict(M=6, N=16, K=8, dtype="float32", activation=0, bias=True),
-        dict(M=6, N=4, K=16, dtype="float32", activation=4, bias=False),
-        dict(M=6, N=4, K=4, dtype="float32", activation=0, bias=True)]
+        dict(M=6, N=16, K=8, dtype="float32", activation=0, bias=True, layout="nt"),
+        dict(M=6, N=4, K=16, dtype="float32", activation=4, bias=False, layout="nt"),
+        dict(M=6, N=4, K=4, dtype="float32", activation=0, bias=True, layout="nt")]
     assert not any(m._forward_pre_hooks for m in model.modules())  # hooks removed
     space = autotune.get_space("matmul")
     assert space.parse_shape(specs[1])["flags"] == (4, False, False)
+    assert space.parse_shape(specs[1])["layout"] == "nt"  # linear reads weight.T: K contiguous
+    assert ",nt" in space.bucket(space.parse_shape(specs[1]))
 
 
 def test_model_shapes_recorded_or_builtin(monkeypatch):

@@ -78,7 +78,9 @@ class MatmulSpace(KernelSpace):
         M, N, K = _dims(key)
         act, bias, res = _flags(key)
         return (f"M={max(16, next_pow2(M))},N={max(16, next_pow2(N))},K={max(16, next_pow2(K))},"
-                f"{canonical_dtype(key['dtype'])},act={act},bias={int(bias)},res={int(res)}")
+                f"{canonical_dtype(key['dtype'])},act={act},bias={int(bias)},res={int(res)}"
+                + (",nt" if key.get("layout") == "nt" else "")
+                + (",tf32" if key.get("tf32") else ""))
 
     def default(self, key):
         from tilefuse.kernels.matmul import heuristic_config
@@ -136,11 +138,13 @@ class MatmulSpace(KernelSpace):
         def rand(*shape):
             return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
-        a, b = rand(1, M, K), rand(1, K, N)
+        a = rand(1, M, K)
+        # "nt": B read with K contiguous (linear's weight.T), else row-major B
+        b = rand(1, N, K).transpose(1, 2) if key.get("layout") == "nt" else rand(1, K, N)
         bias = rand(N) if has_bias else None
         res = rand(1, M, N) if has_res else None
         c = torch.empty((1, M, N), device=device, dtype=dtype)
-        tf32 = bool(dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
+        tf32 = bool(dtype == torch.float32 and key.get("tf32", False))
 
         def run(cfg):
             return launch_matmul(a, b, c, bias=bias, residual=res, activation=act,
@@ -184,6 +188,13 @@ class MatmulSpace(KernelSpace):
             raise ValueError(f"matmul shape {spec!r}: M, N and K must be positive")
         if spec.get("dtype"):
             key["dtype"] = canonical_dtype(spec["dtype"])
+        if spec.get("layout") in ("nt", "nn"):
+            if spec["layout"] == "nt":
+                key["layout"] = "nt"
+        elif spec.get("layout") is not None:
+            raise ValueError(f"matmul shape {spec!r}: layout must be 'nn' or 'nt'")
+        if spec.get("tf32"):
+            key["tf32"] = True
         act = spec.get("activation", 0)
         if isinstance(act, str):
             from tilefuse.activations import ACTIVATIONS, parse_activation

@@ -22,13 +22,14 @@ import torch
 # forward at batch 1 and 32. resnet50: the classifier head. textcls: a BERT-base-like encoder,
 # sequence 128, plus its pooler and 2-way classifier.
 BUILTIN_MODELS = {
-    "resnet50": [dict(M=m, N=1000, K=2048, bias=True) for m in (1, 32)],
-    "textcls": [dict(M=m * 128, N=n, K=k, bias=True, activation=act)
+    "resnet50": [dict(M=m, N=1000, K=2048, bias=True, layout="nt") for m in (1, 32)],
+    "textcls": [dict(M=m * 128, N=n, K=k, bias=True, activation=act, layout="nt")
                 for m in (1, 32)
                 for n, k, act in ((2304, 768, "none"), (768, 768, "none"), (3072, 768, "gelu"),
                                   (768, 3072, "none"))]
-               + [dict(M=m, N=768, K=768, bias=True, activation="tanh") for m in (1, 32)]
-               + [dict(M=m, N=2, K=768, bias=True) for m in (1, 32)],
+               + [dict(M=m, N=768, K=768, bias=True, activation="tanh", layout="nt")
+                  for m in (1, 32)]
+               + [dict(M=m, N=2, K=768, bias=True, layout="nt") for m in (1, 32)],
 }
 
 Problem = Tuple[str, dict]  # (kernel name, raw spec)
@@ -49,7 +50,7 @@ def record_shapes(model: torch.nn.Module, *inputs, **kwargs) -> List[dict]:
         spec = dict(M=int(math.prod(x.shape[:-1])), N=int(module.out_features),
                     K=int(module.in_features), dtype=str(x.dtype).replace("torch.", ""),
                     activation=int(ACTIVATIONS.get(act, (0, 0.0))[0]),
-                    bias=module.bias is not None)
+                    bias=module.bias is not None, layout="nt")
         ident = tuple(sorted(spec.items()))
         if spec["M"] > 0 and ident not in seen:
             seen.add(ident)

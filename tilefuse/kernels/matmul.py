@@ -123,15 +123,23 @@ def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
                 num_stages=3 if half else 2)
 
 
-def get_config(M: int, N: int, K: int, dtype: torch.dtype, flags: tuple = ()) -> dict:
-    """Config for this problem: tuned DB entry if one exists, else the heuristic."""
+def get_config(M: int, N: int, K: int, dtype: torch.dtype, flags: tuple = (),
+               b_k_contiguous: bool = False, tf32: bool = False) -> dict:
+    """Config for this problem: tuned DB entry if one exists, else the heuristic.
+
+    The tuning key carries B's layout (``"nt"``: K contiguous, as ``linear`` reads ``weight.T``;
+    ``"nn"`` otherwise) and, for fp32, whether TF32 is on: both change the best tiles."""
     default = heuristic_config(M, N, K, dtype)
     try:
         from tilefuse.autotune import lookup
     except ImportError:  # pragma: no cover
         return default
-    return lookup("matmul", dict(M=M, N=N, K=K, dtype=str(dtype).replace("torch.", ""),
-                                 flags=flags), default)
+    key = dict(M=M, N=N, K=K, dtype=str(dtype).replace("torch.", ""), flags=flags)
+    if b_k_contiguous:
+        key["layout"] = "nt"
+    if tf32 and dtype == torch.float32:
+        key["tf32"] = True
+    return lookup("matmul", key, default)
 
 
 def launch_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, residual=None,
@@ -150,7 +158,9 @@ def launch_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, 
     if batch == 0 or M == 0 or N == 0:
         return c
     if config is None:
-        config = get_config(M, N, K, a.dtype, (activation, bias is not None, residual is not None))
+        config = get_config(M, N, K, a.dtype, (activation, bias is not None, residual is not None),
+                            b_k_contiguous=b.stride(1) == 1 and N > 1 and K > 1,
+                            tf32=allow_tf32 and a.is_cuda)
     cfg = dict(config)
     if dropconnect is not None and not interpreter_enabled():
         # the in-loop Philox mask adds registers: 4-warp fp32 tiles spill (tools/aot_check.py)

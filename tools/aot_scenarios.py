@@ -1,0 +1,308 @@
+"""Scenarios for tools/aot_check.py: exercise tilefuse's public ops (per kernel family) so every
+kernel / constexpr combination is launched, and run them under an ``aot_record.Recorder``.
+
+Each family's generator yields ``(name, fn)`` pairs; ``fn()`` calls the public ops on small CPU
+tensors. torch and tilefuse are passed in / imported lazily (after ``aot_check._prepare_env``).
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import traceback
+
+from aot_record import Recorder, first_lines
+
+FAMILIES = ("matmul", "depthwise", "int8", "norm", "dropout", "optim")
+
+
+# ------------------------------------------------------------------------------------------------
+# drivers: exercise the public API so every kernel family / constexpr combination is launched
+# ------------------------------------------------------------------------------------------------
+ACTS = ("relu", "relu6", ("leaky_relu", 0.2), "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
+
+
+def _scenarios_matmul(torch, tf):
+    ops = tf.ops
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        for M in (8, 48, 256):  # the three heuristic tile classes
+            a = torch.randn(M, 96, dtype=dt)
+            w = torch.randn(128, 96, dtype=dt)
+            yield f"linear {dt} M={M}", lambda a=a, w=w: ops.linear(a, w)
+        a = torch.randn(256, 96, dtype=dt, requires_grad=True)
+        w = torch.randn(128, 96, dtype=dt, requires_grad=True)
+        bias = torch.randn(128, dtype=dt, requires_grad=True)
+        res = torch.randn(256, 128, dtype=dt)
+        for act in ACTS:
+            def fwd_bwd(act=act, a=a, w=w, bias=bias, res=res):
+                y = ops.linear(a, w, bias=bias, activation=act, residual=res)
+                y.backward(torch.ones_like(y))
+            yield f"linear {dt} act={act} bias+res fwd+bwd", fwd_bwd
+        # batched matmul, broadcast residual, odd sizes
+        yield f"matmul {dt} batched", lambda dt=dt: ops.matmul(
+            torch.randn(3, 70, 33, dtype=dt), torch.randn(3, 33, 65, dtype=dt),
+            residual=torch.randn(65, dtype=dt))
+        yield f"matmul {dt} out fp32", lambda dt=dt: ops.matmul(
+            torch.randn(64, 32, dtype=dt), torch.randn(32, 64, dtype=dt), out_dtype=torch.float32)
+
+    def tf32():
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            ops.matmul(torch.randn(256, 64), torch.randn(64, 128))
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
+    yield "matmul fp32 tf32", tf32
+    yield "matmul fp64", lambda: ops.matmul(torch.randn(128, 64, dtype=torch.float64),
+                                            torch.randn(64, 128, dtype=torch.float64))
+
+
+def _scenarios_depthwise(torch, tf):
+    ops = tf.ops
+    shapes = [  # (N, C, H, W, k, stride, pad, dil, mult)
+        (2, 32, 56, 56, 3, 1, 1, 1, 1),
+        (2, 64, 7, 7, 3, 1, 1, 1, 1),
+        (2, 16, 28, 28, 5, 2, 2, 1, 1),
+        (1, 8, 15, 17, 3, 1, 2, 2, 2),
+        (1, 24, 14, 14, 7, 1, 3, 1, 1),
+    ]
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        for (N, C, H, W, k, s, p, d, m) in shapes:
+            for cl in (False, True):
+                def run(N=N, C=C, H=H, W=W, k=k, s=s, p=p, d=d, m=m, cl=cl, dt=dt):
+                    x = torch.randn(N, C, H, W, dtype=dt)
+                    if cl:
+                        x = x.to(memory_format=torch.channels_last)
+                    x.requires_grad_(True)
+                    w = torch.randn(C * m, 1, k, k, dtype=dt, requires_grad=True)
+                    b = torch.randn(C * m, dtype=dt, requires_grad=True)
+                    y = ops.depthwise_conv2d(x, w, b, stride=s, padding=p, dilation=d,
+                                             activation="relu6")
+                    y.backward(torch.ones_like(y))
+                yield (f"dwconv {dt} {N}x{C}x{H}x{W} k{k} s{s} d{d} m{m} "
+                       f"{'NHWC' if cl else 'NCHW'} fwd+bwd"), run
+        x = torch.randn(2, 32, 14, 14, dtype=dt)
+        w = torch.randn(32, 1, 3, 3, dtype=dt)
+        for act in ACTS:
+            yield f"dwconv {dt} act={act} residual", lambda x=x, w=w, act=act: \
+                ops.depthwise_conv2d(x, w, padding=1, activation=act, residual=x)
+
+
+def _scenarios_int8(torch, tf):
+    ops = tf.ops
+    for M in (8, 48, 256):
+        a = torch.randint(-127, 127, (M, 256), dtype=torch.int8)
+        b = torch.randint(-127, 127, (256, 128), dtype=torch.int8)
+        yield f"int8_matmul raw M={M}", lambda a=a, b=b: ops.int8_matmul(a, b)
+        for odt in (torch.float16, torch.bfloat16, torch.float32):
+            yield f"int8_matmul scaled M={M} -> {odt}", lambda a=a, b=b, odt=odt: ops.int8_matmul(
+                a, b, torch.rand(a.shape[0]), torch.rand(128), bias=torch.randn(128, dtype=odt),
+                activation="gelu", residual=torch.randn(a.shape[0], 128, dtype=odt),
+                out_dtype=odt)
+        for dt in (torch.float16, torch.bfloat16, torch.float32):
+            x = torch.randn(M, 256, dtype=dt)
+            q, s = ops.quantize_per_row(torch.randn(128, 256))
+            yield f"weight_only_int8_linear {dt} M={M}", lambda x=x, q=q, s=s, dt=dt: \
+                ops.weight_only_int8_linear(x, q, s, bias=torch.randn(128, dtype=dt),
+                                            activation="silu")
+            yield f"w8a8_linear {dt} M={M}", lambda x=x, q=q, s=s, dt=dt: ops.w8a8_linear(
+                x, q, s, bias=torch.randn(128, dtype=dt), residual=torch.randn(
+                    x.shape[0], 128, dtype=dt))
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        for (M, N) in ((4, 64), (300, 1000), (64, 4096), (8, 20000)):
+            yield f"quantize_per_row {dt} {M}x{N}", lambda M=M, N=N, dt=dt: \
+                ops.quantize_per_row(torch.randn(M, N, dtype=dt))
+
+
+def _scenarios_norm(torch, tf):
+    ops = tf.ops
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        for N in (64, 1000, 4096, 20000):  # one block ... multi-block rows
+            for rms in (False, True):
+                for act, use_res, affine in ((None, False, True), ("gelu", True, True),
+                                             ("silu", False, False)):
+                    def run(N=N, rms=rms, act=act, use_res=use_res, affine=affine, dt=dt):
+                        x = torch.randn(8, N, dtype=dt, requires_grad=True)
+                        w = torch.randn(N, dtype=dt, requires_grad=True) if affine else None
+                        b = torch.randn(N, dtype=dt, requires_grad=True) if affine else None
+                        r = torch.randn(8, N, dtype=dt, requires_grad=True) if use_res else None
+                        if rms:
+                            y = ops.rms_norm_act(x, (N,), w, activation=act, residual=r)
+                        else:
+                            y = ops.layer_norm_act(x, (N,), w, b, activation=act, residual=r)
+                        y.backward(torch.ones_like(y))
+                    yield (f"{'rms' if rms else 'layer'}_norm_act {dt} N={N} act={act} "
+                           f"res={use_res} affine={affine} fwd+bwd"), run
+        for (shape, groups) in (((4, 32, 16, 16), 8), ((2, 64, 7, 7), 32), ((2, 256, 32, 32), 4),
+                                ((2, 12, 100), 3)):
+            for cl in (False, True):
+                if cl and len(shape) != 4:
+                    continue
+                def run(shape=shape, groups=groups, cl=cl, dt=dt):
+                    x = torch.randn(*shape, dtype=dt)
+                    if cl:
+                        x = x.to(memory_format=torch.channels_last)
+                    x.requires_grad_(True)
+                    C = shape[1]
+                    w = torch.randn(C, dtype=dt, requires_grad=True)
+                    b = torch.randn(C, dtype=dt, requires_grad=True)
+                    y = ops.group_norm_act(x, groups, w, b, activation="silu")
+                    y.backward(torch.ones_like(y))
+                yield f"group_norm_act {dt} {shape} G={groups} cl={cl} fwd+bwd", run
+        for shape in ((8, 64, 14, 14), (32, 128), (4, 256, 7, 7), (2, 16, 100)):
+            for training in (True, False):
+                for cl in (False, True):
+                    if cl and len(shape) != 4:
+                        continue
+                    def run(shape=shape, training=training, cl=cl, dt=dt):
+                        x = torch.randn(*shape, dtype=dt)
+                        if cl:
+                            x = x.to(memory_format=torch.channels_last)
+                        x.requires_grad_(True)
+                        C = shape[1]
+                        rm, rv = torch.zeros(C), torch.ones(C)
+                        w = torch.randn(C, requires_grad=True)
+                        b = torch.randn(C, requires_grad=True)
+                        y = ops.batch_norm_act(x, rm, rv, w, b, training=training,
+                                               activation="relu", residual=x.detach())
+                        y.backward(torch.ones_like(y))
+                    yield f"batch_norm_act {dt} {shape} train={training} cl={cl} fwd+bwd", run
+
+
+def _scenarios_dropout(torch, tf):
+    ops = tf.ops
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        for shape in ((1000,), (64, 4096), (4, 16, 33, 9)):
+            def run(shape=shape, dt=dt):
+                x = torch.randn(*shape, dtype=dt, requires_grad=True)
+                y = ops.dropout(x, 0.1)
+                y.backward(torch.ones_like(y))
+            yield f"dropout {dt} {shape} fwd+bwd", run
+            yield f"dropout_add {dt} {shape}", lambda shape=shape, dt=dt: ops.dropout_add(
+                torch.randn(*shape, dtype=dt), torch.randn(*shape, dtype=dt), 0.2)
+        yield f"dropout strided {dt}", lambda dt=dt: ops.dropout(
+            torch.randn(64, 128, dtype=dt).t(), 0.3)
+        yield f"dropout_add broadcast residual {dt}", lambda dt=dt: ops.dropout_add(
+            torch.randn(8, 64, dtype=dt), torch.randn(64, dtype=dt).expand(8, 64), 0.3)
+        yield f"dropout2d {dt}", lambda dt=dt: ops.dropout2d(
+            torch.randn(4, 16, 14, 14, dtype=dt), 0.2)
+        yield f"dropout2d channels_last {dt}", lambda dt=dt: ops.dropout2d(
+            torch.randn(4, 16, 14, 14, dtype=dt).to(memory_format=torch.channels_last), 0.2)
+        for V in (10, 1000, 32000, 50257):
+            def ce(V=V, dt=dt):
+                logits = torch.randn(16, V, dtype=dt, requires_grad=True)
+                target = torch.randint(0, V, (16,))
+                loss = ops.cross_entropy(logits, target, label_smoothing=0.1)
+                loss.backward()
+                with torch.no_grad():
+                    ops.cross_entropy(logits, target)
+            yield f"cross_entropy {dt} V={V} fwd+bwd", ce
+
+        def dc(dt=dt):
+            x = torch.randn(32, 64, dtype=dt, requires_grad=True)
+            w = torch.randn(128, 64, dtype=dt, requires_grad=True)
+            y = ops.dropconnect_linear(x, w, torch.randn(128, dtype=dt), p=0.3,
+                                       activation="relu")
+            y.backward(torch.ones_like(y))
+        yield f"dropconnect_linear {dt} fwd+bwd", dc
+        try:
+            import tilefuse.regularize as R
+        except ImportError:  # pragma: no cover
+            continue
+        yield f"mixup {dt}", lambda dt=dt: R.mixup(torch.randn(8, 3, 16, 16, dtype=dt),
+                                                   torch.randint(0, 10, (8,)), 0.4,
+                                                   num_classes=10)
+
+
+def _scenarios_optim(torch, tf):
+    from tilefuse import optim as O
+
+    def make(dt):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(*s, dtype=dt)) for s in ((300, 17), (5000,), (3,))]
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        return ps
+
+    cases = [("AdamW", dict(lr=1e-3, weight_decay=0.01)), ("AdamW", dict(lr=1e-3, amsgrad=True)),
+             ("Adam", dict(lr=1e-3)), ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True)),
+             ("SGD", dict(lr=0.1)), ("RMSprop", dict(lr=1e-3, momentum=0.9, centered=True)),
+             ("Adagrad", dict(lr=1e-2)), ("Lion", dict(lr=1e-4, weight_decay=0.1))]
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        for name, kw in cases:
+            def step(name=name, kw=kw, dt=dt):
+                cls = getattr(O, name)
+                try:
+                    opt = cls(make(dt), **kw)
+                except TypeError:  # option not supported by this optimizer
+                    kw2 = {k: v for k, v in kw.items() if k in ("lr", "momentum", "weight_decay")}
+                    opt = cls(make(dt), **kw2)
+                opt.step()
+                opt.step()
+            yield f"{name} {dt} {kw}", step
+        yield f"AdamW master_weights {dt}", lambda dt=dt: _opt_master(O, make, dt)
+        yield f"AdamW step(max_grad_norm) {dt}", lambda dt=dt: O.AdamW(make(dt), lr=1e-3).step(
+            max_grad_norm=1.0)
+        for nt in (2.0, 1.0, float("inf")):
+            yield f"clip_grad_norm_ {dt} norm={nt}", lambda dt=dt, nt=nt: O.clip_grad_norm_(
+                make(dt), 1.0, norm_type=nt)
+        yield f"GradNormMonitor {dt}", lambda dt=dt: _monitor(O, make, dt)
+
+
+def _opt_master(O, make, dt):
+    try:
+        opt = O.AdamW(make(dt), lr=1e-3, master_weights=True)
+    except TypeError:
+        return
+    opt.step()
+
+
+def _monitor(O, make, dt):
+    import torch
+
+    ps = make(dt)
+    model = torch.nn.Module()
+    for i, p in enumerate(ps):
+        model.register_parameter(f"p{i}", p)
+    try:
+        mon = O.GradNormMonitor(model)
+    except TypeError:
+        mon = O.GradNormMonitor(ps)
+    mon.norms() if callable(getattr(mon, "norms", None)) else None
+
+
+DRIVERS = {"matmul": _scenarios_matmul, "depthwise": _scenarios_depthwise, "int8": _scenarios_int8,
+           "norm": _scenarios_norm, "dropout": _scenarios_dropout, "optim": _scenarios_optim}
+
+
+def drive(families, rec: Recorder, cuda_heuristics: bool, only: str | None, verbose: bool):
+    """Run the scenarios of ``families`` under the recorder; returns driver errors."""
+    import torch
+
+    import tilefuse as tf
+
+    errors = []
+    with rec.patched(cuda_heuristics=cuda_heuristics):
+        for fam in families:
+            rec.family = fam
+            for name, fn in DRIVERS[fam](torch, tf):
+                if only and not re.search(only, name):
+                    continue
+                rec.scenario = name
+                before = rec.n_calls
+                try:
+                    fn()
+                    if rec.n_calls == before:
+                        errors.append(dict(family=fam, scenario=name, where="-", level="note",
+                                           error="no Triton launch recorded (op took a "
+                                                 "non-Triton path)"))
+                except Exception as e:  # noqa: BLE001
+                    tb = traceback.extract_tb(e.__traceback__)
+                    where = next((f"{os.path.relpath(f.filename)}:{f.lineno}" for f in reversed(tb)
+                                  if "tilefuse" in f.filename), "?")
+                    errors.append(dict(family=fam, scenario=name, where=where,
+                                       error=f"{type(e).__name__}: {first_lines(str(e), 3)}"))
+                if verbose:
+                    print(f"  [{fam}] {name}: {rec.n_calls - before} launches", file=sys.stderr)
+    return errors
+

@@ -155,3 +155,52 @@ def test_load_state_dict_from_other_layout_and_errors():
     renamed["backbone.fc.weight"] = torch.zeros(3, 3)
     with pytest.raises(ValueError, match="shape"):
         M.load_state_dict_from(mine, renamed)
+
+
+def test_efficientnet_stochastic_depth(monkeypatch):
+    """Drop-path on MBConv residuals: linear ramp to 0.2 (torchvision's rule), whole samples
+    dropped and the rest scaled by 1/(1-p) in training, identity in eval; the patched block draws
+    the same masks under the same seed, and checkpointing recomputes the same masks."""
+    monkeypatch.setenv("TILEFUSE_BACKEND", "torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convs: OpenMP threads only spin on a busy 2-core CI box
+    try:
+        _check_stochastic_depth()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_stochastic_depth():
+    from tilefuse.models.mobile import MBConv
+
+    net = M.efficientnet_b0(4, width_mult=0.25, fused=False)
+    probs = [b.stochastic_depth.p for stage in net.features[1:-1] for b in stage]
+    assert probs == pytest.approx([0.2 * i / 16 for i in range(16)])
+    assert all(b.stochastic_depth.p == 0 for b in M.efficientnet_b0(
+        fused=False, stochastic_depth_prob=0.0, width_mult=0.25).features[2])
+    blk = MBConv(8, 8, 3, 1, 2, sd_prob=0.5)
+    x = torch.randn(64, 8, 2, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(blk.eval()(x), x + blk.block(x))
+        branch = blk.train().block(x)  # train-mode BN: batch statistics, same for the same x
+        d = blk(x) - x
+    dropped = d.flatten(1).abs().amax(1) == 0
+    torch.testing.assert_close(d[~dropped], branch[~dropped] * 2)
+    assert 10 < int(dropped.sum()) < 54  # Bernoulli(0.5) per sample
+    fused = tilefuse.patch(blk)
+    torch.manual_seed(3)
+    y_ref = blk(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(fused(x), y_ref, atol=1e-5, rtol=1e-5)
+    ckpt = M.efficientnet_b0(4, width_mult=0.25, fused=False)
+    M.load_state_dict_from(ckpt, net)
+    for m in (net, ckpt):  # stage 6: 192 -> 192 residual blocks, drop often
+        for b in m.features[6]:
+            b.stochastic_depth.p = 0.5
+    ckpt.gradient_checkpointing = True
+    xs = torch.randn(2, 3, 16, 16)
+    for m in (net, ckpt):
+        torch.manual_seed(5)
+        m(xs).square().sum().backward()
+    torch.testing.assert_close(ckpt.features[1][0].block[0][0].weight.grad,
+                               net.features[1][0].block[0][0].weight.grad, atol=1e-5, rtol=1e-4)

@@ -12,7 +12,8 @@ Rules (``ops=`` selects a subset; default all):
                 conv becomes ``DepthwiseConv2d(activation=act)`` when the activation can be absorbed
 ``bn_act``      BatchNorm1d/2d -> act  =>  ``BatchNormAct1d/2d(activation=act)``
 ``linear_act``  Linear -> act  =>  ``tilefuse.nn.Linear(activation=act)``
-``norm_act``    LayerNorm/RMSNorm/GroupNorm -> act  =>  ``LayerNormAct``/``RMSNormAct``/...
+``norm_act``    LayerNorm/RMSNorm/GroupNorm -> act  =>  ``LayerNormAct``/``RMSNormAct``/...;
+                LayerNorm/RMSNorm(x + residual)  =>  ``LayerNormAct``/``RMSNormAct(x, residual)``
 ``depthwise``   depthwise Conv2d (groups == in == out channels)  =>  ``DepthwiseConv2d``
 ``dropout``     Dropout/Dropout2d  =>  ``tilefuse.nn.Dropout``/``Dropout2d``
 ==============  ==================================================================================
@@ -22,9 +23,10 @@ same module object is called at several places, e.g. torchvision's ``BasicBlock.
 functional call like ``F.relu``) the pattern is still fused if the activation is idempotent
 (ReLU/ReLU6: ``relu(relu(x)) == relu(x)``), else it is left alone and the report says why.
 
-Residual patterns (``bn -> add -> act`` in train mode, ``dropout -> add``) need the residual passed
-into the fused op: the module that *owns* them is traced on its own and that instance gets the
-rewritten fx ``forward`` (class kept; ``unpatch`` removes it). See docs/models.md for the limits.
+Residual patterns (``bn -> add -> act`` in train mode, ``dropout -> add``, ``norm(x + residual)``)
+need the residual passed into the fused op: the module that *owns* them is traced on its own and
+that instance gets the rewritten fx ``forward`` (class kept; ``unpatch`` removes it); see
+:mod:`tilefuse.patch_residual` and docs/models.md for the limits.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from tilefuse import patch_residual as PR
 from tilefuse import patch_rules as R
 
 ALL_OPS = ("conv_bn_act", "bn_act", "linear_act", "norm_act", "depthwise", "dropout")
@@ -154,6 +157,9 @@ class _Planner:
                     self.replace(path, new, True, f"Linear -> {act[0]}: Linear(activation=)")
             elif kind in (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) \
                     and "norm_act" in self.ops:
+                src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+                if kind is not nn.GroupNorm and isinstance(src, fx.Node) and R.is_add(src):
+                    self.candidates.append(("add_norm", path))  # norm(x + residual)
                 act_node, act = self._act_after(node, calls, mods)
                 if act is None:
                     continue
@@ -215,77 +221,10 @@ class _Planner:
                          f"{type(bn).__name__} -> {act[0]}: {name}")
 
     def declared_residuals(self) -> None:
-        """Modules that declare ``tilefuse_residual = (("bn2", "relu_out"), ...)`` compute
-        ``act(bn(x) + residual)`` and call ``bn(x, residual)`` once ``act`` is ``nn.Identity``
-        (tilefuse.models' ResNet blocks). The pattern is invisible to module replacement
-        otherwise: ``bn -> add -> act`` needs the residual passed into the fused BN."""
-        if "bn_act" not in self.ops:
-            return
-        cls = R.fused_class("BatchNormAct2d")
-        for path, m in self.model.named_modules():
-            for bn_name, act_name in getattr(type(m), "tilefuse_residual", ()):
-                bn_path, act_path = _join(path, bn_name), _join(path, act_name)
-                bn, act = getattr(m, bn_name, None), getattr(m, act_name, None)
-                if bn_path in self.plan or type(bn) is not nn.BatchNorm2d or act is None:
-                    continue
-                if cls is None:
-                    self.skip(bn_path, "BatchNorm2d -> add -> act: tilefuse.nn.BatchNormAct2d "
-                                       "not available")
-                    continue
-                try:
-                    name, param = R.activation_from_module(act)
-                except ValueError:
-                    continue
-                self.replace(bn_path, R.convert(cls, bn, R.act_spec(name, param)), True,
-                             f"BatchNorm2d -> add(residual) -> {name}: BatchNormAct2d(residual)")
-                self.replace(act_path, nn.Identity(), False, "absorbed into BatchNormAct2d")
+        PR.declared_residuals(self)
 
     def rewrite_owners(self) -> None:
-        """Residual patterns inside one module's forward (``dropout -> add``,
-        ``bn -> add -> act``): trace the module that owns them, rewrite its graph and give that
-        instance the generated forward (its class, attributes and other methods are kept).
-        Only for owners that trace to the same graph in train and eval mode."""
-        owners: Dict[str, List[Tuple[str, str]]] = {}
-        for kind, path in self.candidates:
-            if path in self.plan:
-                continue
-            owner, _, local = path.rpartition(".")
-            owners.setdefault(owner, []).append((kind, local))
-        for owner_path, items in owners.items():
-            owner = self.model.get_submodule(owner_path) if owner_path else self.model
-            where = f"{items[0][0]} in {type(owner).__name__}"
-            if not owner_path:
-                self.skip(items[0][1], f"{where}: the owner is the root module; its forward is "
-                                       f"not rewritten")
-                continue
-            try:
-                mode = owner.training
-                graph = R.Tracer().trace(owner)
-                owner.train(not mode)
-                other = R.Tracer().trace(owner)
-                owner.train(mode)
-            except Exception:  # noqa: BLE001
-                self.skip(owner_path, f"{where}: owner not fx-traceable on its own")
-                continue
-            if graph.python_code("self").src != other.python_code("self").src:
-                self.skip(owner_path, f"{where}: forward depends on train/eval mode")
-                continue
-            mods = {n.target: owner.get_submodule(n.target) for n in graph.nodes
-                    if n.op == "call_module"}
-            calls: Dict[str, int] = {}
-            for n in graph.nodes:
-                if n.op == "call_module":
-                    calls[n.target] = calls.get(n.target, 0) + 1
-            changed = False
-            for kind, local in items:
-                nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == local]
-                if len(nodes) != 1:
-                    continue
-                changed |= getattr(R, "rw_" + kind)(self, graph, nodes[0], owner_path, mods, calls)
-            if changed:
-                graph.lint()
-                gm = fx.GraphModule(owner, graph)
-                self.forwards[owner_path] = type(gm).forward
+        PR.rewrite_owners(self)
 
     def leaves(self) -> None:
         """Position-independent rules, applied to every module (traced or not)."""

@@ -158,7 +158,10 @@ def convert(cls, old: nn.Module, activation=None) -> nn.Module:
 class DropoutAdd(nn.Dropout):
     """``residual + dropout(x)`` through :func:`tilefuse.ops.dropout_add` (one pass). A
     ``nn.Dropout`` subclass (same ``p``/``extra_repr``) that :func:`tilefuse.patch` puts in place
-    of a Dropout whose output feeds a residual add; called as ``m(x, residual)``."""
+    of a Dropout whose output feeds a residual add; called as ``m(x, residual)``. A leaf for
+    :class:`Tracer` (its forward checks shapes)."""
+
+    tilefuse_leaf = True
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:  # noqa
         from tilefuse.ops import dropout_add
@@ -175,58 +178,3 @@ class Tracer(fx.Tracer):
         if is_tilefuse(m) or getattr(m, "tilefuse_leaf", False):  # opaque by declaration
             return True
         return super().is_leaf_module(m, qualname)
-
-
-# ---- owner-forward rewriters (called by tilefuse.patch._Planner.rewrite_owners)
-def _path(owner: str, name: str) -> str:
-    return f"{owner}.{name}" if owner else name
-
-
-def residual_of(add, node):
-    """The other operand of a binary ``add`` node whose one operand is ``node``."""
-    if len(node.users) != 1 or not is_add(add) or add.op != "call_function" \
-            or len(add.args) != 2 or add.kwargs:
-        return None
-    other = add.args[1] if add.args[0] is node else add.args[0]
-    return other if isinstance(other, fx.Node) and other is not node else None
-
-
-def rw_dropout_add(planner, graph, node, owner_path, mods, calls):
-    """``dropout -> add`` in ``graph`` => one ``DropoutAdd(x, residual)`` call."""
-    add = next(iter(node.users))
-    residual = residual_of(add, node)
-    if residual is None or fused_class("dropout_add", "tilefuse.ops") is None:
-        return False
-    drop = mods[node.target]
-    new = DropoutAdd(drop.p, drop.inplace)
-    planner.replace(_path(owner_path, node.target), new, False,
-                    "Dropout -> add(residual): tilefuse.ops.dropout_add (owner forward rewritten)")
-    with graph.inserting_before(add):
-        fused = graph.call_module(node.target, (node.args[0], residual))
-    add.replace_all_uses_with(fused)
-    graph.erase_node(add)
-    graph.erase_node(node)
-    return True
-
-
-def rw_bn_add_act(planner, graph, node, owner_path, mods, calls):
-    """``bn -> add -> act`` in ``graph`` => one ``BatchNormAct2d(x, residual)`` call."""
-    add = next(iter(node.users))
-    residual = residual_of(add, node)
-    cls = fused_class("BatchNormAct2d")
-    if residual is None or cls is None or not isinstance(mods[node.target], nn.BatchNorm2d):
-        return False
-    act_node, act = planner._act_after(add, calls, mods)
-    if act is None:
-        return False
-    name, param, _ = act
-    bn = mods[node.target]
-    planner.replace(_path(owner_path, node.target), convert(cls, bn, act_spec(name, param)),
-                    True, f"BatchNorm2d -> add(residual) -> {name}: BatchNormAct2d(residual) "
-                          f"(owner forward rewritten)")
-    with graph.inserting_before(act_node):
-        fused = graph.call_module(node.target, (node.args[0], residual))
-    act_node.replace_all_uses_with(fused)
-    for n in (act_node, add, node):
-        graph.erase_node(n)
-    return True

@@ -4,7 +4,15 @@ attribute layout (``features``, ``classifier``), built from depthwise separable 
 EfficientNet uses the cheat sheet's compound scaling: depth ``d = alpha**phi``, width
 ``w = beta**phi``, resolution ``r = gamma**phi`` with alpha=1.2, beta=1.1, gamma=1.15 and
 phi = 0..3 for B0..B3. (torchvision's B1..B3 use the paper's hand-rounded coefficients instead, so
-their channel/depth counts differ from ours beyond B0.) Stochastic depth is not implemented.
+their channel/depth counts differ from ours beyond B0.)
+
+Stochastic depth (Huang et al. 2016; EfficientNet paper, torchvision's ``stochastic_depth_prob``):
+in training, each MBConv residual branch is dropped for a whole sample with probability
+``p_i = stochastic_depth_prob * i / num_blocks`` (block ``i`` counted from 0 over the network, so
+the rate ramps linearly from 0 towards 0.2) and the kept branches are scaled by ``1 / (1 - p_i)``;
+identity in eval. The mask is drawn with ``torch.bernoulli_`` on the input's device, exactly as
+``torchvision.ops.stochastic_depth(mode="row")``: same seed, same mask as torchvision, and
+``torch.utils.checkpoint`` (which restores the RNG state) recomputes the same mask.
 """
 from __future__ import annotations
 
@@ -80,10 +88,53 @@ class SqueezeExcitation(nn.Module):
         return x * self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
 
 
-class MBConv(nn.Module):
-    """Mobile inverted bottleneck with squeeze-excitation (SE ratio 0.25 of the input)."""
+def stochastic_depth(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Drop whole samples of a residual branch: ``x * keep / (1 - p)`` with one Bernoulli(1 - p)
+    ``keep`` per sample (first dim); ``x`` itself when not training or ``p == 0``
+    (``torchvision.ops.stochastic_depth(x, p, "row", training)``, same RNG use).
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand_ratio: int):
+    >>> import torch
+    >>> y = stochastic_depth(torch.ones(1000, 3), p=0.25)
+    >>> bool(((y == 0) | (y == 4 / 3)).all()) and bool((y[:, 0:1] == y).all())
+    True
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"stochastic depth probability must be in [0, 1], got {p}")
+    if not training or p == 0.0:
+        return x
+    survival = 1.0 - p
+    noise = torch.empty((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)
+    noise.bernoulli_(survival)
+    if survival > 0.0:
+        noise.div_(survival)
+    return x * noise
+
+
+class StochasticDepth(nn.Module):
+    """:func:`stochastic_depth` as a module (torchvision's ``StochasticDepth(p, "row")``; no
+    state). A leaf for ``tilefuse.patch``'s tracer (its forward branches on ``self.training``)."""
+
+    tilefuse_leaf = True
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"stochastic depth probability must be in [0, 1], got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return stochastic_depth(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class MBConv(nn.Module):
+    """Mobile inverted bottleneck with squeeze-excitation (SE ratio 0.25 of the input) and
+    stochastic depth ``sd_prob`` on the residual branch (training only)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand_ratio: int,
+                 sd_prob: float = 0.0):
         super().__init__()
         hidden = make_divisible(cin * expand_ratio)
         self.use_res_connect = stride == 1 and cin == cout
@@ -94,34 +145,43 @@ class MBConv(nn.Module):
                    SqueezeExcitation(hidden, max(1, cin // 4)),
                    ConvNormAct(hidden, cout, 1, act=None)]
         self.block = nn.Sequential(*layers)
+        self.stochastic_depth = StochasticDepth(sd_prob)
         self.out_channels = cout
 
     def forward(self, x):
-        return x + self.block(x) if self.use_res_connect else self.block(x)
+        if self.use_res_connect:
+            return self.stochastic_depth(self.block(x)) + x
+        return self.block(x)
 
 
 class EfficientNet(CheckpointMixin, nn.Module):
     """EfficientNet from the B0 baseline scaled by ``phi`` (see module docstring).
 
-    ``resolution`` holds the scaled input size ``round(224 * gamma**phi)``; any size works."""
+    ``resolution`` holds the scaled input size ``round(224 * gamma**phi)``; any size works.
+    ``stochastic_depth_prob``: drop rate of the last residual branches (ramped linearly over the
+    blocks, see the module docstring; 0 disables it)."""
 
     # expand_ratio, kernel, stride, in, out, repeats (the B0 baseline)
     B0 = [(1, 3, 1, 32, 16, 1), (6, 3, 2, 16, 24, 2), (6, 5, 2, 24, 40, 2), (6, 3, 2, 40, 80, 3),
           (6, 5, 1, 80, 112, 3), (6, 5, 2, 112, 192, 4), (6, 3, 1, 192, 320, 1)]
 
     def __init__(self, phi: float = 0, num_classes: int = 1000, dropout: float = 0.2,
-                 width_mult: float = 1.0):
+                 width_mult: float = 1.0, stochastic_depth_prob: float = 0.2):
         super().__init__()
         depth, width = ALPHA ** phi, BETA ** phi * width_mult
         self.resolution = int(round(224 * GAMMA ** phi))
         ch = lambda c: make_divisible(c * width)  # noqa: E731
         features = [ConvNormAct(3, ch(32), 3, 2, act=nn.SiLU)]
-        for t, k, s, cin, cout, n in self.B0:
+        repeats = [int(math.ceil(n * depth)) for *_, n in self.B0]
+        total, block_id = sum(repeats), 0
+        for (t, k, s, cin, cout, _), n in zip(self.B0, repeats):
             stage = []
             cin = ch(cin)
-            for i in range(int(math.ceil(n * depth))):
-                stage.append(MBConv(cin, ch(cout), k, s if i == 0 else 1, t))
+            for i in range(n):
+                sd_prob = stochastic_depth_prob * block_id / total  # torchvision's linear ramp
+                stage.append(MBConv(cin, ch(cout), k, s if i == 0 else 1, t, sd_prob))
                 cin = ch(cout)
+                block_id += 1
             features.append(nn.Sequential(*stage))
         last = 4 * ch(320)
         features.append(ConvNormAct(ch(320), last, 1, act=nn.SiLU))
@@ -141,25 +201,27 @@ def mobilenet_v2(num_classes: int = 1000, width_mult: float = 1.0, fused: bool =
     return finish(MobileNetV2(num_classes, width_mult), fused)
 
 
-def _effnet(phi, dropout, num_classes, width_mult, fused):
-    return finish(EfficientNet(phi, num_classes, dropout, width_mult), fused)
+def _effnet(phi, dropout, num_classes, width_mult, fused, stochastic_depth_prob):
+    return finish(EfficientNet(phi, num_classes, dropout, width_mult, stochastic_depth_prob),
+                  fused)
 
 
-def efficientnet_b0(num_classes=1000, width_mult=1.0, fused=True):
-    """EfficientNet-B0 (phi=0): the MBConv+SE baseline, 224x224, 5.3M params."""
-    return _effnet(0, 0.2, num_classes, width_mult, fused)
+def efficientnet_b0(num_classes=1000, width_mult=1.0, fused=True, stochastic_depth_prob=0.2):
+    """EfficientNet-B0 (phi=0): the MBConv+SE baseline, 224x224, 5.3M params. Stochastic depth
+    up to ``stochastic_depth_prob`` on the residual branches in training (all B0..B3)."""
+    return _effnet(0, 0.2, num_classes, width_mult, fused, stochastic_depth_prob)
 
 
-def efficientnet_b1(num_classes=1000, width_mult=1.0, fused=True):
+def efficientnet_b1(num_classes=1000, width_mult=1.0, fused=True, stochastic_depth_prob=0.2):
     """EfficientNet-B1 (phi=1): depth x1.2, width x1.1, resolution 258."""
-    return _effnet(1, 0.2, num_classes, width_mult, fused)
+    return _effnet(1, 0.2, num_classes, width_mult, fused, stochastic_depth_prob)
 
 
-def efficientnet_b2(num_classes=1000, width_mult=1.0, fused=True):
+def efficientnet_b2(num_classes=1000, width_mult=1.0, fused=True, stochastic_depth_prob=0.2):
     """EfficientNet-B2 (phi=2): depth x1.44, width x1.21, resolution 296."""
-    return _effnet(2, 0.3, num_classes, width_mult, fused)
+    return _effnet(2, 0.3, num_classes, width_mult, fused, stochastic_depth_prob)
 
 
-def efficientnet_b3(num_classes=1000, width_mult=1.0, fused=True):
+def efficientnet_b3(num_classes=1000, width_mult=1.0, fused=True, stochastic_depth_prob=0.2):
     """EfficientNet-B3 (phi=3): depth x1.728, width x1.331, resolution 341."""
-    return _effnet(3, 0.3, num_classes, width_mult, fused)
+    return _effnet(3, 0.3, num_classes, width_mult, fused, stochastic_depth_prob)

@@ -1,0 +1,253 @@
+"""Residual rules of :func:`tilefuse.patch`: patterns that need the residual *passed into* the
+fused op, so the module that owns the ``add`` gets a rewritten ``forward``.
+
+* ``bn -> add -> act`` (train mode)      => ``BatchNormAct2d(act)`` called as ``bn(x, residual)``
+* ``dropout -> add``                     => ``DropoutAdd(x, residual)`` (``ops.dropout_add``)
+* ``LayerNorm/RMSNorm(x + residual)``    => ``LayerNormAct/RMSNormAct(x, residual)`` (post-norm
+  transformer blocks: BERT's output block, ``nn.TransformerEncoderLayer``-style forwards)
+* ``LayerNorm(dropout(x) + residual)``   => :func:`add_norm`: ``dropout_add`` + ``LayerNormAct``
+  while the dropout is active (train, ``p > 0``), one ``LayerNormAct(x, residual)`` otherwise
+
+The owner is traced on its own with :mod:`torch.fx`, its graph is edited and the generated
+``forward`` is bound to that instance (class, attributes and other methods kept; ``unpatch``
+removes it). Also here: the *declared* residual fusion (``tilefuse_residual``) of tilefuse.models.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Dict, List, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from tilefuse import patch_rules as R
+
+# rewrites of one owner run in this order: dropout -> add first, so that an add -> norm rule
+# right after it sees the DropoutAdd call and can take it in (Dropout -> add -> LayerNorm)
+_ORDER = {"bn_add_act": 0, "dropout_add": 1, "add_norm": 2}
+_NORM_TARGETS = {"LayerNorm": "LayerNormAct", "RMSNorm": "RMSNormAct"}
+_LABEL = {"bn_add_act": "bn -> add -> act", "dropout_add": "dropout -> add",
+          "add_norm": "norm(x + residual)"}
+
+
+def _path(owner: str, name: str) -> str:
+    return f"{owner}.{name}" if owner else name
+
+
+def _fits(x, residual) -> bool:
+    """``norm(x, residual)`` is valid: same dtype/device and ``residual`` broadcasts to ``x``."""
+    return (isinstance(x, torch.Tensor) and isinstance(residual, torch.Tensor)
+            and x.dtype == residual.dtype and x.device == residual.device
+            and torch.broadcast_shapes(x.shape, residual.shape) == x.shape)
+
+
+def add_norm(norm: nn.Module, x, residual, dropout: nn.Module = None):
+    """``norm(x + residual)`` (``norm(dropout(x) + residual)`` with ``dropout``) where ``norm`` is a
+    fused ``LayerNormAct``/``RMSNormAct``: the sum is computed inside the norm kernel.
+
+    With an active ``dropout`` (a :class:`tilefuse.patch_rules.DropoutAdd`, training, ``p > 0``)
+    the sum is ``tilefuse.ops.dropout_add`` (one pass) and the norm gets it without residual; in
+    eval or with ``p == 0`` the dropout is the identity and the norm takes ``(x, residual)``.
+    Operands the fused norm cannot take (different dtypes, e.g. under autocast, or a residual
+    that does not broadcast to the other operand) fall back to ``norm(x + residual)``."""
+    if isinstance(x, fx.Proxy) or isinstance(residual, fx.Proxy):  # traced again: plain math
+        return norm(x + residual if dropout is None else dropout(x, residual))
+    if dropout is not None and dropout.training and dropout.p > 0:
+        return norm(dropout(x, residual))
+    if R.is_tilefuse(norm):
+        if _fits(x, residual):
+            return norm(x, residual)
+        if _fits(residual, x):
+            return norm(residual, x)
+    return norm(x + residual)
+
+
+# ---- owner-forward rewriters: (planner, graph, node, owner_path, mods, calls) -> changed?
+def residual_of(add, node):
+    """The other operand of a binary ``add`` node whose one operand is ``node``."""
+    if len(node.users) != 1 or not R.is_add(add) or add.op != "call_function" \
+            or len(add.args) != 2 or add.kwargs:
+        return None
+    other = add.args[1] if add.args[0] is node else add.args[0]
+    return other if isinstance(other, fx.Node) and other is not node else None
+
+
+def rw_dropout_add(planner, graph, node, owner_path, mods, calls):
+    """``dropout -> add`` in ``graph`` => one ``DropoutAdd(x, residual)`` call."""
+    add = next(iter(node.users))
+    residual = residual_of(add, node)
+    if residual is None or R.fused_class("dropout_add", "tilefuse.ops") is None:
+        return False
+    drop = mods[node.target]
+    new = R.DropoutAdd(drop.p, drop.inplace)
+    planner.replace(_path(owner_path, node.target), new, False,
+                    "Dropout -> add(residual): tilefuse.ops.dropout_add (owner forward rewritten)")
+    with graph.inserting_before(add):
+        fused = graph.call_module(node.target, (node.args[0], residual))
+    add.replace_all_uses_with(fused)
+    graph.erase_node(add)
+    graph.erase_node(node)
+    return True
+
+
+def rw_bn_add_act(planner, graph, node, owner_path, mods, calls):
+    """``bn -> add -> act`` in ``graph`` => one ``BatchNormAct2d(x, residual)`` call."""
+    add = next(iter(node.users))
+    residual = residual_of(add, node)
+    cls = R.fused_class("BatchNormAct2d")
+    if residual is None or cls is None or not isinstance(mods[node.target], nn.BatchNorm2d):
+        return False
+    act_node, act = planner._act_after(add, calls, mods)
+    if act is None:
+        return False
+    name, param, _ = act
+    bn = mods[node.target]
+    planner.replace(_path(owner_path, node.target), R.convert(cls, bn, R.act_spec(name, param)),
+                    True, f"BatchNorm2d -> add(residual) -> {name}: BatchNormAct2d(residual) "
+                          f"(owner forward rewritten)")
+    with graph.inserting_before(act_node):
+        fused = graph.call_module(node.target, (node.args[0], residual))
+    act_node.replace_all_uses_with(fused)
+    for n in (act_node, add, node):
+        graph.erase_node(n)
+    return True
+
+
+def add_operands(add):
+    """``(a, b)`` of ``a + b`` when the fused norm can take it: a binary tensor add whose sum has
+    one user (the norm: the fused kernel does not write the sum out) and, for ``a += b``, whose
+    ``a`` is used nowhere else (it would see the mutation). Else a reason string."""
+    if not R.is_add(add) or add.op != "call_function" or len(add.args) != 2 or add.kwargs:
+        return "the add is not a plain binary add"
+    a, b = add.args
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return "one operand of the add is not a tensor"
+    if len(add.users) != 1:
+        return "the sum is also used elsewhere (pre-norm residual stream)"
+    if add.target is operator.iadd and len(a.users) != 1:
+        return "in-place add whose target is used elsewhere"
+    return a, b
+
+
+def rw_add_norm(planner, graph, node, owner_path, mods, calls):
+    """``norm(x + residual)`` / ``norm(DropoutAdd(x, residual))`` => :func:`add_norm` call with
+    the norm converted to ``LayerNormAct``/``RMSNormAct`` (or already converted by ``norm_act``
+    when an activation follows)."""
+    path = _path(owner_path, node.target)
+    norm = mods[node.target]
+    kind = type(norm).__name__
+    target = _NORM_TARGETS[kind]
+    cls = R.fused_class(target)
+    src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+    planned = planner.plan.get(path)
+    if cls is None:
+        planner.skip(path, f"{kind}(x + residual): tilefuse.nn.{target} not available")
+        return False
+    if planned is not None and not isinstance(planned[0], cls):
+        return False
+    drop = None
+    if (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1
+            and isinstance(planner.plan.get(_path(owner_path, src.target), (None,))[0],
+                           R.DropoutAdd)):
+        drop, (x, residual) = src, src.args
+        what = f"Dropout -> add(residual) -> {kind}: dropout_add + {target} (train), " \
+               f"{target}(x, residual) (eval)"
+    else:
+        ops = add_operands(src) if isinstance(src, fx.Node) else "input is not an add"
+        if isinstance(ops, str):
+            planner.skip(path, f"{kind}(x + residual): {ops}")
+            return False
+        x, residual = ops
+        what = f"add(residual) -> {kind}: {target}(x, residual)"
+    if planned is None:
+        planner.replace(path, R.convert(cls, norm), True, what + " (owner forward rewritten)")
+    else:
+        planner.replace(path, planned[0], planned[1], planned[2] + "; " + what)
+    with graph.inserting_before(node):
+        args = (graph.get_attr(node.target), x, residual)
+        if drop is not None:
+            args += (graph.get_attr(drop.target),)
+        fused = graph.call_function(add_norm, args)
+    node.replace_all_uses_with(fused)
+    graph.erase_node(node)
+    graph.erase_node(src)
+    return True
+
+
+def rewrite_owners(planner) -> None:
+    """Residual patterns inside one module's forward: trace the module that owns them, rewrite its
+    graph and record the generated forward in ``planner.forwards`` (bound to that instance by
+    :func:`tilefuse.patch`). Only for owners that trace to the same graph in train and eval
+    mode."""
+    owners: Dict[str, List[Tuple[str, str]]] = {}
+    for kind, path in planner.candidates:
+        planned = planner.plan.get(path)
+        if planned is not None and not (kind == "add_norm" and R.is_tilefuse(planned[0])):
+            continue
+        owner, _, local = path.rpartition(".")
+        owners.setdefault(owner, []).append((kind, local))
+    for owner_path, items in owners.items():
+        items.sort(key=lambda kl: _ORDER[kl[0]])
+        owner = planner.model.get_submodule(owner_path) if owner_path else planner.model
+        where = f"{_LABEL[items[0][0]]} in {type(owner).__name__}"
+        if not owner_path:
+            for kind, local in items:
+                planner.skip(local, f"{_LABEL[kind]} in {type(owner).__name__}: the owner is "
+                                    f"the root module; its forward is not rewritten")
+            continue
+        try:
+            mode = owner.training
+            graph = R.Tracer().trace(owner)
+            owner.train(not mode)
+            other = R.Tracer().trace(owner)
+            owner.train(mode)
+        except Exception:  # noqa: BLE001
+            planner.skip(owner_path, f"{where}: owner not fx-traceable on its own")
+            continue
+        if graph.python_code("self").src != other.python_code("self").src:
+            planner.skip(owner_path, f"{where}: forward depends on train/eval mode")
+            continue
+        mods = {n.target: owner.get_submodule(n.target) for n in graph.nodes
+                if n.op == "call_module"}
+        calls: Dict[str, int] = {}
+        for n in graph.nodes:
+            if n.op == "call_module":
+                calls[n.target] = calls.get(n.target, 0) + 1
+        changed = False
+        for kind, local in items:
+            nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == local]
+            if len(nodes) != 1:
+                continue
+            changed |= globals()["rw_" + kind](planner, graph, nodes[0], owner_path, mods, calls)
+        if changed:
+            graph.lint()
+            gm = fx.GraphModule(owner, graph)
+            planner.forwards[owner_path] = type(gm).forward
+
+
+def declared_residuals(planner) -> None:
+    """Modules that declare ``tilefuse_residual = (("bn2", "relu_out"), ...)`` compute
+    ``act(bn(x) + residual)`` and call ``bn(x, residual)`` once ``act`` is ``nn.Identity``
+    (tilefuse.models' ResNet blocks). The pattern is invisible to module replacement
+    otherwise: ``bn -> add -> act`` needs the residual passed into the fused BN."""
+    if "bn_act" not in planner.ops:
+        return
+    cls = R.fused_class("BatchNormAct2d")
+    for path, m in planner.model.named_modules():
+        for bn_name, act_name in getattr(type(m), "tilefuse_residual", ()):
+            bn_path, act_path = _path(path, bn_name), _path(path, act_name)
+            bn, act = getattr(m, bn_name, None), getattr(m, act_name, None)
+            if bn_path in planner.plan or type(bn) is not nn.BatchNorm2d or act is None:
+                continue
+            if cls is None:
+                planner.skip(bn_path, "BatchNorm2d -> add -> act: tilefuse.nn.BatchNormAct2d "
+                                      "not available")
+                continue
+            try:
+                name, param = R.activation_from_module(act)
+            except ValueError:
+                continue
+            planner.replace(bn_path, R.convert(cls, bn, R.act_spec(name, param)), True,
+                            f"BatchNorm2d -> add(residual) -> {name}: BatchNormAct2d(residual)")
+            planner.replace(act_path, nn.Identity(), False, "absorbed into BatchNormAct2d")

@@ -16,6 +16,9 @@ except Exception:  # pragma: no cover
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# never tune inside a test's forward (up to seconds per new shape on a GPU); tests of the tuner set
+# TILEFUSE_AUTOTUNE themselves
+os.environ.setdefault("TILEFUSE_AUTOTUNE", "0")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -34,6 +34,18 @@ _MODULE_NAMES = {
     torch.nn.SiLU: "silu", torch.nn.Sigmoid: "sigmoid", torch.nn.Tanh: "tanh",
 }
 
+# Hugging Face ``transformers.activations`` classes, matched by class name (transformers is not a
+# dependency and is never imported). Only classes whose forward is *mathematically* one of ours:
+# GELUActivation = F.gelu (erf; its python variant is the same erf formula); NewGELUActivation =
+# 0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3))) = the tanh approximation; FastGELUActivation =
+# 0.5x(1 + tanh(0.7978845608 x (1 + 0.044715x^2))), the same polynomial factored;
+# GELUTanh / PytorchGELUTanh = F.gelu(approximate="tanh"); SiLUActivation = x * sigmoid(x).
+# Not mapped: QuickGELU (x * sigmoid(1.702x)), ClippedGELU (clamped), GELU10, ReLUSquared...
+HF_ACTIVATIONS = {
+    "GELUActivation": "gelu", "NewGELUActivation": "gelu_tanh", "FastGELUActivation": "gelu_tanh",
+    "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh", "SiLUActivation": "silu",
+}
+
 
 def parse_activation(activation: ActivationSpec) -> Tuple[str, float]:
     """Normalise ``activation`` to ``(name, param)``.
@@ -64,7 +76,10 @@ def parse_activation(activation: ActivationSpec) -> Tuple[str, float]:
 
 
 def activation_from_module(module: torch.nn.Module) -> Tuple[str, float]:
-    """Map a torch activation module to ``(name, param)``; ``ValueError`` if it has no kernel."""
+    """Map a torch activation module to ``(name, param)``; ``ValueError`` if it has no kernel.
+
+    Also maps Hugging Face's activation classes by class name (:data:`HF_ACTIVATIONS`), without
+    importing ``transformers``."""
     if isinstance(module, torch.nn.GELU):
         return ("gelu_tanh" if module.approximate == "tanh" else "gelu"), 0.0
     if isinstance(module, torch.nn.LeakyReLU):
@@ -74,6 +89,9 @@ def activation_from_module(module: torch.nn.Module) -> Tuple[str, float]:
     for cls, name in _MODULE_NAMES.items():
         if type(module) is cls:
             return name, 0.0
+    name = HF_ACTIVATIONS.get(type(module).__name__)
+    if name is not None and not type(module).__module__.startswith("torch."):
+        return name, 0.0  # Hugging Face's classes, by name (see HF_ACTIVATIONS)
     raise ValueError(f"no fused activation for module {type(module).__name__}")
 
 

@@ -8,8 +8,10 @@ attribute paths, so the model keeps its class, its attribute names and (in train
 Rules (``ops=`` selects a subset; default all):
 
 ==============  ==================================================================================
-``conv_bn_act`` eval: Conv2d -> BatchNorm2d folded into the conv (BN becomes Identity); a depthwise
-                conv becomes ``DepthwiseConv2d(activation=act)`` when the activation can be absorbed
+``conv_bn_act`` eval: Conv2d -> BatchNorm2d folded into the conv (BN becomes a ``FoldedBatchNorm``
+                Identity that restores conv + BN on ``train()`` and re-folds on ``eval()``); a
+                depthwise conv becomes ``DepthwiseConv2d(activation=act)`` when the activation
+                can be absorbed
 ``bn_act``      BatchNorm1d/2d -> act  =>  ``BatchNormAct1d/2d(activation=act)``
 ``linear_act``  Linear -> act  =>  ``tilefuse.nn.Linear(activation=act)``
 ``norm_act``    LayerNorm/RMSNorm/GroupNorm -> act  =>  ``LayerNormAct``/``RMSNormAct``/...;
@@ -21,7 +23,9 @@ Rules (``ops=`` selects a subset; default all):
 The activation module of a fused pattern becomes ``nn.Identity``. When it cannot be removed (the
 same module object is called at several places, e.g. torchvision's ``BasicBlock.relu``, or it is a
 functional call like ``F.relu``) the pattern is still fused if the activation is idempotent
-(ReLU/ReLU6: ``relu(relu(x)) == relu(x)``), else it is left alone and the report says why.
+(ReLU/ReLU6: ``relu(relu(x)) == relu(x)``), else it is left alone and the report says why. Every
+declined match (output used elsewhere, module called at several places, activation without a
+kernel, activation after a folded dense conv...) is listed under "left alone" with its reason.
 
 Residual patterns (``bn -> add -> act`` in train mode, ``dropout -> add``, ``norm(x + residual)``)
 need the residual passed into the fused op: the module that *owns* them is traced on its own and
@@ -97,25 +101,57 @@ class _Planner:
         self.modules = dict(model.named_modules())
         self.candidates: List[Tuple[str, str]] = []  # (kind, module path) for owner rewrites
         self.forwards: Dict[str, object] = {}  # owner path -> rewritten forward function
+        self.fold_group = R._FoldGroup()  # shared by this patch's FoldedBatchNorm placeholders
 
     def replace(self, path, new, shared, descr):
         self.plan[path] = (new, shared, descr)
 
     def skip(self, path, why):
-        self.report.left_alone.append((path, why))
+        if (path, why) not in self.report.left_alone:
+            self.report.left_alone.append((path, why))
 
-    def _act_after(self, node, calls, mods):
-        """The activation applied to ``node``'s output, if ``node`` has exactly one user."""
+    def _act_after(self, node, calls, mods, path=None):
+        """The activation applied to ``node``'s output, if ``node`` has exactly one user.
+
+        With ``path`` (a pattern the caller would fuse), a declined match is reported: the output
+        also feeds something else, or the next module is an activation without a kernel."""
         users = list(node.users)
+        what = type(mods[node.target]).__name__ if node.op == "call_module" else str(node.target)
         if len(users) != 1:
+            acts = [a for a in (R.node_activation(u, mods) for u in users) if a is not None]
+            if path is not None and acts:
+                self.skip(path, f"{what} -> {acts[0][0]}: not fused, the {what} output is also "
+                                f"used elsewhere ({len(users)} users)")
             return None, None
         act = R.node_activation(users[0], mods)
         if act is None:
+            nxt = mods.get(users[0].target) if users[0].op == "call_module" else None
+            if (path is not None and nxt is not None and not R.is_tilefuse(nxt)
+                    and type(nxt).__module__ == "torch.nn.modules.activation"
+                    and not isinstance(nxt, nn.MultiheadAttention)):
+                self.skip(path, f"{what} -> {type(nxt).__name__}: not fused, no fused kernel "
+                                f"for {type(nxt).__name__}")
             return None, None
         name, param, removable = act
         if removable and calls[users[0].target] != 1:
             removable = False
         return users[0], (name, param, removable)
+
+    def _multi_call(self, node, prefix, calls, mods):
+        """A module that would start a pattern but is called at several places: report it."""
+        m = mods[node.target]
+        rule = {nn.Linear: "linear_act", nn.BatchNorm1d: "bn_act", nn.BatchNorm2d: "bn_act",
+                nn.LayerNorm: "norm_act", nn.GroupNorm: "norm_act"}.get(type(m))
+        if rule is None and type(m) is getattr(nn, "RMSNorm", None):
+            rule = "norm_act"
+        if rule not in self.ops or _join(prefix, node.target) in self.plan:
+            return
+        users = list(node.users)
+        act = R.node_activation(users[0], mods) if len(users) == 1 else None
+        if act is not None:
+            self.skip(_join(prefix, node.target),
+                      f"{type(m).__name__} -> {act[0]}: not fused, the module is called at "
+                      f"{calls[node.target]} places")
 
     def _absorb(self, path, act_node, act, prefix, what):
         """Decide what happens to the activation after a fused producer; False = give up."""
@@ -139,7 +175,10 @@ class _Planner:
                 calls[n.target] = calls.get(n.target, 0) + 1
         done = set()
         for node in graph.nodes:
-            if node.op != "call_module" or node.target in done or calls[node.target] != 1:
+            if node.op != "call_module" or node.target in done:
+                continue
+            if calls[node.target] != 1:
+                self._multi_call(node, prefix, calls, mods)
                 continue
             m = mods[node.target]
             path = _join(prefix, node.target)
@@ -149,7 +188,7 @@ class _Planner:
             if kind in (nn.BatchNorm2d, nn.BatchNorm1d):
                 self._bn(node, m, path, prefix, calls, mods, done)
             elif kind is nn.Linear and "linear_act" in self.ops:
-                act_node, act = self._act_after(node, calls, mods)
+                act_node, act = self._act_after(node, calls, mods, path)
                 if act is None:
                     continue
                 if self._absorb(path, act_node, act, prefix, "Linear"):
@@ -160,7 +199,7 @@ class _Planner:
                 src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
                 if kind is not nn.GroupNorm and isinstance(src, fx.Node) and R.is_add(src):
                     self.candidates.append(("add_norm", path))  # norm(x + residual)
-                act_node, act = self._act_after(node, calls, mods)
+                act_node, act = self._act_after(node, calls, mods, path)
                 if act is None:
                     continue
                 target = {nn.LayerNorm: "LayerNormAct", nn.GroupNorm: "GroupNormAct"}.get(
@@ -180,32 +219,61 @@ class _Planner:
     def _bn(self, node, bn, path, prefix, calls, mods, done):
         conv_node = node.args[0] if node.args else None
         conv = None
+        folding = not self.model.training and "conv_bn_act" in self.ops
         if (isinstance(conv_node, fx.Node) and conv_node.op == "call_module"
-                and type(mods[conv_node.target]) is nn.Conv2d and len(conv_node.users) == 1
-                and calls[conv_node.target] == 1 and isinstance(bn, nn.BatchNorm2d)):
-            conv = mods[conv_node.target]
+                and type(mods[conv_node.target]) is nn.Conv2d and isinstance(bn, nn.BatchNorm2d)):
+            cpath = _join(prefix, conv_node.target)
+            if len(conv_node.users) != 1:
+                if folding:
+                    self.skip(cpath, "Conv2d -> BatchNorm2d not folded: the conv's output is "
+                                     "also used elsewhere")
+            elif calls[conv_node.target] != 1:
+                if folding:
+                    self.skip(cpath, f"Conv2d -> BatchNorm2d not folded: the conv is called at "
+                                     f"{calls[conv_node.target]} places")
+            else:
+                conv = mods[conv_node.target]
         act_node, act = self._act_after(node, calls, mods)
-        if (not self.model.training and conv is not None and bn.track_running_stats
-                and bn.running_mean is not None and "conv_bn_act" in self.ops):
+        if folding and conv is not None and not (bn.track_running_stats
+                                                and bn.running_mean is not None):
+            self.skip(path, "Conv2d -> BatchNorm2d not folded: the BN has no running statistics "
+                            "(track_running_stats=False)")
+        elif folding and conv is not None:
             cpath = _join(prefix, conv_node.target)
             folded = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
             descr = "Conv2d -> BatchNorm2d folded (eval)"
             dw = R.fused_class("DepthwiseConv2d")
+            spec = None
             if R.is_depthwise(conv) and dw is not None and "depthwise" in self.ops:
-                spec = None
                 if act is not None and act[2]:
                     spec = R.act_spec(act[0], act[1])
                     self.replace(_join(prefix, act_node.target), nn.Identity(), False,
                                  "absorbed into DepthwiseConv2d")
+                elif act is not None:
+                    where = "shared by several call sites" if act_node.op == "call_module" \
+                        else "functional"
+                    self.skip(cpath, f"folded DepthwiseConv2d -> {act[0]}: activation is "
+                                     f"{where}, not absorbed (runs as a torch op)")
                 folded = R.convert(dw, folded, spec)
                 shown = spec[0] if isinstance(spec, tuple) else spec
                 descr += f" into DepthwiseConv2d(activation={shown})"
+            elif act is not None:
+                why = ("no fused dense-conv kernel" if not R.is_depthwise(conv) else
+                       "tilefuse.nn.DepthwiseConv2d not available" if dw is None else
+                       "the depthwise rule is not selected")
+                self.skip(cpath, f"folded Conv2d -> {act[0]}: activation not absorbed ({why}; "
+                                 f"runs as a torch op)")
             self.replace(cpath, folded, False, descr)
-            self.replace(path, nn.Identity(), False, "folded into the preceding conv")
+            parent, _, name = cpath.rpartition(".")
+            slot = (self.model.get_submodule(parent) if parent else self.model, name)
+            self.replace(path, R.FoldedBatchNorm(path, cpath, slot, conv, bn, folded, spec,
+                                                 self.fold_group),
+                         False, "folded into the preceding conv")
             done.add(conv_node.target)
             return
         if "bn_act" not in self.ops:
             return
+        act_node, act = self._act_after(node, calls, mods, path)
         users = list(node.users)
         if act is None and self.model.training and len(users) == 1 and R.is_add(users[0]):
             self.candidates.append(("bn_add_act", path))
@@ -322,6 +390,9 @@ def unpatch(model: nn.Module) -> nn.Module:
     state = getattr(model, "_tilefuse_patch", None)
     if state is None:
         return model
+    for m in model.modules():  # train()-restored BNs: their tensors may have been moved
+        if isinstance(m, R.FoldedBatchNorm):
+            m.sync()
     for path in sorted(state.originals, key=lambda p: -p.count(".")):
         orig, shared = state.originals[path]
         current = model.get_submodule(path)

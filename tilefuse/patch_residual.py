@@ -77,7 +77,12 @@ def rw_dropout_add(planner, graph, node, owner_path, mods, calls):
     """``dropout -> add`` in ``graph`` => one ``DropoutAdd(x, residual)`` call."""
     add = next(iter(node.users))
     residual = residual_of(add, node)
-    if residual is None or R.fused_class("dropout_add", "tilefuse.ops") is None:
+    path = _path(owner_path, node.target)
+    if residual is None:
+        planner.skip(path, "Dropout -> add: not fused, not a binary add of two tensors")
+        return False
+    if R.fused_class("dropout_add", "tilefuse.ops") is None:
+        planner.skip(path, "Dropout -> add: tilefuse.ops.dropout_add not available")
         return False
     drop = mods[node.target]
     new = R.DropoutAdd(drop.p, drop.inplace)
@@ -94,12 +99,24 @@ def rw_dropout_add(planner, graph, node, owner_path, mods, calls):
 def rw_bn_add_act(planner, graph, node, owner_path, mods, calls):
     """``bn -> add -> act`` in ``graph`` => one ``BatchNormAct2d(x, residual)`` call."""
     add = next(iter(node.users))
+    if not R.is_add(add):
+        return False  # the add is outside this owner's forward (e.g. a downsample branch)
     residual = residual_of(add, node)
     cls = R.fused_class("BatchNormAct2d")
-    if residual is None or cls is None or not isinstance(mods[node.target], nn.BatchNorm2d):
+    path = _path(owner_path, node.target)
+    what = f"{type(mods[node.target]).__name__} -> add(residual)"
+    if residual is None:
+        planner.skip(path, f"{what}: not fused, not a binary add of two tensors")
+        return False
+    if not isinstance(mods[node.target], nn.BatchNorm2d):
+        return False
+    if cls is None:
+        planner.skip(path, f"{what}: tilefuse.nn.BatchNormAct2d not available")
         return False
     act_node, act = planner._act_after(add, calls, mods)
     if act is None:
+        planner.skip(path, f"{what}: not fused, the sum is not followed by one supported "
+                           f"activation (used elsewhere, or none)")
         return False
     name, param, _ = act
     bn = mods[node.target]
@@ -217,6 +234,9 @@ def rewrite_owners(planner) -> None:
         changed = False
         for kind, local in items:
             nodes = [n for n in graph.nodes if n.op == "call_module" and n.target == local]
+            if len(nodes) > 1:
+                planner.skip(_path(owner_path, local), f"{_LABEL[kind]}: not fused, the module is "
+                                                       f"called at {len(nodes)} places")
             if len(nodes) != 1:
                 continue
             changed |= globals()["rw_" + kind](planner, graph, nodes[0], owner_path, mods, calls)
@@ -247,6 +267,8 @@ def declared_residuals(planner) -> None:
             try:
                 name, param = R.activation_from_module(act)
             except ValueError:
+                planner.skip(bn_path, f"declared BatchNorm2d -> add -> {type(act).__name__}: no "
+                                      f"fused kernel for {type(act).__name__}")
                 continue
             planner.replace(bn_path, R.convert(cls, bn, R.act_spec(name, param)), True,
                             f"BatchNorm2d -> add(residual) -> {name}: BatchNormAct2d(residual)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import operator
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -17,7 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tilefuse.activations import activation_from_module  # noqa: F401 (re-exported)
+from tilefuse.activations import HF_ACTIVATIONS, activation_from_module  # noqa: F401
 
 # activations whose double application is exact: act(act(x)) == act(x). A fused ``norm+act`` may
 # then leave a shared or functional activation call in place without changing the result.
@@ -177,4 +178,120 @@ class Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if is_tilefuse(m) or getattr(m, "tilefuse_leaf", False):  # opaque by declaration
             return True
+        if type(m).__name__ in HF_ACTIVATIONS:  # keep HF activations one call_module node
+            return True
         return super().is_leaf_module(m, qualname)
+
+
+class _FoldGroup:
+    """Shared by the :class:`FoldedBatchNorm` placeholders of one :func:`tilefuse.patch` call, so
+    that switching the model to ``train()`` warns once, not once per BN."""
+
+    def __init__(self):
+        self.members = 0
+        self.warned = False
+
+
+class FoldedBatchNorm(nn.Identity):
+    """What :func:`tilefuse.patch` leaves at the path of a BatchNorm2d it folded into the preceding
+    conv (eval mode). An ``nn.Identity`` while folded, with no parameters or buffers, so the
+    patched model's ``state_dict`` is the folded one.
+
+    ``train()`` unfolds: the original conv is put back in the conv's slot and this module runs the
+    original BatchNorm2d (batch statistics, running-stat updates; plus the activation that was
+    absorbed into a folded depthwise conv), registering the BN's parameters and buffers under its
+    own name. The patched model then computes, trains and saves (``state_dict`` keys) exactly like
+    the unpatched model in train mode. ``eval()`` re-folds from the current conv weights and BN
+    statistics. The original modules are the ones :func:`tilefuse.unpatch` restores, so unpatch
+    round-trips (with the trained values) in either mode. The parameters the model exposes change
+    with the mode: build the optimizer after ``train()``. The first ``train()`` warns once.
+    """
+
+    tilefuse_leaf = True
+
+    def __init__(self, path, conv_path, slot, conv, bn, folded, act=None, group=None):
+        super().__init__()
+        # plain attributes (a tuple is not registered): the originals and the folded conv live in
+        # the module tree only while they are in use
+        self._tf = (path, conv_path, slot, conv, bn, folded, act, group or _FoldGroup())
+        self._tf[7].members += 1
+        self.unfolded = False
+        self.training = False
+
+    def extra_repr(self) -> str:
+        state = "unfolded: original Conv2d + BatchNorm2d" if self.unfolded else "folded"
+        return f"{self._tf[0]} ({state})"
+
+    def sync(self) -> None:
+        """Point the original BN at the tensors registered here (``.to()`` replaces buffers)."""
+        if self.unfolded:
+            bn = self._tf[4]
+            bn._parameters.update(self._parameters)
+            bn._buffers.update(self._buffers)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and not self.unfolded:
+            self._unfold()
+        elif not mode and self.unfolded:
+            self._fold()
+        if self.unfolded:
+            self._tf[4].train(mode)
+        return self
+
+    def _unfold(self) -> None:
+        path, conv_path, (parent, name), conv, bn, folded, _, group = self._tf
+        if parent._modules.get(name) is not folded:
+            warnings.warn(f"tilefuse: {path} was patched in eval mode: its BatchNorm2d is folded "
+                          f"into {conv_path}, which has since been replaced, so train() cannot "
+                          f"restore batch statistics. Call tilefuse.unpatch(model) and re-patch in "
+                          f"train mode for training.", UserWarning, stacklevel=3)
+            return
+        ref = folded.weight
+        conv.to(device=ref.device, dtype=ref.dtype)
+        bn.to(device=ref.device, dtype=ref.dtype)
+        conv.train(True)
+        bn.train(True)
+        parent._modules[name] = conv
+        self._parameters.update(bn._parameters)
+        self._buffers.update(bn._buffers)
+        self.unfolded = True
+        if not group.warned:
+            group.warned = True
+            others = f" (and {group.members - 1} other folded BatchNorm2d)" \
+                if group.members > 1 else ""
+            warnings.warn(f"tilefuse: {path}{others} was patched in eval mode with the BatchNorm "
+                          f"folded into {conv_path}; train() restores the original Conv2d + "
+                          f"BatchNorm2d (batch statistics, running-stat updates) and eval() "
+                          f"re-folds them. The model's parameters changed: build the optimizer "
+                          f"after train(). For fused training kernels call tilefuse.unpatch(model) "
+                          f"and re-patch in train mode.", UserWarning, stacklevel=3)
+
+    def _fold(self) -> None:
+        _, _, (parent, name), conv, bn, folded, _, _ = self._tf
+        if parent._modules.get(name) is not conv:
+            return  # the conv slot was changed meanwhile: stay unfolded (BN in eval mode: exact)
+        self.sync()
+        w, b = torch.nn.utils.fusion.fuse_conv_bn_weights(
+            conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        folded.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        with torch.no_grad():
+            folded.weight.copy_(w)
+            folded.bias.copy_(b)
+        folded.train(False)
+        parent._modules[name] = folded
+        self._parameters.clear()
+        self._buffers.clear()
+        self.unfolded = False
+
+    def forward(self, x):  # noqa: D401
+        if not self.unfolded:
+            return x
+        self.sync()
+        y = self._tf[4](x)
+        act = self._tf[6]
+        if act is not None:
+            from tilefuse.activations import parse_activation, torch_activation
+
+            y = torch_activation(y, *parse_activation(act))
+        return y

@@ -33,7 +33,8 @@ def tune(kernel: str, key: dict, *, timer=None, budget_s=None, exhaustive=False,
     if space is None:
         raise ValueError(f"no tuning space registered for kernel {kernel!r}; known: "
                          f"{', '.join(registered_spaces())}")
-    key = space.parse_shape(key) if "dtype" in key else {**space.parse_shape(key), "dtype": "float32"}
+    key = space.parse_shape(key)
+    key.setdefault("dtype", "float32")
     identity = current_identity(device)
     if store:
         return tune_and_store(space, key, identity, timer=timer, budget_s=budget_s,

@@ -1,13 +1,16 @@
 """``tilefuse autotune``: tune kernels for this GPU ahead of time and manage the tuning DB.
 
-    tilefuse autotune [--kernels matmul] [--shapes FILE|model:NAME] [--dtype fp16,bf16]
+    tilefuse autotune [--kernels matmul,int8_matmul,layer_norm] [--shapes FILE|model:NAME]
+                      [--dtype fp16,bf16]
                       [--budget-s N] [--exhaustive] [--timer auto|bench|wall|model] [--force]
     tilefuse autotune --show | --clear | --export PATH
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
+import time
 
 from tilefuse.autotune import chain
 from tilefuse.autotune.identity import current_identity
@@ -107,11 +110,44 @@ def _export(identity, path) -> int:
     return 0
 
 
+def default_kernels() -> list:
+    """Every registered family, matmul first (unlabelled shapes-file lines are matmul)."""
+    names = registered_spaces()
+    return sorted(names, key=lambda n: (n != "matmul", n))
+
+
+def requested_kernels(value) -> list:
+    """The families named by ``--kernels`` (all registered ones when empty); ValueError naming
+    the unknown entries and listing the valid ones."""
+    kernels = _split(value)
+    if not kernels:
+        return default_kernels()
+    unknown = [k for k in kernels if get_space(k) is None]
+    if unknown:
+        valid = registered_spaces()
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if m else repr(k)
+                 for k in unknown for m in [difflib.get_close_matches(k, valid, n=1)]]
+        raise ValueError(f"--kernels: unknown kernel famil{'y' if len(unknown) == 1 else 'ies'} "
+                         f"{', '.join(hints)}; registered tuning spaces: {', '.join(valid)}")
+    return list(dict.fromkeys(kernels))
+
+
+def _interleave(problems) -> list:
+    """Round-robin across families, so a short --budget-s reaches every family."""
+    groups = {}
+    for p in problems:
+        groups.setdefault(p[0].name, []).append(p)
+    out = []
+    for i in range(max((len(g) for g in groups.values()), default=0)):
+        out += [g[i] for g in groups.values() if i < len(g)]
+    return out
+
+
 def _problems(args, identity):
     """[(space, key)] with one problem per bucket, or raises ValueError."""
     from tilefuse.autotune.shapes import load_shapes
 
-    kernels = _split(args.kernels) or ["matmul"]
+    kernels = requested_kernels(args.kernels)
     device = identity.torch_device.split(":")[0]
     dtypes = _split(args.dtype) or (["float16", "bfloat16"] if identity.is_cuda else ["float32"])
     specs, origin = load_shapes(args.shapes, kernels, device)
@@ -125,19 +161,32 @@ def _problems(args, identity):
                   f"{', '.join(registered_spaces())})", file=sys.stderr)
             continue
         key = space.parse_shape(spec)
-        keys = [key] if "dtype" in key and not args.dtype else \
-            [space.parse_shape({**spec, "dtype": d}) for d in dtypes]
+        keys = [key]
+        if "dtype" not in key or args.dtype:
+            keys = []
+            for d in dtypes:
+                try:
+                    keys.append(space.parse_shape({**key, "dtype": d}))
+                except ValueError as e:  # e.g. fp64 for a family without fp64 kernels
+                    print(f"skipping {kernel} {d}: {e}", file=sys.stderr)
         for k in keys:
             bucket = space.bucket(k)
             if (kernel, bucket) not in seen:
                 seen.add((kernel, bucket))
                 out.append((space, k))
+    if not args.shapes:
+        out = _interleave(out)
     return out, origin
 
 
 def _tune(args, identity) -> int:
     from tilefuse.autotune.tuner import get_timer
 
+    try:
+        requested_kernels(args.kernels)
+    except ValueError as e:
+        print(f"tilefuse autotune: {e}", file=sys.stderr)
+        return 2
     if identity.name == "cpu":
         print("no CUDA GPU and TRITON_INTERPRET is not set: nothing runs Triton kernels here "
               "(set TRITON_INTERPRET=1 before running to tune through the interpreter)",
@@ -160,7 +209,8 @@ def _tune(args, identity) -> int:
         per_problem = EXHAUSTIVE_DEFAULT_BUDGET_S
         print(f"--exhaustive without --budget-s: {per_problem:.0f} s per problem")
     progress = _progress_factory(not args.no_progress)
-    rows, failed, speedups = [], 0, []
+    rows, failed, speedups, skipped, tuned = [], 0, [], 0, 0
+    start = time.perf_counter()
     for space, key in problems:
         bucket = space.bucket(key)
         entry, source = chain.stored_entry(space, identity, bucket)
@@ -169,9 +219,14 @@ def _tune(args, identity) -> int:
                          _ms(entry.get("default_time_ms")), _ms(entry.get("time_ms")),
                          _speedup(entry), format_config(entry["config"])))
             continue
+        if args.budget_s and tuned and time.perf_counter() - start > args.budget_s:
+            skipped += 1  # the total budget is spent: later problems keep the heuristic
+            rows.append((space.name, space.describe(key), "skipped (budget)", "-", "-", "-", "-"))
+            continue
         entry = chain.tune_and_store(space, key, identity, timer=timer, budget_s=per_problem,
                                      exhaustive=args.exhaustive, max_configs=args.max_configs,
                                      progress=progress(space.describe(key)))
+        tuned += 1
         if entry is None:
             failed += 1
             rows.append((space.name, space.describe(key), "FAILED", "-", "-", "-", "-"))
@@ -186,6 +241,9 @@ def _tune(args, identity) -> int:
     if speedups:
         print(f"\ngeomean speedup over the heuristic default: {geomean(speedups):.2f}x "
               f"(timer: {args.timer})")
+    if skipped:
+        print(f"\n{skipped} problems not tuned: --budget-s {args.budget_s:g} spent "
+              "(they keep the heuristic config; run again to continue)")
     print(f"database: {db.path} ({len(db)} entries)")
     return 1 if failed else 0
 
@@ -209,8 +267,8 @@ def register(subparsers) -> argparse.ArgumentParser:
         "autotune", help="tune kernels for this GPU and manage the tuning database",
         description=__doc__.splitlines()[0])
     p.add_argument("--kernels", default=None,
-                   help="comma-separated kernel families (default: those named in --shapes, "
-                        "else matmul)")
+                   help="comma-separated kernel families: matmul, int8_matmul, layer_norm "
+                        "(default: every registered family)")
     p.add_argument("--shapes", default=None,
                    help="FILE (JSON list or 'MxNxK [dtype]' lines) or model:NAME "
                         "(e.g. model:resnet50, model:textcls); default: a built-in set")
@@ -218,7 +276,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="comma-separated dtypes (fp16,bf16,fp32,fp64); default fp16,bf16 on "
                         "CUDA, fp32 in the interpreter")
     p.add_argument("--budget-s", type=float, default=None, dest="budget_s",
-                   help="total tuning time budget in seconds, split across problems")
+                   help="total tuning time budget in seconds, split across problems; once "
+                        "spent, the remaining problems are skipped")
     p.add_argument("--max-configs", type=int, default=None, dest="max_configs",
                    help="try at most N configs per problem")
     p.add_argument("--exhaustive", action="store_true",

@@ -122,7 +122,9 @@ class KernelSpace:
 
 _REGISTRY: Dict[str, KernelSpace] = {}
 # built-in spaces, imported on first use so ``import tilefuse`` stays cheap
-_BUILTIN = {"matmul": "tilefuse.autotune.matmul_space"}
+_BUILTIN = {"matmul": "tilefuse.autotune.matmul_space",
+            "int8_matmul": "tilefuse.autotune.int8_space",
+            "layer_norm": "tilefuse.autotune.norm_space"}
 
 
 def register_space(space: KernelSpace) -> KernelSpace:

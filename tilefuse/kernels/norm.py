@@ -253,14 +253,44 @@ def _warps(elements: int) -> int:
     return max(1, min(16, elements // 256))
 
 
+def heuristic_fwd_config(M: int, N: int, max_block: int | None = None) -> dict:
+    """Forward config: ``BLOCK_N`` (whole row when N <= MAX_BLOCK, else the loop chunk),
+    ``BLOCK_M`` rows per program (1 on the looping path) and ``num_warps``."""
+    block, one = _block(N, max_block)
+    bm = _rows_per_program(M, block, one)
+    return dict(BLOCK_M=bm, BLOCK_N=block, num_warps=_warps(bm * block))
+
+
+def get_fwd_config(M: int, N: int, dtype: torch.dtype, is_rms: bool) -> dict:
+    """Tuned DB entry (``tilefuse.autotune``, family ``layer_norm``) if any, else the heuristic."""
+    default = heuristic_fwd_config(M, N)
+    try:
+        from tilefuse.autotune import lookup
+    except ImportError:  # pragma: no cover
+        return default
+    return lookup("layer_norm", dict(M=M, N=N, dtype=str(dtype).replace("torch.", ""),
+                                     rms=bool(is_rms)), default)
+
+
 def launch_norm_fwd(x, residual, weight, bias, y, mean, rstd, eps: float, is_rms: bool,
-                    activation: int, act_param: float, max_block: int | None = None):
-    """x, residual: (M, N) any strides; y: (M, N) contiguous; mean/rstd: (M,) fp32."""
+                    activation: int, act_param: float, max_block: int | None = None,
+                    config: dict | None = None):
+    """x, residual: (M, N) any strides; y: (M, N) contiguous; mean/rstd: (M,) fp32.
+
+    ``config`` (``BLOCK_M``, ``BLOCK_N``, ``num_warps``) overrides the tuned/heuristic choice;
+    ``max_block`` forces the heuristic with that row-block cap."""
     M, N = x.shape
     if M == 0:
         return y
-    block, one = _block(N, max_block)
-    bm = _rows_per_program(M, block, one)
+    if config is None:
+        config = (heuristic_fwd_config(M, N, max_block) if max_block is not None
+                  else get_fwd_config(M, N, x.dtype, is_rms))
+    # a stored config is valid for any N of its bucket: clamp to this row and to MAX_BLOCK;
+    # rows wider than the block loop, one row per program
+    block = min(int(config["BLOCK_N"]), _next_pow2(N), _next_pow2(max_block or MAX_BLOCK))
+    one = block >= N
+    bm = int(config.get("BLOCK_M", 1)) if one else 1
+    warps = int(config.get("num_warps", _warps(bm * block)))
     res = residual if residual is not None else x
     norm_fwd_kernel[(triton.cdiv(M, bm),)](
         x, res, weight if weight is not None else x, bias if bias is not None else x,
@@ -268,7 +298,7 @@ def launch_norm_fwd(x, residual, weight, bias, y, mean, rstd, eps: float, is_rms
         M, N, x.stride(0), x.stride(1), res.stride(0), res.stride(1), float(eps),
         IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, HAS_W=weight is not None,
         HAS_B=bias is not None, ACTIVATION=activation, ACT_PARAM=float(act_param),
-        ONE_BLOCK=one, BLOCK_M=bm, BLOCK_N=block, num_warps=_warps(bm * block))
+        ONE_BLOCK=one, BLOCK_M=bm, BLOCK_N=block, num_warps=warps)
     return y
 
 

@@ -6,7 +6,7 @@
 #   1. nvidia-smi / versions / `tilefuse info`
 #   2. pytest -m cuda                                (timeout 90 s)
 #   3. pytest-benchmark of matmul+bias+GELU vs eager (timeout 35 s)
-#   4. tilefuse autotune for the shipped shape sets  (guarded; timeouts 85 s in all)
+#   4. tilefuse autotune for the shipped shape sets  (guarded; timeouts 115 s in all)
 #   5. tilefuse bench kernels, every family, no torch.compile (timeout 60 s, budget 40 s),
 #      then matmul with torch.compile too              (timeout 40 s, budget 25 s)
 #   6. tilefuse bench models, eager + patched, fp16 + int8, batch 1 and 32, proxies
@@ -14,7 +14,7 @@
 #   7. the training-step table (ResNet-50, batch 32) (timeout 50 s, internal budget 35 s)
 #   8. tilefuse bench models, torch.compile variants (timeout 45 s, internal budget 25 s)
 #
-# The step timeouts add up to 500 s (~8 min); budgets end the bench steps early and cleanly, and
+# The step timeouts add up to 530 s (~9 min, worst case); budgets end the bench steps early and cleanly, and
 # the model benches save a partial report after every configuration. Everything is written under
 # $OUT (default ./out/gpu_check) and packed into at most 7 files: summary.md, results.tar.gz
 # (every log, JSON, Markdown and plot, laid out as bench/results/<gpu>/<date>/ so it can be
@@ -64,7 +64,9 @@ step pytest_benchmark 35 $PY -m pytest -q -p no:cacheprovider tests/bench --benc
 
 # 4. autotune (only if this tree has the command)
 if $PY -m tilefuse autotune --help > /dev/null 2>&1; then
-  step autotune_default 35 $PY -m tilefuse autotune --budget-s 20 --no-progress
+  step autotune_matmul 35 $PY -m tilefuse autotune --kernels matmul --budget-s 20 --no-progress
+  step autotune_int8_norm 30 $PY -m tilefuse autotune --kernels int8_matmul,layer_norm \
+    --budget-s 15 --max-configs 4 --no-progress
   step autotune_resnet50 15 $PY -m tilefuse autotune --shapes model:resnet50 --budget-s 6 --no-progress
   step autotune_textcls 15 $PY -m tilefuse autotune --shapes model:textcls --budget-s 6 --no-progress
   mkdir -p "$RES/autotune"

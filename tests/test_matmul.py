@@ -218,3 +218,31 @@ def test_large_offsets_int64():
     base = torch.randn(2, 3)
     a = torch.as_strided(base, (2, 3), (3, 1))
     torch.testing.assert_close(ops.matmul(a, base.t()), a @ base.t())
+
+
+@pytest.mark.parametrize("a_shape,b_shape", [((5,), (5, 3)), ((4, 5), (5,)), ((5,), (5,)),
+                                             ((2, 4, 5), (5,)), ((5,), (2, 5, 3))])
+def test_one_dim_operands_like_torch_matmul(a_shape, b_shape, device):
+    a = torch.randn(*a_shape, device=device, requires_grad=True)
+    b = torch.randn(*b_shape, device=device, requires_grad=True)
+    y = ops.matmul(a, b, activation="relu")
+    ref = torch.relu(torch.matmul(a, b))
+    assert y.shape == ref.shape
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn(ref.shape, device=device)
+    ga, gb = torch.autograd.grad((y * g).sum(), (a, b))
+    ra, rb = torch.autograd.grad((ref * g).sum(), (a, b))
+    torch.testing.assert_close(ga, ra, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gb, rb, atol=1e-5, rtol=1e-5)
+
+
+def test_one_dim_operands_bias_residual(device):
+    a, b = torch.randn(4, 5, device=device), torch.randn(5, device=device)
+    r = torch.randn(4, device=device)
+    y = ops.matmul(a, b, bias=torch.full((1,), 0.5, device=device), residual=r)
+    torch.testing.assert_close(y, a @ b + 0.5 + r, atol=1e-5, rtol=1e-5)
+    v, w = torch.randn(5, device=device), torch.randn(5, 3, device=device)
+    y = ops.matmul(v, w, residual=torch.ones(3, device=device))
+    torch.testing.assert_close(y, v @ w + 1, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="inner"):
+        ops.matmul(torch.randn(4), torch.randn(5))

@@ -188,3 +188,21 @@ def test_quantize_bad_inputs():
         tilefuse.quantize(torch.nn.Linear(4, 4), skip=(3,))
     with pytest.raises(TypeError, match="x must have dtype"):
         ops.quantize_per_row(torch.ones(3, 4, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_quantize_non_finite_rows_get_nan_scale(device, monkeypatch, chunked):
+    if chunked:
+        monkeypatch.setattr(quant_kernels, "quant_config", lambda M, N: dict(
+            BLOCK_M=2, BLOCK_N=8, ONE_TILE=False, num_warps=4))
+    x = torch.randn(5, 20, device=device)
+    x[1, 3] = float("nan")
+    x[2, 17] = float("inf")
+    x[3, 0] = -float("inf")
+    q, s = ops.quantize_per_row(x)
+    assert torch.isnan(s[1:4]).all() and not q[1:4].any()
+    assert torch.isfinite(s[[0, 4]]).all()
+    _check_quant(x[[0, 4]], q[[0, 4]], s[[0, 4]])
+    assert torch.isnan(ops.dequantize_per_row(q, s)[1:4]).all()
+    rq, rs = torch_quantize_rows(x.reshape(5, 20))  # the torch path: same policy
+    assert torch.equal(torch.isnan(rs), torch.isnan(s.flatten())) and not rq[1:4].any()

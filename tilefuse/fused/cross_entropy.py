@@ -8,7 +8,7 @@ small (R,) loss vector, so autograd through it is exact for every reduction.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -38,16 +38,30 @@ def _loss_dtype(logits: Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
+def check_targets(target: Tensor, V: int, ignore_index: int, sync: Optional[bool] = None) -> None:
+    """Class indices must be in ``[0, V)`` or ``ignore_index``. CPU (``sync``): a ``ValueError``
+    naming the bad indices. Other devices: a device-side ``torch._assert_async`` (no host sync;
+    the error surfaces at the next synchronisation, as torch's own CUDA index asserts do)."""
+    if target.numel() == 0:
+        return
+    bad = ((target < 0) | (target >= V)) & (target != ignore_index)
+    if sync is None:
+        sync = target.device.type == "cpu"
+    if sync:
+        if bool(bad.any()):
+            raise ValueError(f"target has class indices outside [0, {V}) that are not "
+                             f"ignore_index={ignore_index}: {target[bad][:5].tolist()}")
+    else:
+        torch._assert_async(~bad.any(), f"tilefuse.cross_entropy: target has class indices "
+                                        f"outside [0, {V}) that are not ignore_index")
+
+
 @torch.library.custom_op("tilefuse::cross_entropy", mutates_args=())
 def cross_entropy_op(logits: Tensor, target: Tensor, label_smoothing: float, ignore_index: int,
                      compute_grad: bool) -> Tuple[Tensor, Tensor]:
     """logits (R, V), target (R,) int -> (loss per row (R,), dloss/dlogits (R, V) or empty)."""
     R, V = logits.shape
-    if logits.device.type == "cpu" and R > 0:
-        bad = ((target < 0) | (target >= V)) & (target != ignore_index)
-        if bool(bad.any()):
-            raise ValueError(f"target has class indices outside [0, {V}) that are not "
-                             f"ignore_index={ignore_index}: {target[bad][:5].tolist()}")
+    check_targets(target, V, ignore_index)
     if backend_for(logits) == "torch" or logits.dtype == torch.float64:
         return _torch_rows(logits, target, label_smoothing, ignore_index, compute_grad)
     from tilefuse.kernels.cross_entropy import launch_cross_entropy
@@ -93,7 +107,18 @@ def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0,
         reduction: ``'mean'`` (over non-ignored targets), ``'sum'`` or ``'none'``.
 
     The loss and its gradient come out of one kernel pass; no probability tensor is stored.
+    Memory: when a gradient is needed the forward writes ``dloss/dlogits`` as an ``(R, C)``
+    tensor in the logits' dtype (``R`` = number of rows) and keeps it until backward, which only
+    rescales it: the same size as the logits (as much as the softmax torch saves). Without grad
+    (``torch.no_grad`` or logits not requiring grad) only the ``(R,)`` losses are written.
     ``(N, C, d1, ...)`` logits are moved to ``(N*d1*..., C)`` with one copy.
+
+    Out-of-range targets (neither in ``[0, C)`` nor ``ignore_index``) raise ``ValueError`` for
+    CPU tensors; on CUDA a device-side assert fires (no host sync), surfacing as a
+    ``RuntimeError`` at the next synchronisation.
+
+    Under ``torch.autocast`` the logits are cast to fp32 and the loss is fp32, as torch does for
+    ``cross_entropy`` (docs/amp.md).
 
     >>> import torch, tilefuse
     >>> x, t = torch.randn(4, 10), torch.tensor([1, 0, 9, -100])
@@ -102,9 +127,11 @@ def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0,
     >>> bool(torch.allclose(a, b, atol=1e-5))
     True
     """
+    from tilefuse import _autocast
     from tilefuse._validate import FLOAT_DTYPES_F64, check_probability, check_tensor
 
     check_tensor("logits", logits, dtypes=FLOAT_DTYPES_F64, min_ndim=1)
+    (logits,) = _autocast.fp32(logits)  # torch: cross_entropy runs in fp32 under autocast
     check_tensor("target", target, dtypes=(torch.int64, torch.int32, torch.int16, torch.uint8))
     eps = check_probability("label_smoothing", label_smoothing)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):

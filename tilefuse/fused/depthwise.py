@@ -217,6 +217,7 @@ def resolve_padding(padding, kernel_size, stride, dilation) -> Tuple[int, int, i
 
 def _depthwise_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, activation=None,
                       residual=None, channels_last: Optional[bool] = None) -> Tensor:
+    from tilefuse import _autocast
     from tilefuse._validate import (FLOAT_DTYPES_F64, check_broadcastable, check_same_device,
                                     check_same_dtype, check_tensor)
     from tilefuse.activations import activation_code
@@ -226,6 +227,7 @@ def _depthwise_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, act
     check_tensor("bias", bias, dtypes=FLOAT_DTYPES_F64, ndim=1, allow_none=True)
     check_tensor("residual", residual, dtypes=FLOAT_DTYPES_F64, allow_none=True)
     check_same_device(x=x, weight=weight, bias=bias, residual=residual)
+    x, weight, bias, residual = _autocast.lower(x, weight, bias, residual)  # conv2d's policy
     check_same_dtype(x=x, weight=weight, bias=bias, residual=residual)
     unbatched = x.dim() == 3
     if unbatched:
@@ -283,7 +285,8 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, s
             ``(name, param)`` tuple or a torch activation module.
         residual: optional tensor broadcastable to the output (same dtype), added after act.
 
-    The output is channels_last when ``x`` is, as with torch.
+    The output is channels_last when ``x`` is, as with torch. Under ``torch.autocast`` all
+    floating inputs are cast to the autocast dtype, as torch does for ``conv2d`` (docs/amp.md).
 
     >>> import torch, tilefuse
     >>> x, w = torch.randn(2, 4, 9, 7), torch.randn(4, 1, 3, 3)

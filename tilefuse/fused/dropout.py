@@ -307,13 +307,15 @@ def dropconnect_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     """``act(x @ dropconnect(weight)^T + bias)``: DropConnect (Wan et al. 2013) with the weight
     mask applied inside the matmul kernel's load path, bias and activation in its epilogue; the
     dropped weight is never materialised and backward regenerates the mask from the seed.
-    Eval / ``p == 0`` is the plain fused linear.
+    Eval / ``p == 0`` is the plain fused linear. Under ``torch.autocast`` the inputs are cast
+    to the autocast dtype, as for ``torch.nn.functional.linear``.
 
     >>> import torch, tilefuse
     >>> w = torch.randn(3, 5)
     >>> tilefuse.ops.dropconnect_linear(torch.randn(2, 5), w, p=0.5, activation="relu").shape
     torch.Size([2, 3])
     """
+    from tilefuse import _autocast
     from tilefuse._validate import (FLOAT_DTYPES_F64, check_same_device, check_same_dtype,
                                     check_tensor)
     from tilefuse.activations import activation_code
@@ -323,6 +325,7 @@ def dropconnect_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES_F64, ndim=2)
     check_tensor("bias", bias, dtypes=FLOAT_DTYPES_F64, ndim=1, allow_none=True)
     check_same_device(x=x, weight=weight, bias=bias)
+    x, weight, bias = _autocast.lower(x, weight, bias)  # linear's autocast policy
     check_same_dtype(x=x, weight=weight, bias=bias)
     p = _check(x, p, training)
     if not training or p == 0.0:

@@ -240,7 +240,11 @@ def weight_only_int8_linear(x: Tensor, qweight: Tensor, scale: Tensor,
         x: ``(..., K)`` fp16/bf16/fp32. qweight: int8 ``(N, K)`` (torch Linear layout).
         scale: per-output-channel ``(N,)`` / ``(N, 1)`` or per-tensor; float.
         bias: ``(N,)`` float. Output has ``x``'s dtype. Gradients flow to ``x`` (weight frozen).
+
+    Under ``torch.autocast``, ``x``, ``bias`` and ``residual`` are cast to the autocast dtype
+    (the output follows), as for ``torch.nn.functional.linear``.
     """
+    from tilefuse import _autocast
     from tilefuse._validate import FLOAT_DTYPES, check_same_device, check_tensor
 
     check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
@@ -248,6 +252,7 @@ def weight_only_int8_linear(x: Tensor, qweight: Tensor, scale: Tensor,
     if scale is None:
         raise TypeError("scale must be a torch.Tensor, got None")
     check_same_device(x=x, qweight=qweight, scale=scale, bias=bias, residual=residual)
+    x, bias, residual = _autocast.lower(x, bias, residual)  # linear's autocast policy
     N, K = qweight.shape
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} features but qweight expects in_features={K} "
@@ -294,10 +299,13 @@ def w8a8_linear(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor
                 activation=None, residual: Optional[Tensor] = None) -> Tensor:
     """Dynamic W8A8 linear: ``x`` is quantized per row on the fly (:func:`quantize_per_row`), then
     one int8 GEMM applies both scales, bias, activation and residual and writes ``x``'s dtype.
-    Inference only (no gradient through the quantizer)."""
+    Inference only (no gradient through the quantizer). Under ``torch.autocast``, ``x``,
+    ``bias`` and ``residual`` are cast to the autocast dtype first (the output follows)."""
+    from tilefuse import _autocast
     from tilefuse._validate import FLOAT_DTYPES, check_tensor
 
     check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
+    x, bias, residual = _autocast.lower(x, bias, residual)
     check_tensor("qweight", qweight, dtypes=(torch.int8,), ndim=2)
     if x.shape[-1] != qweight.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features but qweight expects in_features="

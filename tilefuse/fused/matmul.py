@@ -133,9 +133,12 @@ def matmul(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, activation=None,
     """``act(a @ b + bias) + residual`` in one kernel.
 
     Args:
-        a: ``(..., M, K)`` floating tensor (fp32/fp16/bf16; fp64 runs on the torch path on GPU).
-        b: ``(K, N)`` or ``(..., K, N)``; batch dims broadcast like :func:`torch.matmul`.
-        bias: optional ``(N,)``, added before the activation.
+        a: ``(..., M, K)`` or ``(K,)`` floating tensor (fp32/fp16/bf16/fp64; fp64 runs the same
+            Triton kernel with an fp64 ``tl.dot`` and fp64 accumulation).
+        b: ``(K, N)``, ``(..., K, N)`` or ``(K,)``; batch dims broadcast like :func:`torch.matmul`.
+            A 1-D ``a`` (``b``) is treated as ``(1, K)`` (``(K, 1)``) and that dim is removed from
+            the output, as torch does (two 1-D inputs give a 0-d dot product).
+        bias: optional ``(N,)`` (``(1,)`` when ``b`` is 1-D), added before the activation.
         activation: ``None``, a name (``"relu"``, ``"relu6"``, ``"leaky_relu"``, ``"gelu"``,
             ``"gelu_tanh"``, ``"silu"``, ``"sigmoid"``, ``"tanh"``) or ``(name, param)``.
         residual: optional tensor broadcastable to the output, added after the activation.
@@ -145,27 +148,41 @@ def matmul(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, activation=None,
     ``a``'s leading dims cannot be flattened as a view). fp32 inputs use TF32 on CUDA when
     ``torch.backends.cuda.matmul.allow_tf32`` is set, as torch does.
 
+    Under ``torch.autocast`` the floating inputs (bias included) are cast to the autocast dtype,
+    as torch does for ``mm``/``linear``, and ``residual`` to the output dtype (docs/amp.md).
+
     >>> import torch, tilefuse
     >>> x, w = torch.randn(4, 8), torch.randn(8, 3)
     >>> y = tilefuse.ops.matmul(x, w, bias=torch.zeros(3), activation="relu")
     >>> bool(torch.allclose(y, torch.relu(x @ w), atol=1e-5))
     True
     """
+    from tilefuse import _autocast
     from tilefuse._validate import (FLOAT_DTYPES_F64, check_broadcastable, check_same_device,
                                     check_same_dtype, check_tensor)
     from tilefuse.activations import activation_code
 
-    check_tensor("a", a, dtypes=FLOAT_DTYPES_F64, min_ndim=2)
-    check_tensor("b", b, dtypes=FLOAT_DTYPES_F64, min_ndim=2)
+    check_tensor("a", a, dtypes=FLOAT_DTYPES_F64, min_ndim=1)
+    check_tensor("b", b, dtypes=FLOAT_DTYPES_F64, min_ndim=1)
     check_tensor("bias", bias, dtypes=FLOAT_DTYPES_F64, ndim=1, allow_none=True)
     check_tensor("residual", residual, dtypes=FLOAT_DTYPES_F64, allow_none=True)
     check_same_device(a=a, b=b, bias=bias, residual=residual)
+    if out_dtype is not None and (not isinstance(out_dtype, torch.dtype)
+                                  or not out_dtype.is_floating_point):
+        raise TypeError(f"out_dtype must be a floating torch.dtype, got {out_dtype!r}")
+    if _autocast.enabled(a):
+        a, b, bias = _autocast.lower(a, b, bias)
+        if residual is not None:
+            (residual,) = _autocast.cast(out_dtype or a.dtype, residual)
     check_same_dtype(a=a, b=b, bias=bias)
     act, act_param = activation_code(activation)
     if out_dtype is None:
         out_dtype = a.dtype
-    elif not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
-        raise TypeError(f"out_dtype must be a floating torch.dtype, got {out_dtype!r}")
+    squeeze_m, squeeze_n = a.dim() == 1, b.dim() == 1   # torch.matmul's 1-D rules
+    if squeeze_m:
+        a = a.unsqueeze(0)
+    if squeeze_n:
+        b = b.unsqueeze(-1)
     M, K = a.shape[-2], a.shape[-1]
     if b.shape[-2] != K:
         raise ValueError(f"inner dimensions do not match: a is {tuple(a.shape)} (K={K}) but b is "
@@ -186,17 +203,24 @@ def matmul(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, activation=None,
         out_shape = tuple(batch) + (M, N)
         a3 = a.expand(tuple(batch) + (M, K)).reshape(-1, M, K)
         b3 = b.expand(tuple(batch) + (K, N)).reshape(-1, K, N)
+    final_shape = out_shape[:-2] + ((M,) if not squeeze_m else ()) + ((N,) if not squeeze_n
+                                                                        else ())
     r3 = None
     if residual is not None:
-        check_broadcastable("residual", residual, out_shape)
+        check_broadcastable("residual", residual, final_shape)
         if residual.dtype != out_dtype:
             raise TypeError(f"residual must have the output dtype {out_dtype}, got "
                             f"{residual.dtype}")
-        r3 = residual.expand(out_shape).reshape(a3.shape[0], a3.shape[1], N)
+        r = residual.expand(final_shape)
+        if squeeze_n:
+            r = r.unsqueeze(-1)
+        if squeeze_m:
+            r = r.unsqueeze(-2)
+        r3 = r.expand(out_shape).reshape(a3.shape[0], a3.shape[1], N)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (a, b, bias))
     out, _ = matmul_op(a3, b3, bias, r3, act, act_param, out_dtype, bool(needs_grad and act != 0))
-    return out.reshape(out_shape)
+    return out.reshape(final_shape)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation=None,

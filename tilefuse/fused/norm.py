@@ -167,6 +167,7 @@ def _normalized_shape(normalized_shape) -> Tuple[int, ...]:
 
 
 def _row_norm(x, normalized_shape, weight, bias, eps, activation, residual, is_rms, name):
+    from tilefuse import _autocast
     from tilefuse._validate import (FLOAT_DTYPES_F64, check_broadcastable, check_same_device,
                                     check_shape, check_tensor)
     from tilefuse.activations import activation_code
@@ -180,6 +181,12 @@ def _row_norm(x, normalized_shape, weight, bias, eps, activation, residual, is_r
     check_tensor("bias", bias, dtypes=FLOAT_DTYPES_F64, allow_none=True)
     check_tensor("residual", residual, dtypes=FLOAT_DTYPES_F64, allow_none=True)
     check_same_device(x=x, weight=weight, bias=bias, residual=residual)
+    # autocast (docs/amp.md): fp32 where torch runs layer_norm/rms_norm in fp32 (CUDA, ...),
+    # no cast on CPU; a mixed-dtype residual is promoted as eager ``x + residual`` would be
+    x, weight, bias, residual = _autocast.norm_fp32(x, weight, bias, residual)
+    x, residual = _autocast.promote_residual(x, residual)
+    if eps is None and is_rms:  # rms_norm default: finfo of the (autocast) input dtype, as torch
+        eps = torch.finfo(x.dtype).eps
     if weight is not None:
         check_shape("weight", weight, shape)
     if bias is not None:
@@ -213,6 +220,9 @@ def layer_norm_act(x: Tensor, normalized_shape, weight: Optional[Tensor] = None,
     is ``None``, a name (``"relu"``, ``"gelu"``, ``"silu"``, ...), ``(name, param)`` or a torch
     activation module.
 
+    Under ``torch.autocast`` this follows torch's policy for ``layer_norm`` on the input's
+    device: fp32 inputs and output on CUDA, no cast on CPU (docs/amp.md).
+
     >>> import torch, tilefuse
     >>> x = torch.randn(4, 10)
     >>> y = tilefuse.ops.layer_norm_act(x, 10, activation="relu")
@@ -236,7 +246,5 @@ def rms_norm_act(x: Tensor, normalized_shape, weight: Optional[Tensor] = None,
     >>> bool(torch.allclose(y, ref, atol=1e-5))
     True
     """
-    if eps is None and isinstance(x, torch.Tensor) and x.dtype.is_floating_point:
-        eps = torch.finfo(x.dtype).eps
-    return _row_norm(x, normalized_shape, weight, None, 0.0 if eps is None else eps, activation,
-                     residual, True, "rms_norm_act")
+    return _row_norm(x, normalized_shape, weight, None, eps, activation, residual, True,
+                     "rms_norm_act")

@@ -161,6 +161,8 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     the residual add and the activation (ResNet: BN -> add -> ReLU).
 
     ``x`` is ``(N, C)``, ``(N, C, L)`` or ``(N, C, H, W)`` (NCHW or channels_last, kept).
+    ``x`` may be fp16/bf16 with fp32 ``weight``/``bias``/running stats (as torch allows; the
+    output has ``x``'s dtype); ``torch.autocast`` casts nothing here, as for torch's batch_norm.
 
     >>> import torch, tilefuse
     >>> x = torch.randn(8, 3, 4, 4)
@@ -171,6 +173,7 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     >>> bool(torch.allclose(y, ref, atol=1e-5))
     True
     """
+    from tilefuse import _autocast
     from tilefuse._validate import (FLOAT_DTYPES_F64, check_broadcastable, check_same_device,
                                     check_shape, check_tensor)
     from tilefuse.activations import activation_code
@@ -181,6 +184,8 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
         check_tensor(name, t, dtypes=FLOAT_DTYPES_F64, allow_none=True)
     check_same_device(x=x, running_mean=running_mean, running_var=running_var, weight=weight,
                       bias=bias, residual=residual)
+    # autocast: no cast (as torch's batch_norm); x may be bf16/fp16 with fp32 params and stats
+    x, residual = _autocast.promote_residual(x, residual)
     C = x.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):

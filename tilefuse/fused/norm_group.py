@@ -146,7 +146,8 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
 
     ``x`` is ``(N, C, *spatial)``; NCHW and channels_last are both read in place and the output
     keeps the input's memory format. ``num_groups == C`` is InstanceNorm (per-sample,
-    per-channel statistics; running statistics are not tracked by this op).
+    per-channel statistics; running statistics are not tracked by this op). Under
+    ``torch.autocast``: fp32 on CUDA, no cast on CPU, as torch's ``group_norm`` (docs/amp.md).
 
     >>> import torch, tilefuse
     >>> x = torch.randn(2, 6, 5, 5)
@@ -155,6 +156,7 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
     >>> bool(torch.allclose(y, ref, atol=1e-5))
     True
     """
+    from tilefuse import _autocast
     from tilefuse._validate import FLOAT_DTYPES_F64, check_same_device, check_shape, check_tensor
     from tilefuse.activations import activation_code
 
@@ -162,6 +164,8 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES_F64, allow_none=True)
     check_tensor("bias", bias, dtypes=FLOAT_DTYPES_F64, allow_none=True)
     check_same_device(x=x, weight=weight, bias=bias)
+    # autocast: fp32 where torch runs group_norm in fp32 (CUDA, ...), no cast on CPU
+    x, weight, bias = _autocast.norm_fp32(x, weight, bias)
     if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
         raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
     C = x.shape[1]

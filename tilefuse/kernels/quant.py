@@ -2,10 +2,13 @@
 
 For each row ``x[m, :]``: ``absmax = max |x|``, ``scale = absmax / 127`` (1.0 for an all-zero row)
 and ``q = clamp(round(x * (127 / absmax)), -127, 127)`` (symmetric: -128 is never produced, so
-``-q`` is always representable). Rounding is half away from zero (``floor(|v| + 0.5)``) in both
-this kernel and the torch reference path, so the two agree bit for bit where division is IEEE
-(the interpreter, the torch path); compiled GPU code may use an approximate division, so a value
-sitting exactly on a rounding tie can land one step away (documented in docs/quantization.md).
+``-q`` is always representable). A row holding any NaN or +-Inf gets ``scale = NaN`` and
+``q = 0``, so dequantizing it (or an int8 GEMM using the scale) yields NaN: non-finite input
+propagates instead of being silently clamped, with no host sync. Rounding is half away from zero
+(``floor(|v| + 0.5)``) in both this kernel and the torch reference path, so the two agree bit for
+bit where division is IEEE (the interpreter, the torch path); compiled GPU code may use an
+approximate division, so a value sitting exactly on a rounding tie can land one step away
+(documented in docs/quantization.md).
 
 Rows that fit one tile (``ONE_TILE``: the whole row in registers) are read from memory once; wider
 rows run two loops over column chunks (absmax, then quantize), the second read mostly from L2.
@@ -24,8 +27,8 @@ MAX_ONE_TILE = 8192
 
 
 @triton.jit
-def _quantize_tile(x, inv):
-    v = x * inv[:, None]
+def _quantize_tile(x, inv, finite):
+    v = tl.where(finite[:, None], x * inv[:, None], 0.0)  # non-finite rows: q = 0, scale NaN
     r = tl.where(v >= 0, tl.floor(v + 0.5), tl.ceil(v - 0.5))
     r = tl.minimum(tl.maximum(r, -127.0), 127.0)
     return r.to(tl.int8)
@@ -45,29 +48,38 @@ def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, N, stride_xm, stride_xn, stride
         mask = r_mask[:, None] & (cols < N)[None, :]
         cols64 = cols.to(tl.int64)
         x = tl.load(x_rows + cols64[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
-        absmax = tl.max(tl.abs(x), axis=1)
+        # NaN/Inf are counted explicitly: max-reductions need not propagate NaN on GPU
+        absx = tl.where(tl.abs(x) < float("inf"), tl.abs(x), 0.0)
+        nonfinite = tl.max(tl.where(tl.abs(x) < float("inf"), 0, 1), axis=1)
+        absmax = tl.max(absx, axis=1)
     else:
         absmax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        nonfinite = tl.zeros((BLOCK_M,), dtype=tl.int32)
         for n0 in range(0, N, BLOCK_N):
             cc = n0 + cols
             mask = r_mask[:, None] & (cc < N)[None, :]
             x = tl.load(x_rows + cc.to(tl.int64)[None, :] * stride_xn, mask=mask,
                         other=0.0).to(tl.float32)
-            absmax = tl.maximum(absmax, tl.max(tl.abs(x), axis=1))
+            ok = tl.abs(x) < float("inf")
+            absmax = tl.maximum(absmax, tl.max(tl.where(ok, tl.abs(x), 0.0), axis=1))
+            nonfinite = tl.maximum(nonfinite, tl.max(tl.where(ok, 0, 1), axis=1))
+    finite = nonfinite == 0
     nonzero = absmax > 0
     safe = tl.where(nonzero, absmax, 1.0)
     inv = tl.where(nonzero, 127.0 / safe, 0.0)
     scale = tl.where(nonzero, safe / 127.0, 1.0)
+    scale = tl.where(finite, scale, float("nan"))
     tl.store(s_ptr + rows64, scale, mask=r_mask)
     if ONE_TILE:
-        tl.store(q_rows + cols64[None, :] * stride_qn, _quantize_tile(x, inv), mask=mask)
+        tl.store(q_rows + cols64[None, :] * stride_qn, _quantize_tile(x, inv, finite), mask=mask)
     else:
         for n0 in range(0, N, BLOCK_N):
             cc = n0 + cols
             mask = r_mask[:, None] & (cc < N)[None, :]
             cc64 = cc.to(tl.int64)
             x = tl.load(x_rows + cc64[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
-            tl.store(q_rows + cc64[None, :] * stride_qn, _quantize_tile(x, inv), mask=mask)
+            tl.store(q_rows + cc64[None, :] * stride_qn, _quantize_tile(x, inv, finite),
+                     mask=mask)
 
 
 def _next_pow2(x: int) -> int:
@@ -105,11 +117,15 @@ def launch_quantize_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) 
 def torch_quantize_rows(x: torch.Tensor):
     """Reference with the kernel's exact semantics: returns (q int8 (M, N), scale fp32 (M,))."""
     xf = x.float()
-    absmax = xf.abs().amax(dim=1) if x.shape[1] else xf.new_zeros(x.shape[0])
+    ok = xf.abs() < float("inf")  # False for NaN and +-Inf
+    finite = ok.all(dim=1)
+    absmax = (torch.where(ok, xf.abs(), 0.0).amax(dim=1) if x.shape[1]
+              else xf.new_zeros(x.shape[0]))
     nonzero = absmax > 0
     safe = torch.where(nonzero, absmax, torch.ones_like(absmax))
     inv = torch.where(nonzero, QMAX / safe, torch.zeros_like(absmax))
     scale = torch.where(nonzero, safe / QMAX, torch.ones_like(absmax))
-    v = xf * inv[:, None]
+    scale = torch.where(finite, scale, float("nan"))
+    v = torch.where(finite[:, None], xf * inv[:, None], 0.0)
     r = torch.where(v >= 0, torch.floor(v + 0.5), torch.ceil(v - 0.5)).clamp_(-QMAX, QMAX)
     return r.to(torch.int8), scale

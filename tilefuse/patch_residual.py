@@ -14,6 +14,8 @@ removes it). Also here: the *declared* residual fusion (``tilefuse_residual``) o
 """
 from __future__ import annotations
 
+import inspect
+
 import operator
 from typing import Dict, List, Tuple
 
@@ -192,6 +194,20 @@ def rw_add_norm(planner, graph, node, owner_path, mods, calls):
     return True
 
 
+def _optional_params(module: nn.Module) -> str:
+    """Names of ``module.forward``'s parameters that have defaults or are variadic: fx traces
+    them as constants (e.g. Hugging Face's ``BertEmbeddings.forward(input_ids=None, ...)``), so a
+    rewritten forward would be wrong for other call patterns."""
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return "signature unavailable"
+    odd = [p.name for p in params
+           if p.default is not inspect.Parameter.empty
+           or p.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    return ", ".join(odd)
+
+
 def rewrite_owners(planner) -> None:
     """Residual patterns inside one module's forward: trace the module that owns them, rewrite its
     graph and record the generated forward in ``planner.forwards`` (bound to that instance by
@@ -212,6 +228,11 @@ def rewrite_owners(planner) -> None:
             for kind, local in items:
                 planner.skip(local, f"{_LABEL[kind]} in {type(owner).__name__}: the owner is "
                                     f"the root module; its forward is not rewritten")
+            continue
+        optional = _optional_params(owner)
+        if optional:
+            planner.skip(owner_path, f"{where}: forward has optional arguments ({optional}); a "
+                                     f"traced forward would freeze their defaults")
             continue
         try:
             mode = owner.training

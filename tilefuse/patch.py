@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import copy
 import types
-from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -45,31 +44,9 @@ import torch.nn as nn
 
 from tilefuse import patch_residual as PR
 from tilefuse import patch_rules as R
+from tilefuse.patch_rules import PatchReport
 
 ALL_OPS = ("conv_bn_act", "bn_act", "linear_act", "norm_act", "depthwise", "dropout")
-
-
-@dataclass
-class PatchReport:
-    """What :func:`patch` replaced and what it left alone (and why)."""
-    replaced: List[Tuple[str, str]] = field(default_factory=list)
-    left_alone: List[Tuple[str, str]] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        lines = [f"tilefuse.patch: {len(self.replaced)} replaced, "
-                 f"{len(self.left_alone)} left alone"]
-        lines += [f"  replaced   {p or '<root>'}: {d}" for p, d in self.replaced]
-        lines += [f"  left alone {p or '<root>'}: {d}" for p, d in self.left_alone]
-        return "\n".join(lines)
-
-
-@dataclass
-class _PatchState:
-    # path -> (original module, shares tensors with the replacement)
-    originals: Dict[str, Tuple[nn.Module, bool]] = field(default_factory=dict)
-    report: PatchReport = field(default_factory=PatchReport)
-    # owner path -> the instance-level forward it had before (None: the class's)
-    forwards: Dict[str, object] = field(default_factory=dict)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -348,7 +325,7 @@ def patch(model: nn.Module, ops: Optional[Iterable[str]] = None, inplace: bool =
         raise ValueError(f"ops must be a collection of names from {ALL_OPS}, got {ops!r}")
     if not inplace:
         model = copy.deepcopy(model)
-    state = getattr(model, "_tilefuse_patch", None) or _PatchState()
+    state = getattr(model, "_tilefuse_patch", None) or R.PatchState()
     report = PatchReport()
     planner = _Planner(model, ops, report)
     for prefix, graph in _graphs(model, "", report):

@@ -11,7 +11,8 @@ from __future__ import annotations
 import importlib
 import operator
 import warnings
-from typing import Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -19,6 +20,30 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tilefuse.activations import HF_ACTIVATIONS, activation_from_module  # noqa: F401
+
+
+@dataclass
+class PatchReport:
+    """What :func:`tilefuse.patch` replaced and what it left alone (and why)."""
+    replaced: List[Tuple[str, str]] = field(default_factory=list)
+    left_alone: List[Tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"tilefuse.patch: {len(self.replaced)} replaced, "
+                 f"{len(self.left_alone)} left alone"]
+        lines += [f"  replaced   {p or '<root>'}: {d}" for p, d in self.replaced]
+        lines += [f"  left alone {p or '<root>'}: {d}" for p, d in self.left_alone]
+        return "\n".join(lines)
+
+
+@dataclass
+class PatchState:
+    """What :func:`tilefuse.unpatch` needs, kept on the patched model."""
+    # path -> (original module, shares tensors with the replacement)
+    originals: Dict[str, Tuple[nn.Module, bool]] = field(default_factory=dict)
+    report: PatchReport = field(default_factory=PatchReport)
+    # owner path -> the instance-level forward it had before (None: the class's)
+    forwards: Dict[str, object] = field(default_factory=dict)
 
 # activations whose double application is exact: act(act(x)) == act(x). A fused ``norm+act`` may
 # then leave a shared or functional activation call in place without changing the result.

@@ -7,8 +7,9 @@ param groups -- and updates each bucket with ONE kernel launch (tilefuse.kernels
 
 Paths:
 * Triton (CUDA, or CPU under TRITON_INTERPRET=1): the fused kernels.
-* torch (plain CPU), sparse gradients, complex params, ``differentiable=True``: the family's torch
-  reference step (torch's own ``step`` for the torch-named optimizers), so behaviour matches torch.
+* torch (plain CPU), sparse gradients, complex params, ``differentiable=True``, ``capturable=True``
+  (given at construction, params on an accelerator): the family's torch reference step (torch's
+  own ``step`` for the torch-named optimizers), so behaviour matches torch.
 
 AMP: ``_step_supports_amp_scaling = True``; GradScaler then sets ``self.grad_scale`` (or None when
 the user already unscaled) and ``self.found_inf`` (device tensors). The gradient is unscaled inside
@@ -173,6 +174,12 @@ class FusedStepMixin:
     def _needs_reference(self, params_with_grad) -> bool:
         if any(g.get("differentiable", False) for g in self.param_groups):
             return True
+        # capturable=True at construction: on an accelerator, torch's own (CUDA-graph capturable)
+        # step honours it (the fused step builds its tables on the host). On the CPU torch has no
+        # capturable mode (its step raises); the interpreter lane keeps the fused step. Read from
+        # ``defaults``, not the groups, so that loading a capturable torch state into a default
+        # optimizer keeps the fused step.
+        capturable = bool(self.defaults.get("capturable", False))
         devices = set()
         for p in params_with_grad:
             g = p.grad
@@ -180,6 +187,8 @@ class FusedStepMixin:
                 return True
             devices.add(p.device)
             devices.add(g.device)
+        if capturable and any(d.type != "cpu" for d in devices):
+            return True
         return any(backend_for_device(d) == "torch" for d in devices)
 
     def _run_reference(self, closure_loss, with_grad, max_grad_norm):

@@ -5,10 +5,24 @@ messages, param groups and ``state_dict`` format are torch's (a torch state load
 back). Only ``step`` differs: the multi-tensor Triton update of :mod:`tilefuse.optim._multi`.
 Extra keyword ``master_weights=True`` keeps an fp32 copy (``state['master_param']``) and fp32
 optimizer state for fp16/bf16 params; the update runs on the copy and the param gets its rounding.
+
+Each ``__init__`` spells out torch 2.13's signature (names, order, defaults, keyword-only markers,
+annotations) plus the trailing keyword-only ``master_weights``, so ``inspect.signature``, IDEs and
+``help()`` show the real arguments. Only the keywords the *running* torch's class accepts are
+forwarded; a newer keyword left at its default is dropped on an older torch, and a non-default
+value for it raises ``ValueError`` naming it. ``foreach``/``fused`` only pick torch's own step on
+the reference path; ``differentiable=True`` and ``capturable=True`` (at construction) run torch's
+own step, which honours them.
+
+(No ``from __future__ import annotations`` here: the annotations must be real objects so that the
+signatures compare equal to torch's.)
 """
-from __future__ import annotations
+import functools
+import inspect
 
 import torch
+from torch import Tensor
+from torch.optim.optimizer import ParamsT
 
 from tilefuse.optim._multi import FusedStepMixin
 
@@ -23,11 +37,31 @@ def _torch_step(base):
     return fn.__wrapped__ if getattr(fn, "hooked", False) else fn
 
 
+@functools.lru_cache(maxsize=None)
+def _init_params(cls) -> dict:
+    """``{name: default}`` of ``cls.__init__`` (without self and params)."""
+    ps = list(inspect.signature(cls.__init__).parameters.values())[2:]
+    return {p.name: p.default for p in ps if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
 class _TorchNamed(FusedStepMixin):
     _torch_base: type = torch.optim.Optimizer
 
-    def __init__(self, params, *args, master_weights: bool = False, **kwargs):
-        super().__init__(params, *args, **kwargs)
+    def _init(self, cls, params, master_weights: bool, kwargs: dict) -> None:
+        """torch's ``__init__`` with the keywords of ``kwargs`` that the running torch's class
+        accepts (``cls``: the tilefuse class whose signature ``kwargs`` follows)."""
+        accepted = _init_params(self._torch_base)
+        ours = _init_params(cls)
+        for name in [n for n in kwargs if n not in accepted]:
+            value = kwargs.pop(name)
+            default = ours[name]
+            if not (value is default
+                    or (isinstance(value, (bool, int, float)) and value == default)):
+                raise ValueError(
+                    f"{cls.__name__}: {name}={value!r} is not supported by the installed torch "
+                    f"{torch.__version__} (torch.optim.{self._torch_base.__name__} has no "
+                    f"'{name}' argument); leave it at its default {default!r}")
+        super().__init__(params, **kwargs)
         if master_weights:
             self.defaults["master_weights"] = True
             for group in self.param_groups:
@@ -62,10 +96,33 @@ class Adam(_AdamFamily, torch.optim.Adam):
     """torch.optim.Adam with a fused multi-tensor step (``decoupled_weight_decay`` honoured)."""
     _torch_base = torch.optim.Adam
 
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3,
+                 betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0, amsgrad: bool = False, *, foreach: bool | None = None,
+                 maximize: bool = False, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, decoupled_weight_decay: bool = False,
+                 master_weights: bool = False) -> None:
+        self._init(Adam, params, master_weights, dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            foreach=foreach, maximize=maximize, capturable=capturable,
+            differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay))
+
 
 class AdamW(_AdamFamily, torch.optim.AdamW):
     """torch.optim.AdamW with a fused multi-tensor step."""
     _torch_base = torch.optim.AdamW
+
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3,
+                 betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, capturable: bool = False,
+                 differentiable: bool = False, fused: bool | None = None,
+                 master_weights: bool = False) -> None:
+        self._init(AdamW, params, master_weights, dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, foreach=foreach, capturable=capturable,
+            differentiable=differentiable, fused=fused))
 
 
 class SGD(_TorchNamed, torch.optim.SGD):
@@ -73,6 +130,16 @@ class SGD(_TorchNamed, torch.optim.SGD):
     _torch_base = torch.optim.SGD
     _kernel = "sgd_kernel"
     _uses_step = False
+
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-3, momentum: float = 0,
+                 dampening: float = 0, weight_decay: float | Tensor = 0, nesterov: bool = False,
+                 *, maximize: bool = False, foreach: bool | None = None,
+                 differentiable: bool = False, fused: bool | None = None,
+                 master_weights: bool = False) -> None:
+        self._init(SGD, params, master_weights, dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize, foreach=foreach,
+            differentiable=differentiable, fused=fused))
 
     def _must_sync_on_inf(self) -> bool:
         # a skipped first step would leave a zero buffer where torch clones the next grad: only
@@ -101,6 +168,16 @@ class RMSprop(_TorchNamed, torch.optim.RMSprop):
     _torch_base = torch.optim.RMSprop
     _kernel = "rmsprop_kernel"
 
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-2, alpha: float = 0.99,
+                 eps: float = 1e-8, weight_decay: float = 0, momentum: float = 0,
+                 centered: bool = False, capturable: bool = False, foreach: bool | None = None,
+                 maximize: bool = False, differentiable: bool = False, *,
+                 master_weights: bool = False) -> None:
+        self._init(RMSprop, params, master_weights, dict(
+            lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum,
+            centered=centered, capturable=capturable, foreach=foreach, maximize=maximize,
+            differentiable=differentiable))
+
     def _flags(self, group):
         return dict(CENTERED=bool(group["centered"]), MOMENTUM=group["momentum"] > 0,
                     MAXIMIZE=bool(group["maximize"]))
@@ -120,6 +197,16 @@ class Adagrad(_TorchNamed, torch.optim.Adagrad):
     """torch.optim.Adagrad (lr_decay, initial_accumulator_value, weight_decay, maximize), fused."""
     _torch_base = torch.optim.Adagrad
     _kernel = "adagrad_kernel"
+
+    def __init__(self, params: ParamsT, lr: float | Tensor = 1e-2, lr_decay: float = 0,
+                 weight_decay: float = 0, initial_accumulator_value: float = 0,
+                 eps: float = 1e-10, foreach: bool | None = None, *, maximize: bool = False,
+                 differentiable: bool = False, fused: bool | None = None,
+                 master_weights: bool = False) -> None:
+        self._init(Adagrad, params, master_weights, dict(
+            lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value, eps=eps, foreach=foreach,
+            maximize=maximize, differentiable=differentiable, fused=fused))
 
     def _flags(self, group):
         return dict(MAXIMIZE=bool(group["maximize"]))

@@ -41,10 +41,53 @@ def test_reproducible_and_fresh(device):
     assert torch.equal(ops.dropout(x, 0.5), a)
     assert not torch.equal(a, b)
     torch.manual_seed(7)
-    with torch.random.fork_rng(devices=[]):
+    # the seed comes from the input device's generator: fork that one (as for F.dropout)
+    with torch.random.fork_rng(devices=[x.device.index or 0] if x.is_cuda else []):
         ops.dropout(x, 0.5)
         ops.dropout(x, 0.5)
     assert torch.equal(ops.dropout(x, 0.5), a)  # fork_rng isolated the draws inside it
+
+
+def test_seed_lives_on_input_device(device, monkeypatch):
+    """The seed is drawn on the input's device and handed to the kernel as a tensor (read
+    through a pointer), never as a host int: no ``.item()`` on the Triton path."""
+    import tilefuse.fused.dropout as fd
+    import tilefuse.kernels.dropout as kd
+
+    drawn, launched = [], []
+    real_draw, real_launch = fd.draw_seed, kd.launch_dropout
+
+    def draw(dev=None):
+        drawn.append(real_draw(dev))
+        return drawn[-1]
+
+    def launch(x, out, seed, *args, **kw):
+        launched.append(seed)
+        return real_launch(x, out, seed, *args, **kw)
+
+    monkeypatch.setattr(fd, "draw_seed", draw)
+    monkeypatch.setattr(kd, "launch_dropout", launch)
+    x = torch.randn(16, 24, device=device, requires_grad=True)
+    real_item = torch.Tensor.item
+
+    def no_item(t):
+        if t.dtype == torch.int64 and t.dim() == 0 and any(t is s for s in drawn):
+            raise AssertionError("seed read on the host")
+        return real_item(t)
+
+    monkeypatch.setattr(torch.Tensor, "item", no_item)
+    y = ops.dropout(x, 0.5)
+    y2 = ops.dropout_add(x, torch.zeros_like(x), 0.5)
+    y3 = ops.dropout2d(x.detach().reshape(2, 3, 8, 8), 0.5)
+    (y.sum() + y2.sum()).backward()
+    monkeypatch.setattr(torch.Tensor, "item", real_item)
+    assert len(drawn) == 3 and all(s.device == x.device and s.dtype == torch.int64 and
+                                   s.dim() == 0 for s in drawn)
+    # 3 forwards + 2 backwards, each launch gets a device tensor (the saved seed in backward)
+    assert len(launched) == 5
+    assert all(isinstance(s, torch.Tensor) and s.device == x.device for s in launched)
+    assert any(launched[i] is drawn[0] for i in range(len(launched)))
+    assert y3.shape == (2, 3, 8, 8)
 
 
 def test_backward_regenerates_mask(device):
@@ -214,3 +257,52 @@ def test_int64_counters_past_2_pow_31():
     assert not torch.equal(head, tail)
     assert abs(tail.float().mean().item() - 0.5) < 0.01
     del x, y
+
+
+@pytest.mark.cuda
+def test_cuda_generator_drives_masks():
+    x = torch.ones(128, 128, device="cuda")
+    torch.cuda.manual_seed(1)
+    a = ops.dropout(x, 0.5)
+    torch.rand(10)  # the CPU generator plays no part
+    torch.cuda.manual_seed(1)
+    assert torch.equal(ops.dropout(x, 0.5), a)
+    torch.cuda.manual_seed(2)
+    assert not torch.equal(ops.dropout(x, 0.5), a)
+    torch.manual_seed(3)  # seeds every device's generator too
+    b = ops.dropout(x, 0.5)
+    torch.manual_seed(3)
+    assert torch.equal(ops.dropout(x, 0.5), b)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replays_draw_fresh_masks():
+    from tilefuse.ops import dropconnect_linear
+
+    x = torch.ones(256, 256, device="cuda")
+    w = torch.ones(64, 256, device="cuda")
+
+    def step():
+        return ops.dropout(x, 0.5), ops.dropout_add(x, x, 0.5), dropconnect_linear(
+            x, w, p=0.5)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compile the kernels outside the capture
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        outs = step()
+    g.replay()
+    first = [o.clone() for o in outs]
+    g.replay()
+    second = [o.clone() for o in outs]
+    torch.cuda.synchronize()
+    for a, b in zip(first, second):
+        assert not torch.equal(a, b)  # the seed is drawn and read on the device per replay
+    for y in (first[0], second[0]):
+        assert abs((y != 0).float().mean().item() - 0.5) < 0.02
+        assert set(y.unique().tolist()) <= {0.0, 2.0}
+    assert set(first[1].unique().tolist()) <= {1.0, 3.0}

@@ -23,7 +23,7 @@ def test_forward_backward_mask(device, monkeypatch, backend):
     N, K = 19, 23
     w = torch.randn(N, K, device=device, requires_grad=True)
     x = torch.randn(5, K, device=device, requires_grad=True)
-    seed = torch.tensor(1234)
+    seed = torch.tensor(1234, device=device)
     wm = _masked_weight(w.detach(), seed)
     keep = wm != 0
     assert 0.4 < keep.float().mean().item() < 0.8
@@ -69,7 +69,7 @@ def test_fused_bias_activation_grads(device, monkeypatch, backend):
     b = torch.randn(N, device=device, requires_grad=True)
     x = torch.randn(2, 3, K, device=device, requires_grad=True)
     torch.manual_seed(5)
-    keep = _masked_weight(w.detach(), draw_seed()) != 0
+    keep = _masked_weight(w.detach(), draw_seed(device)) != 0
     torch.manual_seed(5)
     y = dropconnect_linear(x, w, b, p=P, activation="gelu")
     ref = torch.nn.functional.gelu(x @ (w * keep / (1 - P)).t() + b)
@@ -79,3 +79,22 @@ def test_fused_bias_activation_grads(device, monkeypatch, backend):
     exp = torch.autograd.grad(ref, (x, w, b), g)
     for a, e in zip(got, exp):
         assert torch.allclose(a, e, atol=1e-4)
+
+
+def test_seed_drawn_on_device_and_saved(device, monkeypatch):
+    import tilefuse.fused.dropout as fd
+
+    seeds = []
+    real = fd.draw_seed
+    monkeypatch.setattr(fd, "draw_seed", lambda dev=None: seeds.append(real(dev)) or seeds[-1])
+    w = torch.randn(6, 10, device=device, requires_grad=True)
+    y = fd.dropconnect_linear(torch.randn(3, 10, device=device), w, p=0.5)
+    assert len(seeds) == 1 and seeds[0].device == w.device
+    y.sum().backward()
+    assert w.grad is not None
+    # a caller-supplied seed on another device is moved to the data's device
+    cpu_seed = torch.tensor(77)
+    a = dropconnect_mm(torch.eye(10, device=device), w.detach().t(), cpu_seed, P, 1, 10)
+    b = dropconnect_mm(torch.eye(10, device=device), w.detach().t(), cpu_seed.to(device), P, 1,
+                       10)
+    assert torch.equal(a, b)

@@ -1,16 +1,21 @@
 """Dropout custom ops: ``tilefuse::dropout`` (dropout, dropout+residual, channel dropout) and
 ``tilefuse::dropconnect_linear`` (DropConnect inside the matmul kernel's load path).
 
-RNG design: the public wrappers draw a 31-bit seed with ``torch.randint`` on the default CPU
-generator, *outside* the custom op, and pass it in as a 0-d int64 tensor. So
-``torch.manual_seed`` reproduces runs, ``torch.random.fork_rng`` isolates them,
-``torch.utils.checkpoint`` (which restores the CPU RNG state before recomputing) regenerates the
-same mask, and under ``torch.compile`` the draw is part of the graph, hence fresh on every call.
-Only the seed is saved for backward; the mask is regenerated from it (no mask tensor is stored).
+RNG design: the public wrappers draw a 31-bit seed with ``torch.randint`` on the *input's
+device* (that device's default generator, as torch's own dropout), *outside* the custom op, and
+pass it in as a 0-d int64 tensor that the Triton kernels read through a pointer
+(``tl.load(seed_ptr)``): nothing on the CUDA path reads it on the host, so there is no sync and a
+captured CUDA graph draws a fresh seed on every replay. So ``torch.manual_seed`` /
+``torch.cuda.manual_seed`` reproduce runs, ``torch.random.fork_rng`` isolates them,
+``torch.utils.checkpoint`` (which restores the CPU and the device RNG state before recomputing)
+regenerates the same mask, and under ``torch.compile`` the draw is part of the graph, hence fresh
+on every call. Only the seed is saved for backward; the mask is regenerated from it (no mask
+tensor is stored).
 
 The torch reference path (CPU without the interpreter) also derives its mask from the seed alone
 (a ``torch.Generator`` seeded with it), so forward and backward agree there too; its bits differ
-from the Philox stream of the Triton path.
+from the Philox stream of the Triton path. It reads the seed with ``.item()``: free for a CPU
+seed; on a GPU that path only runs when forced (``TILEFUSE_BACKEND=torch``), at one sync per op.
 """
 from __future__ import annotations
 
@@ -23,9 +28,18 @@ from tilefuse._backend import backend_for
 from tilefuse.activations import NAMES, torch_activation
 
 
-def draw_seed() -> Tensor:
-    """A fresh seed from the default torch generator (0-d int64 CPU tensor)."""
-    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+def draw_seed(device=None) -> Tensor:
+    """A fresh seed: a 0-d int64 tensor on ``device`` (default CPU), drawn from that device's
+    default generator (so ``torch.manual_seed`` / ``torch.cuda.manual_seed`` / ``fork_rng``
+    govern it as they govern ``torch.nn.functional.dropout``). The Triton path never reads it on
+    the host."""
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64,
+                         device=device if device is not None else "cpu")
+
+
+def _seed_on(seed: Tensor, device) -> Tensor:
+    """The seed on the data's device (a copy only for a caller-supplied seed elsewhere)."""
+    return seed if seed.device == device else seed.to(device)
 
 
 def _torch_keep(seed: int, shape, group: int, device) -> Tensor:
@@ -47,17 +61,16 @@ def dropout_op(x: Tensor, residual: Optional[Tensor], seed: Tensor, p: float,
                group: int) -> Tensor:
     """``[residual +] x * keep / (1 - p)``, keep regenerated from ``seed`` (0 < p < 1)."""
     out = _out_like(x, residual)
-    s = int(seed.item())
-    if backend_for(x) == "torch":
+    if backend_for(x) == "torch":  # reference path: host seed (free on CPU)
         acc = torch.float64 if out.dtype == torch.float64 else torch.float32
-        keep = _torch_keep(s, x.shape, group, x.device) > p
+        keep = _torch_keep(int(seed.item()), x.shape, group, x.device) > p
         y = torch.where(keep, x.to(acc) * (1.0 / (1.0 - p)), 0.0)
         if residual is not None:
             y = y + residual.to(acc)
         return out.copy_(y)
     from tilefuse.kernels.dropout import launch_dropout
 
-    return launch_dropout(x, out, s, p, residual=residual, group=group)
+    return launch_dropout(x, out, _seed_on(seed, out.device), p, residual=residual, group=group)
 
 
 @dropout_op.register_fake
@@ -111,7 +124,7 @@ def dropout(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
         return x
     if p == 1.0:
         return x * 0.0
-    return dropout_op(x, None, draw_seed(), p, 1)
+    return dropout_op(x, None, draw_seed(x.device), p, 1)
 
 
 def dropout_add(x: Tensor, residual: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
@@ -135,7 +148,7 @@ def dropout_add(x: Tensor, residual: Tensor, p: float = 0.5, training: bool = Tr
         return residual + x
     if p == 1.0:
         return residual + x * 0.0
-    return dropout_op(x, residual.expand(x.shape), draw_seed(), p, 1)
+    return dropout_op(x, residual.expand(x.shape), draw_seed(x.device), p, 1)
 
 
 def dropout2d(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
@@ -158,7 +171,7 @@ def dropout2d(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
     group = x.shape[-1] * x.shape[-2]
     if group == 0:
         return x * 1.0
-    return dropout_op(x, None, draw_seed(), p, group)
+    return dropout_op(x, None, draw_seed(x.device), p, group)
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,10 +238,10 @@ def dropconnect_op(a: Tensor, b: Tensor, bias: Optional[Tensor], seed: Tensor, p
     """``act(a (M, K) @ (b (K, N) * keep) / (1-p) + bias)`` -> (out, pre-activation or empty);
     keep[k, n] comes from the logical index ``k*stride_k + n*stride_n`` (so a transposed operand
     can share the mask of the original)."""
-    s = int(seed.item())
     M, K = a.shape
     N = b.shape[1]
-    if backend_for(a) == "torch":
+    if backend_for(a) == "torch":  # reference path: host seed (free on CPU)
+        s = int(seed.item())
         idx = (torch.arange(K, device=a.device)[:, None] * stride_k
                + torch.arange(N, device=a.device)[None, :] * stride_n)
         keep = (_torch_keep(s, (K * N,), 1, a.device)[idx.flatten()].reshape(K, N) > p)
@@ -243,7 +256,8 @@ def dropconnect_op(a: Tensor, b: Tensor, bias: Optional[Tensor], seed: Tensor, p
     out = torch.empty((1, M, N), device=a.device, dtype=a.dtype)
     pre = torch.empty((1, M, N), device=a.device, dtype=a.dtype) if save_pre else None
     launch_matmul(a.unsqueeze(0), b.unsqueeze(0), out, bias=bias, pre=pre, activation=activation,
-                  act_param=act_param, dropconnect=(s, p, stride_k, stride_n))
+                  act_param=act_param,
+                  dropconnect=(_seed_on(seed, a.device), p, stride_k, stride_n))
     return out.squeeze(0), (pre.squeeze(0) if pre is not None else a.new_empty(0))
 
 
@@ -342,6 +356,6 @@ def dropconnect_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
     # b = weight^T (K, N); weight[n, k] has logical index n*K + k: stride_k=1, stride_n=K
-    y, _ = dropconnect_op(x.reshape(-1, K), weight.t(), bias, draw_seed(), p, 1, K, act,
+    y, _ = dropconnect_op(x.reshape(-1, K), weight.t(), bias, draw_seed(x.device), p, 1, K, act,
                           act_param, bool(needs_grad and act != 0))
     return y.reshape(tuple(x.shape[:-1]) + (N,))

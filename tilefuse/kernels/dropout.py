@@ -4,9 +4,11 @@ The keep decision for an element is a pure function of ``(seed, rng_index)``:
 ``keep = keep_mask(seed, rng_index // GROUP, p)`` (a Philox uniform > p), where ``rng_index`` is
 the element's *logical* row-major index (int64, so tensors past 2^31 elements get distinct
 counters) and ``GROUP`` is 1 for element dropout or ``H*W`` for channel dropout (Dropout2d).
-Nothing but the seed is stored for backward: the backward pass runs the same kernel on the
-incoming gradient and regenerates the identical mask, whatever the gradient's memory layout,
-because the counter is logical.
+The seed is a 0-d int64 *tensor* on the data's device, loaded inside the kernel
+(``tl.load(seed_ptr)``): no host sync, and a captured CUDA graph reads the value its replay's
+``torch.randint`` wrote. Nothing but the seed is stored for backward: the backward pass runs the
+same kernel on the incoming gradient and regenerates the identical mask, whatever the gradient's
+memory layout, because the counter is logical.
 
 Also here: :func:`mixup_kernel`, the batch mixup ``lam*x + (1-lam)*x[perm]`` in one pass (the
 regularization family's other elementwise kernel).
@@ -68,15 +70,16 @@ def _contig_lane(x_ptr, res_ptr, out_ptr, offs, m, keep, scale_hi, scale_lo,
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def dropout_kernel(
-    x_ptr, res_ptr, out_ptr, seed, p, scale_hi, scale_lo, n_elements, GROUP,
+    x_ptr, res_ptr, out_ptr, seed_ptr, p, scale_hi, scale_lo, n_elements, GROUP,
     S1, S2, S3,
     sx0, sx1, sx2, sx3, sr0, sr1, sr2, sr3, so0, so1, so2, so3, sl0, sl1, sl2, sl3,
     HAS_RESIDUAL: tl.constexpr, CONTIG: tl.constexpr, GROUPED: tl.constexpr,
     ACC_DTYPE: tl.constexpr, Q: tl.constexpr, CH: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
+    seed = tl.load(seed_ptr)  # 0-d int64 on the device: no host read, CUDA-graph replayable
     if CONTIG:
         # BLOCK = CH chunks of 4*Q elements; one Philox call per (chunk, j) feeds 4 elements
         chunk = pid * CH + tl.arange(0, CH).to(tl.int64)
@@ -155,11 +158,12 @@ def _block(n: int, is_cuda: bool) -> int:
     return 4 * RNG_Q
 
 
-def launch_dropout(x: torch.Tensor, out: torch.Tensor, seed: int, p: float, residual=None,
-                   group: int = 1) -> torch.Tensor:
+def launch_dropout(x: torch.Tensor, out: torch.Tensor, seed: torch.Tensor, p: float,
+                   residual=None, group: int = 1) -> torch.Tensor:
     """``out = [residual +] dropout(x)`` for same-shape ``x``, ``out`` and ``residual`` (any
     strides; ``residual`` may be an expanded view). ``group`` > 1 shares one keep decision per
-    ``group`` consecutive logical elements (channel dropout)."""
+    ``group`` consecutive logical elements (channel dropout). ``seed`` is a 1-element int64
+    tensor on ``out``'s device, read by the kernel (never on the host)."""
     n = x.numel()
     if n == 0:
         return out
@@ -180,7 +184,7 @@ def launch_dropout(x: torch.Tensor, out: torch.Tensor, seed: int, p: float, resi
     scale = 1.0 / (1.0 - p)
     scale_hi = float(torch.tensor(scale, dtype=torch.float32))
     dropout_kernel[(triton.cdiv(n, block),)](
-        x, residual if residual is not None else x, out, int(seed), float(p), scale_hi,
+        x, residual if residual is not None else x, out, seed, float(p), scale_hi,
         scale - scale_hi, n,
         int(group), sizes[1], sizes[2], sizes[3], *sx, *sr, *so, *sl,
         HAS_RESIDUAL=residual is not None, CONTIG=bool(contig), GROUPED=group > 1,

@@ -34,7 +34,7 @@ def grouped_pid(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M
     return pid_m, pid_n
 
 
-@triton.jit(do_not_specialize=["dc_seed"])
+@triton.jit
 def matmul_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, res_ptr, pre_ptr,
     M, N, K,
@@ -43,7 +43,7 @@ def matmul_kernel(
     stride_cb, stride_cm, stride_cn,
     stride_rb, stride_rm, stride_rn,
     stride_bias,
-    dc_seed, dc_p, dc_scale, dc_stride_k, dc_stride_n,
+    dc_seed_ptr, dc_p, dc_scale, dc_stride_k, dc_stride_n,
     ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SAVE_PRE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
@@ -64,6 +64,8 @@ def matmul_kernel(
     b_base = b_ptr + pid_b * stride_bb + offs_bn[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    if HAS_DROPCONNECT:  # the seed lives on the device (0-d int64): no host read
+        dc_seed = tl.load(dc_seed_ptr)
     for k0 in range(0, tl.cdiv(K, BLOCK_K)):
         kk = k0 * BLOCK_K + offs_k
         k_mask = kk < K
@@ -149,7 +151,8 @@ def launch_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, 
 
     ``residual`` is (BATCH, M, N) with any strides (0 to broadcast); ``bias`` is (N,).
     ``pre`` (same shape as c) receives the pre-activation when given.
-    ``dropconnect=(seed, p, stride_k, stride_n)`` drops B[k, n] unless
+    ``dropconnect=(seed, p, stride_k, stride_n)`` (``seed``: 0-d int64 tensor on the operands'
+    device, read by the kernel) drops B[k, n] unless
     ``keep_mask(seed, k*stride_k + n*stride_n, p)`` and scales the product by 1/(1-p)
     (the same keep rule as :mod:`tilefuse.kernels.dropout`; BATCH must be 1).
     """
@@ -171,8 +174,8 @@ def launch_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, 
         precision = "tf32"
     else:
         precision = "ieee"
-    dc_seed, dc_p, dc_sk, dc_sn = dropconnect if dropconnect is not None else (0, 0.0, 0, 0)
     dummy = c
+    dc_seed, dc_p, dc_sk, dc_sn = dropconnect if dropconnect is not None else (dummy, 0.0, 0, 0)
     res = residual if residual is not None else dummy
     grid_x = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
     for start in range(0, batch, MAX_GRID_Y):
@@ -187,7 +190,7 @@ def launch_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, 
             c.stride(0), c.stride(1), c.stride(2),
             res.stride(0), res.stride(1), res.stride(2),
             bias.stride(0) if bias is not None else 0,
-            int(dc_seed), float(dc_p), float(1.0 / (1.0 - dc_p)), int(dc_sk), int(dc_sn),
+            dc_seed, float(dc_p), float(1.0 / (1.0 - dc_p)), int(dc_sk), int(dc_sn),
             ACTIVATION=activation, ACT_PARAM=float(act_param),
             HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
             SAVE_PRE=pre is not None, INPUT_PRECISION=precision,

@@ -149,34 +149,6 @@ def sgd_kernel(ctab_ptr, cstart_ptr, ttab_ptr, sc_ptr, gmul_ptr, finf_ptr,
     _store_param(p, p_ptr + p_o, master_ptr + master_o, mask, HAS_MASTER)
 
 
-# roles: 0 param, 1 grad, 2 exp_avg, 3 master;  scalars: lr, 1-lr*wd, beta1, beta2
-@triton.jit
-def lion_kernel(ctab_ptr, cstart_ptr, ttab_ptr, sc_ptr, gmul_ptr, finf_ptr,
-                p_ptr, g_ptr, m_ptr, master_ptr,
-                MAXIMIZE: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_GMUL: tl.constexpr,
-                HAS_FINF: tl.constexpr, CDT: tl.constexpr, F32: tl.constexpr,
-                BLOCK: tl.constexpr):
-    t, row, idx, mask = _chunk(ctab_ptr, cstart_ptr, ttab_ptr, finf_ptr, 5, HAS_FINF, BLOCK)
-    p_o = tl.load(row + 1) + idx
-    g_o = tl.load(row + 2) + idx
-    m_o = tl.load(row + 3) + idx
-    master_o = tl.load(row + 4) + idx
-    sc = sc_ptr + t * 4
-    lr = tl.load(sc)
-    decay = tl.load(sc + 1)
-    beta1 = tl.load(sc + 2)
-    beta2 = tl.load(sc + 3)
-    g, p = _load_grad_param(g_ptr + g_o, gmul_ptr, p_ptr + p_o, master_ptr + master_o, mask,
-                            MAXIMIZE, HAS_MASTER, HAS_GMUL, CDT)
-    m = tl.load(m_ptr + m_o, mask=mask, other=0.0).to(CDT)
-    c = m * beta1 + g * (1.0 - beta1)
-    update = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0)).to(CDT)
-    p = p * decay - lr * update
-    m = m * beta2 + g * (1.0 - beta2)
-    tl.store(m_ptr + m_o, m.to(m_ptr.dtype.element_ty), mask=mask)
-    _store_param(p, p_ptr + p_o, master_ptr + master_o, mask, HAS_MASTER)
-
-
 # roles: 0 param, 1 grad, 2 square_avg, 3 grad_avg, 4 momentum_buffer, 5 master
 # scalars: lr, weight_decay, alpha, 1-alpha, eps, momentum
 @triton.jit
@@ -225,32 +197,57 @@ def rmsprop_kernel(ctab_ptr, cstart_ptr, ttab_ptr, sc_ptr, gmul_ptr, finf_ptr,
     _store_param(p, p_ptr + p_o, master_ptr + master_o, mask, HAS_MASTER)
 
 
-# roles: 0 param, 1 grad, 2 sum, 3 master;  scalars: clr (lr after lr_decay), weight_decay, eps
+# roles: 0 param, 1 grad, 2 state, 3 master.  ALGO selects the update and its scalars row:
+# "lion":    state exp_avg;  scalars: lr, 1-lr*wd, beta1, beta2
+# "adagrad": state sum;      scalars: clr (lr after lr_decay), weight_decay, eps
 @triton.jit
-def adagrad_kernel(ctab_ptr, cstart_ptr, ttab_ptr, sc_ptr, gmul_ptr, finf_ptr,
-                   p_ptr, g_ptr, sum_ptr, master_ptr,
-                   MAXIMIZE: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_GMUL: tl.constexpr,
-                   HAS_FINF: tl.constexpr, CDT: tl.constexpr, F32: tl.constexpr,
-                   BLOCK: tl.constexpr):
+def single_state_kernel(ctab_ptr, cstart_ptr, ttab_ptr, sc_ptr, gmul_ptr, finf_ptr,
+                        p_ptr, g_ptr, s_ptr, master_ptr,
+                        ALGO: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_MASTER: tl.constexpr,
+                        HAS_GMUL: tl.constexpr, HAS_FINF: tl.constexpr, CDT: tl.constexpr,
+                        F32: tl.constexpr, BLOCK: tl.constexpr):
     t, row, idx, mask = _chunk(ctab_ptr, cstart_ptr, ttab_ptr, finf_ptr, 5, HAS_FINF, BLOCK)
     p_o = tl.load(row + 1) + idx
     g_o = tl.load(row + 2) + idx
-    sum_o = tl.load(row + 3) + idx
+    s_o = tl.load(row + 3) + idx
     master_o = tl.load(row + 4) + idx
-    sc = sc_ptr + t * 3
-    clr = tl.load(sc)
-    wd = tl.load(sc + 1)
-    eps = tl.load(sc + 2)
     g, p = _load_grad_param(g_ptr + g_o, gmul_ptr, p_ptr + p_o, master_ptr + master_o, mask,
                             MAXIMIZE, HAS_MASTER, HAS_GMUL, CDT)
-    g = g + wd * p
-    s = tl.load(sum_ptr + sum_o, mask=mask, other=0.0).to(CDT) + g * g
-    tl.store(sum_ptr + sum_o, s.to(sum_ptr.dtype.element_ty), mask=mask)
-    if F32:
-        p = p - clr * tl.div_rn(g, tl.sqrt_rn(s) + eps)
-    else:
-        p = p - clr * (g / (tl.sqrt(s) + eps))
+    s = tl.load(s_ptr + s_o, mask=mask, other=0.0).to(CDT)
+    if ALGO == "lion":
+        sc = sc_ptr + t * 4
+        lr = tl.load(sc)
+        decay = tl.load(sc + 1)
+        beta1 = tl.load(sc + 2)
+        beta2 = tl.load(sc + 3)
+        c = s * beta1 + g * (1.0 - beta1)
+        update = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0)).to(CDT)
+        p = p * decay - lr * update
+        s = s * beta2 + g * (1.0 - beta2)
+    else:  # "adagrad"
+        tl.static_assert(ALGO == "adagrad")
+        sc = sc_ptr + t * 3
+        clr = tl.load(sc)
+        wd = tl.load(sc + 1)
+        eps = tl.load(sc + 2)
+        g = g + wd * p
+        s = s + g * g
+        if F32:
+            p = p - clr * tl.div_rn(g, tl.sqrt_rn(s) + eps)
+        else:
+            p = p - clr * (g / (tl.sqrt(s) + eps))
+    tl.store(s_ptr + s_o, s.to(s_ptr.dtype.element_ty), mask=mask)
     _store_param(p, p_ptr + p_o, master_ptr + master_o, mask, HAS_MASTER)
+
+
+# an optimizer's ``_kernel`` name -> (its update kernel, the constexprs selecting its algorithm)
+UPDATES = {
+    "adam_kernel": (adam_kernel, {}),
+    "sgd_kernel": (sgd_kernel, {}),
+    "rmsprop_kernel": (rmsprop_kernel, {}),
+    "lion_kernel": (single_state_kernel, {"ALGO": "lion"}),
+    "adagrad_kernel": (single_state_kernel, {"ALGO": "adagrad"}),
+}
 
 
 # ---- launchers ----

@@ -111,7 +111,8 @@ class _Item:
 class FusedStepMixin:
     """Mixed into each optimizer. A family defines:
 
-    * ``_kernel``: the kernel's name in tilefuse.kernels.optim (imported at the first step);
+    * ``_kernel``: its update's key in tilefuse.kernels.optim.UPDATES (the kernel and the
+      constexprs selecting its algorithm; imported at the first step);
     * ``_uses_step``: whether its state has a ``step`` counter (AMP then reads found_inf);
     * ``_flags(group)``: the kernel's constexpr flags for a param group;
     * ``_prepare(group, p, grad, state, step)`` -> (roles, scalars): creates the state lazily
@@ -307,11 +308,11 @@ class FusedStepMixin:
 
         from tilefuse.kernels import optim as kernels
 
-        kernel = getattr(kernels, self._kernel)
+        kernel, algo = kernels.UPDATES[self._kernel]
         for flags, items in buckets.values():
             roles = [list(r) for r in zip(*(it.roles for it in items))]
             dev = roles[0][0].device  # buckets are per device: scalars follow (foreach-style)
-            kernels.launch_update(kernel, roles, [it.scalars for it in items], flags,
+            kernels.launch_update(kernel, roles, [it.scalars for it in items], {**algo, **flags},
                                   gmul=None if gmul is None else gmul.to(dev),
                                   found_inf=None if found_inf is None else found_inf.to(dev))
             for it in items:

@@ -128,9 +128,11 @@ def test_group_norm_follows_torch_cpu_policy():
 
 
 def test_norm_fp32_policy_where_torch_applies_it(monkeypatch):
-    """On CUDA torch runs layer/group/RMS norm in fp32 under autocast: inputs cast to fp32, fp32
-    output. Exercised on CPU by adding 'cpu' to the helper's device list."""
-    monkeypatch.setattr(_autocast, "_NORM_FP32_DEVICES", ("cpu", "cuda"))
+    """On CUDA torch runs layer/group(/RMS from 2.12) norm in fp32 under autocast: inputs cast to
+    fp32, fp32 output. Exercised on CPU by marking the ops fp32 for 'cpu' in the helper's table."""
+    table = dict(_autocast._NORM_FP32)
+    table.update({(op, "cpu"): True for op in ("layer_norm", "rms_norm", "group_norm")})
+    monkeypatch.setattr(_autocast, "_NORM_FP32", table)
     x, w = _leaf(4, 16, dtype=torch.bfloat16), _leaf(16)
     out, (gx, gw) = _fwd_bwd(lambda x, w: ops.layer_norm_act(x, 16, w), (x, w))
     assert out.dtype == torch.float32 and gx.dtype == torch.bfloat16 and gw.dtype == torch.float32
@@ -139,6 +141,13 @@ def test_norm_fp32_policy_where_torch_applies_it(monkeypatch):
     with _amp():
         assert ops.rms_norm_act(x, 16).dtype == torch.float32
         assert ops.group_norm_act(x.detach().reshape(2, 4, 8), 2).dtype == torch.float32
+
+
+def test_norm_policy_table_follows_the_dispatcher():
+    f = torch._C._dispatch_has_kernel_for_dispatch_key
+    for op in ("layer_norm", "rms_norm", "group_norm"):
+        assert _autocast._NORM_FP32[(op, "cpu")] is False  # AutocastCPU falls through
+        assert _autocast._NORM_FP32[(op, "cuda")] == f(f"aten::{op}", "AutocastCUDA")
 
 
 @pytest.mark.parametrize("training", [True, False])

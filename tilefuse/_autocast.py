@@ -13,9 +13,10 @@ depthwise_conv2d, int8 weight-only /   ``torch.get_autocast_dtype(device)``, lik
 w8a8 linear                            ``linear``/``conv2d``; ``residual`` cast to the output
                                        dtype (it is part of the GEMM epilogue, like ``addmm``'s
                                        ``input``)
-layer_norm_act, rms_norm_act,          :func:`norm_fp32`: fp32 on the device types whose
-group_norm_act                         autocast runs ``layer_norm``/``group_norm``/``rms_norm``
-                                       in fp32 (CUDA, XPU, ...); no cast on CPU, where torch's
+layer_norm_act, rms_norm_act,          :func:`norm_fp32`: fp32 exactly where the installed
+group_norm_act                         torch's autocast has a kernel for the aten op (read from
+                                       the dispatcher: CUDA/XPU/MPS for layer/group norm; CUDA
+                                       rms_norm only from torch 2.12); no cast on CPU, where
                                        AutocastCPU falls through for these ops
 cross_entropy                          :func:`fp32` on every device (``cross_entropy_loss`` is on
                                        the CPU fp32 list; on CUDA it decomposes into
@@ -35,8 +36,29 @@ from typing import Optional
 
 import torch
 
-# device types whose autocast casts layer_norm / group_norm / rms_norm to fp32 (not CPU)
-_NORM_FP32_DEVICES = ("cuda", "xpu", "mtia", "maia", "hpu")
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA", "xpu": "AutocastXPU",
+                  "mps": "AutocastMPS", "hpu": "AutocastHPU", "mtia": "AutocastMTIA",
+                  "maia": "AutocastMAIA"}
+
+
+def _autocast_table(ops=("layer_norm", "rms_norm", "group_norm")) -> dict:
+    """{(op, device_type): True} where the *running* torch's autocast has a kernel (the fp32
+    policy) for ``aten::op`` on that device; fallthrough entries read False. Read once at import
+    from the dispatcher, so it follows the installed torch (e.g. ``rms_norm`` joined the CUDA fp32
+    list in torch 2.12; on 2.11 it passes through) and stays a plain dict lookup under
+    ``torch.compile``."""
+    table = {}
+    has = getattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", None)
+    for op in ops:
+        for dev, key in _AUTOCAST_KEYS.items():
+            try:
+                table[(op, dev)] = bool(has(f"aten::{op}", key)) if has else dev != "cpu"
+            except Exception:  # noqa: BLE001 - dispatch keys this build does not know
+                table[(op, dev)] = False
+    return table
+
+
+_NORM_FP32 = _autocast_table()
 
 
 def _device_type(tensors) -> Optional[str]:
@@ -86,10 +108,10 @@ def fp32(*tensors):
     return cast(torch.float32, *tensors)
 
 
-def norm_fp32(*tensors):
-    """fp32 policy for layer/group/RMS norm: only on device types where torch applies it."""
-    dt = _device_type(tensors)
-    if dt not in _NORM_FP32_DEVICES:
+def norm_fp32(op: str, *tensors):
+    """fp32 policy for ``op`` in ("layer_norm", "rms_norm", "group_norm"): applied only on the
+    device types where the running torch's autocast applies it to ``aten::op``."""
+    if not _NORM_FP32.get((op, _device_type(tensors)), False):
         return tensors
     return fp32(*tensors)
 

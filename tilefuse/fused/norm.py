@@ -183,7 +183,8 @@ def _row_norm(x, normalized_shape, weight, bias, eps, activation, residual, is_r
     check_same_device(x=x, weight=weight, bias=bias, residual=residual)
     # autocast (docs/amp.md): fp32 where torch runs layer_norm/rms_norm in fp32 (CUDA, ...),
     # no cast on CPU; a mixed-dtype residual is promoted as eager ``x + residual`` would be
-    x, weight, bias, residual = _autocast.norm_fp32(x, weight, bias, residual)
+    x, weight, bias, residual = _autocast.norm_fp32("rms_norm" if is_rms else "layer_norm",
+                                                    x, weight, bias, residual)
     x, residual = _autocast.promote_residual(x, residual)
     if eps is None and is_rms:  # rms_norm default: finfo of the (autocast) input dtype, as torch
         eps = torch.finfo(x.dtype).eps

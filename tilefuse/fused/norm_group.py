@@ -165,7 +165,7 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
     check_tensor("bias", bias, dtypes=FLOAT_DTYPES_F64, allow_none=True)
     check_same_device(x=x, weight=weight, bias=bias)
     # autocast: fp32 where torch runs group_norm in fp32 (CUDA, ...), no cast on CPU
-    x, weight, bias = _autocast.norm_fp32(x, weight, bias)
+    x, weight, bias = _autocast.norm_fp32("group_norm", x, weight, bias)
     if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
         raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
     C = x.shape[1]

@@ -134,7 +134,22 @@ class QuickGELUActivation(nn.Module):  # x * sigmoid(1.702 x): no kernel, must n
         return x * torch.sigmoid(1.702 * x)
 
 
+for _cls in (GELUActivation, NewGELUActivation, FastGELUActivation, GELUTanh, SiLUActivation,
+             QuickGELUActivation):
+    _cls.__module__ = "transformers.activations"  # matched by name only inside transformers
+
+
+class _UserSiLU(nn.Module):  # a user's own class with an HF name but other math: never mapped
+    def forward(self, x):
+        return x * torch.sigmoid(2 * x)
+
+
+_UserSiLU.__name__ = _UserSiLU.__qualname__ = "SiLUActivation"
+
+
 def test_hugging_face_activations_by_class_name():
+    with pytest.raises(ValueError, match="SiLUActivation"):
+        activation_from_module(_UserSiLU())
     x = torch.randn(1000) * 4
     for cls, name in ((GELUActivation, "gelu"), (NewGELUActivation, "gelu_tanh"),
                       (FastGELUActivation, "gelu_tanh"), (GELUTanh, "gelu_tanh"),

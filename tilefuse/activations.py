@@ -90,7 +90,7 @@ def activation_from_module(module: torch.nn.Module) -> Tuple[str, float]:
         if type(module) is cls:
             return name, 0.0
     name = HF_ACTIVATIONS.get(type(module).__name__)
-    if name is not None and not type(module).__module__.startswith("torch."):
+    if name is not None and type(module).__module__.startswith("transformers."):
         return name, 0.0  # Hugging Face's classes, by name (see HF_ACTIVATIONS)
     raise ValueError(f"no fused activation for module {type(module).__name__}")
 

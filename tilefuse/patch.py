@@ -44,7 +44,7 @@ import torch.nn as nn
 
 from tilefuse import patch_residual as PR
 from tilefuse import patch_rules as R
-from tilefuse.patch_rules import PatchReport
+from tilefuse.patch_rules import PatchReport, PatchState  # noqa: F401  (PatchState: pickles)
 
 ALL_OPS = ("conv_bn_act", "bn_act", "linear_act", "norm_act", "depthwise", "dropout")
 

@@ -62,6 +62,12 @@ class _TorchNamed(FusedStepMixin):
                     f"{torch.__version__} (torch.optim.{self._torch_base.__name__} has no "
                     f"'{name}' argument); leave it at its default {default!r}")
         super().__init__(params, **kwargs)
+        if self.defaults.get("capturable", False) and any(
+                p.device.type != "cpu" for g in self.param_groups for p in g["params"]):
+            # capturable steps run torch's own capturable step (see _multi._use_reference),
+            # which reads found_inf on the host when handed GradScaler's tensors: let GradScaler
+            # unscale on its own instead, as it does for torch's capturable optimizers
+            self._step_supports_amp_scaling = False
         if master_weights:
             self.defaults["master_weights"] = True
             for group in self.param_groups:

@@ -269,3 +269,17 @@ def test_cli_new_families_default_shapes_and_budget(tmp_cache, capsys):
     captured = capsys.readouterr()
     assert "64x300 float16 ln" in captured.out and "8x16x64 w8a8 float16" in captured.out
     assert "skipping layer_norm fp64" in captured.err
+
+
+def test_only_matmul_tunes_on_first_use_by_default(monkeypatch):
+    from tilefuse.autotune import chain
+    from tilefuse.autotune.identity import DeviceIdentity
+
+    h200 = DeviceIdentity("NVIDIA H200", "9.0", "3.6.0")
+    monkeypatch.setattr(DeviceIdentity, "is_cuda", property(lambda self: True))
+    monkeypatch.delenv("TILEFUSE_AUTOTUNE", raising=False)
+    assert chain.autotune_enabled(h200, autotune.get_space("matmul"))
+    assert not chain.autotune_enabled(h200, autotune.get_space("layer_norm"))
+    assert not chain.autotune_enabled(h200, autotune.get_space("int8_matmul"))
+    monkeypatch.setenv("TILEFUSE_AUTOTUNE", "1")
+    assert chain.autotune_enabled(h200, autotune.get_space("layer_norm"))

@@ -83,13 +83,15 @@ def db_key(space: KernelSpace, identity: DeviceIdentity, bucket: str) -> str:
                      f"sm={identity.capability}", f"triton={identity.triton}", bucket))
 
 
-def autotune_enabled(identity: DeviceIdentity) -> bool:
+def autotune_enabled(identity: DeviceIdentity, space: KernelSpace | None = None) -> bool:
+    """Tune a missing bucket now? ``TILEFUSE_AUTOTUNE=0``: never; ``=1``: every family (not on
+    CPU); unset: on CUDA, for families with ``tune_on_first_use`` (matmul)."""
     value = os.environ.get("TILEFUSE_AUTOTUNE", "").strip().lower()
     if value in ("0", "false", "no", "off"):
         return False
     if value in ("1", "true", "yes", "on"):
         return identity.name != "cpu"
-    return identity.is_cuda
+    return identity.is_cuda and (space is None or bool(space.tune_on_first_use))
 
 
 def _capturing() -> bool:
@@ -140,7 +142,7 @@ def _lookup(kernel: str, key: dict):
     if mkey in _memory:
         return _memory[mkey]
     entry, _ = stored_entry(space, identity, bucket)
-    if entry is None and autotune_enabled(identity) and not _capturing() \
+    if entry is None and autotune_enabled(identity, space) and not _capturing() \
             and not getattr(_tuning, "active", False):
         budget = float(os.environ.get("TILEFUSE_AUTOTUNE_BUDGET_S", DEFAULT_TUNE_BUDGET_S))
         warn_once(f"tuning:{kernel}", f"tilefuse: autotuning {kernel} for new shapes on "

@@ -67,6 +67,7 @@ def _dims(key) -> tuple:
 
 class MatmulSpace(KernelSpace):
     name = "matmul"
+    tune_on_first_use = True
     required = _KEYS
 
     def sources(self):

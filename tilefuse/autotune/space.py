@@ -75,6 +75,11 @@ class KernelSpace:
     name: str = ""
     #: config keys every stored config must have, with int values (checked on load)
     required: tuple = ()
+    #: tune a new bucket inside the first call on CUDA when TILEFUSE_AUTOTUNE is unset. Only for
+    #: families whose buckets are few and stable (matmul); others tune on first use only with
+    #: TILEFUSE_AUTOTUNE=1 (e.g. LayerNorm's row count changes with batch x sequence length, and
+    #: a stall per new bucket inside training would hurt, more so under DDP)
+    tune_on_first_use: bool = False
 
     def sources(self) -> tuple:
         """Kernels / helpers / modules whose source text defines the kernel (hashed into the key)."""

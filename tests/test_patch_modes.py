@@ -162,3 +162,23 @@ def test_hugging_face_activations_by_class_name():
     fused = tilefuse.patch(ref)  # a leaf for the tracer: one call_module node, absorbed
     assert fused[0].activation == "gelu_tanh" and isinstance(fused[1], nn.Identity)
     _compare(ref, fused, (torch.randn(3, 8),))
+
+
+def test_folded_weights_changed_after_patch_stay_folded_with_warning():
+    """A checkpoint loaded into an eval-patched model: train() must not bring back the stale
+    patch-time conv/BN (the BN statistics cannot be recovered from folded weights)."""
+    def block():
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+
+    a = tilefuse.patch(block())
+    src = block()
+    with torch.no_grad():
+        src[1].running_mean.uniform_()
+        src[1].running_var.uniform_(0.5, 2.0)
+    b = tilefuse.patch(src)
+    a.load_state_dict(b.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="stays folded"):
+        a.train()
+    a.eval()
+    torch.testing.assert_close(a(x), b(x))

@@ -217,6 +217,19 @@ class _FoldGroup:
         self.warned = False
 
 
+def _stamp(conv: nn.Module) -> tuple:
+    """A value fingerprint of a folded conv's tensors (sums of values and squares, fp64): it
+    changes when they are overwritten (load_state_dict, an optimizer step) and survives deepcopy,
+    ``.to()`` and pickling. Read at mode switches only."""
+    with torch.no_grad():
+        return tuple(v for t in (conv.weight, conv.bias) if t is not None
+                     for v in (t.double().sum().item(), t.double().pow(2).sum().item()))
+
+
+def _same_stamp(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= 1e-3 * max(1.0, abs(y)) for x, y in zip(a, b))
+
+
 class FoldedBatchNorm(nn.Identity):
     """What :func:`tilefuse.patch` leaves at the path of a BatchNorm2d it folded into the preceding
     conv (eval mode). An ``nn.Identity`` while folded, with no parameters or buffers, so the
@@ -242,6 +255,7 @@ class FoldedBatchNorm(nn.Identity):
         self._tf[7].members += 1
         self.unfolded = False
         self.training = False
+        self._stamp = _stamp(folded)
 
     def extra_repr(self) -> str:
         state = "unfolded: original Conv2d + BatchNorm2d" if self.unfolded else "folded"
@@ -271,6 +285,14 @@ class FoldedBatchNorm(nn.Identity):
                           f"into {conv_path}, which has since been replaced, so train() cannot "
                           f"restore batch statistics. Call tilefuse.unpatch(model) and re-patch in "
                           f"train mode for training.", UserWarning, stacklevel=3)
+            return
+        if not _same_stamp(_stamp(folded), self._stamp):
+            warnings.warn(f"tilefuse: {path} was patched in eval mode and the folded weights of "
+                          f"{conv_path} changed since (load_state_dict, training in eval mode, "
+                          f"...); the BatchNorm statistics cannot be recovered from folded "
+                          f"weights, so it stays folded in train mode (no batch statistics). Call "
+                          f"tilefuse.unpatch(model) on the original and re-patch in train mode to "
+                          f"train with BatchNorm.", UserWarning, stacklevel=3)
             return
         ref = folded.weight
         conv.to(device=ref.device, dtype=ref.dtype)
@@ -305,6 +327,7 @@ class FoldedBatchNorm(nn.Identity):
             folded.bias.copy_(b)
         folded.train(False)
         parent._modules[name] = folded
+        self._stamp = _stamp(folded)
         self._parameters.clear()
         self._buffers.clear()
         self.unfolded = False

@@ -29,6 +29,10 @@ def _mlp_check(label: str) -> None:
     ref, fused = ref.to(device), fused.to(device)
     x = torch.randn(32, 64, device=device)
     backend = tilefuse.backend_for(x)
+    fused(x).sum().backward()  # warm-up: first-call costs (op registration, JIT) are not timed
+    fused.zero_grad()
+    if device == "cuda":
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     y = fused(x)
     y.sum().backward()

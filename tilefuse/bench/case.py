@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict
 
+import torch
+
 
 @dataclass
 class BenchCase:
@@ -28,3 +30,33 @@ class BenchCase:
     @property
     def key(self) -> str:
         return f"{self.family}/{self.name}/{self.dtype}"
+
+
+class LazyCompiled:
+    """``torch.compile(fn)`` built on first call (importing dynamo costs seconds)."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, None
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, dynamic=False)
+        return self.compiled(*args)
+
+
+def fwd(f: Callable, *args) -> Callable[[], Any]:
+    """A zero-arg callable running ``f(*args)`` (a forward-only benchmark body)."""
+    def run():
+        return f(*args)
+    return run
+
+
+def fwd_bwd(f: Callable, g, *args) -> Callable[[], Any]:
+    """A zero-arg callable running ``f(*args).backward(g)``, clearing the leaves' grads first."""
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def run():
+        for t in leaves:
+            t.grad = None
+        f(*args).backward(g)
+    return run

@@ -21,7 +21,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from tilefuse.bench.case import BenchCase
+from tilefuse.bench.case import BenchCase, fwd, fwd_bwd
 
 # name, (C, H, W), kernel, stride, activation
 LAYERS = {
@@ -56,19 +56,6 @@ def _make(kind, act, stride, pad):
     return f
 
 
-def _fwd(f, x, w, b):
-    def run():
-        return f(x, w, b)
-    return run
-
-
-def _fwd_bwd(f, x, w, b, g):
-    def run():
-        x.grad = w.grad = b.grad = None
-        f(x, w, b).backward(g)
-    return run
-
-
 def cases(device: str, dtype: torch.dtype, size: str) -> List[BenchCase]:
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"depthwise benchmarks take floating dtypes, got {dtype}")
@@ -97,7 +84,7 @@ def cases(device: str, dtype: torch.dtype, size: str) -> List[BenchCase]:
                 f = _make(kind, act, stride, pad)
                 if kind == "compile":
                     f = torch.compile(_make("eager", act, stride, pad), dynamic=False)
-                fns[kind] = _fwd(f, x, wt, bias)
+                fns[kind] = fwd(f, x, wt, bias)
             out.append(BenchCase(
                 family="depthwise", name=f"fwd/{name}/{layout}", shape=dict(shape, layout=layout),
                 dtype=dname, fns=fns, flops=flops, bytes=fwd_bytes, bound="memory"))
@@ -106,7 +93,7 @@ def cases(device: str, dtype: torch.dtype, size: str) -> List[BenchCase]:
             g = g.contiguous(memory_format=fmt)
             bwd_fns = {}
             for kind in ("tilefuse", "eager"):
-                bwd_fns[kind] = _fwd_bwd(_make(kind, act, stride, pad), xg, wg, bg, g)
+                bwd_fns[kind] = fwd_bwd(_make(kind, act, stride, pad), g, xg, wg, bg)
             out.append(BenchCase(
                 family="depthwise", name=f"fwd+bwd/{name}/{layout}",
                 shape=dict(shape, layout=layout), dtype=dname, fns=bwd_fns, flops=3 * flops,

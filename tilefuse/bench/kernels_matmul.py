@@ -20,7 +20,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from tilefuse.bench.case import BenchCase
+from tilefuse.bench.case import BenchCase, LazyCompiled, fwd, fwd_bwd
 
 # (M, N, K): tokens x out_features x in_features
 SHAPES = {
@@ -45,38 +45,12 @@ def _vendor(a, w, b):
     return torch.mm(a, w)
 
 
-class _LazyCompiled:
-    """``torch.compile(fn)`` built on first call: importing dynamo costs seconds, and the harness
-    skips the ``compile`` implementation on CPU by default."""
-
-    def __init__(self, fn):
-        self.fn, self.compiled = fn, None
-
-    def __call__(self, *args):
-        if self.compiled is None:
-            self.compiled = torch.compile(self.fn, dynamic=False)
-        return self.compiled(*args)
-
-
-def _fwd(f, a, w, b):
-    def run():
-        return f(a, w, b)
-    return run
-
-
-def _fwd_bwd(f, a, w, b, g):
-    def run():
-        a.grad = w.grad = b.grad = None
-        f(a, w, b).backward(g)
-    return run
-
-
 def cases(device: str, dtype: torch.dtype, size: str) -> List[BenchCase]:
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"matmul benchmarks take floating dtypes, got {dtype}")
     dname = DTYPE_NAMES[dtype]
     es = torch.tensor([], dtype=dtype).element_size()
-    compiled = _LazyCompiled(_eager)
+    compiled = LazyCompiled(_eager)
     out: List[BenchCase] = []
     for M, N, K in SHAPES[size]:
         gen = torch.Generator(device="cpu").manual_seed(0)
@@ -89,8 +63,8 @@ def cases(device: str, dtype: torch.dtype, size: str) -> List[BenchCase]:
         fwd_bytes = (M * K + K * N + N + M * N) * es
         out.append(BenchCase(
             family="matmul", name=f"fwd/{M}x{N}x{K}/bias+gelu", shape=shape, dtype=dname,
-            fns={"tilefuse": _fwd(_ours, a, w, b), "eager": _fwd(_eager, a, w, b),
-                 "compile": _fwd(compiled, a, w, b), "vendor": _fwd(_vendor, a, w, b)},
+            fns={"tilefuse": fwd(_ours, a, w, b), "eager": fwd(_eager, a, w, b),
+                 "compile": fwd(compiled, a, w, b), "vendor": fwd(_vendor, a, w, b)},
             flops=2.0 * M * N * K, bytes=float(fwd_bytes), bound="compute",
             note="vendor = torch.mm without bias/GELU"))
         ag, wg, bg = (t.clone().requires_grad_(True) for t in (a, w, b))
@@ -99,10 +73,10 @@ def cases(device: str, dtype: torch.dtype, size: str) -> List[BenchCase]:
         bwd_bytes = (3 * M * N + 2 * (M * K + K * N + M * N)) * es
         out.append(BenchCase(
             family="matmul", name=f"fwd+bwd/{M}x{N}x{K}/bias+gelu", shape=shape, dtype=dname,
-            fns={"tilefuse": _fwd_bwd(_ours, ag, wg, bg, g),
-                 "eager": _fwd_bwd(_eager, ag, wg, bg, g),
-                 "compile": _fwd_bwd(compiled, ag, wg, bg, g),
-                 "vendor": _fwd_bwd(_vendor, ag, wg, bg, g)},
+            fns={"tilefuse": fwd_bwd(_ours, g, ag, wg, bg),
+                 "eager": fwd_bwd(_eager, g, ag, wg, bg),
+                 "compile": fwd_bwd(compiled, g, ag, wg, bg),
+                 "vendor": fwd_bwd(_vendor, g, ag, wg, bg)},
             flops=6.0 * M * N * K, bytes=float(fwd_bytes + bwd_bytes), bound="compute",
             note="vendor = torch.mm fwd+bwd without bias/GELU"))
     return out

@@ -16,12 +16,12 @@ full shapes are several times the H200's 60 MB L2 so the number is an HBM number
 """
 from __future__ import annotations
 
-from typing import Callable, List
+from typing import List
 
 import torch
 import torch.nn.functional as F
 
-from tilefuse.bench.case import BenchCase
+from tilefuse.bench.case import BenchCase, LazyCompiled, fwd, fwd_bwd
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
                torch.float64: "fp64"}
@@ -34,43 +34,15 @@ SHAPES = {
 }
 
 
-class _LazyCompiled:
-    """``torch.compile(fn)`` built on first call (importing dynamo costs seconds)."""
-
-    def __init__(self, fn):
-        self.fn, self.compiled = fn, None
-
-    def __call__(self, *args):
-        if self.compiled is None:
-            self.compiled = torch.compile(self.fn, dynamic=False)
-        return self.compiled(*args)
-
-
-def _fwd(f: Callable, *args):
-    def run():
-        return f(*args)
-    return run
-
-
-def _fwd_bwd(f: Callable, g, *args):
-    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
-
-    def run():
-        for t in leaves:
-            t.grad = None
-        f(*args).backward(g)
-    return run
-
-
 def _case(out, family, name, shape, dname, impls, args, grad_args, g, elems, es, n_in):
     fwd_bytes = (n_in + 1) * elems * es
     bwd_bytes = (2 * n_in + 1) * elems * es   # dy, x (, residual) in; dx (, d residual) out
     out.append(BenchCase(family=family, name=f"fwd/{name}", shape=shape, dtype=dname,
-                         fns={k: _fwd(f, *args) for k, f in impls.items()},
+                         fns={k: fwd(f, *args) for k, f in impls.items()},
                          bytes=float(fwd_bytes), bound="memory",
                          note="vendor = torch's norm alone, no activation"))
     out.append(BenchCase(family=family, name=f"fwd+bwd/{name}", shape=shape, dtype=dname,
-                         fns={k: _fwd_bwd(f, g, *grad_args) for k, f in impls.items()},
+                         fns={k: fwd_bwd(f, g, *grad_args) for k, f in impls.items()},
                          bytes=float(fwd_bytes + bwd_bytes), bound="memory",
                          note="vendor = torch's norm alone, no activation"))
 
@@ -148,11 +120,11 @@ def cases(device: str, dtype: torch.dtype, size: str) -> List[BenchCase]:
         x, w, b, g = rand(M, N), rand(N, shift=1.0), rand(N), rand(M, N)
         xg, wg, bg = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
         impls = {"tilefuse": _ln_ours, "eager": _ln_eager,
-                 "compile": _LazyCompiled(_ln_eager), "vendor": _ln_vendor}
+                 "compile": LazyCompiled(_ln_eager), "vendor": _ln_vendor}
         _case(out, "layer_norm", f"{M}x{N}/gelu", {"M": M, "N": N}, dname, impls, (x, w, b),
               (xg, wg, bg), g, M * N, es, 1)
         impls = {"tilefuse": _rms_ours, "eager": _rms_eager,
-                 "compile": _LazyCompiled(_rms_eager), "vendor": _rms_vendor}
+                 "compile": LazyCompiled(_rms_eager), "vendor": _rms_vendor}
         _case(out, "rms_norm", f"{M}x{N}/silu", {"M": M, "N": N}, dname, impls, (x, w),
               (xg, wg), g, M * N, es, 1)
     for n, c, h, wd, groups in shapes["gn"]:
@@ -160,7 +132,7 @@ def cases(device: str, dtype: torch.dtype, size: str) -> List[BenchCase]:
         x, w, b, g = rand(n, c, h, wd), rand(c, shift=1.0), rand(c), rand(n, c, h, wd)
         xg, wg, bg = (t.detach().clone().requires_grad_(True) for t in (x, w, b))
         impls = {"tilefuse": _gn_ours, "eager": _gn_eager,
-                 "compile": _LazyCompiled(_gn_eager), "vendor": _gn_vendor}
+                 "compile": LazyCompiled(_gn_eager), "vendor": _gn_vendor}
         _case(out, "group_norm", f"{n}x{c}x{h}x{wd}/g{groups}/silu",
               {"N": n, "C": c, "H": h, "W": wd, "groups": groups}, dname, impls, (x, w, b),
               (xg, wg, bg), g, n * c * h * wd, es, 1)
@@ -175,7 +147,7 @@ def cases(device: str, dtype: torch.dtype, size: str) -> List[BenchCase]:
             w, b = rand(c, shift=1.0), rand(c)
             xg, wg, bg, rg = (t.detach().clone().requires_grad_(True) for t in (x, w, b, r))
             impls = {"tilefuse": _bn_ours, "eager": _bn_eager,
-                     "compile": _LazyCompiled(_bn_eager), "vendor": _bn_vendor}
+                     "compile": LazyCompiled(_bn_eager), "vendor": _bn_vendor}
             _case(out, "batch_norm", f"{n}x{c}x{h}x{wd}/{layout}/train+res+relu",
                   {"N": n, "C": c, "H": h, "W": wd, "layout": layout}, dname, impls,
                   (x, rm, rv, w, b, r), (xg, rm, rv, wg, bg, rg), g, n * c * h * wd, es, 2)

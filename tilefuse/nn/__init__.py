@@ -1,9 +1,8 @@
-"""Drop-in modules: same constructor arguments, ``state_dict`` keys and semantics as torch's.
-Each op family appends its own import line below."""
-from tilefuse.nn.linear import Linear  # noqa: F401
+"""Drop-in modules: same constructor arguments, ``state_dict`` keys and semantics as torch's."""
 from tilefuse.nn.conv import DepthwiseConv2d, DepthwiseSeparableConv2d  # noqa: F401
+from tilefuse.nn.dropout import DropBlock2d, Dropout, Dropout2d  # noqa: F401
 from tilefuse.nn.fold import fold_batchnorm, fuse_conv_bn_eval  # noqa: F401
 from tilefuse.nn.int8 import Int8Conv1x1, Int8Linear  # noqa: F401
-from tilefuse.nn.dropout import DropBlock2d, Dropout, Dropout2d  # noqa: F401
-from tilefuse.nn.norm import BatchNormAct1d, BatchNormAct2d, GroupNormAct, LayerNormAct, RMSNormAct  # noqa: F401,E402
-from tilefuse.nn.norm import InstanceNormAct1d, InstanceNormAct2d  # noqa: F401,E402
+from tilefuse.nn.linear import Linear  # noqa: F401
+from tilefuse.nn.norm import (BatchNormAct1d, BatchNormAct2d, GroupNormAct,  # noqa: F401
+                              InstanceNormAct1d, InstanceNormAct2d, LayerNormAct, RMSNormAct)

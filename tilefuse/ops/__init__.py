@@ -1,10 +1,11 @@
 """Functional fused ops. Each name dispatches CUDA -> Triton, CPU+interpreter -> Triton,
-CPU -> torch (see :mod:`tilefuse._backend`). Each op family appends its own import line below."""
-from tilefuse.fused.matmul import linear, matmul  # noqa: F401
-from tilefuse.fused.depthwise import depthwise_conv2d  # noqa: F401
-from tilefuse.fused.int8 import dequantize_per_row, int8_matmul, quantize_per_row, w8a8_linear, weight_only_int8_linear  # noqa: F401,E501
-from tilefuse.fused.dropout import dropconnect_linear, dropout, dropout2d, dropout_add  # noqa: F401
+CPU -> torch (see :mod:`tilefuse._backend`)."""
 from tilefuse.fused.cross_entropy import cross_entropy  # noqa: F401
-from tilefuse.fused.norm import layer_norm_act, rms_norm_act  # noqa: F401,E402
-from tilefuse.fused.norm_group import group_norm_act  # noqa: F401,E402
-from tilefuse.fused.norm_bn import batch_norm_act  # noqa: F401,E402
+from tilefuse.fused.depthwise import depthwise_conv2d  # noqa: F401
+from tilefuse.fused.dropout import dropconnect_linear, dropout, dropout2d, dropout_add  # noqa: F401
+from tilefuse.fused.int8 import (dequantize_per_row, int8_matmul, quantize_per_row,  # noqa: F401
+                                 w8a8_linear, weight_only_int8_linear)
+from tilefuse.fused.matmul import linear, matmul  # noqa: F401
+from tilefuse.fused.norm import layer_norm_act, rms_norm_act  # noqa: F401
+from tilefuse.fused.norm_bn import batch_norm_act  # noqa: F401
+from tilefuse.fused.norm_group import group_norm_act  # noqa: F401

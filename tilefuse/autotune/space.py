@@ -24,10 +24,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
-
-def next_pow2(x: int) -> int:
-    x = int(x)
-    return 1 if x <= 1 else 1 << (x - 1).bit_length()
+from tilefuse.kernels import next_pow2  # noqa: F401  (re-exported to the spaces)
 
 
 @dataclass(frozen=True)

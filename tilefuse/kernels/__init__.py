@@ -3,3 +3,10 @@
 Importing this package imports triton; the rest of tilefuse imports kernels lazily so the torch
 backend works where triton is not installed.
 """
+
+
+def next_pow2(x: int) -> int:
+    """Smallest power of two >= ``x`` (1 for ``x <= 1``): block sizes for ``tl.arange``.
+    Shared by every launcher and by the autotune spaces' shape buckets."""
+    x = int(x)
+    return 1 if x <= 1 else 1 << (x - 1).bit_length()

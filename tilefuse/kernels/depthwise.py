@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from tilefuse._backend import interpreter_enabled
+from tilefuse.kernels import next_pow2
 from tilefuse.kernels.activations import apply_activation
 
 MAX_GRID_Z = 65535
@@ -186,9 +187,6 @@ def dw_conv_bwd_weight_kernel(
 # ------------------------------------------------------------------------------------------------
 # configs and launchers
 # ------------------------------------------------------------------------------------------------
-def _pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (x - 1).bit_length()
-
 
 def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
@@ -202,19 +200,19 @@ def tile_config(C: int, OH: int, OW: int, channels_last: bool) -> dict:
     cost is per program, so there a tile covers as much as possible.
     """
     if interpreter_enabled():
-        bw = min(_pow2(OW), 64)
-        bh = min(_pow2(OH), max(1, 4096 // bw))
-        bc = min(_pow2(C), max(1, 32768 // (bh * bw)), 128)
+        bw = min(next_pow2(OW), 64)
+        bh = min(next_pow2(OH), max(1, 4096 // bw))
+        bc = min(next_pow2(C), max(1, 32768 // (bh * bw)), 128)
         return dict(BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc, num_warps=4)
     if channels_last:  # ~2048 elements: 64 channels x 4x8 pixels at most
-        bc = min(_pow2(C), 64)
-        bw = min(_pow2(OW), 8)
-        bh = min(_pow2(OH), max(1, 2048 // (bc * bw)), 8)
+        bc = min(next_pow2(C), 64)
+        bw = min(next_pow2(OW), 8)
+        bh = min(next_pow2(OH), max(1, 2048 // (bc * bw)), 8)
         return dict(BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc, num_warps=4)
     # NCHW: ~1024 elements, a row-major pixel tile; small maps (7x7) take several channels
-    bw = min(_pow2(OW), 64)
-    bh = min(_pow2(OH), max(1, 1024 // bw))
-    bc = min(_pow2(C), max(1, 1024 // (bh * bw)))
+    bw = min(next_pow2(OW), 64)
+    bh = min(next_pow2(OH), max(1, 1024 // bw))
+    bc = min(next_pow2(C), max(1, 1024 // (bh * bw)))
     return dict(BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc, num_warps=4)
 
 
@@ -293,13 +291,13 @@ def launch_backward_weight(dy, x, kernel_size, stride=(1, 1), padding=(0, 0), di
         return torch.zeros((C_out, 1, KH, KW), device=x.device, dtype=acc_dtype)
     channels_last = dy.stride(1) == 1 and C_out > 1
     if interpreter_enabled():
-        block_t = _pow2(KH * KW)
-        block_c = min(_pow2(C_out), 64)
-        block_r = min(_pow2(R), max(16, 65536 // (block_c * block_t)))
+        block_t = next_pow2(KH * KW)
+        block_c = min(next_pow2(C_out), 64)
+        block_r = min(next_pow2(R), max(16, 65536 // (block_c * block_t)))
         splits = 1
     else:
         block_t = 1
-        block_c = min(_pow2(C_out), 32 if channels_last else 4)
+        block_c = min(next_pow2(C_out), 32 if channels_last else 4)
         block_r = 64 if channels_last else 256  # 128x32 tiles spill on sm_90 (aot_check)
         programs = KH * KW * triton.cdiv(C_out, block_c)
         want = max(1, (4 * 132) // programs)  # ~4 waves of programs on a 132-SM GPU

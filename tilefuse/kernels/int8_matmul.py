@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from tilefuse._backend import interpreter_enabled
+from tilefuse.kernels import next_pow2
 from tilefuse.kernels.activations import apply_activation
 from tilefuse.kernels.matmul import grouped_pid
 
@@ -96,19 +97,15 @@ def int8_matmul_kernel(
         tl.store(c_ptr + c_off, y.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (x - 1).bit_length()
-
-
 def heuristic_config(M: int, N: int, K: int, a_is_int8: bool, a_is_fp32: bool = False) -> dict:
     """Block config. int8 MMA consumes K in steps of 32, so BLOCK_K is 64-128 on GPU; decode
     shapes (M <= 16) use 16x32 tiles so the weight streams once across many programs.
     Unmeasured on GPU."""
     if interpreter_enabled():
         # the interpreter's cost is per program: few, large tiles
-        return dict(BLOCK_M=max(16, min(64, _next_pow2(M))),
-                    BLOCK_N=max(16, min(64, _next_pow2(N))),
-                    BLOCK_K=max(32, min(128, _next_pow2(K))), GROUP_M=8, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=max(16, min(64, next_pow2(M))),
+                    BLOCK_N=max(16, min(64, next_pow2(N))),
+                    BLOCK_K=max(32, min(128, next_pow2(K))), GROUP_M=8, num_warps=4, num_stages=1)
     block_k = 128 if a_is_int8 else 64
     if a_is_fp32:  # weight-only with fp32 activations: fp32 MMA tiles must stay small to not spill
         return dict(BLOCK_M=16 if M <= 16 else 64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4,

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from tilefuse._backend import interpreter_enabled
+from tilefuse.kernels import next_pow2
 from tilefuse.kernels.activations import apply_activation
 from tilefuse.kernels.dropout import RNG_Q, keep_mask
 
@@ -100,16 +101,12 @@ def matmul_kernel(
     tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (x - 1).bit_length()
-
-
 def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
     """Default block config; :mod:`tilefuse.autotune` replaces it with tuned entries."""
     if interpreter_enabled():
         # the interpreter's cost is per program: few, large tiles
-        return dict(BLOCK_M=max(16, min(64, _next_pow2(M))), BLOCK_N=max(16, min(64, _next_pow2(N))),
-                    BLOCK_K=max(16, min(64, _next_pow2(K))), GROUP_M=8, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=max(16, min(64, next_pow2(M))), BLOCK_N=max(16, min(64, next_pow2(N))),
+                    BLOCK_K=max(16, min(64, next_pow2(K))), GROUP_M=8, num_warps=4, num_stages=1)
     half = dtype in (torch.float16, torch.bfloat16)
     block_k = 64 if half else 32
     if M <= 16:

@@ -26,13 +26,10 @@ import triton
 import triton.language as tl
 
 from tilefuse._backend import interpreter_enabled
+from tilefuse.kernels import next_pow2
 from tilefuse.kernels.activations import activation_grad, apply_activation
 
 MAX_BLOCK = 8192  # widest row kept in registers; wider rows loop
-
-
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (x - 1).bit_length()
 
 
 @triton.jit
@@ -236,7 +233,7 @@ def norm_bwd_kernel(dy_ptr, x_ptr, r_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dx_p
 
 def _block(N: int, max_block: int | None) -> tuple[int, bool]:
     cap = max_block or MAX_BLOCK
-    block = min(_next_pow2(N), _next_pow2(cap))
+    block = min(next_pow2(N), next_pow2(cap))
     return block, block >= N
 
 
@@ -246,7 +243,7 @@ def _rows_per_program(M: int, block_n: int, one: bool) -> int:
     if not one:
         return 1
     tile = 16384 if interpreter_enabled() else 4096
-    return max(1, min(_next_pow2(M), tile // block_n))
+    return max(1, min(next_pow2(M), tile // block_n))
 
 
 def _warps(elements: int) -> int:
@@ -287,7 +284,7 @@ def launch_norm_fwd(x, residual, weight, bias, y, mean, rstd, eps: float, is_rms
                   else get_fwd_config(M, N, x.dtype, is_rms))
     # a stored config is valid for any N of its bucket: clamp to this row and to MAX_BLOCK;
     # rows wider than the block loop, one row per program
-    block = min(int(config["BLOCK_N"]), _next_pow2(N), _next_pow2(max_block or MAX_BLOCK))
+    block = min(int(config["BLOCK_N"]), next_pow2(N), next_pow2(max_block or MAX_BLOCK))
     one = block >= N
     bm = int(config.get("BLOCK_M", 1)) if one else 1
     warps = int(config.get("num_warps", _warps(bm * block)))

@@ -28,14 +28,11 @@ import triton
 import triton.language as tl
 
 from tilefuse._backend import interpreter_enabled
+from tilefuse.kernels import next_pow2
 from tilefuse.kernels.activations import activation_grad, apply_activation
 
 TILE = 4096           # elements per [BLOCK_R, BLOCK_C] tile on a GPU
 INTERP_TILE = 16384   # in the interpreter, which pays per program (tests shrink it)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (x - 1).bit_length()
 
 
 @triton.jit
@@ -197,12 +194,12 @@ def _tiles(x) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_C): wide channel tiles when channels are innermost, else one channel."""
     N, C, S = x.shape
     R = N * S
-    block_c = min(_next_pow2(C), 64) if (x.stride(1) == 1 or S == 1) else 1
+    block_c = min(next_pow2(C), 64) if (x.stride(1) == 1 or S == 1) else 1
     tile = TILE
     if interpreter_enabled():  # the interpreter pays per program: few, large tiles
         tile = INTERP_TILE
-        block_c = min(_next_pow2(C), max(block_c, tile // max(1, min(_next_pow2(R), tile))))
-    block_r = min(_next_pow2(R), max(1, tile // block_c))
+        block_c = min(next_pow2(C), max(block_c, tile // max(1, min(next_pow2(R), tile))))
+    block_r = min(next_pow2(R), max(1, tile // block_c))
     return block_r, block_c
 
 

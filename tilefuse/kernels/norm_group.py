@@ -15,13 +15,10 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from tilefuse.kernels import next_pow2
 from tilefuse.kernels.activations import activation_grad, apply_activation
 
 TILE = 4096  # elements per [BLOCK_C, BLOCK_S] tile
-
-
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (x - 1).bit_length()
 
 
 @triton.jit
@@ -147,8 +144,8 @@ def group_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dx_pt
 
 
 def _blocks(Cg: int, S: int) -> tuple[int, int]:
-    block_s = min(_next_pow2(S), TILE)
-    block_c = min(_next_pow2(Cg), max(1, TILE // block_s))
+    block_s = min(next_pow2(S), TILE)
+    block_c = min(next_pow2(Cg), max(1, TILE // block_s))
     return block_c, block_s
 
 

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from tilefuse._backend import interpreter_enabled
+from tilefuse.kernels import next_pow2
 
 QMAX = 127.0
 MAX_ONE_TILE = 8192
@@ -82,19 +83,15 @@ def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, N, stride_xm, stride_xn, stride
                      mask=mask)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (x - 1).bit_length()
-
-
 def quant_config(M: int, N: int) -> dict:
     """Tile shape: the whole row when it fits, and enough rows to give each program ~4-8K
     elements on GPU (~64K in the interpreter, whose cost is per program). Unmeasured on GPU."""
     interp = interpreter_enabled()
     limit = 1 << 16 if interp else MAX_ONE_TILE
-    block_n = min(_next_pow2(max(N, 1)), limit)
+    block_n = min(next_pow2(max(N, 1)), limit)
     one_tile = block_n >= N
     target = (1 << 16) if interp else 4096
-    block_m = max(1, min(_next_pow2(max(M, 1)), target // block_n, 64 if not interp else 1024))
+    block_m = max(1, min(next_pow2(max(M, 1)), target // block_n, 64 if not interp else 1024))
     warps = 8 if block_m * block_n >= 8192 else 4
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile, num_warps=warps)
 

@@ -26,10 +26,11 @@ import itertools
 
 import torch
 
-from tilefuse.autotune.space import KernelSpace, Limits, Problem, next_pow2, register_space
+from tilefuse.autotune.space import (GEMM_KEYS, KernelSpace, Limits, Problem, next_pow2,
+                                     register_space, unique_gemm_configs)
 
 MODES = ("w8a8", "w8a16", "w8a32")
-_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+_KEYS = GEMM_KEYS
 _FLOATS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32",
             "float": "float32", "fp64": "float64", "double": "float64", "int": "int32",
@@ -135,7 +136,7 @@ class Int8MatmulSpace(KernelSpace):
         cap_m, cap_n, cap_k = _caps(key, mode)
         a_elem = 1 if mode == "w8a8" else (4 if mode == "w8a32" else 2)
         max_acc = 64 if mode == "w8a32" else 128
-        seen, out = set(), []
+        kept = []
         for cfg in configs:
             c = {k: int(cfg[k]) for k in _KEYS}
             c["BLOCK_M"] = min(c["BLOCK_M"], cap_m)
@@ -159,12 +160,8 @@ class Int8MatmulSpace(KernelSpace):
                 per_thread = c["BLOCK_M"] * c["BLOCK_N"] / (32 * c["num_warps"])
                 if per_thread > max_acc or per_thread < 4:
                     continue
-            row_blocks = -(-M // c["BLOCK_M"])
-            ident = tuple(c[k] for k in _KEYS if k != "GROUP_M") + (min(c["GROUP_M"], row_blocks),)
-            if ident not in seen:
-                seen.add(ident)
-                out.append(c)
-        return out
+            kept.append(c)
+        return unique_gemm_configs(kept, M)
 
     def candidates(self, key, limits, exhaustive=False):
         mode = normalize(key.get("mode"), key.get("dtype"))[0]

@@ -19,7 +19,8 @@ import itertools
 
 import torch
 
-from tilefuse.autotune.space import KernelSpace, Limits, Problem, next_pow2, register_space
+from tilefuse.autotune.space import (GEMM_KEYS, KernelSpace, Limits, Problem, next_pow2,
+                                     register_space, unique_gemm_configs)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
           "float64": torch.float64}
@@ -39,7 +40,7 @@ _CURATED = [
 _PRODUCT = dict(BLOCK_M=(16, 32, 64, 128, 256), BLOCK_N=(16, 32, 64, 128, 256),
                 BLOCK_K=(32, 64, 128), GROUP_M=(1, 8), num_warps=(2, 4, 8),
                 num_stages=(2, 3, 4, 5))
-_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+_KEYS = GEMM_KEYS
 
 
 def canonical_dtype(name) -> str:
@@ -97,7 +98,7 @@ class MatmulSpace(KernelSpace):
         elem = torch.empty((), dtype=dtype).element_size()
         acc_words = 2 if dtype == torch.float64 else 1
         cap_m, cap_n, cap_k = (max(16, next_pow2(d)) for d in (M, N, K))
-        seen, out = set(), []
+        kept = []
         for cfg in configs:
             c = dict(cfg)
             c["BLOCK_M"] = min(c["BLOCK_M"], cap_m)
@@ -112,13 +113,8 @@ class MatmulSpace(KernelSpace):
                 per_thread = c["BLOCK_M"] * c["BLOCK_N"] * acc_words / (32 * c["num_warps"])
                 if per_thread > 128 or per_thread < 4:
                     continue
-            # every GROUP_M >= the number of row blocks gives the same program order
-            row_blocks = -(-M // c["BLOCK_M"])
-            ident = tuple(c[k] for k in _KEYS if k != "GROUP_M") + (min(c["GROUP_M"], row_blocks),)
-            if ident not in seen:
-                seen.add(ident)
-                out.append(c)
-        return out
+            kept.append(c)
+        return unique_gemm_configs(kept, M)
 
     def candidates(self, key, limits, exhaustive=False):
         configs = [self.default(key)] + [dict(zip(_KEYS, t)) for t in _CURATED]

@@ -27,6 +27,22 @@ from typing import Any, Callable, Dict, List, Optional
 from tilefuse.kernels import next_pow2  # noqa: F401  (re-exported to the spaces)
 
 
+GEMM_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+
+
+def unique_gemm_configs(configs: List[dict], M: int) -> List[dict]:
+    """Drop GEMM configs equivalent to an earlier one (order kept): every GROUP_M >= the number
+    of row blocks gives the same program order."""
+    seen, out = set(), []
+    for c in configs:
+        row_blocks = -(-M // c["BLOCK_M"])
+        ident = tuple(c[k] for k in GEMM_KEYS if k != "GROUP_M") + (min(c["GROUP_M"], row_blocks),)
+        if ident not in seen:
+            seen.add(ident)
+            out.append(c)
+    return out
+
+
 @dataclass(frozen=True)
 class Limits:
     """Hardware limits used to prune configs before they are compiled."""

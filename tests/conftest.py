@@ -42,3 +42,18 @@ def _seed():
 def device():
     """'cuda' on a GPU machine, else 'cpu' (Triton interpreter lane)."""
     return "cuda" if _HAS_CUDA else "cpu"
+
+
+@pytest.fixture
+def tmp_cache(tmp_path, monkeypatch):
+    """An isolated autotune user DB and shipped-tables dir, TILEFUSE_AUTOTUNE unset, and a clean
+    in-process cache before and after (the autotune tests)."""
+    from tilefuse.autotune import chain, db as dbmod
+
+    monkeypatch.setenv("TILEFUSE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(chain, "TABLES_DIR", tmp_path / "tables")
+    monkeypatch.delenv("TILEFUSE_AUTOTUNE", raising=False)
+    monkeypatch.setattr(dbmod, "_warned", set())
+    chain.reset()
+    yield tmp_path
+    chain.reset()

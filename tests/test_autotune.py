@@ -19,17 +19,6 @@ from tilefuse.autotune.tuner import tune
 from utils import assert_close_to_ref
 
 
-@pytest.fixture
-def tmp_cache(tmp_path, monkeypatch):
-    """Isolated user DB dir and shipped-tables dir; clean memory cache before and after."""
-    monkeypatch.setenv("TILEFUSE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(chain, "TABLES_DIR", tmp_path / "tables")
-    monkeypatch.delenv("TILEFUSE_AUTOTUNE", raising=False)
-    monkeypatch.setattr(dbmod, "_warned", set())
-    chain.reset()
-    yield tmp_path
-    chain.reset()
-
 
 class FakeSpace(KernelSpace):
     """A kernel-free space: configs {"BLOCK": b}; 'time' is given by ``costs``."""

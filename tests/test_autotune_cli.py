@@ -13,15 +13,6 @@ from tilefuse.autotune.shapes import BUILTIN_MODELS, load_shapes, record_shapes
 from tilefuse.cli import main
 
 
-@pytest.fixture
-def tmp_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TILEFUSE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(chain, "TABLES_DIR", tmp_path / "tables")
-    monkeypatch.setattr(dbmod, "_warned", set())
-    chain.reset()
-    yield tmp_path
-    chain.reset()
-
 
 def test_cli_tune_show_export_clear(tmp_cache, capsys):
     shapes = tmp_cache / "shapes.txt"

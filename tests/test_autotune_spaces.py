@@ -16,16 +16,6 @@ H100 = Limits(shared_mem=232448)
 SMALL_SMEM = Limits(shared_mem=101376)
 
 
-@pytest.fixture
-def tmp_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TILEFUSE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(chain, "TABLES_DIR", tmp_path / "tables")
-    monkeypatch.delenv("TILEFUSE_AUTOTUNE", raising=False)
-    monkeypatch.setattr(dbmod, "_warned", set())
-    chain.reset()
-    yield tmp_path
-    chain.reset()
-
 
 def _store(space_name, key, config):
     space, ident = autotune.get_space(space_name), autotune.current_identity()

@@ -6,21 +6,10 @@ import pytest
 import torch
 
 import tilefuse.optim as tfo
-from tests.utils import assert_close_to_ref
+from tests.utils import assert_close_to_ref, tiny_data, tiny_model
 from tilefuse.kernels import optim as K
 
 STEPS = 20
-
-
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(),
-                               torch.nn.Linear(10, 3, bias=False))
-
-
-def _data():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(7, 6, generator=g), torch.randn(7, 3, generator=g)
 
 
 def _train(model, opt, steps, x, y, sched=None):
@@ -63,8 +52,8 @@ CONFIGS = [
 
 @pytest.mark.parametrize("name,kw", CONFIGS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CONFIGS)])
 def test_trajectory_matches_torch(name, kw):
-    x, y = _data()
-    a, b = _model(), _model()
+    x, y = tiny_data()
+    a, b = tiny_model(), tiny_model()
     oa, ob = getattr(tfo, name)(a.parameters(), **kw), getattr(torch.optim, name)(b.parameters(),
                                                                                  **kw)
     assert isinstance(oa, torch.optim.Optimizer) and isinstance(oa, getattr(torch.optim, name))
@@ -89,8 +78,8 @@ def _lion_reference(params, grads_seq, lr, betas, wd, maximize=False):
 @pytest.mark.parametrize("kw", [dict(lr=1e-2), dict(lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1,
                                                     maximize=True)])
 def test_lion_matches_paper_reference(kw):
-    model = _model()
-    x, y = _data()
+    model = tiny_model()
+    x, y = tiny_data()
     opt = tfo.Lion(model.parameters(), **kw)
     assert opt.defaults["betas"] == kw.get("betas", (0.9, 0.99))
     start = [p.detach().clone() for p in model.parameters()]
@@ -111,8 +100,8 @@ def test_param_groups_one_launch_and_none_grads(monkeypatch):
     calls = []
     real = K.launch_update
     monkeypatch.setattr(K, "launch_update", lambda *a, **k: (calls.append(1), real(*a, **k)))
-    x, y = _data()
-    a, b = _model(), _model()
+    x, y = tiny_data()
+    a, b = tiny_model(), tiny_model()
     unused_a = torch.nn.Parameter(torch.ones(3))
     unused_b = torch.nn.Parameter(torch.ones(3))
 
@@ -128,8 +117,8 @@ def test_param_groups_one_launch_and_none_grads(monkeypatch):
 
 
 def test_scheduler_changes_lr_every_step():
-    x, y = _data()
-    a, b = _model(), _model()
+    x, y = tiny_data()
+    a, b = tiny_model(), tiny_model()
     oa, ob = tfo.AdamW(a.parameters(), lr=3e-2), torch.optim.AdamW(b.parameters(), lr=3e-2)
     sa, sb = tfo.warmup_cosine(oa, 5, STEPS), tfo.warmup_cosine(ob, 5, STEPS)
     _train(a, oa, STEPS, x, y, sa)
@@ -142,8 +131,8 @@ def test_scheduler_changes_lr_every_step():
                                      ("SGD", dict(lr=0.05, momentum=0.9))])
 def test_state_dict_interchange(name, kw):
     """torch state -> ours -> continue, and ours -> torch -> continue, same trajectory."""
-    x, y = _data()
-    ref, m1 = _model(), _model()
+    x, y = tiny_data()
+    ref, m1 = tiny_model(), tiny_model()
     oref = getattr(torch.optim, name)(ref.parameters(), **kw)
     o1 = getattr(torch.optim, name)(m1.parameters(), **kw)
     _train(ref, oref, 12, x, y)
@@ -276,13 +265,13 @@ def test_sparse_grads_follow_torch():
 def test_torch_backend_path_matches(monkeypatch):
     """TILEFUSE_BACKEND=torch runs the reference step (torch's own for torch-named classes)."""
     monkeypatch.setenv("TILEFUSE_BACKEND", "torch")
-    x, y = _data()
-    a, b = _model(), _model()
+    x, y = tiny_data()
+    a, b = tiny_model(), tiny_model()
     oa, ob = tfo.Lion(a.parameters(), lr=1e-2), tfo.Adam(b.parameters(), lr=1e-2)
     _train(a, oa, 3, x, y)
     _train(b, ob, 3, x, y)
     monkeypatch.delenv("TILEFUSE_BACKEND")
-    c = _model()
+    c = tiny_model()
     oc = tfo.Lion(c.parameters(), lr=1e-2)
     _train(c, oc, 3, x, y)
     _assert_same(a, c)

@@ -5,17 +5,7 @@ import pytest
 import torch
 
 import tilefuse.optim as tfo
-
-
-def _model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(),
-                               torch.nn.Linear(10, 3, bias=False))
-
-
-def _data():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(7, 6, generator=g), torch.randn(7, 3, generator=g)
+from tests.utils import tiny_data, tiny_model
 
 
 def _grads_like(shapes, seed=2):
@@ -57,8 +47,8 @@ def test_clip_grad_norm_edge_cases():
 
 
 def test_step_max_grad_norm_fused():
-    x, y = _data()
-    a, b = _model(), _model()
+    x, y = tiny_data()
+    a, b = tiny_model(), tiny_model()
     oa, ob = tfo.AdamW(a.parameters(), lr=1e-2), torch.optim.AdamW(b.parameters(), lr=1e-2)
     for _ in range(4):
         for m in (a, b):
@@ -84,8 +74,8 @@ def _no_host_read(self):
     ("AdamW", dict(lr=1e-2), "clip"),              # fused step(max_grad_norm=) under AMP
 ])
 def test_grad_scaler_unscale_and_inf_skip(name, kw, unscale_first, monkeypatch):
-    x, y = _data()
-    a, b = _model(), _model()
+    x, y = tiny_data()
+    a, b = tiny_model(), tiny_model()
     oa, ob = getattr(tfo, name)(a.parameters(), **kw), getattr(torch.optim, name)(b.parameters(),
                                                                                  **kw)
     scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=100)
@@ -123,8 +113,8 @@ def test_grad_scaler_unscale_and_inf_skip(name, kw, unscale_first, monkeypatch):
 
 
 def test_grad_norm_monitor_flags_layers():
-    x, y = _data()
-    model = _model()
+    x, y = tiny_data()
+    model = tiny_model()
     model.register_parameter("frozen_like", torch.nn.Parameter(torch.zeros(2)))  # never gets grad
     torch.nn.functional.mse_loss(model(x), y).backward()
     model[0].bias.grad.zero_()

@@ -28,3 +28,16 @@ def assert_close_to_ref(out: torch.Tensor, ref64: torch.Tensor, eager: torch.Ten
     err = max_err(out, ref64)
     assert err <= tol, (f"{name}: max error {err:.3e} > tol {tol:.3e} (eager torch error "
                         f"{eager_err:.3e}, dtype {out.dtype})")
+
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    """The optimizer tests' model: Linear(6,10) -> Tanh -> Linear(10,3, no bias)."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(),
+                               torch.nn.Linear(10, 3, bias=False))
+
+
+def tiny_data():
+    """A fixed (7x6 input, 7x3 target) regression batch for :func:`tiny_model`."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(7, 6, generator=g), torch.randn(7, 3, generator=g)

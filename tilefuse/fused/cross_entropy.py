@@ -13,7 +13,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from tilefuse import _autocast
 from tilefuse._backend import backend_for
+from tilefuse._validate import FLOAT_DTYPES_F64, check_probability, check_tensor
 
 
 def _torch_rows(logits: Tensor, target: Tensor, eps: float, ignore_index: int, want_grad: bool):
@@ -127,9 +129,6 @@ def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0,
     >>> bool(torch.allclose(a, b, atol=1e-5))
     True
     """
-    from tilefuse import _autocast
-    from tilefuse._validate import FLOAT_DTYPES_F64, check_probability, check_tensor
-
     check_tensor("logits", logits, dtypes=FLOAT_DTYPES_F64, min_ndim=1)
     (logits,) = _autocast.fp32(logits)  # torch: cross_entropy runs in fp32 under autocast
     check_tensor("target", target, dtypes=(torch.int64, torch.int32, torch.int16, torch.uint8))

@@ -15,8 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tilefuse import _autocast
 from tilefuse._backend import backend_for
-from tilefuse.activations import NAMES, torch_activation
+from tilefuse._validate import (FLOAT_DTYPES_F64, check_broadcastable, check_same_device,
+                                check_same_dtype, check_tensor)
+from tilefuse.activations import NAMES, activation_code, torch_activation
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -217,10 +220,6 @@ def resolve_padding(padding, kernel_size, stride, dilation) -> Tuple[int, int, i
 
 def _depthwise_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, activation=None,
                       residual=None, channels_last: Optional[bool] = None) -> Tensor:
-    from tilefuse import _autocast
-    from tilefuse._validate import (FLOAT_DTYPES_F64, check_broadcastable, check_same_device,
-                                    check_same_dtype, check_tensor)
-    from tilefuse.activations import activation_code
 
     check_tensor("x", x, dtypes=FLOAT_DTYPES_F64, ndim=(3, 4))
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES_F64, ndim=4)

@@ -24,8 +24,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from tilefuse import _autocast
 from tilefuse._backend import backend_for
-from tilefuse.activations import NAMES, torch_activation
+from tilefuse._validate import (FLOAT_DTYPES_F64, check_broadcastable, check_probability,
+                                check_same_device, check_same_dtype, check_tensor)
+from tilefuse.activations import NAMES, activation_code, torch_activation
 
 
 def draw_seed(device=None) -> Tensor:
@@ -100,8 +103,6 @@ dropout_op.register_autograd(_dropout_backward, setup_context=_dropout_setup)
 # public functional API
 # --------------------------------------------------------------------------------------------
 def _check(x, p, training, name="x"):
-    from tilefuse._validate import FLOAT_DTYPES_F64, check_probability, check_tensor
-
     check_tensor(name, x, dtypes=FLOAT_DTYPES_F64)
     p = check_probability("p", p)
     if not isinstance(training, bool):
@@ -137,9 +138,6 @@ def dropout_add(x: Tensor, residual: Tensor, p: float = 0.5, training: bool = Tr
     >>> bool(torch.equal(tilefuse.ops.dropout_add(h, r, p=0.1, training=False), r + h))
     True
     """
-    from tilefuse._validate import (FLOAT_DTYPES_F64, check_broadcastable, check_same_device,
-                                    check_tensor)
-
     p = _check(x, p, training)
     check_tensor("residual", residual, dtypes=FLOAT_DTYPES_F64)
     check_same_device(x=x, residual=residual)
@@ -329,10 +327,6 @@ def dropconnect_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     >>> tilefuse.ops.dropconnect_linear(torch.randn(2, 5), w, p=0.5, activation="relu").shape
     torch.Size([2, 3])
     """
-    from tilefuse import _autocast
-    from tilefuse._validate import (FLOAT_DTYPES_F64, check_same_device, check_same_dtype,
-                                    check_tensor)
-    from tilefuse.activations import activation_code
     from tilefuse.fused.matmul import linear as fused_linear
 
     check_tensor("x", x, dtypes=FLOAT_DTYPES_F64, min_ndim=1)

@@ -18,8 +18,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from tilefuse import _autocast
 from tilefuse._backend import backend_for
-from tilefuse.activations import NAMES, torch_activation
+from tilefuse._validate import (FLOAT_DTYPES, FLOAT_DTYPES_F64, check_broadcastable,
+                                check_same_device, check_tensor)
+from tilefuse.activations import NAMES, activation_code, torch_activation
 
 
 def _torch_int8_matmul(a, b, a_scale, b_scale, bias, residual, activation, act_param, out_dtype):
@@ -133,7 +136,6 @@ _OUT_DTYPES = (torch.int32, torch.float32, torch.float16, torch.bfloat16)
 def _per_row_scale(name: str, s, lead_shape: tuple, M: int) -> Optional[Tensor]:
     """Accept a per-tensor scale (one element) or one per row (shape ``lead`` or ``lead + (1,)``);
     return it as (M,) (stride 0 for per-tensor)."""
-    from tilefuse._validate import FLOAT_DTYPES, check_tensor
 
     if s is None:
         return None
@@ -148,8 +150,6 @@ def _per_row_scale(name: str, s, lead_shape: tuple, M: int) -> Optional[Tensor]:
 
 def _per_col_scale(name: str, s, N: int) -> Optional[Tensor]:
     """Per-tensor (one element) or per-output-channel ((N,), (N, 1) or (1, N)) scale -> (N,)."""
-    from tilefuse._validate import FLOAT_DTYPES, check_tensor
-
     if s is None:
         return None
     check_tensor(name, s, dtypes=FLOAT_DTYPES)
@@ -162,9 +162,6 @@ def _per_col_scale(name: str, s, N: int) -> Optional[Tensor]:
 
 
 def _epilogue_args(N: int, out_shape: tuple, bias, residual, activation):
-    from tilefuse._validate import FLOAT_DTYPES, check_broadcastable, check_tensor
-    from tilefuse.activations import activation_code
-
     check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndim=1, allow_none=True)
     if bias is not None and bias.shape[0] != N:
         raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
@@ -201,8 +198,6 @@ def int8_matmul(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None,
     >>> bool(torch.equal(tilefuse.ops.int8_matmul(a, b), (a.long() @ b.long()).int()))
     True
     """
-    from tilefuse._validate import check_same_device, check_tensor
-
     check_tensor("a", a, dtypes=(torch.int8,), min_ndim=1)
     check_tensor("b", b, dtypes=(torch.int8,), ndim=2)
     check_same_device(a=a, b=b, a_scale=a_scale, b_scale=b_scale, bias=bias, residual=residual)
@@ -244,9 +239,6 @@ def weight_only_int8_linear(x: Tensor, qweight: Tensor, scale: Tensor,
     Under ``torch.autocast``, ``x``, ``bias`` and ``residual`` are cast to the autocast dtype
     (the output follows), as for ``torch.nn.functional.linear``.
     """
-    from tilefuse import _autocast
-    from tilefuse._validate import FLOAT_DTYPES, check_same_device, check_tensor
-
     check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
     check_tensor("qweight", qweight, dtypes=(torch.int8,), ndim=2)
     if scale is None:
@@ -278,8 +270,6 @@ def quantize_per_row(x: Tensor) -> Tuple[Tensor, Tensor]:
     >>> bool(((q * s - x).abs() <= s / 2 + 1e-6).all())
     True
     """
-    from tilefuse._validate import FLOAT_DTYPES_F64, check_tensor
-
     check_tensor("x", x, dtypes=FLOAT_DTYPES_F64, min_ndim=1)
     x2 = x.detach().reshape(math.prod(x.shape[:-1]), x.shape[-1])
     q, s = quantize_per_row_op(x2)
@@ -288,8 +278,6 @@ def quantize_per_row(x: Tensor) -> Tuple[Tensor, Tensor]:
 
 def dequantize_per_row(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """``q * scale`` in ``dtype`` (the inverse of :func:`quantize_per_row`, up to rounding)."""
-    from tilefuse._validate import FLOAT_DTYPES, check_tensor
-
     check_tensor("q", q, dtypes=(torch.int8,))
     check_tensor("scale", scale, dtypes=FLOAT_DTYPES)
     return (q.float() * scale.float()).to(dtype)
@@ -301,8 +289,6 @@ def w8a8_linear(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor
     one int8 GEMM applies both scales, bias, activation and residual and writes ``x``'s dtype.
     Inference only (no gradient through the quantizer). Under ``torch.autocast``, ``x``,
     ``bias`` and ``residual`` are cast to the autocast dtype first (the output follows)."""
-    from tilefuse import _autocast
-    from tilefuse._validate import FLOAT_DTYPES, check_tensor
 
     check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
     x, bias, residual = _autocast.lower(x, bias, residual)

@@ -14,8 +14,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from tilefuse import _autocast
 from tilefuse._backend import backend_for
-from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
+from tilefuse._validate import (FLOAT_DTYPES_F64, check_broadcastable, check_same_device,
+                                check_same_dtype, check_tensor)
+from tilefuse.activations import NAMES, activation_code, torch_activation, torch_activation_grad
 
 
 def _allow_tf32() -> bool:
@@ -157,11 +160,6 @@ def matmul(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, activation=None,
     >>> bool(torch.allclose(y, torch.relu(x @ w), atol=1e-5))
     True
     """
-    from tilefuse import _autocast
-    from tilefuse._validate import (FLOAT_DTYPES_F64, check_broadcastable, check_same_device,
-                                    check_same_dtype, check_tensor)
-    from tilefuse.activations import activation_code
-
     check_tensor("a", a, dtypes=FLOAT_DTYPES_F64, min_ndim=1)
     check_tensor("b", b, dtypes=FLOAT_DTYPES_F64, min_ndim=1)
     check_tensor("bias", bias, dtypes=FLOAT_DTYPES_F64, ndim=1, allow_none=True)
@@ -230,8 +228,6 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation=
     ``weight`` is ``(out_features, in_features)`` as in torch; it is read through strides (no
     transposed copy).
     """
-    from tilefuse._validate import FLOAT_DTYPES_F64, check_tensor
-
     check_tensor("x", x, dtypes=FLOAT_DTYPES_F64, min_ndim=1)
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES_F64, ndim=2)
     if x.shape[-1] != weight.shape[1]:

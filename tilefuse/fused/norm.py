@@ -16,8 +16,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from tilefuse import _autocast
 from tilefuse._backend import backend_for
-from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
+from tilefuse._validate import (FLOAT_DTYPES_F64, check_broadcastable, check_same_device,
+                                check_shape, check_tensor)
+from tilefuse.activations import NAMES, activation_code, torch_activation, torch_activation_grad
 
 
 def _use_torch(x: Tensor) -> bool:
@@ -167,11 +170,6 @@ def _normalized_shape(normalized_shape) -> Tuple[int, ...]:
 
 
 def _row_norm(x, normalized_shape, weight, bias, eps, activation, residual, is_rms, name):
-    from tilefuse import _autocast
-    from tilefuse._validate import (FLOAT_DTYPES_F64, check_broadcastable, check_same_device,
-                                    check_shape, check_tensor)
-    from tilefuse.activations import activation_code
-
     check_tensor("x", x, dtypes=FLOAT_DTYPES_F64)
     shape = _normalized_shape(normalized_shape)
     if len(shape) == 0 or x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:

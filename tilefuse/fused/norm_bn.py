@@ -15,8 +15,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from tilefuse import _autocast
 from tilefuse._backend import backend_for
-from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
+from tilefuse._validate import (FLOAT_DTYPES_F64, check_broadcastable, check_same_device,
+                                check_shape, check_tensor)
+from tilefuse.activations import NAMES, activation_code, torch_activation, torch_activation_grad
 from tilefuse.fused.norm_group import _empty_like_layout
 
 
@@ -173,11 +176,6 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     >>> bool(torch.allclose(y, ref, atol=1e-5))
     True
     """
-    from tilefuse import _autocast
-    from tilefuse._validate import (FLOAT_DTYPES_F64, check_broadcastable, check_same_device,
-                                    check_shape, check_tensor)
-    from tilefuse.activations import activation_code
-
     check_tensor("x", x, dtypes=FLOAT_DTYPES_F64, min_ndim=2)
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias), ("residual", residual)):

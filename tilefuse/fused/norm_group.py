@@ -12,8 +12,10 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from tilefuse import _autocast
 from tilefuse._backend import backend_for
-from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
+from tilefuse._validate import FLOAT_DTYPES_F64, check_same_device, check_shape, check_tensor
+from tilefuse.activations import NAMES, activation_code, torch_activation, torch_activation_grad
 
 
 def _use_torch(x: Tensor) -> bool:
@@ -156,10 +158,6 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
     >>> bool(torch.allclose(y, ref, atol=1e-5))
     True
     """
-    from tilefuse import _autocast
-    from tilefuse._validate import FLOAT_DTYPES_F64, check_same_device, check_shape, check_tensor
-    from tilefuse.activations import activation_code
-
     check_tensor("x", x, dtypes=FLOAT_DTYPES_F64, min_ndim=2)
     check_tensor("weight", weight, dtypes=FLOAT_DTYPES_F64, allow_none=True)
     check_tensor("bias", bias, dtypes=FLOAT_DTYPES_F64, allow_none=True)

@@ -23,7 +23,9 @@ def _plt():
     return plt
 
 
-def _decorate(fig, env: Dict[str, Any], title: str) -> None:
+def _save(fig, env: Dict[str, Any], title: str, path: Path) -> Path:
+    """Title the figure with the run's device and versions (a CPU run is watermarked "CPU" so
+    it is never mistaken for a GPU result), write it to ``path`` and close it."""
     from tilefuse.bench.report import device_label
 
     fig.suptitle(f"{title}\n{device_label(env)} | torch {env.get('torch')} | "
@@ -31,6 +33,10 @@ def _decorate(fig, env: Dict[str, Any], title: str) -> None:
     if env.get("device_type") != "cuda":
         fig.text(0.5, 0.5, "CPU", fontsize=60, color="gray", alpha=0.15, ha="center",
                  va="center", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
 
 
 def kernel_speedups(report: Dict[str, Any], out_dir: Path) -> List[Path]:
@@ -55,12 +61,8 @@ def kernel_speedups(report: Dict[str, Any], out_dir: Path) -> List[Path]:
         ax.set_xticklabels(names, rotation=20, ha="right", fontsize=7)
         ax.set_ylabel("speedup over eager (higher is better)")
         ax.legend(fontsize=7)
-        _decorate(fig, report["env"], f"tilefuse kernels: {family}")
-        fig.tight_layout()
-        path = Path(out_dir) / f"kernels_{family}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, report["env"], f"tilefuse kernels: {family}",
+                           Path(out_dir) / f"kernels_{family}.png"))
     return paths
 
 
@@ -83,12 +85,8 @@ def latency_cdfs(report: Dict[str, Any], out_dir: Path) -> List[Path]:
             ax.set_xlabel("latency (ms)")
             ax.set_ylabel("fraction of runs")
             ax.legend(fontsize=6)
-        _decorate(fig, report["env"], f"tilefuse models: {model} latency CDF")
-        fig.tight_layout()
-        path = Path(out_dir) / f"latency_{model}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, report["env"], f"tilefuse models: {model} latency CDF",
+                           Path(out_dir) / f"latency_{model}.png"))
     return paths
 
 
@@ -100,12 +98,7 @@ def training_steps(report: Dict[str, Any], out_dir: Path) -> List[Path]:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     ax.barh([f"{e['model']} {e['impl']}" for e in entries], [e["time_ms"] for e in entries])
     ax.set_xlabel("training step time (ms, lower is better)")
-    _decorate(fig, report["env"], "tilefuse training step")
-    fig.tight_layout()
-    path = Path(out_dir) / "training.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, report["env"], "tilefuse training step", Path(out_dir) / "training.png")]
 
 
 def write_all(report: Dict[str, Any], out_dir) -> List[Path]:

@@ -63,12 +63,12 @@ def int8_matmul_kernel(
         a = tl.load(a_base + kk64[None, :] * stride_ak, mask=k_mask[None, :], other=0)
         b = tl.load(b_base + kk64[:, None] * stride_bk, mask=k_mask[:, None], other=0)
         if A_IS_INT8:
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # triton 3.6 needs out_dtype = acc's
         else:
             if UPCAST:  # the interpreter's tl.dot is wrong for bf16: feed it fp32
                 a = a.to(tl.float32)
             b = b.to(a.dtype)  # dequantize in the load path (exact for int8 values)
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+            acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float32)
 
     offs_cm = offs_m.to(tl.int64)
     offs_cn = offs_n.to(tl.int64)

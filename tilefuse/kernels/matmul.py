@@ -79,7 +79,8 @@ def matmul_kernel(
         if UPCAST:  # the interpreter's tl.dot is wrong for bf16: feed it fp32
             a = a.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        # out_dtype must name the accumulator dtype on triton 3.6 (it defaults to fp32 there)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
     if HAS_DROPCONNECT:  # survivors' 1/(1-p) applied once to the accumulator
         acc = acc * dc_scale

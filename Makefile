@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # pulls a multi-GB CUDA build. On a machine where torch is already importable nothing is replaced.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv demo test test-all bench clean
+.PHONY: venv demo test test-all bench compat clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,8 +27,20 @@ test: venv
 test-all: venv
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
 
+# The GPU machines' versions on a CPU machine: torch 2.11 pins triton 3.6. PyPI's torch 2.11 is a
+# CUDA build (about 4.6 GB in the venv; it runs on the CPU). Runs the interpreter lane and compiles
+# every kernel launch for sm_90 with triton 3.6's ptxas (tools/aot_check.py). Not part of CI.
+COMPAT_VENV := .venv-compat
+COMPAT_TORCH ?= torch==2.11.0
+compat:
+	test -x $(COMPAT_VENV)/bin/python || $(PY) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -c "import torch" 2>/dev/null || $(COMPAT_VENV)/bin/pip install -q $(COMPAT_TORCH)
+	$(COMPAT_VENV)/bin/pip install -q -e '.[test,bench]'
+	TRITON_INTERPRET=1 $(COMPAT_VENV)/bin/python -m pytest -q -n 2 -m "not slow and not cuda"
+	$(COMPAT_VENV)/bin/python tools/aot_check.py
+
 bench: venv
 	$(BIN)/tilefuse bench kernels
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info .pytest_cache

@@ -67,3 +67,14 @@ def test_cli_info_runs():
     for word in ("torch", "triton", "python", "device", "backend per op", "matmul",
                  "autotune cache"):
         assert word in out
+
+
+def test_compat_index_fix_only_for_old_triton_with_new_numpy():
+    """triton < 3.7's interpreter needs the int(array) fix under numpy >= 2.4 (tilefuse/_compat)."""
+    from tilefuse._compat import interpreter_needs_index_fix as need
+
+    assert need("3.6.0", "2.4.6")
+    assert need("3.5.1", "2.4.0rc1")
+    assert not need("3.6.0", "2.3.5")
+    assert not need("3.7.0", "2.4.6")
+    assert not need("3.9.0+git1234", "2.5.0")

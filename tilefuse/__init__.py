@@ -8,7 +8,12 @@ fused modules), ``tilefuse.quantize`` / ``prune`` (deployment), ``tilefuse.model
 modules' other names with ``from tilefuse.prune import SemiStructured24`` etc.
 """
 from tilefuse import _backend  # noqa: F401  (first: snapshots TRITON_INTERPRET)
-from tilefuse import nn, ops, optim, regularize  # noqa: F401
+from tilefuse import _compat
+
+if _backend.interpreter_enabled():
+    _compat.apply()  # triton 3.6's interpreter under numpy >= 2.4 (see tilefuse/_compat.py)
+
+from tilefuse import nn, ops, optim, regularize  # noqa: F401,E402
 from tilefuse._backend import backend_for, backend_for_device  # noqa: F401
 from tilefuse.export import export_onnx  # noqa: F401
 from tilefuse.patch import patch, patch_report, unpatch  # noqa: F401

@@ -63,6 +63,7 @@ def test_train_step_graph_with_capturable_adamw():
         return loss
 
     graph, loss = _capture(step, x)
+    graph.replay()  # capture records without running: `loss` holds a value only after a replay
     first = loss.item()
     for _ in range(20):
         graph.replay()

@@ -1,33 +1,39 @@
 #!/usr/bin/env bash
 # One prepared GPU check for a CUDA machine (written for an H200 with python3 + torch 2.11 +
 # triton 3.6 + pytest, pytest-benchmark, matplotlib, tqdm; no network). Installs nothing; runs
-# from the working tree with PYTHONPATH=. (never a venv):
+# from the working tree with PYTHONPATH=. (never a venv). Stages (STAGES=tests,autotune,kernels,
+# models; default all, so a rerun can repeat only what failed):
 #
-#   1. nvidia-smi / versions / `tilefuse info`
-#   2. pytest -m cuda                                (timeout 90 s)
-#   3. pytest-benchmark of matmul+bias+GELU vs eager (timeout 35 s)
-#   4. tilefuse autotune for the shipped shape sets  (guarded; timeouts 115 s in all)
-#   5. tilefuse bench kernels, every family, no torch.compile (timeout 60 s, budget 40 s),
-#      then matmul with torch.compile too              (timeout 40 s, budget 25 s)
-#   6. tilefuse bench models, eager + patched, fp16 + int8, batch 1 and 32, proxies
-#                                                    (timeout 75 s, internal budget 55 s)
-#   7. the training-step table (ResNet-50, batch 32) (timeout 50 s, internal budget 35 s)
-#   8. tilefuse bench models, torch.compile variants (timeout 45 s, internal budget 25 s)
+#   1. nvidia-smi / versions / `tilefuse info`                          (always)
+#   2. tests:    pytest -m cuda, verbose, slowest 15 listed             (timeout 150 s)
+#                pytest-benchmark of matmul+bias+GELU vs eager           (timeout 25 s)
+#   3. autotune: tilefuse autotune for the shipped shape sets, export the table under the
+#                name the shipped-table lookup expects (tables/<identity slug>.json)
+#                                                                         (timeouts 95 s in all)
+#   4. kernels:  tilefuse bench kernels, matmul/norm/int8 first, no torch.compile (timeout 60 s,
+#                budget 45 s), then matmul with torch.compile too        (timeout 35 s, budget 20 s)
+#   5. models:   eager + patched, fp16 + int8, batch 1 and 32, proxies  (timeout 60 s, budget 45 s)
+#                the training-step table (ResNet-50, batch 32)           (timeout 45 s, budget 30 s)
+#                torch.compile variants, small models first              (timeout 40 s, budget 25 s)
 #
-# The step timeouts add up to 530 s (~9 min, worst case); budgets end the bench steps early and cleanly, and
-# the model benches save a partial report after every configuration. Everything is written under
-# $OUT (default ./out/gpu_check) and packed into at most 7 files: summary.md, results.tar.gz
-# (every log, JSON, Markdown and plot, laid out as bench/results/<gpu>/<date>/ so it can be
-# unpacked at the repo root) and the five JSON reports.
-# Usage:  OUT=/some/dir bash bench/gpu_check.sh      (PYTHON=... to use another interpreter)
+# The step timeouts add up to 530 s (~9 min, worst case); budgets end the bench steps early and
+# cleanly, and the kernel and model benches save a partial report after every family /
+# configuration. Everything is written under $OUT (default ./out/gpu_check) and packed into at
+# most 7 files: summary.md, results.tar.gz (every log, JSON, Markdown and plot, laid out as
+# bench/results/<gpu>/<date>/ so it can be unpacked at the repo root) and the five JSON reports.
+# Usage:  OUT=/some/dir bash bench/gpu_check.sh      (PYTHON=... another interpreter,
+#         STAGES=tests,kernels a subset)
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET TILEFUSE_BACKEND
 export MPLBACKEND=Agg TILEFUSE_NO_PROGRESS=1 PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
+STAGES="${STAGES:-tests,autotune,kernels,models}"
+want() { case ",$STAGES," in *",$1,"*) return 0;; *) return 1;; esac; }
 OUT="${OUT:-$PWD/out/gpu_check}"
 mkdir -p "$OUT"
+rm -f "$OUT"/summary.md "$OUT"/results.tar.gz "$OUT"/*.json   # no stale files from an earlier run
 WORK="$(mktemp -d)"
 STEPS="$WORK/steps.tsv"
 T0=$(date +%s)
@@ -57,43 +63,58 @@ DATE="$(date -u +%Y-%m-%d)"
 RES="$WORK/bench/results/$SLUG/$DATE"
 mkdir -p "$RES"
 
-# 2-3. tests
-step pytest_cuda 90 $PY -m pytest -q -m cuda -p no:cacheprovider -rfE tests
-step pytest_benchmark 35 $PY -m pytest -q -p no:cacheprovider tests/bench --benchmark-enable \
-  --benchmark-json="$RES/pytest-benchmark.json" --benchmark-max-time=0.5
+# 2. tests
+if want tests; then
+  step pytest_cuda 150 $PY -m pytest -v -m cuda -p no:cacheprovider -rfE --durations=15 tests
+  step pytest_benchmark 25 $PY -m pytest -q -p no:cacheprovider tests/bench --benchmark-enable \
+    --benchmark-json="$RES/pytest-benchmark.json" --benchmark-max-time=0.5
+fi
 
-# 4. autotune (only if this tree has the command)
-if $PY -m tilefuse autotune --help > /dev/null 2>&1; then
-  step autotune_matmul 35 $PY -m tilefuse autotune --kernels matmul --budget-s 20 --no-progress
-  step autotune_int8_norm 30 $PY -m tilefuse autotune --kernels int8_matmul,layer_norm \
-    --budget-s 15 --max-configs 4 --no-progress
-  step autotune_resnet50 15 $PY -m tilefuse autotune --shapes model:resnet50 --budget-s 6 --no-progress
-  step autotune_textcls 15 $PY -m tilefuse autotune --shapes model:textcls --budget-s 6 --no-progress
+# 3. autotune (only if this tree has the command)
+if want autotune && $PY -m tilefuse autotune --help > /dev/null 2>&1; then
+  # the shipped-table lookup reads tilefuse/autotune/tables/<identity slug>.json
+  TSLUG="$($PY -c "from tilefuse.autotune.identity import current_identity as c; print(c().slug)" 2>/dev/null || echo "$SLUG")"
+  step autotune_matmul 30 $PY -m tilefuse autotune --kernels matmul --budget-s 18 --no-progress
+  step autotune_int8_norm 25 $PY -m tilefuse autotune --kernels int8_matmul,layer_norm \
+    --budget-s 12 --max-configs 4 --no-progress
+  step autotune_resnet50 12 $PY -m tilefuse autotune --shapes model:resnet50 --budget-s 5 --no-progress
+  step autotune_textcls 12 $PY -m tilefuse autotune --shapes model:textcls --budget-s 5 --no-progress
   mkdir -p "$RES/autotune"
-  step autotune_export 20 $PY -m tilefuse autotune --export "$RES/autotune/$SLUG.json"
-else
+  step autotune_export 16 $PY -m tilefuse autotune --export "$RES/autotune/$TSLUG.json"
+elif want autotune; then
   printf "autotune\tskipped\t0s\t'tilefuse autotune' not available in this tree\n" >> "$STEPS"
 fi
 
-# 5-7. benchmarks
-step bench_kernels 60 $PY -m tilefuse bench kernels --dtype bf16 --impls tilefuse,eager,vendor \
-  --time-budget 40 --out "$RES/kernels" --no-progress
-step bench_kernels_compile 40 $PY -m tilefuse bench kernels --only matmul --dtype bf16 --impls all \
-  --time-budget 25 --out "$RES/kernels_compile" --no-progress
-step bench_models 75 $PY -m tilefuse bench models --variants eager,patched --dtype fp16,int8 \
-  --batch 1,32 --runs 200 --time-budget 55 --no-train --out "$RES/models" --no-progress
-step bench_train 50 $PY -m tilefuse bench models --no-inference --train-model resnet50 \
-  --train-batch 32 --runs 200 --time-budget 35 \
-  --train-configs fp32,amp,fp32+cudnn_benchmark,fp32+checkpoint,fp32+fused,fp32+fused+fused_optim,amp+fused \
-  --out "$RES/train" --no-progress
-step bench_models_compile 45 $PY -m tilefuse bench models --variants compile,patched+compile \
-  --dtype fp16 --batch 1 --runs 200 --no-proxies --no-train --time-budget 25 \
-  --out "$RES/models_compile" --no-progress
+# 4. kernel benchmarks (families in priority order: the budget is spent on the first ones)
+if want kernels; then
+  step bench_kernels 60 $PY -m tilefuse bench kernels --dtype bf16 --impls tilefuse,eager,vendor \
+    --only matmul,norm,int8,depthwise,dropout,optim \
+    --time-budget 45 --out "$RES/kernels" --no-progress
+  step bench_kernels_compile 35 $PY -m tilefuse bench kernels --only matmul --dtype bf16 --impls all \
+    --time-budget 20 --out "$RES/kernels_compile" --no-progress
+fi
 
-# a models step killed by its timeout still leaves the report of what it finished
+# 5. model benchmarks
+if want models; then
+  step bench_models 60 $PY -m tilefuse bench models --variants eager,patched --dtype fp16,int8 \
+    --batch 1,32 --runs 200 --time-budget 45 --no-train --out "$RES/models" --no-progress
+  step bench_train 45 $PY -m tilefuse bench models --no-inference --train-model resnet50 \
+    --train-batch 32 --runs 200 --time-budget 30 \
+    --train-configs fp32,amp,fp32+cudnn_benchmark,fp32+checkpoint,fp32+fused,fp32+fused+fused_optim,amp+fused \
+    --out "$RES/train" --no-progress
+  step bench_models_compile 40 $PY -m tilefuse bench models --variants compile,patched+compile \
+    --models textcls,mobilenet_v2,resnet50 --dtype fp16 --batch 1 --runs 200 --no-proxies \
+    --no-train --time-budget 25 --out "$RES/models_compile" --no-progress
+fi
+
+# a bench step killed by its timeout still leaves the report of what it finished
 for r in models train models_compile; do
   [ ! -f "$RES/$r/models.json" ] && [ -f "$RES/$r/models.partial.json" ] && \
     cp "$RES/$r/models.partial.json" "$RES/$r/models.json"
+done
+for r in kernels kernels_compile; do
+  [ ! -f "$RES/$r/kernels.json" ] && [ -f "$RES/$r/kernels.partial.json" ] && \
+    cp "$RES/$r/kernels.partial.json" "$RES/$r/kernels.json"
 done
 
 # pack: summary.md + results.tar.gz + the JSON reports (<= 7 files in $OUT)
@@ -107,12 +128,17 @@ SUM="$WORK/summary.md"
   echo "| step | status | time | command |"; echo "|---|---|---|---|"
   awk -F'\t' '{printf "| %s | %s | %s | `%s` |\n", $1, $2, $3, $4}' "$STEPS"
   echo
-  echo "## pytest -m cuda (tail)"; echo '```'; tail -n 25 "$WORK/pytest_cuda.log" 2>/dev/null; echo '```'
+  if [ -f "$WORK/pytest_cuda.log" ]; then
+    echo "## pytest -m cuda"
+    echo "$(grep -c ' PASSED' "$WORK/pytest_cuda.log") passed, $(grep -c ' FAILED' "$WORK/pytest_cuda.log") failed, $(grep -c ' SKIPPED' "$WORK/pytest_cuda.log") skipped, $(grep -c ' ERROR' "$WORK/pytest_cuda.log") errors (per-test lines)"
+    echo '```'; grep -E ' (FAILED|ERROR)' "$WORK/pytest_cuda.log" | head -40; echo '...'
+    tail -n 45 "$WORK/pytest_cuda.log"; echo '```'
+  fi
   for r in kernels kernels_compile models train models_compile; do
     if ls "$RES/$r/"*.md > /dev/null 2>&1; then
       echo; echo "## bench $r"; cat "$RES/$r/"*.md
-    elif [ -f "$RES/$r/models.json" ]; then
-      echo; echo "## bench $r: killed by its timeout; partial report in $r/models.json"
+    elif ls "$RES/$r/"*.json > /dev/null 2>&1; then
+      echo; echo "## bench $r: killed by its timeout; partial report in $r/"
     fi
   done
   echo

@@ -93,6 +93,23 @@ def test_time_budget_skips_rest(tmp_path, monkeypatch):
     assert rep["errors"][0]["error"] == "skipped: time budget spent"
 
 
+def test_kernels_only_order_budget_and_partial_report(tmp_path, monkeypatch):
+    """Families run in the order ``--only`` names them; once the budget is spent the remaining
+    families' inputs are never built; a partial report is saved after every family."""
+    mods, _ = kb.discover(only=["matmul", "dropout"])
+    assert list(mods) == ["matmul", "dropout"]
+    built = []
+    for fam, mod in mods.items():
+        real = mod.cases
+        monkeypatch.setattr(mod, "cases", lambda *a, _f=fam, _r=real: built.append(_f) or _r(*a))
+    partial = tmp_path / "kernels.partial.json"
+    rep = kb.run(only=["matmul", "dropout"], cpu_reps=1, time_budget_s=1e-9,
+                 show_progress=False, partial_path=partial)
+    assert built == [] and rep["entries"] == []
+    assert [e["where"] for e in rep["errors"]] == ["kernel/matmul/fp32", "kernel/dropout/fp32"]
+    assert rpt.load(partial)["kind"] == "kernels"
+
+
 def test_bad_cli_arguments():
     with pytest.raises(SystemExit):
         main(["bench", "kernels", "--impls", "nope"])

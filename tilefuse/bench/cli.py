@@ -77,7 +77,9 @@ def _kernels(args) -> int:
     rep = kernels.run(device=device, dtypes=dtypes, size=args.size,
                       only=_csv(args.only) if args.only else None, impls=impls,
                       cpu_reps=args.reps, time_budget_s=args.time_budget,
-                      show_progress=not args.no_progress)
+                      show_progress=not args.no_progress,
+                      partial_path=Path(args.out) / "kernels.partial.json")
+    (Path(args.out) / "kernels.partial.json").unlink(missing_ok=True)
     return _finish(rep, args, "kernels")
 
 

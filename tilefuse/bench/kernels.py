@@ -35,9 +35,11 @@ def discover(only: Optional[Sequence[str]] = None) -> Tuple[Dict[str, Any], List
     import tilefuse.bench as pkg
 
     mods, errors = {}, []
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
-        if not info.name.startswith("kernels_"):
-            continue
+    infos = [i for i in pkgutil.iter_modules(pkg.__path__) if i.name.startswith("kernels_")]
+    # alphabetical, or in the order ``only`` names them (a time budget then spends itself on the
+    # families named first)
+    rank = {fam: n for n, fam in enumerate(only or ())}
+    for info in sorted(infos, key=lambda i: (rank.get(i.name[len("kernels_"):], 0), i.name)):
         family = info.name[len("kernels_"):]
         if only and family not in only:
             continue
@@ -111,10 +113,13 @@ def case_entries(case: BenchCase, device: str, peaks: Dict[str, Any],
 
 def run(device: str = "cpu", dtypes: Sequence[str] = ("fp32",), size: Optional[str] = None,
         only: Optional[Sequence[str]] = None, impls: Iterable[str] = IMPLS, cpu_reps: int = 5,
-        time_budget_s: Optional[float] = None, show_progress: bool = True) -> Dict[str, Any]:
+        time_budget_s: Optional[float] = None, show_progress: bool = True,
+        partial_path=None) -> Dict[str, Any]:
     """Run the kernel benchmarks and return a report dict (see :mod:`tilefuse.bench.report`).
 
-    ``time_budget_s`` bounds the run: cases left when it is spent are reported as skipped."""
+    ``time_budget_s`` bounds the run: cases left when it is spent are reported as skipped (their
+    inputs are not even built). With ``partial_path`` the report so far is saved there after
+    every family, so a run killed from outside still leaves what it measured."""
     end = None if not time_budget_s else time.monotonic() + time_budget_s
     size = size or ("full" if device.startswith("cuda") else "tiny")
     env = rpt.environment(device)
@@ -128,6 +133,10 @@ def run(device: str = "cpu", dtypes: Sequence[str] = ("fp32",), size: Optional[s
         for family, mod in timing.progress(mods.items(), "families", total=len(mods),
                                            enable=show_progress):
             for dname in dtypes:
+                if end is not None and time.monotonic() > end:
+                    rep["errors"].append({"where": f"kernel/{family}/{dname}",
+                                          "error": "skipped: time budget spent"})
+                    continue
                 try:
                     cases = list(mod.cases(device, DTYPES[dname], size))
                 except Exception as e:  # noqa: BLE001
@@ -149,6 +158,8 @@ def run(device: str = "cpu", dtypes: Sequence[str] = ("fp32",), size: Optional[s
                 gc.collect()
                 if device.startswith("cuda"):
                     torch.cuda.empty_cache()
+            if partial_path is not None:
+                rpt.save(rep, partial_path)
     # keys must be unique: families are responsible for unique case names; drop duplicates loudly
     seen, uniq = set(), []
     for e in rep["entries"]:

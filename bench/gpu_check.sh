@@ -5,7 +5,7 @@
 # models; default all, so a rerun can repeat only what failed):
 #
 #   1. nvidia-smi / versions / `tilefuse info`                          (always)
-#   2. tests:    pytest -m cuda, verbose, slowest 15 listed             (timeout 150 s)
+#   2. tests:    pytest -m cuda in 3 parallel shards, verbose, slowest listed (timeout 150 s)
 #                pytest-benchmark of matmul+bias+GELU vs eager           (timeout 25 s)
 #   3. autotune: tilefuse autotune for the shipped shape sets, export the table under the
 #                name the shipped-table lookup expects (tables/<identity slug>.json)
@@ -16,7 +16,7 @@
 #                the training-step table (ResNet-50, batch 32)           (timeout 45 s, budget 30 s)
 #                torch.compile variants, small models first              (timeout 40 s, budget 25 s)
 #
-# The step timeouts add up to 530 s (~9 min, worst case); budgets end the bench steps early and
+# The step timeouts add up to 530 s (the three test shards run side by side) (~9 min, worst case); budgets end the bench steps early and
 # cleanly, and the kernel and model benches save a partial report after every family /
 # configuration. Everything is written under $OUT (default ./out/gpu_check) and packed into at
 # most 7 files: summary.md, results.tar.gz (every log, JSON, Markdown and plot, laid out as
@@ -65,7 +65,17 @@ mkdir -p "$RES"
 
 # 2. tests
 if want tests; then
-  step pytest_cuda 150 $PY -m pytest -v -m cuda -p no:cacheprovider -rfE --durations=15 tests
+  # three pytest processes share the GPU so that one shard's kernel compiles overlap the others'
+  SHARD_NORM="tests/test_norm_cuda.py"
+  SHARD_KERNELS="tests/test_matmul_cuda.py tests/test_depthwise.py tests/test_int8_matmul.py tests/test_quantize.py tests/test_prune.py tests/test_autocast.py"
+  IGNORE=""; for f in $SHARD_NORM $SHARD_KERNELS; do IGNORE="$IGNORE --ignore=$f"; done
+  PYT="$PY -m pytest -v -m cuda -p no:cacheprovider -rfE --durations=10"
+  ( step pytest_cuda_norm 150 $PYT $SHARD_NORM ) &
+  ( step pytest_cuda_kernels 150 $PYT $SHARD_KERNELS ) &
+  ( step pytest_cuda_rest 150 $PYT $IGNORE tests ) &
+  wait
+  cat "$WORK"/pytest_cuda_norm.log "$WORK"/pytest_cuda_kernels.log "$WORK"/pytest_cuda_rest.log \
+    > "$WORK/pytest_cuda.log" 2>/dev/null
   step pytest_benchmark 25 $PY -m pytest -q -p no:cacheprovider tests/bench --benchmark-enable \
     --benchmark-json="$RES/pytest-benchmark.json" --benchmark-max-time=0.5
 fi
@@ -131,8 +141,10 @@ SUM="$WORK/summary.md"
   if [ -f "$WORK/pytest_cuda.log" ]; then
     echo "## pytest -m cuda"
     echo "$(grep -c ' PASSED' "$WORK/pytest_cuda.log") passed, $(grep -c ' FAILED' "$WORK/pytest_cuda.log") failed, $(grep -c ' SKIPPED' "$WORK/pytest_cuda.log") skipped, $(grep -c ' ERROR' "$WORK/pytest_cuda.log") errors (per-test lines)"
-    echo '```'; grep -E ' (FAILED|ERROR)' "$WORK/pytest_cuda.log" | head -40; echo '...'
-    tail -n 45 "$WORK/pytest_cuda.log"; echo '```'
+    echo '```'; grep -E ' (FAILED|ERROR)' "$WORK/pytest_cuda.log" | head -40
+    for sh in norm kernels rest; do
+      echo "--- shard $sh:"; tail -n 20 "$WORK/pytest_cuda_$sh.log" 2>/dev/null
+    done; echo '```'
   fi
   for r in kernels kernels_compile models train models_compile; do
     if ls "$RES/$r/"*.md > /dev/null 2>&1; then

@@ -26,8 +26,9 @@ def _torch_rows(logits: Tensor, target: Tensor, eps: float, ignore_index: int, w
     t = torch.where(ignored, 0, target)
     logp = torch.log_softmax(x, dim=1)
     nll = -logp.gather(1, t[:, None]).squeeze(1)
-    smooth = -logp.mean(dim=1)
-    loss = ((1.0 - eps) * nll + eps * smooth).masked_fill(ignored, 0.0)
+    # eps == 0 skips the smoothing term: 0 * inf would turn a -inf logit's finite loss into NaN
+    loss = (1.0 - eps) * nll - eps * logp.mean(dim=1) if eps > 0 else nll
+    loss = loss.masked_fill(ignored, 0.0)
     grad = logits.new_empty(0)
     if want_grad:
         g = logp.exp() - eps / V
@@ -163,4 +164,6 @@ def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0,
     if reduction == "sum":
         return total.to(logits.dtype)
     count = (t1 != ignore_index).sum()
-    return (total / count).to(logits.dtype)
+    # every target ignored: the loss is NaN (0/0) as in torch, and the gradient 0 (not 0 * inf)
+    mean = torch.where(count > 0, total / count.clamp_min(1), float("nan"))
+    return mean.to(logits.dtype)

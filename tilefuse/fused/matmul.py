@@ -199,8 +199,9 @@ def matmul(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, activation=None,
             raise ValueError(f"batch dimensions of a {tuple(a.shape)} and b {tuple(b.shape)} do "
                              f"not broadcast") from None
         out_shape = tuple(batch) + (M, N)
-        a3 = a.expand(tuple(batch) + (M, K)).reshape(-1, M, K)
-        b3 = b.expand(tuple(batch) + (K, N)).reshape(-1, K, N)
+        nb = math.prod(batch)  # not -1: reshape cannot infer it when M, K or N is 0
+        a3 = a.expand(tuple(batch) + (M, K)).reshape(nb, M, K)
+        b3 = b.expand(tuple(batch) + (K, N)).reshape(nb, K, N)
     final_shape = out_shape[:-2] + ((M,) if not squeeze_m else ()) + ((N,) if not squeeze_n
                                                                         else ())
     r3 = None

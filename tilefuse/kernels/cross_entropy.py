@@ -61,7 +61,9 @@ def cross_entropy_kernel(
         lse = m_row + tl.log(s_row)
         x_t = tl.sum(xt, axis=0)
         mean_x = tl.sum(sx, axis=0) / V
-        loss = (1.0 - eps) * (lse - x_t) + eps * (lse - mean_x)
+        loss = lse - x_t
+        if eps > 0.0:  # not 0 * (lse - mean): a -inf logit (a masked class) would make it NaN
+            loss = (1.0 - eps) * loss + eps * (lse - mean_x)
         valid = (tgt >= 0) & (tgt < V)
         loss = tl.where(valid, loss, float("nan"))
         tl.store(loss_ptr + row, loss)

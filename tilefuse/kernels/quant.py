@@ -120,7 +120,9 @@ def torch_quantize_rows(x: torch.Tensor):
               else xf.new_zeros(x.shape[0]))
     nonzero = absmax > 0
     safe = torch.where(nonzero, absmax, torch.ones_like(absmax))
-    inv = torch.where(nonzero, QMAX / safe, torch.zeros_like(absmax))
+    # a true division: ``QMAX / tensor`` is reciprocal(tensor) * QMAX in torch (two roundings,
+    # which moves exact .5 ties)
+    inv = torch.where(nonzero, torch.full_like(safe, QMAX) / safe, torch.zeros_like(absmax))
     scale = torch.where(nonzero, safe / QMAX, torch.ones_like(absmax))
     scale = torch.where(finite, scale, float("nan"))
     v = torch.where(finite[:, None], xf * inv[:, None], 0.0)

@@ -22,7 +22,7 @@ def _ln_ref(act="none", param=0.0, shape=None, eps=1e-5):
 def _rms_ref(act="none", param=0.0, shape=None, eps=None):
     def ref(x, weight=None, residual=None):
         h = x if residual is None else x + residual
-        e = torch.finfo(x.dtype).eps if eps is None else eps
+        e = torch.finfo(torch.float32).eps if eps is None else eps  # torch: the compute dtype's
         return torch_activation(F.rms_norm(h, shape or weight.shape, weight, e), act, param)
     return ref
 

@@ -184,8 +184,9 @@ def _row_norm(x, normalized_shape, weight, bias, eps, activation, residual, is_r
     x, weight, bias, residual = _autocast.norm_fp32("rms_norm" if is_rms else "layer_norm",
                                                     x, weight, bias, residual)
     x, residual = _autocast.promote_residual(x, residual)
-    if eps is None and is_rms:  # rms_norm default: finfo of the (autocast) input dtype, as torch
-        eps = torch.finfo(x.dtype).eps
+    if eps is None and is_rms:  # torch's rms_norm default: eps of the *compute* dtype (fp32 for
+        # fp16/bf16 inputs: at::opmath_type), not of the input dtype as its docs say
+        eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
     if weight is not None:
         check_shape("weight", weight, shape)
     if bias is not None:
@@ -236,7 +237,8 @@ def rms_norm_act(x: Tensor, normalized_shape, weight: Optional[Tensor] = None,
                  eps: Optional[float] = None, activation=None,
                  residual: Optional[Tensor] = None) -> Tensor:
     """``act(rms_norm(x + residual))``: :func:`torch.nn.functional.rms_norm` semantics
-    (``eps=None`` means ``torch.finfo(x.dtype).eps``), activation fused, residual added first.
+    (``eps=None``: the fp32 machine eps, fp64's for fp64 inputs, as torch computes it),
+    activation fused, residual added first.
 
     >>> import torch, tilefuse
     >>> x = torch.randn(4, 10)

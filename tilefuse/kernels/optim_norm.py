@@ -31,8 +31,9 @@ def norm_partial_kernel(ctab_ptr, cstart_ptr, ttab_ptr, x_ptr, out_ptr,
         r = tl.sum(x * x, axis=0)
     elif NORM == 1:
         r = tl.sum(x, axis=0)
-    else:
+    else:  # tl.max drops NaN: put it back, as torch's inf-norm (and the sums above) keep it
         r = tl.max(x, axis=0)
+        r = tl.where(tl.sum((x != x).to(tl.int32), axis=0) > 0, float("nan"), r)
     tl.store(out_ptr + tl.program_id(0), r)
 
 

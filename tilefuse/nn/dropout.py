@@ -28,7 +28,9 @@ class Dropout(torch.nn.Dropout):
 
 class Dropout2d(torch.nn.Dropout2d):
     """:class:`torch.nn.Dropout2d`: zeroes whole channels of ``(N, C, H, W)`` / ``(C, H, W)``
-    inputs, NCHW or channels_last."""
+    inputs, NCHW or channels_last. A 3-D input is ``(C, H, W)`` as torch documents it; torch
+    itself still treats it as ``(N, C, L)`` (with a warning, for backward compatibility), so
+    for 3-D inputs the two drop different elements."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dropout2d(x, self.p, self.training)

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from fuzz_utils import check, eps, fuzz, randn, seed  # noqa: E402
 
 import tilefuse  # noqa: E402
 import tilefuse.optim as tfo  # noqa: E402
@@ -43,76 +43,6 @@ ACTS = [
     ("gelu", nn.GELU), ("gelu_tanh", lambda: nn.GELU(approximate="tanh")), ("silu", nn.SiLU),
     ("sigmoid", nn.Sigmoid), ("tanh", nn.Tanh),
 ]
-_HC = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large,
-       HealthCheck.filter_too_much]
-
-
-def _fuzz(n_fast: int, n_slow: int):
-    """``body(data)`` -> a fast derandomized hypothesis test and a slow-marked twin."""
-
-    def wrap(body):
-        def fast(data):
-            body(data)
-
-        def slow(data):
-            body(data)
-
-        fast.__name__ = body.__name__
-        slow.__name__ = body.__name__ + "_slow"
-        f = settings(max_examples=n_fast, deadline=None, derandomize=True,
-                     suppress_health_check=_HC, print_blob=True)(given(data=st.data())(fast))
-        s = pytest.mark.slow(settings(max_examples=n_slow, deadline=None,
-                                      suppress_health_check=_HC,
-                                      print_blob=True)(given(data=st.data())(slow)))
-        globals()[slow.__name__] = s
-        return f
-
-    return wrap
-
-
-# --------------------------------------------------------------------------------------------
-# tolerance helpers (same approach as test_fuzz_ops, re-implemented)
-# --------------------------------------------------------------------------------------------
-def _eps(dtype):
-    return torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
-
-
-def _maxerr(x, ref):
-    if x.numel() == 0:
-        return 0.0
-    xd, rd = x.double(), ref.double()
-    d = (xd - rd).abs()
-    ok = (torch.isnan(xd) & torch.isnan(rd)) | (torch.isinf(rd) & (xd == rd))
-    d = torch.where(ok, torch.zeros_like(d), d)
-    return torch.nan_to_num(d, nan=math.inf).max().item()
-
-
-def check(name, out, ref64, eager=None, factor=4.0, n_reduce=1, cond=1.0):
-    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
-    if out.numel() == 0:
-        return
-    dt = out.dtype
-    finite = torch.isfinite(ref64)
-    mag = ref64.double()[finite].abs().max().item() if finite.any() else 1.0
-    scale = max(1.0, mag)
-    base = _maxerr(ref64.to(dt), ref64)
-    if eager is not None:
-        assert eager.shape == ref64.shape
-        base = max(base, _maxerr(eager, ref64))
-    tol = factor * base + 2 * _eps(dt) * scale * math.sqrt(max(1, n_reduce)) * max(1.0, cond)
-    err = _maxerr(out, ref64)
-    assert err <= tol, (f"{name}: max error {err:.3e} > tol {tol:.3e} (eager/rounding error "
-                        f"{base:.3e}, dtype {dt}, shape {tuple(out.shape)})")
-
-
-def _seed(data):
-    return torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
-
-
-def _randn(g, shape, dtype=torch.float32, scale=1.0, shift=0.0):
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift).to(dtype)
-
-
 def _randomize(module, g):
     """Random values for every float parameter / buffer (running_var kept positive)."""
     with torch.no_grad():
@@ -183,7 +113,7 @@ def diff_modules(name, g, tf_mod, torch_mod, inputs, dtype, tf_call=None, ref_ca
     check(f"{name} forward", out, ref, eager, factor, n_reduce=n_reduce, cond=cond)
     if not grad or out.numel() == 0:
         return out
-    dy = _randn(g, out.shape, dtype)
+    dy = randn(g, out.shape, dtype)
     pk = [p for p in tf_mod.parameters()]
     pr = [p for p in ref_mod.parameters()]
     pe = [p for p in eager_mod.parameters()]
@@ -211,9 +141,9 @@ def diff_modules(name, g, tf_mod, torch_mod, inputs, dtype, tf_call=None, ref_ca
 # --------------------------------------------------------------------------------------------
 # 1. tilefuse.nn modules
 # --------------------------------------------------------------------------------------------
-@_fuzz(4, 150)
+@fuzz(4, 150)
 def test_fuzz_linear_module(data):
-    g = _seed(data)
+    g = seed(data)
     dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
     K = data.draw(st.sampled_from(SIZES), label="K")
     N = data.draw(st.sampled_from(SIZES), label="N")
@@ -228,15 +158,15 @@ def test_fuzz_linear_module(data):
     back = nn.Linear(K, N, bias=bias)
     back.load_state_dict(tf.state_dict())
     assert_state_equal(back, tm)
-    x = _randn(g, lead + (K,))
+    x = randn(g, lead + (K,))
     diff_modules("Linear", g, tf, nn.Sequential(tm, act_mod()), [x], dtype,
                  tf_call=lambda m, x: m(x), ref_call=lambda m, x: m(x),
                  lay=lambda i, t: layout(t, lay), n_reduce=K)
 
 
-@_fuzz(6, 150)
+@fuzz(6, 150)
 def test_fuzz_layernorm_rmsnorm_module(data):
-    g = _seed(data)
+    g = seed(data)
     dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
     kind = data.draw(st.sampled_from(["ln", "rms"]), label="kind")
     shape = data.draw(st.sampled_from([(8,), (17,), (3, 5), (1,)]), label="normalized_shape")
@@ -258,8 +188,8 @@ def test_fuzz_layernorm_rmsnorm_module(data):
     _randomize(tm, g)
     assert_same_structure(tf, tm)
     tf.load_state_dict(tm.state_dict())
-    x = _randn(g, lead + shape, shift=data.draw(st.sampled_from([0.0, 3.0]), label="shift"))
-    ins = [x, _randn(g, lead + shape)] if residual else [x]
+    x = randn(g, lead + shape, shift=data.draw(st.sampled_from([0.0, 3.0]), label="shift"))
+    ins = [x, randn(g, lead + shape)] if residual else [x]
     a = act_mod()
 
     def ref_call(m, x, r=None):
@@ -271,9 +201,9 @@ def test_fuzz_layernorm_rmsnorm_module(data):
                  lay=lambda i, t: layout(t, lay), n_reduce=n, cond=cond)
 
 
-@_fuzz(4, 120)
+@fuzz(4, 120)
 def test_fuzz_groupnorm_instancenorm_module(data):
-    g = _seed(data)
+    g = seed(data)
     dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
     kind = data.draw(st.sampled_from(["gn", "in1", "in2"]), label="kind")
     C = data.draw(st.sampled_from([1, 2, 4, 6]), label="C")
@@ -298,16 +228,16 @@ def test_fuzz_groupnorm_instancenorm_module(data):
     _randomize(tm, g)
     assert_same_structure(tf, tm)
     tf.load_state_dict(tm.state_dict())
-    x = _randn(g, shape)
+    x = randn(g, shape)
     a = act_mod()
     diff_modules(kind, g, tf, tm, [x], dtype, ref_call=lambda m, x: a(m(x)),
                  lay=lambda i, t: layout(t, lay), n_reduce=red, cond=1 + 3 * math.sqrt(red))
 
 
-@_fuzz(5, 120)
+@fuzz(5, 120)
 def test_fuzz_batchnorm_module_train_eval(data):
     """Several training steps then eval: outputs, grads, running stats, num_batches_tracked."""
-    g = _seed(data)
+    g = seed(data)
     dtype = data.draw(st.sampled_from([torch.float32, torch.float32, torch.float16]),
                       label="dtype")
     dim = data.draw(st.sampled_from(["1d2", "1d3", "2d"]), label="dim")
@@ -337,8 +267,8 @@ def test_fuzz_batchnorm_module_train_eval(data):
         tf.train(train)
         ref.train(train)
         eag.train(train)
-        x = _randn(g, shape, dtype)
-        r = _randn(g, shape, dtype) if residual else None
+        x = randn(g, shape, dtype)
+        r = randn(g, shape, dtype) if residual else None
         xk = x.detach().requires_grad_(True)
         xr = x.double().requires_grad_(True)
         out = tf(xk, r) if residual else tf(xk)
@@ -347,7 +277,7 @@ def test_fuzz_batchnorm_module_train_eval(data):
         eo = a(eag(xe) + (r if residual else 0))
         check(f"bn step {step} forward", out, want, eo, n_reduce=red, cond=4 * math.sqrt(red),
               factor=4.0)
-        dy = _randn(g, out.shape, dtype)
+        dy = randn(g, out.shape, dtype)
         gk = torch.autograd.grad(out, [xk] + list(tf.parameters()), dy)
         gr = torch.autograd.grad(want, [xr] + list(ref.parameters()), dy.double())
         ge = torch.autograd.grad(eo, [xe] + list(eag.parameters()), dy)
@@ -368,9 +298,9 @@ def test_fuzz_batchnorm_module_train_eval(data):
             assert tf.running_mean is None and tf.num_batches_tracked is None
 
 
-@_fuzz(5, 120)
+@fuzz(5, 120)
 def test_fuzz_depthwise_conv_module(data):
-    g = _seed(data)
+    g = seed(data)
     dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
     C = data.draw(st.sampled_from([1, 2, 3, 4]), label="C")
     mult = data.draw(st.sampled_from([1, 2]), label="multiplier")
@@ -396,7 +326,7 @@ def test_fuzz_depthwise_conv_module(data):
     assert_same_structure(tf, tm)
     tf.load_state_dict(tm.state_dict())
     H, W = data.draw(st.sampled_from([(5, 6), (7, 7), (9, 4)]), label="HW")
-    x = _randn(g, (N, C, H, W))
+    x = randn(g, (N, C, H, W))
     try:
         tm(x)
     except RuntimeError:   # geometry torch refuses (e.g. reflect pad > size)
@@ -407,9 +337,9 @@ def test_fuzz_depthwise_conv_module(data):
                  lay=lambda i, t: layout(t, lay), n_reduce=kk * kk * N * H * W)
 
 
-@_fuzz(4, 80)
+@fuzz(4, 80)
 def test_fuzz_depthwise_separable_module(data):
-    g = _seed(data)
+    g = seed(data)
     Cin = data.draw(st.sampled_from([1, 3, 4]), label="Cin")
     Cout = data.draw(st.sampled_from([1, 5, 8]), label="Cout")
     k = data.draw(st.sampled_from([1, 3]), label="k")
@@ -434,7 +364,7 @@ def test_fuzz_depthwise_separable_module(data):
     tm.load_state_dict(tf.state_dict())
     tf.train(train)
     tm.train(train)
-    x = _randn(g, (N, Cin, 6, 5))
+    x = randn(g, (N, Cin, 6, 5))
     # train-mode BN after a conv makes the conv's weight grad pure cancellation (BN is scale
     # invariant: with Cin == 1 dL/dw == 0 exactly), so allow a larger multiple of eps there
     out = diff_modules("dwsep", g, tf, tm, [x], torch.float32, n_reduce=9 * 60 + Cin,
@@ -449,9 +379,9 @@ def test_fuzz_depthwise_separable_module(data):
                 assert torch.equal(tf.state_dict()[k], v), k
 
 
-@_fuzz(4, 80)
+@fuzz(4, 80)
 def test_fuzz_dropout_modules(data):
-    g = _seed(data)
+    g = seed(data)
     dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
     kind = data.draw(st.sampled_from(["dropout", "dropout2d"]), label="kind")
     p = data.draw(st.sampled_from([0.0, 0.25, 0.5, 1.0]), label="p")
@@ -462,7 +392,7 @@ def test_fuzz_dropout_modules(data):
     else:
         tm, tf = nn.Dropout2d(p, inplace), tilefuse.nn.Dropout2d(p, inplace)
     assert repr(tf).split("(", 1)[1] == repr(tm).split("(", 1)[1]
-    x = _randn(g, shape, dtype).abs() + 0.5   # no zeros: a zero output means dropped
+    x = randn(g, shape, dtype).abs() + 0.5   # no zeros: a zero output means dropped
     # eval: identity
     tf.eval()
     assert torch.equal(tf(x.clone()), x)
@@ -488,9 +418,9 @@ def test_fuzz_dropout_modules(data):
                                                         dtype=torch.float64))
 
 
-@_fuzz(3, 60)
+@fuzz(3, 60)
 def test_fuzz_int8_linear_module(data):
-    g = _seed(data)
+    g = seed(data)
     K = data.draw(st.sampled_from([3, 8, 17]), label="K")
     N = data.draw(st.sampled_from([1, 4, 9]), label="N")
     bias = data.draw(st.booleans(), label="bias")
@@ -501,7 +431,7 @@ def test_fuzz_int8_linear_module(data):
     q2 = tilefuse.nn.Int8Linear(K, N, bias=bias, mode=mode, activation=act)
     q2.load_state_dict(q.state_dict())
     assert_state_equal(q2, q)
-    x = _randn(g, (3, K))
+    x = randn(g, (3, K))
     wd = q.dequantized_weight(torch.float64)
     ref = act_mod()(F.linear(x.double(), wd, lin.bias.double() if bias else None))
     out = q2(x)
@@ -512,10 +442,10 @@ def test_fuzz_int8_linear_module(data):
     assert (out.double() - ref).abs().max().item() <= tol + 1e-5
 
 
-@_fuzz(3, 60)
+@fuzz(3, 60)
 def test_fuzz_module_dtype_conversion(data):
     """.half() / .to(bfloat16) on the drop-in modules: params/buffers convert as torch's."""
-    g = _seed(data)
+    g = seed(data)
     dtype = data.draw(st.sampled_from([torch.float16, torch.bfloat16]), label="dtype")
     use_half = data.draw(st.booleans(), label="half()") and dtype == torch.float16
     which = data.draw(st.sampled_from(["linear", "ln", "bn2d", "gn", "dw"]), label="module")
@@ -537,7 +467,7 @@ def test_fuzz_module_dtype_conversion(data):
     for (n1, a), (n2, b) in zip(tf.state_dict().items(), tm.state_dict().items()):
         assert n1 == n2 and a.dtype == b.dtype and torch.equal(a, b), n1
     tf.eval()
-    y = tf(_randn(g, mk[2], dtype))
+    y = tf(randn(g, mk[2], dtype))
     assert y.dtype == dtype and torch.isfinite(y).all()
 
 
@@ -639,16 +569,16 @@ def _random_cnn(data, C):
 def _random_model(data, g):
     if data.draw(st.booleans(), label="cnn"):
         C = data.draw(st.sampled_from([2, 4]), label="C")
-        model, x = _random_cnn(data, C), _randn(g, (3, 2, 4, 4))
+        model, x = _random_cnn(data, C), randn(g, (3, 2, 4, 4))
     else:
         D = data.draw(st.sampled_from([4, 8]), label="D")
-        model, x = _random_mlp(data, D), _randn(g, (3, D))
+        model, x = _random_mlp(data, D), randn(g, (3, D))
     _randomize(model, g)
     # BN stats: a few training forwards so running stats are not trivial
     model.train()
     with torch.no_grad():
         for _ in range(2):
-            model(_randn(g, x.shape))
+            model(randn(g, x.shape))
     return model, x
 
 
@@ -665,9 +595,20 @@ def _close(name, a, b, scale_ref=None, tol=1e-4):
     assert err <= lim, f"{name}: max error {err:.3e} > {lim:.3e}"
 
 
-@_fuzz(5, 100)
+def _assert_same_state(ref, fused):
+    """Same state_dict keys in the same order; floating entries close, the rest equal."""
+    sr, sf = ref.state_dict(), fused.state_dict()
+    assert list(sr) == list(sf)
+    for k in sr:
+        if sr[k].is_floating_point():
+            _close(f"trained {k}", sf[k], sr[k], tol=1e-4)
+        else:
+            assert torch.equal(sf[k], sr[k]), k
+
+
+@fuzz(5, 100)
 def test_fuzz_patch_eval_unpatch(data):
-    g = _seed(data)
+    g = seed(data)
     model, x = _random_model(data, g)
     model.eval()
     want = model(x)
@@ -692,11 +633,11 @@ def test_fuzz_patch_eval_unpatch(data):
         _close("unpatched eval forward", fused(x), want, tol=1e-6)
 
 
-@_fuzz(5, 100)
+@fuzz(5, 100)
 def test_fuzz_patch_train_step(data):
     """patch in train mode, one SGD step on both: same loss, grads, updated weights, BN stats;
     state_dict keys identical and loadable both ways; unpatch keeps the trained weights."""
-    g = _seed(data)
+    g = seed(data)
     model, x = _random_model(data, g)
     model.train()
     ref = copy.deepcopy(model)
@@ -710,13 +651,7 @@ def test_fuzz_patch_train_step(data):
             o.zero_grad()
             F.mse_loss(m(x), y).backward()
             o.step()
-    sr, sf = ref.state_dict(), fused.state_dict()
-    assert list(sr) == list(sf)
-    for k in sr:
-        if sr[k].is_floating_point():
-            _close(f"trained {k}", sf[k], sr[k], tol=1e-4)
-        else:
-            assert torch.equal(sf[k], sr[k]), k
+    _assert_same_state(ref, fused)
     # state_dict round trip: patched -> unpatched copy and back
     other = copy.deepcopy(ref)
     other.load_state_dict(fused.state_dict())
@@ -788,15 +723,15 @@ def _opt_cfg(data):
 def _params(data, g, dtype):
     shapes = data.draw(st.lists(st.sampled_from([(1,), (5,), (3, 4), (2, 3, 2), (17,)]),
                                 min_size=1, max_size=3), label="shapes")
-    ps = [_randn(g, s, dtype) for s in shapes]
+    ps = [randn(g, s, dtype) for s in shapes]
     nograd = data.draw(st.lists(st.booleans(), min_size=len(ps), max_size=len(ps)),
                        label="no_grad")
     return ps, nograd
 
 
-@_fuzz(8, 200)
+@fuzz(8, 200)
 def test_fuzz_optimizer_vs_torch(data):
-    g = _seed(data)
+    g = seed(data)
     name, kw = _opt_cfg(data)
     dtype = data.draw(st.sampled_from([torch.float32, torch.float32, torch.float16,
                                        torch.bfloat16]), label="dtype")
@@ -819,7 +754,7 @@ def test_fuzz_optimizer_vs_torch(data):
     o64 = getattr(torch.optim, name)(groups(p64), **kw)
     for s in range(steps):
         for i in range(len(ps)):
-            gr = _randn(g, ps[i].shape, dtype)
+            gr = randn(g, ps[i].shape, dtype)
             if nograd[i] and s % 2 == 0:
                 pf[i].grad = pt[i].grad = p64[i].grad = None
             else:
@@ -836,7 +771,7 @@ def test_fuzz_optimizer_vs_torch(data):
             e_t = (pt[i].data.double() - p64[i].data).abs().max().item()
             e_f = (pf[i].data.double() - p64[i].data).abs().max().item()
             mag = max(1.0, p64[i].data.abs().max().item())
-            assert e_f <= 2 * e_t + 4 * _eps(dtype) * mag * steps, (e_f, e_t)
+            assert e_f <= 2 * e_t + 4 * eps(dtype) * mag * steps, (e_f, e_t)
     # state_dict interchange: ours -> torch and torch -> ours
     sd = of.state_dict()
     sdt = ot.state_dict()
@@ -853,9 +788,9 @@ def test_fuzz_optimizer_vs_torch(data):
     of2.load_state_dict(sdt)
 
 
-@_fuzz(4, 100)
+@fuzz(4, 100)
 def test_fuzz_lion_vs_reference(data):
-    g = _seed(data)
+    g = seed(data)
     dtype = data.draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
                       label="dtype")
     lr = data.draw(st.sampled_from([1e-4, 0.01]), label="lr")
@@ -869,7 +804,7 @@ def test_fuzz_lion_vs_reference(data):
     opt = tfo.Lion(pf, lr=lr, betas=betas, weight_decay=wd, maximize=maximize)
     for s in range(3):
         for i, p in enumerate(pf):
-            gr = _randn(g, ps[i].shape, dtype)
+            gr = randn(g, ps[i].shape, dtype)
             p.grad = gr
             gd = -gr.double() if maximize else gr.double()
             ref[i].mul_(1 - lr * wd)
@@ -881,13 +816,13 @@ def test_fuzz_lion_vs_reference(data):
         mag = max(1.0, ref[i].abs().max().item())
         # sign(c) may legitimately differ where c ~ 0 in low precision: allow 2*lr per step
         err = (p.data.double() - ref[i]).abs()
-        lim = 4 * _eps(dtype) * mag * 3 + (2 * lr * 3 if dtype != torch.float32 else 1e-6)
+        lim = 4 * eps(dtype) * mag * 3 + (2 * lr * 3 if dtype != torch.float32 else 1e-6)
         assert err.max().item() <= lim, (err.max().item(), lim)
 
 
-@_fuzz(6, 150)
+@fuzz(6, 150)
 def test_fuzz_clip_grad_norm(data):
-    g = _seed(data)
+    g = seed(data)
     dtype = data.draw(st.sampled_from([torch.float32, torch.float32, torch.float16,
                                        torch.bfloat16]), label="dtype")
     norm_type = data.draw(st.sampled_from([2.0, 1.0, math.inf, "inf", 2]), label="norm_type")
@@ -901,7 +836,7 @@ def test_fuzz_clip_grad_norm(data):
     for i in range(len(ps)):
         if nograd[i]:
             continue
-        gr = _randn(g, ps[i].shape, dtype)
+        gr = randn(g, ps[i].shape, dtype)
         if special is not None and i == 0:
             gr.view(-1)[0] = float(special)
         pf[i].grad, pt[i].grad = gr.clone(), gr.clone()
@@ -920,7 +855,7 @@ def test_fuzz_clip_grad_norm(data):
         return
     assert nf.dtype == nt.dtype and nf.shape == nt.shape, (nf.dtype, nt.dtype)
     n_el = sum(p.numel() for p in ps)
-    tol = 4 * _eps(dtype) * math.sqrt(n_el)
+    tol = 4 * eps(dtype) * math.sqrt(n_el)
     if torch.isfinite(nt):
         _close("total norm", nf, nt, tol=tol)
     else:
@@ -929,20 +864,20 @@ def test_fuzz_clip_grad_norm(data):
         assert (a.grad is None) == (b.grad is None)
         if a.grad is not None:
             if torch.isfinite(b.grad).all():
-                _close("clipped grad", a.grad, b.grad, tol=tol + 2 * _eps(dtype))
+                _close("clipped grad", a.grad, b.grad, tol=tol + 2 * eps(dtype))
             else:
                 assert torch.equal(torch.isnan(a.grad), torch.isnan(b.grad))
 
 
-@_fuzz(3, 60)
+@fuzz(3, 60)
 def test_fuzz_step_with_scheduler(data):
     """LR schedulers (torch's, and tilefuse's LambdaLR factories) drive our optimizers exactly as
     torch's: same lrs, same params."""
-    g = _seed(data)
+    g = seed(data)
     name, kw = _opt_cfg(data)
     which = data.draw(st.sampled_from(["step", "cosine", "warmup_cosine", "one_cycle"]),
                       label="sched")
-    p0 = _randn(g, (5, 3))
+    p0 = randn(g, (5, 3))
     pf, pt = nn.Parameter(p0.clone()), nn.Parameter(p0.clone())
     of, ot = getattr(tfo, name)([pf], **kw), getattr(torch.optim, name)([pt], **kw)
 
@@ -957,7 +892,7 @@ def test_fuzz_step_with_scheduler(data):
 
     sf, st_ = make(of), make(ot)
     for _ in range(5):
-        gr = _randn(g, (5, 3))
+        gr = randn(g, (5, 3))
         pf.grad, pt.grad = gr.clone(), gr.clone()
         of.step()
         ot.step()
@@ -989,10 +924,10 @@ def test_sparse_grads_follow_torch():
 
 
 @pytest.mark.filterwarnings("ignore:tilefuse.*patched in eval mode")
-@_fuzz(4, 80)
+@fuzz(4, 80)
 def test_fuzz_patch_mode_switch(data):
     """patch in eval (BN folded), then train(): training matches torch; back to eval matches."""
-    g = _seed(data)
+    g = seed(data)
     model, x = _random_model(data, g)
     model.eval()
     ref = copy.deepcopy(model)
@@ -1005,13 +940,7 @@ def test_fuzz_patch_mode_switch(data):
         o.zero_grad()
         F.mse_loss(m(x), y).backward()
         o.step()
-    sr, sf = ref.state_dict(), fused.state_dict()
-    assert list(sr) == list(sf)
-    for k in sr:
-        if sr[k].is_floating_point():
-            _close(f"trained {k}", sf[k], sr[k], tol=1e-4)
-        else:
-            assert torch.equal(sf[k], sr[k]), k
+    _assert_same_state(ref, fused)
     fused.eval()
     ref.eval()
     with torch.no_grad():
@@ -1027,10 +956,10 @@ def test_fuzz_patch_mode_switch(data):
             assert torch.equal(u, v), k
 
 
-@_fuzz(4, 100)
+@fuzz(4, 100)
 def test_fuzz_optimizer_max_grad_norm_and_scaler(data):
     """step(max_grad_norm=c) == torch clip_grad_norm_(c) + step; GradScaler path == torch's."""
-    g = _seed(data)
+    g = seed(data)
     name, kw = _opt_cfg(data)
     ps, nograd = _params(data, g, torch.float32)
     use_scaler = data.draw(st.booleans(), label="scaler")
@@ -1043,7 +972,7 @@ def test_fuzz_optimizer_max_grad_norm_and_scaler(data):
     stt = torch.amp.GradScaler("cpu", init_scale=8.0) if use_scaler else None
     for s in range(3):
         for i in range(len(ps)):
-            gr = _randn(g, ps[i].shape)
+            gr = randn(g, ps[i].shape)
             if inf_step and s == 1 and i == 0:
                 gr.view(-1)[0] = float("inf")
             scale = 1.0
@@ -1067,10 +996,10 @@ def test_fuzz_optimizer_max_grad_norm_and_scaler(data):
         torch.testing.assert_close(a.data, b.data, atol=5e-6, rtol=1e-5)
 
 
-@_fuzz(3, 60)
+@fuzz(3, 60)
 def test_fuzz_master_weights(data):
     """master_weights=True on bf16/fp16 params: the fp32 master follows torch run in fp32."""
-    g = _seed(data)
+    g = seed(data)
     name, kw = _opt_cfg(data)
     dtype = data.draw(st.sampled_from([torch.float16, torch.bfloat16]), label="dtype")
     ps, _ = _params(data, g, dtype)
@@ -1080,7 +1009,7 @@ def test_fuzz_master_weights(data):
     o32 = getattr(torch.optim, name)(p32, **kw)
     for _ in range(3):
         for i in range(len(ps)):
-            gr = _randn(g, ps[i].shape, dtype)
+            gr = randn(g, ps[i].shape, dtype)
             pf[i].grad, p32[i].grad = gr, gr.float()
         of.step()
         o32.step()
@@ -1089,14 +1018,14 @@ def test_fuzz_master_weights(data):
         assert m.dtype == torch.float32
         torch.testing.assert_close(m, b.data, atol=2e-5, rtol=1e-4)
         # the param is the master rounded (the interpreter truncates to bf16: 1 ulp allowed)
-        assert (a.data.float() - m).abs().max() <= 2 * _eps(dtype) * max(1, m.abs().max())
+        assert (a.data.float() - m).abs().max() <= 2 * eps(dtype) * max(1, m.abs().max())
 
 
-@_fuzz(6, 150)
+@fuzz(6, 150)
 def test_fuzz_optimizer_layouts_resume(data):
     """Mixed param dtypes in one optimizer, non-contiguous / zero-size params, tensor lr, and
     resuming from a state_dict swapped between torch and tilefuse mid-run."""
-    g = _seed(data)
+    g = seed(data)
     name, kw = _opt_cfg(data)
     n = data.draw(st.integers(1, 4), label="n_params")
     specs = [(data.draw(st.sampled_from([(3, 4), (5,), (0,), (4, 1), (2, 3, 2)]), label=f"s{i}"),
@@ -1111,7 +1040,7 @@ def test_fuzz_optimizer_layouts_resume(data):
         gg = torch.Generator().manual_seed(123)
         out = []
         for shape, dt, lay in specs:
-            base = _randn(gg, shape, dt)
+            base = randn(gg, shape, dt)
             out.append(nn.Parameter(layout(base, lay) if len(shape) >= 2 else base))
         return out
 
@@ -1123,7 +1052,7 @@ def test_fuzz_optimizer_layouts_resume(data):
     ot = getattr(torch.optim, name)(pt, **kw2)
     for s in range(4):
         for a, b in zip(pf, pt):
-            gr = _randn(g, a.shape, a.dtype)
+            gr = randn(g, a.shape, a.dtype)
             a.grad, b.grad = gr.clone(), gr.clone()
         of.step()
         ot.step()
@@ -1138,7 +1067,7 @@ def test_fuzz_optimizer_layouts_resume(data):
         else:   # fp32 math rounded once vs torch's per-op rounding: a few ulps per step
             if a.numel() == 0:
                 continue
-            lim = 8 * 4 * _eps(a.dtype) * max(1.0, b.data.abs().max().item())
+            lim = 8 * 4 * eps(a.dtype) * max(1.0, b.data.abs().max().item())
             assert (a.data.double() - b.data.double()).abs().max().item() <= lim, i
 
 

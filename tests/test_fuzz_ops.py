@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from fuzz_utils import check, eps, fuzz, randn, seed  # noqa: E402
 
 import tilefuse  # noqa: E402,F401
 from tilefuse import ops  # noqa: E402
@@ -47,82 +47,6 @@ SIZES = [1, 2, 3, 5, 7, 8, 9, 13, 15, 16, 17, 31, 32, 33]
 BIG_SIZES = SIZES + [63, 64]
 ACTS = [None, "relu", "relu6", ("leaky_relu", 0.2), "leaky_relu", "gelu", "gelu_tanh", "silu",
         "sigmoid", "tanh"]
-
-_HC = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large,
-       HealthCheck.filter_too_much]
-
-
-def _fuzz(n_fast: int, n_slow: int):
-    """Decorator turning ``body(data)`` into a fast hypothesis test (returned) and a slow-marked
-    twin ``<name>_slow`` with more examples (put in the module namespace)."""
-
-    def wrap(body):
-        def fast(data):
-            body(data)
-
-        def slow(data):
-            body(data)
-
-        fast.__name__ = body.__name__
-        slow.__name__ = body.__name__ + "_slow"
-        f = settings(max_examples=n_fast, deadline=None, derandomize=True,
-                     suppress_health_check=_HC, print_blob=True)(given(data=st.data())(fast))
-        s = pytest.mark.slow(settings(max_examples=n_slow, deadline=None,
-                                      suppress_health_check=_HC,
-                                      print_blob=True)(given(data=st.data())(slow)))
-        globals()[slow.__name__] = s   # the slow twin, collected as <name>_slow
-        return f
-
-    return wrap
-
-
-# --------------------------------------------------------------------------------------------
-# tolerance helpers
-# --------------------------------------------------------------------------------------------
-def _eps(dtype):
-    return torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
-
-
-def _maxerr(x, ref):
-    if x.numel() == 0:
-        return 0.0
-    d = (x.double() - ref.double()).abs()
-    both_nan = torch.isnan(x.double()) & torch.isnan(ref.double())
-    same_inf = torch.isinf(ref.double()) & (x.double() == ref.double())
-    d = torch.where(both_nan | same_inf, torch.zeros_like(d), d)
-    return torch.nan_to_num(d, nan=math.inf).max().item()
-
-
-def check(name, out, ref64, eager=None, factor=4.0, scale=None, n_reduce=1, cond=1.0):
-    """``out`` (kernel) vs ``ref64`` (fp64), with a tolerance tied to ``eager`` torch's error in
-    the same dtype (and to the unavoidable error of rounding the fp64 result to ``out``'s dtype)."""
-    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
-    if eager is not None:
-        assert eager.shape == ref64.shape
-    if out.numel() == 0:
-        return
-    dt = out.dtype
-    finite = torch.isfinite(ref64)
-    # magnitude of the values involved: the reference output's, or more when the caller says so
-    out_mag = ref64.double()[finite].abs().max().item() if finite.any() else 1.0
-    scale = max(1.0, out_mag, scale or 0.0)
-    base = _maxerr(ref64.to(dt), ref64)
-    if eager is not None:
-        base = max(base, _maxerr(eager, ref64))
-    # the tiny atol: 2 ulps of the magnitude involved, grown like a random walk with the length of
-    # the longest fp32 reduction behind the value (eager CPU torch often accumulates in fp64) and
-    # by ``cond``
-    # the reduction; ``cond`` is the problem's condition number where fp32 statistics amplify
-    # rounding (normalising a group whose |mean| >> std: error ~ eps * |mean| / std)
-    tol = factor * base + 2 * _eps(dt) * scale * math.sqrt(max(1, n_reduce)) * max(1.0, cond)
-    err = _maxerr(out, ref64)
-    assert err <= tol, (f"{name}: max error {err:.3e} > tol {tol:.3e} (baseline eager/rounding "
-                        f"error {base:.3e}, dtype {dt}, shape {tuple(out.shape)})")
-
-
-def _randn(g, shape, dtype, scale=1.0, shift=0.0):
-    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale + shift).to(dtype)
-
 
 def _leaf(t, grad=True):
     return t.detach().clone().requires_grad_(grad)
@@ -228,16 +152,12 @@ def _cond(groups, eps):
     return max(1.0, (mean.abs() / std).max().item())
 
 
-def _seed(data):
-    return torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
-
-
 # --------------------------------------------------------------------------------------------
 # matmul / linear
 # --------------------------------------------------------------------------------------------
-@_fuzz(12, 300)
+@fuzz(12, 300)
 def test_fuzz_matmul(data):
-    g = _seed(data)
+    g = seed(data)
     dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
     M = data.draw(st.sampled_from([0] + BIG_SIZES) if data.draw(st.booleans()) else
                   st.sampled_from(SIZES), label="M")
@@ -256,13 +176,13 @@ def test_fuzz_matmul(data):
     out_shape = tuple(torch.broadcast_shapes(batch, b_batch)) + (M, N)
     a_shape = batch + (M, K)
     if la[0] == "expand":   # a row broadcast over M (stride 0)
-        a = _randn(g, batch + (1, K), dtype)
+        a = randn(g, batch + (1, K), dtype)
     else:
-        a = _randn(g, a_shape, dtype)
-    b = _randn(g, b_batch + (K, N), dtype)
-    bias = _randn(g, (N,), dtype) if use_bias else None
+        a = randn(g, a_shape, dtype)
+    b = randn(g, b_batch + (K, N), dtype)
+    bias = randn(g, (N,), dtype) if use_bias else None
     r_shape = {None: None, "full": out_shape, "row": (N,), "col": (M, 1)}[res_kind]
-    res = _randn(g, r_shape, dtype) if r_shape is not None else None
+    res = randn(g, r_shape, dtype) if r_shape is not None else None
 
     def kern(a, b, bias, res):
         aa = a.expand(a_shape) if la[0] == "expand" else layout(a, *la)
@@ -281,9 +201,9 @@ def test_fuzz_matmul(data):
                     name="matmul", act=act, n_reduce=max(K, N, math.prod(out_shape[:-1])))
 
 
-@_fuzz(8, 200)
+@fuzz(8, 200)
 def test_fuzz_linear(data):
-    g = _seed(data)
+    g = seed(data)
     dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
     lead = data.draw(st.sampled_from([(), (1,), (7,), (2, 3), (0,), (3, 0)]), label="lead")
     K = data.draw(st.sampled_from(SIZES), label="K")
@@ -293,10 +213,10 @@ def test_fuzz_linear(data):
     use_res = data.draw(st.booleans(), label="residual")
     lx = draw_layout(data, LAYOUTS, "x_layout")
     lw = draw_layout(data, LAYOUTS, "w_layout")
-    x = _randn(g, lead + (K,), dtype)
-    w = _randn(g, (N, K), dtype, scale=1 / math.sqrt(K))
-    bias = _randn(g, (N,), dtype) if use_bias else None
-    res = _randn(g, lead + (N,), dtype) if use_res else None
+    x = randn(g, lead + (K,), dtype)
+    w = randn(g, (N, K), dtype, scale=1 / math.sqrt(K))
+    bias = randn(g, (N,), dtype) if use_bias else None
+    res = randn(g, lead + (N,), dtype) if use_res else None
 
     def kern(x, w, bias, res):
         return ops.linear(layout(x, *lx), layout(w, *lw), bias, activation=act, residual=res)
@@ -316,23 +236,23 @@ def _check_rel(name, out, ref64, eager, factor=4.0, ulps=2.0):
     dt = out.dtype
     o, r, e = out.double(), ref64.double(), eager.double()
     tiny = torch.finfo(dt).tiny * torch.finfo(dt).eps
-    tol = factor * (e - r).abs() + ulps * _eps(dt) * r.abs() + tiny
+    tol = factor * (e - r).abs() + ulps * eps(dt) * r.abs() + tiny
     bad = (o - r).abs() > tol
     assert not bad.any(), (f"{name}: {int(bad.sum())} elements off, e.g. ref {r[bad][:3].tolist()} "
                            f"kernel {o[bad][:3].tolist()} eager {e[bad][:3].tolist()}")
 
 
-@_fuzz(8, 150)
+@fuzz(8, 150)
 def test_fuzz_activation_relative(data):
     """The shared epilogue activations, element-wise relative accuracy (small and large |z|), via
     ``matmul(eye, z)`` (an exact product); its gradient ``dz * act'(z)`` with the usual check."""
-    g = _seed(data)
+    g = seed(data)
     dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
     acts = [a for a in ACTS if a is not None]
     act = data.draw(st.sampled_from(acts), label="act")
     mag = data.draw(st.sampled_from([1e-6, 1e-3, 0.1, 1.0, 4.0, 30.0]), label="magnitude")
     n = data.draw(st.sampled_from([1, 7, 16, 33]), label="n")
-    z = _randn(g, (n, n), dtype, scale=mag)
+    z = randn(g, (n, n), dtype, scale=mag)
     eye = torch.eye(n, dtype=dtype)
     zk = _leaf(z)
     y = ops.matmul(eye, zk, activation=act)
@@ -342,7 +262,7 @@ def test_fuzz_activation_relative(data):
         check(f"{act} forward", y, yr, ye)
     else:
         _check_rel(f"{act} forward", y, yr, ye, ulps=2.0)
-    dy = _randn(g, (n, n), dtype)
+    dy = randn(g, (n, n), dtype)
     (gk,) = torch.autograd.grad(y, zk, dy)
     (gr,) = torch.autograd.grad(yr, zr, dy.double())
     (ge,) = torch.autograd.grad(ye, ze, dy)
@@ -353,9 +273,9 @@ def test_fuzz_activation_relative(data):
 # --------------------------------------------------------------------------------------------
 # layer_norm_act / rms_norm_act
 # --------------------------------------------------------------------------------------------
-@_fuzz(14, 300)
+@fuzz(14, 300)
 def test_fuzz_row_norm(data):
-    g = _seed(data)
+    g = seed(data)
     is_rms = data.draw(st.booleans(), label="rms")
     dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
     lead = data.draw(st.sampled_from([(1,), (5,), (2, 3), (17,), (0,), (33,)]), label="lead")
@@ -371,12 +291,12 @@ def test_fuzz_row_norm(data):
     shift = data.draw(st.sampled_from([0.0, 0.0, 3.0]), label="shift")
     lx = draw_layout(data, LAYOUTS, "x_layout")
     shape = lead + norm
-    x = _randn(g, shape, dtype, shift=shift)
-    w = _randn(g, norm, dtype, shift=1.0) if affine != "none" else None
-    b = _randn(g, norm, dtype) if affine == "both" else None
+    x = randn(g, shape, dtype, shift=shift)
+    w = randn(g, norm, dtype, shift=1.0) if affine != "none" else None
+    b = randn(g, norm, dtype) if affine == "both" else None
     r_shape = {None: None, "full": shape, "bcast_row": norm,
                "bcast_lead": lead[:-1] + (1,) + norm}[res_kind]
-    res = _randn(g, r_shape, dtype) if r_shape is not None else None
+    res = randn(g, r_shape, dtype) if r_shape is not None else None
     eps_val = torch.finfo(dtype).eps if eps is None else eps
 
     def kern(x, w, b, res):
@@ -404,9 +324,9 @@ def test_fuzz_row_norm(data):
 # --------------------------------------------------------------------------------------------
 # group_norm_act
 # --------------------------------------------------------------------------------------------
-@_fuzz(10, 250)
+@fuzz(10, 250)
 def test_fuzz_group_norm(data):
-    g = _seed(data)
+    g = seed(data)
     dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
     N = data.draw(st.sampled_from([1, 2, 3]), label="N")
     C = data.draw(st.sampled_from([1, 2, 3, 4, 6, 8, 12, 16, 30]), label="C")
@@ -422,9 +342,9 @@ def test_fuzz_group_norm(data):
     shape = (N, C) + spatial
     if math.prod(spatial) == 1 and G == C:   # torch: one value per group is fine (var 0)
         pass
-    x = _randn(g, shape, dtype, shift=shift)
-    w = _randn(g, (C,), dtype, shift=1.0) if affine in ("weight", "both") else None
-    b = _randn(g, (C,), dtype) if affine in ("bias", "both") else None
+    x = randn(g, shape, dtype, shift=shift)
+    w = randn(g, (C,), dtype, shift=1.0) if affine in ("weight", "both") else None
+    b = randn(g, (C,), dtype) if affine in ("bias", "both") else None
 
     def kern(x, w, b):
         xx = layout(x, *lx)
@@ -452,9 +372,9 @@ def test_fuzz_group_norm(data):
 # --------------------------------------------------------------------------------------------
 # batch_norm_act (train and eval)
 # --------------------------------------------------------------------------------------------
-@_fuzz(12, 300)
+@fuzz(12, 300)
 def test_fuzz_batch_norm(data):
-    g = _seed(data)
+    g = seed(data)
     dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
     training = data.draw(st.booleans(), label="training")
     N = data.draw(st.sampled_from([1, 2, 3, 5, 8]), label="N")
@@ -473,12 +393,12 @@ def test_fuzz_batch_norm(data):
     kinds = ["contig", "step", "reversed", "channels_last"]
     lx = draw_layout(data, kinds, "x_layout")
     shape = (N, C) + spatial
-    x = _randn(g, shape, dtype, shift=shift)
-    w = _randn(g, (C,), param_dtype, shift=1.0) if affine != "none" else None
-    b = _randn(g, (C,), param_dtype) if affine == "both" else None
+    x = randn(g, shape, dtype, shift=shift)
+    w = randn(g, (C,), param_dtype, shift=1.0) if affine != "none" else None
+    b = randn(g, (C,), param_dtype) if affine == "both" else None
     r_shape = {None: None, "full": shape, "bcast": (C,) + (1,) * len(spatial)}[res_kind]
-    res = _randn(g, r_shape, dtype) if r_shape is not None else None
-    rm0 = _randn(g, (C,), param_dtype, shift=shift)
+    res = randn(g, r_shape, dtype) if r_shape is not None else None
+    rm0 = randn(g, (C,), param_dtype, shift=shift)
     rv0 = (torch.rand((C,), generator=g, dtype=torch.float64) + 0.5).to(param_dtype)
     stats = {}
 
@@ -532,9 +452,9 @@ def test_fuzz_batch_norm(data):
 # --------------------------------------------------------------------------------------------
 # depthwise_conv2d
 # --------------------------------------------------------------------------------------------
-@_fuzz(10, 250)
+@fuzz(10, 250)
 def test_fuzz_depthwise(data):
-    g = _seed(data)
+    g = seed(data)
     dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
     unbatched = data.draw(st.sampled_from([False, False, False, True]), label="unbatched")
     N = 1 if unbatched else data.draw(st.sampled_from([1, 2, 3]), label="N")
@@ -574,11 +494,11 @@ def test_fuzz_depthwise(data):
         hypothesis.assume(False)
     x_shape = (C, H, W) if unbatched else (N, C, H, W)
     o_shape = (C * mult, OH, OW) if unbatched else (N, C * mult, OH, OW)
-    x = _randn(g, x_shape, dtype)
-    w = _randn(g, (C * mult, 1, kh, kw), dtype, scale=1 / math.sqrt(kh * kw))
-    bias = _randn(g, (C * mult,), dtype) if use_bias else None
+    x = randn(g, x_shape, dtype)
+    w = randn(g, (C * mult, 1, kh, kw), dtype, scale=1 / math.sqrt(kh * kw))
+    bias = randn(g, (C * mult,), dtype) if use_bias else None
     r_shape = {None: None, "full": o_shape, "bcast": (C * mult, 1, 1)}[res_kind]
-    res = _randn(g, r_shape, dtype) if r_shape is not None else None
+    res = randn(g, r_shape, dtype) if r_shape is not None else None
 
     def kern(x, w, bias, res):
         xx = layout(x, *lx)
@@ -603,9 +523,9 @@ def test_fuzz_depthwise(data):
 # --------------------------------------------------------------------------------------------
 # dropout family
 # --------------------------------------------------------------------------------------------
-@_fuzz(10, 200)
+@fuzz(10, 200)
 def test_fuzz_dropout(data):
-    g = _seed(data)
+    g = seed(data)
     dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
     which = data.draw(st.sampled_from(["dropout", "dropout_add", "dropout2d"]), label="op")
     p = data.draw(st.sampled_from([0.0, 1.0, 0.5, 0.1, 0.9, 1e-3, 0.999]), label="p")
@@ -615,8 +535,8 @@ def test_fuzz_dropout(data):
         shape = (math.prod(shape),)
     lx = draw_layout(data, ["contig", "step", "reversed", "channels_last"], "x_layout")
     torch.manual_seed(data.draw(st.integers(0, 2**31 - 1), label="torch_seed"))
-    x = _leaf(_randn(g, shape, dtype))
-    res = _randn(g, shape[-1:], dtype) if which == "dropout_add" else None
+    x = _leaf(randn(g, shape, dtype))
+    res = randn(g, shape[-1:], dtype) if which == "dropout_add" else None
     xx = layout(x, *lx)
     if which == "dropout":
         y = ops.dropout(xx, p)
@@ -625,7 +545,7 @@ def test_fuzz_dropout(data):
     else:
         y = ops.dropout2d(xx, p)
     assert y.shape == x.shape and y.dtype == dtype
-    dy = _randn(g, shape, dtype)
+    dy = randn(g, shape, dtype)
     dx = torch.autograd.grad(y, x, dy)[0] if y.numel() else torch.zeros_like(x)
     if res is None:
         keep = y.detach() != 0
@@ -665,7 +585,7 @@ def test_fuzz_dropout(data):
             assert torch.equal((dx != 0) & nz, keep & nz), "backward mask != forward mask"
 
 
-@_fuzz(3, 30)
+@fuzz(3, 30)
 def test_fuzz_dropout_keep_rate(data):
     """For 0 < p < 1, the fraction kept is 1 - p within 5 sigma and E[y] ~ E[x]."""
     p = data.draw(st.sampled_from([0.05, 0.25, 0.5, 0.75, 0.95]), label="p")
@@ -691,9 +611,9 @@ def test_fuzz_dropout_keep_rate(data):
 # --------------------------------------------------------------------------------------------
 # cross_entropy
 # --------------------------------------------------------------------------------------------
-@_fuzz(12, 300)
+@fuzz(12, 300)
 def test_fuzz_cross_entropy(data):
-    g = _seed(data)
+    g = seed(data)
     dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
     V = data.draw(st.sampled_from([1, 2, 3, 7, 16, 17, 31, 33, 64]), label="classes")
     form = data.draw(st.sampled_from(["2d", "2d", "1d", "nd"]), label="form")
@@ -712,7 +632,7 @@ def test_fuzz_cross_entropy(data):
     tdtype = data.draw(st.sampled_from([torch.int64, torch.int32]), label="target_dtype")
     lx = draw_layout(data, ["contig", "transposed", "step", "reversed"], "x_layout")
     masked = data.draw(st.sampled_from([False, False, True]), label="neg_inf_mask")
-    logits = _randn(g, lshape, dtype, scale=scale)
+    logits = randn(g, lshape, dtype, scale=scale)
     target = torch.randint(0, V, tshape, generator=g)
     if masked:   # -inf on some non-target classes (masked vocabulary / invalid actions)
         cls = torch.arange(V).reshape((V,) + (1,) * (len(lshape) - 2)) if len(lshape) > 1 \
@@ -744,9 +664,9 @@ def _int8(g, shape):
     return torch.randint(-128, 128, shape, generator=g, dtype=torch.int64).to(torch.int8)
 
 
-@_fuzz(12, 300)
+@fuzz(12, 300)
 def test_fuzz_int8_matmul(data):
-    g = _seed(data)
+    g = seed(data)
     lead = data.draw(st.sampled_from([(), (1,), (5,), (17,), (2, 3), (0,), (64,)]), label="lead")
     K = data.draw(st.sampled_from([1, 2, 3, 15, 16, 17, 31, 32, 33, 64, 127]), label="K")
     N = data.draw(st.sampled_from([1, 3, 8, 17, 32, 33, 64]), label="N")
@@ -775,7 +695,7 @@ def test_fuzz_int8_matmul(data):
     bias = torch.randn((N,), generator=g) if data.draw(st.booleans(), label="bias") else None
     act = data.draw(st.sampled_from(ACTS), label="act")
     out_dtype = data.draw(st.sampled_from(FLOATS), label="out_dtype")
-    res = _randn(g, lead + (N,), out_dtype) if data.draw(st.booleans(), label="res") else None
+    res = randn(g, lead + (N,), out_dtype) if data.draw(st.booleans(), label="res") else None
     if a_scale is None and b_scale is None and bias is None and act is None and res is None:
         act = "relu"
     out = ops.int8_matmul(aa, bb, a_scale=a_scale, b_scale=b_scale, bias=bias, activation=act,
@@ -799,9 +719,9 @@ def test_fuzz_int8_matmul(data):
     check("int8_matmul epilogue", out, ref, eager, n_reduce=K)
 
 
-@_fuzz(6, 150)
+@fuzz(6, 150)
 def test_fuzz_weight_only_int8_linear(data):
-    g = _seed(data)
+    g = seed(data)
     dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
     lead = data.draw(st.sampled_from([(1,), (5,), (2, 3), (17,), (0,)]), label="lead")
     K = data.draw(st.sampled_from([1, 3, 16, 17, 33, 64]), label="K")
@@ -812,8 +732,8 @@ def test_fuzz_weight_only_int8_linear(data):
     qw = _int8(g, (N, K))
     qw[qw == -128] = -127
     scale = torch.rand((N,), generator=g, dtype=torch.float64).float() / (127 * math.sqrt(K))
-    x = _randn(g, lead + (K,), dtype)
-    bias = _randn(g, (N,), dtype) if use_bias else None
+    x = randn(g, lead + (K,), dtype)
+    bias = randn(g, (N,), dtype) if use_bias else None
 
     def kern(x, bias):
         return ops.weight_only_int8_linear(layout(x, *lx), qw, scale, bias=bias, activation=act)
@@ -831,16 +751,16 @@ def _round_half_away(v):
     return torch.where(v >= 0, torch.floor(v + 0.5), torch.ceil(v - 0.5))
 
 
-@_fuzz(10, 300)
+@fuzz(10, 300)
 def test_fuzz_quantize_per_row(data):
-    g = _seed(data)
+    g = seed(data)
     dtype = data.draw(st.sampled_from(FLOATS + [torch.float64]), label="dtype")
     lead = data.draw(st.sampled_from([(), (1,), (3,), (17,), (2, 5), (0,), (64,)]), label="lead")
     Ncol = data.draw(st.sampled_from([1, 2, 7, 16, 17, 31, 33, 64]), label="N")
     special = data.draw(st.sampled_from([None, None, "zero_row", "nan", "inf", "tiny", "huge",
                                          "ties"]), label="special")
     lx = draw_layout(data, ["contig", "transposed", "step", "reversed"], "x_layout")
-    x = _randn(g, lead + (Ncol,), dtype)
+    x = randn(g, lead + (Ncol,), dtype)
     rows = x.reshape(-1, Ncol)
     if rows.shape[0] and special == "zero_row":
         rows[0] = 0

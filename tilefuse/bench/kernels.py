@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import importlib
 import pkgutil
-import time
 import traceback
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -120,7 +119,7 @@ def run(device: str = "cpu", dtypes: Sequence[str] = ("fp32",), size: Optional[s
     ``time_budget_s`` bounds the run: cases left when it is spent are reported as skipped (their
     inputs are not even built). With ``partial_path`` the report so far is saved there after
     every family, so a run killed from outside still leaves what it measured."""
-    end = None if not time_budget_s else time.monotonic() + time_budget_s
+    budget = timing.Budget(time_budget_s)
     size = size or ("full" if device.startswith("cuda") else "tiny")
     env = rpt.environment(device)
     rep = rpt.new_report("kernels", env)
@@ -133,9 +132,7 @@ def run(device: str = "cpu", dtypes: Sequence[str] = ("fp32",), size: Optional[s
         for family, mod in timing.progress(mods.items(), "families", total=len(mods),
                                            enable=show_progress):
             for dname in dtypes:
-                if end is not None and time.monotonic() > end:
-                    rep["errors"].append({"where": f"kernel/{family}/{dname}",
-                                          "error": "skipped: time budget spent"})
+                if budget.skip(rep, f"kernel/{family}/{dname}"):
                     continue
                 try:
                     cases = list(mod.cases(device, DTYPES[dname], size))
@@ -147,9 +144,7 @@ def run(device: str = "cpu", dtypes: Sequence[str] = ("fp32",), size: Optional[s
                         traceback.print_exc()
                     continue
                 for case in timing.progress(cases, f"{family} {dname}", enable=show_progress):
-                    if end is not None and time.monotonic() > end:
-                        rep["errors"].append({"where": f"kernel/{case.key}",
-                                              "error": "skipped: time budget spent"})
+                    if budget.skip(rep, f"kernel/{case.key}"):
                         continue
                     entries, errors = case_entries(case, device, peaks, impls, cpu_reps)
                     rep["entries"] += entries

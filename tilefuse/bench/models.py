@@ -18,7 +18,6 @@ import importlib
 import io
 import os
 import tempfile
-import time
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -141,16 +140,8 @@ def _variant_model(base, variant: str, compile_mode: Optional[str]):
     return m
 
 
-class _Budget:
-    def __init__(self, seconds: Optional[float]):
-        self.end = None if not seconds else time.monotonic() + seconds
-
-    def left(self) -> bool:
-        return self.end is None or time.monotonic() < self.end
-
-
 def bench_inference(rep, name, inp, dtype_name, batches, variants, device, runs, warmup,
-                    budget: _Budget, onnx: bool, compile_mode, size, partial_path=None) -> None:
+                    budget: timing.Budget, onnx: bool, compile_mode, size, partial_path=None) -> None:
     where = f"model/{name}/{inp}/{dtype_name}"
     try:
         base = build_model(name).eval().to(device)
@@ -165,8 +156,7 @@ def bench_inference(rep, name, inp, dtype_name, batches, variants, device, runs,
     for batch in batches:
         for variant in variants:
             key = f"{where}/bs{batch}/{variant}"
-            if not budget.left():
-                rep["errors"].append({"where": key, "error": "skipped: time budget spent"})
+            if budget.skip(rep, key):
                 continue
             try:
                 x = example_input(name, base, batch, inp, device, dtype)
@@ -262,8 +252,7 @@ def bench_training(rep, name, batch, configs, device, steps, warmup, budget, siz
     base_time = None
     for config in configs:
         key = f"train/{name}/{config}"
-        if not budget.left():
-            rep["errors"].append({"where": key, "error": "skipped: time budget spent"})
+        if budget.skip(rep, key):
             continue
         old_bench = torch.backends.cudnn.benchmark
         try:
@@ -323,7 +312,7 @@ def run(device: str = "cpu", models: Sequence[str] = MODELS, batches: Sequence[i
     env = rpt.environment(device)
     env.update(size=size)
     rep = rpt.new_report("models", env)
-    budget = _Budget(time_budget_s)
+    budget = timing.Budget(time_budget_s)
     # every model at its default input first, then the proxies (batch 1), so a time budget that
     # runs out cuts the proxies, not whole models
     jobs = [(name, default_input(name, size), dt, list(batches))

@@ -132,3 +132,21 @@ def torch_backend_on_cpu(device: str):
             os.environ.pop("TILEFUSE_BACKEND", None)
         else:
             os.environ["TILEFUSE_BACKEND"] = old
+
+
+class Budget:
+    """Wall-clock budget of a bench run (``None``/0: unbounded). Work whose turn comes after it is
+    spent is reported as skipped in the report's ``errors``, not run."""
+
+    def __init__(self, seconds: Optional[float]):
+        self.end = None if not seconds else time.monotonic() + seconds
+
+    def left(self) -> bool:
+        return self.end is None or time.monotonic() < self.end
+
+    def skip(self, rep: Dict, where: str) -> bool:
+        """True, with ``where`` reported as skipped in ``rep``, once the budget is spent."""
+        if self.left():
+            return False
+        rep["errors"].append({"where": where, "error": "skipped: time budget spent"})
+        return True

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tilefuse.optim as tfo
-from tests.utils import assert_close_to_ref, tiny_data, tiny_model
+from tests.utils import assert_close_to_ref, steps_in_lockstep, tiny_data, tiny_model
 from tilefuse.kernels import optim as K
 
 STEPS = 20
@@ -289,11 +289,6 @@ def test_cuda_trajectory_matches_torch(name, kw):
     pa = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
     pb = [torch.nn.Parameter(p.detach().clone()) for p in pa]
     oa, ob = getattr(tfo, name)(pa, **kw), getattr(torch.optim, name)(pb, **kw)
-    for _ in range(STEPS):
-        for p, q in zip(pa, pb):
-            g = torch.randn_like(p)
-            p.grad, q.grad = g, g.clone()
-        oa.step()
-        ob.step()
+    steps_in_lockstep(pa, pb, oa, ob, n=STEPS)
     for p, q in zip(pa, pb):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)

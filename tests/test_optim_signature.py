@@ -7,6 +7,7 @@ import torch
 
 import tilefuse.optim as tfo
 import tilefuse.optim.optimizers as optimizers
+from tests.utils import steps_in_lockstep
 from tilefuse._backend import backend_for_device
 
 NAMES = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad"]
@@ -86,15 +87,6 @@ def _pair(name, **kw):
                                                                                       **kw)
 
 
-def _steps(a, b, oa, ob, n=5):
-    g = torch.Generator().manual_seed(2)
-    for _ in range(n):
-        grad = torch.randn(a.shape, generator=g)
-        a.grad, b.grad = grad, grad.clone()
-        oa.step()
-        ob.step()
-
-
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("option", [dict(fused=True), dict(foreach=True), dict(foreach=False)])
 def test_fused_and_foreach_accepted(name, option):
@@ -105,7 +97,7 @@ def test_fused_and_foreach_accepted(name, option):
             getattr(tfo, name)([torch.nn.Parameter(torch.zeros(2))], **option)
         return
     a, b, oa, ob = _pair(name, **option)
-    _steps(a, b, oa, ob)
+    steps_in_lockstep([a], [b], oa, ob)
     torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
 
 
@@ -140,7 +132,7 @@ def test_capturable_on_cpu(name):
         return
     a, b, oa, _ = _pair(name, capturable=True)
     ob = getattr(torch.optim, name)([b], lr=1e-2)
-    _steps(a, b, oa, ob)
+    steps_in_lockstep([a], [b], oa, ob)
     torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
 
 
@@ -153,12 +145,7 @@ def test_cuda_capturable_runs_torch_step(name):
     pb = [torch.nn.Parameter(p.detach().clone()) for p in pa]
     oa = getattr(tfo, name)(pa, lr=1e-2, capturable=True)
     ob = getattr(torch.optim, name)(pb, lr=1e-2, capturable=True)
-    for _ in range(5):
-        for p, q in zip(pa, pb):
-            g = torch.randn_like(p)
-            p.grad, q.grad = g, g.clone()
-        oa.step()
-        ob.step()
+    steps_in_lockstep(pa, pb, oa, ob, n=5)
     for p, q in zip(pa, pb):
         torch.testing.assert_close(p, q)
         assert oa.state[p]["step"].device.type == "cuda"

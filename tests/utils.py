@@ -41,3 +41,15 @@ def tiny_data():
     """A fixed (7x6 input, 7x3 target) regression batch for :func:`tiny_model`."""
     g = torch.Generator().manual_seed(1)
     return torch.randn(7, 6, generator=g), torch.randn(7, 3, generator=g)
+
+
+def steps_in_lockstep(pa, pb, opt_a, opt_b, n: int = 5, seed: int = 2) -> None:
+    """``n`` steps of ``opt_a`` (over params ``pa``) and ``opt_b`` (over their copies ``pb``) with
+    the same seeded random gradients, drawn on the CPU and moved to each param's device."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        for p, q in zip(pa, pb):
+            grad = torch.randn(p.shape, generator=g).to(p.device)
+            p.grad, q.grad = grad, grad.clone()
+        opt_a.step()
+        opt_b.step()

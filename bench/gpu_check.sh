@@ -16,9 +16,9 @@
 #                the training-step table (ResNet-50, batch 32)           (timeout 45 s, budget 30 s)
 #                torch.compile variants, small models first              (timeout 40 s, budget 25 s)
 #
-# The step timeouts add up to 530 s (the three test shards run side by side) (~9 min, worst case); budgets end the bench steps early and
-# cleanly, and the kernel and model benches save a partial report after every family /
-# configuration. Everything is written under $OUT (default ./out/gpu_check) and packed into at
+# The step timeouts add up to 530 s (~9 min, worst case; the three test shards run side by side);
+# budgets end the bench steps early and cleanly, and the kernel and model benches save a partial
+# report after every family / configuration. Everything is written under $OUT (default ./out/gpu_check) and packed into at
 # most 7 files: summary.md, results.tar.gz (every log, JSON, Markdown and plot, laid out as
 # bench/results/<gpu>/<date>/ so it can be unpacked at the repo root) and the five JSON reports.
 # Usage:  OUT=/some/dir bash bench/gpu_check.sh      (PYTHON=... another interpreter,

@@ -55,8 +55,8 @@ class DepthwiseConv2d(nn.Conv2d):
         return _depthwise_conv2d(x, weight, bias, self.stride, padding, self.dilation,
                                  activation, residual, channels_last)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return self.conv(x, self.weight, self.bias, (self.activation, self.act_param), residual)
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return self.conv(input, self.weight, self.bias, (self.activation, self.act_param), residual)
 
     def extra_repr(self) -> str:
         extra = "" if self.activation == "none" else f", activation={self.activation}"
@@ -121,14 +121,15 @@ class DepthwiseSeparableConv2d(nn.Module):
 
         return maybe_fold(conv, bn)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         from tilefuse.fused.matmul import matmul
 
         folded = self._fold(self.depthwise, self.bn_dw)
         if folded is not None:
-            y = self.depthwise.conv(x, folded[0], folded[1], self.activation, channels_last=True)
+            y = self.depthwise.conv(input, folded[0], folded[1], self.activation,
+                                    channels_last=True)
         else:
-            y = self.depthwise.conv(x, self.depthwise.weight, self.depthwise.bias,
+            y = self.depthwise.conv(input, self.depthwise.weight, self.depthwise.bias,
                                     channels_last=True)
             y = torch_activation(self.bn_dw(y), *self.activation)
             y = y.contiguous(memory_format=torch.channels_last)

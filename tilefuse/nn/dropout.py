@@ -22,8 +22,8 @@ class Dropout(torch.nn.Dropout):
     True
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return dropout(input, self.p, self.training)
 
 
 class Dropout2d(torch.nn.Dropout2d):
@@ -32,8 +32,8 @@ class Dropout2d(torch.nn.Dropout2d):
     itself still treats it as ``(N, C, L)`` (with a warning, for backward compatibility), so
     for 3-D inputs the two drop different elements."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout2d(x, self.p, self.training)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return dropout2d(input, self.p, self.training)
 
 
 class DropBlock2d(torch.nn.Module):
@@ -57,10 +57,10 @@ class DropBlock2d(torch.nn.Module):
         self.block_size = block_size
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         from tilefuse.regularize import drop_block2d
 
-        return drop_block2d(x, self.p, self.block_size, self.training, self.eps)
+        return drop_block2d(input, self.p, self.block_size, self.training, self.eps)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, block_size={self.block_size}"

@@ -75,10 +75,10 @@ class Int8Linear(torch.nn.Module):
             m.bias = linear.bias.detach().clone()
         return m
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         fn = w8a8_linear if self.mode == "w8a8" else weight_only_int8_linear
         # bias/scales stay in their stored dtype: the epilogue reads them in fp32
-        return fn(x, self.weight, self.weight_scale, bias=self.bias,
+        return fn(input, self.weight, self.weight_scale, bias=self.bias,
                   activation=(self.activation, self.act_param))
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -122,8 +122,8 @@ class Int8Conv1x1(torch.nn.Module):
                 lin.bias.copy_(conv.bias)
         return cls(Int8Linear.from_float(lin, mode=mode), ndim=conv.weight.dim() - 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.linear(x.movedim(1, -1))  # (N, *spatial, C)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        y = self.linear(input.movedim(1, -1))  # (N, *spatial, C)
         return y.movedim(-1, 1)
 
     def extra_repr(self) -> str:

@@ -28,13 +28,14 @@ class Linear(torch.nn.Linear):
         # DropConnect (training only): weight entries dropped in the matmul kernel's load path
         self.dropconnect = check_probability("dropconnect", dropconnect)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         if getattr(self, "dropconnect", 0.0) > 0.0 and self.training:
             from tilefuse.fused.dropout import dropconnect_linear
 
-            return dropconnect_linear(x, self.weight, self.bias, p=self.dropconnect,
+            return dropconnect_linear(input, self.weight, self.bias, p=self.dropconnect,
                                       activation=(self.activation, self.act_param))
-        return fused_linear(x, self.weight, self.bias, activation=(self.activation, self.act_param))
+        return fused_linear(input, self.weight, self.bias,
+                            activation=(self.activation, self.act_param))
 
     def extra_repr(self) -> str:
         extra = "" if self.activation == "none" else f", activation={self.activation}"

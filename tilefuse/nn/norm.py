@@ -2,9 +2,9 @@
 
 Each subclasses the torch module it replaces: same constructor arguments (plus ``activation=``;
 other keywords, such as the ``bias=`` newer torch versions add to BatchNorm/GroupNorm, are
-passed through),
-same parameters, buffers and ``state_dict`` keys, so a torch checkpoint loads unchanged and vice
-versa. ``forward(x, residual=None)``:
+passed through), same parameters, buffers and ``state_dict`` keys, so a torch checkpoint loads
+unchanged and vice versa. ``forward`` keeps the torch base's signature (``input``; ``x`` for
+RMSNorm, as torch names it) and adds ``residual=None`` last where it applies:
 
 * :class:`LayerNormAct`, :class:`RMSNormAct`: ``act(norm(x + residual))`` (pre-norm residual);
 * :class:`BatchNormAct1d`, :class:`BatchNormAct2d`: ``act(bn(x) + residual)`` (ResNet block);
@@ -51,7 +51,7 @@ class _ActMixin:
 
 
 class LayerNormAct(_ActMixin, torch.nn.LayerNorm):
-    """:class:`torch.nn.LayerNorm` + activation, one kernel; ``forward(x, residual=None)``.
+    """:class:`torch.nn.LayerNorm` + activation, one kernel; ``forward(input, residual=None)``.
 
     >>> import torch, tilefuse
     >>> m = tilefuse.nn.LayerNormAct(16, activation="gelu")
@@ -67,8 +67,8 @@ class LayerNormAct(_ActMixin, torch.nn.LayerNorm):
                          bias=bias, device=device, dtype=dtype, **kwargs)
         self._set_activation(activation)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return layer_norm_act(x, self.normalized_shape, self.weight, self.bias, self.eps,
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return layer_norm_act(input, self.normalized_shape, self.weight, self.bias, self.eps,
                               activation=self._act(), residual=residual)
 
 
@@ -98,14 +98,14 @@ class GroupNormAct(_ActMixin, torch.nn.GroupNorm):
                          dtype=dtype, **kwargs)
         self._set_activation(activation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps,
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return group_norm_act(input, self.num_groups, self.weight, self.bias, self.eps,
                               activation=self._act())
 
 
 class _BatchNormActBase(_ActMixin):
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_input_dim(x)
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_input_dim(input)
         # the same bookkeeping as torch.nn.modules.batchnorm._BatchNorm.forward
         eaf = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
@@ -118,7 +118,7 @@ class _BatchNormActBase(_ActMixin):
             bn_training = self.running_mean is None and self.running_var is None
         use_running = not self.training or self.track_running_stats
         return batch_norm_act(
-            x, self.running_mean if use_running else None,
+            input, self.running_mean if use_running else None,
             self.running_var if use_running else None, self.weight, self.bias,
             training=bn_training, momentum=eaf, eps=self.eps, activation=self._act(),
             residual=residual)
@@ -157,8 +157,9 @@ class BatchNormAct2d(_BatchNormActBase, torch.nn.BatchNorm2d):
 
 
 class _InstanceNormActBase(_ActMixin):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         # torch's checks and messages (rank, num_features vs affine)
+        x = input
         if x.dim() not in (self._get_no_batch_dim(), self._get_no_batch_dim() + 1):
             raise ValueError(f"expected {self._get_no_batch_dim()}D or "
                              f"{self._get_no_batch_dim() + 1}D input (got {x.dim()}D input)")

@@ -168,6 +168,10 @@ def register(subparsers) -> None:
                    help="seconds; configurations left after it are reported as skipped")
     m.set_defaults(func=_models)
 
+    from tilefuse.bench.host import add_parser as add_host_parser
+
+    add_host_parser(sub)  # tilefuse bench host: host cost per call (tilefuse/bench/host.py)
+
     c = subparsers.add_parser("compare", help="compare two bench JSON reports; exit 1 on a "
                                               "regression")
     c.add_argument("old", help="baseline report (JSON)")

@@ -215,5 +215,5 @@ CASES: List[HostCase] = [
     HostCase("w8a8_linear", "w8a8_linear", _int8("w8a8_linear")),
     HostCase("weight_only_int8_linear", "weight_only_int8_linear", _int8("weight_only")),
     HostCase("dropconnect_linear", "dropconnect_linear", _dropconnect),
-    HostCase("AdamW.step/50 params", "AdamW", _adamw),
+    HostCase("AdamW.step", "AdamW", _adamw),
 ]

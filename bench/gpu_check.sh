@@ -98,7 +98,7 @@ fi
 # 4. kernel benchmarks (families in priority order: the budget is spent on the first ones)
 if want kernels; then
   step bench_kernels 60 $PY -m tilefuse bench kernels --dtype bf16 --impls tilefuse,eager,vendor \
-    --only matmul,norm,int8,depthwise,dropout,optim \
+    --only matmul,norm,int8,depthwise,dropout,cross_entropy,optim \
     --time-budget 45 --out "$RES/kernels" --no-progress
   step bench_kernels_compile 35 $PY -m tilefuse bench kernels --only matmul --dtype bf16 --impls all \
     --time-budget 20 --out "$RES/kernels_compile" --no-progress

@@ -111,11 +111,13 @@ def test_concurrent_writers_keep_every_entry(tmp_path):
 
 
 @pytest.mark.parametrize("content", ["{not json", '{"format": 999, "kind": "tilefuse-autotune", '
-                                     '"entries": {}}', "[1, 2]"])
+                                     '"entries": {}}', "[1, 2]",
+                                     b"\xff\xfe\x00\x80 binary junk \xc3\x28" * 40])
 def test_corrupt_or_foreign_db_is_ignored_then_rebuilt(tmp_path, monkeypatch, content):
+    # binary junk (not UTF-8) used to raise UnicodeDecodeError out of the reader (issue 14 item 3)
     monkeypatch.setattr(dbmod, "_warned", set())
     path = tmp_path / "gpu.json"
-    path.write_text(content)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
     db = dbmod.TuningDB(path)
     with pytest.warns(RuntimeWarning, match="ignoring unusable database"):
         assert db.entries() == {}
@@ -175,9 +177,15 @@ def test_lookup_order_memory_user_shipped_default(fake, monkeypatch):
     chain.reset()
     assert autotune.lookup("fake", {"n": 8}, default) == {"BLOCK": 64}       # user DB first
     chain.user_db(ident).update({key: _entry({"BLOCK": 128}, 0.1)})
-    assert autotune.lookup("fake", {"n": 6}, default) == {"BLOCK": 64}       # memory first
-    chain.reset()
+    assert autotune.lookup("fake", {"n": 6}, default) == {"BLOCK": 128}  # own write: caches dropped
+    # another process's write (the file replaced behind this one's back): memory first until reset
+    path = chain.cache_path(ident)
+    data = json.loads(path.read_text())
+    data["entries"][key]["config"] = {"BLOCK": 256}
+    path.write_text(json.dumps(data))
     assert autotune.lookup("fake", {"n": 6}, default) == {"BLOCK": 128}
+    chain.reset()
+    assert autotune.lookup("fake", {"n": 6}, default) == {"BLOCK": 256}
     # an unusable stored config is skipped, falling through to the shipped table
     chain.user_db(ident).update({key: _entry({"BLOCK": "big"}, 0.01)}, replace=True)
     chain.reset()
@@ -204,6 +212,67 @@ def test_autotune_env_controls_tuning(fake, monkeypatch):
     assert autotune.lookup("fake", {"n": 4}, default) == {"BLOCK": 32} and fake.prepared == 1
     entry = chain.user_db().get(chain.db_key(fake, autotune.current_identity(), "n=4"))
     assert entry["default_config"] == default and entry["tried"] == 3
+
+
+def test_tune_on_first_use_is_opt_in(fake, monkeypatch):
+    """Issue 15 item 5: a first call with a new shape never tunes by default, even on a GPU and
+    for a space that asks for it; TILEFUSE_AUTOTUNE=1 or tune_on_first_use(True) opt in."""
+    h200 = DeviceIdentity("NVIDIA H200", "9.0", "3.6.0")
+    monkeypatch.setattr(chain, "current_identity", lambda device=None: h200)
+    monkeypatch.setattr(chain, "_first_use", None)  # restored after the test
+    fake.tune_on_first_use = True  # what made matmul tune inside the first call before
+    default = {"BLOCK": 16}
+    assert autotune.lookup("fake", {"n": 3}, default) == default and fake.prepared == 0
+    # opt in through the API (this identity is a stand-in: tune on the interpreter's)
+    monkeypatch.setattr(chain, "current_identity", lambda device=None: DeviceIdentity(
+        "triton-interpreter", "-", h200.triton))
+    monkeypatch.setattr(chain, "on_demand_timer", "model")  # a timer name works here too
+    assert autotune.tune_on_first_use() is None
+    assert autotune.tune_on_first_use(True) is None
+    with pytest.warns(RuntimeWarning, match="autotuning fake"):
+        assert autotune.lookup("fake", {"n": 3}, default) == {"BLOCK": 64}  # model: largest wins
+    assert fake.prepared == 1
+    # the API wins over the environment, None hands the choice back to it
+    monkeypatch.setenv("TILEFUSE_AUTOTUNE", "1")
+    assert autotune.tune_on_first_use(False) is True
+    assert autotune.lookup("fake", {"n": 100}, default) == default and fake.prepared == 1
+    assert autotune.tune_on_first_use(None) is False
+    assert chain.autotune_enabled(autotune.current_identity())
+    with pytest.raises(TypeError, match="tune_on_first_use"):
+        autotune.tune_on_first_use("yes")
+
+
+def test_lookup_hot_path_reads_no_file(fake, monkeypatch):
+    """Repeated lookups of one key are one dict probe: the DB is read once, not per launch."""
+    ident = autotune.current_identity()
+    chain.user_db(ident).update({chain.db_key(fake, ident, "n=8"): _entry({"BLOCK": 32})})
+    reads = []
+    real = dbmod.TuningDB.entries
+    monkeypatch.setattr(dbmod.TuningDB, "entries", lambda self: reads.append(1) or real(self))
+    for _ in range(200):
+        assert autotune.lookup("fake", {"n": 7}, {"BLOCK": 16}) == {"BLOCK": 32}
+    assert len(reads) == 1  # the user DB answered the first lookup; the rest hit memory
+    cfg = autotune.lookup("fake", {"n": 7}, {"BLOCK": 16})
+    cfg["BLOCK"] = -1  # callers get a copy: the cache cannot be corrupted
+    assert autotune.lookup("fake", {"n": 7}, {"BLOCK": 16}) == {"BLOCK": 32}
+
+
+def test_tune_accepts_timer_names_rejects_non_callables(fake):
+    """Issue 14 item 4: timer="model" was "not callable" for every candidate, caught as a failed
+    config, so tune() returned None and stored nothing."""
+    entry = autotune.tune("fake", {"n": 8}, timer="model")
+    assert entry is not None and entry["timer"] == "model" and entry["failed"] == 0
+    assert chain.user_db().get(chain.db_key(fake, autotune.current_identity(), "n=8"))
+    with pytest.raises(TypeError, match="timer must be a name"):
+        autotune.tune("fake", {"n": 8}, timer=42)
+    with pytest.raises(ValueError, match="unknown timer 'sundial'"):
+        autotune.tune("fake", {"n": 8}, timer="sundial")
+
+
+def test_tune_matmul_with_timer_name_stores_an_entry(tmp_cache):
+    entry = autotune.tune("matmul", dict(M=64, N=64, K=64, dtype="fp32"), timer="model",
+                          max_configs=2)
+    assert entry is not None and entry["timer"] == "model" and len(chain.user_db()) == 1
 
 
 def test_lookup_never_raises(fake, monkeypatch):

@@ -138,3 +138,86 @@ def test_model_shapes_recorded_or_builtin(monkeypatch):
     assert {(s["M"], s["N"], s["K"]) for _, s in problems} == {(1, 1000, 2048), (32, 1000, 2048)}
     problems, origin = load_shapes(None, ["matmul"], "cpu")
     assert origin == "default shapes" and all(max(s.values()) <= 64 for _, s in problems)
+
+
+# ------------------------------------------------------------------ issue 14 items 3, 5 and 15
+def _one_problem(tmp_cache):
+    shapes = tmp_cache / "one.txt"
+    shapes.write_text("matmul 16x32x16 fp32\n")
+    return ["autotune", "--shapes", str(shapes), "--timer", "model", "--no-progress"]
+
+
+def test_cli_binary_junk_db_warns_once_in_one_line_and_is_rebuilt(tmp_cache, capsys):
+    path = autotune.cache_path()
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe binary junk \xc3\x28" * 30)
+    assert main(["autotune", "--show"]) == 0
+    captured = capsys.readouterr()
+    assert "(0 entries)" in captured.out
+    assert captured.err.splitlines() == [captured.err.strip()]  # one line, no source echo
+    assert captured.err.startswith("warning: tilefuse autotune: ignoring unusable database")
+    assert "warnings.warn" not in captured.err and "Traceback" not in captured.err
+    assert main(_one_problem(tmp_cache)) == 0
+    capsys.readouterr()
+    data = json.loads(path.read_text())  # rebuilt on the write
+    assert data["kind"] == "tilefuse-autotune" and len(data["entries"]) == 1
+
+
+def test_cli_fails_when_nothing_can_be_persisted(tmp_cache, capsys, monkeypatch):
+    path = autotune.cache_path()
+    path.mkdir(parents=True)  # a directory where the DB file belongs
+    assert main(_one_problem(tmp_cache)) == 1
+    err = capsys.readouterr().err
+    assert "cannot save tuning results" in err and "not a file" in err
+    # the cache "directory" is a file
+    blocker = tmp_cache / "blocker"
+    blocker.write_text("x")
+    monkeypatch.setenv("TILEFUSE_CACHE_DIR", str(blocker / "cache"))
+    assert main(_one_problem(tmp_cache)) == 1
+    assert "is not a directory" in capsys.readouterr().err
+    # the write itself fails (disk full, ...): stop with the reason, not exit 0
+    monkeypatch.setenv("TILEFUSE_CACHE_DIR", str(tmp_cache / "ok"))
+
+    def full(self, entries):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(dbmod.TuningDB, "_write_file", full)
+    assert main(_one_problem(tmp_cache)) == 1
+    err = capsys.readouterr().err
+    assert "could not write" in err and "No space left on device" in err
+
+
+def test_cli_show_marks_invalid_stored_configs(tmp_cache, capsys):
+    space = autotune.get_space("matmul")
+    ident = autotune.current_identity()
+    good = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=8, num_warps=4, num_stages=1)
+    keys = [space.parse_shape({"shape": s, "dtype": "fp32"}) for s in ("16x32x16", "64x64x64")]
+    chain.user_db(ident).update({
+        chain.db_key(space, ident, space.bucket(keys[0])): {
+            "kernel": "matmul", "bucket": space.bucket(keys[0]), "config": good, "time_ms": 1.0},
+        chain.db_key(space, ident, space.bucket(keys[1])): {
+            "kernel": "matmul", "bucket": space.bucket(keys[1]), "config": dict(good, BLOCK_M="x"),
+            "time_ms": "fast"}})
+    assert main(["autotune", "--show"]) == 0
+    rows = {line.split()[2]: line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("user ")}
+    assert rows[space.bucket(keys[0])].endswith("yes")
+    assert rows[space.bucket(keys[1])].endswith("invalid (not used)")
+    assert main(["autotune", "--export", str(tmp_cache / "t.json")]) == 0
+    assert len(json.loads((tmp_cache / "t.json").read_text())["entries"]) == 1
+
+
+def test_cli_progress_is_plain_lines_when_not_a_terminal(tmp_cache, capsys):
+    argv = [a for a in _one_problem(tmp_cache) if a != "--no-progress"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "16x32x16 float32: 1/1 cfg" in err.splitlines()
+
+
+def test_top_level_help_is_whole_sentences(capsys):
+    from tilefuse.cli import build_parser
+
+    description = build_parser().description
+    assert description.endswith(".") and "compare" in description
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "regression gate" in capsys.readouterr().out

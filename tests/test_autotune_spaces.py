@@ -261,15 +261,17 @@ def test_cli_new_families_default_shapes_and_budget(tmp_cache, capsys):
     assert "skipping layer_norm fp64" in captured.err
 
 
-def test_only_matmul_tunes_on_first_use_by_default(monkeypatch):
+def test_no_family_tunes_on_first_use_by_default(monkeypatch):
+    """Issue 15 item 5: the request path never tunes unless opted in (TILEFUSE_AUTOTUNE=1 or
+    tune_on_first_use(True)); matmul used to tune on CUDA by default."""
     from tilefuse.autotune import chain
     from tilefuse.autotune.identity import DeviceIdentity
 
     h200 = DeviceIdentity("NVIDIA H200", "9.0", "3.6.0")
     monkeypatch.setattr(DeviceIdentity, "is_cuda", property(lambda self: True))
     monkeypatch.delenv("TILEFUSE_AUTOTUNE", raising=False)
-    assert chain.autotune_enabled(h200, autotune.get_space("matmul"))
-    assert not chain.autotune_enabled(h200, autotune.get_space("layer_norm"))
-    assert not chain.autotune_enabled(h200, autotune.get_space("int8_matmul"))
+    for family in ("matmul", "layer_norm", "int8_matmul"):
+        assert not chain.autotune_enabled(h200, autotune.get_space(family))
     monkeypatch.setenv("TILEFUSE_AUTOTUNE", "1")
-    assert chain.autotune_enabled(h200, autotune.get_space("layer_norm"))
+    for family in ("matmul", "layer_norm", "int8_matmul"):
+        assert chain.autotune_enabled(h200, autotune.get_space(family))

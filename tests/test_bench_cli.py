@@ -135,3 +135,26 @@ def test_bench_models_zoo_cpu(tmp_path):
     rep = rpt.load(out / "models.json")
     measured = {(e["model"], e["dtype"], e["impl"]) for e in rep["entries"] if e["kind"] == "model"}
     assert ("textcls", "fp32", "eager") in measured and ("textcls", "int8", "patched") in measured
+
+
+def test_cross_entropy_is_its_own_family():
+    """Issue 15: the cross-entropy case was filed under the dropout family."""
+    mods, errors = kb.discover(only=["cross_entropy"])
+    assert list(mods) == ["cross_entropy"] and not errors
+    ce = mods["cross_entropy"].cases("cpu", torch.float32, "tiny")
+    assert [c.family for c in ce] == ["cross_entropy"]
+    assert ce[0].key == "cross_entropy/fwd+bwd/ls0.1/16x1000/fp32"
+    dropout, _ = kb.discover(only=["dropout"])
+    cases = dropout["dropout"].cases("cpu", torch.float32, "tiny")
+    assert {c.family for c in cases} == {"dropout"}
+    assert not any("cross_entropy" in c.name for c in cases)
+
+
+def test_progress_in_a_log_is_plain_lines(capsys):
+    """Issue 15: tqdm redraws (carriage returns) flooded non-terminal logs."""
+    from tilefuse.bench import timing
+
+    assert list(timing.progress(range(3), "cases")) == [0, 1, 2]
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.splitlines() == ["cases: 0/3 it", "cases: 3/3 it"]
+    assert timing.progress([1], "x", enable=False) == [1]

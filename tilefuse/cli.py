@@ -6,6 +6,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
+
+DESCRIPTION = ("tilefuse: fused Triton kernels for PyTorch. Commands: info (versions, device, "
+               "backend per op), autotune (tune this GPU once, manage the tuning database), "
+               "bench kernels|models (benchmarks), compare (regression gate between two bench "
+               "reports).")
 
 _SUBCOMMAND_MODULES = (
     "tilefuse.autotune.cli",
@@ -65,7 +71,7 @@ def _cache_path() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tilefuse", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="tilefuse", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="versions, device, backend per op, autotune cache location")
     p.set_defaults(func=_info)
@@ -78,10 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warning: <message>`` on stderr: no file:line prefix, no echoed source line."""
+    text = " ".join(str(message).split())
+    print(f"warning: {text}", file=sys.stderr if file is None else file, flush=True)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning  # restored when the command returns
+        return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,14 +1,15 @@
 """Per-GPU autotuning with a persistent tuning database (docs/autotune.md).
 
 ``lookup(kernel, key, default)`` is the one entry point launchers use; ``tilefuse autotune`` (see
-:mod:`tilefuse.autotune.cli`) fills the database ahead of time. Other kernel families make
+:mod:`tilefuse.autotune.cli`) fills the database ahead of time. Lookups never tune unless
+opted in (``TILEFUSE_AUTOTUNE=1`` or ``tune_on_first_use(True)``). Other kernel families make
 themselves tunable by registering a :class:`KernelSpace` with :func:`register_space`.
 """
 from __future__ import annotations
 
 from tilefuse.autotune.chain import (  # noqa: F401
     autotune_enabled, cache_dir, cache_path, db_key, lookup, reset, shipped_table, stored_entry,
-    table_path, tune_and_store, user_db,
+    table_path, tune_and_store, tune_on_first_use, user_db,
 )
 from tilefuse.autotune.db import TuningDB  # noqa: F401
 from tilefuse.autotune.identity import DeviceIdentity, current_identity, source_hash  # noqa: F401
@@ -18,7 +19,7 @@ from tilefuse.autotune.space import (  # noqa: F401
 
 __all__ = ["lookup", "cache_path", "cache_dir", "reset", "register_space", "get_space",
            "registered_spaces", "KernelSpace", "Limits", "Problem", "TuningDB", "current_identity",
-           "tune", "record_shapes"]
+           "tune", "record_shapes", "tune_on_first_use"]
 
 
 def tune(kernel: str, key: dict, *, timer=None, budget_s=None, exhaustive=False,

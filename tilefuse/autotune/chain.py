@@ -2,11 +2,13 @@
 
     in-memory cache -> user DB ($TILEFUSE_CACHE_DIR or ~/.cache/tilefuse/<gpu>.json)
       -> table shipped in the package (tilefuse/autotune/tables/<gpu>.json)
-      -> tune now (TILEFUSE_AUTOTUNE=1; the default on CUDA, off in the interpreter)
+      -> tune now (opt-in only: TILEFUSE_AUTOTUNE=1 or tune_on_first_use(True))
       -> the caller's heuristic default
 
-``TILEFUSE_AUTOTUNE=0`` never tunes (stored entries are still used). Nothing here raises into the
-user's model: any failure warns once and returns the default.
+By default the request path never blocks on tuning: a new shape gets its stored entry or the
+heuristic; ``tilefuse autotune`` is how a GPU gets tuned. The in-memory caches are dropped
+whenever this process writes or clears a DB file. Nothing here raises into the user's model: any
+failure warns once and returns the default.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import os
 import threading
 from pathlib import Path
 
-from tilefuse.autotune.db import TuningDB, warn_once
+from tilefuse.autotune.db import TuningDB, on_write, warn_once
 from tilefuse.autotune.identity import DeviceIdentity, current_identity, source_hash
 from tilefuse._backend import interpreter_enabled
 from tilefuse.autotune.space import KernelSpace, get_space
@@ -34,6 +36,17 @@ _dbs: dict = {}               # path -> TuningDB
 _hashes: dict = {}            # kernel name -> source hash
 _tune_lock = threading.RLock()
 _tuning = threading.local()
+_UNSET = object()
+_first_use: bool | None = None  # tune_on_first_use() override; None: TILEFUSE_AUTOTUNE decides
+
+
+def _drop_caches() -> None:
+    """Forget resolved configs (not open DBs or hashes): the next lookup per key re-walks."""
+    _memory.clear()
+    _fast.clear()
+
+
+on_write(_drop_caches)  # any DB write or clear in this process invalidates the lookup caches
 
 
 def cache_dir() -> Path:
@@ -83,15 +96,34 @@ def db_key(space: KernelSpace, identity: DeviceIdentity, bucket: str) -> str:
                      f"sm={identity.capability}", f"triton={identity.triton}", bucket))
 
 
+def tune_on_first_use(enabled=_UNSET):
+    """Opt in (``True``) or out (``False``) of tuning a missing bucket inside the first call that
+    needs it, for this process; ``None`` hands the decision back to ``TILEFUSE_AUTOTUNE``.
+    Returns the previous override (``None``: none was set); no argument only reads it.
+
+    Off by default: a first call with a new shape uses the stored entry or the heuristic and
+    never blocks on tuning (up to ``TILEFUSE_AUTOTUNE_BUDGET_S`` per bucket when on)."""
+    global _first_use
+    previous = _first_use
+    if enabled is not _UNSET:
+        if enabled is not None and not isinstance(enabled, bool):
+            raise TypeError(f"tune_on_first_use: enabled must be True, False or None, "
+                            f"got {enabled!r}")
+        _first_use = enabled
+        _drop_caches()  # buckets resolved to "nothing stored" may now be tuned
+    return previous
+
+
 def autotune_enabled(identity: DeviceIdentity, space: KernelSpace | None = None) -> bool:
-    """Tune a missing bucket now? ``TILEFUSE_AUTOTUNE=0``: never; ``=1``: every family (not on
-    CPU); unset: on CUDA, for families with ``tune_on_first_use`` (matmul)."""
-    value = os.environ.get("TILEFUSE_AUTOTUNE", "").strip().lower()
-    if value in ("0", "false", "no", "off"):
-        return False
-    if value in ("1", "true", "yes", "on"):
-        return identity.name != "cpu"
-    return identity.is_cuda and (space is None or bool(space.tune_on_first_use))
+    """Tune a missing bucket now? Only when opted in, by :func:`tune_on_first_use` (wins) or by
+    ``TILEFUSE_AUTOTUNE=1`` (every family; never on plain CPU). Unset, ``0`` or anything else:
+    never (stored entries are still used)."""
+    if _first_use is not None:
+        enabled = _first_use
+    else:
+        value = os.environ.get("TILEFUSE_AUTOTUNE", "").strip().lower()
+        enabled = value in ("1", "true", "yes", "on")
+    return enabled and identity.name != "cpu"
 
 
 def _capturing() -> bool:
@@ -125,9 +157,9 @@ def tune_and_store(space: KernelSpace, key: dict, identity: DeviceIdentity, **kw
             _tuning.active = False
     if entry is not None:
         bucket = space.bucket(key)
-        user_db(identity).update({db_key(space, identity, bucket): entry})
-        _memory[(space.name, identity, bucket)] = dict(entry["config"])
+        user_db(identity).update({db_key(space, identity, bucket): entry})  # drops the caches
         _fast.clear()
+        _memory[(space.name, identity, bucket)] = dict(entry["config"])  # kept if unwritable
     return entry
 
 
@@ -146,8 +178,8 @@ def _lookup(kernel: str, key: dict):
             and not getattr(_tuning, "active", False):
         budget = float(os.environ.get("TILEFUSE_AUTOTUNE_BUDGET_S", DEFAULT_TUNE_BUDGET_S))
         warn_once(f"tuning:{kernel}", f"tilefuse: autotuning {kernel} for new shapes on "
-                  f"{identity.name} (results saved to {cache_path(identity)}; set "
-                  "TILEFUSE_AUTOTUNE=0 to disable)")
+                  f"{identity.name} inside the first call (opted in by TILEFUSE_AUTOTUNE=1 or "
+                  f"tune_on_first_use(True); results saved to {cache_path(identity)})")
         entry = tune_and_store(space, key, identity, budget_s=budget, timer=on_demand_timer)
     _memory[mkey] = dict(entry["config"]) if entry is not None else None
     return _memory[mkey]
@@ -164,7 +196,8 @@ def _device_token(key: dict):
 def lookup(kernel: str, key: dict, default: dict) -> dict:
     """Return the tuned config for ``kernel`` at ``key`` or ``default`` when none is known.
 
-    Hot path (every launch): one dict probe on the exact key; the chain runs once per key.
+    Hot path (every launch): one dict probe on ``(kernel, device, key items)``; the chain runs
+    once per key, and again only after this process writes or clears a DB file.
     """
     try:
         fkey = (kernel, _device_token(key), tuple(key.items()))
@@ -185,7 +218,6 @@ def lookup(kernel: str, key: dict, default: dict) -> dict:
 
 def reset() -> None:
     """Forget everything cached in this process (memory cache, open DBs, source hashes)."""
-    _memory.clear()
-    _fast.clear()
+    _drop_caches()
     _dbs.clear()
     _hashes.clear()

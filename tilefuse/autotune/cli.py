@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import math
 import sys
 import time
 
@@ -30,12 +31,21 @@ def format_config(cfg) -> str:
     return " ".join(parts)
 
 
+def _num(v):
+    """A finite positive time from a (possibly hand-edited) entry, else None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        return None
+    return float(v)
+
+
 def _ms(v) -> str:
-    return "-" if v is None else f"{v:.4g}"
+    if v is None:
+        return "-"
+    return "?" if _num(v) is None else f"{v:.4g}"
 
 
 def _speedup(entry) -> str:
-    d, b = entry.get("default_time_ms"), entry.get("time_ms")
+    d, b = _num(entry.get("default_time_ms")), _num(entry.get("time_ms"))
     return f"{d / b:.2f}x" if d and b else "-"
 
 
@@ -46,35 +56,25 @@ def _table(rows, header) -> None:
 
 
 def _progress_factory(enabled: bool):
-    """progress(desc) -> callback(i, total) drawing a bar on stderr (tqdm when installed)."""
+    """progress(desc) -> callback(i, total): a bar on a terminal, plain lines in logs."""
+    from tilefuse._progress import callback
+
     def make(desc):
-        state = {}
-
-        def cb(i, total):
-            if not enabled:
-                return
-            bar = state.get("bar")
-            if bar is None:
-                try:
-                    from tqdm import tqdm
-
-                    bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr, unit="cfg")
-                except ImportError:
-                    bar = False
-                state["bar"] = bar
-            if bar:
-                bar.update(i - bar.n)
-                if i >= total:
-                    bar.close()
-            else:
-                print(f"\r{desc}: {i}/{total} configs", end="\n" if i >= total else "",
-                      file=sys.stderr, flush=True)
-        return cb
+        return callback(desc, unit="cfg") if enabled else None
     return make
 
 
 def _split(value: str | None) -> list:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def entry_status(key: str, entry: dict, identity) -> str:
+    """``yes`` (lookup uses it), ``invalid (not used)`` (current key, unusable config) or
+    ``stale`` (another kernel source, Triton, GPU or an unknown kernel)."""
+    space = get_space(str(entry.get("kernel", key.split("|", 1)[0])))
+    if space is None or key != chain.db_key(space, identity, str(entry.get("bucket", ""))):
+        return "stale"
+    return "yes" if space.validate(entry.get("config")) else "invalid (not used)"
 
 
 def _show(identity) -> int:
@@ -83,11 +83,9 @@ def _show(identity) -> int:
     for source, db in (("user", chain.user_db(identity)), ("shipped", chain.shipped_table(identity))):
         print(f"{source} DB: {db.path} ({len(db)} entries)")
         for key, e in sorted(db.entries().items()):
-            space = get_space(e.get("kernel", key.split("|", 1)[0]))
-            current = space is not None and key == chain.db_key(space, identity, e.get("bucket", ""))
-            rows.append((source, e.get("kernel", "?"), e.get("bucket", "?"),
+            rows.append((source, str(e.get("kernel", "?")), str(e.get("bucket", "?")),
                          format_config(e.get("config")), _ms(e.get("time_ms")), _speedup(e),
-                         "yes" if current else "stale"))
+                         entry_status(key, e, identity)))
     if rows:
         print()
         _table(rows, ("source", "kernel", "bucket", "config", "best ms", "vs default", "current"))
@@ -96,11 +94,7 @@ def _show(identity) -> int:
 
 def _export(identity, path) -> int:
     db = chain.user_db(identity)
-    entries = {}
-    for key, e in db.entries().items():
-        space = get_space(e.get("kernel", ""))
-        if space is not None and key == chain.db_key(space, identity, e.get("bucket", "")):
-            entries[key] = e
+    entries = {k: e for k, e in db.entries().items() if entry_status(k, e, identity) == "yes"}
     if not entries:
         print(f"nothing to export: no current entries in {db.path}", file=sys.stderr)
         return 1
@@ -202,6 +196,11 @@ def _tune(args, identity) -> int:
         print("nothing to tune (no problems for the requested kernels)", file=sys.stderr)
         return 2
     db = chain.user_db(identity)
+    reason = db.unwritable_reason()
+    if reason:
+        print(f"tilefuse autotune: cannot save tuning results: {reason} (set TILEFUSE_CACHE_DIR "
+              "to a writable directory)", file=sys.stderr)
+        return 1
     print(f"tuning {len(problems)} problems ({origin}) on {identity.name}, timer {args.timer}, "
           f"DB {db.path}")
     per_problem = args.budget_s / len(problems) if args.budget_s else None
@@ -227,6 +226,10 @@ def _tune(args, identity) -> int:
                                      exhaustive=args.exhaustive, max_configs=args.max_configs,
                                      progress=progress(space.describe(key)))
         tuned += 1
+        if db.last_error:  # persisting is this command's job: stop, say why
+            print(f"tilefuse autotune: could not write {db.path} ({db.last_error}); stopping "
+                  f"after {tuned} problem(s), nothing more is tuned", file=sys.stderr)
+            return 1
         if entry is None:
             failed += 1
             rows.append((space.name, space.describe(key), "FAILED", "-", "-", "-", "-"))

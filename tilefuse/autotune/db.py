@@ -29,6 +29,20 @@ LOCK_TIMEOUT_S = 60.0
 
 _warned: set = set()
 _warn_lock = threading.Lock()
+#: callables run after any TuningDB file of this process is written or removed (the lookup
+#: chain registers one that drops its in-memory caches)
+_on_write: list = []
+
+
+def on_write(callback) -> None:
+    """Run ``callback()`` after every successful write or clear of a DB file in this process."""
+    if callback not in _on_write:
+        _on_write.append(callback)
+
+
+def _written() -> None:
+    for cb in list(_on_write):
+        cb()
 
 
 def warn_once(tag: str, message: str) -> None:
@@ -58,13 +72,15 @@ class TuningDB:
         self.device = device or {}
         self._entries: dict | None = None
         self._mtime = None
+        #: why the last ``update`` failed ("OSError: ..."), None after a successful one
+        self.last_error: str | None = None
 
     # ---------------------------------------------------------------- reading
     def _read_file(self) -> dict:
         """Entries on disk; {} (with one warning) for a missing, corrupt or foreign file."""
         try:
-            with open(self.path, "r", encoding="utf-8") as f:
-                text = f.read()
+            with open(self.path, "rb") as f:
+                raw = f.read()
         except FileNotFoundError:
             return {}
         except OSError as e:
@@ -72,7 +88,7 @@ class TuningDB:
                       "ignoring it")
             return {}
         try:
-            data = json.loads(text)
+            data = json.loads(raw.decode("utf-8"))  # UnicodeDecodeError is a ValueError
             if not isinstance(data, dict) or data.get("kind") != KIND:
                 raise ValueError("not a tilefuse autotune database")
             if data.get("format") != FORMAT:
@@ -148,11 +164,30 @@ class TuningDB:
                         merged[key] = entry
                 self._write_file(merged)
         except Exception as e:  # Timeout, OSError, ...: never break the caller's model
+            self.last_error = f"{type(e).__name__}: {e}"
             warn_once(f"write:{self.path}", f"tilefuse autotune: could not write {self.path} "
-                      f"({type(e).__name__}: {e}); tuned configs are kept in memory only")
+                      f"({self.last_error}); tuned configs are kept in memory only")
             return False
         self._entries = None
+        self.last_error = None
+        _written()
         return True
+
+    def unwritable_reason(self) -> str | None:
+        """Why a write to this file would surely fail (checked without writing), else None."""
+        if self.read_only:
+            return f"{self.path} is a read-only table"
+        if os.path.lexists(self.path) and not os.path.isfile(self.path):
+            return f"{self.path} exists and is not a file"
+        directory = os.path.dirname(os.path.abspath(self.path))
+        parent = directory
+        while not os.path.lexists(parent):  # the nearest existing ancestor must be a writable dir
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            return f"{parent} is not a directory (needed for {directory})"
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return f"no permission to write in {parent}"
+        return None
 
     def clear(self) -> bool:
         """Remove the file; True when something was removed."""
@@ -166,6 +201,7 @@ class TuningDB:
                 removed = False
         # the .lock file stays: deleting it could let two writers hold "the" lock at once
         self._entries = None
+        _written()
         return removed
 
     def export(self, path, entries: dict | None = None) -> int:

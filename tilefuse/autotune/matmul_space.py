@@ -68,7 +68,6 @@ def _dims(key) -> tuple:
 
 class MatmulSpace(KernelSpace):
     name = "matmul"
-    tune_on_first_use = True
     required = _KEYS
 
     def sources(self):

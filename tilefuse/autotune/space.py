@@ -88,10 +88,8 @@ class KernelSpace:
     name: str = ""
     #: config keys every stored config must have, with int values (checked on load)
     required: tuple = ()
-    #: tune a new bucket inside the first call on CUDA when TILEFUSE_AUTOTUNE is unset. Only for
-    #: families whose buckets are few and stable (matmul); others tune on first use only with
-    #: TILEFUSE_AUTOTUNE=1 (e.g. LayerNorm's row count changes with batch x sequence length, and
-    #: a stall per new bucket inside training would hurt, more so under DDP)
+    #: no longer read: tuning on first use is opt-in for every family (TILEFUSE_AUTOTUNE=1 or
+    #: ``tilefuse.autotune.tune_on_first_use(True)``); kept so spaces that set it still work
     tune_on_first_use: bool = False
 
     def sources(self) -> tuple:

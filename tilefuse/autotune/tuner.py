@@ -1,6 +1,6 @@
 """The tuning loop: try each candidate config of a space on one problem, keep the fastest correct.
 
-Timers are pluggable: ``timer(fn, config) -> milliseconds``.
+Timers are pluggable: ``timer(fn, config) -> milliseconds``, or one of the names below.
 
 * ``bench`` (CUDA default): ``triton.testing.do_bench``, median of repeated runs after warm-up,
   with its L2 flush between runs.
@@ -78,6 +78,19 @@ def get_timer(name: str, device: str) -> Timer:
     return TIMERS[name]
 
 
+def resolve_timer(timer, device: str) -> Timer:
+    """``timer`` as a callable: None -> ``auto``; a name (``auto``, ``bench``, ``wall``,
+    ``model``) -> that timer; a callable as is; anything else -> TypeError."""
+    if timer is None:
+        return get_timer("auto", device)
+    if isinstance(timer, str):
+        return get_timer(timer, device)
+    if not callable(timer):
+        raise TypeError(f"timer must be a name (auto, bench, wall, model) or a callable "
+                        f"timer(fn, config) -> ms, got {type(timer).__name__} {timer!r}")
+    return timer
+
+
 def _cfg_id(cfg: dict) -> tuple:
     return tuple(sorted(cfg.items()))
 
@@ -93,7 +106,7 @@ def tune(space: KernelSpace, key: dict, *, identity, timer: Optional[Timer] = No
     other candidate always run). Returns a DB entry, or None when no config worked.
     """
     device = identity.torch_device
-    timer = timer or get_timer("auto", device)
+    timer = resolve_timer(timer, device)
     start = time.perf_counter()
     default = space.default(key)
     configs = space.candidates(key, device_limits(identity), exhaustive=exhaustive)

@@ -110,7 +110,7 @@ def _models(args) -> int:
 def _compare(args) -> int:
     from tilefuse.bench.compare import main
 
-    return main(args.old, args.new, args.threshold)
+    return main(args.old, args.new, args.threshold, allow_missing=args.allow_missing)
 
 
 def _common(p) -> None:
@@ -173,8 +173,15 @@ def register(subparsers) -> None:
     add_host_parser(sub)  # tilefuse bench host: host cost per call (tilefuse/bench/host.py)
 
     c = subparsers.add_parser("compare", help="compare two bench JSON reports; exit 1 on a "
-                                              "regression")
-    c.add_argument("old", help="baseline report (JSON)")
-    c.add_argument("new", help="new report (JSON)")
-    c.add_argument("--threshold", default="5%", help="regression threshold (default 5%%)")
+                                              "regression, 2 on unusable input",
+                              description="Compare two bench reports (a directory names the "
+                              "kernels.json or models.json inside it). Exit 0: no regression; 1: "
+                              "a regression beyond --threshold; 2: unreadable input, entries of "
+                              "OLD missing from NEW, nothing compared or invalid times.")
+    c.add_argument("old", help="baseline report (JSON file or bench output directory)")
+    c.add_argument("new", help="new report (JSON file or bench output directory)")
+    c.add_argument("--threshold", default="5%", help="regression threshold as a percentage "
+                   "('5%%') or a fraction below 1 ('0.05'); default 5%%")
+    c.add_argument("--allow-missing", action="store_true", dest="allow_missing",
+                   help="list entries of OLD missing from NEW instead of failing (exit 2)")
     c.set_defaults(func=_compare)

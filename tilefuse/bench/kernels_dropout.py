@@ -1,20 +1,17 @@
-"""Dropout-family and cross-entropy benchmark cases (memory-bound: reported as GB/s).
+"""Dropout-family benchmark cases (memory-bound: reported as GB/s); the fused cross-entropy has
+its own family, :mod:`tilefuse.bench.kernels_cross_entropy`.
 
-Cases: ``fwd/dropout``, ``fwd/dropout_add``, ``fwd+bwd/cross_entropy_ls0.1``, ``fwd/mixup``.
-Implementations per case:
+Cases: ``fwd/dropout``, ``fwd/dropout_add``, ``fwd/mixup``. Implementations per case:
 
-* ``tilefuse``: :func:`tilefuse.ops.dropout` / :func:`~tilefuse.ops.dropout_add` /
-  :func:`~tilefuse.ops.cross_entropy` (one Philox kernel; only a seed is kept for backward; the
-  cross-entropy gradient is produced in the forward pass, no probability tensor);
-* ``eager``: ``F.dropout`` / ``r + F.dropout(x)`` / ``F.cross_entropy``;
+* ``tilefuse``: :func:`tilefuse.ops.dropout` / :func:`~tilefuse.ops.dropout_add` (one Philox
+  kernel; only a seed is kept for backward) / the mixup op;
+* ``eager``: ``F.dropout`` / ``r + F.dropout(x)`` / gather + lerp;
 * ``compile``: the eager function under :func:`torch.compile` (GPU only: compiling on CPU for a
   tiny case costs more than the whole benchmark).
 
 Bytes are the analytic minimum of one call: dropout reads x and writes y (eager also writes a
 bool mask, which tilefuse does not: the "memory saved" is ``numel`` bytes per call kept for
-backward); dropout_add also reads the residual; cross_entropy fwd+bwd reads the logits twice
-(pass 1 statistics, pass 2 gradient) and writes the gradient once, vs eager's log-softmax tensor
-(``R*V`` elements saved for backward) plus the backward's read/write.
+backward); dropout_add also reads the residual.
 """
 from __future__ import annotations
 
@@ -27,14 +24,14 @@ from tilefuse.bench.case import BenchCase
 
 SHAPES = {
     # (rows, cols): transformer activations, several times the 60 MB L2 on the full size
-    "tiny": {"dropout": (64, 256), "ce": (16, 1000)},
-    "full": {"dropout": (16384, 8192), "ce": (8192, 32000)},
+    "tiny": {"dropout": (64, 256)},
+    "full": {"dropout": (16384, 8192)},
 }
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 P = 0.1
 
 
-def _maybe_compile(fn, device):
+def maybe_compile(fn, device):
     return torch.compile(fn) if device == "cuda" else None
 
 
@@ -52,50 +49,20 @@ def _dropout_cases(device, dtype, size) -> List[BenchCase]:
         return b + F.dropout(a, P)
 
     fns = {"tilefuse": lambda: tilefuse.ops.dropout(x, P), "eager": lambda: F.dropout(x, P)}
-    comp = _maybe_compile(lambda a: F.dropout(a, P), device)
+    comp = maybe_compile(lambda a: F.dropout(a, P), device)
     if comp is not None:
         fns["compile"] = lambda: comp(x)
     out.append(BenchCase("dropout", f"fwd/dropout/{R}x{C}", {"R": R, "C": C},
                          DTYPE_NAMES[dtype], fns, flops=2 * n, bytes=2 * n * es,
                          note=f"eager also stores a {n}-byte bool mask; tilefuse stores a seed"))
     fns = {"tilefuse": lambda: tilefuse.ops.dropout_add(x, r, P), "eager": lambda: eager_add(x, r)}
-    comp = _maybe_compile(eager_add, device)
+    comp = maybe_compile(eager_add, device)
     if comp is not None:
         fns["compile"] = lambda: comp(x, r)
     out.append(BenchCase("dropout", f"fwd/dropout_add/{R}x{C}", {"R": R, "C": C},
                          DTYPE_NAMES[dtype], fns, flops=3 * n, bytes=3 * n * es,
                          note="eager: 2 kernels + intermediate; tilefuse: 1 pass"))
     return out
-
-
-def _ce_cases(device, dtype, size) -> List[BenchCase]:
-    import tilefuse
-
-    R, V = SHAPES[size]["ce"]
-    es = torch.tensor([], dtype=dtype).element_size()
-    logits = torch.randn(R, V, device=device, dtype=dtype, requires_grad=True)
-    target = torch.randint(0, V, (R,), device=device)
-
-    def run(fn):
-        def f():
-            logits.grad = None
-            fn(logits, target).backward()
-        return f
-
-    def eager(x, t):
-        return F.cross_entropy(x, t, label_smoothing=0.1)
-
-    def ours(x, t):
-        return tilefuse.ops.cross_entropy(x, t, label_smoothing=0.1)
-
-    fns = {"tilefuse": run(ours), "eager": run(eager)}
-    comp = _maybe_compile(eager, device)
-    if comp is not None:
-        fns["compile"] = run(comp)
-    return [BenchCase("dropout", f"fwd+bwd/cross_entropy_ls0.1/{R}x{V}", {"R": R, "V": V},
-                      DTYPE_NAMES[dtype], fns, flops=6 * R * V, bytes=3 * R * V * es,
-                      note="eager keeps an R*V log-softmax for backward; tilefuse keeps the "
-                           "gradient it wrote in the forward")]
 
 
 def _mixup_cases(device, dtype, size) -> List[BenchCase]:
@@ -111,7 +78,7 @@ def _mixup_cases(device, dtype, size) -> List[BenchCase]:
         return torch.lerp(a.index_select(0, p), a, 0.3)
 
     fns = {"tilefuse": lambda: mixup_op(x, perm, 0.3), "eager": lambda: eager(x, perm)}
-    comp = _maybe_compile(eager, device)
+    comp = maybe_compile(eager, device)
     if comp is not None:
         fns["compile"] = lambda: comp(x, perm)
     return [BenchCase("dropout", f"fwd/mixup/{N}x{C}x{H}x{W}", {"N": N, "C": C, "H": H, "W": W},
@@ -122,5 +89,4 @@ def _mixup_cases(device, dtype, size) -> List[BenchCase]:
 def cases(device: str, dtype: torch.dtype, size: str) -> List[BenchCase]:
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"dropout benchmarks take fp32/fp16/bf16, got {dtype}")
-    return (_dropout_cases(device, dtype, size) + _ce_cases(device, dtype, size)
-            + _mixup_cases(device, dtype, size))
+    return _dropout_cases(device, dtype, size) + _mixup_cases(device, dtype, size)

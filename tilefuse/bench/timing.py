@@ -106,14 +106,13 @@ def peak_memory_mb(device: str) -> Optional[float]:
 
 
 def progress(iterable, desc: str, total: Optional[int] = None, enable: bool = True):
-    """A tqdm progress bar when tqdm is installed and ``enable``; the bare iterable otherwise."""
+    """Progress over ``iterable``: a tqdm bar on a terminal, plain periodic lines on stderr when
+    it is not one (logs); the bare iterable when not ``enable`` or ``TILEFUSE_NO_PROGRESS``."""
     if not enable or os.environ.get("TILEFUSE_NO_PROGRESS"):
         return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return iterable
-    return tqdm(iterable, desc=desc, total=total, leave=False)
+    from tilefuse._progress import iterate
+
+    return iterate(iterable, desc, total=total)
 
 
 @contextlib.contextmanager

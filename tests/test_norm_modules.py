@@ -1,4 +1,6 @@
 """Norm modules: drop-in by state_dict, residual forward, weight_norm on Linear, convergence."""
+import pathlib
+
 import pytest
 import torch
 
@@ -206,3 +208,23 @@ def test_new_torch_ctor_keywords_pass_through():
     assert ours.bias is None and list(ours.state_dict()) == list(ref.state_dict())
     x = torch.randn(2, 4, 3, 3)
     assert (ours(x) - ref(x)).abs().max() < 1e-5
+
+
+def test_int_momentum_as_torch_bool_refused():
+    """torch's F.batch_norm / nn.BatchNorm accept an int momentum (1 = replace the running stats
+    by the batch's); tilefuse does the same, as docs/norm.md says; a bool is refused."""
+    x = torch.randn(6, 3, 2)
+    rm, rv, rm_t, rv_t = torch.zeros(3), torch.ones(3), torch.zeros(3), torch.ones(3)
+    y = tilefuse.ops.batch_norm_act(x, rm, rv, training=True, momentum=1)
+    y_t = torch.nn.functional.batch_norm(x, rm_t, rv_t, training=True, momentum=1)
+    torch.testing.assert_close(y, y_t, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close((rm, rv), (rm_t, rv_t), atol=1e-5, rtol=1e-5)
+    m, ref = tnn.BatchNormAct1d(3, momentum=1), torch.nn.BatchNorm1d(3, momentum=1)
+    m(x), ref(x)
+    torch.testing.assert_close(m.running_var, ref.running_var, atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match="momentum"):
+        tilefuse.ops.batch_norm_act(x, rm, rv, training=True, momentum=True)
+    with pytest.raises(TypeError, match="momentum"):
+        tilefuse.ops.batch_norm_act(x, rm, rv, training=True, momentum="0.1")
+    doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "norm.md").read_text()
+    assert "non-float `momentum`" not in doc and "`momentum=1` is accepted" in doc

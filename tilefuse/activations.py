@@ -8,6 +8,7 @@ torch backend and the tests use.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Tuple, Union
 
 import torch
@@ -47,11 +48,47 @@ HF_ACTIVATIONS = {
 }
 
 
+# accepted spellings besides the names above; a name is looked up lower-cased with "-" read as "_"
+# (so "GELU", "Leaky-ReLU" and "Swish" are accepted). docs/norm.md lists them (tested).
+ALIASES = {"identity": "none", "swish": "silu", "gelu_erf": "gelu"}
+# the activations that take a parameter: name -> what it is
+PARAMETERS = {"leaky_relu": "negative_slope"}
+
+
+def _canonical_name(name: str) -> str:
+    key = name.lower().replace("-", "_")
+    key = ALIASES.get(key, key)
+    if key not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported; expected one of "
+                         f"{sorted(ACTIVATIONS)} or an alias {sorted(ALIASES)} (case-insensitive, "
+                         f"'-' = '_')")
+    return key
+
+
+def _check_param(activation, key: str, param) -> float:
+    if param is None:
+        return ACTIVATIONS[key][1]
+    if isinstance(param, bool) or not isinstance(param, numbers.Real):
+        raise TypeError(f"activation parameter must be a float, got {activation!r}")
+    param = float(param)
+    if key in PARAMETERS:
+        if not math.isfinite(param):
+            raise ValueError(f"activation {key!r} needs a finite {PARAMETERS[key]}, got "
+                             f"{activation!r}")
+        return param
+    if param != 0.0:  # 0.0 is the "no parameter" that parse_activation returns
+        raise ValueError(f"activation {key!r} takes no parameter, got {activation!r}; only "
+                         f"{sorted(PARAMETERS)} take one")
+    return 0.0
+
+
 def parse_activation(activation: ActivationSpec) -> Tuple[str, float]:
     """Normalise ``activation`` to ``(name, param)``.
 
-    Accepts ``None``, a name (``"relu"``, ``"gelu"``, ``"gelu_tanh"``, ...), a ``(name, param)``
-    tuple (``("leaky_relu", 0.2)``), or one of torch's activation modules (``nn.GELU()``...).
+    Accepts ``None``, a name (``"relu"``, ``"gelu"``, ``"gelu_tanh"``, ... or an alias of
+    :data:`ALIASES`; case-insensitive, ``-`` read as ``_``), a ``(name, param)`` tuple
+    (``("leaky_relu", 0.2)``; a parameter-free activation accepts only ``None`` or ``0.0`` there,
+    the form this function returns) or one of torch's activation modules (``nn.GELU()``...).
     """
     if activation is None:
         return "none", 0.0
@@ -66,13 +103,8 @@ def parse_activation(activation: ActivationSpec) -> Tuple[str, float]:
     if not isinstance(name, str):
         raise TypeError(f"activation must be None, a name or a (name, param) tuple, got "
                         f"{type(activation).__name__}")
-    key = name.lower().replace("-", "_")
-    key = {"identity": "none", "swish": "silu", "gelu_erf": "gelu"}.get(key, key)
-    if key not in ACTIVATIONS:
-        raise ValueError(f"activation {name!r} is not supported; expected one of "
-                         f"{sorted(ACTIVATIONS)}")
-    default = ACTIVATIONS[key][1]
-    return key, float(default if param is None else param)
+    key = _canonical_name(name)
+    return key, _check_param(activation, key, param)
 
 
 def activation_from_module(module: torch.nn.Module) -> Tuple[str, float]:

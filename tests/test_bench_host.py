@@ -85,6 +85,15 @@ def test_stub_counts_and_is_restored_even_after_an_error():
     torch.testing.assert_close(y, F.relu(F.linear(x, w, b)), rtol=1e-4, atol=1e-4)
 
 
+def test_cuda_lane_counter_wraps_and_restores_the_compiled_launch():
+    from triton.runtime.jit import JITFunction
+
+    real = JITFunction.__dict__["run"]
+    with host.count_launches() as count:
+        assert JITFunction.__dict__["run"] is not real and count.n == 0
+    assert JITFunction.__dict__["run"] is real
+
+
 def test_row_without_a_launch_is_flagged():
     def build(dev):
         x = torch.randn(4, 8, device=dev)
@@ -101,6 +110,8 @@ def test_bad_arguments(tmp_path, capsys):
     assert "only: unknown op(s) ['nosuch']" in capsys.readouterr().err
     with pytest.raises(ValueError, match="calls must be a positive integer"):
         host.run("cpu", only=["matmul"], calls=0)
+    assert main(["bench", "host", "--device", "cuda", "--only", "matmul"]) == 2
+    assert "device:" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "host", "--repeats", "0"])
     assert "expected a positive integer" in capsys.readouterr().err

@@ -6,7 +6,8 @@ zoo (``tilefuse.models``), ``tilefuse.patch``, an int8 converter and a fused opt
 missing is reported as "unavailable" in the report's ``errors``; nothing else fails.
 
 Latency: ``runs`` (>= 200 on GPU) timed runs after ``warmup``, one CUDA event pair per run (wall
-clock on CPU), P50/P95/P99; throughput = batch / P50. Peak memory: ``max_memory_allocated`` over
+clock on CPU), P50/P95/P99; throughput = batch / P50. On CUDA the batch-1 rows of the variants
+without ``torch.compile`` are CUDA-graph replays (``cuda_graph`` column; eager if capture fails). Peak memory: ``max_memory_allocated`` over
 the timed runs (CUDA only). Size: the serialized ``state_dict`` in MB (and the ONNX file with
 ``onnx=True``). ``time_budget_s`` bounds the whole run: configurations left when it is spent are
 reported as skipped, so a GPU check never dies half-written.
@@ -32,6 +33,7 @@ VARIANTS = ("eager", "patched", "compile", "patched+compile")
 TRAIN_CONFIGS = ("fp32", "amp", "fp32+cudnn_benchmark", "fp32+checkpoint", "fp32+fused",
                  "fp32+fused+fused_optim", "amp+fused", "fp32+compile")
 PROXY_INPUTS = {"resnet50": ("3x640x640", "3x512x1024")}  # detection / segmentation proxies
+CUDA_GRAPH_BATCHES = (1,)  # latency rows timed as CUDA-graph replays on CUDA (``timed_call``)
 _DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -140,8 +142,32 @@ def _variant_model(base, variant: str, compile_mode: Optional[str]):
     return m
 
 
+def _eager_call(model, x) -> Callable[[], Any]:
+    return lambda: model(x)
+
+
+def timed_call(rep, key: str, model, x, device: str, batch: int, variant: str,
+               cuda_graph: bool = True) -> Tuple[Callable[[], Any], bool]:
+    """``(fn, graphed)``: the call a latency row times. On CUDA at the batches in
+    ``CUDA_GRAPH_BATCHES`` (the launch-bound rows) and for the variants without ``torch.compile``
+    (``reduce-overhead`` is its own CUDA-graph path) it is a CUDA-graph replay of the model
+    (``tilefuse.models.cuda_graph_inference``: input copied in, output not cloned), else the
+    eager call. A capture that fails is timed eagerly, its reason in the report's ``errors``."""
+    if not (cuda_graph and str(device).startswith("cuda") and batch in CUDA_GRAPH_BATCHES
+            and "compile" not in variant):
+        return _eager_call(model, x), False
+    try:
+        graphed = _resolve("tilefuse.models.cuda_graph_inference")(model, x, clone_outputs=False)
+    except Exception as e:  # noqa: BLE001
+        rep["errors"].append({"where": f"{key}/cuda_graph",
+                              "error": f"timed without a CUDA graph: {_short_error(e)}"})
+        return _eager_call(model, x), False
+    return (lambda: graphed(x)), True
+
+
 def bench_inference(rep, name, inp, dtype_name, batches, variants, device, runs, warmup,
-                    budget: timing.Budget, onnx: bool, compile_mode, size, partial_path=None) -> None:
+                    budget: timing.Budget, onnx: bool, compile_mode, size, partial_path=None,
+                    cuda_graph: bool = True) -> None:
     where = f"model/{name}/{inp}/{dtype_name}"
     try:
         base = build_model(name).eval().to(device)
@@ -168,11 +194,13 @@ def bench_inference(rep, name, inp, dtype_name, batches, variants, device, runs,
                         rep["errors"].append({"where": where + "/onnx", "error": _short_error(e)})
                 if variant not in built:
                     built[variant] = _variant_model(base, variant, compile_mode)
-                m = built[variant]
                 with torch.inference_mode():
+                    fn, graphed = timed_call(rep, key, built[variant], x, device, batch, variant,
+                                             cuda_graph)
                     timing.reset_peak_memory(device)
-                    samples = timing.latency_samples(lambda: m(x), device, runs, warmup)
+                    samples = timing.latency_samples(fn, device, runs, warmup)
                     peak = timing.peak_memory_mb(device)
+                del fn  # frees a graph's memory pool before the next row
             except Exception as e:  # noqa: BLE001
                 rep["errors"].append({"where": key, "error": _short_error(e)})
                 continue
@@ -180,7 +208,7 @@ def bench_inference(rep, name, inp, dtype_name, batches, variants, device, runs,
             rep["entries"].append({
                 "key": key, "group": f"{where}/bs{batch}", "impl": variant, "kind": "model",
                 "model": name, "input": inp, "dtype": dtype_name, "batch": batch,
-                "device": device, "time_ms": stats["p50_ms"], **stats,
+                "device": device, "cuda_graph": graphed, "time_ms": stats["p50_ms"], **stats,
                 "throughput": batch * 1e3 / stats["p50_ms"] if stats["p50_ms"] > 0 else None,
                 "peak_mem_mb": peak, "size_mb": size_mb,
                 "onnx_mb": None if onnx_size != onnx_size else onnx_size,
@@ -297,8 +325,11 @@ def run(device: str = "cpu", models: Sequence[str] = MODELS, batches: Sequence[i
         train_configs: Sequence[str] = TRAIN_CONFIGS, proxies: Optional[bool] = None,
         onnx: bool = False, compile_mode: Optional[str] = None,
         time_budget_s: Optional[float] = None, show_progress: bool = True,
-        partial_path=None) -> Dict[str, Any]:
+        partial_path=None, cuda_graph: bool = True) -> Dict[str, Any]:
     """Run the model benchmarks; return a report dict with its targets table filled in.
+
+    ``cuda_graph``: on CUDA, time the batch-1 rows of the non-compiled variants as CUDA-graph
+    replays (each entry's ``cuda_graph`` says whether it was; see :func:`timed_call`).
 
     With ``partial_path`` the report so far is saved there after every configuration, so a run
     killed from outside still leaves its measurements."""
@@ -322,7 +353,7 @@ def run(device: str = "cpu", models: Sequence[str] = MODELS, batches: Sequence[i
     with timing.torch_backend_on_cpu(device):
         for name, inp, dt, bs in timing.progress(jobs, "models", enable=show_progress):
             bench_inference(rep, name, inp, dt, bs, variants, device, runs, warmup, budget, onnx,
-                            compile_mode, size, partial_path)
+                            compile_mode, size, partial_path, cuda_graph)
         if train:
             tm = train_model or ("resnet50" if "resnet50" in models else models[0])
             tb = train_batch or (32 if cuda else 2)

@@ -3,6 +3,8 @@
 Each constructor takes ``fused=True`` (patch into tilefuse modules; ``False`` gives the plain torch
 reference with identical ``state_dict`` keys) and a width knob for small test models."""
 from tilefuse.models._common import load_state_dict_from  # noqa: F401
+from tilefuse.models.cuda_graph import (CUDAGraphInference, cuda_graph_inference,  # noqa: F401
+                                        prepare_inference)
 from tilefuse.models.inception import (GoogLeNetSmall, InceptionBlock,  # noqa: F401
                                        googlenet_small, inception_block)
 from tilefuse.models.mobile import (EfficientNet, MobileNetV2, efficientnet_b0,  # noqa: F401
@@ -11,13 +13,6 @@ from tilefuse.models.mobile import (EfficientNet, MobileNetV2, efficientnet_b0, 
 from tilefuse.models.resnet import (ResNet, resnet18, resnet34, resnet50, resnet101,  # noqa: F401
                                     resnet152)
 from tilefuse.models.text import TextClassifier, int8_size_mb, text_classifier  # noqa: F401
-
-
-def prepare_inference(model):
-    """Unpatch, switch to ``eval()`` and re-patch, so Conv->BN pairs are folded for inference."""
-    from tilefuse.patch import patch, unpatch
-
-    return patch(unpatch(model).eval(), inplace=True)
 
 
 _REGISTRY = {

@@ -166,8 +166,8 @@ def _check_lane(device: str) -> str:
     return "interpreter, launches stubbed" if interp else "cuda, real launches"
 
 
-def run(device: str = "cpu", only: Optional[List[str]] = None, calls: int = 200,
-        repeats: int = 7, warmup: int = 3) -> Dict[str, object]:
+def run(device: str = "cpu", only: Optional[List[str]] = None, calls: int = 100,
+        repeats: int = 15, warmup: int = 3) -> Dict[str, object]:
     """Measure the selected cases; return a ``tilefuse-bench`` report (``kind`` "host")."""
     for name, v in (("calls", calls), ("repeats", repeats), ("warmup", warmup)):
         if not isinstance(v, int) or v < 1:
@@ -293,8 +293,8 @@ def add_parser(sub) -> None:
     h = sub.add_parser("host", help="host cost per call of every op (launch stubbed on CPU) vs "
                                     "the torch call it replaces")
     h.add_argument("--only", default=None, help="comma-separated op or row names")
-    h.add_argument("--calls", type=_positive, default=200, help="calls per timed batch")
-    h.add_argument("--repeats", type=_positive, default=7, help="batches per op (min is kept)")
+    h.add_argument("--calls", type=_positive, default=100, help="calls per timed batch")
+    h.add_argument("--repeats", type=_positive, default=15, help="batches per op (min is kept)")
     h.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="default: cuda when available (real launches), else cpu (stubbed)")
     h.add_argument("--json", default=None, help="write the report (tilefuse compare reads it)")

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from tilefuse import _progress
 
 
 @dataclass
@@ -131,25 +135,45 @@ def step(model: nn.Module, batch, optimizer: torch.optim.Optimizer, *,
     return StepResult(float(loss.detach()), norm, bool(skipped), float(scale))
 
 
+def _tqdm_bar(total: Optional[int], desc: str):
+    try:
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5)
+    except Exception:
+        return None
+
+
 def fit(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, *,
         progress: bool = True, desc: str = "train", total: Optional[int] = None,
         **step_kwargs) -> Sequence[float]:
-    """Run :func:`step` over ``batches`` with a tqdm progress bar (if tqdm is installed); returns
-    the list of losses."""
+    """Run :func:`step` over ``batches``; returns the list of losses.
+
+    Progress (``progress=True``) goes to stderr: a tqdm bar on a terminal; elsewhere (a log file,
+    a pipe, CI) plain lines ``desc: step i/total loss ... gnorm ...``, the first step, then at
+    most one every ``tilefuse._progress.PLAIN_INTERVAL_S`` seconds, and the last."""
     losses = []
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, mininterval=0.5)
-        except Exception:
-            bar = None
-    for batch in batches:
+    bar = _tqdm_bar(total, desc) if progress and _progress.is_terminal() else None
+    plain = progress and bar is None
+    t0 = time.monotonic()
+    last_t, last_i = None, 0
+    of = f"/{total}" if total else ""
+
+    def line(i: int, r: StepResult) -> None:
+        print(f"{desc}: step {i}{of} loss {r.loss:.4f} gnorm {r.grad_norm:.2f} "
+              f"({time.monotonic() - t0:.1f} s)", file=sys.stderr, flush=True)
+
+    r = None
+    for i, batch in enumerate(batches, 1):
         r = step(model, batch, optimizer, **step_kwargs)
         losses.append(r.loss)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{r.loss:.4f}", gnorm=f"{r.grad_norm:.2f}")
+        elif plain and (last_t is None or time.monotonic() - last_t >= _progress.PLAIN_INTERVAL_S):
+            line(i, r)
+            last_t, last_i = time.monotonic(), i
     if bar is not None:
         bar.close()
+    elif plain and r is not None and last_i != len(losses):
+        line(len(losses), r)
     return losses

@@ -14,16 +14,18 @@ _HC = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.da
        HealthCheck.filter_too_much]
 
 
-def fuzz(n_fast: int, n_slow: int):
+def fuzz(n_fast: int, n_slow: int, fast_kw: dict | None = None, slow_kw: dict | None = None):
     """Decorator turning ``body(data)`` into a fast hypothesis test (returned) and a slow-marked
-    twin ``<name>_slow`` with more examples (put in the module namespace)."""
+    twin ``<name>_slow`` with more examples (put in the module namespace). ``fast_kw`` /
+    ``slow_kw``: keyword arguments passed to ``body`` in that lane only (e.g. a cheap
+    ``torch.compile`` backend in the fast lane, inductor in the slow one)."""
 
     def wrap(body):
         def fast(data):
-            body(data)
+            body(data, **(fast_kw or {}))
 
         def slow(data):
-            body(data)
+            body(data, **(slow_kw or {}))
 
         fast.__name__ = body.__name__
         slow.__name__ = body.__name__ + "_slow"

@@ -15,7 +15,7 @@ from tilefuse import nn as tnn
 
 
 def _public_module_classes():
-    """Public nn.Module classes defined in tilefuse.nn.* (exported or not) and tilefuse.regularize."""
+    """Public nn.Module classes defined in tilefuse.nn.* (exported or not), tilefuse.regularize."""
     mods = [importlib.import_module(f"tilefuse.nn.{m.name}")
             for m in pkgutil.iter_modules(tnn.__path__) if not m.name.startswith("_")]
     found = {}

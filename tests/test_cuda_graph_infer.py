@@ -190,6 +190,22 @@ def test_static_outputs_and_inputs_without_copies(fake_cuda):
         graphed(**{**_inputs(4), "x": torch.randn(3, 8)})
 
 
+def test_a_view_sharing_the_buffer_pointer_is_still_copied(fake_cuda):
+    class Square(nn.Module):
+        def forward(self, x):
+            out = x @ torch.arange(16.0).reshape(4, 4)
+            if _Tape.capturing is not None:
+                _Tape.capturing.records.append(lambda: out.copy_(x @ torch.arange(16.0).reshape(
+                    4, 4)))
+            return out
+
+    graphed = cg.cuda_graph_inference(Square().eval(), torch.zeros(4, 4))
+    (static,), _ = graphed.static_inputs
+    static.copy_(torch.randn(4, 4))
+    want = static.t() @ torch.arange(16.0).reshape(4, 4)
+    torch.testing.assert_close(graphed(static.t()), want)  # same data_ptr, other layout
+
+
 def test_capture_failure_is_wrapped_and_warmup_errors_are_not(fake_cuda, monkeypatch):
     @contextlib.contextmanager
     def failing(graph, pool=None):

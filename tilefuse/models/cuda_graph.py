@@ -183,7 +183,9 @@ class CUDAGraphInference:
         leaves = _match_inputs(self._names, self._static, self._spec, args, kwargs)
         with torch.cuda.device(self.device), _grad_off():
             for s, new in zip(self._static, leaves):
-                if isinstance(s, torch.Tensor) and new.data_ptr() != s.data_ptr():
+                if isinstance(s, torch.Tensor) and new is not s:
+                    if new.untyped_storage().data_ptr() == s.untyped_storage().data_ptr():
+                        new = new.clone()  # a view of the buffer itself (e.g. transposed)
                     s.copy_(new)
             self.graph.replay()
             out = [o.clone() if self.clone_outputs and isinstance(o, torch.Tensor) else o

@@ -57,9 +57,7 @@ def forced_backend() -> str | None:
     return value
 
 
-def backend_for_device(device: torch.device | str) -> str:
-    """Return ``'triton'`` or ``'torch'`` for tensors on ``device``."""
-    device = torch.device(device)
+def _resolve(device: torch.device, env: str | None) -> str:
     forced = forced_backend()
     if forced == "torch":
         return "torch"
@@ -83,12 +81,47 @@ def backend_for_device(device: torch.device | str) -> str:
     return "torch"
 
 
+# (device, TILEFUSE_BACKEND value, interpreter) -> backend: every op asks on every call, so the answer is
+# cached; the environment variable is still read per call (tests and users flip it at run time)
+_CACHE: dict = {}
+# os.environ.get re-encodes the key on each call; its backing dict is what setenv updates
+_ENV_DATA = getattr(os.environ, "_data", None)
+try:
+    _ENV_KEY = os.environ.encodekey("TILEFUSE_BACKEND")  # type: ignore[attr-defined]
+except AttributeError:  # pragma: no cover - not CPython's os.environ
+    _ENV_DATA = None
+
+
+def _env_backend():
+    if _ENV_DATA is not None:
+        return _ENV_DATA.get(_ENV_KEY)
+    return os.environ.get("TILEFUSE_BACKEND")  # pragma: no cover
+
+
+def backend_for_device(device: torch.device | str) -> str:
+    """Return ``'triton'`` or ``'torch'`` for tensors on ``device``."""
+    env = _env_backend()
+    key = (device, env, _INTERPRET_AT_IMPORT)
+    try:
+        return _CACHE[key]
+    except KeyError:
+        pass
+    backend = _resolve(torch.device(device), env)  # raises (uncached) for invalid settings
+    _CACHE[key] = backend
+    return backend
+
+
 def backend_for(*tensors) -> str:
     """Backend for the first tensor among ``tensors`` (others must be on the same device)."""
     for t in tensors:
         if isinstance(t, torch.Tensor):
             return backend_for_device(t.device)
     return backend_for_device("cpu")
+
+
+def backend_of(t: torch.Tensor) -> str:
+    """:func:`backend_for` of one tensor (the hot-path form)."""
+    return backend_for_device(t.device)
 
 
 def describe() -> dict:

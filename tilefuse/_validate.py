@@ -94,3 +94,29 @@ def check_probability(name: str, p) -> float:
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {p}")
     return p
+
+
+# --------------------------------------------------------------------------------------------
+# hot-path forms: one membership test per argument when the input is valid; the descriptive
+# check above only runs to build the error message
+# --------------------------------------------------------------------------------------------
+_FLOAT_SET = frozenset(FLOAT_DTYPES)
+_FLOAT_SET_F64 = frozenset(FLOAT_DTYPES_F64)
+
+
+def float_tensor(name: str, t, allow_f64: bool = True) -> None:
+    """``check_float(name, t)`` (not None) at the cost of one isinstance and one set probe."""
+    if not isinstance(t, torch.Tensor) or t.dtype not in (_FLOAT_SET_F64 if allow_f64
+                                                          else _FLOAT_SET):
+        check_float(name, t, allow_f64=allow_f64)
+
+
+def same_device(**tensors) -> None:
+    """:func:`check_same_device` without building names unless a device differs."""
+    device = None
+    for t in tensors.values():
+        if t is not None:
+            if device is None:
+                device = t.device
+            elif t.device != device:
+                check_same_device(**tensors)

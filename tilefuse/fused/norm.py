@@ -10,6 +10,7 @@ materialised: backward re-reads ``x`` and ``residual``, and ``d residual = d x``
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Tuple
 
@@ -17,14 +18,18 @@ import torch
 from torch import Tensor
 
 from tilefuse import _autocast
-from tilefuse._backend import backend_for
-from tilefuse._validate import (FLOAT_DTYPES_F64, check_broadcastable, check_same_device,
-                                check_shape, check_tensor)
-from tilefuse.activations import NAMES, activation_code, torch_activation, torch_activation_grad
+from tilefuse._backend import backend_of
+from tilefuse._validate import check_broadcastable, check_shape, float_tensor, same_device
+from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
+from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, needs_grad
+
+
+_F32_EPS = torch.finfo(torch.float32).eps
+_F64_EPS = torch.finfo(torch.float64).eps
 
 
 def _use_torch(x: Tensor) -> bool:
-    return backend_for(x) == "torch" or x.dtype == torch.float64 or x.numel() == 0
+    return backend_of(x) == "torch" or x.dtype == torch.float64 or x.numel() == 0
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -54,17 +59,22 @@ def _torch_fwd(x, residual, weight, bias, eps, is_rms, activation, act_param):
     return y.contiguous(), mean_out, rstd.squeeze(-1).float()
 
 
-@torch.library.custom_op("tilefuse::norm_act_fwd", mutates_args=())
-def norm_act_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
-                 bias: Optional[Tensor], eps: float, is_rms: bool, activation: int,
-                 act_param: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """x, residual: (M, N) with any strides -> (y (M, N), mean (M,) fp32 or empty, rstd (M,))."""
+def _fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+              bias: Optional[Tensor], eps: float, is_rms: bool, activation: int,
+              act_param: float, save_stats: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """x, residual: (M, N) with any strides -> (y (M, N), mean (M,) fp32 or empty, rstd (M,)).
+    ``save_stats=False`` (no gradient will be taken): mean and rstd come back empty."""
     if _use_torch(x):
-        return _torch_fwd(x, residual, weight, bias, eps, is_rms, activation, act_param)
+        y, mean, rstd = _torch_fwd(x, residual, weight, bias, eps, is_rms, activation, act_param)
+        return (y, mean, rstd) if save_stats else (y, _empty(x), _empty(x))
     from tilefuse.kernels.norm import launch_norm_fwd
 
     M, N = x.shape
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if not save_stats:
+        launch_norm_fwd(x, residual, weight, bias, y, None, None, eps, is_rms, activation,
+                        act_param)
+        return y, _empty(x), _empty(x)
     mean = torch.empty(0 if is_rms else M, device=x.device, dtype=torch.float32)
     rstd = torch.empty(M, device=x.device, dtype=torch.float32)
     launch_norm_fwd(x, residual, weight, bias, y, None if is_rms else mean, rstd, eps, is_rms,
@@ -72,11 +82,15 @@ def norm_act_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor]
     return y, mean, rstd
 
 
-@norm_act_fwd.register_fake
-def _(x, residual, weight, bias, eps, is_rms, activation, act_param):
+def _empty(x: Tensor) -> Tensor:
+    return torch.empty(0, device=x.device, dtype=torch.float32)
+
+
+def _fwd_fake(x, residual, weight, bias, eps, is_rms, activation, act_param, save_stats):
     M, N = x.shape
-    return (x.new_empty((M, N)), x.new_empty(0 if is_rms else M, dtype=torch.float32),
-            x.new_empty(M, dtype=torch.float32))
+    m = M if save_stats else 0
+    return (x.new_empty((M, N)), x.new_empty(0 if is_rms else m, dtype=torch.float32),
+            x.new_empty(m, dtype=torch.float32))
 
 
 def _torch_bwd(dy, x, residual, weight, bias, mean, rstd, is_rms, activation, act_param,
@@ -104,8 +118,7 @@ def _torch_bwd(dy, x, residual, weight, bias, mean, rstd, is_rms, activation, ac
     return dx, dw, db
 
 
-@torch.library.custom_op("tilefuse::norm_act_bwd", mutates_args=())
-def norm_act_bwd(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+def _bwd_impl(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
                  bias: Optional[Tensor], mean: Tensor, rstd: Tensor, is_rms: bool,
                  activation: int, act_param: float, need_dw: bool,
                  need_db: bool) -> Tuple[Tensor, Tensor, Tensor]:
@@ -124,16 +137,15 @@ def norm_act_bwd(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Opti
     return dx, (dw if dw is not None else empty()), (db if db is not None else empty())
 
 
-@norm_act_bwd.register_fake
-def _(dy, x, residual, weight, bias, mean, rstd, is_rms, activation, act_param, need_dw,
-      need_db):
+def _bwd_fake(dy, x, residual, weight, bias, mean, rstd, is_rms, activation, act_param, need_dw,
+              need_db):
     N = x.shape[1]
     return (x.new_empty(x.shape), x.new_empty(N if need_dw else 0, dtype=torch.float32),
             x.new_empty(N if need_db else 0, dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, eps, is_rms, activation, act_param = inputs
+    x, residual, weight, bias, eps, is_rms, activation, act_param, _ = inputs
     _, mean, rstd = output
     ctx.is_rms, ctx.activation, ctx.act_param = is_rms, activation, act_param
     ctx.has_residual = residual is not None
@@ -149,10 +161,12 @@ def _backward(ctx, dy, _dmean, _drstd):
                               ctx.activation, ctx.act_param, need_dw, need_db)
     dres = dx.to(residual.dtype) if (residual is not None and need[1]) else None
     return (dx if need[0] else None, dres, dw.to(weight.dtype) if need_dw else None,
-            db.to(bias.dtype) if need_db else None, None, None, None, None)
+            db.to(bias.dtype) if need_db else None, None, None, None, None, None)
 
 
-norm_act_fwd.register_autograd(_backward, setup_context=_setup_context)
+norm_act_bwd = fast_op("norm_act_bwd", _bwd_impl, fake=_bwd_fake)
+norm_act_fwd = fast_op("norm_act_fwd", _fwd_impl, fake=_fwd_fake, setup_context=_setup_context,
+                       backward=_backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,44 +184,59 @@ def _normalized_shape(normalized_shape) -> Tuple[int, ...]:
 
 
 def _row_norm(x, normalized_shape, weight, bias, eps, activation, residual, is_rms, name):
-    check_tensor("x", x, dtypes=FLOAT_DTYPES_F64)
-    shape = _normalized_shape(normalized_shape)
-    if len(shape) == 0 or x.dim() < len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
+    float_tensor("x", x)
+    if type(normalized_shape) is int and normalized_shape >= 0:  # the common forms, no parse
+        shape, N = (normalized_shape,), normalized_shape
+    elif type(normalized_shape) is tuple and len(normalized_shape) == 1 \
+            and type(normalized_shape[0]) is int and normalized_shape[0] >= 0:
+        shape, N = normalized_shape, normalized_shape[0]
+    else:
+        shape = _normalized_shape(normalized_shape)
+        N = math.prod(shape)
+    k = len(shape)
+    if k == 0 or x.dim() < k or x.shape[x.dim() - k:] != shape:
         raise ValueError(f"{name}: normalized_shape {shape} must be non-empty and match the "
                          f"trailing dims of x, got x of shape {tuple(x.shape)}")
-    check_tensor("weight", weight, dtypes=FLOAT_DTYPES_F64, allow_none=True)
-    check_tensor("bias", bias, dtypes=FLOAT_DTYPES_F64, allow_none=True)
-    check_tensor("residual", residual, dtypes=FLOAT_DTYPES_F64, allow_none=True)
-    check_same_device(x=x, weight=weight, bias=bias, residual=residual)
-    # autocast (docs/amp.md): fp32 where torch runs layer_norm/rms_norm in fp32 (CUDA, ...),
-    # no cast on CPU; a mixed-dtype residual is promoted as eager ``x + residual`` would be
-    x, weight, bias, residual = _autocast.norm_fp32("rms_norm" if is_rms else "layer_norm",
-                                                    x, weight, bias, residual)
-    x, residual = _autocast.promote_residual(x, residual)
+    if weight is not None:
+        float_tensor("weight", weight)
+    if bias is not None:
+        float_tensor("bias", bias)
+    if residual is not None:
+        float_tensor("residual", residual)
+    same_device(x=x, weight=weight, bias=bias, residual=residual)
+    if autocast_maybe_on():
+        # autocast (docs/amp.md): fp32 where torch runs layer_norm/rms_norm in fp32 (CUDA,
+        # ...), no cast on CPU; a mixed-dtype residual is promoted as eager ``x + residual``
+        x, weight, bias, residual = _autocast.norm_fp32("rms_norm" if is_rms else "layer_norm",
+                                                        x, weight, bias, residual)
+        x, residual = _autocast.promote_residual(x, residual)
     if eps is None and is_rms:  # torch's rms_norm default: eps of the *compute* dtype (fp32 for
         # fp16/bf16 inputs: at::opmath_type), not of the input dtype as its docs say
-        eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
-    if weight is not None:
+        eps = _F64_EPS if x.dtype == torch.float64 else _F32_EPS
+    elif type(eps) is not float or not eps >= 0:
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+            raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+        eps = float(eps)
+    if weight is not None and weight.shape != shape:
         check_shape("weight", weight, shape)
-    if bias is not None:
+    if bias is not None and bias.shape != shape:
         check_shape("bias", bias, shape)
     if residual is not None:
         check_broadcastable("residual", residual, tuple(x.shape))
         if residual.dtype != x.dtype:
             raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
-    act, act_param = activation_code(activation)
-    N = 1
-    for d in shape:
-        N *= d
+    act, act_param = act_code(activation)
     # a view where the leading dims can be flattened; otherwise reshape copies (documented)
-    x2 = x.reshape(-1, N)
-    r2 = residual.expand(x.shape).reshape(-1, N) if residual is not None else None
-    w1 = weight.reshape(N) if weight is not None else None
-    b1 = bias.reshape(N) if bias is not None else None
-    y, _, _ = norm_act_fwd(x2, r2, w1, b1, float(eps), is_rms, act, act_param)
-    return y.view(x.shape)
+    if x.dim() == 2:
+        x2 = x
+    else:
+        x2 = x.reshape(math.prod(x.shape[:x.dim() - k]), N)  # not -1: N may be 0
+    r2 = (residual.expand(x.shape).reshape(x2.shape) if residual is not None else None)
+    w1 = weight if weight is None or k == 1 else weight.reshape(N)
+    b1 = bias if bias is None or k == 1 else bias.reshape(N)
+    save = needs_grad(x2, r2, w1, b1)
+    y, _, _ = norm_act_fwd(x2, r2, w1, b1, eps, is_rms, act, act_param, save)
+    return y if x.dim() == 2 else y.view(x.shape)
 
 
 def layer_norm_act(x: Tensor, normalized_shape, weight: Optional[Tensor] = None,

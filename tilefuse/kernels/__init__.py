@@ -10,3 +10,20 @@ def next_pow2(x: int) -> int:
     Shared by every launcher and by the autotune spaces' shape buckets."""
     x = int(x)
     return 1 if x <= 1 else 1 << (x - 1).bit_length()
+
+
+_LAUNCH_CACHES: list = []
+
+
+def launch_cache() -> dict:
+    """A dict for a launcher's per-signature launch parameters (config, grid...). Every such
+    cache is emptied by :func:`clear_launch_caches`, which the tuning DB calls whenever a stored
+    config may have changed, so a cached entry never outlives the config it was built from."""
+    cache: dict = {}
+    _LAUNCH_CACHES.append(cache)
+    return cache
+
+
+def clear_launch_caches() -> None:
+    for cache in _LAUNCH_CACHES:
+        cache.clear()

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from tilefuse._backend import interpreter_enabled
-from tilefuse.kernels import next_pow2
+from tilefuse.kernels import launch_cache, next_pow2
 from tilefuse.kernels.activations import activation_grad, apply_activation
 
 MAX_BLOCK = 8192  # widest row kept in registers; wider rows loop
@@ -45,7 +45,8 @@ def norm_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
                     M, N, sxm, sxn, srm, srn, eps,
                     IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_W: tl.constexpr,
                     HAS_B: tl.constexpr, ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr,
-                    ONE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    ONE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    STORE_STATS: tl.constexpr):
     offs = tl.arange(0, BLOCK_N)
     if ONE_BLOCK:
         # BLOCK_M whole rows per program, kept in registers
@@ -64,9 +65,11 @@ def norm_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
         else:
             mean_v = tl.sum(h, axis=1) / N
             hc = tl.where(mask, h - mean_v[:, None], 0.0)
-            tl.store(mean_ptr + rows, mean_v, mask=rmask)
+            if STORE_STATS:
+                tl.store(mean_ptr + rows, mean_v, mask=rmask)
         rstd_v = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=1) / N + eps)
-        tl.store(rstd_ptr + rows, rstd_v, mask=rmask)
+        if STORE_STATS:
+            tl.store(rstd_ptr + rows, rstd_v, mask=rmask)
         z = hc * rstd_v[:, None]
         if HAS_W:
             z = z * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -106,9 +109,10 @@ def norm_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
                 z = z + tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             y = apply_activation(z, ACTIVATION, ACT_PARAM)
             tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
-        if not IS_RMS:
-            tl.store(mean_ptr + row, mean)
-        tl.store(rstd_ptr + row, rstd)
+        if STORE_STATS:
+            if not IS_RMS:
+                tl.store(mean_ptr + row, mean)
+            tl.store(rstd_ptr + row, rstd)
 
 
 @triton.jit
@@ -269,33 +273,56 @@ def get_fwd_config(M: int, N: int, dtype: torch.dtype, is_rms: bool) -> dict:
                                      rms=bool(is_rms)), default)
 
 
-def launch_norm_fwd(x, residual, weight, bias, y, mean, rstd, eps: float, is_rms: bool,
-                    activation: int, act_param: float, max_block: int | None = None,
-                    config: dict | None = None):
-    """x, residual: (M, N) any strides; y: (M, N) contiguous; mean/rstd: (M,) fp32.
+_FWD_LAUNCH = launch_cache()
 
-    ``config`` (``BLOCK_M``, ``BLOCK_N``, ``num_warps``) overrides the tuned/heuristic choice;
-    ``max_block`` forces the heuristic with that row-block cap."""
-    M, N = x.shape
-    if M == 0:
-        return y
+
+def _fwd_launch(M, N, dtype, is_rms, has_res, has_w, has_b, activation, act_param, stats,
+                max_block, config):
+    """(grid, constexpr kwargs) of the forward launch for one problem signature."""
     if config is None:
         config = (heuristic_fwd_config(M, N, max_block) if max_block is not None
-                  else get_fwd_config(M, N, x.dtype, is_rms))
+                  else get_fwd_config(M, N, dtype, is_rms))
     # a stored config is valid for any N of its bucket: clamp to this row and to MAX_BLOCK;
     # rows wider than the block loop, one row per program
     block = min(int(config["BLOCK_N"]), next_pow2(N), next_pow2(max_block or MAX_BLOCK))
     one = block >= N
     bm = int(config.get("BLOCK_M", 1)) if one else 1
     warps = int(config.get("num_warps", _warps(bm * block)))
-    res = residual if residual is not None else x
-    norm_fwd_kernel[(triton.cdiv(M, bm),)](
+    return (triton.cdiv(M, bm),), dict(
+        IS_RMS=is_rms, HAS_RESIDUAL=has_res, HAS_W=has_w, HAS_B=has_b, ACTIVATION=activation,
+        ACT_PARAM=float(act_param), ONE_BLOCK=one, BLOCK_M=bm, BLOCK_N=block, STORE_STATS=stats,
+        num_warps=warps)
+
+
+def launch_norm_fwd(x, residual, weight, bias, y, mean, rstd, eps: float, is_rms: bool,
+                    activation: int, act_param: float, max_block: int | None = None,
+                    config: dict | None = None):
+    """x, residual: (M, N) any strides; y: (M, N) contiguous; mean/rstd: (M,) fp32, or both
+    None (inference: the statistics are not stored).
+
+    ``config`` (``BLOCK_M``, ``BLOCK_N``, ``num_warps``) overrides the tuned/heuristic choice;
+    ``max_block`` forces the heuristic with that row-block cap. The launch parameters of a
+    signature are computed once (:func:`tilefuse.kernels.launch_cache`)."""
+    M, N = x.shape
+    if M == 0:
+        return y
+    has_res = residual is not None
+    sig = (M, N, x.dtype, is_rms, has_res, weight is not None, bias is not None, activation,
+           act_param, rstd is not None)
+    launch = _FWD_LAUNCH.get(sig) if max_block is None and config is None else None
+    if launch is None:
+        launch = _fwd_launch(M, N, x.dtype, is_rms, has_res, sig[5], sig[6], activation,
+                             act_param, sig[9], max_block, config)
+        if max_block is None and config is None:
+            _FWD_LAUNCH[sig] = launch
+    grid, kw = launch
+    res = residual if has_res else x
+    sx0, sx1 = x.stride()
+    sr0, sr1 = res.stride() if has_res else (sx0, sx1)
+    norm_fwd_kernel[grid](
         x, res, weight if weight is not None else x, bias if bias is not None else x,
-        y, mean if mean is not None else rstd, rstd,
-        M, N, x.stride(0), x.stride(1), res.stride(0), res.stride(1), float(eps),
-        IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, HAS_W=weight is not None,
-        HAS_B=bias is not None, ACTIVATION=activation, ACT_PARAM=float(act_param),
-        ONE_BLOCK=one, BLOCK_M=bm, BLOCK_N=block, num_warps=warps)
+        y, mean if mean is not None else y, rstd if rstd is not None else y,
+        M, N, sx0, sx1, sr0, sr1, float(eps), **kw)
     return y
 
 

@@ -1,0 +1,128 @@
+"""The eager fast path around the ``torch.library`` custom ops.
+
+Every public op is a ``torch.library.custom_op`` (+ fake + autograd registrations), which is what
+``torch.compile(fullgraph=True)`` traces. Calling a custom op eagerly, though, goes through the
+dispatcher, the generated autograd wrapper, a redispatch and the dynamo-disable wrapper: tens of
+microseconds of host time per call, more than the torch op it replaces. :class:`FastOp` keeps the
+custom op for tracing and skips that machinery in eager mode:
+
+=========================================  ================================================
+situation                                  what runs
+=========================================  ================================================
+``torch.compiler.is_compiling()``          the custom op (traced as one opaque node)
+grad enabled and an input requires grad    an ``autograd.Function`` built from the *same*
+                                           implementation, ``setup_context`` and backward
+                                           that the custom op registers
+otherwise                                  the implementation function itself
+=========================================  ================================================
+
+The three run the same Python implementation and kernels, so results and gradients are the same
+bit for bit; :func:`custom_op_path` forces the custom op in eager mode (tests compare the two).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch._C import _any_requires_grad, is_grad_enabled
+
+_is_compiling = torch.compiler.is_compiling
+_FORCE_CUSTOM_OP = [False]
+
+
+@contextlib.contextmanager
+def custom_op_path(enabled: bool = True):
+    """Route every :class:`FastOp` through its ``torch.library`` custom op (the traced path) in
+    eager mode too, e.g. to compare it with the fast path."""
+    old = _FORCE_CUSTOM_OP[0]
+    _FORCE_CUSTOM_OP[0] = enabled
+    try:
+        yield
+    finally:
+        _FORCE_CUSTOM_OP[0] = old
+
+
+def _make_function(name: str, impl, setup_context, backward):
+    def forward(ctx, *args):
+        out = impl(*args)
+        setup_context(ctx, args, out)
+        return out
+
+    def _backward(ctx, *grads):
+        return backward(ctx, *grads)
+
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(_backward)})
+
+
+class FastOp:
+    """``FastOp(op, impl, setup_context, backward)``: call ``op`` (a custom op) when tracing,
+    else ``impl`` directly, wrapped in an equivalent ``autograd.Function`` when a gradient is
+    needed. Without ``backward`` an input that requires grad falls back to the custom op (which
+    then raises torch's "no autograd formula" error on backward, as before)."""
+
+    __slots__ = ("op", "impl", "fn", "__name__")
+
+    def __init__(self, op, impl, setup_context=None, backward=None):
+        self.op = op
+        self.impl = impl
+        name = getattr(impl, "__name__", "op")
+        self.__name__ = name
+        self.fn = (_make_function(f"Fast_{name}", impl, setup_context, backward).apply
+                   if backward is not None else None)
+
+    def __call__(self, *args):
+        if _FORCE_CUSTOM_OP[0] or _is_compiling():
+            return self.op(*args)
+        if is_grad_enabled() and _any_requires_grad(*args):
+            if self.fn is None:
+                return self.op(*args)
+            return self.fn(*args)
+        return self.impl(*args)
+
+
+def fast_op(name: str, impl, *, fake, setup_context=None, backward=None) -> FastOp:
+    """Register ``impl`` as the custom op ``tilefuse::name`` (``fake`` as its fake kernel,
+    ``backward``/``setup_context`` as its autograd) and return the :class:`FastOp` around it."""
+    op = torch.library.custom_op(f"tilefuse::{name}", mutates_args=())(impl)
+    op.register_fake(fake)
+    if backward is not None:
+        op.register_autograd(backward, setup_context=setup_context)
+    return FastOp(op, impl, setup_context, backward)
+
+
+_ACT_CODES: dict = {}
+
+
+def act_code(activation):
+    """:func:`tilefuse.activations.activation_code`, memoised for names, tuples and None (the
+    parse is pure for those; modules are parsed on every call, their parameters may change)."""
+    try:
+        return _ACT_CODES[activation]
+    except (KeyError, TypeError):
+        pass
+    from tilefuse.activations import activation_code
+
+    code = activation_code(activation)
+    if activation is None or type(activation) in (str, tuple):
+        _ACT_CODES[activation] = code
+    return code
+
+
+_any_autocast_enabled = torch._C._is_any_autocast_enabled
+
+
+def needs_grad(*tensors) -> bool:
+    """Grad mode is on and one of ``tensors`` (None allowed) requires grad. A single C call in
+    eager mode; the traceable spelling under ``torch.compile``."""
+    if not is_grad_enabled():
+        return False
+    if _is_compiling():
+        return any(t is not None and t.requires_grad for t in tensors)
+    return _any_requires_grad(*tensors)
+
+
+def autocast_maybe_on() -> bool:
+    """False only when no autocast is enabled for any device (eager: one C call); always True
+    under ``torch.compile``, where the callers' full autocast checks trace."""
+    return _is_compiling() or _any_autocast_enabled()

@@ -41,9 +41,13 @@ _first_use: bool | None = None  # tune_on_first_use() override; None: TILEFUSE_A
 
 
 def _drop_caches() -> None:
-    """Forget resolved configs (not open DBs or hashes): the next lookup per key re-walks."""
+    """Forget resolved configs (not open DBs or hashes): the next lookup per key re-walks, and
+    the launchers' per-signature launch parameters built from them are rebuilt."""
+    from tilefuse.kernels import clear_launch_caches
+
     _memory.clear()
     _fast.clear()
+    clear_launch_caches()
 
 
 on_write(_drop_caches)  # any DB write or clear in this process invalidates the lookup caches

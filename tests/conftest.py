@@ -38,6 +38,17 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_launch_caches():
+    """Launchers cache launch parameters per signature; tests that monkeypatch a heuristic (e.g.
+    the GPU tile choice in the interpreter) must not see another test's cached choice."""
+    from tilefuse.kernels import clear_launch_caches
+
+    clear_launch_caches()
+    yield
+    clear_launch_caches()
+
+
 @pytest.fixture
 def device():
     """'cuda' on a GPU machine, else 'cpu' (Triton interpreter lane)."""

@@ -1,7 +1,7 @@
 """Multi-tensor reductions for grad clipping and grad-norm monitoring.
 
-Same chunk / per-tensor tables as :mod:`tilefuse.kernels.optim` (one launch covers every tensor
-of a (device, dtype) bucket). ``norm_partial_kernel`` writes one partial per chunk -- the sum of
+Same chunk / per-tensor tables as the update kernels (:mod:`tilefuse.kernels.optim_table`; one
+launch covers every tensor of a (device, dtype) bucket). ``norm_partial_kernel`` writes one partial per chunk -- the sum of
 squares, the sum of |x| or the max |x| -- with no atomics (deterministic); the caller reduces the
 partials on device (total norm) or segment-sums them by the chunk -> tensor map (per-tensor
 norms). ``scale_kernel`` multiplies every tensor by a device scalar (the clip coefficient), so
@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tilefuse.kernels.optim import block_size, chunk_table, compute_dtype, tensor_table
+from tilefuse.kernels.optim_table import block_size, chunk_table, compute_dtype, tensor_table
 
 
 # roles: 0 tensor.  NORM: 2 -> sum of squares, 1 -> sum of |x|, 0 -> max |x| (the inf-norm)

@@ -1,9 +1,11 @@
 """The multi-tensor step driver shared by every tilefuse optimizer.
 
-``FusedStepMixin.step`` gathers every parameter with a dense gradient, lets the optimizer family
-create its state (torch's keys, dtypes and layouts) and compute each tensor's runtime scalars, then
-groups the tensors into buckets -- same device, same dtype per role, same algorithm flags, across
-param groups -- and updates each bucket with ONE kernel launch (tilefuse.kernels.optim).
+``FusedStepMixin.step`` runs the optimizer's cached :class:`~tilefuse.optim._plan.Plan`: the
+tensors are grouped into buckets -- same device, same dtype per role, same algorithm flags, across
+param groups -- and each bucket is updated with ONE kernel launch (tilefuse.kernels.optim) from a
+table built once and rebuilt only when the param set, dtypes or state change (see _plan). The
+optimizer family creates its state (torch's keys, dtypes and layouts) and gives each param group's
+runtime scalars.
 
 Paths:
 * Triton (CUDA, or CPU under TRITON_INTERPRET=1): the fused kernels.
@@ -11,42 +13,22 @@ Paths:
   (given at construction, params on an accelerator): the family's torch reference step (torch's
   own ``step`` for the torch-named optimizers), so behaviour matches torch.
 
+Step counters (``state['step']``) live on the params' device and are advanced by the kernel.
+
 AMP: ``_step_supports_amp_scaling = True``; GradScaler then sets ``self.grad_scale`` (or None when
 the user already unscaled) and ``self.found_inf`` (device tensors). The gradient is unscaled inside
-the kernel and, for optimizers without a step counter (SGD, Lion), stores are switched off on
-device when ``found_inf`` is set: no host sync. Optimizers whose state has a ``step`` counter
-(Adam, AdamW, RMSprop, Adagrad) read ``found_inf`` once on the host (the same sync GradScaler does
-for any other optimizer), so that the counter matches torch.
+the kernel and, when ``found_inf`` is set, every load and store is switched off on the device and
+the step counters do not advance: no host sync. The one exception is SGD with momentum and
+``dampening != 0`` (see ``SGD._must_sync_on_inf``).
 """
 from __future__ import annotations
 
 import torch
 
 from tilefuse._backend import backend_for, backend_for_device
+from tilefuse.optim._plan import Plan, is_dense, same_layout  # noqa: F401
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense (any dim order): its storage range holds exactly its elements."""
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def same_layout(p: torch.Tensor, roles) -> bool:
-    """Every role tensor has the param's element order, so one flat index addresses all."""
-    n = p.numel()
-    if p.is_contiguous() and all(t is None or (t.is_contiguous() and t.numel() == n)
-                                 for t in roles):
-        return True
-    return is_dense(p) and all(t is None or (t.stride() == p.stride() and t.shape == p.shape)
-                               for t in roles)
 
 
 def total_grad_norm(grads, norm_type: float = 2.0) -> torch.Tensor:
@@ -100,24 +82,17 @@ def scale_grads_(grads, coef: torch.Tensor) -> None:
                 t.mul_(c.to(t.dtype))
 
 
-class _Item:
-    """One parameter's tensors (per role), runtime scalars and copies to write back."""
-    __slots__ = ("roles", "scalars", "writeback")
-
-    def __init__(self, roles, scalars, writeback):
-        self.roles, self.scalars, self.writeback = roles, scalars, writeback
-
-
 class FusedStepMixin:
     """Mixed into each optimizer. A family defines:
 
     * ``_kernel``: its update's key in tilefuse.kernels.optim.UPDATES (the kernel and the
       constexprs selecting its algorithm; imported at the first step);
-    * ``_uses_step``: whether its state has a ``step`` counter (AMP then reads found_inf);
+    * ``_uses_step``: whether its state has a ``step`` counter (advanced by the kernel);
     * ``_flags(group)``: the kernel's constexpr flags for a param group;
-    * ``_prepare(group, p, grad, state, step)`` -> (roles, scalars): creates the state lazily
-      (``step``: the already advanced counter, or None without ``_uses_step``), returns the
-      per-role tensors (param first, grad second, master last) and the runtime scalars;
+    * ``_prepare(group, p, grad, state)`` -> (roles, kind): creates the state lazily and returns
+      the per-role tensors (param first, grad second, master last) and the kind of the param's
+      scalar row (hashable; ``"first"`` marks a row valid for this step only);
+    * ``_scalars(group, kind)`` -> the runtime scalars (floats, same width for every kind);
     * ``_reference_step()``: the torch path."""
 
     _step_supports_amp_scaling = True
@@ -152,24 +127,31 @@ class FusedStepMixin:
         return m
 
     @staticmethod
-    def _advance_steps(states) -> list:
-        """state['step'] += 1 for every state (created as torch does: a CPU scalar tensor), in one
-        foreach call; returns the new values as floats (CPU tensors: no device sync)."""
+    def _step_tensor(state, p) -> torch.Tensor:
+        """state['step'] as the kernel advances it: a float scalar tensor on the param's device
+        (created as torch does: 0, ``_get_scalar_dtype()``; a CPU tensor on the CPU)."""
+        s = state.get("step")
+        if (isinstance(s, torch.Tensor) and s.device == p.device and s.is_floating_point()
+                and s.dim() == 0):
+            return s
         from torch.optim.optimizer import _get_scalar_dtype
 
-        steps = []
-        for state in states:
-            s = state.get("step")
-            if s is None:
-                s = torch.tensor(0.0, dtype=_get_scalar_dtype())
-            elif not isinstance(s, torch.Tensor):
-                s = torch.tensor(float(s), dtype=torch.float32)
-            elif s.device.type != "cpu":  # e.g. loaded from a fused/capturable torch state
-                s = s.cpu()
-            state["step"] = s
-            steps.append(s)
-        torch._foreach_add_(steps, 1.0)
-        return torch.stack(steps).tolist() if steps else []
+        if s is None:
+            s = torch.tensor(0.0, dtype=_get_scalar_dtype(), device=p.device)
+        elif not isinstance(s, torch.Tensor):
+            s = torch.tensor(float(s), dtype=_get_scalar_dtype(), device=p.device)
+        else:  # e.g. a CPU step loaded for a CUDA param: moved once
+            dtype = s.dtype if s.is_floating_point() else _get_scalar_dtype()
+            s = s.detach().to(device=p.device, dtype=dtype).reshape(()).clone()
+        state["step"] = s
+        return s
+
+    def _group_sig(self, group) -> tuple:
+        """What a param group's plan depends on besides its tensors: the kernel flags (sorted
+        items), master weights and differentiable (torch path)."""
+        return (tuple(sorted(self._flags(group).items())),
+                bool(group.get("master_weights", False)),
+                bool(group.get("differentiable", False)))
 
     # ------------------------------------------------------------------ step
     def _needs_reference(self, params_with_grad) -> bool:
@@ -247,78 +229,39 @@ class FusedStepMixin:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        todo = [(group, p) for group in self.param_groups for p in group["params"]
-                if p.grad is not None]
-        if not todo:
-            return loss
-        with_grad = [p for _, p in todo]
         if max_grad_norm is not None and max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0, got {max_grad_norm}")
-        if self._needs_reference(with_grad):
-            return self._run_reference(loss, with_grad, max_grad_norm)
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and self._must_sync_on_inf():
+            if found_inf.item():
+                return loss
+            found_inf = None
+        plan = self.__dict__.get("_tf_plan")
+        if plan is None or not plan.refresh(self):
+            self._tf_plan = None
+            with_grad = [p for group in self.param_groups for p in group["params"]
+                         if p.grad is not None]
+            if not with_grad:
+                return loss
+            if self._needs_reference(with_grad):
+                return self._run_reference(loss, with_grad, max_grad_norm)
+            plan = self._tf_plan = Plan(self)
 
         grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        device = with_grad[0].device
-        gmul = None
-        if grad_scale is not None:
-            gmul = grad_scale.to(device).double().reciprocal().float()
+        gmul, gmul_inv = grad_scale, grad_scale is not None
         if max_grad_norm is not None:
-            norm = total_grad_norm([p.grad for p in with_grad])
-            if gmul is not None:
+            norm = total_grad_norm(plan.grads())
+            if grad_scale is not None:
+                gmul = grad_scale.to(norm.device).double().reciprocal().float()
                 norm = norm * gmul.to(norm.dtype)
             self.last_grad_norm = norm
             coef = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0).float()
-            gmul = coef if gmul is None else gmul * coef
-        if found_inf is not None:
-            if self._must_sync_on_inf():
-                if found_inf.item():
-                    return loss
-                found_inf = None
-
-        states = []
-        for _, p in todo:
-            state = self.state.get(p)  # a fresh dict is registered only if it gets content
-            states.append({} if state is None else state)
-        steps = self._advance_steps(states) if self._uses_step else [None] * len(todo)
-        buckets: dict = {}
-        group_flags: dict = {}
-        for (group, p), state, step in zip(todo, states, steps):
-            roles, scalars = self._prepare(group, p, p.grad, state, step)
-            if state and p not in self.state:  # torch keeps no entry for state-less params
-                self.state[p] = state
-            if p.numel() == 0:
-                continue
-            writeback = None
-            if not same_layout(p, roles):
-                # documented copy: layouts that differ from the param's are updated on
-                # contiguous copies, written back after the launch
-                copies = [None if t is None else t.contiguous() for t in roles]
-                writeback = [(t, c) for i, (t, c) in enumerate(zip(roles, copies))
-                             if i != 1 and t is not None and c is not t]
-                roles = copies
-            has_master = roles[-1] is not None  # the master copy is always the last role
-            fk = (id(group), has_master)
-            if fk not in group_flags:
-                flags = dict(self._flags(group), HAS_MASTER=has_master)
-                group_flags[fk] = (flags, tuple(sorted(flags.items())))
-            flags, fkey = group_flags[fk]
-            key = (fkey, p.device) + tuple(None if t is None else t.dtype for t in roles)
-            buckets.setdefault(key, (flags, []))[1].append(_Item(roles, scalars, writeback))
-
-        from tilefuse.kernels import optim as kernels
-
-        kernel, algo = kernels.UPDATES[self._kernel]
-        for flags, items in buckets.values():
-            roles = [list(r) for r in zip(*(it.roles for it in items))]
-            dev = roles[0][0].device  # buckets are per device: scalars follow (foreach-style)
-            kernels.launch_update(kernel, roles, [it.scalars for it in items], {**algo, **flags},
-                                  gmul=None if gmul is None else gmul.to(dev),
-                                  found_inf=None if found_inf is None else found_inf.to(dev))
-            for it in items:
-                for dst, src in it.writeback or ():
-                    dst.copy_(src)
+            gmul, gmul_inv = (coef if grad_scale is None else gmul * coef), False
+        plan.launch(self, gmul, gmul_inv, found_inf)
+        if plan.once:
+            self._tf_plan = None
         return loss
 
     def _must_sync_on_inf(self) -> bool:
-        return self._uses_step
+        """Whether GradScaler's found_inf must be read on the host before the step."""
+        return False

@@ -85,17 +85,18 @@ class _AdamFamily(_TorchNamed):
         return dict(AMSGRAD=bool(group["amsgrad"]), DECOUPLED=bool(decoupled),
                     MAXIMIZE=bool(group["maximize"]))
 
-    def _prepare(self, group, p, grad, state, step):
+    def _prepare(self, group, p, grad, state):
         dt = self._state_dtype(group, p)
         m = self._state_tensor(state, "exp_avg", p, dt)
         v = self._state_tensor(state, "exp_avg_sq", p, dt)
         vmax = self._state_tensor(state, "max_exp_avg_sq", p, dt) if group["amsgrad"] else None
+        return [p, grad, m, v, vmax, self._master(group, p, state)], None
+
+    def _scalars(self, group, kind):
+        # the bias corrections are computed in the kernel from the device step counter
         lr, wd, eps = _f(group["lr"]), float(group["weight_decay"]), float(group["eps"])
         beta1, beta2 = _f(group["betas"][0]), _f(group["betas"][1])
-        bc1 = 1 - beta1 ** step
-        bc2 = 1 - beta2 ** step
-        scalars = (lr, wd, 1 - beta1, beta2, 1 - beta2, eps, lr / bc1, bc2 ** 0.5, 1 - lr * wd)
-        return [p, grad, m, v, vmax, self._master(group, p, state)], scalars
+        return (lr, wd, 1 - beta1, beta1, beta2, 1 - beta2, eps, 1 - lr * wd)
 
 
 class Adam(_AdamFamily, torch.optim.Adam):
@@ -156,17 +157,19 @@ class SGD(_TorchNamed, torch.optim.SGD):
         return dict(MOMENTUM=group["momentum"] != 0, NESTEROV=bool(group["nesterov"]),
                     MAXIMIZE=bool(group["maximize"]))
 
-    def _prepare(self, group, p, grad, state, step):
-        lr, wd = _f(group["lr"]), float(group["weight_decay"])
-        momentum, dampening = float(group["momentum"]), float(group["dampening"])
-        buf = None
-        scalars = (lr, wd, 0.0, 1.0, momentum)
-        if momentum != 0:
-            new = state.get("momentum_buffer") is None
+    def _prepare(self, group, p, grad, state):
+        buf, kind = None, None
+        if group["momentum"] != 0:
+            kind = "first" if state.get("momentum_buffer") is None else "steady"
             buf = self._state_tensor(state, "momentum_buffer", p, self._state_dtype(group, p))
-            if not new:
-                scalars = (lr, wd, momentum, 1.0 - dampening, momentum)
-        return [p, grad, buf, self._master(group, p, state)], scalars
+        return [p, grad, buf, self._master(group, p, state)], kind
+
+    def _scalars(self, group, kind):
+        lr, wd = _f(group["lr"]), float(group["weight_decay"])
+        momentum = float(group["momentum"])
+        if kind == "steady":  # buf = momentum * buf + (1 - dampening) * g
+            return (lr, wd, momentum, 1.0 - float(group["dampening"]), momentum)
+        return (lr, wd, 0.0, 1.0, momentum)  # no buffer, or its first step: buf = g
 
 
 class RMSprop(_TorchNamed, torch.optim.RMSprop):
@@ -188,15 +191,17 @@ class RMSprop(_TorchNamed, torch.optim.RMSprop):
         return dict(CENTERED=bool(group["centered"]), MOMENTUM=group["momentum"] > 0,
                     MAXIMIZE=bool(group["maximize"]))
 
-    def _prepare(self, group, p, grad, state, step):
+    def _prepare(self, group, p, grad, state):
         dt = self._state_dtype(group, p)
         sq = self._state_tensor(state, "square_avg", p, dt)
         buf = self._state_tensor(state, "momentum_buffer", p, dt) if group["momentum"] > 0 else None
         gavg = self._state_tensor(state, "grad_avg", p, dt) if group["centered"] else None
+        return [p, grad, sq, gavg, buf, self._master(group, p, state)], None
+
+    def _scalars(self, group, kind):
         alpha = float(group["alpha"])
-        scalars = (_f(group["lr"]), float(group["weight_decay"]), alpha, 1 - alpha,
-                   float(group["eps"]), float(group["momentum"]))
-        return [p, grad, sq, gavg, buf, self._master(group, p, state)], scalars
+        return (_f(group["lr"]), float(group["weight_decay"]), alpha, 1 - alpha,
+                float(group["eps"]), float(group["momentum"]))
 
 
 class Adagrad(_TorchNamed, torch.optim.Adagrad):
@@ -217,13 +222,15 @@ class Adagrad(_TorchNamed, torch.optim.Adagrad):
     def _flags(self, group):
         return dict(MAXIMIZE=bool(group["maximize"]))
 
-    def _prepare(self, group, p, grad, state, step):
+    def _prepare(self, group, p, grad, state):
         s = self._state_tensor(state, "sum", p, self._state_dtype(group, p),
                                fill=float(group["initial_accumulator_value"]))
-        lr = _f(group["lr"])
-        clr = lr / (1 + (step - 1) * float(group["lr_decay"]))
-        scalars = (clr, float(group["weight_decay"]), float(group["eps"]))
-        return [p, grad, s, self._master(group, p, state)], scalars
+        return [p, grad, s, self._master(group, p, state)], None
+
+    def _scalars(self, group, kind):
+        # the decayed lr (lr / (1 + (step - 1) * lr_decay)) is computed in the kernel
+        return (_f(group["lr"]), float(group["weight_decay"]), float(group["eps"]),
+                float(group["lr_decay"]))
 
 
 class Lion(FusedStepMixin, torch.optim.Optimizer):
@@ -251,12 +258,14 @@ class Lion(FusedStepMixin, torch.optim.Optimizer):
     def _flags(self, group):
         return dict(MAXIMIZE=bool(group.get("maximize", False)))
 
-    def _prepare(self, group, p, grad, state, step):
+    def _prepare(self, group, p, grad, state):
         m = self._state_tensor(state, "exp_avg", p, self._state_dtype(group, p))
+        return [p, grad, m, self._master(group, p, state)], None
+
+    def _scalars(self, group, kind):
         lr = _f(group["lr"])
-        scalars = (lr, 1 - lr * float(group["weight_decay"]), _f(group["betas"][0]),
-                   _f(group["betas"][1]))
-        return [p, grad, m, self._master(group, p, state)], scalars
+        return (lr, 1 - lr * float(group["weight_decay"]), _f(group["betas"][0]),
+                _f(group["betas"][1]))
 
     def _reference_step(self):
         for group in self.param_groups:

@@ -39,26 +39,34 @@ class Progress:
         self.desc, self.total, self.unit, self.interval_s = desc, total, unit, interval_s
         use_bar = is_terminal() if plain is None else not plain
         self.bar = _tqdm(total, desc, unit) if use_bar else None  # no tqdm: plain lines
-        self.n, self._last = 0, None
+        self.n, self._last, self._shown, self.closed = 0, None, None, False
+
+    def _line(self) -> None:
+        of = f"/{self.total}" if self.total is not None else ""
+        print(f"{self.desc}: {self.n}{of} {self.unit}", file=sys.stderr, flush=True)
+        self._last, self._shown = time.monotonic(), self.n
 
     def update(self, i: int) -> None:
+        if self.closed:
+            return
         self.n = i
         if self.bar is not None:
             self.bar.update(i - self.bar.n)
-        else:
-            now = time.monotonic()
-            done = self.total is not None and i >= self.total
-            if self._last is None or done or now - self._last >= self.interval_s:
-                self._last = now
-                of = f"/{self.total}" if self.total is not None else ""
-                print(f"{self.desc}: {i}{of} {self.unit}", file=sys.stderr, flush=True)
+        elif self._last is None or time.monotonic() - self._last >= self.interval_s:
+            self._line()
         if self.total is not None and i >= self.total:
             self.close()
 
     def close(self) -> None:
+        """End the bar; in plain mode print the final count unless it was the last line."""
+        if self.closed:
+            return
+        self.closed = True
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        elif self._shown != self.n:
+            self._line()
 
 
 def callback(desc: str, unit: str = "it", plain: Optional[bool] = None

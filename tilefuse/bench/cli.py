@@ -175,7 +175,7 @@ def register(subparsers) -> None:
     c = subparsers.add_parser("compare", help="compare two bench JSON reports; exit 1 on a "
                                               "regression, 2 on unusable input",
                               description="Compare two bench reports (a directory names the "
-                              "kernels.json or models.json inside it). Exit 0: no regression; 1: "
+                              "kernels.json, models.json or host.json inside it). Exit 0: no regression; 1: "
                               "a regression beyond --threshold; 2: unreadable input, entries of "
                               "OLD missing from NEW, nothing compared or invalid times.")
     c.add_argument("old", help="baseline report (JSON file or bench output directory)")

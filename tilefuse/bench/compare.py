@@ -14,7 +14,8 @@ As a regression gate it fails closed: every entry of OLD must be in NEW (``--all
 lists them instead), at least one entry must be compared, and every ``time_ms`` must be a finite
 positive number. Exit status: 0 no regression, 1 at least one regression beyond the threshold,
 2 unusable input (unreadable file, missing entries, nothing compared, invalid times).
-A directory argument names the report inside it (``kernels.json`` or ``models.json``).
+A directory argument names the report inside it (``kernels.json``, ``models.json`` or
+``host.json``).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from typing import Any, Dict, List, Optional
 
 from tilefuse.bench import report as rpt
 
-REPORT_NAMES = ("kernels.json", "models.json")
+REPORT_NAMES = ("kernels.json", "models.json", "host.json")
 _LIST = 10  # keys named per problem in messages
 
 

@@ -9,6 +9,7 @@ import torch
 import tilefuse
 from tilefuse.kernels import quant as quant_kernels
 from tilefuse.kernels.quant import torch_quantize_rows
+from tilefuse.quantize import QuantizationReport
 
 ops = tilefuse.ops
 # documented tolerance (docs/quantization.md): Int8Linear vs the float Linear, relative to the
@@ -206,3 +207,98 @@ def test_quantize_non_finite_rows_get_nan_scale(device, monkeypatch, chunked):
     assert torch.isnan(ops.dequantize_per_row(q, s)[1:4]).all()
     rq, rs = torch_quantize_rows(x.reshape(5, 20))  # the torch path: same policy
     assert torch.equal(torch.isnan(rs), torch.isnan(s.flatten())) and not rq[1:4].any()
+
+
+class Conv1D(torch.nn.Module):
+    """Hugging Face's transformers.pytorch_utils.Conv1D, verbatim semantics (weight (nx, nf))."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = torch.nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = torch.nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x):
+        size_out = x.size()[:-1] + (self.nf,)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size_out)
+
+
+def test_quantized_modules_keep_the_replaced_modules_attributes():
+    # issue 14 item 1: HF's TF padding reads conv.stride: 'Int8Conv1x1' object has no attribute
+    conv = torch.nn.Conv2d(8, 4, 1, bias=False)
+    q = tilefuse.nn.Int8Conv1x1.from_float(conv)
+    for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation",
+                 "groups", "padding_mode"):
+        assert getattr(q, attr) == getattr(conv, attr), attr
+    lin = tilefuse.nn.Int8Linear.from_float(torch.nn.Linear(6, 5))
+    assert (lin.in_features, lin.out_features) == (6, 5)
+
+
+def test_hf_conv1d_quantized_by_duck_typing(device):
+    # issue 14 item 2: GPT-2's Conv1D (a Linear with an (in, out) weight) was neither quantized
+    # nor reported
+    net = torch.nn.Sequential(Conv1D(24, 16), torch.nn.GELU(), Conv1D(8, 24)).to(device).eval()
+    x = torch.randn(2, 5, 16, device=device)
+    q, rep = tilefuse.quantize(net, mode="weight_only", calibration=x)
+    assert rep.replaced == ["0", "2"] and isinstance(q[0], tilefuse.nn.Int8Linear)
+    assert (q[0].nf, q[0].nx, q[0].in_features, q[0].out_features) == (24, 16, 16, 24)
+    assert rep.size_after < rep.size_before and rep.max_rel_dev < TOL["weight_only"]
+    with torch.no_grad():
+        ref = net[0](x)
+    assert (q[0](x) - ref).abs().max().item() <= TOL["weight_only"] * ref.abs().max().item()
+
+
+class _TiedLM(torch.nn.Module):
+    def __init__(self, vocab=300, d=32):
+        super().__init__()
+        self.wte = torch.nn.Embedding(vocab, d)
+        self.proj = torch.nn.Linear(d, d)
+        self.lm_head = torch.nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as in GPT-2
+
+    def forward(self, ids):
+        return self.lm_head(torch.relu(self.proj(self.wte(ids))))
+
+
+def test_tied_weights_are_skipped_and_a_larger_model_is_reported():
+    # issue 14 item 2: the tied lm_head got an int8 copy next to the fp32 embedding, so the
+    # "quantized" model was larger, and the report still said "smaller"
+    net = _TiedLM().eval()
+    q, rep = tilefuse.quantize(net, calibration=torch.randint(0, 300, (2, 6)))
+    assert rep.replaced == ["proj"] and isinstance(q.lm_head, torch.nn.Linear)
+    assert rep.skipped == ["lm_head (weight tied to wte: an int8 copy would be stored next to "
+                           "the float tensor, so the model would grow)"]
+    assert q.lm_head.weight is q.wte.weight and rep.size_after < rep.size_before
+    assert "lm_head (weight tied" in str(rep) and "smaller" in str(rep)
+    grown = QuantizationReport("w8a8", size_before=1000, size_after=1100)
+    assert "(1.10x larger)" in str(grown) and "smaller" not in str(grown)
+
+
+def test_quantize_hf_mobilenet_v2():
+    # issue 14 item 1: AttributeError: 'Int8Conv1x1' object has no attribute 'stride'
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.MobileNetV2Config(image_size=32, depth_multiplier=0.25, num_labels=3)
+    model = transformers.MobileNetV2ForImageClassification(cfg).eval()
+    q, rep = tilefuse.quantize(model, mode="weight_only", calibration=torch.randn(1, 3, 32, 32))
+    conv = q.mobilenet_v2.layer[0].expand_1x1.convolution
+    assert isinstance(conv, tilefuse.nn.Int8Conv1x1) and conv.stride == (1, 1)
+    assert "classifier" in rep.replaced and rep.size_after < rep.size_before
+    assert rep.max_rel_dev < 0.05 and rep.argmax_agreement == 1.0
+
+
+def test_quantize_hf_gpt2_conv1d_and_tied_head():
+    # issue 14 item 2: 544,768 -> 578,768 bytes: Conv1D untouched, tied lm_head copied to int8
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=500, n_positions=64,
+                                  bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    q, rep = tilefuse.quantize(model, calibration=torch.randint(0, 500, (2, 8)))
+    assert [r for r in rep.replaced if r.endswith("mlp.c_fc")] == ["transformer.h.0.mlp.c_fc",
+                                                                    "transformer.h.1.mlp.c_fc"]
+    assert len(rep.replaced) == 8  # c_attn, attn.c_proj, c_fc, mlp.c_proj in both blocks
+    assert rep.skipped == ["lm_head (weight tied to transformer.wte: an int8 copy would be "
+                           "stored next to the float tensor, so the model would grow)"]
+    assert rep.size_after < 0.6 * rep.size_before and "smaller" in str(rep)
+    assert rep.max_rel_dev < 0.05

@@ -3,9 +3,13 @@
 Modes: ``'w8a8'`` (dynamic per-row int8 activations x per-channel int8 weights), ``'weight_only'``
 (int8 weights, float activations), and the float steps of the deployment pipeline ``'fp16'`` /
 ``'bf16'`` (a cast of every floating parameter and buffer). In the int8 modes every
-:class:`torch.nn.Linear` (including :class:`tilefuse.nn.Linear`) becomes an
-:class:`~tilefuse.nn.Int8Linear`, and every 1x1/stride-1/unpadded/ungrouped Conv1d/Conv2d an
-:class:`~tilefuse.nn.Int8Conv1x1`. The result is for inference.
+:class:`torch.nn.Linear` (including :class:`tilefuse.nn.Linear`) and Hugging Face ``Conv1D``
+(GPT-2's transposed Linear, recognised by duck typing) becomes an :class:`~tilefuse.nn.Int8Linear`,
+and every 1x1/stride-1/unpadded/ungrouped Conv1d/Conv2d an :class:`~tilefuse.nn.Int8Conv1x1`
+(keeping the replaced module's attributes: ``stride``, ``nf``...). A layer whose weight is tied
+to another module's (GPT-2's ``lm_head`` and token embedding) stays in float and is listed in
+``report.skipped``: an int8 copy next to the shared float tensor would make the model larger. The
+result is for inference.
 
 Sizes are real serialized sizes: ``torch.save(model.state_dict())`` into a ``BytesIO`` (the state
 dict rather than the pickled module, so models defined in a script or a test serialize too).
@@ -16,11 +20,12 @@ import copy
 import fnmatch
 import io
 from dataclasses import dataclass, field
-from typing import Any, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
 MODES = ("w8a8", "weight_only", "fp16", "bf16")
+_SHOWN = 10  # skipped modules listed by str(report)
 
 
 def serialized_size(model: torch.nn.Module) -> int:
@@ -48,10 +53,17 @@ class QuantizationReport:
 
     def __str__(self) -> str:
         mb = 1024 * 1024
+        if self.size_after > self.size_before:
+            change = f"{self.size_after / max(1, self.size_before):.2f}x larger"
+        else:
+            change = f"{self.compression:.2f}x smaller"
         lines = [f"quantize(mode={self.mode!r}): {len(self.replaced)} module(s) replaced, "
                  f"{len(self.skipped)} skipped",
                  f"  size: {self.size_before / mb:.3f} MiB -> {self.size_after / mb:.3f} MiB "
-                 f"({self.compression:.2f}x smaller)"]
+                 f"({change})"]
+        lines += [f"  skipped {s}" for s in self.skipped[:_SHOWN]]
+        if len(self.skipped) > _SHOWN:
+            lines.append(f"  ... and {len(self.skipped) - _SHOWN} more in report.skipped")
         if self.max_abs_dev is not None:
             lines.append(f"  output deviation: max {self.max_abs_dev:.4g} (relative "
                          f"{self.max_rel_dev:.3g}), mean {self.mean_abs_dev:.4g}")
@@ -70,30 +82,60 @@ def _skipped(name: str, module: torch.nn.Module, skip: tuple) -> bool:
     return False
 
 
+def _tied(model: torch.nn.Module) -> Dict[int, List[str]]:
+    """``id(parameter) -> paths of the modules that hold it`` (tied weights: several paths)."""
+    owners: Dict[int, List[str]] = {}
+    for path, m in model.named_modules(remove_duplicate=False):
+        for p in m._parameters.values():
+            if p is not None and path not in owners.setdefault(id(p), []):
+                owners[id(p)].append(path)
+    return owners
+
+
 def _replace_modules(model: torch.nn.Module, mode: str, skip: tuple, report: QuantizationReport,
-                     prefix: str | None = "") -> None:
-    """Replace Linear/1x1-conv children of ``model``; ``prefix=None`` marks the holder of the
-    root (its one child is named "" in the report)."""
+                     prefix: str | None = "", owners: Optional[Dict[int, List[str]]] = None,
+                     memo: Optional[dict] = None) -> None:
+    """Replace Linear/HF-Conv1D/1x1-conv children of ``model``; ``prefix=None`` marks the holder
+    of the root (its one child is named "" in the report). ``owners``: :func:`_tied` of the root;
+    ``memo``: a module object registered at several paths gets one replacement."""
+    from tilefuse.nn.hf_conv1d import is_hf_conv1d
     from tilefuse.nn.int8 import Int8Conv1x1, Int8Linear
 
+    owners = {} if owners is None else owners
+    memo = {} if memo is None else memo
     for child_name, child in list(model.named_children()):
         name = "" if prefix is None else f"{prefix}{child_name}"
-        is_linear = isinstance(child, torch.nn.Linear)
-        is_conv = isinstance(child, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
-        if (is_linear or is_conv) and _skipped(name, child, skip):
-            report.skipped.append(f"{name} (skip)")
+        if id(child) in memo:
+            if memo[id(child)] is not None:
+                setattr(model, child_name, memo[id(child)])
             continue
-        if is_linear:
-            setattr(model, child_name, Int8Linear.from_float(child, mode=mode))
-            report.replaced.append(name)
-        elif is_conv:
-            if Int8Conv1x1.supports(child):
-                setattr(model, child_name, Int8Conv1x1.from_float(child, mode=mode))
-                report.replaced.append(name)
+        is_linear = isinstance(child, torch.nn.Linear) or is_hf_conv1d(child)
+        is_conv = isinstance(child, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
+        new, why = None, None
+        if (is_linear or is_conv) and _skipped(name, child, skip):
+            why = "skip"
+        elif is_linear or is_conv:
+            tied = [p for p in owners.get(id(child.weight), []) if p != name]
+            if tied:
+                why = (f"weight tied to {tied[0]}: an int8 copy would be stored next to the "
+                       f"float tensor, so the model would grow")
+            elif is_linear:
+                new = Int8Linear.from_float(child, mode=mode)
+            elif Int8Conv1x1.supports(child):
+                new = Int8Conv1x1.from_float(child, mode=mode)
             else:
-                report.skipped.append(f"{name} (conv is not 1x1/stride 1/unpadded/ungrouped)")
+                why = "conv is not 1x1/stride 1/unpadded/ungrouped"
         elif not _skipped(name, child, skip):
-            _replace_modules(child, mode, skip, report, prefix=name + "." if name else "")
+            _replace_modules(child, mode, skip, report, name + "." if name else "", owners, memo)
+            continue
+        else:
+            continue
+        memo[id(child)] = new
+        if new is not None:
+            setattr(model, child_name, new)
+            report.replaced.append(name)
+        else:
+            report.skipped.append(f"{name} ({why})")
 
 
 def _call(model: torch.nn.Module, calibration: Any, dtype: Optional[torch.dtype] = None):
@@ -189,7 +231,7 @@ def quantize(model: torch.nn.Module, mode: str = "w8a8", skip: Iterable = (),
         with torch.no_grad():
             holder = torch.nn.Module()  # so that a bare Linear/Conv model is replaced too
             holder.add_module("root", target)
-            _replace_modules(holder, mode, skip, report, prefix=None)
+            _replace_modules(holder, mode, skip, report, prefix=None, owners=_tied(target))
             target = holder.root
     report.size_after = serialized_size(target)
     if calibration is not None:

@@ -9,6 +9,7 @@ import torch
 
 from tilefuse.activations import parse_activation
 from tilefuse.fused.int8 import quantize_per_row, w8a8_linear, weight_only_int8_linear
+from tilefuse.nn.hf_conv1d import is_hf_conv1d
 
 MODES = ("w8a8", "weight_only")
 
@@ -59,15 +60,23 @@ class Int8Linear(torch.nn.Module):
                    activation=None) -> "Int8Linear":
         """Quantize ``linear``'s weight per output channel (symmetric absmax, int8 in [-127, 127]).
 
-        A :class:`tilefuse.nn.Linear` keeps its fused activation unless ``activation`` is given.
+        ``linear`` is a :class:`torch.nn.Linear` or a Hugging Face ``Conv1D`` (weight ``(in,
+        out)``; the result keeps its ``nf``/``nx`` attributes). A :class:`tilefuse.nn.Linear` (or
+        ``Conv1DLinear``) keeps its fused activation unless ``activation`` is given.
         """
-        if not isinstance(linear, torch.nn.Linear):
-            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        conv1d = is_hf_conv1d(linear)
+        if not (isinstance(linear, torch.nn.Linear) or conv1d):
+            raise TypeError(f"linear must be a torch.nn.Linear or a Hugging Face Conv1D, got "
+                            f"{type(linear).__name__}")
         if activation is None and getattr(linear, "activation", "none") != "none":
             activation = (linear.activation, linear.act_param)
         w = linear.weight.detach()
-        m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+        if conv1d:
+            w = w.t()  # (nx, nf) = (in, out) -> torch's (out, in), a view
+        m = cls(w.shape[1], w.shape[0], bias=linear.bias is not None,
                 mode=mode, activation=activation, device=w.device, dtype=w.dtype)
+        if conv1d:  # code reading the replaced module's attributes keeps working
+            m.nf, m.nx = w.shape[0], w.shape[1]
         q, s = quantize_per_row(w)
         m.weight.copy_(q)
         m.weight_scale.copy_(s.reshape(-1))
@@ -93,12 +102,21 @@ class Int8Linear(torch.nn.Module):
 class Int8Conv1x1(torch.nn.Module):
     """A 1x1, stride-1, unpadded, ungrouped ``Conv1d``/``Conv2d`` run as an :class:`Int8Linear`
     over the channel dim (the input is moved to channels-last for the GEMM: one copy when it is
-    not already channels-last). ``state_dict`` keys live under ``linear.``."""
+    not already channels-last). ``state_dict`` keys live under ``linear.``.
+
+    It keeps the conv's attributes (``in_channels``, ``out_channels``, ``kernel_size``,
+    ``stride``, ``padding``, ``dilation``, ``groups``, ``padding_mode``...), so code that reads
+    them off the module (e.g. Hugging Face's TF-style "SAME" padding) works unchanged."""
 
     def __init__(self, linear: Int8Linear, ndim: int = 2) -> None:
         super().__init__()
         self.linear = linear
         self.ndim = ndim
+        one = (1,) * ndim
+        self.in_channels, self.out_channels = linear.in_features, linear.out_features
+        self.kernel_size, self.stride, self.dilation = one, one, one
+        self.padding, self.output_padding = (0,) * ndim, (0,) * ndim
+        self.groups, self.padding_mode, self.transposed = 1, "zeros", False
 
     @staticmethod
     def supports(conv: torch.nn.Module) -> bool:

@@ -277,8 +277,8 @@ def test_bad_inputs():
         tilefuse.patch("resnet")
     with pytest.raises(ValueError, match="ops"):
         tilefuse.patch(nn.Linear(2, 2), ops=["conv_bn_act", "bogus"])
-    with pytest.raises(ValueError, match="ops"):
-        tilefuse.patch(nn.Linear(2, 2), ops="dropout")
+    with pytest.raises(ValueError, match="unknown: 'bogus'"):
+        tilefuse.patch(nn.Linear(2, 2), ops="bogus")
     m = nn.Linear(2, 2)
     assert tilefuse.unpatch(m) is m  # never patched: no-op
     assert "0 replaced" in str(tilefuse.patch_report(m))
@@ -299,3 +299,21 @@ def test_compile_fullgraph_on_patched_model():
     ft = tilefuse.patch(ref.train())  # rewritten forwards (residual BN) compile too
     torch.testing.assert_close(torch.compile(ft, fullgraph=True, backend="eager")(
         torch.randn(2, 3, 8, 8)).shape, torch.Size([2, 5]))
+
+
+def test_ops_accepts_one_rule_name_as_a_string():
+    # issue 14 item 10: a string was split into characters ('l', 'i', 'n', ...) and rejected
+    model = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Dropout(0.1), nn.Linear(8, 2))
+    p = tilefuse.patch(model, ops="linear_act")
+    assert isinstance(p[0], tilefuse.nn.Linear) and type(p[2]) is nn.Dropout  # dropout rule off
+    with pytest.raises(ValueError) as err:
+        tilefuse.patch(model, ops="linear-act")
+    assert "'linear-act'" in str(err.value) and "'l', 'i'" not in str(err.value)
+
+
+def test_report_shows_the_fused_activation():
+    # issue 14 item 11: the report read "Linear -> gelu: Linear(activation=)"
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 10))
+    rep = str(tilefuse.patch_report(tilefuse.patch(model)))
+    assert "replaced   0: Linear -> gelu: Linear(activation='gelu')" in rep
+    assert "activation=)" not in rep

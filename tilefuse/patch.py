@@ -1,8 +1,9 @@
 """``tilefuse.patch(model)``: rewrite a model's modules into fused tilefuse modules.
 
-How it works: the model is traced with :mod:`torch.fx` (the root if possible, else each child that
-traces, recursively) *only to find patterns*; the rewrite itself is module replacement at the same
-attribute paths, so the model keeps its class, its attribute names and (in train mode) its
+How it works: the model is traced with :mod:`torch.fx` (the root if possible; a sub-module whose
+forward does not trace becomes one opaque call and is searched on its own, child by child; see
+:mod:`tilefuse.patch_trace`) *only to find patterns*; the rewrite itself is module replacement at
+the same attribute paths, so the model keeps its class, its attribute names and (in train mode) its
 ``state_dict`` keys. Replacements share the original parameter and buffer tensors.
 
 Rules (``ops=`` selects a subset; default all):
@@ -13,7 +14,8 @@ Rules (``ops=`` selects a subset; default all):
                 depthwise conv becomes ``DepthwiseConv2d(activation=act)`` when the activation
                 can be absorbed
 ``bn_act``      BatchNorm1d/2d -> act  =>  ``BatchNormAct1d/2d(activation=act)``
-``linear_act``  Linear -> act  =>  ``tilefuse.nn.Linear(activation=act)``
+``linear_act``  Linear -> act  =>  ``tilefuse.nn.Linear(activation=act)``; Hugging Face
+                ``Conv1D`` -> act  =>  ``Conv1DLinear(activation=act)`` (GPT-2's MLP)
 ``norm_act``    LayerNorm/RMSNorm/GroupNorm -> act  =>  ``LayerNormAct``/``RMSNormAct``/...;
                 LayerNorm/RMSNorm(x + residual)  =>  ``LayerNormAct``/``RMSNormAct(x, residual)``
 ``depthwise``   depthwise Conv2d (groups == in == out channels)  =>  ``DepthwiseConv2d``
@@ -38,12 +40,14 @@ import copy
 import types
 from typing import Dict, Iterable, List, Optional, Tuple
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from tilefuse import patch_fold as PF
 from tilefuse import patch_residual as PR
 from tilefuse import patch_rules as R
+from tilefuse import patch_trace as PT
+from tilefuse.nn.hf_conv1d import Conv1DLinear, is_hf_conv1d
 from tilefuse.patch_rules import PatchReport, PatchState  # noqa: F401  (PatchState: pickles)
 
 ALL_OPS = ("conv_bn_act", "bn_act", "linear_act", "norm_act", "depthwise", "dropout")
@@ -51,22 +55,6 @@ ALL_OPS = ("conv_bn_act", "bn_act", "linear_act", "norm_act", "depthwise", "drop
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
-
-
-def _graphs(module: nn.Module, prefix: str, report: PatchReport):
-    """Yield ``(prefix, graph)`` for the largest traceable pieces of ``module``."""
-    try:
-        graph = R.Tracer().trace(module)
-    except Exception as e:  # noqa: BLE001 - any tracing failure means: look at the children
-        if len(module._modules) == 0:
-            return
-        msg = str(e).strip().splitlines()[0][:90] if str(e).strip() else type(e).__name__
-        report.left_alone.append((prefix, f"{type(module).__name__} not fx-traceable ({msg}); "
-                                          f"patterns inside are searched child by child"))
-        for name, child in module.named_children():
-            yield from _graphs(child, _join(prefix, name), report)
-        return
-    yield prefix, graph
 
 
 class _Planner:
@@ -164,13 +152,15 @@ class _Planner:
             kind = type(m)
             if kind in (nn.BatchNorm2d, nn.BatchNorm1d):
                 self._bn(node, m, path, prefix, calls, mods, done)
-            elif kind is nn.Linear and "linear_act" in self.ops:
+            elif (kind is nn.Linear or is_hf_conv1d(m)) and "linear_act" in self.ops:
                 act_node, act = self._act_after(node, calls, mods, path)
-                if act is None:
+                target = "Linear" if kind is nn.Linear else "Conv1DLinear"
+                if act is None or not self._absorb(path, act_node, act, prefix, target):
                     continue
-                if self._absorb(path, act_node, act, prefix, "Linear"):
-                    new = R.convert(R.fused_class("Linear"), m, R.act_spec(act[0], act[1]))
-                    self.replace(path, new, True, f"Linear -> {act[0]}: Linear(activation=)")
+                cls = R.fused_class("Linear") if kind is nn.Linear else Conv1DLinear
+                new = R.convert(cls, m, R.act_spec(act[0], act[1]))
+                self.replace(path, new, True,
+                             f"{kind.__name__} -> {act[0]}: {target}(activation={act[0]!r})")
             elif kind in (nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) \
                     and "norm_act" in self.ops:
                 src = node.args[0] if len(node.args) == 1 and not node.kwargs else None
@@ -216,36 +206,9 @@ class _Planner:
             self.skip(path, "Conv2d -> BatchNorm2d not folded: the BN has no running statistics "
                             "(track_running_stats=False)")
         elif folding and conv is not None:
-            cpath = _join(prefix, conv_node.target)
-            folded = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
-            descr = "Conv2d -> BatchNorm2d folded (eval)"
-            dw = R.fused_class("DepthwiseConv2d")
-            spec = None
-            if R.is_depthwise(conv) and dw is not None and "depthwise" in self.ops:
-                if act is not None and act[2]:
-                    spec = R.act_spec(act[0], act[1])
-                    self.replace(_join(prefix, act_node.target), nn.Identity(), False,
-                                 "absorbed into DepthwiseConv2d")
-                elif act is not None:
-                    where = "shared by several call sites" if act_node.op == "call_module" \
-                        else "functional"
-                    self.skip(cpath, f"folded DepthwiseConv2d -> {act[0]}: activation is "
-                                     f"{where}, not absorbed (runs as a torch op)")
-                folded = R.convert(dw, folded, spec)
-                shown = spec[0] if isinstance(spec, tuple) else spec
-                descr += f" into DepthwiseConv2d(activation={shown})"
-            elif act is not None:
-                why = ("no fused dense-conv kernel" if not R.is_depthwise(conv) else
-                       "tilefuse.nn.DepthwiseConv2d not available" if dw is None else
-                       "the depthwise rule is not selected")
-                self.skip(cpath, f"folded Conv2d -> {act[0]}: activation not absorbed ({why}; "
-                                 f"runs as a torch op)")
-            self.replace(cpath, folded, False, descr)
-            parent, _, name = cpath.rpartition(".")
-            slot = (self.model.get_submodule(parent) if parent else self.model, name)
-            self.replace(path, R.FoldedBatchNorm(path, cpath, slot, conv, bn, folded, spec,
-                                                 self.fold_group),
-                         False, "folded into the preceding conv")
+            act_path = _join(prefix, act_node.target) \
+                if act is not None and act_node.op == "call_module" else None
+            PF.fold(self, _join(prefix, conv_node.target), conv, path, bn, act_path, act)
             done.add(conv_node.target)
             return
         if "bn_act" not in self.ops:
@@ -305,7 +268,8 @@ def patch(model: nn.Module, ops: Optional[Iterable[str]] = None, inplace: bool =
     Args:
         model: any ``nn.Module``. Its mode decides the Conv->BN rule: in ``eval()`` BN is folded
             into the conv (inference); in ``train()`` BN+act becomes ``BatchNormAct2d``.
-        ops: rule names to apply (subset of ``tilefuse.patch.ALL_OPS``); default all.
+        ops: the rules to apply: one name (``"linear_act"``) or a collection of names from
+            ``tilefuse.patch.ALL_OPS``; default all.
         inplace: modify ``model`` itself instead of a deep copy.
         verbose: print the report.
 
@@ -320,16 +284,20 @@ def patch(model: nn.Module, ops: Optional[Iterable[str]] = None, inplace: bool =
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    ops = ALL_OPS if ops is None else tuple(ops)
-    if isinstance(ops, str) or any(o not in ALL_OPS for o in ops):
-        raise ValueError(f"ops must be a collection of names from {ALL_OPS}, got {ops!r}")
+    ops = ALL_OPS if ops is None else (ops,) if isinstance(ops, str) else tuple(ops)
+    unknown = [o for o in ops if o not in ALL_OPS]
+    if unknown:
+        raise ValueError(f"ops must be a rule name or a collection of rule names from {ALL_OPS}; "
+                         f"unknown: {', '.join(map(repr, unknown))}")
     if not inplace:
         model = copy.deepcopy(model)
     state = getattr(model, "_tilefuse_patch", None) or R.PatchState()
     report = PatchReport()
     planner = _Planner(model, ops, report)
-    for prefix, graph in _graphs(model, "", report):
+    untraced = []  # (path, module, why) of modules whose forward torch.fx cannot trace
+    for prefix, graph in PT.graphs(model, "", untraced):
         planner.graph(prefix, graph)
+    PF.structural_folds(planner, untraced)
     planner.declared_residuals()
     planner.rewrite_owners()
     planner.leaves()

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tilefuse.activations import HF_ACTIVATIONS, activation_from_module  # noqa: F401
+from tilefuse.nn.hf_conv1d import is_hf_conv1d
 
 
 @dataclass
@@ -198,10 +199,17 @@ class DropoutAdd(nn.Dropout):
 
 
 class Tracer(fx.Tracer):
-    """fx tracer that keeps tilefuse's fused modules as leaves."""
+    """fx tracer that keeps tilefuse's fused modules as leaves, and the modules in ``opaque`` (a
+    collection of modules, or a dict keyed by ``id``: sub-modules whose forward does not trace)."""
+
+    def __init__(self, opaque=()):
+        super().__init__()
+        self.opaque = set(opaque) if isinstance(opaque, dict) else {id(m) for m in opaque}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if is_tilefuse(m) or getattr(m, "tilefuse_leaf", False):  # opaque by declaration
+            return True
+        if id(m) in self.opaque or is_hf_conv1d(m):  # HF Conv1D: one node, like nn.Linear
             return True
         if type(m).__name__ in HF_ACTIVATIONS:  # keep HF activations one call_module node
             return True

@@ -15,10 +15,11 @@ import torch
 from torch import Tensor
 
 from tilefuse import _autocast
-from tilefuse._backend import backend_for
-from tilefuse._validate import (FLOAT_DTYPES_F64, check_broadcastable, check_same_device,
-                                check_same_dtype, check_tensor)
-from tilefuse.activations import NAMES, activation_code, torch_activation, torch_activation_grad
+from tilefuse._backend import backend_of
+from tilefuse._validate import (FLOAT_DTYPES_F64, check_broadcastable, check_same_dtype,
+                                check_tensor, float_tensor, same_device)
+from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
+from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, needs_grad
 
 
 def _allow_tf32() -> bool:
@@ -38,39 +39,41 @@ def _torch_matmul(a, b, bias, residual, activation, act_param, out_dtype, want_p
     return y.to(out_dtype), pre
 
 
-@torch.library.custom_op("tilefuse::matmul", mutates_args=())
-def matmul_op(a: Tensor, b: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
-              activation: int, act_param: float, out_dtype: torch.dtype,
-              save_pre: bool) -> Tuple[Tensor, Tensor]:
-    """a (B,M,K) @ b (B,K,N) -> (out (B,M,N), pre-activation (B,M,N) or empty)."""
-    batch, M, _ = a.shape
-    N = b.shape[2]
-    if backend_for(a) == "torch":
+def _matmul_impl(a: Tensor, b: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+                 activation: int, act_param: float, out_dtype: torch.dtype,
+                 save_pre: bool) -> Tuple[Tensor, Tensor]:
+    """a (B,M,K) @ b (B,K,N) -> (out (B,M,N), pre-activation (B,M,N) or empty); or the 2-D
+    product a (M,K) @ b (K,N) -> (M,N) (no batch views on the hot path)."""
+    if backend_of(a) == "torch":
         out, pre = _torch_matmul(a, b, bias, residual, activation, act_param, out_dtype, save_pre)
         return out.contiguous(), (pre.contiguous() if pre is not None else a.new_empty(0))
     from tilefuse.kernels.matmul import launch_matmul
 
-    out = torch.empty((batch, M, N), device=a.device, dtype=out_dtype)
-    pre = torch.empty((batch, M, N), device=a.device, dtype=a.dtype) if save_pre else None
+    shape = _out_shape(a, b)
+    out = torch.empty(shape, device=a.device, dtype=out_dtype)
+    pre = torch.empty(shape, device=a.device, dtype=a.dtype) if save_pre else None
     launch_matmul(a, b, out, bias=bias, residual=residual, pre=pre, activation=activation,
                   act_param=act_param, allow_tf32=a.is_cuda and _allow_tf32())
     return out, (pre if pre is not None else a.new_empty(0))
 
 
-@matmul_op.register_fake
-def _(a, b, bias, residual, activation, act_param, out_dtype, save_pre):
-    batch, M, _ = a.shape
-    N = b.shape[2]
-    out = a.new_empty((batch, M, N), dtype=out_dtype)
-    pre = a.new_empty((batch, M, N)) if save_pre else a.new_empty(0)
+def _out_shape(a, b):
+    if a.dim() == 2:
+        return (a.shape[0], b.shape[1])
+    return (a.shape[0], a.shape[1], b.shape[2])
+
+
+def _matmul_fake(a, b, bias, residual, activation, act_param, out_dtype, save_pre):
+    shape = _out_shape(a, b)
+    out = a.new_empty(shape, dtype=out_dtype)
+    pre = a.new_empty(shape) if save_pre else a.new_empty(0)
     return out, pre
 
 
-@torch.library.custom_op("tilefuse::activation_backward", mutates_args=())
-def activation_backward_op(grad: Tensor, z: Tensor, activation: int, act_param: float,
-                           out_dtype: torch.dtype) -> Tensor:
+def _act_bwd_impl(grad: Tensor, z: Tensor, activation: int, act_param: float,
+                  out_dtype: torch.dtype) -> Tensor:
     """dz = grad * act'(z), elementwise; grad and z have the same shape."""
-    if backend_for(z) == "torch":
+    if backend_of(z) == "torch":
         g = torch_activation_grad(z.float(), NAMES[activation], act_param)
         return (grad.float() * g).to(out_dtype)
     from tilefuse.kernels.activations import launch_activation_backward
@@ -81,9 +84,11 @@ def activation_backward_op(grad: Tensor, z: Tensor, activation: int, act_param: 
     return launch_activation_backward(grad, z, dz, activation, act_param)
 
 
-@activation_backward_op.register_fake
-def _(grad, z, activation, act_param, out_dtype):
+def _act_bwd_fake(grad, z, activation, act_param, out_dtype):
     return z.new_empty(z.shape, dtype=out_dtype)
+
+
+activation_backward_op = fast_op("activation_backward", _act_bwd_impl, fake=_act_bwd_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -116,16 +121,18 @@ def _backward(ctx, grad_out, grad_pre):
         dz = activation_backward_op(grad_out, pre, ctx.activation, ctx.act_param, a.dtype)
     else:
         dz = grad_out.to(a.dtype)
-    da = _mm(dz, b.transpose(1, 2)) if need[0] else None
-    db = _mm(a.transpose(1, 2), dz) if need[1] else None
+    da = _mm(dz, b.transpose(-1, -2)) if need[0] else None
+    db = _mm(a.transpose(-1, -2), dz) if need[1] else None
     dbias = None
     if ctx.has_bias and need[2]:
         acc = torch.float64 if dz.dtype == torch.float64 else torch.float32
-        dbias = dz.sum(dim=(0, 1), dtype=acc).to(ctx.bias_dtype)
+        dims = (0,) if dz.dim() == 2 else (0, 1)
+        dbias = dz.sum(dim=dims, dtype=acc).to(ctx.bias_dtype)
     return da, db, dbias, dres, None, None, None, None
 
 
-matmul_op.register_autograd(_backward, setup_context=_setup_context)
+matmul_op = fast_op("matmul", _matmul_impl, fake=_matmul_fake, setup_context=_setup_context,
+                    backward=_backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,22 +167,30 @@ def matmul(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, activation=None,
     >>> bool(torch.allclose(y, torch.relu(x @ w), atol=1e-5))
     True
     """
-    check_tensor("a", a, dtypes=FLOAT_DTYPES_F64, min_ndim=1)
-    check_tensor("b", b, dtypes=FLOAT_DTYPES_F64, min_ndim=1)
-    check_tensor("bias", bias, dtypes=FLOAT_DTYPES_F64, ndim=1, allow_none=True)
-    check_tensor("residual", residual, dtypes=FLOAT_DTYPES_F64, allow_none=True)
-    check_same_device(a=a, b=b, bias=bias, residual=residual)
+    float_tensor("a", a)
+    float_tensor("b", b)
+    if a.dim() == 0 or b.dim() == 0:
+        check_tensor("a", a, min_ndim=1)
+        check_tensor("b", b, min_ndim=1)
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES_F64, ndim=1)
+    if residual is not None:
+        float_tensor("residual", residual)
+    same_device(a=a, b=b, bias=bias, residual=residual)
     if out_dtype is not None and (not isinstance(out_dtype, torch.dtype)
                                   or not out_dtype.is_floating_point):
         raise TypeError(f"out_dtype must be a floating torch.dtype, got {out_dtype!r}")
-    if _autocast.enabled(a):
+    if autocast_maybe_on() and _autocast.enabled(a):
         a, b, bias = _autocast.lower(a, b, bias)
         if residual is not None:
             (residual,) = _autocast.cast(out_dtype or a.dtype, residual)
-    check_same_dtype(a=a, b=b, bias=bias)
-    act, act_param = activation_code(activation)
+    if a.dtype != b.dtype or (bias is not None and bias.dtype != a.dtype):
+        check_same_dtype(a=a, b=b, bias=bias)
+    act, act_param = act_code(activation)
     if out_dtype is None:
         out_dtype = a.dtype
+    if b.dim() == 2 and a.dim() >= 2:  # the common case: no 1-D rules, batch folded into M
+        return _matmul_2d(a, b, bias, residual, act, act_param, out_dtype)
     squeeze_m, squeeze_n = a.dim() == 1, b.dim() == 1   # torch.matmul's 1-D rules
     if squeeze_m:
         a = a.unsqueeze(0)
@@ -190,8 +205,8 @@ def matmul(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, activation=None,
         raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
     if b.dim() == 2:
         out_shape = tuple(a.shape[:-1]) + (N,)
-        a3 = a.reshape(1, math.prod(a.shape[:-1]), K)
-        b3 = b.unsqueeze(0)
+        a3 = a.reshape(math.prod(a.shape[:-1]), K)
+        b3 = b
     else:
         try:
             batch = torch.broadcast_shapes(tuple(a.shape[:-2]), tuple(b.shape[:-2]))
@@ -206,20 +221,47 @@ def matmul(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, activation=None,
                                                                         else ())
     r3 = None
     if residual is not None:
-        check_broadcastable("residual", residual, final_shape)
-        if residual.dtype != out_dtype:
-            raise TypeError(f"residual must have the output dtype {out_dtype}, got "
-                            f"{residual.dtype}")
+        _check_residual(residual, final_shape, out_dtype)
         r = residual.expand(final_shape)
         if squeeze_n:
             r = r.unsqueeze(-1)
         if squeeze_m:
             r = r.unsqueeze(-2)
-        r3 = r.expand(out_shape).reshape(a3.shape[0], a3.shape[1], N)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (a, b, bias))
-    out, _ = matmul_op(a3, b3, bias, r3, act, act_param, out_dtype, bool(needs_grad and act != 0))
+        r3 = r.expand(out_shape).reshape(a3.shape[:-1] + (N,))
+    save_pre = act != 0 and needs_grad(a3, b3, bias)
+    out, _ = matmul_op(a3, b3, bias, r3, act, act_param, out_dtype, save_pre)
     return out.reshape(final_shape)
+
+
+def _check_residual(residual, shape, out_dtype):
+    check_broadcastable("residual", residual, shape)
+    if residual.dtype != out_dtype:
+        raise TypeError(f"residual must have the output dtype {out_dtype}, got "
+                        f"{residual.dtype}")
+
+
+def _matmul_2d(a, b, bias, residual, act, act_param, out_dtype):
+    """``a`` (..., M, K) @ ``b`` (K, N), validated: the batch is folded into M (a view when
+    ``a``'s leading dims flatten, else a copy) and the product runs as one 2-D launch."""
+    K, N = b.shape
+    if a.shape[-1] != K:
+        raise ValueError(f"inner dimensions do not match: a is {tuple(a.shape)} "
+                         f"(K={a.shape[-1]}) but b is {tuple(b.shape)} (K={K})")
+    if bias is not None and bias.shape[0] != N:
+        raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
+    a2 = a if a.dim() == 2 else a.reshape(math.prod(a.shape[:-1]), K)
+    r2 = None
+    if residual is not None:
+        shape = a.shape[:-1] + (N,)
+        if residual.shape != shape:
+            _check_residual(residual, shape, out_dtype)
+            residual = residual.expand(shape)
+        elif residual.dtype != out_dtype:
+            _check_residual(residual, shape, out_dtype)
+        r2 = residual if residual.dim() == 2 else residual.reshape(a2.shape[0], N)
+    save_pre = act != 0 and needs_grad(a2, b, bias)
+    out, _ = matmul_op(a2, b, bias, r2, act, act_param, out_dtype, save_pre)
+    return out if a.dim() == 2 else out.view(a.shape[:-1] + (N,))
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation=None,
@@ -229,8 +271,11 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation=
     ``weight`` is ``(out_features, in_features)`` as in torch; it is read through strides (no
     transposed copy).
     """
-    check_tensor("x", x, dtypes=FLOAT_DTYPES_F64, min_ndim=1)
-    check_tensor("weight", weight, dtypes=FLOAT_DTYPES_F64, ndim=2)
+    float_tensor("x", x)
+    float_tensor("weight", weight)
+    if x.dim() == 0 or weight.dim() != 2:
+        check_tensor("x", x, min_ndim=1)
+        check_tensor("weight", weight, ndim=2)
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features but weight expects in_features="
                          f"{weight.shape[1]} (weight shape {tuple(weight.shape)})")

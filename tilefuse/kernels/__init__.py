@@ -27,3 +27,18 @@ def launch_cache() -> dict:
 def clear_launch_caches() -> None:
     for cache in _LAUNCH_CACHES:
         cache.clear()
+
+
+def split_constexprs(kernel, n_runtime: int, kwargs: dict) -> tuple[tuple, dict]:
+    """Split a launch's keyword arguments into the kernel parameters that follow its first
+    ``n_runtime`` ones, as a positional tuple in declaration order (stopping at the first one
+    not given), and the rest (``num_warps``, ``num_stages``, later defaults) as keywords.
+    Launchers cache the pair per signature: a positional tuple is cheaper to pass on every
+    launch than a dict of a dozen constexprs, and binds to the same parameters."""
+    kwargs = dict(kwargs)
+    consts = []
+    for name in kernel.arg_names[n_runtime:]:
+        if name not in kwargs:
+            break
+        consts.append(kwargs.pop(name))
+    return tuple(consts), kwargs

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from tilefuse._backend import interpreter_enabled
-from tilefuse.kernels import next_pow2
+from tilefuse.kernels import launch_cache, next_pow2, split_constexprs
 from tilefuse.kernels.activations import apply_activation
 from tilefuse.kernels.dropout import RNG_Q, keep_mask
 
@@ -142,58 +142,92 @@ def get_config(M: int, N: int, K: int, dtype: torch.dtype, flags: tuple = (),
     return lookup("matmul", key, default)
 
 
+_LAUNCH = launch_cache()
+
+
+def _strides3(t) -> tuple:
+    """(batch, row, col) strides of a 2-D (batch stride 0) or 3-D operand."""
+    st = t.stride()
+    return (0,) + st if len(st) == 2 else st
+
+
+def _launch_params(M, N, K, dtype, activation, act_param, has_bias, has_res, has_pre,
+                   b_k_contiguous, tf32, dropconnect, config):
+    """(grid_x, constexprs, launch options) for one problem signature (cached by
+    :func:`launch_matmul`)."""
+    if config is None:
+        config = get_config(M, N, K, dtype, (activation, has_bias, has_res),
+                            b_k_contiguous=b_k_contiguous, tf32=tf32)
+    cfg = dict(config)
+    if dropconnect and not interpreter_enabled():
+        # the in-loop Philox mask adds registers: 4-warp fp32 tiles spill (tools/aot_check.py)
+        cfg["num_warps"] = max(cfg.get("num_warps", 4), 8)
+    cfg.setdefault("num_warps", 4)
+    cfg.setdefault("num_stages", 2)
+    grid_x = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    cfg.update(ACTIVATION=activation, ACT_PARAM=float(act_param), HAS_BIAS=has_bias,
+               HAS_RESIDUAL=has_res, SAVE_PRE=has_pre,
+               INPUT_PRECISION="tf32" if tf32 else "ieee",
+               ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
+               UPCAST=bool(interpreter_enabled() and dtype == torch.bfloat16),
+               HAS_DROPCONNECT=dropconnect)
+    consts, opts = split_constexprs(matmul_kernel, _N_RUNTIME, cfg)
+    return grid_x, consts, opts
+
+
+# matmul_kernel's runtime parameters (pointers, sizes, strides, DropConnect) come first
+_N_RUNTIME = matmul_kernel.arg_names.index("ACTIVATION")
+
+
 def launch_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, residual=None,
                   pre=None, activation: int = 0, act_param: float = 0.0, allow_tf32: bool = False,
                   config: dict | None = None, dropconnect: tuple | None = None) -> torch.Tensor:
-    """Launch on canonical 3-D operands: a (BATCH, M, K), b (BATCH, K, N), c (BATCH, M, N).
+    """Launch on a (BATCH, M, K), b (BATCH, K, N), c (BATCH, M, N), or the 2-D forms (M, K),
+    (K, N), (M, N) of a single product (no batch views needed); a 2-D operand next to 3-D ones
+    is broadcast over the batch (stride 0).
 
-    ``residual`` is (BATCH, M, N) with any strides (0 to broadcast); ``bias`` is (N,).
+    ``residual`` is shaped like c with any strides (0 to broadcast); ``bias`` is (N,).
     ``pre`` (same shape as c) receives the pre-activation when given.
     ``dropconnect=(seed, p, stride_k, stride_n)`` (``seed``: 0-d int64 tensor on the operands'
     device, read by the kernel) drops B[k, n] unless
     ``keep_mask(seed, k*stride_k + n*stride_n, p)`` and scales the product by 1/(1-p)
     (the same keep rule as :mod:`tilefuse.kernels.dropout`; BATCH must be 1).
+    The launch parameters of a signature are computed once (:func:`tilefuse.kernels.launch_cache`).
     """
-    batch, M, K = a.shape
-    N = b.shape[2]
+    M, K = a.shape[-2], a.shape[-1]
+    N = b.shape[-1]
+    batch = c.shape[0] if c.dim() == 3 else 1
     if batch == 0 or M == 0 or N == 0:
         return c
-    if config is None:
-        config = get_config(M, N, K, a.dtype, (activation, bias is not None, residual is not None),
-                            b_k_contiguous=b.stride(1) == 1 and N > 1 and K > 1,
-                            tf32=allow_tf32 and a.is_cuda)
-    cfg = dict(config)
-    if dropconnect is not None and not interpreter_enabled():
-        # the in-loop Philox mask adds registers: 4-warp fp32 tiles spill (tools/aot_check.py)
-        cfg["num_warps"] = max(cfg.get("num_warps", 4), 8)
-    num_warps = cfg.pop("num_warps", 4)
-    num_stages = cfg.pop("num_stages", 2)
-    if a.dtype == torch.float32 and allow_tf32 and a.is_cuda:
-        precision = "tf32"
-    else:
-        precision = "ieee"
+    sa, sb = _strides3(a), _strides3(b)
+    sc = _strides3(c)
+    tf32 = bool(allow_tf32 and a.dtype == torch.float32 and a.is_cuda)
+    has_bias, has_res, has_pre = bias is not None, residual is not None, pre is not None
+    sig = (M, N, K, a.dtype, activation, act_param, has_bias, has_res, has_pre,
+           sb[1] == 1 and N > 1 and K > 1, tf32, dropconnect is not None)
+    params = _LAUNCH.get(sig) if config is None else None
+    if params is None:
+        params = _launch_params(*sig, config)
+        if config is None:
+            _LAUNCH[sig] = params
+    grid_x, consts, opts = params
     dummy = c
     dc_seed, dc_p, dc_sk, dc_sn = dropconnect if dropconnect is not None else (dummy, 0.0, 0, 0)
-    res = residual if residual is not None else dummy
-    grid_x = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    res = residual if has_res else dummy
+    sr = _strides3(res) if has_res else sc
+    bias_arg = bias if has_bias else dummy
+    pre_arg = pre if has_pre else dummy
     for start in range(0, batch, MAX_GRID_Y):
         stop = min(batch, start + MAX_GRID_Y)
-        sl = slice(start, stop)
+        if batch > MAX_GRID_Y:  # the grid's y dimension is capped: launch in batch chunks
+            sl = slice(start, stop)
+            args = [t[sl] if t.dim() == 3 else t for t in (a, b, c, res, pre_arg)]
+            args[4] = pre_arg[sl] if has_pre else dummy
+        else:
+            args = (a, b, c, res, pre_arg)
         matmul_kernel[(grid_x, stop - start)](
-            a[sl], b[sl], c[sl], bias if bias is not None else dummy, res[sl],
-            pre[sl] if pre is not None else dummy,
-            M, N, K,
-            a.stride(0), a.stride(1), a.stride(2),
-            b.stride(0), b.stride(1), b.stride(2),
-            c.stride(0), c.stride(1), c.stride(2),
-            res.stride(0), res.stride(1), res.stride(2),
-            bias.stride(0) if bias is not None else 0,
-            dc_seed, float(dc_p), float(1.0 / (1.0 - dc_p)), int(dc_sk), int(dc_sn),
-            ACTIVATION=activation, ACT_PARAM=float(act_param),
-            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-            SAVE_PRE=pre is not None, INPUT_PRECISION=precision,
-            ACC_DTYPE=tl.float64 if a.dtype == torch.float64 else tl.float32,
-            UPCAST=bool(interpreter_enabled() and a.dtype == torch.bfloat16),
-            HAS_DROPCONNECT=dropconnect is not None,
-            num_warps=num_warps, num_stages=num_stages, **cfg)
+            args[0], args[1], args[2], bias_arg, args[3], args[4],
+            M, N, K, *sa, *sb, *sc, *sr, bias.stride(0) if has_bias else 0,
+            dc_seed, float(dc_p), float(1.0 / (1.0 - dc_p)), int(dc_sk), int(dc_sn), *consts,
+            **opts)
     return c

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from tilefuse._backend import interpreter_enabled
-from tilefuse.kernels import launch_cache, next_pow2
+from tilefuse.kernels import launch_cache, next_pow2, split_constexprs
 from tilefuse.kernels.activations import activation_grad, apply_activation
 
 MAX_BLOCK = 8192  # widest row kept in registers; wider rows loop
@@ -278,7 +278,7 @@ _FWD_LAUNCH = launch_cache()
 
 def _fwd_launch(M, N, dtype, is_rms, has_res, has_w, has_b, activation, act_param, stats,
                 max_block, config):
-    """(grid, constexpr kwargs) of the forward launch for one problem signature."""
+    """(grid, constexprs, launch options) of the forward launch for one problem signature."""
     if config is None:
         config = (heuristic_fwd_config(M, N, max_block) if max_block is not None
                   else get_fwd_config(M, N, dtype, is_rms))
@@ -288,10 +288,14 @@ def _fwd_launch(M, N, dtype, is_rms, has_res, has_w, has_b, activation, act_para
     one = block >= N
     bm = int(config.get("BLOCK_M", 1)) if one else 1
     warps = int(config.get("num_warps", _warps(bm * block)))
-    return (triton.cdiv(M, bm),), dict(
+    consts, opts = split_constexprs(norm_fwd_kernel, _FWD_RUNTIME, dict(
         IS_RMS=is_rms, HAS_RESIDUAL=has_res, HAS_W=has_w, HAS_B=has_b, ACTIVATION=activation,
         ACT_PARAM=float(act_param), ONE_BLOCK=one, BLOCK_M=bm, BLOCK_N=block, STORE_STATS=stats,
-        num_warps=warps)
+        num_warps=warps))
+    return (triton.cdiv(M, bm),), consts, opts
+
+
+_FWD_RUNTIME = norm_fwd_kernel.arg_names.index("IS_RMS")
 
 
 def launch_norm_fwd(x, residual, weight, bias, y, mean, rstd, eps: float, is_rms: bool,
@@ -315,14 +319,14 @@ def launch_norm_fwd(x, residual, weight, bias, y, mean, rstd, eps: float, is_rms
                              act_param, sig[9], max_block, config)
         if max_block is None and config is None:
             _FWD_LAUNCH[sig] = launch
-    grid, kw = launch
+    grid, consts, opts = launch
     res = residual if has_res else x
     sx0, sx1 = x.stride()
     sr0, sr1 = res.stride() if has_res else (sx0, sx1)
     norm_fwd_kernel[grid](
         x, res, weight if weight is not None else x, bias if bias is not None else x,
         y, mean if mean is not None else y, rstd if rstd is not None else y,
-        M, N, sx0, sx1, sr0, sr1, float(eps), **kw)
+        M, N, sx0, sx1, sr0, sr1, float(eps), *consts, **opts)
     return y
 
 

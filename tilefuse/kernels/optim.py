@@ -66,7 +66,10 @@ def _advance_step(t, row, n, live, step_ptr, cnt_ptr, NCOLS: tl.constexpr, BLOCK
     program reads the old value; the last of the tensor's programs to arrive writes the new one."""
     s_ptr = step_ptr + tl.load(row + NCOLS - 2)
     step = tl.load(s_ptr).to(tl.float64) + live.to(tl.float64)
-    arrived = tl.atomic_add(cnt_ptr + t, 1)  # acq_rel: every read above precedes the write below
+    # every warp of this program has read the old step before its arrival is counted (barrier),
+    # and every arrival precedes the last one's write (the atomic is acq_rel)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr + t, 1)
     last = arrived == tl.maximum((n + BLOCK - 1) // BLOCK, 1) - 1
     tl.store(s_ptr, step.to(s_ptr.dtype.element_ty), mask=last)
     tl.store(cnt_ptr + t, 0, mask=last)

@@ -108,7 +108,7 @@ class _Bucket:
         grads = list(map(_grad, self.params))
         try:
             ptrs = list(map(_ptr, grads))  # None or sparse: raises
-        except (AttributeError, RuntimeError):
+        except (TypeError, RuntimeError):
             return False
         if not all(map(_is, map(_dtype, grads), repeat(self.grad_dtype))):
             return False

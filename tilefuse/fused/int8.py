@@ -19,10 +19,11 @@ import torch
 from torch import Tensor
 
 from tilefuse import _autocast
-from tilefuse._backend import backend_for
+from tilefuse._backend import backend_of
 from tilefuse._validate import (FLOAT_DTYPES, FLOAT_DTYPES_F64, check_broadcastable,
                                 check_same_device, check_tensor)
-from tilefuse.activations import NAMES, activation_code, torch_activation
+from tilefuse.activations import NAMES, torch_activation
+from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op
 
 
 def _torch_int8_matmul(a, b, a_scale, b_scale, bias, residual, activation, act_param, out_dtype):
@@ -48,12 +49,11 @@ def _torch_int8_matmul(a, b, a_scale, b_scale, bias, residual, activation, act_p
     return y.to(out_dtype)
 
 
-@torch.library.custom_op("tilefuse::int8_matmul", mutates_args=())
-def int8_matmul_op(a: Tensor, b: Tensor, a_scale: Optional[Tensor], b_scale: Optional[Tensor],
+def _int8_impl(a: Tensor, b: Tensor, a_scale: Optional[Tensor], b_scale: Optional[Tensor],
                    bias: Optional[Tensor], residual: Optional[Tensor], activation: int,
                    act_param: float, out_dtype: torch.dtype) -> Tensor:
     """a (M, K) int8|float, b (K, N) int8 -> (M, N) out_dtype (int32 = raw accumulator)."""
-    if backend_for(a) == "torch":
+    if backend_of(a) == "torch":
         return _torch_int8_matmul(a, b, a_scale, b_scale, bias, residual, activation, act_param,
                                   out_dtype).contiguous()
     from tilefuse.kernels.int8_matmul import launch_int8_matmul
@@ -63,8 +63,7 @@ def int8_matmul_op(a: Tensor, b: Tensor, a_scale: Optional[Tensor], b_scale: Opt
                               residual=residual, activation=activation, act_param=act_param)
 
 
-@int8_matmul_op.register_fake
-def _(a, b, a_scale, b_scale, bias, residual, activation, act_param, out_dtype):
+def _int8_fake(a, b, a_scale, b_scale, bias, residual, activation, act_param, out_dtype):
     return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
 
 
@@ -92,9 +91,7 @@ def _backward(ctx, grad):
         if need_da:
             dzs = (dz * b_scale.float()[None, :]) if b_scale is not None else dz
             w = b.t().to(a.dtype)  # (N, K): the one dequantization, backward only
-            da, _ = matmul_op(dzs.to(a.dtype).unsqueeze(0), w.unsqueeze(0), None, None, 0, 0.0,
-                              a.dtype, False)
-            da = da.squeeze(0)
+            da, _ = matmul_op(dzs.to(a.dtype), w, None, None, 0, 0.0, a.dtype, False)
         if need_dbias:
             dbias = dz.sum(0).to(bias.dtype)
     if ctx.has_residual and need[5]:
@@ -103,15 +100,15 @@ def _backward(ctx, grad):
     return da, None, None, None, dbias, dres, None, None, None
 
 
-int8_matmul_op.register_autograd(_backward, setup_context=_setup_context)
+int8_matmul_op = fast_op("int8_matmul", _int8_impl, fake=_int8_fake,
+                         setup_context=_setup_context, backward=_backward)
 
 
-@torch.library.custom_op("tilefuse::quantize_per_row", mutates_args=())
-def quantize_per_row_op(x: Tensor) -> Tuple[Tensor, Tensor]:
+def _quantize_impl(x: Tensor) -> Tuple[Tensor, Tensor]:
     """x (M, N) float -> (q (M, N) int8, scale (M,) fp32)."""
     from tilefuse.kernels.quant import torch_quantize_rows
 
-    if backend_for(x) == "torch":
+    if backend_of(x) == "torch":
         q, s = torch_quantize_rows(x)
         return q.contiguous(), s.contiguous()
     from tilefuse.kernels.quant import launch_quantize_rows
@@ -122,9 +119,11 @@ def quantize_per_row_op(x: Tensor) -> Tuple[Tensor, Tensor]:
     return q, s
 
 
-@quantize_per_row_op.register_fake
-def _(x):
+def _quantize_fake(x):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+quantize_per_row_op = fast_op("quantize_per_row", _quantize_impl, fake=_quantize_fake)
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,6 +139,8 @@ def _per_row_scale(name: str, s, lead_shape: tuple, M: int) -> Optional[Tensor]:
     if s is None:
         return None
     check_tensor(name, s, dtypes=FLOAT_DTYPES)
+    if s.dim() == 1 and s.shape[0] == M and M != 1:
+        return s
     if s.numel() == 1:
         return s.reshape(1).expand(M)
     if tuple(s.shape) in (tuple(lead_shape), tuple(lead_shape) + (1,)):
@@ -153,6 +154,8 @@ def _per_col_scale(name: str, s, N: int) -> Optional[Tensor]:
     if s is None:
         return None
     check_tensor(name, s, dtypes=FLOAT_DTYPES)
+    if s.dim() == 1 and s.shape[0] == N and N != 1:
+        return s
     if s.numel() == 1:
         return s.reshape(1).expand(N)
     if tuple(s.shape) in ((N,), (N, 1), (1, N)):
@@ -162,15 +165,16 @@ def _per_col_scale(name: str, s, N: int) -> Optional[Tensor]:
 
 
 def _epilogue_args(N: int, out_shape: tuple, bias, residual, activation):
-    check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndim=1, allow_none=True)
-    if bias is not None and bias.shape[0] != N:
-        raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
-    check_tensor("residual", residual, dtypes=FLOAT_DTYPES, allow_none=True)
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, ndim=1)
+        if bias.shape[0] != N:
+            raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
     r2 = None
     if residual is not None:
+        check_tensor("residual", residual, dtypes=FLOAT_DTYPES)
         check_broadcastable("residual", residual, out_shape)
         r2 = residual.expand(out_shape).reshape(math.prod(out_shape[:-1]), N)
-    act, act_param = activation_code(activation)
+    act, act_param = act_code(activation)
     return r2, act, act_param
 
 
@@ -208,7 +212,7 @@ def int8_matmul(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None,
     lead = tuple(a.shape[:-1])
     out_shape = lead + (N,)
     M = math.prod(lead)
-    a2 = a.reshape(M, K)
+    a2 = a if a.dim() == 2 else a.reshape(M, K)
     sa = _per_row_scale("a_scale", a_scale, lead, M)
     sb = _per_col_scale("b_scale", b_scale, N)
     r2, act, act_param = _epilogue_args(N, out_shape, bias, residual, activation)
@@ -222,7 +226,7 @@ def int8_matmul(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None,
         raise ValueError("out_dtype=torch.int32 is the raw accumulator mode: it takes no a_scale, "
                          "b_scale, bias, activation or residual")
     out = int8_matmul_op(a2, b, sa, sb, bias, r2, act, act_param, out_dtype)
-    return out.reshape(out_shape)
+    return out if a.dim() == 2 else out.reshape(out_shape)
 
 
 def weight_only_int8_linear(x: Tensor, qweight: Tensor, scale: Tensor,
@@ -244,7 +248,8 @@ def weight_only_int8_linear(x: Tensor, qweight: Tensor, scale: Tensor,
     if scale is None:
         raise TypeError("scale must be a torch.Tensor, got None")
     check_same_device(x=x, qweight=qweight, scale=scale, bias=bias, residual=residual)
-    x, bias, residual = _autocast.lower(x, bias, residual)  # linear's autocast policy
+    if autocast_maybe_on():
+        x, bias, residual = _autocast.lower(x, bias, residual)  # linear's autocast policy
     N, K = qweight.shape
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} features but qweight expects in_features={K} "
@@ -252,9 +257,9 @@ def weight_only_int8_linear(x: Tensor, qweight: Tensor, scale: Tensor,
     out_shape = tuple(x.shape[:-1]) + (N,)
     sb = _per_col_scale("scale", scale, N)
     r2, act, act_param = _epilogue_args(N, out_shape, bias, residual, activation)
-    x2 = x.reshape(math.prod(x.shape[:-1]), K)
+    x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), K)
     out = int8_matmul_op(x2, qweight.t(), None, sb, bias, r2, act, act_param, x.dtype)
-    return out.reshape(out_shape)
+    return out if x.dim() == 2 else out.reshape(out_shape)
 
 
 def quantize_per_row(x: Tensor) -> Tuple[Tensor, Tensor]:
@@ -271,8 +276,11 @@ def quantize_per_row(x: Tensor) -> Tuple[Tensor, Tensor]:
     True
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES_F64, min_ndim=1)
-    x2 = x.detach().reshape(math.prod(x.shape[:-1]), x.shape[-1])
-    q, s = quantize_per_row_op(x2)
+    x = x.detach()
+    if x.dim() == 2:
+        q, s = quantize_per_row_op(x)
+        return q, s.view(x.shape[0], 1)
+    q, s = quantize_per_row_op(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]))
     return q.reshape(x.shape), s.reshape(tuple(x.shape[:-1]) + (1,))
 
 
@@ -291,7 +299,8 @@ def w8a8_linear(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor
     ``bias`` and ``residual`` are cast to the autocast dtype first (the output follows)."""
 
     check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
-    x, bias, residual = _autocast.lower(x, bias, residual)
+    if autocast_maybe_on():
+        x, bias, residual = _autocast.lower(x, bias, residual)
     check_tensor("qweight", qweight, dtypes=(torch.int8,), ndim=2)
     if x.shape[-1] != qweight.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features but qweight expects in_features="

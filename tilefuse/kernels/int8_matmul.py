@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from tilefuse._backend import interpreter_enabled
-from tilefuse.kernels import next_pow2
+from tilefuse.kernels import launch_cache, next_pow2, split_constexprs
 from tilefuse.kernels.activations import apply_activation
 from tilefuse.kernels.matmul import grouped_pid
 
@@ -131,27 +131,51 @@ def get_config(M: int, N: int, K: int, a_is_int8: bool, a_is_fp32: bool = False)
                   default)
 
 
+_LAUNCH = launch_cache()
+
+
+def _launch_params(M, N, K, a_dtype, raw, has_sa, has_sb, has_bias, has_res, activation,
+                   act_param, config):
+    """(grid, constexprs, launch options) for one signature (cached by the launcher)."""
+    a_is_int8 = a_dtype == torch.int8
+    cfg = dict(config if config is not None else
+               get_config(M, N, K, a_is_int8, a_dtype == torch.float32))
+    cfg.setdefault("num_warps", 4)
+    cfg.setdefault("num_stages", 2)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    cfg.update(A_IS_INT8=a_is_int8, RAW_INT32=raw, HAS_A_SCALE=has_sa, HAS_B_SCALE=has_sb,
+               HAS_BIAS=has_bias, HAS_RESIDUAL=has_res, ACTIVATION=activation,
+               ACT_PARAM=float(act_param),
+               UPCAST=bool(interpreter_enabled() and a_dtype == torch.bfloat16))
+    return (grid,) + split_constexprs(int8_matmul_kernel, _N_RUNTIME, cfg)
+
+
+_N_RUNTIME = int8_matmul_kernel.arg_names.index("A_IS_INT8")
+
+
 def launch_int8_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a_scale=None,
                        b_scale=None, bias=None, residual=None, activation: int = 0,
                        act_param: float = 0.0, config: dict | None = None) -> torch.Tensor:
     """Launch on 2-D operands: a (M, K) int8 or float, b (K, N) int8, c (M, N).
 
     ``c`` int32 selects the raw mode (no epilogue). ``a_scale`` is (M,), ``b_scale`` and ``bias``
-    are (N,) and ``residual`` is (M, N); any strides (0 broadcasts).
+    are (N,) and ``residual`` is (M, N); any strides (0 broadcasts). Launch parameters are
+    computed once per signature (:func:`tilefuse.kernels.launch_cache`).
     """
     M, K = a.shape
     N = b.shape[1]
     if M == 0 or N == 0:
         return c
-    a_is_int8 = a.dtype == torch.int8
-    raw = c.dtype == torch.int32
-    cfg = dict(config if config is not None else
-               get_config(M, N, K, a_is_int8, a.dtype == torch.float32))
-    num_warps = cfg.pop("num_warps", 4)
-    num_stages = cfg.pop("num_stages", 2)
+    sig = (M, N, K, a.dtype, c.dtype == torch.int32, a_scale is not None, b_scale is not None,
+           bias is not None, residual is not None, activation, act_param)
+    params = _LAUNCH.get(sig) if config is None else None
+    if params is None:
+        params = _launch_params(*sig, config)
+        if config is None:
+            _LAUNCH[sig] = params
+    grid, consts, opts = params
     dummy = c
     res = residual if residual is not None else dummy
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
     int8_matmul_kernel[grid](
         a, b, c,
         a_scale if a_scale is not None else dummy, b_scale if b_scale is not None else dummy,
@@ -161,11 +185,5 @@ def launch_int8_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a_scal
         res.stride(0), res.stride(1),
         a_scale.stride(0) if a_scale is not None else 0,
         b_scale.stride(0) if b_scale is not None else 0,
-        bias.stride(0) if bias is not None else 0,
-        A_IS_INT8=a_is_int8, RAW_INT32=raw,
-        HAS_A_SCALE=a_scale is not None, HAS_B_SCALE=b_scale is not None,
-        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-        ACTIVATION=activation, ACT_PARAM=float(act_param),
-        UPCAST=bool(interpreter_enabled() and a.dtype == torch.bfloat16),
-        num_warps=num_warps, num_stages=num_stages, **cfg)
+        bias.stride(0) if bias is not None else 0, *consts, **opts)
     return c

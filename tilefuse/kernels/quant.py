@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from tilefuse._backend import interpreter_enabled
-from tilefuse.kernels import next_pow2
+from tilefuse.kernels import launch_cache, next_pow2, split_constexprs
 
 QMAX = 127.0
 MAX_ONE_TILE = 8192
@@ -96,6 +96,10 @@ def quant_config(M: int, N: int) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, ONE_TILE=one_tile, num_warps=warps)
 
 
+_LAUNCH = launch_cache()
+_N_RUNTIME = quantize_rows_kernel.arg_names.index("stride_qn") + 1
+
+
 def launch_quantize_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
     """x (M, N) float with any strides -> q (M, N) int8, scale (M,) fp32 (both written)."""
     M, N = x.shape
@@ -104,11 +108,15 @@ def launch_quantize_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) 
     if N == 0:
         scale.fill_(1.0)
         return
-    cfg = quant_config(M, N)
-    warps = cfg.pop("num_warps")
-    quantize_rows_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
-        x, q, scale, M, N, x.stride(0), x.stride(1), q.stride(0), q.stride(1),
-        num_warps=warps, **cfg)
+    params = _LAUNCH.get((M, N))
+    if params is None:
+        cfg = quant_config(M, N)
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
+        params = _LAUNCH[(M, N)] = (grid,) + split_constexprs(quantize_rows_kernel, _N_RUNTIME,
+                                                              cfg)
+    grid, consts, opts = params
+    quantize_rows_kernel[grid](x, q, scale, M, N, x.stride(0), x.stride(1), q.stride(0),
+                               q.stride(1), *consts, **opts)
 
 
 def torch_quantize_rows(x: torch.Tensor):

@@ -270,6 +270,9 @@ def test_tied_weights_are_skipped_and_a_larger_model_is_reported():
                            "the float tensor, so the model would grow)"]
     assert q.lm_head.weight is q.wte.weight and rep.size_after < rep.size_before
     assert "lm_head (weight tied" in str(rep) and "smaller" in str(rep)
+    lin = torch.nn.Linear(8, 8)  # one module at two paths is not a tie: quantized once
+    q2, rep2 = tilefuse.quantize(torch.nn.Sequential(lin, torch.nn.ReLU(), lin))
+    assert rep2.replaced == ["0"] and q2[0] is q2[2] and isinstance(q2[2], tilefuse.nn.Int8Linear)
     grown = QuantizationReport("w8a8", size_before=1000, size_after=1100)
     assert "(1.10x larger)" in str(grown) and "smaller" not in str(grown)
 

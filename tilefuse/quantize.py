@@ -82,18 +82,19 @@ def _skipped(name: str, module: torch.nn.Module, skip: tuple) -> bool:
     return False
 
 
-def _tied(model: torch.nn.Module) -> Dict[int, List[str]]:
-    """``id(parameter) -> paths of the modules that hold it`` (tied weights: several paths)."""
-    owners: Dict[int, List[str]] = {}
+def _tied(model: torch.nn.Module) -> Dict[int, List[tuple]]:
+    """``id(parameter) -> [(path, module), ...]`` of the modules that hold it (tied weights:
+    several modules; one module registered at several paths is not a tie)."""
+    owners: Dict[int, List[tuple]] = {}
     for path, m in model.named_modules(remove_duplicate=False):
         for p in m._parameters.values():
-            if p is not None and path not in owners.setdefault(id(p), []):
-                owners[id(p)].append(path)
+            if p is not None:
+                owners.setdefault(id(p), []).append((path, m))
     return owners
 
 
 def _replace_modules(model: torch.nn.Module, mode: str, skip: tuple, report: QuantizationReport,
-                     prefix: str | None = "", owners: Optional[Dict[int, List[str]]] = None,
+                     prefix: str | None = "", owners: Optional[Dict[int, List[tuple]]] = None,
                      memo: Optional[dict] = None) -> None:
     """Replace Linear/HF-Conv1D/1x1-conv children of ``model``; ``prefix=None`` marks the holder
     of the root (its one child is named "" in the report). ``owners``: :func:`_tied` of the root;
@@ -103,7 +104,9 @@ def _replace_modules(model: torch.nn.Module, mode: str, skip: tuple, report: Qua
 
     owners = {} if owners is None else owners
     memo = {} if memo is None else memo
-    for child_name, child in list(model.named_children()):
+    for child_name, child in list(model._modules.items()):  # duplicates too
+        if child is None:
+            continue
         name = "" if prefix is None else f"{prefix}{child_name}"
         if id(child) in memo:
             if memo[id(child)] is not None:
@@ -115,7 +118,7 @@ def _replace_modules(model: torch.nn.Module, mode: str, skip: tuple, report: Qua
         if (is_linear or is_conv) and _skipped(name, child, skip):
             why = "skip"
         elif is_linear or is_conv:
-            tied = [p for p in owners.get(id(child.weight), []) if p != name]
+            tied = [p for p, m in owners.get(id(child.weight), []) if m is not child]
             if tied:
                 why = (f"weight tied to {tied[0]}: an int8 copy would be stored next to the "
                        f"float tensor, so the model would grow")

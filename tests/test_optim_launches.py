@@ -159,8 +159,12 @@ def _assert_same(oa, ob, pa, pb):
             torch.testing.assert_close(sa[k][name], sb[k][name], atol=1e-5, rtol=1e-4)
 
 
-def test_plan_kept_while_nothing_changes():
-    oa, ob, pa, pb = _pair()
+STATELESS = dict(lr=0.1)  # SGD without momentum: params without any state entry
+
+
+@pytest.mark.parametrize("name,kw", [("AdamW", {}), ("SGD", STATELESS)], ids=["AdamW", "SGD"])
+def test_plan_kept_while_nothing_changes(name, kw):
+    oa, ob, pa, pb = _pair(name, **kw)
     _lockstep(oa, ob, pa, pb, 2, seed=1)
     assert _lockstep(oa, ob, pa, pb, 3, seed=2)
     _assert_same(oa, ob, pa, pb)
@@ -186,17 +190,32 @@ def _new_storage(opt, ps):
     ps[3].data = ps[3].data.clone()       # same Parameter, new storage
 
 
+def _swap_param(opt, ps):
+    new = torch.nn.Parameter(ps[2].detach() * 2)
+    opt.state.pop(ps[2], None)  # (torch's state_dict() needs every state key in a group)
+    opt.param_groups[0]["params"][2] = ps[2] = new  # same list, same length, a new param
+
+
 def _load_state(opt, ps):
     opt.load_state_dict(copy.deepcopy(opt.state_dict()))
 
 
-@pytest.mark.parametrize("edit", [_add_group, _replace_state, _new_storage, _load_state],
-                         ids=["add_param_group", "replaced_state", "new_storage", "load_state"])
+@pytest.mark.parametrize("edit", [_add_group, _replace_state, _new_storage, _swap_param,
+                                  _load_state],
+                         ids=["add_param_group", "replaced_state", "new_storage", "swapped_param",
+                              "load_state"])
 def test_changes_rebuild_the_plan(edit):
     oa, ob, pa, pb = _pair()
     _lockstep(oa, ob, pa, pb, 2, seed=1)
     assert not _lockstep(oa, ob, pa, pb, 1, seed=2, edit=edit)
     assert _lockstep(oa, ob, pa, pb, 2, seed=3)  # stable again after the rebuild
+    _assert_same(oa, ob, pa, pb)
+
+
+def test_swapped_param_without_state_rebuilds():
+    oa, ob, pa, pb = _pair("SGD", **STATELESS)
+    _lockstep(oa, ob, pa, pb, 2, seed=1)
+    assert not _lockstep(oa, ob, pa, pb, 1, seed=2, edit=_swap_param)
     _assert_same(oa, ob, pa, pb)
 
 

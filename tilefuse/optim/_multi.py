@@ -158,7 +158,8 @@ class FusedStepMixin:
         if any(g.get("differentiable", False) for g in self.param_groups):
             return True
         # capturable=True at construction: on an accelerator, torch's own (CUDA-graph capturable)
-        # step honours it (the fused step builds its tables on the host). On the CPU torch has no
+        # step honours it (the fused step refreshes its tables from the host at every step, which
+        # a captured graph would not replay). On the CPU torch has no
         # capturable mode (its step raises); the interpreter lane keeps the fused step. Read from
         # ``defaults``, not the groups, so that loading a capturable torch state into a default
         # optimizer keeps the fused step.

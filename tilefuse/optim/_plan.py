@@ -70,15 +70,17 @@ class _Bucket:
 
     def __init__(self, flags):
         self.flags = flags
-        self.params, self.roles, self.steps, self.rowkeys, self.dicts = [], [], [], [], []
+        self.params, self.roles, self.steps, self.rowkeys = [], [], [], []
+        self.dicts, self.owners = [], []  # state dicts; as opt.state holds them (None: not held)
         self.rows: dict = {}  # (group index, kind) -> scalar row
         self.table = self.grad_base = None
 
-    def add(self, gi, kind, p, roles, step, state) -> None:
+    def add(self, gi, kind, p, roles, step, state, held=True) -> None:
         self.params.append(p)
         self.roles.append(roles)
         self.steps.append(step)
         self.dicts.append(state)
+        self.owners.append(state if held else None)
         self.rowkeys.append(self.rows.setdefault((gi, kind), len(self.rows)))
 
     def finish(self, values: dict, persistent: bool) -> None:
@@ -121,7 +123,7 @@ class _Bucket:
             return False
         if list(map(_ptr, self.params)) != self.param_ptrs:
             return False
-        if not all(map(_is, map(state_get, self.params), self.dicts)):
+        if not all(map(_is, map(state_get, self.params), self.owners)):
             return False
         for key, col in self.cols:
             if not all(map(_is, map(dict.get, self.dicts, repeat(key)), col)):
@@ -148,7 +150,7 @@ class Plan:
         self.groups = list(opt.param_groups)
         self.group_list = opt.param_groups
         self.params = [g["params"] for g in self.groups]
-        self.lens = [len(ps) for ps in self.params]
+        self.members = [list(ps) for ps in self.params]  # a replaced list entry is a new param
         self.sigs = [opt._group_sig(g) for g in self.groups]
         self.state = opt.state
         self.idle, self.with_grad, self.copies = [], [], []
@@ -197,7 +199,7 @@ class Plan:
         if kind == "first":
             self.once = True
         self.row_keys.add((gi, kind))
-        return gi, kind, p, roles, step, state
+        return gi, kind, p, roles, step, state, not fresh or bool(state)
 
     def _values(self, opt) -> dict:
         return {(gi, kind): opt._scalars(self.groups[gi], kind) for gi, kind in self.row_keys}
@@ -208,9 +210,10 @@ class Plan:
         if (self.once or groups is not self.group_list or len(groups) != len(self.groups)
                 or opt.state is not self.state):
             return False
-        for group, g0, ps, n, sig in zip(groups, self.groups, self.params, self.lens, self.sigs):
-            if (group is not g0 or group["params"] is not ps or len(ps) != n
-                    or opt._group_sig(group) != sig):
+        for group, g0, ps, members, sig in zip(groups, self.groups, self.params, self.members,
+                                               self.sigs):
+            if (group is not g0 or group["params"] is not ps or len(ps) != len(members)
+                    or not all(map(_is, ps, members)) or opt._group_sig(group) != sig):
                 return False
         if any(backend_for_device(d) != "triton" for d in self.devices):
             return False
@@ -243,7 +246,7 @@ class Plan:
         """Layouts that differ from the param's: contiguous copies, written back after."""
         buckets: dict = {}
         writeback = []
-        for gi, kind, p, roles, step, state in self._copy_entries:
+        for gi, kind, p, roles, step, state, _ in self._copy_entries:
             copies = [None if t is None else t.contiguous() for t in roles]
             writeback += [(t, c) for i, (t, c) in enumerate(zip(roles, copies))
                           if i != 1 and t is not None and c is not t]

@@ -1,11 +1,11 @@
 """Multi-tensor reductions for grad clipping and grad-norm monitoring.
 
 Same chunk / per-tensor tables as the update kernels (:mod:`tilefuse.kernels.optim_table`; one
-launch covers every tensor of a (device, dtype) bucket). ``norm_partial_kernel`` writes one partial per chunk -- the sum of
-squares, the sum of |x| or the max |x| -- with no atomics (deterministic); the caller reduces the
-partials on device (total norm) or segment-sums them by the chunk -> tensor map (per-tensor
-norms). ``scale_kernel`` multiplies every tensor by a device scalar (the clip coefficient), so
-clipping never reads the norm back to the host.
+launch covers every tensor of a (device, dtype) bucket). ``norm_partial_kernel`` writes one
+partial per chunk -- the sum of squares, the sum of |x| or the max |x| -- with no atomics
+(deterministic); the caller reduces the partials on device (total norm) or segment-sums them by
+the chunk -> tensor map (per-tensor norms). ``scale_kernel`` multiplies every tensor by a device
+scalar (the clip coefficient), so clipping never reads the norm back to the host.
 """
 from __future__ import annotations
 

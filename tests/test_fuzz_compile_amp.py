@@ -37,6 +37,14 @@ def _amp():
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
+def _amp_check(name, got, ref64, eager):
+    """``check`` with the floor of its tolerance at 2 bf16 ulps of the magnitude even for fp32
+    tensors (gradients, running statistics): they are sums of bf16-rounded activations, and a
+    few-element average (a running mean per channel) can have an eager error that is small by
+    luck, so 4x eager's error alone is not a bound there."""
+    check(name, got, ref64, eager, cond=eps(torch.bfloat16) / eps(got.dtype))
+
+
 # --------------------------------------------------------------------------------------------
 # patch under autocast
 # --------------------------------------------------------------------------------------------
@@ -57,8 +65,7 @@ def test_fuzz_patch_under_autocast(data):
     x64 = x.double().requires_grad_(True)
     y64 = ref64(x64)
     assert yf.dtype == yp.dtype, f"patched output {yf.dtype}, unpatched {yp.dtype}"
-    n_red = x[0].numel() * x.shape[0]
-    check("patched forward under autocast", yf, y64, yp, n_reduce=n_red)
+    _amp_check("patched forward under autocast", yf, y64, yp)
     if not train:
         return
     dy = randn(g, yf.shape, yf.dtype)
@@ -68,11 +75,11 @@ def test_fuzz_patch_under_autocast(data):
     gf = torch.autograd.grad(yf, [xf] + list(fused.parameters()), dy)
     g64 = torch.autograd.grad(y64, [x64] + list(ref64.parameters()), dy.double())
     for n, a, b, e in zip(["input"] + names, gf, g64, gp):
-        check(f"patched grad {n} under autocast", a, b, e, n_reduce=n_red)
+        _amp_check(f"patched grad {n} under autocast", a, b, e)
     sp, sf, s64 = plain.state_dict(), fused.state_dict(), ref64.state_dict()
     for k in sp:
         if "running" in k:   # BN statistics: updated from the autocast activations
-            check(f"patched {k} under autocast", sf[k], s64[k], sp[k], n_reduce=n_red)
+            _amp_check(f"patched {k} under autocast", sf[k], s64[k], sp[k])
         elif not sp[k].is_floating_point():
             assert torch.equal(sf[k], sp[k]), k
 

@@ -151,10 +151,10 @@ def _expected_replaced(model, rules):
     mods = dict(model.named_modules())
     out = []
     for name, m in mods.items():
-        if not isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) or not name:
+        if not isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             continue
         parts = name.split(".")
-        paths = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        paths = [".".join(parts[:i]) for i in range(1, len(parts) + 1)] if name else [""]
         if any(_rule_hits(p, mods[p], rules) for p in paths):
             continue
         if isinstance(m, nn.Linear) or Int8Conv1x1.supports(m):
@@ -177,7 +177,13 @@ def _draw_skip(data, model):
 @fuzz(4, 120)
 def test_fuzz_quantize_model(data):
     g = seed(data)
-    model, x = random_model(data, g)
+    bare = data.draw(st.sampled_from([None, None, None, "linear", "conv1x1"]), label="bare")
+    if bare is None:
+        model, x = random_model(data, g)
+    elif bare == "linear":   # the model *is* the layer: replaced as the root ("")
+        model, x = randomize(nn.Linear(8, 5), g), randn(g, (4, 8))
+    else:
+        model, x = randomize(nn.Conv2d(3, 4, 1), g), randn(g, (2, 3, 2, 5))
     model.eval()
     if data.draw(st.booleans(), label="patched first"):
         model = tilefuse.patch(model)
@@ -229,7 +235,7 @@ def test_fuzz_quantize_model(data):
     agree = (got.argmax(-1) == want.argmax(-1)).double()
     assert rep.argmax_agreement == pytest.approx(agree.mean().item())
     top2 = want.double().topk(2, -1).values
-    clear = (top2[:, 0] - top2[:, 1]) > 2 * rep.max_abs_dev
+    clear = (top2[..., 0] - top2[..., 1]) > 2 * rep.max_abs_dev
     assert agree[clear].all()
     if mode == "weight_only":   # end to end: the float model with the dequantized weights
         deq = copy.deepcopy(model)

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tilefuse import _autocast
-from tilefuse._backend import backend_for
-from tilefuse._validate import (FLOAT_DTYPES_F64, check_broadcastable, check_same_device,
-                                check_same_dtype, check_tensor)
-from tilefuse.activations import NAMES, activation_code, torch_activation
+from tilefuse._backend import backend_of
+from tilefuse._validate import (check_broadcastable, check_same_dtype, check_tensor,
+                                float_tensor, same_device)
+from tilefuse.activations import NAMES, torch_activation
+from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, needs_grad
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -39,18 +40,16 @@ def _out_memory_format(channels_last: bool):
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-@torch.library.custom_op("tilefuse::depthwise_conv2d", mutates_args=())
-def depthwise_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                        residual: Optional[Tensor], stride: List[int], padding: List[int],
-                        dilation: List[int], out_size: List[int], activation: int,
-                        act_param: float, channels_last: bool,
-                        save_pre: bool) -> Tuple[Tensor, Tensor]:
+def _fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+              stride: List[int], padding: List[int], dilation: List[int], out_size: List[int],
+              activation: int, act_param: float, channels_last: bool,
+              save_pre: bool) -> Tuple[Tensor, Tensor]:
     """x (N, C, H, W), weight (C*mult, 1, kh, kw), padding (top, left) -> (out, pre or empty)."""
     N, C, H, W = x.shape
     C_out, _, kh, kw = weight.shape
     fmt = _out_memory_format(channels_last)
     shape = (N, C_out, out_size[0], out_size[1])
-    if backend_for(x) == "torch":
+    if backend_of(x) == "torch":
         cd = _compute_dtype(x.dtype)
         xp = F.pad(x.to(cd), _full_padding(H, W, kh, kw, stride, padding, dilation, out_size))
         z = F.conv2d(xp, weight.to(cd), None if bias is None else bias.to(cd), stride, 0,
@@ -74,9 +73,8 @@ def depthwise_conv2d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor],
     return y, (pre if pre is not None else x.new_empty(0))
 
 
-@depthwise_conv2d_op.register_fake
-def _(x, weight, bias, residual, stride, padding, dilation, out_size, activation, act_param,
-      channels_last, save_pre):
+def _fwd_fake(x, weight, bias, residual, stride, padding, dilation, out_size, activation,
+              act_param, channels_last, save_pre):
     shape = (x.shape[0], weight.shape[0], out_size[0], out_size[1])
     fmt = _out_memory_format(channels_last)
     y = torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=fmt)
@@ -84,14 +82,13 @@ def _(x, weight, bias, residual, stride, padding, dilation, out_size, activation
     return y, pre
 
 
-@torch.library.custom_op("tilefuse::depthwise_conv2d_backward", mutates_args=())
-def depthwise_conv2d_backward_op(dz: Tensor, x: Tensor, weight: Tensor, stride: List[int],
-                                 padding: List[int], dilation: List[int], need_input: bool,
-                                 need_weight: bool) -> Tuple[Tensor, Tensor]:
+def _bwd_impl(dz: Tensor, x: Tensor, weight: Tensor, stride: List[int], padding: List[int],
+              dilation: List[int], need_input: bool,
+              need_weight: bool) -> Tuple[Tensor, Tensor]:
     """(grad_input or empty, grad_weight or empty) for dz = dL/d(conv + bias)."""
     N, C, H, W = x.shape
     C_out, _, kh, kw = weight.shape
-    if backend_for(x) == "torch":
+    if backend_of(x) == "torch":
         cd = _compute_dtype(x.dtype)
         pads = _full_padding(H, W, kh, kw, stride, padding, dilation, dz.shape[2:])
         xp = F.pad(x.to(cd), pads)
@@ -118,8 +115,7 @@ def depthwise_conv2d_backward_op(dz: Tensor, x: Tensor, weight: Tensor, stride: 
     return dx, dw
 
 
-@depthwise_conv2d_backward_op.register_fake
-def _(dz, x, weight, stride, padding, dilation, need_input, need_weight):
+def _bwd_fake(dz, x, weight, stride, padding, dilation, need_input, need_weight):
     dx = torch.empty_like(x) if need_input else x.new_empty(0)
     dw = weight.new_empty(weight.shape) if need_weight else weight.new_empty(0)
     return dx, dw
@@ -177,13 +173,20 @@ def _backward(ctx, grad_out, grad_pre):
     return dx, dw, dbias, dres, None, None, None, None, None, None, None, None
 
 
-depthwise_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+depthwise_conv2d_backward_op = fast_op("depthwise_conv2d_backward", _bwd_impl, fake=_bwd_fake)
+depthwise_conv2d_op = fast_op("depthwise_conv2d", _fwd_impl, fake=_fwd_fake,
+                              setup_context=_setup_context, backward=_backward)
 
 
 # --------------------------------------------------------------------------------------------
 # public functional API (re-exported by tilefuse.ops)
 # --------------------------------------------------------------------------------------------
 def _pair(name: str, v, minimum: int) -> Tuple[int, int]:
+    if type(v) is int and v >= minimum:  # the common forms first, no generic checks
+        return v, v
+    if type(v) is tuple and len(v) == 2 and type(v[0]) is int and type(v[1]) is int \
+            and v[0] >= minimum and v[1] >= minimum:
+        return v
     if isinstance(v, int) and not isinstance(v, bool):
         v = (v, v)
     if not (isinstance(v, (tuple, list)) and len(v) == 2
@@ -197,6 +200,8 @@ def _pair(name: str, v, minimum: int) -> Tuple[int, int]:
 def resolve_padding(padding, kernel_size, stride, dilation) -> Tuple[int, int, int, int]:
     """torch's ``padding`` (``'same'``, ``'valid'``, int, (ph, pw)) or an explicit
     ``(left, right, top, bottom)`` 4-tuple (F.pad order) -> (left, right, top, bottom)."""
+    if type(padding) is int and padding >= 0:
+        return padding, padding, padding, padding
     kh, kw = kernel_size
     if isinstance(padding, str):
         if padding == "valid":
@@ -220,14 +225,25 @@ def resolve_padding(padding, kernel_size, stride, dilation) -> Tuple[int, int, i
 
 def _depthwise_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, activation=None,
                       residual=None, channels_last: Optional[bool] = None) -> Tensor:
-
-    check_tensor("x", x, dtypes=FLOAT_DTYPES_F64, ndim=(3, 4))
-    check_tensor("weight", weight, dtypes=FLOAT_DTYPES_F64, ndim=4)
-    check_tensor("bias", bias, dtypes=FLOAT_DTYPES_F64, ndim=1, allow_none=True)
-    check_tensor("residual", residual, dtypes=FLOAT_DTYPES_F64, allow_none=True)
-    check_same_device(x=x, weight=weight, bias=bias, residual=residual)
-    x, weight, bias, residual = _autocast.lower(x, weight, bias, residual)  # conv2d's policy
-    check_same_dtype(x=x, weight=weight, bias=bias, residual=residual)
+    float_tensor("x", x)
+    if x.dim() != 4 and x.dim() != 3:
+        check_tensor("x", x, ndim=(3, 4))
+    float_tensor("weight", weight)
+    if weight.dim() != 4:
+        check_tensor("weight", weight, ndim=4)
+    if bias is not None:
+        float_tensor("bias", bias)
+        if bias.dim() != 1:
+            check_tensor("bias", bias, ndim=1)
+    if residual is not None:
+        float_tensor("residual", residual)
+    same_device(x=x, weight=weight, bias=bias, residual=residual)
+    if autocast_maybe_on():
+        x, weight, bias, residual = _autocast.lower(x, weight, bias, residual)  # conv2d's policy
+    dtype = x.dtype
+    if weight.dtype != dtype or (bias is not None and bias.dtype != dtype) \
+            or (residual is not None and residual.dtype != dtype):
+        check_same_dtype(x=x, weight=weight, bias=bias, residual=residual)
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
@@ -249,22 +265,23 @@ def _depthwise_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, act
         raise ValueError(f"input of spatial size ({H}, {W}) padded by (top={top}, bottom="
                          f"{bottom}, left={left}, right={right}) is smaller than the dilated "
                          f"kernel ({dilation[0] * (kh - 1) + 1}, {dilation[1] * (kw - 1) + 1})")
-    act, act_param = activation_code(activation)
+    act, act_param = act_code(activation)
     out_shape = (N, C_out, OH, OW)
     r4 = None
     if residual is not None:
         if unbatched and residual.dim() == 3:
             residual = residual.unsqueeze(0)
-        check_broadcastable("residual", residual, out_shape)
-        r4 = residual.expand(out_shape)
+        if residual.shape == out_shape:
+            r4 = residual
+        else:
+            check_broadcastable("residual", residual, out_shape)
+            r4 = residual.expand(out_shape)
     if channels_last is None:  # follow the input's layout, as torch's conv does
         channels_last = (C > 1 and not x.is_contiguous()
                          and x.is_contiguous(memory_format=torch.channels_last))
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias))
+    save_pre = act != 0 and needs_grad(x, weight, bias)
     out, _ = depthwise_conv2d_op(x, weight, bias, r4, list(stride), [top, left], list(dilation),
-                                 [OH, OW], act, act_param, bool(channels_last),
-                                 bool(needs_grad and act != 0))
+                                 [OH, OW], act, act_param, bool(channels_last), save_pre)
     return out.squeeze(0) if unbatched else out
 
 

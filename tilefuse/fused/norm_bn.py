@@ -9,22 +9,25 @@ passes ``1 / num_batches_tracked`` as the momentum.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch._C import is_grad_enabled
 
 from tilefuse import _autocast
-from tilefuse._backend import backend_for
-from tilefuse._validate import (FLOAT_DTYPES_F64, check_broadcastable, check_same_device,
-                                check_shape, check_tensor)
-from tilefuse.activations import NAMES, activation_code, torch_activation, torch_activation_grad
+from tilefuse._backend import backend_of
+from tilefuse._validate import check_broadcastable, check_shape, check_tensor, float_tensor, \
+    same_device
+from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
+from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, needs_grad
 from tilefuse.fused.norm_group import _empty_like_layout
 
 
 def _use_torch(x: Tensor) -> bool:
-    return backend_for(x) == "torch" or x.dtype == torch.float64 or x.numel() == 0
+    return backend_of(x) == "torch" or x.dtype == torch.float64 or x.numel() == 0
 
 
 def _cd(x: Tensor) -> torch.dtype:
@@ -46,54 +49,62 @@ def _pre_act(x, residual, weight, bias, mean, var, eps):
     return xhat, z
 
 
-@torch.library.custom_op("tilefuse::batch_norm_act_fwd", mutates_args=())
-def batch_norm_act_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
-                       bias: Optional[Tensor], running_mean: Optional[Tensor],
-                       running_var: Optional[Tensor], training: bool, eps: float,
-                       activation: int, act_param: float) -> Tuple[Tensor, Tensor, Tensor]:
+def _fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+              bias: Optional[Tensor], running_mean: Optional[Tensor],
+              running_var: Optional[Tensor], training: bool, eps: float, activation: int,
+              act_param: float, save_stats: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """x, residual: (N, C, S) -> (y, mean (C,), var (C,)): batch stats (biased) in training,
-    fp32 copies of the running stats in eval."""
-    N, C, S = x.shape
+    fp32 copies of the running stats in eval; in eval with ``save_stats=False`` (no gradient
+    will be taken) mean and var come back empty and the running stats are read in place."""
     y = _empty_like_layout(x)
-    if training:
-        mean = x.new_empty(C, dtype=torch.float32)
-        var = x.new_empty(C, dtype=torch.float32)
-    else:
-        mean = running_mean.to(torch.float32, copy=True)
-        var = running_var.to(torch.float32, copy=True)
     if _use_torch(x):
         if training:
             h = x.to(_cd(x))
             m = h.mean((0, 2))
             v = (h - m[None, :, None]).pow(2).mean((0, 2))
-            mean.copy_(m)
-            var.copy_(v)
-            stats = (m, v)
+            mean, var = m.float(), v.float()
+        elif save_stats:
+            mean = running_mean.to(torch.float32, copy=True)
+            var = running_var.to(torch.float32, copy=True)
         else:
-            stats = (mean, var)
-        _, z = _pre_act(x, residual, weight, bias, stats[0], stats[1], eps)
+            mean, var = running_mean.to(torch.float32), running_var.to(torch.float32)
+        _, z = _pre_act(x, residual, weight, bias, m if training else mean,
+                        v if training else var, eps)
         y.copy_(torch_activation(z, NAMES[activation], act_param))
-        return y, mean, var
+        return (y, mean, var) if training or save_stats else (y, _empty(x), _empty(x))
     from tilefuse.kernels.norm_bn import launch_batch_norm_fwd
 
-    launch_batch_norm_fwd(x, residual, weight, bias, y, mean, var, training, eps, activation,
-                          act_param)
-    return y, mean, var
+    if training:
+        mean = var = None
+    elif save_stats:
+        mean = running_mean.to(torch.float32, copy=True)
+        var = running_var.to(torch.float32, copy=True)
+    else:  # read in place when they already are fp32 and contiguous (the kernel's layout)
+        mean, var = _f32_dense(running_mean), _f32_dense(running_var)
+    mean, var = launch_batch_norm_fwd(x, residual, weight, bias, y, mean, var, training, eps,
+                                      activation, act_param)
+    return (y, mean, var) if training or save_stats else (y, _empty(x), _empty(x))
 
 
-@batch_norm_act_fwd.register_fake
-def _(x, residual, weight, bias, running_mean, running_var, training, eps, activation,
-      act_param):
-    C = x.shape[1]
+def _f32_dense(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32, copy=True)
+
+
+def _empty(x: Tensor) -> Tensor:
+    return torch.empty(0, device=x.device, dtype=torch.float32)
+
+
+def _fwd_fake(x, residual, weight, bias, running_mean, running_var, training, eps, activation,
+              act_param, save_stats):
+    C = x.shape[1] if training or save_stats else 0
     return (_empty_like_layout(x), x.new_empty(C, dtype=torch.float32),
             x.new_empty(C, dtype=torch.float32))
 
 
-@torch.library.custom_op("tilefuse::batch_norm_act_bwd", mutates_args=())
-def batch_norm_act_bwd(dy: Tensor, x: Tensor, residual: Optional[Tensor],
-                       weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
-                       var: Tensor, training: bool, eps: float, activation: int,
-                       act_param: float, need_dres: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _bwd_impl(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+              bias: Optional[Tensor], mean: Tensor, var: Tensor, training: bool, eps: float,
+              activation: int, act_param: float,
+              need_dres: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """-> (dx, dw (C,) fp32, db (C,) fp32, dres = dy * act'(z) or empty)."""
     dx = _empty_like_layout(x)
     dres = _empty_like_layout(x) if need_dres else x.new_empty(0)
@@ -123,9 +134,8 @@ def batch_norm_act_bwd(dy: Tensor, x: Tensor, residual: Optional[Tensor],
     return dx, dw, db, dres
 
 
-@batch_norm_act_bwd.register_fake
-def _(dy, x, residual, weight, bias, mean, var, training, eps, activation, act_param,
-      need_dres):
+def _bwd_fake(dy, x, residual, weight, bias, mean, var, training, eps, activation, act_param,
+              need_dres):
     C = x.shape[1]
     return (_empty_like_layout(x), x.new_empty(C, dtype=torch.float32),
             x.new_empty(C, dtype=torch.float32),
@@ -133,7 +143,7 @@ def _(dy, x, residual, weight, bias, mean, var, training, eps, activation, act_p
 
 
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, _rm, _rv, training, eps, activation, act_param = inputs
+    x, residual, weight, bias, _rm, _rv, training, eps, activation, act_param, _ = inputs
     ctx.training, ctx.eps, ctx.activation, ctx.act_param = training, eps, activation, act_param
     ctx.save_for_backward(x, residual, weight, bias, output[1], output[2])
 
@@ -149,10 +159,32 @@ def _backward(ctx, dy, _dmean, _dvar):
     return (dx if need[0] else None, dres if (residual is not None and need[1]) else None,
             dw.to(weight.dtype) if weight is not None and need[2] else None,
             db.to(bias.dtype) if bias is not None and need[3] else None,
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
-batch_norm_act_fwd.register_autograd(_backward, setup_context=_setup_context)
+batch_norm_act_bwd = fast_op("batch_norm_act_bwd", _bwd_impl, fake=_bwd_fake)
+batch_norm_act_fwd = fast_op("batch_norm_act_fwd", _fwd_impl, fake=_fwd_fake,
+                             setup_context=_setup_context, backward=_backward)
+
+
+def _check_momentum(momentum) -> float:
+    """torch's rule: any real number (an int such as 1 included, as ``F.batch_norm``); a bool
+    or a non-number is a TypeError (``momentum=None`` is resolved by the module)."""
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a real number (float or int; the module resolves "
+                        f"momentum=None), got {momentum!r}")
+    return float(momentum)
+
+
+def _update_running(running_mean, running_var, mean, var, momentum: float, count: int) -> None:
+    """torch's update: ``running = (1 - m) * running + m * stat``, unbiased variance."""
+    m = momentum
+    running_mean.mul_(1.0 - m).add_(
+        mean if mean.dtype == running_mean.dtype else mean.to(running_mean.dtype), alpha=m)
+    unbiased = var * (count / (count - 1))
+    running_var.mul_(1.0 - m).add_(
+        unbiased if unbiased.dtype == running_var.dtype else unbiased.to(running_var.dtype),
+        alpha=m)
 
 
 def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -176,50 +208,72 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     >>> bool(torch.allclose(y, ref, atol=1e-5))
     True
     """
-    check_tensor("x", x, dtypes=FLOAT_DTYPES_F64, min_ndim=2)
-    for name, t in (("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias), ("residual", residual)):
-        check_tensor(name, t, dtypes=FLOAT_DTYPES_F64, allow_none=True)
-    check_same_device(x=x, running_mean=running_mean, running_var=running_var, weight=weight,
-                      bias=bias, residual=residual)
-    # autocast: no cast (as torch's batch_norm); x may be bf16/fp16 with fp32 params and stats
-    x, residual = _autocast.promote_residual(x, residual)
-    C = x.shape[1]
+    float_tensor("x", x)
+    if x.dim() < 2:
+        check_tensor("x", x, min_ndim=2)
+    if running_mean is not None:
+        float_tensor("running_mean", running_mean)
+    if running_var is not None:
+        float_tensor("running_var", running_var)
+    if weight is not None:
+        float_tensor("weight", weight)
+    if bias is not None:
+        float_tensor("bias", bias)
+    if residual is not None:
+        float_tensor("residual", residual)
+    same_device(x=x, running_mean=running_mean, running_var=running_var, weight=weight,
+                bias=bias, residual=residual)
+    if residual is not None and autocast_maybe_on():
+        # autocast: no cast (as torch's batch_norm); x may be bf16/fp16 with fp32 params and
+        # stats; a mixed-dtype residual is promoted as eager ``bn(x) + residual`` would be
+        x, residual = _autocast.promote_residual(x, residual)
+    shape = x.shape
+    N, C = shape[0], shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
-        if t is not None:
+        if t is not None and t.shape != (C,):
             check_shape(name, t, (C,))
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be tensors or both be None")
+    if type(training) is not bool:
+        training = bool(training)
     if not training and running_mean is None:
         raise ValueError("batch_norm_act in eval mode (training=False) needs running_mean and "
                          "running_var")
     if residual is not None:
-        check_broadcastable("residual", residual, tuple(x.shape))
+        if residual.shape != shape:
+            check_broadcastable("residual", residual, tuple(shape))
         if residual.dtype != x.dtype:
             raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
-        raise TypeError(f"momentum must be a float (the module resolves momentum=None), got "
-                        f"{momentum!r}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
-    S = 1
-    for d in x.shape[2:]:
-        S *= d
-    count = x.shape[0] * S
+    if type(momentum) is not float:
+        momentum = _check_momentum(momentum)
+    if type(eps) is not float or not eps >= 0:
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+            raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+        eps = float(eps)
+    S = math.prod(shape[2:])
+    count = N * S
     if training and count <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
-                         f"{tuple(x.shape)}")
-    act, act_param = activation_code(activation)
-    x3 = x.reshape(x.shape[0], C, S)  # a view for NCHW / channels_last; else a copy
-    r3 = residual.expand(x.shape).reshape(x.shape[0], C, S) if residual is not None else None
-    y, mean, var = batch_norm_act_fwd(x3, r3, weight, bias, None if training else running_mean,
-                                      None if training else running_var, bool(training),
-                                      float(eps), act, act_param)
-    if training and running_mean is not None:
-        m = float(momentum)
-        with torch.no_grad():
-            running_mean.mul_(1.0 - m).add_(mean.detach().to(running_mean.dtype), alpha=m)
-            unbiased = var.detach() * (count / (count - 1))
-            running_var.mul_(1.0 - m).add_(unbiased.to(running_var.dtype), alpha=m)
-    return y.view(x.shape)
+                         f"{tuple(shape)}")
+    act, act_param = act_code(activation)
+    x3 = x if x.dim() == 3 else x.reshape(N, C, S)  # a view for NCHW / channels_last; else a copy
+    r3 = None
+    if residual is not None:
+        r3 = residual if residual.shape == shape else residual.expand(shape)
+        if r3.dim() != 3:
+            r3 = r3.reshape(N, C, S)
+    save = needs_grad(x3, r3, weight, bias)
+    if training:
+        y, mean, var = batch_norm_act_fwd(x3, r3, weight, bias, None, None, True, eps, act,
+                                          act_param, save)
+        if running_mean is not None:
+            if is_grad_enabled():
+                with torch.no_grad():
+                    _update_running(running_mean, running_var, mean, var, momentum, count)
+            else:
+                _update_running(running_mean, running_var, mean, var, momentum, count)
+    else:
+        y, _, _ = batch_norm_act_fwd(x3, r3, weight, bias, running_mean, running_var, False, eps,
+                                     act, act_param, save)
+    return y if x.dim() == 3 else y.view(shape)

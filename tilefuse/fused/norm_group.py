@@ -6,6 +6,7 @@ output is allocated in the input's memory format). InstanceNorm is ``num_groups 
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Tuple
 
@@ -13,22 +14,23 @@ import torch
 from torch import Tensor
 
 from tilefuse import _autocast
-from tilefuse._backend import backend_for
-from tilefuse._validate import FLOAT_DTYPES_F64, check_same_device, check_shape, check_tensor
-from tilefuse.activations import NAMES, activation_code, torch_activation, torch_activation_grad
+from tilefuse._backend import backend_of
+from tilefuse._validate import check_shape, check_tensor, float_tensor, same_device
+from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
+from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op
 
 
 def _use_torch(x: Tensor) -> bool:
-    return backend_for(x) == "torch" or x.dtype == torch.float64 or x.numel() == 0
+    return backend_of(x) == "torch" or x.dtype == torch.float64 or x.numel() == 0
 
 
-def _empty_like_layout(x3: Tensor, dtype=None) -> Tensor:
-    """(N, C, S) output: channels-last (C innermost) if the input is, else contiguous."""
+def _empty_like_layout(x3: Tensor) -> Tensor:
+    """(N, C, S) output in ``x3``'s dtype: channels-last (C innermost) if the input is, else
+    contiguous."""
     N, C, S = x3.shape
-    dtype = dtype or x3.dtype
     if C > 1 and S > 1 and x3.stride(1) == 1:
-        return x3.new_empty((N, S, C), dtype=dtype).transpose(1, 2)
-    return x3.new_empty((N, C, S), dtype=dtype)
+        return x3.new_empty((N, S, C)).transpose(1, 2)
+    return x3.new_empty((N, C, S))
 
 
 def _torch_stats(x3, G, eps):
@@ -56,8 +58,7 @@ def _affine(xhat, weight, bias):
     return z
 
 
-@torch.library.custom_op("tilefuse::group_norm_act_fwd", mutates_args=())
-def group_norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+def _fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                        num_groups: int, eps: float, activation: int,
                        act_param: float) -> Tuple[Tensor, Tensor, Tensor]:
     N, C, S = x.shape
@@ -75,18 +76,15 @@ def group_norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tenso
     return y, mean, rstd
 
 
-@group_norm_act_fwd.register_fake
-def _(x, weight, bias, num_groups, eps, activation, act_param):
+def _fwd_fake(x, weight, bias, num_groups, eps, activation, act_param):
     N = x.shape[0]
     return (_empty_like_layout(x), x.new_empty(N * num_groups, dtype=torch.float32),
             x.new_empty(N * num_groups, dtype=torch.float32))
 
 
-@torch.library.custom_op("tilefuse::group_norm_act_bwd", mutates_args=())
-def group_norm_act_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                       mean: Tensor, rstd: Tensor, num_groups: int, activation: int,
-                       act_param: float, need_dw: bool,
-                       need_db: bool) -> Tuple[Tensor, Tensor, Tensor]:
+def _bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+              mean: Tensor, rstd: Tensor, num_groups: int, activation: int, act_param: float,
+              need_dw: bool, need_db: bool) -> Tuple[Tensor, Tensor, Tensor]:
     N, C, S = x.shape
     dx = _empty_like_layout(x)
     def empty():
@@ -115,8 +113,8 @@ def group_norm_act_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Op
     return dx, (dw if dw is not None else empty()), (db if db is not None else empty())
 
 
-@group_norm_act_bwd.register_fake
-def _(dy, x, weight, bias, mean, rstd, num_groups, activation, act_param, need_dw, need_db):
+def _bwd_fake(dy, x, weight, bias, mean, rstd, num_groups, activation, act_param, need_dw,
+              need_db):
     C = x.shape[1]
     return (_empty_like_layout(x), x.new_empty(C if need_dw else 0, dtype=torch.float32),
             x.new_empty(C if need_db else 0, dtype=torch.float32))
@@ -139,7 +137,9 @@ def _backward(ctx, dy, _dmean, _drstd):
             db.to(bias.dtype) if need_db else None, None, None, None, None)
 
 
-group_norm_act_fwd.register_autograd(_backward, setup_context=_setup_context)
+group_norm_act_bwd = fast_op("group_norm_act_bwd", _bwd_impl, fake=_bwd_fake)
+group_norm_act_fwd = fast_op("group_norm_act_fwd", _fwd_impl, fake=_fwd_fake,
+                             setup_context=_setup_context, backward=_backward)
 
 
 def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
@@ -158,28 +158,35 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
     >>> bool(torch.allclose(y, ref, atol=1e-5))
     True
     """
-    check_tensor("x", x, dtypes=FLOAT_DTYPES_F64, min_ndim=2)
-    check_tensor("weight", weight, dtypes=FLOAT_DTYPES_F64, allow_none=True)
-    check_tensor("bias", bias, dtypes=FLOAT_DTYPES_F64, allow_none=True)
-    check_same_device(x=x, weight=weight, bias=bias)
-    # autocast: fp32 where torch runs group_norm in fp32 (CUDA, ...), no cast on CPU
-    x, weight, bias = _autocast.norm_fp32("group_norm", x, weight, bias)
-    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
-        raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
-    C = x.shape[1]
+    float_tensor("x", x)
+    if x.dim() < 2:
+        check_tensor("x", x, min_ndim=2)
+    if weight is not None:
+        float_tensor("weight", weight)
+    if bias is not None:
+        float_tensor("bias", bias)
+    same_device(x=x, weight=weight, bias=bias)
+    if autocast_maybe_on():  # fp32 where torch runs group_norm in fp32 (CUDA, ...), no cast on CPU
+        x, weight, bias = _autocast.norm_fp32("group_norm", x, weight, bias)
+    if type(num_groups) is not int:
+        if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
+            raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
+        num_groups = int(num_groups)
+    shape = x.shape
+    N, C = shape[0], shape[1]
     if num_groups <= 0 or C % num_groups != 0:
         raise ValueError(f"num_groups={num_groups} must be positive and divide the number of "
-                         f"channels C={C} (x of shape {tuple(x.shape)})")
-    if weight is not None:
+                         f"channels C={C} (x of shape {tuple(shape)})")
+    if weight is not None and weight.shape != (C,):
         check_shape("weight", weight, (C,))
-    if bias is not None:
+    if bias is not None and bias.shape != (C,):
         check_shape("bias", bias, (C,))
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
-    act, act_param = activation_code(activation)
-    S = 1
-    for d in x.shape[2:]:
-        S *= d
-    x3 = x.reshape(x.shape[0], C, S)  # a view for NCHW / channels_last; else a copy
-    y, _, _ = group_norm_act_fwd(x3, weight, bias, int(num_groups), float(eps), act, act_param)
-    return y.view(x.shape)
+    if type(eps) is not float or not eps >= 0:
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
+            raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+        eps = float(eps)
+    act, act_param = act_code(activation)
+    # a view for NCHW / channels_last; else a copy
+    x3 = x if x.dim() == 3 else x.reshape(N, C, math.prod(shape[2:]))
+    y, _, _ = group_norm_act_fwd(x3, weight, bias, num_groups, eps, act, act_param)
+    return y if x.dim() == 3 else y.view(shape)

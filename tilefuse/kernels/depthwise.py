@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from tilefuse._backend import interpreter_enabled
-from tilefuse.kernels import next_pow2
+from tilefuse.kernels import launch_cache, next_pow2, split_constexprs
 from tilefuse.kernels.activations import apply_activation
 
 MAX_GRID_Z = 65535
@@ -221,35 +221,64 @@ def _grid_batches(n: int):
         yield start, min(n, start + MAX_GRID_Z)
 
 
+_FWD_LAUNCH = launch_cache()
+_BWD_INPUT_LAUNCH = launch_cache()
+_BWD_WEIGHT_LAUNCH = launch_cache()
+_FWD_RUNTIME = dw_conv_fwd_kernel.arg_names.index("STRIDE_H")
+_BWD_INPUT_RUNTIME = dw_conv_bwd_input_kernel.arg_names.index("STRIDE_H")
+
+
+def _tiled_launch(kernel, n_runtime, N, C, OH, OW, channels_last, config, constexprs):
+    """(TILES_W, ((start, end, grid) per batch of images), constexprs, options) of a launch
+    over ``OH x OW`` pixel tiles times ``C`` channels."""
+    cfg = dict(config or tile_config(C, OH, OW, channels_last))
+    cfg.setdefault("num_warps", 4)
+    tiles_w = triton.cdiv(OW, cfg["BLOCK_W"])
+    grid_p = triton.cdiv(OH, cfg["BLOCK_H"]) * tiles_w
+    grid_c = triton.cdiv(C, cfg["BLOCK_C"])
+    consts, opts = split_constexprs(kernel, n_runtime, dict(constexprs, **cfg))
+    batches = tuple((s, e, (grid_p, grid_c, e - s)) for s, e in _grid_batches(N))
+    return tiles_w, batches, consts, opts
+
+
 def launch_forward(x, weight, y, bias=None, residual=None, pre=None, stride=(1, 1),
                    padding=(0, 0), dilation=(1, 1), activation: int = 0, act_param: float = 0.0,
                    config: dict | None = None):
     """y = act(dwconv(x, weight) + bias) + residual. ``padding`` is (top, left); the output size
-    is taken from ``y`` (any extra bottom/right padding is implied by it)."""
+    is taken from ``y`` (any extra bottom/right padding is implied by it). The launch parameters
+    of a signature are computed once (:func:`tilefuse.kernels.launch_cache`)."""
     N, C_in, H, W = x.shape
     C_out, _, KH, KW = weight.shape
     OH, OW = y.shape[2], y.shape[3]
     if y.numel() == 0:
         return y
-    channels_last = y.stride(1) == 1 and C_out > 1
-    cfg = dict(config or tile_config(C_out, OH, OW, channels_last))
-    num_warps = cfg.pop("num_warps", 4)
-    tiles_w = triton.cdiv(OW, cfg["BLOCK_W"])
-    grid_p = triton.cdiv(OH, cfg["BLOCK_H"]) * tiles_w
-    grid_c = triton.cdiv(C_out, cfg["BLOCK_C"])
-    res = residual if residual is not None else y
-    for s, e in _grid_batches(N):
-        dw_conv_fwd_kernel[(grid_p, grid_c, e - s)](
-            x[s:e], weight, bias if bias is not None else y, res[s:e], y[s:e],
-            pre[s:e] if pre is not None else y,
-            C_out, H, W, OH, OW, tiles_w, padding[0], padding[1],
-            *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
-            *y.stride(), *res.stride(), bias.stride(0) if bias is not None else 0,
+    ys = y.stride()
+    channels_last = ys[1] == 1 and C_out > 1
+    sig = (N, C_in, C_out, KH, KW, OH, OW, channels_last, stride[0], stride[1], dilation[0],
+           dilation[1], activation, act_param, bias is not None, residual is not None,
+           pre is not None, x.dtype)
+    launch = _FWD_LAUNCH.get(sig) if config is None else None
+    if launch is None:
+        launch = _tiled_launch(dw_conv_fwd_kernel, _FWD_RUNTIME, N, C_out, OH, OW,
+                               channels_last, config, dict(
             STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1],
-            KH=KH, KW=KW, MULT=C_out // C_in,
-            ACTIVATION=activation, ACT_PARAM=float(act_param),
-            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-            SAVE_PRE=pre is not None, ACC_DTYPE=_acc(x.dtype), num_warps=num_warps, **cfg)
+            KH=KH, KW=KW, MULT=C_out // C_in, ACTIVATION=activation, ACT_PARAM=float(act_param),
+            HAS_BIAS=sig[14], HAS_RESIDUAL=sig[15], SAVE_PRE=sig[16], ACC_DTYPE=_acc(x.dtype)))
+        if config is None:
+            _FWD_LAUNCH[sig] = launch
+    tiles_w, batches, consts, opts = launch
+    res = residual if residual is not None else y
+    b = bias if bias is not None else y
+    sb = bias.stride(0) if bias is not None else 0
+    ws = weight.stride()
+    xs, rs = x.stride(), res.stride()
+    one = len(batches) == 1  # no per-batch views (the usual case)
+    for s, e, grid in batches:
+        dw_conv_fwd_kernel[grid](
+            x if one else x[s:e], weight, b, res if one else res[s:e], y if one else y[s:e],
+            y if pre is None else (pre if one else pre[s:e]),
+            C_out, H, W, OH, OW, tiles_w, padding[0], padding[1],
+            *xs, ws[0], ws[2], ws[3], *ys, *rs, sb, *consts, **opts)
     return y
 
 
@@ -262,34 +291,31 @@ def launch_backward_input(dy, weight, dx, stride=(1, 1), padding=(0, 0), dilatio
         return dx
     if dy.numel() == 0:
         return dx.zero_()
-    cfg = tile_config(C_in, H, W, dx.stride(1) == 1 and C_in > 1)
-    num_warps = cfg.pop("num_warps", 4)
-    tiles_w = triton.cdiv(W, cfg["BLOCK_W"])
-    grid_p = triton.cdiv(H, cfg["BLOCK_H"]) * tiles_w
-    grid_c = triton.cdiv(C_in, cfg["BLOCK_C"])
-    for s, e in _grid_batches(N):
-        dw_conv_bwd_input_kernel[(grid_p, grid_c, e - s)](
-            dy[s:e], weight, dx[s:e],
+    xs = dx.stride()
+    channels_last = xs[1] == 1 and C_in > 1
+    sig = (N, C_in, H, W, C_out, KH, KW, channels_last, stride[0], stride[1], dilation[0],
+           dilation[1], dx.dtype)
+    launch = _BWD_INPUT_LAUNCH.get(sig)
+    if launch is None:
+        launch = _BWD_INPUT_LAUNCH[sig] = _tiled_launch(
+            dw_conv_bwd_input_kernel, _BWD_INPUT_RUNTIME, N, C_in, H, W, channels_last, None,
+            dict(STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1],
+                 KH=KH, KW=KW, MULT=C_out // C_in, ACC_DTYPE=_acc(dx.dtype)))
+    tiles_w, batches, consts, opts = launch
+    ws = weight.stride()
+    ds = dy.stride()
+    one = len(batches) == 1
+    for s, e, grid in batches:
+        dw_conv_bwd_input_kernel[grid](
+            dy if one else dy[s:e], weight, dx if one else dx[s:e],
             C_in, H, W, OH, OW, tiles_w, padding[0], padding[1],
-            *dy.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *dx.stride(),
-            STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1],
-            KH=KH, KW=KW, MULT=C_out // C_in, ACC_DTYPE=_acc(dx.dtype),
-            num_warps=num_warps, **cfg)
+            *ds, ws[0], ws[2], ws[3], *xs, *consts, **opts)
     return dx
 
 
-def launch_backward_weight(dy, x, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
-                           num_splits: int | None = None) -> torch.Tensor:
-    """Returns dw as (C_out, 1, KH, KW) in the accumulation dtype (fp32/fp64): stage 1 kernel
-    writes per-split partials, stage 2 is a fixed-order ``sum`` over splits (deterministic)."""
-    N, C_in, H, W = x.shape
-    C_out, OH, OW = dy.shape[1], dy.shape[2], dy.shape[3]
-    KH, KW = kernel_size
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+def _weight_launch(N, C_out, OH, OW, KH, KW, channels_last, num_splits):
+    """(grid, R_PER_SPLIT, SPLITS, BLOCK_R, BLOCK_T, BLOCK_C) of the grad_weight stage 1."""
     R = N * OH * OW
-    if R == 0:
-        return torch.zeros((C_out, 1, KH, KW), device=x.device, dtype=acc_dtype)
-    channels_last = dy.stride(1) == 1 and C_out > 1
     if interpreter_enabled():
         block_t = next_pow2(KH * KW)
         block_c = min(next_pow2(C_out), 64)
@@ -307,11 +333,34 @@ def launch_backward_weight(dy, x, kernel_size, stride=(1, 1), padding=(0, 0), di
     splits = max(1, splits)
     r_per_split = triton.cdiv(triton.cdiv(R, splits), block_r) * block_r
     splits = triton.cdiv(R, r_per_split)
+    grid = (triton.cdiv(KH * KW, block_t), triton.cdiv(C_out, block_c), splits)
+    return grid, r_per_split, splits, block_r, block_t, block_c
+
+
+def launch_backward_weight(dy, x, kernel_size, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                           num_splits: int | None = None) -> torch.Tensor:
+    """Returns dw as (C_out, 1, KH, KW) in the accumulation dtype (fp32/fp64): stage 1 kernel
+    writes per-split partials, stage 2 is a fixed-order ``sum`` over splits (deterministic)."""
+    N, C_in, H, W = x.shape
+    C_out, OH, OW = dy.shape[1], dy.shape[2], dy.shape[3]
+    KH, KW = kernel_size
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    R = N * OH * OW
+    if R == 0:
+        return torch.zeros((C_out, 1, KH, KW), device=x.device, dtype=acc_dtype)
+    ds = dy.stride()
+    channels_last = ds[1] == 1 and C_out > 1
+    sig = (N, C_out, OH, OW, KH, KW, channels_last)
+    launch = _BWD_WEIGHT_LAUNCH.get(sig) if num_splits is None else None
+    if launch is None:
+        launch = _weight_launch(N, C_out, OH, OW, KH, KW, channels_last, num_splits)
+        if num_splits is None:
+            _BWD_WEIGHT_LAUNCH[sig] = launch
+    grid, r_per_split, splits, block_r, block_t, block_c = launch
     part = torch.empty((splits, C_out, KH * KW), device=x.device, dtype=acc_dtype)
-    dw_conv_bwd_weight_kernel[(triton.cdiv(KH * KW, block_t), triton.cdiv(C_out, block_c),
-                               splits)](
+    dw_conv_bwd_weight_kernel[grid](
         dy, x, part, C_out, H, W, OH, OW, padding[0], padding[1], R, r_per_split,
-        *dy.stride(), *x.stride(),
+        *ds, *x.stride(),
         STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1],
         KH=KH, KW=KW, MULT=C_out // C_in, ACC_DTYPE=_acc(x.dtype),
         BLOCK_R=block_r, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4)

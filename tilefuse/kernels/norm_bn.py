@@ -11,9 +11,10 @@ The grid is split along ``R`` as well as ``C``, so a GPU fills up even with few 
 * training statistics, :func:`bn_stats_kernel`, grid ``(C blocks, SPLIT)``: each program takes a
   slice of ``R`` and computes, in fp32, the local mean of ``x - K`` and the local sum of squared
   deviations around it (two passes over a slice small enough to stay in cache). ``K`` is the
-  channel's first value, so ``x - K`` is exact near the mean and large means do not swamp fp32.
-  The launcher merges the ``SPLIT`` partials in a fixed order with Chan's parallel formula
-  (stable, deterministic);
+  channel's first value (the split-0 programs also store it, fp32, for the apply kernel and the
+  mean), so ``x - K`` is exact near the mean and large means do not swamp fp32. The launcher
+  merges the ``SPLIT`` partials in a fixed order with Chan's parallel formula (stable,
+  deterministic);
 * :func:`bn_apply_kernel`, grid ``(R blocks, C blocks)``: ``y = act(((x - K) - (mean - K)) *
   scale + b (+ residual))`` with ``scale = w * rstd``; eval runs only this, on the running stats;
 * backward: :func:`bn_bwd_reduce_kernel` writes per-slice partial sums of ``dz`` and
@@ -28,7 +29,7 @@ import triton
 import triton.language as tl
 
 from tilefuse._backend import interpreter_enabled
-from tilefuse.kernels import next_pow2
+from tilefuse.kernels import launch_cache, next_pow2, split_constexprs
 from tilefuse.kernels.activations import activation_grad, apply_activation
 
 TILE = 4096           # elements per [BLOCK_R, BLOCK_C] tile on a GPU
@@ -36,7 +37,7 @@ INTERP_TILE = 16384   # in the interpreter, which pays per program (tests shrink
 
 
 @triton.jit
-def bn_stats_kernel(x_ptr, pmean_ptr, pm2_ptr, C, R, S, R_PER, sxn, sxc, sxs,
+def bn_stats_kernel(x_ptr, pmean_ptr, pm2_ptr, k_ptr, C, R, S, R_PER, sxn, sxc, sxs,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
@@ -45,6 +46,8 @@ def bn_stats_kernel(x_ptr, pmean_ptr, pm2_ptr, C, R, S, R_PER, sxn, sxc, sxs,
     r_hi = tl.minimum(r_lo + R_PER, R)
     rr = tl.arange(0, BLOCK_R)
     K = tl.load(x_ptr + c * sxc, mask=cmask, other=0.0).to(tl.float32)
+    if sp == 0:  # the shift, for the apply kernel and the mean
+        tl.store(k_ptr + c, K, mask=cmask)
     acc = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
     for r0 in range(r_lo, r_hi, BLOCK_R):
         r = (r0 + rr).to(tl.int64)
@@ -217,43 +220,104 @@ def _split(R: int, c_blocks: int, block_r: int, device: torch.device) -> tuple[i
     return triton.cdiv(R, r_per), r_per
 
 
-def _dummy(t):
-    return t
+
+_FWD_LAUNCH = launch_cache()
+_BWD_LAUNCH = launch_cache()
+_APPLY_RUNTIME = bn_apply_kernel.arg_names.index("HAS_K")
+_BWD_REDUCE_RUNTIME = bn_bwd_reduce_kernel.arg_names.index("HAS_RESIDUAL")
+_BWD_APPLY_RUNTIME = bn_bwd_apply_kernel.arg_names.index("TRAINING")
+
+
+def _counts(split: int, r_per: int, R: int, device) -> torch.Tensor:
+    """(SPLIT, 1) fp32: the number of values in each R-slice (the last one may be short)."""
+    cnt = torch.full((split, 1), float(r_per), device=device, dtype=torch.float32)
+    cnt[-1] = float(R - r_per * (split - 1))
+    return cnt
+
+
+def _cacheable(device) -> bool:
+    """A launch entry holding a tensor (the slice counts) is only built outside CUDA-graph
+    capture: a tensor filled during capture has no values until the graph replays."""
+    return device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
+
+
+def _fwd_launch(x, training, has_res, has_w, has_b, activation, act_param):
+    """(stats launch or None, apply launch) for one forward signature. The stats launch is
+    (grid, SPLIT, R_PER, slice counts, options); the apply one (grid, constexprs, options)."""
+    N, C, S = x.shape
+    R = N * S
+    br, bc = _tiles(x)
+    cb = triton.cdiv(C, bc)
+    stats = None
+    if training:
+        split, r_per = _split(R, cb, br, x.device)
+        stats = ((cb, split), split, r_per, _counts(split, r_per, R, x.device),
+                 dict(BLOCK_R=br, BLOCK_C=bc, num_warps=4))
+    consts, opts = split_constexprs(bn_apply_kernel, _APPLY_RUNTIME, dict(
+        HAS_K=training, HAS_RESIDUAL=has_res, HAS_W=has_w, HAS_B=has_b, ACTIVATION=activation,
+        ACT_PARAM=float(act_param), BLOCK_R=br, BLOCK_C=bc, num_warps=4))
+    return stats, ((triton.cdiv(R, br), cb), consts, opts)
 
 
 def launch_batch_norm_fwd(x, residual, weight, bias, y, mean, var, training: bool, eps: float,
                           activation: int, act_param: float):
-    """x, residual, y: (N, C, S) any strides; mean/var: (C,) fp32, written when training
-    (biased variance), read (running stats) in eval."""
+    """x, residual, y: (N, C, S) any strides. Eval: ``mean``/``var`` are the (C,) fp32
+    contiguous running stats, read; returns them. Training (pass None for both): returns new
+    (C,) fp32 batch ``mean`` and biased ``var``. Launch parameters are computed once per
+    signature (:func:`tilefuse.kernels.launch_cache`)."""
     N, C, S = x.shape
     R = N * S
     if C == 0 or R == 0:
-        return y
-    br, bc = _tiles(x)
-    cb = triton.cdiv(C, bc)
-    k = md = None
+        if training:
+            mean = torch.empty(C, device=x.device, dtype=torch.float32)
+            var = torch.empty(C, device=x.device, dtype=torch.float32)
+        return mean, var
+    has_res = residual is not None
+    sx = x.stride()
+    sig = (N, C, S, sx[1] == 1, x.device, training, has_res, weight is not None,
+           bias is not None, activation, act_param)
+    launch = _FWD_LAUNCH.get(sig)
+    if launch is None:
+        launch = _fwd_launch(x, training, has_res, sig[7], sig[8], activation, act_param)
+        if _cacheable(x.device):
+            _FWD_LAUNCH[sig] = launch
+    stats, (grid, consts, opts) = launch
     if training:
-        split, r_per = _split(R, cb, br, x.device)
+        sgrid, split, r_per, cnt, sopts = stats
         pmean = torch.empty((split, C), device=x.device, dtype=torch.float32)
         pm2 = torch.empty((split, C), device=x.device, dtype=torch.float32)
-        bn_stats_kernel[(cb, split)](x, pmean, pm2, C, R, S, r_per, *x.stride(),
-                                     BLOCK_R=br, BLOCK_C=bc, num_warps=4)
+        k = torch.empty(C, device=x.device, dtype=torch.float32)  # K: each channel's first value
+        bn_stats_kernel[sgrid](x, pmean, pm2, k, C, R, S, r_per, *sx, **sopts)
         # Chan's merge of the slices, in a fixed order (deterministic)
-        cnt = torch.full((split, 1), float(r_per), device=x.device, dtype=torch.float32)
-        cnt[-1] = float(R - r_per * (split - 1))
         md = (pmean * cnt).sum(0) / R
-        var.copy_((pm2 + cnt * (pmean - md) ** 2).sum(0) / R)
-        k = x[0, :, 0].float().contiguous()  # K: each channel's first value
-        mean.copy_(k + md)
-    res = residual if residual is not None else x
-    bn_apply_kernel[(triton.cdiv(R, br), cb)](
+        dev = pmean.sub_(md).pow_(2).mul_(cnt).add_(pm2)  # pm2 + cnt * (pmean - md) ** 2
+        var = dev.sum(0).div_(R)
+    else:
+        k = md = mean
+    res = residual if has_res else x
+    bn_apply_kernel[grid](
         x, res, weight if weight is not None else x, bias if bias is not None else x, y,
-        k if k is not None else mean, md if md is not None else mean, var,
-        C, R, S, *x.stride(), *res.stride(), *y.stride(), float(eps),
-        HAS_K=k is not None, HAS_RESIDUAL=residual is not None, HAS_W=weight is not None,
-        HAS_B=bias is not None, ACTIVATION=activation, ACT_PARAM=float(act_param),
-        BLOCK_R=br, BLOCK_C=bc, num_warps=4)
-    return y
+        k, md, var, C, R, S, *sx, *res.stride(), *y.stride(), float(eps), *consts, **opts)
+    if training:
+        mean = k.add_(md)  # after the apply kernel (stream order), which reads k
+    return mean, var
+
+
+def _bwd_launch(x, training, has_res, has_w, has_b, activation, act_param, store_dres):
+    """(reduce grid, SPLIT, R_PER, reduce constexprs, apply grid, apply constexprs, options)."""
+    N, C, S = x.shape
+    R = N * S
+    br, bc = _tiles(x)
+    cb = triton.cdiv(C, bc)
+    split, r_per = _split(R, cb, br, x.device)
+    rconsts, opts = split_constexprs(bn_bwd_reduce_kernel, _BWD_REDUCE_RUNTIME, dict(
+        HAS_RESIDUAL=has_res, HAS_W=has_w, HAS_B=has_b, ACTIVATION=activation,
+        ACT_PARAM=float(act_param), BLOCK_R=br, BLOCK_C=bc, num_warps=4))
+    aconsts, _ = split_constexprs(bn_bwd_apply_kernel, _BWD_APPLY_RUNTIME, dict(
+        TRAINING=training, HAS_RESIDUAL=has_res, HAS_W=has_w, HAS_B=has_b,
+        ACTIVATION=activation, ACT_PARAM=float(act_param), STORE_DRES=store_dres,
+        BLOCK_R=br, BLOCK_C=bc, num_warps=4))
+    return (cb, split), split, r_per, rconsts, (triton.cdiv(R, br), cb), aconsts, opts
 
 
 def launch_batch_norm_bwd(dy, x, residual, weight, bias, mean, var, dx, dres, training: bool,
@@ -264,25 +328,26 @@ def launch_batch_norm_bwd(dy, x, residual, weight, bias, mean, var, dx, dres, tr
     if C == 0 or R == 0:
         z = torch.zeros(C, device=x.device, dtype=torch.float32)
         return z, z.clone()
-    br, bc = _tiles(x)
-    cb = triton.cdiv(C, bc)
-    split, r_per = _split(R, cb, br, x.device)
+    has_res = residual is not None
+    sx = x.stride()
+    sig = (N, C, S, sx[1] == 1, x.device, training, has_res, weight is not None,
+           bias is not None, activation, act_param, dres is not None)
+    launch = _BWD_LAUNCH.get(sig)
+    if launch is None:
+        launch = _BWD_LAUNCH[sig] = _bwd_launch(x, training, has_res, sig[7], sig[8],
+                                                activation, act_param, sig[11])
+    rgrid, split, r_per, rconsts, agrid, aconsts, opts = launch
     p1 = torch.empty((split, C), device=x.device, dtype=torch.float32)
     p2 = torch.empty((split, C), device=x.device, dtype=torch.float32)
-    res = residual if residual is not None else x
+    res = residual if has_res else x
     w = weight if weight is not None else x
     b = bias if bias is not None else x
-    bn_bwd_reduce_kernel[(cb, split)](
-        dy, x, res, w, b, mean, var, p1, p2, C, R, S, r_per,
-        *dy.stride(), *x.stride(), *res.stride(), float(eps),
-        HAS_RESIDUAL=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-        ACTIVATION=activation, ACT_PARAM=float(act_param), BLOCK_R=br, BLOCK_C=bc, num_warps=4)
+    sd, sr = dy.stride(), res.stride()
+    bn_bwd_reduce_kernel[rgrid](dy, x, res, w, b, mean, var, p1, p2, C, R, S, r_per,
+                                *sd, *sx, *sr, float(eps), *rconsts, **opts)
     db = p1.sum(0)   # fixed-order second stage
     dw = p2.sum(0)
-    bn_bwd_apply_kernel[(triton.cdiv(R, br), cb)](
+    bn_bwd_apply_kernel[agrid](
         dy, x, res, w, b, mean, var, db, dw, dx, dres if dres is not None else dx,
-        C, R, S, *dy.stride(), *x.stride(), *res.stride(), *dx.stride(), float(eps),
-        TRAINING=training, HAS_RESIDUAL=residual is not None, HAS_W=weight is not None,
-        HAS_B=bias is not None, ACTIVATION=activation, ACT_PARAM=float(act_param),
-        STORE_DRES=dres is not None, BLOCK_R=br, BLOCK_C=bc, num_warps=4)
+        C, R, S, *sd, *sx, *sr, *dx.stride(), float(eps), *aconsts, **opts)
     return dw, db

@@ -12,10 +12,11 @@ and writes per-``(n, c)`` partials of ``dw``/``db``; pass 2 writes ``dx``. The c
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from tilefuse.kernels import next_pow2
+from tilefuse.kernels import launch_cache, next_pow2, split_constexprs
 from tilefuse.kernels.activations import activation_grad, apply_activation
 
 TILE = 4096  # elements per [BLOCK_C, BLOCK_S] tile
@@ -149,40 +150,61 @@ def _blocks(Cg: int, S: int) -> tuple[int, int]:
     return block_c, block_s
 
 
+_FWD_LAUNCH = launch_cache()
+_BWD_LAUNCH = launch_cache()
+_FWD_RUNTIME = group_norm_fwd_kernel.arg_names.index("HAS_W")
+_BWD_RUNTIME = group_norm_bwd_kernel.arg_names.index("HAS_W")
+
+
+def _launch(kernel, n_runtime, N, C, S, num_groups, **constexprs):
+    """(grid, Cg, constexprs, options) of one launch signature."""
+    Cg = C // num_groups
+    bc, bs = _blocks(Cg, S)
+    consts, opts = split_constexprs(kernel, n_runtime, dict(
+        constexprs, BLOCK_C=bc, BLOCK_S=bs, num_warps=4))
+    return (N * num_groups,), Cg, consts, opts
+
+
 def launch_group_norm_fwd(x, weight, bias, y, mean, rstd, num_groups: int, eps: float,
                           activation: int, act_param: float):
-    """x, y: (N, C, S) any strides; mean/rstd: (N * num_groups,) fp32."""
+    """x, y: (N, C, S) any strides; mean/rstd: (N * num_groups,) fp32. Launch parameters are
+    computed once per signature (:func:`tilefuse.kernels.launch_cache`)."""
     N, C, S = x.shape
     if N == 0:
         return y
-    Cg = C // num_groups
-    bc, bs = _blocks(Cg, S)
-    group_norm_fwd_kernel[(N * num_groups,)](
+    sig = (N, C, S, num_groups, weight is not None, bias is not None, activation, act_param)
+    launch = _FWD_LAUNCH.get(sig)
+    if launch is None:
+        launch = _FWD_LAUNCH[sig] = _launch(
+            group_norm_fwd_kernel, _FWD_RUNTIME, N, C, S, num_groups, HAS_W=sig[4],
+            HAS_B=sig[5], ACTIVATION=activation, ACT_PARAM=float(act_param))
+    grid, Cg, consts, opts = launch
+    group_norm_fwd_kernel[grid](
         x, weight if weight is not None else x, bias if bias is not None else x, y, mean, rstd,
-        C, S, num_groups, Cg, *x.stride(), *y.stride(), float(eps),
-        HAS_W=weight is not None, HAS_B=bias is not None, ACTIVATION=activation,
-        ACT_PARAM=float(act_param), BLOCK_C=bc, BLOCK_S=bs, num_warps=4)
+        C, S, num_groups, Cg, *x.stride(), *y.stride(), float(eps), *consts, **opts)
     return y
 
 
 def launch_group_norm_bwd(dy, x, weight, bias, mean, rstd, dx, num_groups: int,
                           activation: int, act_param: float, need_dw: bool, need_db: bool):
     """Writes dx (strided like x's output layout); returns fp32 (dw, db) over C, or None."""
-    import torch
-
     N, C, S = x.shape
-    Cg = C // num_groups
-    bc, bs = _blocks(Cg, S)
     dw_part = torch.empty((N, C), device=x.device, dtype=torch.float32) if need_dw else None
     db_part = torch.empty((N, C), device=x.device, dtype=torch.float32) if need_db else None
     if N > 0:
-        group_norm_bwd_kernel[(N * num_groups,)](
+        sig = (N, C, S, num_groups, weight is not None, bias is not None, activation, act_param,
+               need_dw, need_db)
+        launch = _BWD_LAUNCH.get(sig)
+        if launch is None:
+            launch = _BWD_LAUNCH[sig] = _launch(
+                group_norm_bwd_kernel, _BWD_RUNTIME, N, C, S, num_groups, HAS_W=sig[4],
+                HAS_B=sig[5], ACTIVATION=activation, ACT_PARAM=float(act_param),
+                NEED_DW=need_dw, NEED_DB=need_db)
+        grid, Cg, consts, opts = launch
+        group_norm_bwd_kernel[grid](
             dy, x, weight if weight is not None else x, bias if bias is not None else x,
             mean, rstd, dx, dw_part if need_dw else rstd, db_part if need_db else rstd,
-            C, S, num_groups, Cg, *dy.stride(), *x.stride(), *dx.stride(),
-            HAS_W=weight is not None, HAS_B=bias is not None, ACTIVATION=activation,
-            ACT_PARAM=float(act_param), NEED_DW=need_dw, NEED_DB=need_db,
-            BLOCK_C=bc, BLOCK_S=bs, num_warps=4)
+            C, S, num_groups, Cg, *dy.stride(), *x.stride(), *dx.stride(), *consts, **opts)
     dw = dw_part.sum(0) if need_dw else None
     db = db_part.sum(0) if need_db else None
     return dw, db

@@ -131,6 +131,27 @@ def test_two_groups_share_one_launch_and_follow_schedulers(monkeypatch):
         torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-5)
 
 
+def test_betas_and_lr_from_one_cycle_follow_without_rebuild():
+    """OneCycleLR(cycle_momentum=True) rewrites lr and betas[0] before every step: the scalar rows
+    follow (bias corrections from the current beta1, as torch), the plan stays."""
+    pa, pb = _params(), _params()
+    oa, ob = tfo.Adam(pa, lr=1e-2), torch.optim.Adam(pb, lr=1e-2)
+    sa, sb = (torch.optim.lr_scheduler.OneCycleLR(o, max_lr=5e-2, total_steps=10, base_momentum=0.8)
+              for o in (oa, ob))
+    plans = set()
+    for step in range(8):
+        _set_grads(pa, step)
+        _set_grads(pb, step)
+        oa.step()
+        ob.step()
+        sa.step()
+        sb.step()
+        plans.add(id(oa._tf_plan))
+    assert len(plans) == 1 and oa.param_groups[0]["betas"][0] != 0.9
+    for p, q in zip(pa, pb):
+        torch.testing.assert_close(p, q, atol=2e-6, rtol=1e-5)
+
+
 def _lockstep(oa, ob, pa, pb, steps, seed, edit=None):
     """``steps`` steps of both optimizers on the same gradients; ``edit(opt, params)`` is applied
     to both before the first; returns whether ``oa`` kept its plan."""

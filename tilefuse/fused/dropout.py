@@ -25,10 +25,26 @@ import torch
 from torch import Tensor
 
 from tilefuse import _autocast
-from tilefuse._backend import backend_for
-from tilefuse._validate import (FLOAT_DTYPES_F64, check_broadcastable, check_probability,
-                                check_same_device, check_same_dtype, check_tensor)
-from tilefuse.activations import NAMES, activation_code, torch_activation
+from tilefuse._backend import backend_of
+from tilefuse._validate import (check_broadcastable, check_probability, check_same_dtype,
+                                check_tensor, float_tensor, same_device)
+from tilefuse.activations import NAMES, torch_activation
+from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, needs_grad
+from tilefuse.fused.matmul import activation_backward_op
+from tilefuse.fused.matmul import linear as fused_linear
+
+_SEED_HIGH = 2**31 - 1
+_INT64 = torch.int64
+_kd = None  # tilefuse.kernels.dropout, imported on the first launch (triton is optional)
+
+
+def _kernels():
+    global _kd
+    if _kd is None:
+        import tilefuse.kernels.dropout as kd
+
+        _kd = kd
+    return _kd
 
 
 def draw_seed(device=None) -> Tensor:
@@ -36,7 +52,7 @@ def draw_seed(device=None) -> Tensor:
     default generator (so ``torch.manual_seed`` / ``torch.cuda.manual_seed`` / ``fork_rng``
     govern it as they govern ``torch.nn.functional.dropout``). The Triton path never reads it on
     the host."""
-    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64,
+    return torch.randint(0, _SEED_HIGH, (), dtype=_INT64,
                          device=device if device is not None else "cpu")
 
 
@@ -55,29 +71,27 @@ def _torch_keep(seed: int, shape, group: int, device) -> Tensor:
 
 
 def _out_like(x: Tensor, residual: Optional[Tensor]) -> Tensor:
-    dtype = x.dtype if residual is None else torch.result_type(x, residual)
-    return torch.empty_like(x, dtype=dtype)
+    if residual is None or residual.dtype == x.dtype:
+        return torch.empty_like(x)
+    return torch.empty_like(x, dtype=torch.result_type(x, residual))
 
 
-@torch.library.custom_op("tilefuse::dropout", mutates_args=())
-def dropout_op(x: Tensor, residual: Optional[Tensor], seed: Tensor, p: float,
-               group: int) -> Tensor:
+def _dropout_impl(x: Tensor, residual: Optional[Tensor], seed: Tensor, p: float,
+                  group: int) -> Tensor:
     """``[residual +] x * keep / (1 - p)``, keep regenerated from ``seed`` (0 < p < 1)."""
     out = _out_like(x, residual)
-    if backend_for(x) == "torch":  # reference path: host seed (free on CPU)
+    if backend_of(x) == "torch":  # reference path: host seed (free on CPU)
         acc = torch.float64 if out.dtype == torch.float64 else torch.float32
         keep = _torch_keep(int(seed.item()), x.shape, group, x.device) > p
         y = torch.where(keep, x.to(acc) * (1.0 / (1.0 - p)), 0.0)
         if residual is not None:
             y = y + residual.to(acc)
         return out.copy_(y)
-    from tilefuse.kernels.dropout import launch_dropout
+    return (_kd or _kernels()).launch_dropout(x, out, _seed_on(seed, out.device), p,
+                                              residual=residual, group=group)
 
-    return launch_dropout(x, out, _seed_on(seed, out.device), p, residual=residual, group=group)
 
-
-@dropout_op.register_fake
-def _(x, residual, seed, p, group):
+def _dropout_fake(x, residual, seed, p, group):
     return _out_like(x, residual)
 
 
@@ -96,16 +110,18 @@ def _dropout_backward(ctx, grad):
     return dx, dres, None, None, None
 
 
-dropout_op.register_autograd(_dropout_backward, setup_context=_dropout_setup)
+dropout_op = fast_op("dropout", _dropout_impl, fake=_dropout_fake, setup_context=_dropout_setup,
+                     backward=_dropout_backward)
 
 
 # --------------------------------------------------------------------------------------------
 # public functional API
 # --------------------------------------------------------------------------------------------
 def _check(x, p, training, name="x"):
-    check_tensor(name, x, dtypes=FLOAT_DTYPES_F64)
-    p = check_probability("p", p)
-    if not isinstance(training, bool):
+    float_tensor(name, x)
+    if type(p) is not float or not 0.0 <= p <= 1.0:
+        p = check_probability("p", p)
+    if training is not True and training is not False:
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
     return p
 
@@ -139,14 +155,17 @@ def dropout_add(x: Tensor, residual: Tensor, p: float = 0.5, training: bool = Tr
     True
     """
     p = _check(x, p, training)
-    check_tensor("residual", residual, dtypes=FLOAT_DTYPES_F64)
-    check_same_device(x=x, residual=residual)
-    check_broadcastable("residual", residual, x.shape)
+    float_tensor("residual", residual)
+    same_device(x=x, residual=residual)
+    same_shape = residual.shape == x.shape
+    if not same_shape:
+        check_broadcastable("residual", residual, x.shape)
     if not training or p == 0.0:
         return residual + x
     if p == 1.0:
         return residual + x * 0.0
-    return dropout_op(x, residual.expand(x.shape), draw_seed(x.device), p, 1)
+    return dropout_op(x, residual if same_shape else residual.expand(x.shape),
+                      draw_seed(x.device), p, 1)
 
 
 def dropout2d(x: Tensor, p: float = 0.5, training: bool = True) -> Tensor:
@@ -187,14 +206,12 @@ def _rows_view(t: Tensor):
     return None
 
 
-@torch.library.custom_op("tilefuse::mixup", mutates_args=())
-def mixup_op(x: Tensor, perm: Tensor, lam: float) -> Tensor:
+def _mixup_impl(x: Tensor, perm: Tensor, lam: float) -> Tensor:
     """``lam * x + (1 - lam) * x[perm]`` over the first dim; the output keeps ``x``'s layout
     when it is contiguous or channels_last (other layouts are read through one copy)."""
-    if backend_for(x) == "torch":
+    if backend_of(x) == "torch":
         return torch.empty_like(x).copy_(torch.lerp(x.index_select(0, perm), x, lam))
-    from tilefuse.kernels.dropout import launch_mixup
-
+    launch_mixup = (_kd or _kernels()).launch_mixup
     out = torch.empty_like(x)
     src = x if _rows_view(x) is not None else x.contiguous()
     if _rows_view(out) is None or src.stride() != out.stride():
@@ -205,8 +222,7 @@ def mixup_op(x: Tensor, perm: Tensor, lam: float) -> Tensor:
     return out
 
 
-@mixup_op.register_fake
-def _(x, perm, lam):
+def _mixup_fake(x, perm, lam):
     return torch.empty_like(x)
 
 
@@ -223,22 +239,22 @@ def _mixup_backward(ctx, grad):
     return mixup_op(grad, inv, ctx.lam), None, None
 
 
-mixup_op.register_autograd(_mixup_backward, setup_context=_mixup_setup)
+mixup_op = fast_op("mixup", _mixup_impl, fake=_mixup_fake, setup_context=_mixup_setup,
+                   backward=_mixup_backward)
 
 
 # --------------------------------------------------------------------------------------------
 # DropConnect: y = act(x @ (W * keep / (1-p))^T + b), keep regenerated from the seed
 # --------------------------------------------------------------------------------------------
-@torch.library.custom_op("tilefuse::dropconnect_linear", mutates_args=())
-def dropconnect_op(a: Tensor, b: Tensor, bias: Optional[Tensor], seed: Tensor, p: float,
-                   stride_k: int, stride_n: int, activation: int, act_param: float,
-                   save_pre: bool) -> Tuple[Tensor, Tensor]:
+def _dc_impl(a: Tensor, b: Tensor, bias: Optional[Tensor], seed: Tensor, p: float,
+             stride_k: int, stride_n: int, activation: int, act_param: float,
+             save_pre: bool) -> Tuple[Tensor, Tensor]:
     """``act(a (M, K) @ (b (K, N) * keep) / (1-p) + bias)`` -> (out, pre-activation or empty);
     keep[k, n] comes from the logical index ``k*stride_k + n*stride_n`` (so a transposed operand
     can share the mask of the original)."""
     M, K = a.shape
     N = b.shape[1]
-    if backend_for(a) == "torch":  # reference path: host seed (free on CPU)
+    if backend_of(a) == "torch":  # reference path: host seed (free on CPU)
         s = int(seed.item())
         idx = (torch.arange(K, device=a.device)[:, None] * stride_k
                + torch.arange(N, device=a.device)[None, :] * stride_n)
@@ -259,8 +275,7 @@ def dropconnect_op(a: Tensor, b: Tensor, bias: Optional[Tensor], seed: Tensor, p
     return out.squeeze(0), (pre.squeeze(0) if pre is not None else a.new_empty(0))
 
 
-@dropconnect_op.register_fake
-def _(a, b, bias, seed, p, stride_k, stride_n, activation, act_param, save_pre):
+def _dc_fake(a, b, bias, seed, p, stride_k, stride_n, activation, act_param, save_pre):
     M, N = a.shape[0], b.shape[1]
     return a.new_empty((M, N)), (a.new_empty((M, N)) if save_pre else a.new_empty(0))
 
@@ -277,12 +292,14 @@ def _dc_setup(ctx, inputs, output):
     ctx.activation, ctx.act_param = activation, act_param
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.save_for_backward(a, b, seed, output[1])
+    ctx.set_materialize_grads(False)  # the pre-activation output's gradient is never used
 
 
 def _dc_backward(ctx, grad, grad_pre):
-    from tilefuse.fused.matmul import activation_backward_op
-
     a, b, seed, pre = ctx.saved_tensors
+    if grad is None:  # only the (internal) pre-activation output was used
+        grad = torch.zeros(pre.shape if pre.numel() else (a.shape[0], b.shape[1]),
+                           device=a.device, dtype=a.dtype)
     if ctx.activation != 0:
         if pre.numel() == 0 and grad.numel() != 0:
             raise RuntimeError("tilefuse.dropconnect_linear: pre-activation was not saved")
@@ -311,7 +328,8 @@ def _masked_grad(g: Tensor, seed: Tensor, p: float, sk: int, sn: int) -> Tensor:
     raise ValueError("dropconnect mask strides must describe a dense (K, N) or (N, K) weight")
 
 
-dropconnect_op.register_autograd(_dc_backward, setup_context=_dc_setup)
+dropconnect_op = fast_op("dropconnect_linear", _dc_impl, fake=_dc_fake, setup_context=_dc_setup,
+                         backward=_dc_backward)
 
 
 def dropconnect_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, p: float = 0.5,
@@ -327,29 +345,38 @@ def dropconnect_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     >>> tilefuse.ops.dropconnect_linear(torch.randn(2, 5), w, p=0.5, activation="relu").shape
     torch.Size([2, 3])
     """
-    from tilefuse.fused.matmul import linear as fused_linear
-
-    check_tensor("x", x, dtypes=FLOAT_DTYPES_F64, min_ndim=1)
-    check_tensor("weight", weight, dtypes=FLOAT_DTYPES_F64, ndim=2)
-    check_tensor("bias", bias, dtypes=FLOAT_DTYPES_F64, ndim=1, allow_none=True)
-    check_same_device(x=x, weight=weight, bias=bias)
-    x, weight, bias = _autocast.lower(x, weight, bias)  # linear's autocast policy
-    check_same_dtype(x=x, weight=weight, bias=bias)
+    float_tensor("x", x)
+    if x.dim() < 1:
+        check_tensor("x", x, min_ndim=1)
+    float_tensor("weight", weight)
+    if weight.dim() != 2:
+        check_tensor("weight", weight, ndim=2)
+    if bias is not None:
+        float_tensor("bias", bias)
+        if bias.dim() != 1:
+            check_tensor("bias", bias, ndim=1)
+    same_device(x=x, weight=weight, bias=bias)
+    if autocast_maybe_on():
+        x, weight, bias = _autocast.lower(x, weight, bias)  # linear's autocast policy
+    dtype = x.dtype
+    if weight.dtype != dtype or (bias is not None and bias.dtype != dtype):
+        check_same_dtype(x=x, weight=weight, bias=bias)
     p = _check(x, p, training)
     if not training or p == 0.0:
         return fused_linear(x, weight, bias, activation=activation)
     if p == 1.0:
         return fused_linear(x, weight * 0.0, bias, activation=activation)
     N, K = weight.shape
-    if x.shape[-1] != K:
-        raise ValueError(f"x has {x.shape[-1]} features but weight expects in_features={K} "
+    x_shape = x.shape
+    if x_shape[-1] != K:
+        raise ValueError(f"x has {x_shape[-1]} features but weight expects in_features={K} "
                          f"(weight shape {tuple(weight.shape)})")
     if bias is not None and bias.shape[0] != N:
         raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
-    act, act_param = activation_code(activation)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias))
+    act, act_param = act_code(activation)
+    save_pre = act != 0 and needs_grad(x, weight, bias)
+    flat = len(x_shape) == 2  # already (M, K): no reshape in or out
     # b = weight^T (K, N); weight[n, k] has logical index n*K + k: stride_k=1, stride_n=K
-    y, _ = dropconnect_op(x.reshape(-1, K), weight.t(), bias, draw_seed(x.device), p, 1, K, act,
-                          act_param, bool(needs_grad and act != 0))
-    return y.reshape(tuple(x.shape[:-1]) + (N,))
+    y, _ = dropconnect_op(x if flat else x.reshape(-1, K), weight.t(), bias,
+                          draw_seed(x.device), p, 1, K, act, act_param, save_pre)
+    return y if flat else y.reshape(tuple(x_shape[:-1]) + (N,))

@@ -22,11 +22,14 @@ ones that get a ``.contiguous()`` copy.
 """
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
 
 from tilefuse._backend import interpreter_enabled
+from tilefuse.kernels import launch_cache
 
 MAX_DIMS = 4
 
@@ -158,38 +161,69 @@ def _block(n: int, is_cuda: bool) -> int:
     return 4 * RNG_Q
 
 
+_LAUNCH = launch_cache()
+_F32 = struct.Struct("f")
+
+
+def fp32_round(v: float) -> float:
+    """``v`` rounded to the nearest fp32 (as ``float(torch.tensor(v, dtype=torch.float32))``,
+    without the tensor)."""
+    return _F32.unpack(_F32.pack(v))[0]
+
+
+def _launch_params(shape, x_strides, r_strides, o_strides, group: int, out_dtype, is_cuda: bool):
+    """(grid, integer arguments, constexpr kwargs) of one dropout problem signature, or None
+    when more than MAX_DIMS dims remain after merging (the launcher then copies)."""
+    shape = list(shape)
+    has_res = r_strides is not None
+    strides = [list(x_strides), list(r_strides if has_res else x_strides), list(o_strides)]
+    plan = _plan(shape, strides + [_logical_strides(shape)])
+    if plan is None:
+        return None
+    n = 1
+    for s in shape:
+        n *= s
+    sizes, (sx, sr, so, sl) = plan
+    contig = (group == 1 and sizes[:3] == [1, 1, 1] and sx[3] == 1 and so[3] == 1
+              and sl[3] == 1 and (not has_res or sr[3] == 1))
+    block = _block(n, is_cuda)
+    ints = (int(group), sizes[1], sizes[2], sizes[3], *sx, *sr, *so, *sl)
+    return (triton.cdiv(n, block),), ints, dict(
+        HAS_RESIDUAL=has_res, CONTIG=bool(contig), GROUPED=group > 1,
+        ACC_DTYPE=tl.float64 if out_dtype == torch.float64 else tl.float32,
+        Q=RNG_Q, CH=block // (4 * RNG_Q), BLOCK=block, num_warps=4)
+
+
 def launch_dropout(x: torch.Tensor, out: torch.Tensor, seed: torch.Tensor, p: float,
                    residual=None, group: int = 1) -> torch.Tensor:
     """``out = [residual +] dropout(x)`` for same-shape ``x``, ``out`` and ``residual`` (any
     strides; ``residual`` may be an expanded view). ``group`` > 1 shares one keep decision per
     ``group`` consecutive logical elements (channel dropout). ``seed`` is a 1-element int64
-    tensor on ``out``'s device, read by the kernel (never on the host)."""
+    tensor on ``out``'s device, read by the kernel (never on the host). The layout plan of a
+    signature (shape, strides, group, dtype) is computed once
+    (:func:`tilefuse.kernels.launch_cache`)."""
     n = x.numel()
     if n == 0:
         return out
-    shape = list(x.shape)
-    ops = [x, residual if residual is not None else x, out]
-    plan = _plan(shape, [list(t.stride()) for t in ops] + [_logical_strides(shape)])
-    if plan is None:  # > 4 dims after merging: one documented copy of the strided inputs
+    has_res = residual is not None
+    key = (x.shape, x.stride(), residual.stride() if has_res else None, out.stride(), group,
+           out.dtype, x.is_cuda)
+    params = _LAUNCH.get(key)
+    if params is None:
+        params = _launch_params(*key)
+        _LAUNCH[key] = params if params is not None else False
+    if not params:  # > 4 dims after merging: one documented copy of the strided inputs
         x = x.contiguous()
-        residual = residual.contiguous() if residual is not None else None
-        tmp = torch.empty(shape, dtype=out.dtype, device=out.device)
+        residual = residual.contiguous() if has_res else None
+        tmp = torch.empty(x.shape, dtype=out.dtype, device=out.device)
         launch_dropout(x, tmp, seed, p, residual, group)
         out.copy_(tmp)
         return out
-    sizes, (sx, sr, so, sl) = plan
-    contig = (group == 1 and sizes[:3] == [1, 1, 1] and sx[3] == 1 and so[3] == 1
-              and sl[3] == 1 and (residual is None or sr[3] == 1))
-    block = _block(n, x.is_cuda)
+    grid, ints, kw = params
     scale = 1.0 / (1.0 - p)
-    scale_hi = float(torch.tensor(scale, dtype=torch.float32))
-    dropout_kernel[(triton.cdiv(n, block),)](
-        x, residual if residual is not None else x, out, seed, float(p), scale_hi,
-        scale - scale_hi, n,
-        int(group), sizes[1], sizes[2], sizes[3], *sx, *sr, *so, *sl,
-        HAS_RESIDUAL=residual is not None, CONTIG=bool(contig), GROUPED=group > 1,
-        ACC_DTYPE=tl.float64 if out.dtype == torch.float64 else tl.float32,
-        Q=RNG_Q, CH=block // (4 * RNG_Q), BLOCK=block, num_warps=4)
+    scale_hi = fp32_round(scale)
+    dropout_kernel[grid](x, residual if has_res else x, out, seed, float(p), scale_hi,
+                         scale - scale_hi, n, *ints, **kw)
     return out
 
 
@@ -209,17 +243,28 @@ def mixup_kernel(x_ptr, perm_ptr, out_ptr, D, stride_xn, stride_on, lam,
     tl.store(out_ptr + n * stride_on + cols, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
+_MIXUP_LAUNCH = launch_cache()
+
+
+def _mixup_params(N: int, D: int, out_dtype, is_cuda: bool):
+    if interpreter_enabled() or not is_cuda:
+        block = max(16, min(1 << 14, triton.next_power_of_2(D)))
+    else:
+        block = 2048
+    return (N, triton.cdiv(D, block)), dict(
+        ACC_DTYPE=tl.float64 if out_dtype == torch.float64 else tl.float32, BLOCK_D=block,
+        num_warps=4)
+
+
 def launch_mixup(x2: torch.Tensor, perm: torch.Tensor, out: torch.Tensor, lam: float):
     """x2, out: (N, D) with unit column stride; perm: (N,) int64 on the same device."""
     N, D = x2.shape
     if N == 0 or D == 0:
         return out
-    if interpreter_enabled() or not x2.is_cuda:
-        block = max(16, min(1 << 14, triton.next_power_of_2(D)))
-    else:
-        block = 2048
-    mixup_kernel[(N, triton.cdiv(D, block))](
-        x2, perm, out, D, x2.stride(0), out.stride(0), float(lam),
-        ACC_DTYPE=tl.float64 if out.dtype == torch.float64 else tl.float32, BLOCK_D=block,
-        num_warps=4)
+    key = (N, D, out.dtype, x2.is_cuda)
+    params = _MIXUP_LAUNCH.get(key)
+    if params is None:
+        params = _MIXUP_LAUNCH[key] = _mixup_params(*key)
+    grid, kw = params
+    mixup_kernel[grid](x2, perm, out, D, x2.stride(0), out.stride(0), float(lam), **kw)
     return out

@@ -87,14 +87,18 @@ def test_fuzz_drop_block_statistics(data):
     s = data.draw(st.integers(0, 2**31 - 1), label="torch_seed")
     dtype = data.draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16,
                                        torch.float16]), label="dtype")
-    N = data.draw(st.sampled_from([1, 2, 4]), label="N")
-    C = data.draw(st.sampled_from([1, 3, 8]), label="C")
-    H = data.draw(st.sampled_from([1, 2, 5, 8, 13]), label="H")
-    W = data.draw(st.sampled_from([1, 3, 8, 11]), label="W")
+    # large maps too (plain torch, cheap): the count's resolution is one block, so telling a
+    # wrong gamma from the right one takes thousands of block positions
+    N = data.draw(st.sampled_from([1, 2, 4, 16]), label="N")
+    C = data.draw(st.sampled_from([1, 3, 8, 16]), label="C")
+    H = data.draw(st.sampled_from([1, 2, 5, 8, 13, 32]), label="H")
+    W = data.draw(st.sampled_from([1, 3, 8, 11, 32]), label="W")
     block = data.draw(st.sampled_from([1, 2, 3, 4, 5, 7]), label="block_size")
     p = data.draw(st.sampled_from([0.0, 0.05, 0.1, 0.3, 0.5, 0.9, 1.0]), label="p")
     use_module = data.draw(st.booleans(), label="module")
     channels_last = data.draw(st.booleans(), label="channels_last")
+    if dtype == torch.float16 and N * C * H * W > 65504:
+        dtype = torch.float32   # open bug: test_bug_drop_block_fp16_large_map
     x = (randn(g, (N, C, H, W)).abs() + 0.5).to(dtype)   # no zeros: zero output == dropped
     x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     # eval and p == 0: the input itself

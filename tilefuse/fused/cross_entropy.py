@@ -1,10 +1,12 @@
 """``tilefuse::cross_entropy``: label-smoothing cross-entropy with the gradient computed in the
 forward kernel (see :mod:`tilefuse.kernels.cross_entropy`).
 
-The op returns per-row losses (fp32) and, when a gradient is needed, ``dloss_row/dlogits`` in the
-logits' dtype; backward multiplies it by the incoming per-row gradient. The reduction
-(mean over non-ignored rows / sum / none) is done by the public wrapper with torch ops on the
-small (R,) loss vector, so autograd through it is exact for every reduction.
+The op returns the reduced loss (fp32; per-row losses for ``reduction='none'``) and, when a
+gradient is needed, ``dloss_row/dlogits`` in the logits' dtype. The reduction (mean over
+non-ignored rows / sum / none) runs inside the op with torch ops on the small (R,) loss vector;
+backward applies the reduction's derivative to the incoming gradient (the same ops, in the same
+order, that autograd would run through ``sum``/``div``/``where``) and multiplies the stored
+gradient by it: one autograd node per call.
 """
 from __future__ import annotations
 
@@ -14,8 +16,14 @@ import torch
 from torch import Tensor
 
 from tilefuse import _autocast
-from tilefuse._backend import backend_for
-from tilefuse._validate import FLOAT_DTYPES_F64, check_probability, check_tensor
+from tilefuse._backend import backend_of
+from tilefuse._validate import check_probability, check_tensor, float_tensor
+from tilefuse.fused._fast import autocast_maybe_on, fast_op, needs_grad
+
+TARGET_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
+_TARGET_SET = frozenset(TARGET_DTYPES)
+_INT64 = torch.int64
+_kce = None  # tilefuse.kernels.cross_entropy, imported on the first launch (triton is optional)
 
 
 def _torch_rows(logits: Tensor, target: Tensor, eps: float, ignore_index: int, want_grad: bool):
@@ -59,43 +67,93 @@ def check_targets(target: Tensor, V: int, ignore_index: int, sync: Optional[bool
                                         f"outside [0, {V}) that are not ignore_index")
 
 
-@torch.library.custom_op("tilefuse::cross_entropy", mutates_args=())
-def cross_entropy_op(logits: Tensor, target: Tensor, label_smoothing: float, ignore_index: int,
-                     compute_grad: bool) -> Tuple[Tensor, Tensor]:
-    """logits (R, V), target (R,) int -> (loss per row (R,), dloss/dlogits (R, V) or empty)."""
-    R, V = logits.shape
-    check_targets(target, V, ignore_index)
-    if backend_for(logits) == "torch" or logits.dtype == torch.float64:
-        return _torch_rows(logits, target, label_smoothing, ignore_index, compute_grad)
-    from tilefuse.kernels.cross_entropy import launch_cross_entropy
+def _kernels():
+    global _kce
+    if _kce is None:
+        import tilefuse.kernels.cross_entropy as kce
 
-    loss = torch.empty(R, device=logits.device, dtype=torch.float32)
-    grad = torch.empty((R, V), device=logits.device, dtype=logits.dtype) if compute_grad else None
-    launch_cross_entropy(logits, target, loss, grad, ignore_index, label_smoothing)
+        _kce = kce
+    return _kce
+
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _reduce(rows: Tensor, target: Tensor, ignore_index: int, reduction: str):
+    """(reduced loss, sum of the rows or None for 'none')."""
+    if reduction == "none":
+        return rows, None
+    total = rows.sum()
+    if reduction == "sum":
+        return total, total
+    count = (target != ignore_index).sum()
+    # every target ignored: the loss is NaN (0/0) as in torch, and the gradient 0 (not 0 * inf)
+    return torch.where(count > 0, total / count.clamp_min(1), float("nan")), total
+
+
+def _xent_impl(logits: Tensor, target: Tensor, label_smoothing: float, ignore_index: int,
+               reduction: str, compute_grad: bool) -> Tuple[Tensor, Tensor]:
+    """logits (R, V), target (R,) int -> (loss: () for 'mean'/'sum', (R,) for 'none';
+    dloss_row/dlogits (R, V) or empty).
+
+    Targets are checked with :func:`check_targets`: before the torch path (its gather needs
+    valid indices), asynchronously on the device before a GPU launch, and on CPU after the
+    launch, only when the losses sum to NaN (the kernel writes NaN for a row whose target is
+    out of range, so a NaN-free sum proves every target valid: one host read of the sum)."""
+    R, V = logits.shape
+    if backend_of(logits) == "torch" or logits.dtype == torch.float64:
+        check_targets(target, V, ignore_index)
+        rows, grad = _torch_rows(logits, target, label_smoothing, ignore_index, compute_grad)
+        return _reduce(rows, target, ignore_index, reduction)[0], grad
+    sync = target.is_cpu
+    if not sync:
+        check_targets(target, V, ignore_index, sync=False)
+    device = logits.device
+    rows = torch.empty(R, device=device, dtype=torch.float32)
+    grad = torch.empty((R, V), device=device, dtype=logits.dtype) if compute_grad else None
+    (_kce or _kernels()).launch_cross_entropy(logits, target, rows, grad, ignore_index,
+                                              label_smoothing)
+    loss, total = _reduce(rows, target, ignore_index, reduction)
+    if sync and R:
+        total = float(total if total is not None else rows.sum())
+        if total != total:  # NaN: an out-of-range target (ValueError here) or a NaN logit
+            check_targets(target, V, ignore_index, sync=True)
     return loss, (grad if grad is not None else logits.new_empty(0))
 
 
-@cross_entropy_op.register_fake
-def _(logits, target, label_smoothing, ignore_index, compute_grad):
+def _xent_fake(logits, target, label_smoothing, ignore_index, reduction, compute_grad):
     R, V = logits.shape
     grad = logits.new_empty((R, V)) if compute_grad else logits.new_empty(0)
-    return logits.new_empty(R, dtype=_loss_dtype(logits)), grad
+    return logits.new_empty(R if reduction == "none" else (), dtype=_loss_dtype(logits)), grad
 
 
 def _setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
+    ctx.reduction, ctx.ignore_index, ctx.rows = inputs[4], inputs[3], inputs[0].shape[0]
+    ctx.save_for_backward(output[1], inputs[1] if inputs[4] == "mean" else None)
+    ctx.set_materialize_grads(False)  # no (R, V) zeros for the unused gradient output
 
 
 def _backward(ctx, grad_loss, grad_grad):
-    (g,) = ctx.saved_tensors
-    if g.numel() == 0 and grad_loss is not None and grad_loss.numel() != 0:
-        raise RuntimeError("tilefuse.cross_entropy: the gradient was not computed in forward "
-                           "(was grad mode off?)")
-    dlogits = (g * grad_loss[:, None].to(g.dtype)) if g.numel() else g
-    return dlogits, None, None, None, None
+    g, target = ctx.saved_tensors
+    if grad_loss is None:  # only the (internal) gradient output was used
+        return None, None, None, None, None, None
+    if not g.numel():
+        if g.dim() != 2 and ctx.rows:  # the 1-D placeholder: compute_grad was False
+            raise RuntimeError("tilefuse.cross_entropy: the gradient was not computed in "
+                               "forward (was grad mode off?)")
+        return g, None, None, None, None, None
+    if ctx.reduction == "none":
+        scale = grad_loss[:, None]
+    elif ctx.reduction == "sum":  # d sum: the gradient broadcast to every row
+        scale = grad_loss
+    else:  # d where(count > 0, total / max(count, 1), nan), as autograd computes it
+        count = (target != ctx.ignore_index).sum()
+        scale = torch.where(count > 0, grad_loss, 0.0) / count.clamp_min(1)
+    return g * scale.to(g.dtype), None, None, None, None, None
 
 
-cross_entropy_op.register_autograd(_backward, setup_context=_setup)
+cross_entropy_op = fast_op("cross_entropy", _xent_impl, fake=_xent_fake, setup_context=_setup,
+                           backward=_backward)
 
 
 def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0,
@@ -130,40 +188,41 @@ def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0,
     >>> bool(torch.allclose(a, b, atol=1e-5))
     True
     """
-    check_tensor("logits", logits, dtypes=FLOAT_DTYPES_F64, min_ndim=1)
-    (logits,) = _autocast.fp32(logits)  # torch: cross_entropy runs in fp32 under autocast
-    check_tensor("target", target, dtypes=(torch.int64, torch.int32, torch.int16, torch.uint8))
-    eps = check_probability("label_smoothing", label_smoothing)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+    float_tensor("logits", logits)
+    if logits.dim() < 1:
+        check_tensor("logits", logits, min_ndim=1)
+    if autocast_maybe_on():
+        (logits,) = _autocast.fp32(logits)  # torch: cross_entropy runs in fp32 under autocast
+    if not isinstance(target, Tensor) or target.dtype not in _TARGET_SET:
+        check_tensor("target", target, dtypes=TARGET_DTYPES)
+    eps = label_smoothing
+    if type(eps) is not float or not 0.0 <= eps <= 1.0:
+        eps = check_probability("label_smoothing", eps)
+    if type(ignore_index) is not int and (isinstance(ignore_index, bool)
+                                          or not isinstance(ignore_index, int)):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if reduction not in ("mean", "sum", "none"):
+    if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits is on {logits.device}")
-    if logits.dim() == 1:
-        want = ()
-    else:
-        want = (logits.shape[0],) + tuple(logits.shape[2:])
-    if tuple(target.shape) != want:
-        raise ValueError(f"target must have shape {want} for logits of shape "
-                         f"{tuple(logits.shape)}, got {tuple(target.shape)}")
-    C = logits.shape[0] if logits.dim() == 1 else logits.shape[1]
-    if logits.dim() == 1:
-        x2, t1 = logits.unsqueeze(0), target.reshape(1)
-    elif logits.dim() == 2:
+    shape = logits.shape
+    ndim = len(shape)
+    t_shape = target.shape
+    if ndim == 2 and len(t_shape) == 1 and t_shape[0] == shape[0]:  # the common form
         x2, t1 = logits, target
     else:
-        x2 = logits.movedim(1, -1).reshape(-1, C)
-        t1 = target.reshape(-1)
-    t1 = t1.long()
-    need_grad = torch.is_grad_enabled() and logits.requires_grad
-    rows, _ = cross_entropy_op(x2, t1, eps, ignore_index, bool(need_grad))
-    if reduction == "none":
-        return rows.reshape(want).to(logits.dtype)
-    total = rows.sum()
-    if reduction == "sum":
-        return total.to(logits.dtype)
-    count = (t1 != ignore_index).sum()
-    # every target ignored: the loss is NaN (0/0) as in torch, and the gradient 0 (not 0 * inf)
-    mean = torch.where(count > 0, total / count.clamp_min(1), float("nan"))
-    return mean.to(logits.dtype)
+        want = () if ndim == 1 else (shape[0],) + tuple(shape[2:])
+        if tuple(t_shape) != want:
+            raise ValueError(f"target must have shape {want} for logits of shape "
+                             f"{tuple(shape)}, got {tuple(t_shape)}")
+        if ndim == 1:
+            x2, t1 = logits.unsqueeze(0), target.reshape(1)
+        else:
+            x2 = logits.movedim(1, -1).reshape(-1, shape[1])
+            t1 = target.reshape(-1)
+    if t1.dtype != _INT64:
+        t1 = t1.long()
+    loss, _ = cross_entropy_op(x2, t1, eps, ignore_index, reduction, needs_grad(logits))
+    if reduction == "none" and ndim != 2:
+        loss = loss.reshape(t_shape)
+    return loss if loss.dtype == logits.dtype else loss.to(logits.dtype)

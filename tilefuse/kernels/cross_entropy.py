@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from tilefuse._backend import interpreter_enabled
+from tilefuse.kernels import launch_cache
 
 
 @triton.jit
@@ -84,19 +85,31 @@ def _block(V: int, is_cuda: bool) -> int:
     return max(128, min(4096, triton.next_power_of_2(V)))
 
 
+_LAUNCH = launch_cache()
+
+
+def _launch_kwargs(V: int, is_cuda: bool, compute_grad: bool, block: int | None) -> dict:
+    block = block or _block(V, is_cuda)
+    warps = 4 if block <= 1024 else 8 if block <= 2048 else 16
+    return dict(COMPUTE_GRAD=compute_grad, BLOCK=block, num_warps=warps)
+
+
 def launch_cross_entropy(logits: torch.Tensor, target: torch.Tensor, loss: torch.Tensor,
                          grad: torch.Tensor | None, ignore_index: int, label_smoothing: float,
                          block: int | None = None) -> None:
     """logits (R, V) any strides, target (R,) integer, loss (R,) fp32, grad (R, V) contiguous
-    rows or None (loss only)."""
+    rows or None (loss only). The constexprs of a signature are computed once
+    (:func:`tilefuse.kernels.launch_cache`)."""
     R, V = logits.shape
     if R == 0:
         return
-    block = block or _block(V, logits.is_cuda)
-    warps = 4 if block <= 1024 else 8 if block <= 2048 else 16
+    has_grad = grad is not None
+    key = (V, logits.is_cuda, has_grad, block)
+    kw = _LAUNCH.get(key)
+    if kw is None:
+        kw = _LAUNCH[key] = _launch_kwargs(*key)
+    sx0, sx1 = logits.stride()
     cross_entropy_kernel[(R,)](
-        logits, target, loss, grad if grad is not None else loss,
-        V, logits.stride(0), logits.stride(1), target.stride(0),
-        grad.stride(0) if grad is not None else 0,
-        int(ignore_index), float(label_smoothing),
-        COMPUTE_GRAD=grad is not None, BLOCK=block, num_warps=warps)
+        logits, target, loss, grad if has_grad else loss,
+        V, sx0, sx1, target.stride(0), grad.stride(0) if has_grad else 0,
+        int(ignore_index), float(label_smoothing), **kw)

@@ -74,8 +74,9 @@ def _act_bwd_impl(grad: Tensor, z: Tensor, activation: int, act_param: float,
                   out_dtype: torch.dtype) -> Tensor:
     """dz = grad * act'(z), elementwise; grad and z have the same shape."""
     if backend_of(z) == "torch":
-        g = torch_activation_grad(z.float(), NAMES[activation], act_param)
-        return (grad.float() * g).to(out_dtype)
+        compute = torch.float64 if z.dtype == torch.float64 else torch.float32
+        g = torch_activation_grad(z.to(compute), NAMES[activation], act_param)
+        return (grad.to(compute) * g).to(out_dtype)
     from tilefuse.kernels.activations import launch_activation_backward
 
     grad = grad.contiguous()

@@ -1,5 +1,6 @@
 """Functional fused ops. Each name dispatches CUDA -> Triton, CPU+interpreter -> Triton,
 CPU -> torch (see :mod:`tilefuse._backend`)."""
+from tilefuse.fused.conv import conv2d  # noqa: F401
 from tilefuse.fused.cross_entropy import cross_entropy  # noqa: F401
 from tilefuse.fused.depthwise import depthwise_conv2d  # noqa: F401
 from tilefuse.fused.dropout import dropconnect_linear, dropout, dropout2d, dropout_add  # noqa: F401

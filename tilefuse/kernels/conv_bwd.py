@@ -1,0 +1,245 @@
+"""Dense conv2d backward as implicit GEMMs: grad-input and a deterministic grad-weight.
+
+Both take ``dz = dL/d(conv + bias)`` (the activation gradient already applied) in any strides.
+
+* grad-input (:func:`conv2d_dgrad_kernel`): per group, ``M = N*H*W`` input pixels x
+  ``C_in/groups`` input channels, reduced over ``K = KH*KW*C_out/groups``: for each tap it gathers
+  ``dz[n, co, oh, ow]`` with ``oh*stride = ih + pad - kh*dilation`` (masked where that is not a
+  whole output row inside the image: strided convs load zeros for the other phases) against the
+  flipped/transposed weight ``w[co, ci, kh, kw]`` read through strides. A gather: no atomics.
+* grad-weight (:func:`conv2d_wgrad_kernel`): per group, ``C_out/groups`` x ``KH*KW*C_in/groups``
+  reduced over the ``N*OH*OW`` output pixels. The pixels are cut into ``SPLIT`` fixed slices
+  (more programs for small weights with large images); each program sums its slice in a fixed
+  order into ``part[split]`` (fp32, fp64 for fp64) and the slices are added by a fixed-order
+  ``sum`` on the host side: the result is deterministic run to run.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tilefuse._backend import interpreter_enabled
+from tilefuse.kernels import launch_cache, split_constexprs
+from tilefuse.kernels.conv_fwd import (acc_constexprs, conv_key, get_config, is_channels_last,
+                                       pixel_coords)
+from tilefuse.kernels.matmul import grouped_pid
+
+MAX_GRID_Z = 65535
+
+
+@triton.jit
+def conv2d_dgrad_kernel(
+    dz_ptr, w_ptr, dx_ptr,
+    M, C_IN_G, C_OUT_G, H, W, OH, OW, PAD_H, PAD_W,
+    sdn, sdc, sdh, sdw,
+    swo, swc, swh, sww,
+    sxn, sxc, sxh, sxw,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    g = tl.program_id(1)
+    pid_m, pid_n = grouped_pid(tl.program_id(0), M, C_IN_G, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    n, ih, iw = pixel_coords(offs_m % M, H * W, W)
+    ci_local = offs_n % C_IN_G
+    ci64 = (g * C_IN_G + ci_local).to(tl.int64)
+    d_row = dz_ptr + n.to(tl.int64) * sdn + (g * C_OUT_G).to(tl.int64) * sdc
+    w_col = w_ptr + ci_local.to(tl.int64)[None, :] * swc + (g * C_OUT_G).to(tl.int64) * swo
+
+    c_tiles = tl.cdiv(C_OUT_G, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for it in range(0, KH * KW * c_tiles):
+        tap = it // c_tiles
+        cc = (it - tap * c_tiles) * BLOCK_K + offs_k
+        kh = tap // KW
+        kw = tap - kh * KW
+        th = ih + PAD_H - kh * DIL_H
+        tw = iw + PAD_W - kw * DIL_W
+        oh = th // STRIDE_H
+        ow = tw // STRIDE_W
+        p_mask = (th >= 0) & (tw >= 0) & (oh < OH) & (ow < OW)
+        if STRIDE_H > 1:
+            p_mask = p_mask & (oh * STRIDE_H == th)
+        if STRIDE_W > 1:
+            p_mask = p_mask & (ow * STRIDE_W == tw)
+        k_mask = cc < C_OUT_G
+        cc64 = cc.to(tl.int64)
+        a = tl.load(d_row[:, None] + (oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw)[:, None]
+                    + cc64[None, :] * sdc, mask=p_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(w_col + cc64[:, None] * swo + (kh * swh + kw * sww), mask=k_mask[:, None],
+                    other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < C_IN_G)
+    x_off = (n.to(tl.int64) * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None] \
+        + ci64[None, :] * sxc
+    tl.store(dx_ptr + x_off, acc.to(dx_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def conv2d_wgrad_kernel(
+    dz_ptr, x_ptr, part_ptr,
+    P, C_OUT_G, C_IN_G, H, W, OH, OW, PAD_H, PAD_W, P_PER_SPLIT, SPLIT,
+    sdn, sdc, sdh, sdw,
+    sxn, sxc, sxh, sxw,
+    sps, spo, spc, sph, spw,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """part[split, g*C_OUT_G + co, ci, kh, kw] = sum over this split's pixels p of
+    dz[p, co] * x[p shifted by the tap, ci]; program (co block, (tap, ci block), g*SPLIT+split)."""
+    pid_co = tl.program_id(0)
+    ci_tiles = tl.cdiv(C_IN_G, BLOCK_N)
+    tap = tl.program_id(1) // ci_tiles
+    pid_ci = tl.program_id(1) - tap * ci_tiles
+    g = tl.program_id(2) // SPLIT
+    split = tl.program_id(2) - g * SPLIT
+    kh = tap // KW
+    kw = tap - kh * KW
+    offs_co = pid_co * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_ci = pid_ci * BLOCK_N + tl.arange(0, BLOCK_N)
+    co64 = (g * C_OUT_G + offs_co % C_OUT_G).to(tl.int64)
+    ci64 = (g * C_IN_G + offs_ci % C_IN_G).to(tl.int64)
+    offs_p = tl.arange(0, BLOCK_K)
+    p_start = split * P_PER_SPLIT
+    p_end = tl.minimum(p_start + P_PER_SPLIT, P)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for p0 in range(p_start, p_end, BLOCK_K):
+        p = p0 + offs_p
+        n, oh, ow = pixel_coords(p, OH * OW, OW)
+        ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+        iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+        in_range = p < p_end
+        x_mask = in_range & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        n64 = n.to(tl.int64)
+        d_off = n64 * sdn + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw
+        a = tl.load(dz_ptr + co64[:, None] * sdc + d_off[None, :], mask=in_range[None, :],
+                    other=0.0)
+        x_off = n64 * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        b = tl.load(x_ptr + x_off[:, None] + ci64[None, :] * sxc, mask=x_mask[:, None],
+                    other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+    mask = (offs_co[:, None] < C_OUT_G) & (offs_ci[None, :] < C_IN_G)
+    ci_local = (offs_ci % C_IN_G).to(tl.int64)
+    out = (part_ptr + split.to(tl.int64) * sps + co64[:, None] * spo + ci_local[None, :] * spc
+           + (kh * sph + kw * spw))
+    tl.store(out, acc.to(part_ptr.dtype.element_ty), mask=mask)
+
+
+_LAUNCH = launch_cache()
+_N_DGRAD = conv2d_dgrad_kernel.arg_names.index("KH")
+_N_WGRAD = conv2d_wgrad_kernel.arg_names.index("KH")
+
+
+def _geometry(kernel, stride, dilation) -> dict:
+    return dict(KH=kernel[0], KW=kernel[1], STRIDE_H=stride[0], STRIDE_W=stride[1],
+                DIL_H=dilation[0], DIL_W=dilation[1])
+
+
+def _dgrad_params(sig):
+    M, cig, cog, groups, kernel, stride, dilation, dtype, tf32, cl = sig
+    cfg = get_config(conv_key("dgrad", M, cig, cog, kernel, stride, dtype, cl, tf32), dtype)
+    cfg.setdefault("num_warps", 4)
+    cfg.setdefault("num_stages", 2)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(cig, cfg["BLOCK_N"]), groups)
+    cfg.update(_geometry(kernel, stride, dilation), **acc_constexprs(dtype, tf32))
+    consts, opts = split_constexprs(conv2d_dgrad_kernel, _N_DGRAD, cfg)
+    return grid, consts, opts
+
+
+def launch_conv2d_dgrad(dz, weight, dx, stride, padding, dilation, groups: int,
+                        allow_tf32: bool = False):
+    """dx (N, C_in, H, W), any strides, = the gradient of conv2d w.r.t. its input for
+    ``dz`` (N, C_out, OH, OW); ``padding`` is (top, left)."""
+    N, C_in, H, W = dx.shape
+    C_out, cig, KH, KW = weight.shape
+    OH, OW = dz.shape[2], dz.shape[3]
+    M = N * H * W
+    if M == 0 or cig == 0:
+        return dx
+    if C_out == 0 or OH == 0 or OW == 0:
+        return dx.zero_()
+    if M >= 2 ** 31:
+        raise ValueError(f"conv2d backward: N*H*W = {M} input pixels exceed 2^31")
+    tf32 = bool(allow_tf32 and dz.dtype == torch.float32 and dz.is_cuda)
+    sig = ("dgrad", M, cig, C_out // groups, groups, (KH, KW), tuple(stride), tuple(dilation),
+           dz.dtype, tf32, is_channels_last(dx))
+    params = _LAUNCH.get(sig)
+    if params is None:
+        params = _LAUNCH[sig] = _dgrad_params(sig[1:])
+    grid, consts, opts = params
+    conv2d_dgrad_kernel[grid](
+        dz, weight, dx, M, cig, C_out // groups, H, W, OH, OW, padding[0], padding[1],
+        *dz.stride(), *weight.stride(), *dx.stride(), *consts, **opts)
+    return dx
+
+
+def _wgrad_split(P: int, tiles: int, block_k: int, groups: int) -> int:
+    """Pixel slices of the grad-weight reduction: enough programs to fill a GPU (about 2 per
+    SM of an H100) without slices shorter than 4 K-blocks; 1 in the interpreter."""
+    if interpreter_enabled():
+        return 1
+    want = -(-264 // max(1, tiles * groups))
+    most = max(1, P // (4 * block_k))
+    return max(1, min(want, most, MAX_GRID_Z // groups))
+
+
+def _wgrad_params(sig):
+    P, cog, cig, groups, kernel, stride, dilation, dtype, tf32, cl = sig
+    cfg = get_config(conv_key("wgrad", cog, cig, P, kernel, stride, dtype, cl, tf32), dtype)
+    cfg.pop("GROUP_M", None)
+    cfg.setdefault("num_warps", 4)
+    cfg.setdefault("num_stages", 2)
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    tiles = triton.cdiv(cog, bm) * kernel[0] * kernel[1] * triton.cdiv(cig, bn)
+    split = _wgrad_split(P, tiles, bk, groups)
+    per_split = triton.cdiv(triton.cdiv(P, split), bk) * bk
+    split = triton.cdiv(P, per_split)
+    grid = (triton.cdiv(cog, bm), kernel[0] * kernel[1] * triton.cdiv(cig, bn), groups * split)
+    cfg.update(_geometry(kernel, stride, dilation), **acc_constexprs(dtype, tf32))
+    consts, opts = split_constexprs(conv2d_wgrad_kernel, _N_WGRAD, cfg)
+    return grid, split, per_split, consts, opts
+
+
+def launch_conv2d_wgrad(dz, x, kernel_size, stride, padding, dilation, groups: int,
+                        allow_tf32: bool = False) -> torch.Tensor:
+    """The gradient of conv2d w.r.t. its weight, (C_out, C_in/groups, KH, KW) in the
+    accumulation dtype (fp32; fp64 for fp64 inputs); deterministic."""
+    N, C_in, H, W = x.shape
+    C_out, OH, OW = dz.shape[1], dz.shape[2], dz.shape[3]
+    KH, KW = kernel_size
+    cig, cog = C_in // groups, C_out // groups
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    P = N * OH * OW
+    if P == 0 or cig == 0 or cog == 0:
+        return torch.zeros((C_out, cig, KH, KW), device=x.device, dtype=acc_dtype)
+    if P >= 2 ** 31:
+        raise ValueError(f"conv2d backward: N*OH*OW = {P} output pixels exceed 2^31")
+    tf32 = bool(allow_tf32 and x.dtype == torch.float32 and x.is_cuda)
+    sig = ("wgrad", P, cog, cig, groups, (KH, KW), tuple(stride), tuple(dilation), x.dtype,
+           tf32, is_channels_last(x))
+    params = _LAUNCH.get(sig)
+    if params is None:
+        params = _LAUNCH[sig] = _wgrad_params(sig[1:])
+    grid, split, per_split, consts, opts = params
+    part = torch.empty((split, C_out, cig, KH, KW), device=x.device, dtype=acc_dtype)
+    conv2d_wgrad_kernel[grid](
+        dz, x, part, P, cog, cig, H, W, OH, OW, padding[0], padding[1], per_split, split,
+        *dz.stride(), *x.stride(), *part.stride(), *consts, **opts)
+    return part[0] if split == 1 else part.sum(0)

@@ -1,0 +1,226 @@
+"""Dense conv2d forward as an implicit GEMM with a fused epilogue (no im2col buffer).
+
+GEMM view, per group ``g``: ``M = N*OH*OW`` output pixels x ``N = C_out/groups`` output channels,
+reduced over ``K = KH*KW*C_in/groups``. A program owns a ``BLOCK_M x BLOCK_N`` output tile (in
+the matmul's grouped order, :func:`tilefuse.kernels.matmul.grouped_pid`) and walks K as one flat
+loop over ``(kh, kw, channel block)``: for each tap it gathers the ``BLOCK_M x BLOCK_K`` input
+tile straight from ``x`` (masks give the zero padding) and the ``BLOCK_K x BLOCK_N`` weight tile,
+and feeds ``tl.dot``. Every tensor is addressed through its 4 strides, so channels_last (channels
+innermost: the A tile's K axis is contiguous, the fast layout) and NCHW run the same kernel.
+fp32 accumulation (fp64 for fp64), TF32 for fp32 only when the launcher is told torch allows it.
+
+Epilogue: ``z = acc + bias`` -> (store z) -> ``u = act(z) + residual`` -> (store u) ->
+``y = post_act(u)`` -> cast and store. ``z`` / ``u`` are stored only when the backward needs them
+(``SAVE_PRE`` / ``SAVE_MID``), in the output's strides.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from tilefuse._backend import interpreter_enabled
+from tilefuse.kernels import launch_cache, next_pow2, split_constexprs
+from tilefuse.kernels.activations import apply_activation
+from tilefuse.kernels.matmul import grouped_pid
+
+
+@triton.jit
+def pixel_coords(m, HW, W):
+    """Flat pixel index (of an (N, H, W) grid) -> (n, h, w), int32."""
+    n = m // HW
+    r = m - n * HW
+    h = r // W
+    return n, h, r - h * W
+
+
+@triton.jit
+def conv2d_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, pre_ptr, mid_ptr,
+    M, C_OUT_G, C_IN_G, H, W, OH, OW, PAD_H, PAD_W,
+    sxn, sxc, sxh, sxw,
+    swo, swc, swh, sww,
+    syn, syc, syh, syw,
+    srn, src, srh, srw,
+    stride_bias,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
+    DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr,
+    POST_ACTIVATION: tl.constexpr, POST_PARAM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    SAVE_PRE: tl.constexpr, SAVE_MID: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    g = tl.program_id(1)
+    pid_m, pid_n = grouped_pid(tl.program_id(0), M, C_OUT_G, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # wrap out-of-range pixels / channels (valid addresses); results are masked on store
+    n, oh, ow = pixel_coords(offs_m % M, OH * OW, OW)
+    co64 = (g * C_OUT_G + offs_n % C_OUT_G).to(tl.int64)
+    ih0 = oh * STRIDE_H - PAD_H
+    iw0 = ow * STRIDE_W - PAD_W
+    x_row = x_ptr + n.to(tl.int64) * sxn + (g * C_IN_G).to(tl.int64) * sxc
+    w_col = w_ptr + co64[None, :] * swo
+
+    c_tiles = tl.cdiv(C_IN_G, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    for it in range(0, KH * KW * c_tiles):
+        tap = it // c_tiles
+        cc = (it - tap * c_tiles) * BLOCK_K + offs_k
+        kh = tap // KW
+        kw = tap - kh * KW
+        ih = ih0 + kh * DIL_H
+        iw = iw0 + kw * DIL_W
+        p_mask = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        k_mask = cc < C_IN_G
+        cc64 = cc.to(tl.int64)
+        a = tl.load(x_row[:, None] + (ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None]
+                    + cc64[None, :] * sxc, mask=p_mask[:, None] & k_mask[None, :], other=0.0)
+        b = tl.load(w_col + cc64[:, None] * swc + (kh * swh + kw * sww), mask=k_mask[:, None],
+                    other=0.0)
+        if UPCAST:  # the interpreter's tl.dot is wrong for bf16: feed it fp32
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+    # ---- epilogue: bias -> (z) -> act -> + residual -> (u) -> post act -> cast ----
+    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < C_OUT_G)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + co64 * stride_bias)
+        acc = acc + bias.to(ACC_DTYPE)[None, :]
+    n64 = n.to(tl.int64)
+    oh64 = oh.to(tl.int64)
+    ow64 = ow.to(tl.int64)
+    y_off = (n64 * syn + oh64 * syh + ow64 * syw)[:, None] + co64[None, :] * syc
+    if SAVE_PRE:
+        tl.store(pre_ptr + y_off, acc.to(pre_ptr.dtype.element_ty), mask=c_mask)
+    acc = apply_activation(acc, ACTIVATION, ACT_PARAM)
+    if HAS_RESIDUAL:
+        r_off = (n64 * srn + oh64 * srh + ow64 * srw)[:, None] + co64[None, :] * src
+        res = tl.load(res_ptr + r_off, mask=c_mask, other=0.0)
+        acc = acc + res.to(ACC_DTYPE)
+    if SAVE_MID:
+        tl.store(mid_ptr + y_off, acc.to(mid_ptr.dtype.element_ty), mask=c_mask)
+    acc = apply_activation(acc, POST_ACTIVATION, POST_PARAM)
+    tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=c_mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# configs (shared with the backward kernels: the same GEMM tiles)
+# ------------------------------------------------------------------------------------------------
+def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
+    """Default tiles of an implicit GEMM with ``M`` rows, ``N`` columns and a ``K`` block axis
+    of ``K`` channels per tap; :mod:`tilefuse.autotune` replaces it with tuned entries."""
+    if interpreter_enabled():
+        # the interpreter's cost is per program and per loop step: few, large tiles
+        return dict(BLOCK_M=max(16, min(64, next_pow2(M))), BLOCK_N=max(16, min(64, next_pow2(N))),
+                    BLOCK_K=max(16, min(64, next_pow2(K))), GROUP_M=8, num_warps=4,
+                    num_stages=1)
+    half = dtype in (torch.float16, torch.bfloat16)
+    block_k = max(16, min(64 if half else 32, next_pow2(K)))
+    bn = 128 if N > 64 else (64 if N > 32 else 32)
+    if M <= 64:
+        bm, warps = 64, 4
+    else:
+        # 128x128 fp32 accumulators spill with 4 warps on sm_90 (as for the matmul)
+        bm, warps = 128, (8 if bn == 128 else 4)
+    if dtype == torch.float64:
+        bm, bn, block_k, warps = min(bm, 64), min(bn, 64), 16, 4
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, GROUP_M=8, num_warps=warps,
+                num_stages=3 if half else 2)
+
+
+def conv_key(kind: str, M: int, N: int, K: int, kernel: tuple, stride: tuple,
+             dtype: torch.dtype, channels_last: bool, tf32: bool) -> dict:
+    """The tuning key of one conv GEMM (``kind``: ``fwd``, ``dgrad`` or ``wgrad``)."""
+    key = dict(kind=kind, M=M, N=N, K=K, KH=kernel[0], KW=kernel[1], stride=stride[0],
+               dtype=str(dtype).replace("torch.", ""))
+    if channels_last:
+        key["layout"] = "nhwc"
+    if tf32 and dtype == torch.float32:
+        key["tf32"] = True
+    return key
+
+
+def get_config(key: dict, dtype: torch.dtype) -> dict:
+    """Tuned DB entry for ``key`` (:func:`conv_key`) if one exists, else the heuristic."""
+    default = heuristic_config(key["M"], key["N"], key["K"], dtype)
+    try:
+        from tilefuse.autotune import lookup
+    except ImportError:  # pragma: no cover
+        return default
+    return lookup("conv2d", key, default)
+
+
+def acc_constexprs(dtype: torch.dtype, tf32: bool) -> dict:
+    return dict(INPUT_PRECISION="tf32" if tf32 else "ieee",
+                ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
+                UPCAST=bool(interpreter_enabled() and dtype == torch.bfloat16))
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    return t.stride(1) == 1 and t.shape[1] > 1
+
+
+_LAUNCH = launch_cache()
+_N_RUNTIME = conv2d_fwd_kernel.arg_names.index("KH")
+
+
+def _fwd_params(sig, config):
+    (M, cog, cig, groups, kernel, stride, dilation, dtype, act, act_param, post, post_param,
+     has_bias, has_res, save_pre, save_mid, tf32, cl) = sig
+    if config is None:
+        config = get_config(conv_key("fwd", M, cog, cig, kernel, stride, dtype, cl, tf32), dtype)
+    cfg = dict(config)
+    cfg.setdefault("num_warps", 4)
+    cfg.setdefault("num_stages", 2)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(cog, cfg["BLOCK_N"]), groups)
+    cfg.update(KH=kernel[0], KW=kernel[1], STRIDE_H=stride[0], STRIDE_W=stride[1],
+               DIL_H=dilation[0], DIL_W=dilation[1], ACTIVATION=act, ACT_PARAM=float(act_param),
+               POST_ACTIVATION=post, POST_PARAM=float(post_param), HAS_BIAS=has_bias,
+               HAS_RESIDUAL=has_res, SAVE_PRE=save_pre, SAVE_MID=save_mid,
+               **acc_constexprs(dtype, tf32))
+    consts, opts = split_constexprs(conv2d_fwd_kernel, _N_RUNTIME, cfg)
+    return grid, consts, opts
+
+
+def launch_conv2d_fwd(x, weight, y, bias=None, residual=None, pre=None, mid=None,
+                      stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1,
+                      activation: int = 0, act_param: float = 0.0, post_activation: int = 0,
+                      post_param: float = 0.0, allow_tf32: bool = False,
+                      config: dict | None = None):
+    """``y = post_act(act(conv2d(x, weight) + bias) + residual)`` into ``y`` (N, C_out, OH, OW),
+    any strides for every tensor; ``padding`` is (top, left) (the bottom/right padding follows
+    from ``y``'s size). ``pre`` / ``mid`` (``y``'s shape and strides) receive ``z`` and ``u``.
+    Launch parameters are computed once per signature."""
+    N, C_in, H, W = x.shape
+    C_out, cig, KH, KW = weight.shape
+    OH, OW = y.shape[2], y.shape[3]
+    M = N * OH * OW
+    cog = C_out // groups
+    if M == 0 or cog == 0:
+        return y
+    if M >= 2 ** 31:
+        raise ValueError(f"conv2d: N*OH*OW = {M} output pixels exceed 2^31; split the batch")
+    tf32 = bool(allow_tf32 and x.dtype == torch.float32 and x.is_cuda)
+    sig = (M, cog, cig, groups, (KH, KW), tuple(stride), tuple(dilation), x.dtype, activation,
+           act_param, post_activation, post_param, bias is not None, residual is not None,
+           pre is not None, mid is not None, tf32, is_channels_last(x))
+    params = _LAUNCH.get(sig) if config is None else None
+    if params is None:
+        params = _fwd_params(sig, config)
+        if config is None:
+            _LAUNCH[sig] = params
+    grid, consts, opts = params
+    res = residual if residual is not None else y
+    conv2d_fwd_kernel[grid](
+        x, weight, bias if bias is not None else y, res, y,
+        pre if pre is not None else y, mid if mid is not None else y,
+        M, cog, cig, H, W, OH, OW, padding[0], padding[1],
+        *x.stride(), *weight.stride(), *y.stride(), *res.stride(),
+        bias.stride(0) if bias is not None else 0, *consts, **opts)
+    return y

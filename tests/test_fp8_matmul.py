@@ -247,3 +247,46 @@ def test_fast_path_equals_custom_op_and_compiles():
     assert_fast_equals_custom_op(linear, [x], grad=True)  # x is quantized detached
     assert_compiles_to_custom_op(linear, [x], "quantize_fp8_per_row")
     assert_compiles_to_custom_op(gemm, [bias], "fp8_matmul")
+
+
+# -------------------------------------------------------------------------------- autotune
+def test_autotune_space(monkeypatch, tmp_cache):
+    from tilefuse import autotune
+    from tilefuse.autotune import chain
+    from tilefuse.autotune.space import Limits
+    from tilefuse.kernels import fp8_matmul as k
+
+    space = autotune.get_space("fp8_matmul")
+    assert "fp8_matmul" in autotune.registered_spaces()
+    with monkeypatch.context() as mp:  # the GPU heuristics (tmp_cache keeps its patches)
+        mp.setattr(k, "interpreter_enabled", lambda: False)
+        key = dict(M=4096, N=4096, K=4096)
+        ada, h100 = Limits(shared_mem=101376), Limits(shared_mem=232448)
+        quick, full = space.candidates(key, ada), space.candidates(key, ada, exhaustive=True)
+        assert quick[0] == space.default(key) and len(full) > len(quick) > 5
+        assert len(space.candidates(key, h100, exhaustive=True)) > len(full)
+        for c in full:
+            assert c["num_stages"] * (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] <= ada.shared_mem
+            assert 4 <= c["BLOCK_M"] * c["BLOCK_N"] / (32 * c["num_warps"]) <= 128
+            assert min(c["BLOCK_M"], c["BLOCK_N"]) >= 16 and c["BLOCK_K"] >= 32
+        for c in space.candidates(dict(M=1, N=20, K=8), ada, exhaustive=True):
+            assert c["BLOCK_M"] == 16 and c["BLOCK_N"] <= 32 and c["BLOCK_K"] == 32
+        assert space.bucket(space.parse_shape("3x4000x100 fp32")) == "M=16,N=4096,K=128"
+        assert space.parse_shape("3x4x5")["dtype"] == "bfloat16"
+        for bad, msg in (("4x8", "MxNxK"), ("1x1x1 fp64", "output dtype"), ("0x1x1", "positive")):
+            with pytest.raises(ValueError, match=msg):
+                space.parse_shape(bad)
+    # the problem's check rejects a wrong output; a tuned entry reaches the launcher
+    pkey = dict(M=5, N=24, K=40, dtype="float32")
+    problem = space.prepare(pkey, "cpu")
+    out = problem.run(space.default(pkey)).clone()
+    assert problem.check(out)
+    out[2, 3] += 0.01 * max(1.0, out[2, 3].abs().item())
+    assert not problem.check(out)
+    assert str(chain.cache_path()).startswith(str(tmp_cache))  # never the real user DB
+    entry = autotune.tune("fp8_matmul", pkey, exhaustive=True,
+                          timer=lambda fn, cfg: (fn(), cfg["BLOCK_K"] + cfg["BLOCK_N"] / 1e3)[1])
+    assert entry["failed"] == 0 and entry["tried"] >= 2
+    assert entry["config"]["BLOCK_K"] == 32 and entry["default_config"]["BLOCK_K"] == 64
+    chain.reset()
+    assert k.get_config(7, 30, 33) == entry["config"]

@@ -140,6 +140,7 @@ _REGISTRY: Dict[str, KernelSpace] = {}
 # built-in spaces, imported on first use so ``import tilefuse`` stays cheap
 _BUILTIN = {"matmul": "tilefuse.autotune.matmul_space",
             "int8_matmul": "tilefuse.autotune.int8_space",
+            "fp8_matmul": "tilefuse.autotune.fp8_space",
             "layer_norm": "tilefuse.autotune.norm_space"}
 
 

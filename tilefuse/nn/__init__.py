@@ -1,5 +1,6 @@
 """Drop-in modules: same constructor arguments, ``state_dict`` keys and semantics as torch's."""
 from tilefuse.nn.conv import DepthwiseConv2d, DepthwiseSeparableConv2d  # noqa: F401
+from tilefuse.nn.conv2d import Conv2d  # noqa: F401
 from tilefuse.nn.dropout import DropBlock2d, Dropout, Dropout2d  # noqa: F401
 from tilefuse.nn.fold import fold_batchnorm, fuse_conv_bn_eval  # noqa: F401
 from tilefuse.nn.fp8 import Fp8Linear, fp8_convert  # noqa: F401

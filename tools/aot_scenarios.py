@@ -13,7 +13,7 @@ import traceback
 
 from aot_record import Recorder, first_lines
 
-FAMILIES = ("matmul", "depthwise", "int8", "norm", "dropout", "optim")
+FAMILIES = ("matmul", "depthwise", "int8", "fp8", "norm", "dropout", "optim")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -112,6 +112,33 @@ def _scenarios_int8(torch, tf):
         for (M, N) in ((4, 64), (300, 1000), (64, 4096), (8, 20000)):
             yield f"quantize_per_row {dt} {M}x{N}", lambda M=M, N=N, dt=dt: \
                 ops.quantize_per_row(torch.randn(M, N, dtype=dt))
+
+
+def _scenarios_fp8(torch, tf):
+    ops = tf.ops
+    e4, e5 = torch.float8_e4m3fn, torch.float8_e5m2
+    for M in (8, 48, 256):  # the three heuristic tile classes
+        for adt, bdt in ((e4, e4), (e5, e5), (e4, e5)):
+            a = torch.randn(M, 256).to(adt)
+            w = torch.randn(128, 256).to(bdt)
+            for odt in (torch.bfloat16, torch.float16, torch.float32):
+                yield f"fp8_matmul {adt}x{bdt} M={M} -> {odt}", \
+                    lambda a=a, w=w, odt=odt: ops.fp8_matmul(
+                        a, w.t(), torch.rand(a.shape[0]), torch.rand(128),
+                        bias=torch.randn(128, dtype=odt), activation="gelu",
+                        residual=torch.randn(a.shape[0], 128, dtype=odt), out_dtype=odt)
+        a, w = torch.randn(M, 256).to(e4), torch.randn(128, 256).to(e4)
+        yield f"fp8_matmul fast_accum M={M}", lambda a=a, w=w: ops.fp8_matmul(
+            a, w.t(), torch.ones(1), torch.ones(1), fast_accum=True)
+        for dt in (torch.float16, torch.bfloat16, torch.float32):
+            x = torch.randn(M, 256, dtype=dt)
+            yield f"fp8_linear {dt} M={M}", lambda x=x, w=w, dt=dt: ops.fp8_linear(
+                x, w, torch.rand(128), bias=torch.randn(128, dtype=dt), activation="silu")
+    for fmt in (e4, e5):
+        for dt in (torch.float16, torch.bfloat16, torch.float32):
+            for (M, N) in ((4, 64), (300, 1000), (8, 20000)):
+                yield f"quantize_fp8_per_row {dt} -> {fmt} {M}x{N}", lambda M=M, N=N, dt=dt, \
+                    fmt=fmt: ops.quantize_fp8_per_row(torch.randn(M, N, dtype=dt), fmt)
 
 
 def _scenarios_norm(torch, tf):
@@ -272,6 +299,7 @@ def _monitor(O, make, dt):
 
 
 DRIVERS = {"matmul": _scenarios_matmul, "depthwise": _scenarios_depthwise, "int8": _scenarios_int8,
+           "fp8": _scenarios_fp8,
            "norm": _scenarios_norm, "dropout": _scenarios_dropout, "optim": _scenarios_optim}
 
 

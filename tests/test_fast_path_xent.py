@@ -2,7 +2,7 @@
 and the reduction inside the op against the torch-op reduction it replaced.
 
 * fast path vs ``custom_op_path()``: same losses and gradients bit for bit, with and without grad;
-* ``torch.compile(fullgraph=True)`` traces the wrapper into a graph with ``tilefuse::cross_entropy``;
+* ``torch.compile(fullgraph=True)`` traces the wrapper into a graph calling the custom op;
 * the op now reduces (mean / sum) itself and backward applies the reduction's derivative by hand:
   the loss and the gradient equal, bit for bit, the former formulation (per-row losses from the
   op, then ``sum`` / ``where(count > 0, total / count.clamp_min(1), nan)`` under autograd);

@@ -35,7 +35,9 @@ from tilefuse.fused.matmul import linear as fused_linear
 
 _SEED_HIGH = 2**31 - 1
 _INT64 = torch.int64
-_kd = None  # tilefuse.kernels.dropout, imported on the first launch (triton is optional)
+# tilefuse.kernels.dropout / .matmul, imported on the first launch (triton is optional); their
+# functions are looked up on the module at each call (tests patch them)
+_kd = _km = None
 
 
 def _kernels():
@@ -45,6 +47,15 @@ def _kernels():
 
         _kd = kd
     return _kd
+
+
+def _matmul_kernels():
+    global _km
+    if _km is None:
+        import tilefuse.kernels.matmul as km
+
+        _km = km
+    return _km
 
 
 def draw_seed(device=None) -> Tensor:
@@ -265,14 +276,13 @@ def _dc_impl(a: Tensor, b: Tensor, bias: Optional[Tensor], seed: Tensor, p: floa
             z = z + bias.to(acc)
         pre = z.to(a.dtype) if save_pre else a.new_empty(0)
         return torch_activation(z, NAMES[activation], act_param).to(a.dtype), pre
-    from tilefuse.kernels.matmul import launch_matmul
-
-    out = torch.empty((1, M, N), device=a.device, dtype=a.dtype)
-    pre = torch.empty((1, M, N), device=a.device, dtype=a.dtype) if save_pre else None
-    launch_matmul(a.unsqueeze(0), b.unsqueeze(0), out, bias=bias, pre=pre, activation=activation,
-                  act_param=act_param,
-                  dropconnect=(_seed_on(seed, a.device), p, stride_k, stride_n))
-    return out.squeeze(0), (pre.squeeze(0) if pre is not None else a.new_empty(0))
+    device = a.device
+    out = torch.empty((M, N), device=device, dtype=a.dtype)  # 2-D: no batch views
+    pre = torch.empty((M, N), device=device, dtype=a.dtype) if save_pre else None
+    (_km or _matmul_kernels()).launch_matmul(
+        a, b, out, bias=bias, pre=pre, activation=activation, act_param=act_param,
+        dropconnect=(_seed_on(seed, device), p, stride_k, stride_n))
+    return out, (pre if pre is not None else a.new_empty(0))
 
 
 def _dc_fake(a, b, bias, seed, p, stride_k, stride_n, activation, act_param, save_pre):

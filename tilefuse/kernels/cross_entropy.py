@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from tilefuse._backend import interpreter_enabled
-from tilefuse.kernels import launch_cache
+from tilefuse.kernels import launch_cache, split_constexprs
 
 
 @triton.jit
@@ -88,10 +88,15 @@ def _block(V: int, is_cuda: bool) -> int:
 _LAUNCH = launch_cache()
 
 
-def _launch_kwargs(V: int, is_cuda: bool, compute_grad: bool, block: int | None) -> dict:
+def _launch_params(V: int, is_cuda: bool, compute_grad: bool, block: int | None):
+    """(constexprs, launch options) of one signature."""
     block = block or _block(V, is_cuda)
     warps = 4 if block <= 1024 else 8 if block <= 2048 else 16
-    return dict(COMPUTE_GRAD=compute_grad, BLOCK=block, num_warps=warps)
+    return split_constexprs(cross_entropy_kernel, _RUNTIME,
+                            dict(COMPUTE_GRAD=compute_grad, BLOCK=block, num_warps=warps))
+
+
+_RUNTIME = cross_entropy_kernel.arg_names.index("COMPUTE_GRAD")
 
 
 def launch_cross_entropy(logits: torch.Tensor, target: torch.Tensor, loss: torch.Tensor,
@@ -105,11 +110,12 @@ def launch_cross_entropy(logits: torch.Tensor, target: torch.Tensor, loss: torch
         return
     has_grad = grad is not None
     key = (V, logits.is_cuda, has_grad, block)
-    kw = _LAUNCH.get(key)
-    if kw is None:
-        kw = _LAUNCH[key] = _launch_kwargs(*key)
+    params = _LAUNCH.get(key)
+    if params is None:
+        params = _LAUNCH[key] = _launch_params(*key)
+    consts, opts = params
     sx0, sx1 = logits.stride()
     cross_entropy_kernel[(R,)](
         logits, target, loss, grad if has_grad else loss,
         V, sx0, sx1, target.stride(0), grad.stride(0) if has_grad else 0,
-        int(ignore_index), float(label_smoothing), **kw)
+        int(ignore_index), float(label_smoothing), *consts, **opts)

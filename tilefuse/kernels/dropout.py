@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from tilefuse._backend import interpreter_enabled
-from tilefuse.kernels import launch_cache
+from tilefuse.kernels import launch_cache, split_constexprs
 
 MAX_DIMS = 4
 
@@ -172,8 +172,9 @@ def fp32_round(v: float) -> float:
 
 
 def _launch_params(shape, x_strides, r_strides, o_strides, group: int, out_dtype, is_cuda: bool):
-    """(grid, integer arguments, constexpr kwargs) of one dropout problem signature, or None
-    when more than MAX_DIMS dims remain after merging (the launcher then copies)."""
+    """(grid, the arguments after ``n_elements`` (sizes, strides, constexprs) as one tuple,
+    launch options) of one dropout problem signature, or None when more than MAX_DIMS dims
+    remain after merging (the launcher then copies)."""
     shape = list(shape)
     has_res = r_strides is not None
     strides = [list(x_strides), list(r_strides if has_res else x_strides), list(o_strides)]
@@ -188,10 +189,14 @@ def _launch_params(shape, x_strides, r_strides, o_strides, group: int, out_dtype
               and sl[3] == 1 and (not has_res or sr[3] == 1))
     block = _block(n, is_cuda)
     ints = (int(group), sizes[1], sizes[2], sizes[3], *sx, *sr, *so, *sl)
-    return (triton.cdiv(n, block),), ints, dict(
+    consts, opts = split_constexprs(dropout_kernel, _DROPOUT_RUNTIME, dict(
         HAS_RESIDUAL=has_res, CONTIG=bool(contig), GROUPED=group > 1,
         ACC_DTYPE=tl.float64 if out_dtype == torch.float64 else tl.float32,
-        Q=RNG_Q, CH=block // (4 * RNG_Q), BLOCK=block, num_warps=4)
+        Q=RNG_Q, CH=block // (4 * RNG_Q), BLOCK=block, num_warps=4))
+    return (triton.cdiv(n, block),), ints + consts, opts
+
+
+_DROPOUT_RUNTIME = dropout_kernel.arg_names.index("HAS_RESIDUAL")
 
 
 def launch_dropout(x: torch.Tensor, out: torch.Tensor, seed: torch.Tensor, p: float,
@@ -219,11 +224,11 @@ def launch_dropout(x: torch.Tensor, out: torch.Tensor, seed: torch.Tensor, p: fl
         launch_dropout(x, tmp, seed, p, residual, group)
         out.copy_(tmp)
         return out
-    grid, ints, kw = params
+    grid, tail, opts = params
     scale = 1.0 / (1.0 - p)
     scale_hi = fp32_round(scale)
     dropout_kernel[grid](x, residual if has_res else x, out, seed, float(p), scale_hi,
-                         scale - scale_hi, n, *ints, **kw)
+                         scale - scale_hi, n, *tail, **opts)
     return out
 
 
@@ -251,9 +256,12 @@ def _mixup_params(N: int, D: int, out_dtype, is_cuda: bool):
         block = max(16, min(1 << 14, triton.next_power_of_2(D)))
     else:
         block = 2048
-    return (N, triton.cdiv(D, block)), dict(
+    return ((N, triton.cdiv(D, block)),) + split_constexprs(mixup_kernel, _MIXUP_RUNTIME, dict(
         ACC_DTYPE=tl.float64 if out_dtype == torch.float64 else tl.float32, BLOCK_D=block,
-        num_warps=4)
+        num_warps=4))
+
+
+_MIXUP_RUNTIME = mixup_kernel.arg_names.index("ACC_DTYPE")
 
 
 def launch_mixup(x2: torch.Tensor, perm: torch.Tensor, out: torch.Tensor, lam: float):
@@ -265,6 +273,6 @@ def launch_mixup(x2: torch.Tensor, perm: torch.Tensor, out: torch.Tensor, lam: f
     params = _MIXUP_LAUNCH.get(key)
     if params is None:
         params = _MIXUP_LAUNCH[key] = _mixup_params(*key)
-    grid, kw = params
-    mixup_kernel[grid](x2, perm, out, D, x2.stride(0), out.stride(0), float(lam), **kw)
+    grid, consts, opts = params
+    mixup_kernel[grid](x2, perm, out, D, x2.stride(0), out.stride(0), float(lam), *consts, **opts)
     return out

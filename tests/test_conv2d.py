@@ -282,3 +282,33 @@ def test_torch_backend_activation_backward_keeps_fp64(monkeypatch):
     z = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64)
     out = activation_backward_op(grad, z, ACTIVATIONS["relu"][0], 0.0, torch.float64)
     assert torch.equal(out, grad * (z > 0))
+
+
+# ------------------------------------------------------------------------------ autotune
+def test_autotune_space_tunes_and_the_launcher_uses_the_entry(tmp_cache):
+    from tilefuse import autotune
+    from tilefuse.autotune import chain
+    from tilefuse.kernels.conv_fwd import conv_key, get_config
+
+    assert "conv2d" in autotune.registered_spaces()
+    space = autotune.get_space("conv2d")
+    key = space.parse_shape("fwd 40x12x8 k3 s1")
+    assert key == dict(kind="fwd", M=40, N=12, K=8, KH=3, KW=3, stride=1, dtype="float32")
+    problem = space.prepare(key, "cpu")
+    out = problem.run(space.default(key)).clone()
+    assert problem.check(out)
+    out[0, 1, 2, 3] += 0.05 * max(1.0, out.abs().max().item())
+    assert not problem.check(out)
+
+    def narrow_m_wins(fn, cfg):  # stand-in timer; the kernel really runs
+        fn()
+        return cfg["BLOCK_M"] + cfg["BLOCK_N"] / 1e3
+
+    entry = autotune.tune("conv2d", key, timer=narrow_m_wins)
+    assert entry["failed"] == 0 and entry["config"]["BLOCK_M"] == 16
+    chain.reset()
+    same_bucket = conv_key("fwd", 37, 9, 5, (3, 3), (1, 1), torch.float32, False, False)
+    assert get_config(same_bucket, torch.float32) == entry["config"]
+    x, w = torch.randn(1, 5, 6, 7, dtype=torch.float64), torch.randn(9, 5, 3, 3)
+    y = conv2d(x.float(), w, padding=1)   # 42 pixels: the tuned bucket (M=64)
+    assert_close_to_ref(y, F.conv2d(x, w.double(), padding=1))

@@ -139,6 +139,7 @@ class KernelSpace:
 _REGISTRY: Dict[str, KernelSpace] = {}
 # built-in spaces, imported on first use so ``import tilefuse`` stays cheap
 _BUILTIN = {"matmul": "tilefuse.autotune.matmul_space",
+            "conv2d": "tilefuse.autotune.conv_space",
             "int8_matmul": "tilefuse.autotune.int8_space",
             "fp8_matmul": "tilefuse.autotune.fp8_space",
             "layer_norm": "tilefuse.autotune.norm_space"}

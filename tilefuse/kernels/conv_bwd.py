@@ -152,9 +152,10 @@ def _geometry(kernel, stride, dilation) -> dict:
                 DIL_H=dilation[0], DIL_W=dilation[1])
 
 
-def _dgrad_params(sig):
+def _dgrad_params(sig, config=None):
     M, cig, cog, groups, kernel, stride, dilation, dtype, tf32, cl = sig
-    cfg = get_config(conv_key("dgrad", M, cig, cog, kernel, stride, dtype, cl, tf32), dtype)
+    cfg = dict(config) if config is not None else get_config(
+        conv_key("dgrad", M, cig, cog, kernel, stride, dtype, cl, tf32), dtype)
     cfg.setdefault("num_warps", 4)
     cfg.setdefault("num_stages", 2)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(cig, cfg["BLOCK_N"]), groups)
@@ -164,7 +165,7 @@ def _dgrad_params(sig):
 
 
 def launch_conv2d_dgrad(dz, weight, dx, stride, padding, dilation, groups: int,
-                        allow_tf32: bool = False):
+                        allow_tf32: bool = False, config: dict | None = None):
     """dx (N, C_in, H, W), any strides, = the gradient of conv2d w.r.t. its input for
     ``dz`` (N, C_out, OH, OW); ``padding`` is (top, left)."""
     N, C_in, H, W = dx.shape
@@ -180,7 +181,7 @@ def launch_conv2d_dgrad(dz, weight, dx, stride, padding, dilation, groups: int,
     tf32 = bool(allow_tf32 and dz.dtype == torch.float32 and dz.is_cuda)
     sig = ("dgrad", M, cig, C_out // groups, groups, (KH, KW), tuple(stride), tuple(dilation),
            dz.dtype, tf32, is_channels_last(dx))
-    params = _LAUNCH.get(sig)
+    params = _LAUNCH.get(sig) if config is None else _dgrad_params(sig[1:], config)
     if params is None:
         params = _LAUNCH[sig] = _dgrad_params(sig[1:])
     grid, consts, opts = params
@@ -200,9 +201,10 @@ def _wgrad_split(P: int, tiles: int, block_k: int, groups: int) -> int:
     return max(1, min(want, most, MAX_GRID_Z // groups))
 
 
-def _wgrad_params(sig):
+def _wgrad_params(sig, config=None):
     P, cog, cig, groups, kernel, stride, dilation, dtype, tf32, cl = sig
-    cfg = get_config(conv_key("wgrad", cog, cig, P, kernel, stride, dtype, cl, tf32), dtype)
+    cfg = dict(config) if config is not None else get_config(
+        conv_key("wgrad", cog, cig, P, kernel, stride, dtype, cl, tf32), dtype)
     cfg.pop("GROUP_M", None)
     cfg.setdefault("num_warps", 4)
     cfg.setdefault("num_stages", 2)
@@ -218,7 +220,7 @@ def _wgrad_params(sig):
 
 
 def launch_conv2d_wgrad(dz, x, kernel_size, stride, padding, dilation, groups: int,
-                        allow_tf32: bool = False) -> torch.Tensor:
+                        allow_tf32: bool = False, config: dict | None = None) -> torch.Tensor:
     """The gradient of conv2d w.r.t. its weight, (C_out, C_in/groups, KH, KW) in the
     accumulation dtype (fp32; fp64 for fp64 inputs); deterministic."""
     N, C_in, H, W = x.shape
@@ -234,7 +236,7 @@ def launch_conv2d_wgrad(dz, x, kernel_size, stride, padding, dilation, groups: i
     tf32 = bool(allow_tf32 and x.dtype == torch.float32 and x.is_cuda)
     sig = ("wgrad", P, cog, cig, groups, (KH, KW), tuple(stride), tuple(dilation), x.dtype,
            tf32, is_channels_last(x))
-    params = _LAUNCH.get(sig)
+    params = _LAUNCH.get(sig) if config is None else _wgrad_params(sig[1:], config)
     if params is None:
         params = _LAUNCH[sig] = _wgrad_params(sig[1:])
     grid, split, per_split, consts, opts = params

@@ -151,3 +151,22 @@ def test_quantize_mode_fp8():
     assert len(report.replaced) == 3 and report.skipped and report.skipped[0].startswith("conv ")
     assert isinstance(qnet.mlp[0], tilefuse.nn.Fp8Linear) and report.size_after < report.size_before
     assert report.max_rel_dev < 0.1 and report.argmax_agreement >= 0.8
+
+
+def test_bench_cases_run_and_agree_with_scaled_mm():
+    from tilefuse.bench import kernels as kb
+
+    mods, errors = kb.discover(only=["fp8"])
+    assert list(mods) == ["fp8"] and not errors
+    assert mods["fp8"].cases("cpu", torch.float32, "tiny") == []
+    cases = mods["fp8"].cases("cpu", torch.bfloat16, "tiny")
+    assert {c.name.split("/")[0] for c in cases} == {"scaled", "linear"}
+    for case in cases:
+        assert case.key.endswith("/fp8") and case.flops > 0
+        got = case.fns["tilefuse"]().float()
+        for impl in ("vendor", "eager"):  # _scaled_mm where torch has it; the float GEMM
+            if impl in case.fns:
+                ref = case.fns[impl]().float()
+                same_operands = impl == "vendor" and case.name.startswith("scaled")
+                rel = 2.0 ** -7 if same_operands else 0.1  # bf16 output rounding / fp8 error
+                assert ((got - ref).abs() <= rel * ref.abs() + rel).all(), (case.key, impl)

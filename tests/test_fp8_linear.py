@@ -167,6 +167,8 @@ def test_bench_cases_run_and_agree_with_scaled_mm():
         for impl in ("vendor", "eager"):  # _scaled_mm where torch has it; the float GEMM
             if impl in case.fns:
                 ref = case.fns[impl]().float()
-                same_operands = impl == "vendor" and case.name.startswith("scaled")
-                rel = 2.0 ** -7 if same_operands else 0.1  # bf16 output rounding / fp8 error
-                assert ((got - ref).abs() <= rel * ref.abs() + rel).all(), (case.key, impl)
+                if impl == "vendor" and case.name.startswith("scaled"):  # same fp8 operands
+                    ok = ((got - ref).abs() <= 2.0 ** -7 * ref.abs() + 1e-3).all()
+                else:  # fp8 rounding of both operands vs the float GEMM
+                    ok = (got - ref).abs().max() <= 0.1 * ref.abs().max()
+                assert ok, (case.key, impl)

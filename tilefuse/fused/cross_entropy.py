@@ -87,8 +87,8 @@ def _reduce(rows: Tensor, target: Tensor, ignore_index: int, reduction: str):
     if reduction == "sum":
         return total, total
     count = (target != ignore_index).sum()
-    # every target ignored: the loss is NaN (0/0) as in torch, and the gradient 0 (not 0 * inf)
-    return torch.where(count > 0, total / count.clamp_min(1), float("nan")), total
+    # every target ignored: the loss is NaN (0/0) as in torch (and the gradient 0: _backward)
+    return torch.where(count > 0, total / count, float("nan")), total
 
 
 def _xent_impl(logits: Tensor, target: Tensor, label_smoothing: float, ignore_index: int,

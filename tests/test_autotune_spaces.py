@@ -127,16 +127,18 @@ def test_int8_tune_then_launch_uses_the_entry(tmp_cache):
 def test_norm_pruning(gpu_heuristics, monkeypatch):
     space = autotune.get_space("layer_norm")
     gpu = Limits(shared_mem=232448)
-    for N in (768, 4096, 8192, 20000):
+    for N in (768, 4096, 8192, 20000, 50000):
         key = dict(M=16384, N=N, dtype="bfloat16", rms=False)
         quick = space.candidates(key, gpu)
         full = space.candidates(key, gpu, exhaustive=True)
         assert quick[0] == space.default(key) and len(full) > len(quick) >= 4
-        cap = min(autotune.next_pow2(N), 8192)
+        import tilefuse.kernels.norm as kn
+
+        cap = min(autotune.next_pow2(N), kn.MAX_BLOCK)
         for c in full:
             assert c["BLOCK_N"] <= cap and c["BLOCK_N"] & (c["BLOCK_N"] - 1) == 0
-            if c["BLOCK_N"] >= N:
-                assert c["BLOCK_M"] * c["BLOCK_N"] <= 16384
+            if c["BLOCK_N"] >= N:  # packed rows up to 16K elements; one row up to MAX_BLOCK
+                assert c["BLOCK_M"] == 1 or c["BLOCK_M"] * c["BLOCK_N"] <= 16384
             else:
                 assert c["BLOCK_M"] == 1 and c["BLOCK_N"] >= 256  # looping path: one row each
             assert 1 <= c["BLOCK_M"] * c["BLOCK_N"] / (32 * c["num_warps"]) <= 64

@@ -29,8 +29,8 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 _ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32",
             "float": "float32", "fp64": "float64", "double": "float64"}
 _KEYS = ("BLOCK_M", "BLOCK_N", "num_warps")
-MAX_TILE = 16384
-_WARPS = (1, 2, 4, 8, 16)
+MAX_TILE = 16384  # packed rows: elements of a BLOCK_M x BLOCK_N tile (one row may be wider)
+_WARPS = (1, 2, 4, 8, 16, 32)
 
 
 def canonical_dtype(name) -> str:
@@ -90,7 +90,7 @@ class LayerNormSpace(KernelSpace):
             c["BLOCK_M"] = min(c["BLOCK_M"], cap_m) if one else 1
             if not all(_pow2(c[k]) for k in _KEYS):
                 continue
-            if one and c["BLOCK_M"] * c["BLOCK_N"] > MAX_TILE:
+            if one and c["BLOCK_M"] > 1 and c["BLOCK_M"] * c["BLOCK_N"] > MAX_TILE:
                 continue
             if not one and c["BLOCK_N"] < min(256, cap_n):
                 continue
@@ -113,8 +113,8 @@ class LayerNormSpace(KernelSpace):
         # whole-row tiles of 1..16384 elements, 16/8/4 values per thread (best guesses first)
         tiles = [t for t in (4096, 8192, 2048, 16384, 1024) if t >= cap_n] or [cap_n]
         for tile in tiles:
-            for per_thread in (8, 16, 4):
-                warps = max(1, min(16, tile // (32 * per_thread)))
+            for per_thread in ((8, 16, 4) if tile <= MAX_TILE else (32, 64)):
+                warps = max(1, min(32, tile // (32 * per_thread)))
                 configs.append(dict(BLOCK_M=max(1, tile // cap_n), BLOCK_N=cap_n, num_warps=warps))
         # the looping path with half / quarter rows
         for div, warps in ((2, 4), (2, 8), (4, 4)):

@@ -9,7 +9,8 @@ custom op for tracing and skips that machinery in eager mode:
 =========================================  ================================================
 situation                                  what runs
 =========================================  ================================================
-``torch.compiler.is_compiling()``          the custom op (traced as one opaque node)
+``torch.compiler.is_compiling()`` or a     the custom op (traced as one opaque node)
+``torch.jit`` trace
 grad enabled and an input requires grad    an ``autograd.Function`` built from the *same*
                                            implementation, ``setup_context`` and backward
                                            that the custom op registers
@@ -27,6 +28,7 @@ import torch
 from torch._C import _any_requires_grad, is_grad_enabled
 
 _is_compiling = torch.compiler.is_compiling
+_jit_tracing = torch._C._get_tracing_state  # torch.jit.trace / the TorchScript ONNX exporter
 _FORCE_CUSTOM_OP = [False]
 
 
@@ -72,7 +74,7 @@ class FastOp:
                    if backward is not None else None)
 
     def __call__(self, *args):
-        if _FORCE_CUSTOM_OP[0] or _is_compiling():
+        if _FORCE_CUSTOM_OP[0] or _is_compiling() or _jit_tracing():
             return self.op(*args)
         if is_grad_enabled() and _any_requires_grad(*args):
             if self.fn is None:

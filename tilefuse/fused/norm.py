@@ -55,8 +55,9 @@ def _torch_fwd(x, residual, weight, bias, eps, is_rms, activation, act_param):
     if bias is not None:
         z = z + bias.to(cd)
     y = torch_activation(z, NAMES[activation], act_param).to(x.dtype)
-    mean_out = x.new_empty(0, dtype=torch.float32) if is_rms else mean.squeeze(-1).float()
-    return y.contiguous(), mean_out, rstd.squeeze(-1).float()
+    sd = _stat_dtype(x)  # fp64 statistics for fp64 inputs: fp64-accurate gradients
+    mean_out = x.new_empty(0, dtype=sd) if is_rms else mean.squeeze(-1).to(sd)
+    return y.contiguous(), mean_out, rstd.squeeze(-1).to(sd)
 
 
 def _fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
@@ -66,7 +67,7 @@ def _fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
     ``save_stats=False`` (no gradient will be taken): mean and rstd come back empty."""
     if _use_torch(x):
         y, mean, rstd = _torch_fwd(x, residual, weight, bias, eps, is_rms, activation, act_param)
-        return (y, mean, rstd) if save_stats else (y, _empty(x), _empty(x))
+        return (y, mean, rstd) if save_stats else (y, _empty(x, mean.dtype), _empty(x, mean.dtype))
     from tilefuse.kernels.norm import launch_norm_fwd
 
     M, N = x.shape
@@ -82,15 +83,19 @@ def _fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
     return y, mean, rstd
 
 
-def _empty(x: Tensor) -> Tensor:
-    return torch.empty(0, device=x.device, dtype=torch.float32)
+def _empty(x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    return torch.empty(0, device=x.device, dtype=dtype)
 
 
 def _fwd_fake(x, residual, weight, bias, eps, is_rms, activation, act_param, save_stats):
     M, N = x.shape
-    m = M if save_stats else 0
-    return (x.new_empty((M, N)), x.new_empty(0 if is_rms else m, dtype=torch.float32),
-            x.new_empty(m, dtype=torch.float32))
+    m, sd = (M if save_stats else 0), _stat_dtype(x)
+    return (x.new_empty((M, N)), x.new_empty(0 if is_rms else m, dtype=sd),
+            x.new_empty(m, dtype=sd))
+
+
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _torch_bwd(dy, x, residual, weight, bias, mean, rstd, is_rms, activation, act_param,
@@ -119,29 +124,30 @@ def _torch_bwd(dy, x, residual, weight, bias, mean, rstd, is_rms, activation, ac
 
 
 def _bwd_impl(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
-                 bias: Optional[Tensor], mean: Tensor, rstd: Tensor, is_rms: bool,
-                 activation: int, act_param: float, need_dw: bool,
-                 need_db: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """-> (dx (M, N) in x's dtype, dw (N,) fp32 or empty, db (N,) fp32 or empty)."""
+              bias: Optional[Tensor], mean: Tensor, rstd: Tensor, is_rms: bool,
+              activation: int, act_param: float, need_dw: bool,
+              need_db: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> (dx (M, N) in x's dtype, dw (N,) in weight's dtype or empty, db (N,) in bias's dtype
+    or empty): the Triton path writes them in two or three launches (no casts afterwards)."""
     if _use_torch(x):
         dx, dw, db = _torch_bwd(dy, x, residual, weight, bias, mean, rstd, is_rms, activation,
                                 act_param, need_dw, need_db)
-        return dx.contiguous(), dw.float() if need_dw else dw, db.float() if need_db else db
+        return (dx.contiguous(), dw.to(weight.dtype) if need_dw else dw,
+                db.to(bias.dtype) if need_db else db)
     from tilefuse.kernels.norm import launch_norm_bwd
 
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     dw, db = launch_norm_bwd(dy, x, residual, weight, bias, None if is_rms else mean, rstd, dx,
                              is_rms, activation, act_param, need_dw, need_db)
-    def empty():
-        return x.new_empty(0, dtype=torch.float32)  # a fresh one each: outputs may not alias
-    return dx, (dw if dw is not None else empty()), (db if db is not None else empty())
+    # a fresh empty tensor each: custom-op outputs may not alias
+    return dx, (dw if dw is not None else _empty(x)), (db if db is not None else _empty(x))
 
 
 def _bwd_fake(dy, x, residual, weight, bias, mean, rstd, is_rms, activation, act_param, need_dw,
               need_db):
     N = x.shape[1]
-    return (x.new_empty(x.shape), x.new_empty(N if need_dw else 0, dtype=torch.float32),
-            x.new_empty(N if need_db else 0, dtype=torch.float32))
+    return (x.new_empty(x.shape), weight.new_empty(N) if need_dw else _empty(x),
+            bias.new_empty(N) if need_db else _empty(x))
 
 
 def _setup_context(ctx, inputs, output):
@@ -149,10 +155,14 @@ def _setup_context(ctx, inputs, output):
     _, mean, rstd = output
     ctx.is_rms, ctx.activation, ctx.act_param = is_rms, activation, act_param
     ctx.has_residual = residual is not None
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero gradients built for mean/rstd (None instead)
     ctx.save_for_backward(x, residual, weight, bias, mean, rstd)
 
 
 def _backward(ctx, dy, _dmean, _drstd):
+    if dy is None:
+        return (None,) * 9
     x, residual, weight, bias, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_dw = weight is not None and need[2]
@@ -160,8 +170,8 @@ def _backward(ctx, dy, _dmean, _drstd):
     dx, dw, db = norm_act_bwd(dy, x, residual, weight, bias, mean, rstd, ctx.is_rms,
                               ctx.activation, ctx.act_param, need_dw, need_db)
     dres = dx.to(residual.dtype) if (residual is not None and need[1]) else None
-    return (dx if need[0] else None, dres, dw.to(weight.dtype) if need_dw else None,
-            db.to(bias.dtype) if need_db else None, None, None, None, None, None)
+    return (dx if need[0] else None, dres, dw if need_dw else None, db if need_db else None,
+            None, None, None, None, None)
 
 
 norm_act_bwd = fast_op("norm_act_bwd", _bwd_impl, fake=_bwd_fake)

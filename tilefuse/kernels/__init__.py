@@ -42,3 +42,25 @@ def split_constexprs(kernel, n_runtime: int, kwargs: dict) -> tuple[tuple, dict]
             break
         consts.append(kwargs.pop(name))
     return tuple(consts), kwargs
+
+
+_SM_COUNTS: dict = {}
+
+
+INTERPRETER_SMS = 4  # the CPU lane's pseudo-device: launch rules sized by SMs run as on a GPU
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (cached: the property query costs
+    microseconds, and launchers size persistent grids with it on every call); a small fixed
+    count for CPU tensors (the interpreter), so the same grid rules apply there."""
+    try:
+        return _SM_COUNTS[device]
+    except KeyError:
+        import torch
+
+        dev = torch.device(device)
+        n = (torch.cuda.get_device_properties(dev).multi_processor_count
+             if dev.type == "cuda" else INTERPRETER_SMS)
+        _SM_COUNTS[device] = n
+        return n

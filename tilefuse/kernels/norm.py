@@ -26,10 +26,10 @@ import triton
 import triton.language as tl
 
 from tilefuse._backend import interpreter_enabled
-from tilefuse.kernels import launch_cache, next_pow2, split_constexprs
+from tilefuse.kernels import launch_cache, next_pow2, sm_count, split_constexprs
 from tilefuse.kernels.activations import activation_grad, apply_activation
 
-MAX_BLOCK = 8192  # widest row kept in registers; wider rows loop
+MAX_BLOCK = 32768  # widest row kept on chip (32 warps: 32 fp32 elements a thread); wider loop
 
 
 @triton.jit
@@ -116,23 +116,41 @@ def norm_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
 
 
 @triton.jit
+def _dz_with(dy_ptr, x_ptr, r_ptr, w, b, row, cols, mask, mean, rstd, sdm, sdn, sxm, sxn, srm,
+             srn, HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+             ACT_PARAM: tl.constexpr):
+    """(xhat, dz = dy * act'(z), g = dz * w) for one chunk of a row, given the chunk's
+    weight ``w`` and bias ``b`` values (1 and 0 when absent); zero outside ``mask``."""
+    h = _load_h(x_ptr, r_ptr, row, cols, mask, sxm, sxn, srm, srn, HAS_RESIDUAL)
+    xhat = tl.where(mask, (h - mean) * rstd, 0.0)
+    dz = tl.load(dy_ptr + row * sdm + cols * sdn, mask=mask, other=0.0).to(tl.float32)
+    if ACTIVATION != 0:
+        dz = dz * activation_grad(xhat * w + b, ACTIVATION, ACT_PARAM)
+    return xhat, dz, dz * w
+
+
+@triton.jit
+def _wb_chunk(w_ptr, b_ptr, cols, mask, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+              ACTIVATION: tl.constexpr):
+    """The weight and bias values of a chunk (the bias only matters under an activation)."""
+    w = 1.0
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    b = 0.0
+    if HAS_B and ACTIVATION != 0:
+        b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return w, b
+
+
+@triton.jit
 def _dz_chunk(dy_ptr, x_ptr, r_ptr, w_ptr, b_ptr, row, cols, mask, mean, rstd,
               sdm, sdn, sxm, sxn, srm, srn,
               HAS_RESIDUAL: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
               ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr):
-    """(xhat, dz = dy * act'(z), g = dz * w) for one chunk of a row; zero outside ``mask``."""
-    h = _load_h(x_ptr, r_ptr, row, cols, mask, sxm, sxn, srm, srn, HAS_RESIDUAL)
-    xhat = tl.where(mask, (h - mean) * rstd, 0.0)
-    dz = tl.load(dy_ptr + row * sdm + cols * sdn, mask=mask, other=0.0).to(tl.float32)
-    w = 1.0
-    if HAS_W:
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    if ACTIVATION != 0:
-        z = xhat * w
-        if HAS_B:
-            z += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        dz = dz * activation_grad(z, ACTIVATION, ACT_PARAM)
-    return xhat, dz, dz * w
+    """:func:`_dz_with` loading the chunk's weight and bias."""
+    w, b = _wb_chunk(w_ptr, b_ptr, cols, mask, HAS_W, HAS_B, ACTIVATION)
+    return _dz_with(dy_ptr, x_ptr, r_ptr, w, b, row, cols, mask, mean, rstd, sdm, sdn, sxm, sxn,
+                    srm, srn, HAS_RESIDUAL, ACTIVATION, ACT_PARAM)
 
 
 @triton.jit
@@ -142,97 +160,133 @@ def norm_bwd_kernel(dy_ptr, x_ptr, r_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dx_p
                     IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_W: tl.constexpr,
                     HAS_B: tl.constexpr, ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr,
                     NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-                    ONE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows that fit one block: persistent programs take row blocks ``pid, pid + G, ...``,
+    write ``dx`` and keep their rows' ``dw``/``db`` sums in registers, stored once to row
+    ``pid`` of ``dw_part``/``db_part`` (the result itself when G == 1)."""
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     offs = tl.arange(0, BLOCK_N)
     pid64 = pid.to(tl.int64)
     part_row = pid64 * N
-    if ONE_BLOCK:
-        cols = offs.to(tl.int64)
-        cmask = cols < N
-        w = tl.full((BLOCK_N,), 1.0, tl.float32)
-        if HAS_W:
-            w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        b = tl.zeros((BLOCK_N,), tl.float32)
-        if HAS_B:
-            b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        dw_acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        db_acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for rb in range(pid64, tl.cdiv(M, BLOCK_M), G):
-            rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
-            rmask = rows < M
-            mask = rmask[:, None] & cmask[None, :]
-            h = tl.load(x_ptr + rows[:, None] * sxm + cols[None, :] * sxn, mask=mask,
-                        other=0.0).to(tl.float32)
-            if HAS_RESIDUAL:
-                h += tl.load(r_ptr + rows[:, None] * srm + cols[None, :] * srn, mask=mask,
-                             other=0.0).to(tl.float32)
-            rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
-            if IS_RMS:
-                xhat = h * rstd[:, None]
-            else:
-                mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
-                xhat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
-            dz = tl.load(dy_ptr + rows[:, None] * sdm + cols[None, :] * sdn, mask=mask,
+    cols = offs.to(tl.int64)
+    cmask = cols < N
+    w = tl.full((BLOCK_N,), 1.0, tl.float32)
+    if HAS_W:
+        w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    b = tl.zeros((BLOCK_N,), tl.float32)
+    if HAS_B:
+        b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    db_acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for rb in range(pid64, tl.cdiv(M, BLOCK_M), G):
+        rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        mask = rmask[:, None] & cmask[None, :]
+        h = tl.load(x_ptr + rows[:, None] * sxm + cols[None, :] * sxn, mask=mask,
+                    other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            h += tl.load(r_ptr + rows[:, None] * srm + cols[None, :] * srn, mask=mask,
                          other=0.0).to(tl.float32)
-            if ACTIVATION != 0:
-                dz = dz * activation_grad(xhat * w[None, :] + b[None, :], ACTIVATION,
-                                          ACT_PARAM)
-            g = dz * w[None, :]
-            c2 = tl.sum(g * xhat, axis=1) / N
-            if IS_RMS:
-                dx = (g - xhat * c2[:, None]) * rstd[:, None]
-            else:
-                c1 = tl.sum(g, axis=1) / N
-                dx = (g - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
-            tl.store(dx_ptr + rows[:, None] * N + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
-                     mask=mask)
-            if NEED_DW:
-                dw_acc += dz * xhat
-            if NEED_DB:
-                db_acc += dz
+        rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
+        if IS_RMS:
+            xhat = h * rstd[:, None]
+        else:
+            mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
+            xhat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
+        dz = tl.load(dy_ptr + rows[:, None] * sdm + cols[None, :] * sdn, mask=mask,
+                     other=0.0).to(tl.float32)
+        if ACTIVATION != 0:
+            dz = dz * activation_grad(xhat * w[None, :] + b[None, :], ACTIVATION,
+                                      ACT_PARAM)
+        g = dz * w[None, :]
+        c2 = tl.sum(g * xhat, axis=1) / N
+        if IS_RMS:
+            dx = (g - xhat * c2[:, None]) * rstd[:, None]
+        else:
+            c1 = tl.sum(g, axis=1) / N
+            dx = (g - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
+        tl.store(dx_ptr + rows[:, None] * N + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
+                 mask=mask)
         if NEED_DW:
-            tl.store(dw_part_ptr + part_row + cols, tl.sum(dw_acc, axis=0), mask=cmask)
+            dw_acc += dz * xhat
         if NEED_DB:
-            tl.store(db_part_ptr + part_row + cols, tl.sum(db_acc, axis=0), mask=cmask)
-    else:
-        # wide rows: partials live in this program's own row of the (G, N) buffers (zeroed by
-        # the launcher), so the read-modify-write below is race-free and deterministic
-        for row in range(pid64, M, G):  # int64 row index
-            mean = 0.0
-            if not IS_RMS:
-                mean = tl.load(mean_ptr + row)
-            rstd = tl.load(rstd_ptr + row)
-            a1 = tl.zeros((BLOCK_N,), tl.float32)
-            a2 = tl.zeros((BLOCK_N,), tl.float32)
-            for n0 in range(0, N, BLOCK_N):
-                cols = (n0 + offs).to(tl.int64)
-                mask = cols < N
-                xhat, dz, g = _dz_chunk(dy_ptr, x_ptr, r_ptr, w_ptr, b_ptr, row, cols, mask,
-                                        mean, rstd, sdm, sdn, sxm, sxn, srm, srn, HAS_RESIDUAL,
-                                        HAS_W, HAS_B, ACTIVATION, ACT_PARAM)
-                a1 += g
-                a2 += g * xhat
-            c1 = tl.sum(a1, axis=0) / N
-            c2 = tl.sum(a2, axis=0) / N
-            for n0 in range(0, N, BLOCK_N):
-                cols = (n0 + offs).to(tl.int64)
-                mask = cols < N
-                xhat, dz, g = _dz_chunk(dy_ptr, x_ptr, r_ptr, w_ptr, b_ptr, row, cols, mask,
-                                        mean, rstd, sdm, sdn, sxm, sxn, srm, srn, HAS_RESIDUAL,
-                                        HAS_W, HAS_B, ACTIVATION, ACT_PARAM)
-                if IS_RMS:
-                    dx = (g - xhat * c2) * rstd
-                else:
-                    dx = (g - c1 - xhat * c2) * rstd
-                tl.store(dx_ptr + row * N + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-                if NEED_DW:
-                    p = dw_part_ptr + part_row + cols
-                    tl.store(p, tl.load(p, mask=mask, other=0.0) + dz * xhat, mask=mask)
-                if NEED_DB:
-                    p = db_part_ptr + part_row + cols
-                    tl.store(p, tl.load(p, mask=mask, other=0.0) + dz, mask=mask)
+            db_acc += dz
+    if NEED_DW:
+        tl.store(dw_part_ptr + part_row + cols, tl.sum(dw_acc, axis=0).to(
+            dw_part_ptr.dtype.element_ty), mask=cmask)
+    if NEED_DB:
+        tl.store(db_part_ptr + part_row + cols, tl.sum(db_acc, axis=0).to(
+            db_part_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def norm_bwd_row_kernel(dy_ptr, x_ptr, r_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, c_ptr,
+                        M, N, sdm, sdn, sxm, sxn, srm, srn,
+                        HAS_RESIDUAL: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                        IS_RMS: tl.constexpr, ACTIVATION: tl.constexpr,
+                        ACT_PARAM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Wide rows, pass one: the row's two reductions ``c1 = mean(g)``, ``c2 = mean(g * xhat)``
+    (``g = dy * act'(z) * w``) into ``c`` (2, M) fp32. One program per row."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_N)
+    mean = 0.0
+    if not IS_RMS:
+        mean = tl.load(mean_ptr + row)
+    rstd = tl.load(rstd_ptr + row)
+    a1 = tl.zeros((BLOCK_N,), tl.float32)
+    a2 = tl.zeros((BLOCK_N,), tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = (n0 + offs).to(tl.int64)
+        mask = cols < N
+        xhat, dz, g = _dz_chunk(dy_ptr, x_ptr, r_ptr, w_ptr, b_ptr, row, cols, mask, mean, rstd,
+                                sdm, sdn, sxm, sxn, srm, srn, HAS_RESIDUAL, HAS_W, HAS_B,
+                                ACTIVATION, ACT_PARAM)
+        a1 += g
+        a2 += g * xhat
+    tl.store(c_ptr + row, tl.sum(a1, axis=0) / N)
+    tl.store(c_ptr + M + row, tl.sum(a2, axis=0) / N)
+
+
+@triton.jit
+def norm_bwd_col_kernel(dy_ptr, x_ptr, r_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, c_ptr, dx_ptr,
+                        dw_ptr, db_ptr, M, N, sdm, sdn, sxm, sxn, srm, srn,
+                        HAS_RESIDUAL: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                        IS_RMS: tl.constexpr, ACTIVATION: tl.constexpr,
+                        ACT_PARAM: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    """Wide rows, pass two: program (column block, row group) writes ``dx`` for its columns of
+    rows ``group, group + RB, ...`` and keeps their ``dw``/``db`` sums in registers, stored
+    once to row ``group`` of ``dw``/``db`` (the result itself when RB == 1, else fp32
+    partials reduced by :func:`partial_sum_kernel`): no partial read-modify-write in memory."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < N
+    group = tl.program_id(1).to(tl.int64)
+    RB = tl.num_programs(1)
+    dw_acc = tl.zeros((BLOCK_N,), tl.float32)
+    db_acc = tl.zeros((BLOCK_N,), tl.float32)
+    w, b = _wb_chunk(w_ptr, b_ptr, cols, mask, HAS_W, HAS_B, ACTIVATION)  # once per program
+    for row in range(group, M, RB):
+        mean = 0.0
+        if not IS_RMS:
+            mean = tl.load(mean_ptr + row)
+        rstd = tl.load(rstd_ptr + row)
+        xhat, dz, g = _dz_with(dy_ptr, x_ptr, r_ptr, w, b, row, cols, mask, mean, rstd, sdm, sdn,
+                               sxm, sxn, srm, srn, HAS_RESIDUAL, ACTIVATION, ACT_PARAM)
+        c2 = tl.load(c_ptr + M + row)
+        if IS_RMS:
+            dx = (g - xhat * c2) * rstd
+        else:
+            dx = (g - tl.load(c_ptr + row) - xhat * c2) * rstd
+        tl.store(dx_ptr + row * N + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if NEED_DW:
+            dw_acc += dz * xhat
+        if NEED_DB:
+            db_acc += dz
+    if NEED_DW:
+        tl.store(dw_ptr + group * N + cols, dw_acc.to(dw_ptr.dtype.element_ty), mask=mask)
+    if NEED_DB:
+        tl.store(db_ptr + group * N + cols, db_acc.to(db_ptr.dtype.element_ty), mask=mask)
 
 
 def _block(N: int, max_block: int | None) -> tuple[int, bool]:
@@ -251,7 +305,7 @@ def _rows_per_program(M: int, block_n: int, one: bool) -> int:
 
 
 def _warps(elements: int) -> int:
-    return max(1, min(16, elements // 256))
+    return max(1, min(32 if elements > 8192 else 16, elements // 256))
 
 
 def heuristic_fwd_config(M: int, N: int, max_block: int | None = None) -> dict:
@@ -330,42 +384,130 @@ def launch_norm_fwd(x, residual, weight, bias, y, mean, rstd, eps: float, is_rms
     return y
 
 
+@triton.jit
+def partial_sum_kernel(part_ptr, dw_ptr, db_ptr, G, N,
+                       NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Stage two of the weight/bias gradient: column block ``pid`` of the (2 or 1, G, N) fp32
+    partials summed over G in a fixed order (deterministic), written in the parameters' dtype.
+    The dw partials come first when both are present."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = cols < N
+    if NEED_DW:
+        acc = tl.zeros((BLOCK_N,), tl.float32)
+        for g in range(0, G):
+            acc += tl.load(part_ptr + g * N + cols, mask=mask, other=0.0)
+        tl.store(dw_ptr + cols, acc.to(dw_ptr.dtype.element_ty), mask=mask)
+    if NEED_DB:
+        base = part_ptr + G * N if NEED_DW else part_ptr
+        acc = tl.zeros((BLOCK_N,), tl.float32)
+        for g in range(0, G):
+            acc += tl.load(base + g * N + cols, mask=mask, other=0.0)
+        tl.store(db_ptr + cols, acc.to(db_ptr.dtype.element_ty), mask=mask)
+
+
 def _num_partials(units: int, device: torch.device) -> int:
-    if interpreter_enabled() or device.type != "cuda":
-        return max(1, min(units, 2))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(units, 2 * sms))
+    """Persistent programs of the narrow backward: ~2 per SM (the interpreter's pseudo-device
+    has a few SMs: the same rule, a smaller machine)."""
+    return max(1, min(units, 2 * sm_count(device)))
+
+
+_BWD_LAUNCH = launch_cache()
+_BWD_RUNTIME = norm_bwd_kernel.arg_names.index("IS_RMS")
+_COL_BLOCK = 256   # wide rows, pass two: columns per program
+_RED_BLOCK = 1024  # partial_sum_kernel: columns per program
+
+
+def _row_groups(M: int, col_blocks: int, device) -> int:
+    """Row groups of the wide pass two: enough programs to fill the GPU (~2 per SM), each
+    group's dw/db partial row costing 8N bytes against its share of the 6MN-byte stream."""
+    return max(1, min(M // 16 or 1, triton.cdiv(2 * sm_count(device), col_blocks)))
+
+
+def _bwd_launch(M, N, device, is_rms, has_res, has_w, has_b, activation, act_param, need_dw,
+                need_db, max_block):
+    """Launch plan of one backward signature: ("one", G, consts, opts) for rows that fit a
+    block, ("wide", row_consts, col_grid, col_consts) for wider rows."""
+    block, one = _block(N, max_block)
+    common = dict(HAS_RESIDUAL=has_res, HAS_W=has_w, HAS_B=has_b, ACTIVATION=activation,
+                  ACT_PARAM=float(act_param))
+    bm = _rows_per_program(M, block, one)
+    G = _num_partials(triton.cdiv(M, bm), device)
+    # rows in registers, unless few rows would make the (G, N) fp32 partials a real share of
+    # the traffic (8 bytes a partial element against ~6 per row element): then the column pass
+    if one and (G == 1 or 32 * G <= M):
+        consts, opts = split_constexprs(norm_bwd_kernel, _BWD_RUNTIME, dict(
+            IS_RMS=is_rms, **common, NEED_DW=need_dw, NEED_DB=need_db, BLOCK_M=bm,
+            BLOCK_N=block, num_warps=_warps(bm * block)))
+        return "one", G, consts, opts
+    row = dict(common, IS_RMS=is_rms, BLOCK_N=block, num_warps=_warps(block))
+    col_block = min(_COL_BLOCK, block)
+    col_blocks = triton.cdiv(N, col_block)
+    groups = _row_groups(M, col_blocks, device)
+    col = dict(common, IS_RMS=is_rms, NEED_DW=need_dw, NEED_DB=need_db, BLOCK_N=col_block,
+               num_warps=_warps(col_block))
+    return "wide", groups, row, (col_blocks, groups), col
+
+
+def _reduce(part, n_part, G, N, weight, bias, need_dw, need_db):
+    """dw/db in the parameters' dtypes from (n_part, G, N) fp32 partials (one launch)."""
+    dw = torch.empty(N, device=part.device, dtype=weight.dtype) if need_dw else None
+    db = torch.empty(N, device=part.device, dtype=bias.dtype) if need_db else None
+    partial_sum_kernel[(triton.cdiv(N, _RED_BLOCK),)](
+        part, dw if need_dw else part, db if need_db else part, G, N,
+        NEED_DW=need_dw, NEED_DB=need_db, BLOCK_N=_RED_BLOCK)
+    return dw, db
+
+
+def _outputs(G, N, x, weight, bias, need_dw, need_db):
+    """(part, n_part, dw_arg, db_arg): with one partial row (G == 1) the kernels write dw/db
+    in the parameters' dtypes directly; otherwise into (n_part, G, N) fp32 partials."""
+    n_part = int(need_dw) + int(need_db)
+    if G == 1:
+        dw = torch.empty(N, device=x.device, dtype=weight.dtype) if need_dw else None
+        db = torch.empty(N, device=x.device, dtype=bias.dtype) if need_db else None
+        return None, n_part, dw, db
+    part = torch.empty((n_part, G, N), device=x.device, dtype=torch.float32) if n_part else None
+    return part, n_part, (part if need_dw else None), (part[n_part - 1] if need_db else None)
 
 
 def launch_norm_bwd(dy, x, residual, weight, bias, mean, rstd, dx, is_rms: bool,
                     activation: int, act_param: float, need_dw: bool, need_db: bool,
                     max_block: int | None = None):
-    """Writes dx (M, N contiguous); returns fp32 (dw, db) reduced over rows (or None)."""
+    """Writes dx (M, N contiguous); returns (dw, db) reduced over rows in the dtypes of
+    ``weight`` and ``bias`` (or None where not needed). At most three launches: the row
+    kernel (wide rows: the row-statistics and column passes), then the fixed-order reduction
+    of the partial rows when there is more than one (deterministic, no atomics)."""
     M, N = x.shape
-    block, one = _block(N, max_block)
-    bm = _rows_per_program(M, block, one)
-    G = _num_partials(triton.cdiv(M, bm), x.device)
-    alloc = torch.empty if one else torch.zeros
-    dw_part = alloc((G, N), device=x.device, dtype=torch.float32) if need_dw else None
-    db_part = alloc((G, N), device=x.device, dtype=torch.float32) if need_db else None
-    if M > 0:
-        res = residual if residual is not None else x
-        norm_bwd_kernel[(G,)](
-            dy, x, res, weight if weight is not None else x, bias if bias is not None else x,
-            mean if mean is not None else rstd, rstd, dx,
-            dw_part if need_dw else rstd, db_part if need_db else rstd,
-            M, N, dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
-            res.stride(0), res.stride(1),
-            IS_RMS=is_rms, HAS_RESIDUAL=residual is not None, HAS_W=weight is not None,
-            HAS_B=bias is not None, ACTIVATION=activation, ACT_PARAM=float(act_param),
-            NEED_DW=need_dw, NEED_DB=need_db, ONE_BLOCK=one, BLOCK_M=bm, BLOCK_N=block,
-            num_warps=_warps(bm * block))
+    if M == 0:
+        return (torch.zeros(N, device=x.device, dtype=weight.dtype) if need_dw else None,
+                torch.zeros(N, device=x.device, dtype=bias.dtype) if need_db else None)
+    has_res = residual is not None
+    sig = (M, N, x.device, is_rms, has_res, weight is not None, bias is not None, activation,
+           act_param, need_dw, need_db, max_block)
+    plan = _BWD_LAUNCH.get(sig)
+    if plan is None:
+        plan = _BWD_LAUNCH[sig] = _bwd_launch(*sig)
+    res = residual if has_res else x
+    sx0, sx1 = x.stride()
+    strides = (dy.stride(0), dy.stride(1), sx0, sx1) + (res.stride() if has_res else (sx0, sx1))
+    w_arg = weight if weight is not None else x
+    b_arg = bias if bias is not None else x
+    mean_arg = mean if mean is not None else rstd
+    G = plan[1]
+    part, n_part, dw_arg, db_arg = _outputs(G, N, x, weight, bias, need_dw, need_db)
+    if plan[0] == "one":
+        _, _, consts, opts = plan
+        norm_bwd_kernel[(G,)](dy, x, res, w_arg, b_arg, mean_arg, rstd, dx,
+                              dw_arg if need_dw else rstd, db_arg if need_db else rstd,
+                              M, N, *strides, *consts, **opts)
     else:
-        if dw_part is not None:
-            dw_part.zero_()
-        if db_part is not None:
-            db_part.zero_()
-    # stage two: a fixed-order reduction of G partial rows (deterministic)
-    dw = dw_part.sum(0) if need_dw else None
-    db = db_part.sum(0) if need_db else None
-    return dw, db
+        _, _, row, col_grid, col = plan
+        c = torch.empty((2, M), device=x.device, dtype=torch.float32)
+        norm_bwd_row_kernel[(M,)](dy, x, res, w_arg, b_arg, mean_arg, rstd, c, M, N, *strides,
+                                  **row)
+        norm_bwd_col_kernel[col_grid](dy, x, res, w_arg, b_arg, mean_arg, rstd, c, dx,
+                                      dw_arg if need_dw else rstd, db_arg if need_db else rstd,
+                                      M, N, *strides, **col)
+    if part is None:
+        return dw_arg, db_arg
+    return _reduce(part, n_part, G, N, weight, bias, need_dw, need_db)

@@ -290,3 +290,15 @@ def test_autotune_space(monkeypatch, tmp_cache):
     assert entry["config"]["BLOCK_K"] == 32 and entry["default_config"]["BLOCK_K"] == 64
     chain.reset()
     assert k.get_config(7, 30, 33) == entry["config"]
+
+
+def test_autotune_default_shapes_skip_gpus_without_fp8(monkeypatch):
+    from tilefuse import autotune
+
+    space = autotune.get_space("fp8_matmul")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    assert space.default_shapes("cuda") == []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0))
+    shapes = space.default_shapes("cuda")
+    assert dict(M=4096, N=4096, K=4096, dtype="bfloat16") in shapes and len(shapes) == 8
+    assert len(space.default_shapes("cpu")) == 2

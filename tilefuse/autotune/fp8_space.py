@@ -169,6 +169,8 @@ class Fp8MatmulSpace(KernelSpace):
         if device == "cpu":
             return [dict(M=16, N=32, K=64, dtype="bfloat16"), dict(M=5, N=20, K=40,
                                                                   dtype="float32")]
+        if torch.cuda.get_device_capability(device) < (8, 9):
+            return []  # no fp8 tensor cores: nothing to tune (fp8_matmul raises there)
         # LLM linears (4096x4096 weight: decode, small batch, prefill; a 4096x11008 MLP) and
         # BERT-base (32 x 128 tokens, 768 <-> 3072)
         shapes = [dict(M=m, N=4096, K=4096) for m in (1, 64, 256, 4096)]

@@ -312,3 +312,16 @@ def test_autotune_space_tunes_and_the_launcher_uses_the_entry(tmp_cache):
     x, w = torch.randn(1, 5, 6, 7, dtype=torch.float64), torch.randn(9, 5, 3, 3)
     y = conv2d(x.float(), w, padding=1)   # 42 pixels: the tuned bucket (M=64)
     assert_close_to_ref(y, F.conv2d(x, w.double(), padding=1))
+
+
+def test_bench_cases_run_and_agree():
+    """The benchmark's implementations compute the same thing (tiny CPU sizes)."""
+    from tilefuse.bench.kernels_conv import cases
+
+    cs = cases("cpu", torch.float32, "tiny")
+    assert {c.name.split("/")[0] for c in cs} == {"fwd", "fwd+bwd"}
+    for case in cs:
+        outs = {impl: fn() for impl, fn in case.fns.items()}
+        if case.name.startswith("fwd/"):
+            assert_close_to_ref(outs["tilefuse"], outs["eager"].double(), factor=8)
+            assert set(outs) == {"tilefuse", "eager", "vendor"}

@@ -13,7 +13,7 @@ import traceback
 
 from aot_record import Recorder, first_lines
 
-FAMILIES = ("matmul", "depthwise", "int8", "fp8", "norm", "dropout", "optim")
+FAMILIES = ("matmul", "depthwise", "conv", "int8", "fp8", "norm", "dropout", "optim")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -86,6 +86,40 @@ def _scenarios_depthwise(torch, tf):
         for act in ACTS:
             yield f"dwconv {dt} act={act} residual", lambda x=x, w=w, act=act: \
                 ops.depthwise_conv2d(x, w, padding=1, activation=act, residual=x)
+
+
+def _scenarios_conv(torch, tf):
+    """Dense conv2d (implicit GEMM): the ResNet-50 3x3 channels_last bf16 conv (fwd with the
+    residual block epilogue, fwd+bwd), the 7x7 stride-2 stem, a 1x1, grouped/NCHW, every dtype."""
+    ops = tf.ops
+    cl = torch.channels_last
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        def res_block(dt=dt):  # ResNet-50 layer1 3x3: relu(conv + b + identity), batch 8
+            x = torch.randn(8, 64, 56, 56, dtype=dt).to(memory_format=cl)
+            w = torch.randn(64, 64, 3, 3, dtype=dt).to(memory_format=cl)
+            ops.conv2d(x, w, torch.randn(64, dtype=dt), padding=1, residual=x,
+                       post_activation="relu")
+        yield f"conv {dt} resnet50 3x3 64ch NHWC bias+res+relu", res_block
+
+        def fwd_bwd(dt=dt, N=8, C=128, H=28, k=3, s=1, act="relu"):
+            x = torch.randn(N, C, H, H, dtype=dt).to(memory_format=cl).requires_grad_()
+            w = torch.randn(C, C, k, k, dtype=dt).to(memory_format=cl).requires_grad_()
+            b = torch.randn(C, dtype=dt, requires_grad=True)
+            y = ops.conv2d(x, w, b, stride=s, padding=k // 2, activation=act)
+            y.backward(torch.ones_like(y))
+        yield f"conv {dt} resnet50 3x3 128ch NHWC relu fwd+bwd", fwd_bwd
+        yield f"conv {dt} 3x3 s2 silu fwd+bwd", lambda dt=dt: fwd_bwd(dt, 4, 64, 28, 3, 2, "silu")
+        yield f"conv {dt} stem 7x7 s2", lambda dt=dt: ops.conv2d(
+            torch.randn(2, 3, 224, 224, dtype=dt).to(memory_format=cl),
+            torch.randn(64, 3, 7, 7, dtype=dt), stride=2, padding=3, activation="relu")
+        yield f"conv {dt} 1x1 256->64", lambda dt=dt: ops.conv2d(
+            torch.randn(4, 256, 14, 14, dtype=dt).to(memory_format=cl),
+            torch.randn(64, 256, 1, 1, dtype=dt))
+        yield f"conv {dt} grouped NCHW", lambda dt=dt: ops.conv2d(
+            torch.randn(2, 32, 15, 15, dtype=dt), torch.randn(64, 4, 3, 3, dtype=dt),
+            padding=1, groups=8, activation="gelu")
+    yield "conv fp64", lambda: ops.conv2d(torch.randn(2, 16, 9, 9, dtype=torch.float64),
+                                          torch.randn(16, 16, 3, 3, dtype=torch.float64))
 
 
 def _scenarios_int8(torch, tf):
@@ -299,6 +333,7 @@ def _monitor(O, make, dt):
 
 
 DRIVERS = {"matmul": _scenarios_matmul, "depthwise": _scenarios_depthwise, "int8": _scenarios_int8,
+           "conv": _scenarios_conv,
            "fp8": _scenarios_fp8,
            "norm": _scenarios_norm, "dropout": _scenarios_dropout, "optim": _scenarios_optim}
 

@@ -126,8 +126,9 @@ def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
     if M <= 64:
         bm, warps = 64, 4
     else:
-        # 128x128 fp32 accumulators spill with 4 warps on sm_90 (as for the matmul)
-        bm, warps = 128, (8 if bn == 128 else 4)
+        # sm_90 (tools/aot_check.py): 128x128 fp32 accumulators spill with 4 warps (as for the
+        # matmul), and so does a half-precision 128x64x64 tile (1x1 convs)
+        bm, warps = 128, (8 if bn == 128 or (half and block_k == 64) else 4)
     if dtype == torch.float64:
         bm, bn, block_k, warps = min(bm, 64), min(bn, 64), 16, 4
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, GROUP_M=8, num_warps=warps,

@@ -266,7 +266,7 @@ def test_tied_weights_are_skipped_and_a_larger_model_is_reported():
     net = _TiedLM().eval()
     q, rep = tilefuse.quantize(net, calibration=torch.randint(0, 300, (2, 6)))
     assert rep.replaced == ["proj"] and isinstance(q.lm_head, torch.nn.Linear)
-    assert rep.skipped == ["lm_head (weight tied to wte: an int8 copy would be stored next to "
+    assert rep.skipped == ["lm_head (weight tied to wte: a quantized copy would be stored next to "
                            "the float tensor, so the model would grow)"]
     assert q.lm_head.weight is q.wte.weight and rep.size_after < rep.size_before
     assert "lm_head (weight tied" in str(rep) and "smaller" in str(rep)
@@ -301,7 +301,7 @@ def test_quantize_hf_gpt2_conv1d_and_tied_head():
     assert [r for r in rep.replaced if r.endswith("mlp.c_fc")] == ["transformer.h.0.mlp.c_fc",
                                                                     "transformer.h.1.mlp.c_fc"]
     assert len(rep.replaced) == 8  # c_attn, attn.c_proj, c_fc, mlp.c_proj in both blocks
-    assert rep.skipped == ["lm_head (weight tied to transformer.wte: an int8 copy would be "
+    assert rep.skipped == ["lm_head (weight tied to transformer.wte: a quantized copy would be "
                            "stored next to the float tensor, so the model would grow)"]
     assert rep.size_after < 0.6 * rep.size_before and "smaller" in str(rep)
     assert rep.max_rel_dev < 0.05

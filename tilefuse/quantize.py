@@ -1,8 +1,11 @@
 """``tilefuse.quantize``: whole-model post-training quantization with a size/accuracy report.
 
 Modes: ``'w8a8'`` (dynamic per-row int8 activations x per-channel int8 weights), ``'weight_only'``
-(int8 weights, float activations), and the float steps of the deployment pipeline ``'fp16'`` /
-``'bf16'`` (a cast of every floating parameter and buffer). In the int8 modes every
+(int8 weights, float activations), ``'fp8'`` (every Linear / HF ``Conv1D`` becomes an
+:class:`~tilefuse.nn.Fp8Linear`: e4m3 weights per output channel, dynamic per-row e4m3
+activations; convolutions stay in float and are listed in ``report.skipped``), and the float
+steps of the deployment pipeline ``'fp16'`` / ``'bf16'`` (a cast of every floating parameter and
+buffer). In the int8 modes every
 :class:`torch.nn.Linear` (including :class:`tilefuse.nn.Linear`) and Hugging Face ``Conv1D``
 (GPT-2's transposed Linear, recognised by duck typing) becomes an :class:`~tilefuse.nn.Int8Linear`,
 and every 1x1/stride-1/unpadded/ungrouped Conv1d/Conv2d an :class:`~tilefuse.nn.Int8Conv1x1`
@@ -24,7 +27,7 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 
-MODES = ("w8a8", "weight_only", "fp16", "bf16")
+MODES = ("w8a8", "weight_only", "fp8", "fp16", "bf16")
 _SHOWN = 10  # skipped modules listed by str(report)
 
 
@@ -120,8 +123,12 @@ def _replace_modules(model: torch.nn.Module, mode: str, skip: tuple, report: Qua
         elif is_linear or is_conv:
             tied = [p for p, m in owners.get(id(child.weight), []) if m is not child]
             if tied:
-                why = (f"weight tied to {tied[0]}: an int8 copy would be stored next to the "
+                why = (f"weight tied to {tied[0]}: a quantized copy would be stored next to the "
                        f"float tensor, so the model would grow")
+            elif mode == "fp8":  # Linear / HF Conv1D -> Fp8Linear; convs stay float (reported)
+                from tilefuse.nn.fp8 import fp8_convert
+
+                new, why = fp8_convert(child)
             elif is_linear:
                 new = Int8Linear.from_float(child, mode=mode)
             elif Int8Conv1x1.supports(child):
@@ -189,10 +196,10 @@ def quantize(model: torch.nn.Module, mode: str = "w8a8", skip: Iterable = (),
     Args:
         model: any :class:`torch.nn.Module` (call ``.eval()`` first so dropout does not count as
             quantization error).
-        mode: ``'w8a8'``, ``'weight_only'``, ``'fp16'`` or ``'bf16'``.
+        mode: ``'w8a8'``, ``'weight_only'``, ``'fp8'``, ``'fp16'`` or ``'bf16'``.
         skip: module names (exact, a prefix such as ``'head'`` for ``'head.*'``, or an
             ``fnmatch`` pattern such as ``'*.classifier'``) and/or module classes to leave in
-            float (int8 modes only).
+            float (int8 and fp8 modes only).
         inplace: modify ``model`` itself instead of a deep copy (a model that *is* a Linear or
             1x1 conv is returned as a new module either way).
         calibration: an input batch (a tensor, a tuple of positional args, or a dict of keyword

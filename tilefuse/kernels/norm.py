@@ -82,22 +82,27 @@ def norm_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
     else:
         row = tl.program_id(0).to(tl.int64)
         y_row = y_ptr + row * N
+        # one statistics pass: each chunk's mean and squared deviations are exact in
+        # registers, then merged into the running ones (Chan et al.): two passes over the row
+        # in all (statistics, apply), no cancellation from a large mean
         mean = 0.0
-        if not IS_RMS:
-            acc = tl.zeros((BLOCK_N,), tl.float32)
-            for n0 in range(0, N, BLOCK_N):
-                cols = (n0 + offs).to(tl.int64)
-                acc += _load_h(x_ptr, r_ptr, row, cols, cols < N, sxm, sxn, srm, srn,
-                               HAS_RESIDUAL)
-            mean = tl.sum(acc, axis=0) / N
-        acc2 = tl.zeros((BLOCK_N,), tl.float32)
+        m2 = 0.0
         for n0 in range(0, N, BLOCK_N):
             cols = (n0 + offs).to(tl.int64)
             mask = cols < N
             h = _load_h(x_ptr, r_ptr, row, cols, mask, sxm, sxn, srm, srn, HAS_RESIDUAL)
-            hc = tl.where(mask, h - mean, 0.0)
-            acc2 += hc * hc
-        rstd = 1.0 / tl.sqrt(tl.sum(acc2, axis=0) / N + eps)
+            if IS_RMS:
+                m2 += tl.sum(h * h, axis=0)
+            else:
+                n_c = tl.minimum(N - n0, BLOCK_N).to(tl.float32)
+                mean_c = tl.sum(h, axis=0) / n_c
+                dev = tl.where(mask, h - mean_c, 0.0)
+                n_prev = n0 * 1.0
+                delta = mean_c - mean
+                mean += delta * (n_c / (n_prev + n_c))
+                m2 += tl.sum(dev * dev, axis=0) + delta * delta * (n_prev * n_c / (n_prev + n_c))
+        acc2 = m2
+        rstd = 1.0 / tl.sqrt(acc2 / N + eps)
         for n0 in range(0, N, BLOCK_N):
             cols = (n0 + offs).to(tl.int64)
             mask = cols < N

@@ -179,3 +179,18 @@ def test_gradient_not_computed_is_an_error():
     loss, _ = fce.cross_entropy_op(x, torch.tensor([0, 1, 2]), 0.0, -100, "mean", False)
     with pytest.raises(RuntimeError, match="not computed"):
         loss.backward()
+
+
+def test_kernel_counts_non_ignored_rows():
+    """``reduction='mean'``'s denominator comes from the kernel (an int32 counter) and equals
+    ``(target != ignore_index).sum()``, out-of-range targets included (they are not ignored)."""
+    from tilefuse.kernels.cross_entropy import launch_cross_entropy
+
+    g = torch.Generator().manual_seed(8)
+    for R, ig in ((1, -100), (7, -100), (33, 2), (5, 0)):
+        x = torch.randn(R, 6, generator=g)
+        t = torch.randint(-1, 7, (R,), generator=g)
+        t[::2] = ig
+        loss, count = torch.empty(R), torch.zeros((), dtype=torch.int32)
+        launch_cross_entropy(x, t, loss, None, ig, 0.1, count=count)
+        assert int(count) == int((t != ig).sum())

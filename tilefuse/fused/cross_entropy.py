@@ -22,7 +22,7 @@ from tilefuse.fused._fast import autocast_maybe_on, fast_op, needs_grad
 
 TARGET_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8)
 _TARGET_SET = frozenset(TARGET_DTYPES)
-_INT64 = torch.int64
+_INT64, _INT32 = torch.int64, torch.int32
 _kce = None  # tilefuse.kernels.cross_entropy, imported on the first launch (triton is optional)
 
 
@@ -79,14 +79,17 @@ def _kernels():
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _reduce(rows: Tensor, target: Tensor, ignore_index: int, reduction: str):
-    """(reduced loss, sum of the rows or None for 'none')."""
+def _reduce(rows: Tensor, target: Tensor, ignore_index: int, reduction: str,
+            count: Optional[Tensor] = None):
+    """(reduced loss, sum of the rows or None for 'none'). ``count``: the number of targets
+    that are not ``ignore_index`` when the kernel counted them (0-d), else computed here."""
     if reduction == "none":
         return rows, None
     total = rows.sum()
     if reduction == "sum":
         return total, total
-    count = (target != ignore_index).sum()
+    if count is None:
+        count = (target != ignore_index).sum()
     # every target ignored: the loss is NaN (0/0) as in torch (and the gradient 0: _backward)
     return torch.where(count > 0, total / count, float("nan")), total
 
@@ -111,9 +114,10 @@ def _xent_impl(logits: Tensor, target: Tensor, label_smoothing: float, ignore_in
     device = logits.device
     rows = torch.empty(R, device=device, dtype=torch.float32)
     grad = torch.empty((R, V), device=device, dtype=logits.dtype) if compute_grad else None
+    count = torch.zeros((), device=device, dtype=_INT32) if reduction == "mean" else None
     (_kce or _kernels()).launch_cross_entropy(logits, target, rows, grad, ignore_index,
-                                              label_smoothing)
-    loss, total = _reduce(rows, target, ignore_index, reduction)
+                                              label_smoothing, count=count)
+    loss, total = _reduce(rows, target, ignore_index, reduction, count)
     if sync and R:
         total = float(total if total is not None else rows.sum())
         if total != total:  # NaN: an out-of-range target (ValueError here) or a NaN logit

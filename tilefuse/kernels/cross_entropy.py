@@ -11,7 +11,9 @@ Pass 1 streams the row once, keeping a running max ``m``, running ``sum exp(x - 
 wanted, pass 2 (same program) streams the row again and writes ``softmax - smoothed one-hot`` in
 the logits' dtype: backward is then one multiply by the incoming gradient. Rows whose target is
 ``ignore_index`` get loss 0 and gradient 0. A target outside ``[0, V)`` yields a NaN loss (the
-CPU path validates it eagerly; on GPU that would cost a host sync).
+CPU path validates it eagerly; on GPU that would cost a host sync). With ``COUNT`` every other row
+adds 1 to an int32 counter (the denominator of ``reduction='mean'``: no separate
+``(target != ignore_index).sum()`` pass).
 """
 from __future__ import annotations
 
@@ -25,10 +27,10 @@ from tilefuse.kernels import launch_cache, split_constexprs
 
 @triton.jit
 def cross_entropy_kernel(
-    x_ptr, t_ptr, loss_ptr, grad_ptr,
+    x_ptr, t_ptr, loss_ptr, grad_ptr, count_ptr,
     V, stride_xr, stride_xc, stride_t, stride_gr,
     ignore_index, eps,
-    COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, COUNT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xr
@@ -42,6 +44,8 @@ def cross_entropy_kernel(
                 tl.store(grad_ptr + row * stride_gr + c,
                          tl.zeros((BLOCK,), tl.float32).to(grad_ptr.dtype.element_ty), mask=c < V)
     else:
+        if COUNT:
+            tl.atomic_add(count_ptr, 1)
         # pass 1: online max / sum-exp, plus sum(x) for the smoothing term and x[target]
         m = tl.full((BLOCK,), -3.0e38, tl.float32)  # finite: no inf - inf on empty lanes
         s = tl.zeros((BLOCK,), tl.float32)
@@ -88,12 +92,12 @@ def _block(V: int, is_cuda: bool) -> int:
 _LAUNCH = launch_cache()
 
 
-def _launch_params(V: int, is_cuda: bool, compute_grad: bool, block: int | None):
+def _launch_params(V: int, is_cuda: bool, compute_grad: bool, count: bool, block: int | None):
     """(constexprs, launch options) of one signature."""
     block = block or _block(V, is_cuda)
     warps = 4 if block <= 1024 else 8 if block <= 2048 else 16
-    return split_constexprs(cross_entropy_kernel, _RUNTIME,
-                            dict(COMPUTE_GRAD=compute_grad, BLOCK=block, num_warps=warps))
+    return split_constexprs(cross_entropy_kernel, _RUNTIME, dict(
+        COMPUTE_GRAD=compute_grad, COUNT=count, BLOCK=block, num_warps=warps))
 
 
 _RUNTIME = cross_entropy_kernel.arg_names.index("COMPUTE_GRAD")
@@ -101,21 +105,23 @@ _RUNTIME = cross_entropy_kernel.arg_names.index("COMPUTE_GRAD")
 
 def launch_cross_entropy(logits: torch.Tensor, target: torch.Tensor, loss: torch.Tensor,
                          grad: torch.Tensor | None, ignore_index: int, label_smoothing: float,
-                         block: int | None = None) -> None:
+                         block: int | None = None, count: torch.Tensor | None = None) -> None:
     """logits (R, V) any strides, target (R,) integer, loss (R,) fp32, grad (R, V) contiguous
-    rows or None (loss only). The constexprs of a signature are computed once
-    (:func:`tilefuse.kernels.launch_cache`)."""
+    rows or None (loss only); ``count``: a zeroed int32 tensor that receives the number of rows
+    whose target is not ``ignore_index``, or None. The constexprs of a signature are computed
+    once (:func:`tilefuse.kernels.launch_cache`)."""
     R, V = logits.shape
     if R == 0:
         return
     has_grad = grad is not None
-    key = (V, logits.is_cuda, has_grad, block)
+    has_count = count is not None
+    key = (V, logits.is_cuda, has_grad, has_count, block)
     params = _LAUNCH.get(key)
     if params is None:
         params = _LAUNCH[key] = _launch_params(*key)
     consts, opts = params
     sx0, sx1 = logits.stride()
     cross_entropy_kernel[(R,)](
-        logits, target, loss, grad if has_grad else loss,
+        logits, target, loss, grad if has_grad else loss, count if has_count else loss,
         V, sx0, sx1, target.stride(0), grad.stride(0) if has_grad else 0,
         int(ignore_index), float(label_smoothing), *consts, **opts)

@@ -23,6 +23,18 @@ from tilefuse.activations import NAMES, torch_activation
 from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, needs_grad
 
 
+_kdw = None  # tilefuse.kernels.depthwise, imported on the first launch (triton is optional)
+
+
+def _kernels():
+    global _kdw
+    if _kdw is None:
+        import tilefuse.kernels.depthwise as k
+
+        _kdw = k
+    return _kdw
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
@@ -63,13 +75,10 @@ def _fwd_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optio
             y = y + residual.to(cd)
         out = torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=fmt)
         return out.copy_(y), pre
-    from tilefuse.kernels.depthwise import launch_forward
-
     y = torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=fmt)
     pre = torch.empty_like(y) if save_pre else None
-    launch_forward(x, weight, y, bias=bias, residual=residual, pre=pre, stride=stride,
-                   padding=padding, dilation=dilation, activation=activation,
-                   act_param=act_param)
+    _kernels().launch_forward(x, weight, y, bias, residual, pre, stride, padding, dilation,
+                              activation, act_param)
     return y, (pre if pre is not None else x.new_empty(0))
 
 
@@ -102,16 +111,14 @@ def _bwd_impl(dz: Tensor, x: Tensor, weight: Tensor, stride: List[int], padding:
         if need_weight:
             dw = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype).copy_(gw)
         return dx, dw
-    from tilefuse.kernels.depthwise import launch_backward_input, launch_backward_weight
-
     dx = x.new_empty(0)
     dw = weight.new_empty(0)
     if need_input:
         dx = torch.empty_like(x)
-        launch_backward_input(dz, weight, dx, stride=stride, padding=padding, dilation=dilation)
+        _kernels().launch_backward_input(dz, weight, dx, stride, padding, dilation)
     if need_weight:
-        dw = launch_backward_weight(dz, x, (kh, kw), stride=stride, padding=padding,
-                                    dilation=dilation).to(weight.dtype)
+        dw = _kernels().launch_backward_weight(dz, x, (kh, kw), stride, padding,
+                                               dilation).to(weight.dtype)
     return dx, dw
 
 

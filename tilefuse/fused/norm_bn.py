@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 from torch._C import is_grad_enabled
+from torch.compiler import is_compiling as _is_compiling
 
 from tilefuse import _autocast
 from tilefuse._backend import backend_of
@@ -24,6 +25,18 @@ from tilefuse._validate import check_broadcastable, check_shape, check_tensor, f
 from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
 from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, needs_grad
 from tilefuse.fused.norm_group import _empty_like_layout
+
+
+_kbn = None  # tilefuse.kernels.norm_bn, imported on the first launch (triton is optional)
+
+
+def _kernels():
+    global _kbn
+    if _kbn is None:
+        import tilefuse.kernels.norm_bn as k
+
+        _kbn = k
+    return _kbn
 
 
 def _use_torch(x: Tensor) -> bool:
@@ -72,8 +85,6 @@ def _fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
                         v if training else var, eps)
         y.copy_(torch_activation(z, NAMES[activation], act_param))
         return (y, mean, var) if training or save_stats else (y, _empty(x), _empty(x))
-    from tilefuse.kernels.norm_bn import launch_batch_norm_fwd
-
     if training:
         mean = var = None
     elif save_stats:
@@ -81,8 +92,8 @@ def _fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
         var = running_var.to(torch.float32, copy=True)
     else:  # read in place when they already are fp32 and contiguous (the kernel's layout)
         mean, var = _f32_dense(running_mean), _f32_dense(running_var)
-    mean, var = launch_batch_norm_fwd(x, residual, weight, bias, y, mean, var, training, eps,
-                                      activation, act_param)
+    mean, var = _kernels().launch_batch_norm_fwd(x, residual, weight, bias, y, mean, var,
+                                                 training, eps, activation, act_param)
     return (y, mean, var) if training or save_stats else (y, _empty(x), _empty(x))
 
 
@@ -126,11 +137,9 @@ def _bwd_impl(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optiona
         if need_dres:
             dres.copy_(dz)
         return dx, (dz * xhat).sum((0, 2)).float(), dz.sum((0, 2)).float(), dres
-    from tilefuse.kernels.norm_bn import launch_batch_norm_bwd
-
-    dw, db = launch_batch_norm_bwd(dy, x, residual, weight, bias, mean, var, dx,
-                                   dres if need_dres else None, training, eps, activation,
-                                   act_param)
+    dw, db = _kernels().launch_batch_norm_bwd(dy, x, residual, weight, bias, mean, var, dx,
+                                              dres if need_dres else None, training, eps,
+                                              activation, act_param)
     return dx, dw, db, dres
 
 
@@ -176,13 +185,33 @@ def _check_momentum(momentum) -> float:
     return float(momentum)
 
 
+_SCALARS: dict = {}
+
+
+def _scalar(value: float, like: Tensor):
+    """``value`` as a cached 0-d CPU tensor, fp64 for an fp64 ``like`` and fp32 otherwise: as
+    the other operand of an elementwise op on ``like`` it is the same CPU scalar, cast to the
+    same compute type, as the Python number (torch wraps a number into a fresh tensor on every
+    call, a microsecond or two). The plain number when compiling."""
+    if _is_compiling():
+        return value
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    try:
+        return _SCALARS[(value, dtype)]
+    except KeyError:
+        if len(_SCALARS) >= 64:  # momentum=None modules pass a new 1 / n each step
+            _SCALARS.clear()
+        t = _SCALARS[(value, dtype)] = torch.tensor(value, dtype=dtype)
+        return t
+
+
 def _update_running(running_mean, running_var, mean, var, momentum: float, count: int) -> None:
     """torch's update: ``running = (1 - m) * running + m * stat``, unbiased variance."""
     m = momentum
-    running_mean.mul_(1.0 - m).add_(
+    running_mean.mul_(_scalar(1.0 - m, running_mean)).add_(
         mean if mean.dtype == running_mean.dtype else mean.to(running_mean.dtype), alpha=m)
-    unbiased = var * (count / (count - 1))
-    running_var.mul_(1.0 - m).add_(
+    unbiased = var * _scalar(count / (count - 1), var)
+    running_var.mul_(_scalar(1.0 - m, running_var)).add_(
         unbiased if unbiased.dtype == running_var.dtype else unbiased.to(running_var.dtype),
         alpha=m)
 
@@ -229,10 +258,14 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
         x, residual = _autocast.promote_residual(x, residual)
     shape = x.shape
     N, C = shape[0], shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias)):
-        if t is not None and t.shape != (C,):
-            check_shape(name, t, (C,))
+    if running_mean is not None and running_mean.shape != (C,):
+        check_shape("running_mean", running_mean, (C,))
+    if running_var is not None and running_var.shape != (C,):
+        check_shape("running_var", running_var, (C,))
+    if weight is not None and weight.shape != (C,):
+        check_shape("weight", weight, (C,))
+    if bias is not None and bias.shape != (C,):
+        check_shape("bias", bias, (C,))
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be tensors or both be None")
     if type(training) is not bool:
@@ -276,4 +309,4 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     else:
         y, _, _ = batch_norm_act_fwd(x3, r3, weight, bias, running_mean, running_var, False, eps,
                                      act, act_param, save)
-    return y if x.dim() == 3 else y.view(shape)
+    return y if x.dim() == 3 else y.view(*shape)  # (a tuple argument parses slower)

@@ -20,6 +20,18 @@ from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
 from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op
 
 
+_kgn = None  # tilefuse.kernels.norm_group, imported on the first launch (triton is optional)
+
+
+def _kernels():
+    global _kgn
+    if _kgn is None:
+        import tilefuse.kernels.norm_group as k
+
+        _kgn = k
+    return _kgn
+
+
 def _use_torch(x: Tensor) -> bool:
     return backend_of(x) == "torch" or x.dtype == torch.float64 or x.numel() == 0
 
@@ -29,8 +41,8 @@ def _empty_like_layout(x3: Tensor) -> Tensor:
     contiguous."""
     N, C, S = x3.shape
     if C > 1 and S > 1 and x3.stride(1) == 1:
-        return x3.new_empty((N, S, C)).transpose(1, 2)
-    return x3.new_empty((N, C, S))
+        return x3.new_empty(N, S, C).transpose(1, 2)
+    return x3.new_empty(N, C, S)  # (sizes as arguments: cheaper to parse than one tuple)
 
 
 def _torch_stats(x3, G, eps):
@@ -68,11 +80,10 @@ def _fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         z = _affine(_xhat(x, num_groups, mean, rstd), weight, bias)
         y.copy_(torch_activation(z, NAMES[activation], act_param))
         return y, mean.reshape(-1).float(), rstd.reshape(-1).float()
-    from tilefuse.kernels.norm_group import launch_group_norm_fwd
-
     mean = x.new_empty(N * num_groups, dtype=torch.float32)
     rstd = x.new_empty(N * num_groups, dtype=torch.float32)
-    launch_group_norm_fwd(x, weight, bias, y, mean, rstd, num_groups, eps, activation, act_param)
+    _kernels().launch_group_norm_fwd(x, weight, bias, y, mean, rstd, num_groups, eps, activation,
+                                     act_param)
     return y, mean, rstd
 
 
@@ -106,10 +117,8 @@ def _bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Te
         dw = (dz * xhat).sum((0, 2)).float() if need_dw else empty()
         db = dz.sum((0, 2)).float() if need_db else empty()
         return dx, dw, db
-    from tilefuse.kernels.norm_group import launch_group_norm_bwd
-
-    dw, db = launch_group_norm_bwd(dy, x, weight, bias, mean, rstd, dx, num_groups, activation,
-                                   act_param, need_dw, need_db)
+    dw, db = _kernels().launch_group_norm_bwd(dy, x, weight, bias, mean, rstd, dx, num_groups,
+                                              activation, act_param, need_dw, need_db)
     return dx, (dw if dw is not None else empty()), (db if db is not None else empty())
 
 
@@ -189,4 +198,4 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
     # a view for NCHW / channels_last; else a copy
     x3 = x if x.dim() == 3 else x.reshape(N, C, math.prod(shape[2:]))
     y, _, _ = group_norm_act_fwd(x3, weight, bias, num_groups, eps, act, act_param)
-    return y if x.dim() == 3 else y.view(shape)
+    return y if x.dim() == 3 else y.view(*shape)  # (a tuple argument parses slower)

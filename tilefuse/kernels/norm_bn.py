@@ -251,7 +251,11 @@ def _fwd_launch(x, training, has_res, has_w, has_b, activation, act_param):
     stats = None
     if training:
         split, r_per = _split(R, cb, br, x.device)
-        stats = ((cb, split), split, r_per, _counts(split, r_per, R, x.device),
+        # R as a 0-d CPU fp32 tensor: the same operand as the Python number in ``t / R`` (a
+        # CPU scalar, fp32 in the kernel), without wrapping a number into a tensor per call
+        r_t = torch.tensor(float(R), dtype=torch.float32)
+        stats = ((cb, split), split, r_per,
+                 _counts(split, r_per, R, x.device) if split > 1 else None, r_t,
                  dict(BLOCK_R=br, BLOCK_C=bc, num_warps=4))
     consts, opts = split_constexprs(bn_apply_kernel, _APPLY_RUNTIME, dict(
         HAS_K=training, HAS_RESIDUAL=has_res, HAS_W=has_w, HAS_B=has_b, ACTIVATION=activation,
@@ -283,15 +287,24 @@ def launch_batch_norm_fwd(x, residual, weight, bias, y, mean, var, training: boo
             _FWD_LAUNCH[sig] = launch
     stats, (grid, consts, opts) = launch
     if training:
-        sgrid, split, r_per, cnt, sopts = stats
-        pmean = torch.empty((split, C), device=x.device, dtype=torch.float32)
-        pm2 = torch.empty((split, C), device=x.device, dtype=torch.float32)
-        k = torch.empty(C, device=x.device, dtype=torch.float32)  # K: each channel's first value
+        sgrid, split, r_per, cnt, r_t, sopts = stats
+        dev = x.device
+        part = (split, C) if cnt is not None else (C,)  # (one slice: its row)
+        pmean = torch.empty(part, device=dev, dtype=torch.float32)
+        pm2 = torch.empty(part, device=dev, dtype=torch.float32)
+        k = torch.empty(C, device=dev, dtype=torch.float32)  # K: each channel's first value
         bn_stats_kernel[sgrid](x, pmean, pm2, k, C, R, S, r_per, *sx, **sopts)
-        # Chan's merge of the slices, in a fixed order (deterministic)
-        md = (pmean * cnt).sum(0) / R
-        dev = pmean.sub_(md).pow_(2).mul_(cnt).add_(pm2)  # pm2 + cnt * (pmean - md) ** 2
-        var = dev.sum(0).div_(R)
+        # Chan's merge of the slices, in a fixed order (deterministic):
+        # md = sum(pmean * cnt) / R, var = sum(pm2 + cnt * (pmean - md) ** 2) / R
+        # (x ** 2 is computed as x * x by torch, in place here)
+        if cnt is None:  # one slice of R values: a sum over one row is the row (same bits)
+            md = (pmean * r_t).div_(r_t)
+            d = pmean.sub_(md)
+            var = d.mul_(d).mul_(r_t).add_(pm2).div_(r_t)
+        else:
+            md = (pmean * cnt).sum(0).div_(r_t)
+            d = pmean.sub_(md)
+            var = d.mul_(d).mul_(cnt).add_(pm2).sum(0).div_(r_t)
     else:
         k = md = mean
     res = residual if has_res else x

@@ -34,7 +34,6 @@ from tilefuse.fused.matmul import activation_backward_op
 from tilefuse.fused.matmul import linear as fused_linear
 
 _SEED_HIGH = 2**31 - 1
-_INT64 = torch.int64
 # tilefuse.kernels.dropout / .matmul, imported on the first launch (triton is optional); their
 # functions are looked up on the module at each call (tests patch them)
 _kd = _km = None
@@ -63,8 +62,8 @@ def draw_seed(device=None) -> Tensor:
     default generator (so ``torch.manual_seed`` / ``torch.cuda.manual_seed`` / ``fork_rng``
     govern it as they govern ``torch.nn.functional.dropout``). The Triton path never reads it on
     the host."""
-    return torch.randint(0, _SEED_HIGH, (), dtype=_INT64,
-                         device=device if device is not None else "cpu")
+    # randint(high, ...): int64 and low=0 are the defaults (same draw as randint(0, high, ...))
+    return torch.randint(_SEED_HIGH, (), device=device if device is not None else "cpu")
 
 
 def _seed_on(seed: Tensor, device) -> Tensor:

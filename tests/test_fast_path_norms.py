@@ -222,3 +222,51 @@ def test_compile_traces_the_custom_op(case):
         assert not stats[0].requires_grad and not torch.equal(stats[1], torch.ones(C))
         out.sum().backward()
         assert w.grad is not None
+
+
+def _old_merge(x3):
+    """The launcher's merge as it was before the fast path: Python-number operands, sums over
+    the (SPLIT, C) partials for any SPLIT, K sliced from x on the host."""
+    import triton
+
+    N, C, S = x3.shape
+    R = N * S
+    br, bc = kbn._tiles(x3)
+    split, r_per = kbn._split(R, triton.cdiv(C, bc), br, x3.device)
+    pmean, pm2, k = torch.empty(split, C), torch.empty(split, C), torch.empty(C)
+    kbn.bn_stats_kernel[(triton.cdiv(C, bc), split)](x3, pmean, pm2, k, C, R, S, r_per,
+                                                     *x3.stride(), BLOCK_R=br, BLOCK_C=bc,
+                                                     num_warps=4)
+    cnt = torch.full((split, 1), float(r_per))
+    cnt[-1] = float(R - r_per * (split - 1))
+    md = (pmean * cnt).sum(0) / R
+    var = (pm2 + cnt * (pmean - md) ** 2).sum(0) / R
+    return x3[0, :, 0].float() + md, var, split
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+@pytest.mark.parametrize("tile", [None, 64])
+def test_batch_norm_merge_same_bits_as_before(tile, monkeypatch):
+    """The cached-operand merge (and its one-slice form) returns the bits of the original one."""
+    if tile:
+        monkeypatch.setattr(kbn, "INTERP_TILE", tile)
+    x3 = (torch.randn(5, 6, 20) * 3 + 250.0).float()
+    mean, var, split = _old_merge(x3)
+    assert split == (2 if tile else 1)
+    y = torch.empty_like(x3)
+    m2, v2 = kbn.launch_batch_norm_fwd(x3, None, None, None, y, None, None, True, 1e-5, 0, 0.0)
+    assert torch.equal(mean, m2) and torch.equal(var, v2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_running_update_same_bits_as_python_numbers(dtype):
+    """Cached 0-d operands update the running stats exactly as Python-number operands do."""
+    mean, var = torch.randn(7), torch.rand(7) + 0.1
+    for momentum, count in ((0.1, 12), (1 / 3, 7), (0.37, 1001)):
+        rm, rv = (torch.randn(7) * 3).to(dtype), (torch.rand(7) + 0.5).to(dtype)
+        rm_ref, rv_ref = rm.clone(), rv.clone()
+        fbn._update_running(rm, rv, mean, var, momentum, count)
+        rm_ref.mul_(1.0 - momentum).add_(mean.to(dtype), alpha=momentum)
+        rv_ref.mul_(1.0 - momentum).add_((var * (count / (count - 1))).to(dtype),
+                                         alpha=momentum)
+        assert torch.equal(rm, rm_ref) and torch.equal(rv, rv_ref)

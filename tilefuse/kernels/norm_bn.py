@@ -243,7 +243,8 @@ def _cacheable(device) -> bool:
 
 def _fwd_launch(x, training, has_res, has_w, has_b, activation, act_param):
     """(stats launch or None, apply launch) for one forward signature. The stats launch is
-    (grid, SPLIT, R_PER, slice counts, options); the apply one (grid, constexprs, options)."""
+    (grid, SPLIT, R_PER, slice counts (None for one slice), R as a 0-d tensor, options); the
+    apply one (grid, constexprs, options)."""
     N, C, S = x.shape
     R = N * S
     br, bc = _tiles(x)
@@ -290,8 +291,8 @@ def launch_batch_norm_fwd(x, residual, weight, bias, y, mean, var, training: boo
         sgrid, split, r_per, cnt, r_t, sopts = stats
         dev = x.device
         part = (split, C) if cnt is not None else (C,)  # (one slice: its row)
-        pmean = torch.empty(part, device=dev, dtype=torch.float32)
-        pm2 = torch.empty(part, device=dev, dtype=torch.float32)
+        pmean = torch.empty(*part, device=dev, dtype=torch.float32)
+        pm2 = torch.empty(*part, device=dev, dtype=torch.float32)
         k = torch.empty(C, device=dev, dtype=torch.float32)  # K: each channel's first value
         bn_stats_kernel[sgrid](x, pmean, pm2, k, C, R, S, r_per, *sx, **sopts)
         # Chan's merge of the slices, in a fixed order (deterministic):
@@ -350,16 +351,17 @@ def launch_batch_norm_bwd(dy, x, residual, weight, bias, mean, var, dx, dres, tr
         launch = _BWD_LAUNCH[sig] = _bwd_launch(x, training, has_res, sig[7], sig[8],
                                                 activation, act_param, sig[11])
     rgrid, split, r_per, rconsts, agrid, aconsts, opts = launch
-    p1 = torch.empty((split, C), device=x.device, dtype=torch.float32)
-    p2 = torch.empty((split, C), device=x.device, dtype=torch.float32)
+    part = (split, C) if split > 1 else (C,)  # (one slice: its row is the sum)
+    p1 = torch.empty(*part, device=x.device, dtype=torch.float32)
+    p2 = torch.empty(*part, device=x.device, dtype=torch.float32)
     res = residual if has_res else x
     w = weight if weight is not None else x
     b = bias if bias is not None else x
     sd, sr = dy.stride(), res.stride()
     bn_bwd_reduce_kernel[rgrid](dy, x, res, w, b, mean, var, p1, p2, C, R, S, r_per,
                                 *sd, *sx, *sr, float(eps), *rconsts, **opts)
-    db = p1.sum(0)   # fixed-order second stage
-    dw = p2.sum(0)
+    db = p1.sum(0) if split > 1 else p1  # fixed-order second stage
+    dw = p2.sum(0) if split > 1 else p2
     bn_bwd_apply_kernel[agrid](
         dy, x, res, w, b, mean, var, db, dw, dx, dres if dres is not None else dx,
         C, R, S, *sd, *sx, *sr, *dx.stride(), float(eps), *aconsts, **opts)

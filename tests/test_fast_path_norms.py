@@ -270,3 +270,25 @@ def test_running_update_same_bits_as_python_numbers(dtype):
         rv_ref.mul_(1.0 - momentum).add_((var * (count / (count - 1))).to(dtype),
                                          alpha=momentum)
         assert torch.equal(rm, rm_ref) and torch.equal(rv, rv_ref)
+
+
+def test_batch_norm_backward_one_slice_same_bits_as_sum():
+    """With one R-slice the backward's (C,) partials are dw/db: the bits of ``.sum(0)`` over the
+    (1, C) partials the launcher reduced before."""
+    import triton
+
+    x3, dy = torch.randn(3, 5, 6) + 2, torch.randn(3, 5, 6)
+    w, b = torch.randn(5), torch.randn(5)
+    mean, var = x3.mean((0, 2)), x3.var((0, 2), unbiased=False)
+    N, C, S = x3.shape
+    br, bc = kbn._tiles(x3)
+    split, r_per = kbn._split(N * S, triton.cdiv(C, bc), br, x3.device)
+    assert split == 1
+    p1, p2 = torch.empty(1, C), torch.empty(1, C)
+    kbn.bn_bwd_reduce_kernel[(triton.cdiv(C, bc), 1)](
+        dy, x3, x3, w, b, mean, var, p1, p2, C, N * S, S, r_per, *dy.stride(), *x3.stride(),
+        *x3.stride(), 1e-5, HAS_RESIDUAL=False, HAS_W=True, HAS_B=True, ACTIVATION=1,
+        ACT_PARAM=0.0, BLOCK_R=br, BLOCK_C=bc, num_warps=4)
+    dw, db = kbn.launch_batch_norm_bwd(dy, x3, None, w, b, mean, var, torch.empty_like(x3),
+                                       None, True, 1e-5, 1, 0.0)
+    assert torch.equal(dw, p2.sum(0)) and torch.equal(db, p1.sum(0))

@@ -23,6 +23,7 @@ demo: venv
 	$(BIN)/python -m tilefuse.demo
 
 test: venv
+	$(BIN)/ruff check tilefuse tests tools
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -n 2 -m "not slow and not cuda"
 
 test-all: venv

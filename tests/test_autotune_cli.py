@@ -104,8 +104,6 @@ def test_record_shapes_from_a_model(monkeypatch):
 def test_model_shapes_recorded_or_builtin(monkeypatch):
     from types import SimpleNamespace
 
-    import tilefuse.autotune.shapes as shapes
-
     class Tiny(torch.nn.Module):  # token model, like tilefuse.models.text_classifier
         def __init__(self):
             super().__init__()
@@ -121,14 +119,13 @@ def test_model_shapes_recorded_or_builtin(monkeypatch):
 
     monkeypatch.setattr(tf_linear, "fused_linear", lambda x, w, b, activation:
                         torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b)))
-    monkeypatch.setattr(shapes, "_models", lambda: SimpleNamespace(text_classifier=Tiny))
-    problems, origin = load_shapes("model:textcls", ["matmul"], "cpu")
+    zoo = SimpleNamespace(text_classifier=Tiny)  # the CLI passes tilefuse.models
+    problems, origin = load_shapes("model:textcls", ["matmul"], "cpu", models=zoo)
     assert "recorded" in origin
     assert [(s["M"], s["N"], s["K"], s["activation"]) for _, s in problems] == [
         (6, 16, 8, 4), (6, 2, 16, 0), (192, 16, 8, 4), (192, 2, 16, 0)]
     assert "TILEFUSE_BACKEND" not in __import__("os").environ
-    # without tilefuse.models: the built-in lists
-    monkeypatch.setattr(shapes, "_models", lambda: None)
+    # without a model zoo: the built-in lists
     problems, origin = load_shapes("model:textcls", ["matmul"], "cpu")
     assert len(problems) == len(BUILTIN_MODELS["textcls"]) and "built-in" in origin
     space = autotune.get_space("matmul")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import fnmatch
 import io
-import math
 
 import pytest
 import torch

@@ -21,7 +21,7 @@ from tilefuse.prune import prune  # noqa: F401
 from tilefuse.quantize import quantize  # noqa: F401
 from tilefuse import models, train  # noqa: F401,E402  (after patch/quantize: models use them)
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version source: pyproject.toml reads it (setuptools dynamic attr)
 
 __all__ = ["ops", "nn", "optim", "regularize", "models", "train", "patch", "unpatch",
            "patch_report", "quantize", "prune", "export_onnx", "backend_for",

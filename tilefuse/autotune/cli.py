@@ -144,7 +144,10 @@ def _problems(args, identity):
     kernels = requested_kernels(args.kernels)
     device = identity.torch_device.split(":")[0]
     dtypes = _split(args.dtype) or (["float16", "bfloat16"] if identity.is_cuda else ["float32"])
-    specs, origin = load_shapes(args.shapes, kernels, device)
+    models = None  # model:NAME builds the zoo's models here: the tuning library never imports
+    if (args.shapes or "").startswith("model:"):  # tilefuse.models (its kernels import autotune)
+        import tilefuse.models as models
+    specs, origin = load_shapes(args.shapes, kernels, device, models)
     out, seen = [], set()
     for kernel, spec in specs:
         if args.kernels and kernel not in kernels:

@@ -7,8 +7,10 @@
 * ``--shapes model:NAME``: the shapes a model's forward uses (recorded at batch 1, rows also scaled to
   batch 32), harvested by
   :func:`record_shapes` (forward pre-hooks on every ``nn.Linear``, ``tilefuse.nn.Linear``
-  included) from ``tilefuse.models.NAME()`` (``textcls`` = ``text_classifier``), else a small
-  built-in list for ``resnet50`` / ``textcls``.
+  included) from ``models.NAME()`` (``textcls`` = ``text_classifier``), else a small
+  built-in list for ``resnet50`` / ``textcls``. ``models`` is passed in by the caller (the
+  ``tilefuse autotune`` command passes ``tilefuse.models``): the tuning package never imports the
+  model zoo, whose kernels import it.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import List, Tuple
 
 import torch
 
-# Built-in stand-ins until tilefuse.models lands: the Linear (matmul) problems of the model's
+# Built-in stand-ins when no model zoo is passed in: the Linear (matmul) problems of the model's
 # forward at batch 1 and 32. resnet50: the classifier head. textcls: a BERT-base-like encoder,
 # sequence 128, plus its pooler and 2-way classifier.
 BUILTIN_MODELS = {
@@ -72,14 +74,6 @@ _MODEL_ALIASES = {"textcls": "text_classifier", "text": "text_classifier"}
 RECORD_BATCHES = (1, 32)
 
 
-def _models():
-    try:
-        import tilefuse.models as models
-    except ImportError:
-        return None
-    return models
-
-
 def _example_inputs(model: torch.nn.Module, batch: int, device: str):
     emb = getattr(model, "tok", None)
     if isinstance(emb, torch.nn.Embedding):  # token model: (batch, max_len) ids
@@ -116,14 +110,14 @@ def _record_model(build, device: str) -> List[dict]:
     return specs
 
 
-def _model_specs(name: str, device: str = "cpu") -> Tuple[List[dict], str]:
-    """(specs, where they came from) for ``model:NAME``: recorded from ``tilefuse.models.NAME``
-    at batch 1 (M scaled to batch 32 as well) when that constructor exists, else the built-in
-    list."""
-    models = _models()
+def _model_specs(name: str, device: str = "cpu", models=None) -> Tuple[List[dict], str]:
+    """(specs, where they came from) for ``model:NAME``: recorded from ``models.NAME`` (``models``:
+    a namespace of model constructors such as ``tilefuse.models``) at batch 1 (M scaled to batch 32
+    as well) when that constructor exists, else the built-in list."""
     build = getattr(models, _MODEL_ALIASES.get(name, name), None) if models is not None else None
     if callable(build):
-        return _record_model(build, device), f"recorded from tilefuse.models ({name})"
+        where = getattr(models, "__name__", "the given models")
+        return _record_model(build, device), f"recorded from {where} ({name})"
     if name not in BUILTIN_MODELS:
         raise ValueError(f"unknown model {name!r}; built-in shape lists: "
                          f"{', '.join(sorted(BUILTIN_MODELS))}")
@@ -149,8 +143,10 @@ def _parse_text(text: str, kernels: List[str]) -> List[Problem]:
     return out
 
 
-def load_shapes(arg: str | None, kernels: List[str], device: str) -> Tuple[List[Problem], str]:
-    """Problems ``(kernel, spec)`` for ``--shapes ARG`` and a description of their origin."""
+def load_shapes(arg: str | None, kernels: List[str], device: str,
+                models=None) -> Tuple[List[Problem], str]:
+    """Problems ``(kernel, spec)`` for ``--shapes ARG`` and a description of their origin;
+    ``models`` (e.g. ``tilefuse.models``) supplies the constructors ``model:NAME`` records."""
     from tilefuse.autotune.space import get_space
 
     if not arg:
@@ -160,7 +156,7 @@ def load_shapes(arg: str | None, kernels: List[str], device: str) -> Tuple[List[
             out += [(k, s) for s in (space.default_shapes(device) if space else [])]
         return out, "default shapes"
     if arg.startswith("model:"):
-        specs, origin = _model_specs(arg[len("model:"):], device)
+        specs, origin = _model_specs(arg[len("model:"):], device, models)
         return [("matmul", s) for s in specs if "matmul" in kernels], origin
     try:
         with open(arg, "r", encoding="utf-8") as f:

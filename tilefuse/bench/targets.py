@@ -1,8 +1,7 @@
 """The cheat-sheet targets (``targets.toml``) and the pass / fail / unmeasured table of a report.
 
-``load_targets()`` reads the TOML with :mod:`tomllib` (Python 3.11+), else ``tomli`` when it is
-installed, else a small built-in parser that understands exactly the subset ``targets.toml`` uses
-(comments, ``[[array-of-tables]]``, strings, numbers, booleans, lists and one-line inline tables).
+``load_targets()`` reads the TOML with :mod:`tomllib` (Python 3.11+), else ``tomli`` (the same
+parser, a dependency on Python 3.10).
 
 ``evaluate(report)`` turns a report's model and training entries into rows::
 
@@ -14,84 +13,26 @@ is still shown) so no one mistakes a CPU smoke run for a GPU result.
 """
 from __future__ import annotations
 
-import ast
-import re
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10: tomli, declared in pyproject.toml
+    import tomli as tomllib
 
 TARGETS_PATH = Path(__file__).with_name("targets.toml")
 STATUSES = ("pass", "fail", "unmeasured")
 
 
-# --------------------------------------------------------------------------------------------
-# TOML loading
-# --------------------------------------------------------------------------------------------
-def _parse_value(text: str) -> Any:
-    text = text.strip()
-    if text in ("true", "false"):
-        return text == "true"
-    if text.startswith("{"):
-        out = {}
-        for part in _split_top(text[1:-1]):
-            k, v = part.split("=", 1)
-            out[k.strip()] = _parse_value(v)
-        return out
-    if text.startswith("["):
-        return [_parse_value(p) for p in _split_top(text[1:-1])]
-    return ast.literal_eval(text)  # strings (basic, no escapes beyond Python's) and numbers
-
-
-def _split_top(text: str) -> List[str]:
-    parts, depth, cur, quote = [], 0, "", None
-    for ch in text:
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "\"'":
-            quote = ch
-        elif ch in "[{":
-            depth += 1
-        elif ch in "]}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-            continue
-        cur += ch
-    if cur.strip():
-        parts.append(cur)
-    return [p for p in parts if p.strip()]
-
-
-def parse_toml_subset(text: str) -> Dict[str, Any]:
-    """Parse the TOML subset used by ``targets.toml`` (fallback for Python 3.10 without tomli)."""
-    data: Dict[str, Any] = {}
-    cur = data
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = re.sub(r"\s+#[^\"']*$", "", raw).strip()
-        if not line or line.startswith("#"):
-            continue
-        m = re.fullmatch(r"\[\[\s*([A-Za-z0-9_]+)\s*\]\]", line)
-        if m:
-            cur = {}
-            data.setdefault(m.group(1), []).append(cur)
-            continue
-        if "=" not in line:
-            raise ValueError(f"targets.toml line {lineno}: cannot parse {raw!r}")
-        key, value = line.split("=", 1)
-        cur[key.strip()] = _parse_value(value)
-    return data
-
-
 def load_targets(path: Optional[Path] = None) -> Dict[str, Any]:
-    text = Path(path or TARGETS_PATH).read_text(encoding="utf-8")
+    """``targets.toml`` (or ``path``) as a dict; a ValueError naming the file if it is not TOML."""
+    path = Path(path or TARGETS_PATH)
     try:
-        import tomllib  # Python 3.11+
-    except ImportError:  # pragma: no cover - Python 3.10
-        try:
-            import tomli as tomllib  # type: ignore
-        except ImportError:
-            return parse_toml_subset(text)
-    return tomllib.loads(text)
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path}: not valid TOML ({e})") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -87,7 +87,6 @@ def measured_copy_gbps(device: str, nbytes: int = 1 << 30) -> Optional[float]:
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=50)
-    del src, dst
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 

@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 
 import numpy as np
-import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # torch ops that neither compute nor move data: allocations, views, metadata

@@ -115,8 +115,14 @@ class GradNormMonitor:
     """Per-parameter gradient norms of ``model`` in one fused pass, flagging vanishing
     (``< vanish_threshold``) and exploding (``> explode_threshold``) layers.
 
+    >>> import torch
+    >>> from tilefuse.optim import GradNormMonitor
+    >>> model = torch.nn.Linear(4, 2)
     >>> monitor = GradNormMonitor(model)
-    >>> loss.backward(); report = monitor(); print(report); logger.log(report.as_dict())
+    >>> model(torch.randn(3, 4)).sum().backward()
+    >>> report = monitor()  # print(report): a table; logger.log(report.as_dict()): one scalar each
+    >>> sorted(report.as_dict()), report.vanishing, report.exploding
+    (['grad_norm/bias', 'grad_norm/total', 'grad_norm/weight'], [], [])
     """
 
     def __init__(self, model, explode_threshold: float = 1e3, vanish_threshold: float = 1e-7):

@@ -9,10 +9,14 @@ the same attribute paths, so the model keeps its class, its attribute names and 
 Rules (``ops=`` selects a subset; default all):
 
 ==============  ==================================================================================
-``conv_bn_act`` eval: Conv2d -> BatchNorm2d folded into the conv (BN becomes a ``FoldedBatchNorm``
-                Identity that restores conv + BN on ``train()`` and re-folds on ``eval()``); a
-                depthwise conv becomes ``DepthwiseConv2d(activation=act)`` when the activation
-                can be absorbed
+``conv_bn_act`` eval: Conv2d -> BatchNorm2d (-> act) folded into the conv (BN becomes a
+                ``FoldedBatchNorm`` Identity that restores conv + BN on ``train()`` and re-folds
+                on ``eval()``); the folded conv is ``tilefuse.nn.Conv2d(activation=act)`` (with
+                the ``conv`` rule) or ``DepthwiseConv2d(activation=act)`` (depthwise rule), and
+                ``conv -> bn -> add(residual) (-> act)`` becomes one ``Conv2d(x, residual)`` with
+                ``post_activation=act`` (owner forward rewritten)
+``conv``        dense/grouped Conv2d (-> act)  =>  ``tilefuse.nn.Conv2d(activation=act)`` sharing
+                the parameters (every mode; in train mode a following BN stays ``BatchNormAct2d``)
 ``bn_act``      BatchNorm1d/2d -> act  =>  ``BatchNormAct1d/2d(activation=act)``
 ``linear_act``  Linear -> act  =>  ``tilefuse.nn.Linear(activation=act)``; Hugging Face
                 ``Conv1D`` -> act  =>  ``Conv1DLinear(activation=act)`` (GPT-2's MLP)
@@ -29,7 +33,7 @@ functional call like ``F.relu``) the pattern is still fused if the activation is
 declined match (output used elsewhere, module called at several places, activation without a
 kernel, activation after a folded dense conv...) is listed under "left alone" with its reason.
 
-Residual patterns (``bn -> add -> act`` in train mode, ``dropout -> add``, ``norm(x + residual)``)
+Residual patterns (``bn -> add -> act`` in train mode, ``conv -> bn -> add (-> act)`` in eval, ``dropout -> add``, ``norm(x + residual)``)
 need the residual passed into the fused op: the module that *owns* them is traced on its own and
 that instance gets the rewritten fx ``forward`` (class kept; ``unpatch`` removes it); see
 :mod:`tilefuse.patch_residual` and docs/models.md for the limits.
@@ -50,7 +54,7 @@ from tilefuse import patch_trace as PT
 from tilefuse.nn.hf_conv1d import Conv1DLinear, is_hf_conv1d
 from tilefuse.patch_rules import PatchReport, PatchState  # noqa: F401  (PatchState: pickles)
 
-ALL_OPS = ("conv_bn_act", "bn_act", "linear_act", "norm_act", "depthwise", "dropout")
+ALL_OPS = ("conv_bn_act", "conv", "bn_act", "linear_act", "norm_act", "depthwise", "dropout")
 
 
 def _join(prefix: str, name: str) -> str:
@@ -178,10 +182,27 @@ class _Planner:
                 elif self._absorb(path, act_node, act, prefix, target):
                     self.replace(path, R.convert(cls, m, R.act_spec(act[0], act[1])), True,
                                  f"{kind.__name__} -> {act[0]}: {target}")
+            elif kind is nn.Conv2d and "conv" in self.ops and not R.is_depthwise(m):
+                self._conv_act(node, m, path, prefix, calls, mods)
             elif kind is nn.Dropout and "dropout" in self.ops:
                 users = list(node.users)
                 if len(users) == 1 and R.is_add(users[0]):
                     self.candidates.append(("dropout_add", path))
+
+    def _conv_act(self, node, conv, path, prefix, calls, mods):
+        """Dense Conv2d -> act => ``tilefuse.nn.Conv2d(activation=act)``. A conv feeding a BN is
+        left to the BN rules (folded in eval; in train the conv is converted by :meth:`leaves`)."""
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_module" and \
+                type(mods.get(users[0].target)) is nn.BatchNorm2d:
+            return
+        act_node, act = self._act_after(node, calls, mods, path)
+        if act is None or R.conv_blocker(conv) is not None:
+            return  # a plain conv: leaves() converts it (or reports why not)
+        cls = R.fused_class("Conv2d")
+        if cls is not None and self._absorb(path, act_node, act, prefix, "Conv2d"):
+            self.replace(path, R.convert(cls, conv, R.act_spec(act[0], act[1])), True,
+                         f"Conv2d -> {act[0]}: Conv2d(activation={act[0]!r})")
 
     def _bn(self, node, bn, path, prefix, calls, mods, done):
         conv_node = node.args[0] if node.args else None
@@ -210,6 +231,11 @@ class _Planner:
                 if act is not None and act_node.op == "call_module" else None
             PF.fold(self, _join(prefix, conv_node.target), conv, path, bn, act_path, act)
             done.add(conv_node.target)
+            users = list(node.users)
+            if act is None and len(users) == 1 and R.is_add(users[0]):
+                # conv -> bn -> add(residual) (-> act): the residual joins the conv's epilogue
+                self.candidates.append(("conv_bn_add", path, _join(prefix, R.owner_of(
+                    users[0]))))
             return
         if "bn_act" not in self.ops:
             return
@@ -236,12 +262,25 @@ class _Planner:
 
     def leaves(self) -> None:
         """Position-independent rules, applied to every module (traced or not)."""
+        fused_parents: List[str] = []
         for path, m in self.model.named_modules():
-            if path in self.plan or R.is_tilefuse(m):
+            if path in self.plan:
                 continue
             if any(path.startswith(p + ".") for p in self.plan):
                 continue
-            if R.is_depthwise(m) and "depthwise" in self.ops:
+            if any(path.startswith(p + ".") or not p for p in fused_parents):
+                continue  # inside a fused module (e.g. DepthwiseSeparableConv2d's pointwise)
+            if R.is_tilefuse(m):
+                fused_parents.append(path)
+                continue
+            if type(m) is nn.Conv2d and not R.is_depthwise(m) and "conv" in self.ops:
+                cls, why = R.fused_class("Conv2d"), R.conv_blocker(m)
+                if cls is None or why is not None:
+                    why = why or "tilefuse.nn.Conv2d not available"
+                    self.skip(path, f"Conv2d: not converted ({why})")
+                else:
+                    self.replace(path, R.convert(cls, m), True, "Conv2d: tilefuse.nn.Conv2d")
+            elif R.is_depthwise(m) and "depthwise" in self.ops:
                 cls = R.fused_class("DepthwiseConv2d")
                 if cls is None:
                     self.skip(path, "depthwise Conv2d: tilefuse.nn.DepthwiseConv2d not available")

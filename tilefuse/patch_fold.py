@@ -27,36 +27,57 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def _fused_target(planner, conv: nn.Conv2d):
+    """``(class, name, None)`` of the fused conv a folded ``conv`` becomes, or ``(None, None,
+    why)`` when it stays a torch conv."""
+    if R.is_depthwise(conv):
+        cls, name, rule = R.fused_class("DepthwiseConv2d"), "DepthwiseConv2d", "depthwise"
+    else:
+        cls, name, rule = R.fused_class("Conv2d"), "Conv2d", "conv"
+    if cls is None:
+        return None, None, f"tilefuse.nn.{name} not available"
+    if rule not in planner.ops:
+        return None, None, f"the {rule} rule is not selected"
+    why = R.conv_blocker(conv)
+    return (None, None, why) if why else (cls, name, None)
+
+
 def fold(planner, cpath: str, conv: nn.Conv2d, path: str, bn: nn.BatchNorm2d,
          act_path: Optional[str], act: Optional[Tuple[str, float, bool]], how: str = "") -> None:
     """Plan ``bn`` (at ``path``) folded into ``conv`` (at ``cpath``). ``act`` is ``(name, param,
     removable)`` of the activation applied to the BN output, if any, and ``act_path`` the path
-    of its module (``None``: a functional call). ``how`` is appended to the report line."""
+    of its module (``None``: a functional call). ``how`` is appended to the report line.
+
+    The folded conv becomes ``tilefuse.nn.Conv2d`` (dense/grouped, ``conv`` rule) or
+    ``DepthwiseConv2d`` (``depthwise`` rule) with the activation absorbed: a removable activation
+    module becomes ``nn.Identity``; a shared or functional one stays in place when it is
+    idempotent (ReLU/ReLU6), else it is not absorbed (reported)."""
     folded = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
     descr = f"Conv2d -> BatchNorm2d folded (eval{how})"
-    dw = R.fused_class("DepthwiseConv2d")
+    cls, name, why = _fused_target(planner, conv)
     spec = None
-    if R.is_depthwise(conv) and dw is not None and "depthwise" in planner.ops:
-        if act is not None and act[2]:
+    if cls is not None:
+        if act is not None and act[2] and act_path is not None:
             spec = R.act_spec(act[0], act[1])
-            planner.replace(act_path, nn.Identity(), False, "absorbed into DepthwiseConv2d")
+            planner.replace(act_path, nn.Identity(), False, f"absorbed into {name}")
+        elif act is not None and act[0] in R.IDEMPOTENT:
+            spec = R.act_spec(act[0], act[1])  # kept in place too: act(act(x)) == act(x)
         elif act is not None:
             where = "shared by several call sites" if act_path else "functional"
-            planner.skip(cpath, f"folded DepthwiseConv2d -> {act[0]}: activation is {where}, not "
-                                f"absorbed (runs as a torch op)")
-        folded = R.convert(dw, folded, spec)
+            planner.skip(cpath, f"folded {name} -> {act[0]}: activation is {where} and not "
+                                f"idempotent, not absorbed (runs as a torch op)")
+        folded = R.convert(cls, folded, spec)
         shown = spec[0] if isinstance(spec, tuple) else spec
-        descr += f" into DepthwiseConv2d(activation={shown!r})"
+        descr += f" into {name}(activation={shown!r})"
     elif act is not None:
-        why = ("no fused dense-conv kernel" if not R.is_depthwise(conv) else
-               "tilefuse.nn.DepthwiseConv2d not available" if dw is None else
-               "the depthwise rule is not selected")
         planner.skip(cpath, f"folded Conv2d -> {act[0]}: activation not absorbed ({why}; runs "
                             f"as a torch op)")
     planner.replace(cpath, folded, False, descr)
     parent, _, name = cpath.rpartition(".")
     slot = (planner.model.get_submodule(parent) if parent else planner.model, name)
-    planner.replace(path, R.FoldedBatchNorm(path, cpath, slot, conv, bn, folded, spec,
+    # an activation kept in place (idempotent) is not re-applied by the unfolded BN
+    kept = spec if act is not None and act[2] and act_path is not None else None
+    planner.replace(path, R.FoldedBatchNorm(path, cpath, slot, conv, bn, folded, kept,
                                             planner.fold_group),
                     False, "folded into the preceding conv")
 

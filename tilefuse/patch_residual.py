@@ -2,6 +2,9 @@
 fused op, so the module that owns the ``add`` gets a rewritten ``forward``.
 
 * ``bn -> add -> act`` (train mode)      => ``BatchNormAct2d(act)`` called as ``bn(x, residual)``
+* ``conv -> bn -> add (-> act)`` (eval)   => :func:`conv_bn_add`: the folded ``tilefuse.nn.Conv2d``
+  called as ``conv(x, residual)`` with ``post_activation=act`` (one kernel: ResNet's
+  ``relu(bn2(conv2(x)) + identity)``, MobileNetV2's ``x + bn(conv(h))``)
 * ``dropout -> add``                     => ``DropoutAdd(x, residual)`` (``ops.dropout_add``)
 * ``LayerNorm/RMSNorm(x + residual)``    => ``LayerNormAct/RMSNormAct(x, residual)`` (post-norm
   transformer blocks: BERT's output block, ``nn.TransformerEncoderLayer``-style forwards)
@@ -24,12 +27,14 @@ import torch.fx as fx
 import torch.nn as nn
 
 from tilefuse import patch_rules as R
+from tilefuse.activations import parse_activation
 
 # rewrites of one owner run in this order: dropout -> add first, so that an add -> norm rule
 # right after it sees the DropoutAdd call and can take it in (Dropout -> add -> LayerNorm)
-_ORDER = {"bn_add_act": 0, "dropout_add": 1, "add_norm": 2}
+_ORDER = {"bn_add_act": 0, "conv_bn_add": 0, "dropout_add": 1, "add_norm": 2}
 _NORM_TARGETS = {"LayerNorm": "LayerNormAct", "RMSNorm": "RMSNormAct"}
-_LABEL = {"bn_add_act": "bn -> add -> act", "dropout_add": "dropout -> add",
+_LABEL = {"bn_add_act": "bn -> add -> act", "conv_bn_add": "conv -> bn -> add (-> act)",
+          "dropout_add": "dropout -> add",
           "add_norm": "norm(x + residual)"}
 
 
@@ -63,6 +68,21 @@ def add_norm(norm: nn.Module, x, residual, dropout: nn.Module = None):
         if _fits(residual, x):
             return norm(residual, x)
     return norm(x + residual)
+
+
+def conv_bn_add(conv: nn.Module, bn: nn.Module, x, residual, post=None):
+    """``post(bn(conv(x)) + residual)`` for an eval-patched ``conv -> bn -> add (-> post)``: one
+    fused call ``conv(x, residual)`` while the BN is folded into ``conv`` (a ``tilefuse.nn``
+    conv whose ``post_activation`` is ``post``: ``Conv2d``, or the ``Int8Conv2d`` that
+    ``tilefuse.quantize`` makes of it). After ``train()`` (the BN unfolded: the original
+    ``Conv2d`` and ``BatchNorm2d`` are back) the torch ops run, with batch statistics."""
+    if R.is_tilefuse(conv) and not getattr(bn, "unfolded", False):
+        return conv(x, residual)
+    from tilefuse.activations import parse_activation, torch_activation
+
+    y = bn(conv(x)) + residual
+    name, param = parse_activation(post)
+    return y if name == "none" else torch_activation(y, name, param)
 
 
 # ---- owner-forward rewriters: (planner, graph, node, owner_path, mods, calls) -> changed?
@@ -129,6 +149,44 @@ def rw_bn_add_act(planner, graph, node, owner_path, mods, calls):
         fused = graph.call_module(node.target, (node.args[0], residual))
     act_node.replace_all_uses_with(fused)
     for n in (act_node, add, node):
+        graph.erase_node(n)
+    return True
+
+
+def rw_conv_bn_add(planner, graph, node, owner_path, mods, calls):
+    """``conv -> bn -> add (-> act)`` in eval, the BN folded into a ``tilefuse.nn.Conv2d`` =>
+    one :func:`conv_bn_add` call (the planned conv gets ``post_activation=act``)."""
+    add = next(iter(node.users))
+    conv_node = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+    if not R.is_add(add) or not isinstance(conv_node, fx.Node) or conv_node.op != "call_module" \
+            or len(conv_node.users) != 1 or len(conv_node.args) != 1 or conv_node.kwargs:
+        return False
+    cpath = _path(owner_path, conv_node.target)
+    planned = planner.plan.get(cpath)
+    cls = R.fused_class("Conv2d")
+    if planned is None or cls is None or type(planned[0]) is not cls \
+            or planned[0].post_activation[0] != "none":
+        return False
+    residual = residual_of(add, node)
+    if residual is None:
+        planner.skip(_path(owner_path, node.target), "Conv2d -> BatchNorm2d -> add(residual): "
+                                                     "not fused, not a binary add of two tensors")
+        return False
+    act_node, act = planner._act_after(add, calls, mods)
+    post = None if act is None else R.act_spec(act[0], act[1])
+    conv = planned[0]
+    conv.post_activation = parse_activation(post)
+    shown = "" if post is None else f" -> {act[0]}"
+    planner.replace(cpath, conv, planned[1],
+                    f"{planned[2]}; add(residual){shown}: Conv2d(x, residual, post_activation="
+                    f"{None if post is None else act[0]!r}) (owner forward rewritten)")
+    end = add if act_node is None else act_node
+    with graph.inserting_before(end):
+        fused = graph.call_function(conv_bn_add, (graph.get_attr(conv_node.target),
+                                                  graph.get_attr(node.target),
+                                                  conv_node.args[0], residual, post))
+    end.replace_all_uses_with(fused)
+    for n in ((act_node,) if act_node is not None else ()) + (add, node, conv_node):
         graph.erase_node(n)
     return True
 
@@ -214,11 +272,16 @@ def rewrite_owners(planner) -> None:
     :func:`tilefuse.patch`). Only for owners that trace to the same graph in train and eval
     mode."""
     owners: Dict[str, List[Tuple[str, str]]] = {}
-    for kind, path in planner.candidates:
+    for kind, path, *where in planner.candidates:  # (kind, path[, owner path])
         planned = planner.plan.get(path)
-        if planned is not None and not (kind == "add_norm" and R.is_tilefuse(planned[0])):
+        if planned is not None and not (kind == "add_norm" and R.is_tilefuse(planned[0])) \
+                and not (kind == "conv_bn_add" and isinstance(planned[0], R.FoldedBatchNorm)):
             continue
-        owner, _, local = path.rpartition(".")
+        if where and (not where[0] or path.startswith(where[0] + ".")):
+            owner = where[0]
+            local = path[len(owner) + 1:] if owner else path
+        else:
+            owner, _, local = path.rpartition(".")
         owners.setdefault(owner, []).append((kind, local))
     for owner_path, items in owners.items():
         items.sort(key=lambda kl: _ORDER[kl[0]])

@@ -120,6 +120,26 @@ def is_depthwise(conv: nn.Module) -> bool:
             and conv.out_channels == conv.in_channels and conv.padding_mode == "zeros")
 
 
+def conv_blocker(conv: nn.Module) -> Optional[str]:
+    """Why ``conv`` cannot become a ``tilefuse.nn.Conv2d`` sharing its parameters, or None: a
+    parametrized weight (``weight_norm``...) or forward hooks would be lost by the swap."""
+    if getattr(conv, "parametrizations", None) is not None:
+        return "parametrized weight"
+    if conv._forward_pre_hooks or conv._forward_hooks:
+        return "the module has forward hooks (e.g. old-style weight_norm)"
+    return None
+
+
+def owner_of(node) -> str:
+    """Path (relative to the traced module) of the module whose ``forward`` created fx ``node``:
+    the innermost entry of the tracer's module stack ("" for the traced module itself)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    value = next(reversed(stack.values()))
+    return value[0] if isinstance(value, tuple) else next(reversed(stack))
+
+
 def _device_of(m: nn.Module):
     for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
         return t.device

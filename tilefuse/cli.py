@@ -51,7 +51,16 @@ def _info(args) -> int:
         except _backend.BackendError as e:
             how = f"error: {e}"
         print(f"  {dev:<5} all ops ({', '.join(list_ops())}): {how}")
+        print(f"  {dev:<5} GEMM path (matmul, linear, int8_matmul): {_gemm_path(dev)}")
     return 0
+
+
+def _gemm_path(dev: str) -> str:
+    try:
+        from tilefuse.kernels.gemm_common import describe_path
+    except ImportError:  # no triton: the torch reference path
+        return "torch reference path"
+    return describe_path(dev)
 
 
 def list_ops() -> list:

@@ -5,7 +5,10 @@ accumulation), ``w8a16`` (fp16/bf16 activations x int8 weight) or ``w8a32`` (fp3
 Bucket: next power of two of M, N and K (at least 16; K at least 32) and the mode. An optional
 ``dtype`` only shapes the problem the tuner builds: the activation dtype for weight-only modes,
 the output dtype for ``w8a8`` (``int32`` = the raw accumulator, checked exactly).
-Config: ``BLOCK_M/N/K, GROUP_M, num_warps, num_stages``.
+Config: ``BLOCK_M/N/K, GROUP_M, num_warps, num_stages``, ``SPLIT_K`` (split-K for small M:
+int32 partials for ``w8a8``, fp32 otherwise, fixed-order reduction) and, for keys marked ``tma``
+(W8A8 on an sm_90 device, which ``get_config`` and :meth:`Int8MatmulSpace.parse_shape` set),
+``TMA`` (1: the persistent TMA kernel, 0: the grouped-order kernel on the same operands).
 
 Pruning (before anything is compiled):
 
@@ -18,7 +21,8 @@ Pruning (before anything is compiled):
 * registers: 4..128 accumulator values per thread (4..64 for ``w8a32``, which also holds fp32
   operand fragments);
 * GROUP_M values >= the number of row blocks collapse; in the interpreter warps/stages collapse
-  to (4, 1).
+  to (4, 1);
+* split-K only for M <= 256 with >= 2 K tiles per split; TMA configs count the TMA-store tile.
 """
 from __future__ import annotations
 
@@ -26,8 +30,10 @@ import itertools
 
 import torch
 
+from tilefuse.autotune.matmul_space import (SMALL_M, split_variants, tma_device,
+                                            unique_split_configs)
 from tilefuse.autotune.space import (GEMM_KEYS, KernelSpace, Limits, Problem, next_pow2,
-                                     register_space, unique_gemm_configs)
+                                     register_space)
 
 MODES = ("w8a8", "w8a16", "w8a32")
 _KEYS = GEMM_KEYS
@@ -120,14 +126,15 @@ class Int8MatmulSpace(KernelSpace):
     def bucket(self, key):
         mode = normalize(key.get("mode"), key.get("dtype"))[0]
         cm, cn, ck = _caps(key, mode)
-        return f"M={cm},N={cn},K={ck},{mode}"
+        return f"M={cm},N={cn},K={ck},{mode}" + (",tma" if key.get("tma") else "")
 
     def default(self, key):
         from tilefuse.kernels.int8_matmul import heuristic_config
 
         mode = normalize(key.get("mode"), key.get("dtype"))[0]
         M, N, K = _dims(key)
-        return heuristic_config(M, N, K, mode == "w8a8", mode == "w8a32")
+        return heuristic_config(M, N, K, mode == "w8a8", mode == "w8a32",
+                                tma=bool(key.get("tma")))
 
     # ------------------------------------------------------------------------ pruning
     def prune(self, configs, key, limits: Limits):
@@ -139,6 +146,9 @@ class Int8MatmulSpace(KernelSpace):
         kept = []
         for cfg in configs:
             c = {k: int(cfg[k]) for k in _KEYS}
+            c["SPLIT_K"] = int(cfg.get("SPLIT_K", 1))
+            if key.get("tma"):
+                c["TMA"] = int(cfg.get("TMA", 1))
             c["BLOCK_M"] = min(c["BLOCK_M"], cap_m)
             c["BLOCK_N"] = min(c["BLOCK_N"], cap_n)
             c["BLOCK_K"] = min(c["BLOCK_K"], cap_k)
@@ -148,6 +158,9 @@ class Int8MatmulSpace(KernelSpace):
                 continue
             if mode == "w8a32" and c["BLOCK_K"] > 32:
                 continue
+            if c["SPLIT_K"] > 1 and (M > SMALL_M
+                                     or -(-int(key["K"]) // c["BLOCK_K"]) < 2 * c["SPLIT_K"]):
+                continue
             if limits.interpreter:
                 c["num_warps"], c["num_stages"] = 4, 1
             else:
@@ -155,17 +168,23 @@ class Int8MatmulSpace(KernelSpace):
                                           + c["BLOCK_K"] * c["BLOCK_N"])
                 if mode != "w8a8":
                     smem += c["BLOCK_K"] * c["BLOCK_N"] * a_elem  # the dequantized B tile
+                if c.get("TMA"):
+                    smem += c["BLOCK_M"] * c["BLOCK_N"] * 4  # TMA-store staging (<= 4 B/elem)
                 if smem > limits.shared_mem:
                     continue
                 per_thread = c["BLOCK_M"] * c["BLOCK_N"] / (32 * c["num_warps"])
                 if per_thread > max_acc or per_thread < 4:
                     continue
             kept.append(c)
-        return unique_gemm_configs(kept, M)
+        return unique_split_configs(kept, M)
 
     def candidates(self, key, limits, exhaustive=False):
         mode = normalize(key.get("mode"), key.get("dtype"))[0]
-        configs = [self.default(key)] + [dict(zip(_KEYS, t)) for t in _CURATED[mode]]
+        curated = [dict(zip(_KEYS, t)) for t in _CURATED[mode]]
+        configs = [self.default(key)] + curated + split_variants(curated, int(key["M"]),
+                                                                 int(key["K"]))
+        if key.get("tma"):  # the grouped-order kernel on the same operands, for comparison
+            configs += [dict(c, TMA=0) for c in configs[:len(curated) + 1]]
         if exhaustive:
             for bm, bn, bk, g, w, s in itertools.product(
                     _PRODUCT["BLOCK_M"], _PRODUCT["BLOCK_N"], _PRODUCT_K[mode], _PRODUCT["GROUP_M"],
@@ -248,6 +267,8 @@ class Int8MatmulSpace(KernelSpace):
         if min(key.values()) <= 0:
             raise ValueError(f"int8_matmul shape {spec!r}: M, N and K must be positive")
         key["mode"], key["dtype"] = normalize(spec.get("mode"), spec.get("dtype"))
+        if spec.get("tma", key["mode"] == "w8a8" and key["K"] % 16 == 0 and tma_device()):
+            key["tma"] = True  # the tuner's operands (A row-major, B = qweight.t()) take TMA
         return key
 
     def default_shapes(self, device):

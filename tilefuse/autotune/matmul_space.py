@@ -1,8 +1,12 @@
 """Tuning space of the fused matmul (:mod:`tilefuse.kernels.matmul`).
 
 Bucket: next power of two of M, N and K (at least 16), dtype and the epilogue flags
-``(activation, has_bias, has_residual)`` that ``get_config`` passes. Config:
-``BLOCK_M/N/K, GROUP_M, num_warps, num_stages``.
+``(activation, has_bias, has_residual)`` that ``get_config`` passes, B's layout, TF32, and
+``tma`` when the persistent TMA kernel runs the problem (sm_90, aligned operands: set by
+``get_config`` and by :meth:`MatmulSpace.parse_shape` on such a device). Config:
+``BLOCK_M/N/K, GROUP_M, num_warps, num_stages``, ``SPLIT_K`` (K split over that many programs,
+fp32 partials + a fixed-order reduction; small M) and, for ``tma`` keys, ``TMA`` (1: the
+persistent kernel, 0: the grouped-order kernel on the same operands).
 
 Pruning (before anything is compiled):
 
@@ -11,6 +15,8 @@ Pruning (before anything is compiled):
   device's opt-in shared memory;
 * registers: the accumulator holds at most 128 fp32 (64 fp64) values and at least 4 per thread;
 * GROUP_M values >= the number of row blocks behave identically: only one is kept;
+* split-K: only for M <= 256, never for fp64, each split keeps >= 2 K tiles;
+* TMA: the persistent kernel's TMA-store tile (BLOCK_M x BLOCK_N) counts in shared memory;
 * interpreter: num_warps / num_stages have no effect there, they collapse to (4, 1).
 """
 from __future__ import annotations
@@ -21,6 +27,48 @@ import torch
 
 from tilefuse.autotune.space import (GEMM_KEYS, KernelSpace, Limits, Problem, next_pow2,
                                      register_space, unique_gemm_configs)
+
+SPLITS = (2, 4, 8, 16)  # split-K variants tried for small M
+SMALL_M = 256
+
+
+def unique_split_configs(configs, M: int) -> list:
+    """:func:`unique_gemm_configs` within each (SPLIT_K, TMA) class, order kept."""
+    seen, out = set(), []
+    groups: dict = {}
+    for c in configs:
+        groups.setdefault((c.get("SPLIT_K", 1), c.get("TMA", 1)), []).append(c)
+    for group in groups.values():
+        for c in unique_gemm_configs(group, M):
+            ident = tuple(sorted(c.items()))
+            if ident not in seen:
+                seen.add(ident)
+                out.append(c)
+    order = {id(c): i for i, c in enumerate(configs)}
+    return sorted(out, key=lambda c: order[id(c)])
+
+
+def split_variants(configs, M: int, K: int) -> list:
+    """Each config with SPLIT_K in :data:`SPLITS` (small M only; >= 2 K tiles per split)."""
+    if M > SMALL_M:
+        return []
+    out = []
+    for c in configs:
+        for s in SPLITS:
+            if -(-K // c["BLOCK_K"]) >= 2 * s:
+                out.append(dict(c, SPLIT_K=s))
+    return out
+
+
+def tma_device() -> bool:
+    """Whether the current CUDA device runs the persistent TMA kernel (sm_90)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    from tilefuse.kernels.gemm_common import tma_capable
+
+    return tma_capable(torch.cuda.current_device())
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
           "float64": torch.float64}
@@ -62,6 +110,13 @@ def _flags(key) -> tuple:
     return act, bias, res
 
 
+def _aligned(key, dtype) -> bool:
+    """Contiguous operands of this shape meet TMA's 16-byte stride rule."""
+    es = torch.empty((), dtype=dtype).element_size()
+    b_stride = key["K"] if key.get("layout") == "nt" else key["N"]
+    return (key["K"] * es) % 16 == 0 and (b_stride * es) % 16 == 0
+
+
 def _dims(key) -> tuple:
     return int(key["M"]), int(key["N"]), int(key["K"])
 
@@ -81,13 +136,14 @@ class MatmulSpace(KernelSpace):
         return (f"M={max(16, next_pow2(M))},N={max(16, next_pow2(N))},K={max(16, next_pow2(K))},"
                 f"{canonical_dtype(key['dtype'])},act={act},bias={int(bias)},res={int(res)}"
                 + (",nt" if key.get("layout") == "nt" else "")
-                + (",tf32" if key.get("tf32") else ""))
+                + (",tf32" if key.get("tf32") else "") + (",tma" if key.get("tma") else ""))
 
     def default(self, key):
         from tilefuse.kernels.matmul import heuristic_config
 
         M, N, K = _dims(key)
-        return heuristic_config(M, N, K, DTYPES[canonical_dtype(key["dtype"])])
+        return heuristic_config(M, N, K, DTYPES[canonical_dtype(key["dtype"])],
+                                tma=bool(key.get("tma")))
 
     # ------------------------------------------------------------------------ pruning
     def prune(self, configs, key, limits: Limits):
@@ -103,22 +159,36 @@ class MatmulSpace(KernelSpace):
             c["BLOCK_M"] = min(c["BLOCK_M"], cap_m)
             c["BLOCK_N"] = min(c["BLOCK_N"], cap_n)
             c["BLOCK_K"] = min(c["BLOCK_K"], cap_k)
+            c["SPLIT_K"] = int(c.get("SPLIT_K", 1))
+            if key.get("tma"):
+                c["TMA"] = int(c.get("TMA", 1))
+            else:
+                c.pop("TMA", None)
+            if c["SPLIT_K"] > 1 and (M > SMALL_M or dtype == torch.float64
+                                     or -(-K // c["BLOCK_K"]) < 2 * c["SPLIT_K"]):
+                continue
             if limits.interpreter:
                 c["num_warps"], c["num_stages"] = 4, 1
             else:
                 smem = c["num_stages"] * (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * elem
+                if c.get("TMA"):
+                    smem += c["BLOCK_M"] * c["BLOCK_N"] * elem  # the TMA-store staging tile
                 if smem > limits.shared_mem:
                     continue
                 per_thread = c["BLOCK_M"] * c["BLOCK_N"] * acc_words / (32 * c["num_warps"])
                 if per_thread > 128 or per_thread < 4:
                     continue
             kept.append(c)
-        return unique_gemm_configs(kept, M)
+        return unique_split_configs(kept, M)
 
     def candidates(self, key, limits, exhaustive=False):
-        configs = [self.default(key)] + [dict(zip(_KEYS, t)) for t in _CURATED]
+        M, _, K = _dims(key)
+        base = [dict(zip(_KEYS, t)) for t in _CURATED]
         if exhaustive:
-            configs += [dict(zip(_KEYS, t)) for t in itertools.product(*_PRODUCT.values())]
+            base += [dict(zip(_KEYS, t)) for t in itertools.product(*_PRODUCT.values())]
+        configs = [self.default(key)] + base + split_variants(base[:len(_CURATED)], M, K)
+        if key.get("tma"):  # the grouped-order kernel on the same operands, for comparison
+            configs += [dict(c, TMA=0) for c in configs[:len(_CURATED) + 1]]
         return self.prune(configs, key, limits)
 
     # ------------------------------------------------------------------------ problems
@@ -134,12 +204,12 @@ class MatmulSpace(KernelSpace):
         def rand(*shape):
             return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
-        a = rand(1, M, K)
+        a = rand(M, K)  # 2-D operands, as linear launches them (the TMA path takes only 2-D)
         # "nt": B read with K contiguous (linear's weight.T), else row-major B
-        b = rand(1, N, K).transpose(1, 2) if key.get("layout") == "nt" else rand(1, K, N)
+        b = rand(N, K).t() if key.get("layout") == "nt" else rand(K, N)
         bias = rand(N) if has_bias else None
-        res = rand(1, M, N) if has_res else None
-        c = torch.empty((1, M, N), device=device, dtype=dtype)
+        res = rand(M, N) if has_res else None
+        c = torch.empty((M, N), device=device, dtype=dtype)
         tf32 = bool(dtype == torch.float32 and key.get("tf32", False))
 
         def run(cfg):
@@ -191,6 +261,11 @@ class MatmulSpace(KernelSpace):
             raise ValueError(f"matmul shape {spec!r}: layout must be 'nn' or 'nt'")
         if spec.get("tf32"):
             key["tf32"] = True
+        dtype = DTYPES[key.get("dtype", "float32")]
+        if spec.get("tma", (tma_device() and (dtype in (torch.float16, torch.bfloat16)
+                                               or (dtype == torch.float32 and key.get("tf32")))
+                            and _aligned(key, dtype))):
+            key["tma"] = True
         act = spec.get("activation", 0)
         if isinstance(act, str):
             from tilefuse.activations import ACTIVATIONS, parse_activation
@@ -200,7 +275,7 @@ class MatmulSpace(KernelSpace):
                                                    bool(spec.get("residual", False))))
         return key
 
-    def default_shapes(self, device):
+    def default_shapes(self, device):  # noqa: D102
         if device == "cpu":
             return [dict(M=16, N=32, K=16), dict(M=33, N=17, K=29)]
         return [dict(M=m, N=n, K=k) for m, n, k in (

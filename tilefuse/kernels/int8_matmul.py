@@ -16,6 +16,13 @@ Two operand modes, picked by the ``A_IS_INT8`` constexpr (one kernel, not two ne
 
 Programs are in grouped order (``GROUP_M`` row-blocks sweep the column-blocks together, as in
 :mod:`tilefuse.kernels.matmul`); all pointer offsets are int64.
+
+Decode-sized M: the SM-filling rule of :func:`tilefuse.kernels.gemm_common.fill_sms` (narrower
+tiles, then split-K with int32 partials for W8A8, so the split result is bit-identical to the
+unsplit one, fp32 for weight-only; the reduction applies the epilogue). On sm_90, W8A8 with a
+row-major A and a K-major B (``qweight.t()`` of an (N, K) weight, what ``Int8Linear`` passes)
+runs the persistent TMA kernel (:mod:`tilefuse.kernels.matmul_tma`); a row-major (K, N) B stays
+on this kernel, whose int8 MMA then transposes B tiles in shared memory (docs/gemm.md).
 """
 from __future__ import annotations
 
@@ -24,9 +31,12 @@ import triton
 import triton.language as tl
 
 from tilefuse._backend import interpreter_enabled
-from tilefuse.kernels import launch_cache, next_pow2, split_constexprs
-from tilefuse.kernels.activations import apply_activation
-from tilefuse.kernels.matmul import grouped_pid
+from tilefuse.kernels import gemm_common as _gc
+from tilefuse.kernels import launch_cache, next_pow2, sm_count, split_constexprs
+from tilefuse.kernels.gemm_common import (SMALL_M, clamp_split, default_sms, fill_sms,
+                                          gemm_epilogue, grouped_pid, launch_reduce,
+                                          reduce_params, store_partial)
+from tilefuse.kernels.matmul_tma import c_tma_ok, launch_tma, tma_params
 
 
 @triton.jit
@@ -34,12 +44,13 @@ def int8_matmul_kernel(
     a_ptr, b_ptr, c_ptr, a_scale_ptr, b_scale_ptr, bias_ptr, res_ptr,
     M, N, K,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_rm, stride_rn,
-    stride_as, stride_bs, stride_bias,
+    stride_as, stride_bs, stride_bias, ws_ptr, stride_ws,
     A_IS_INT8: tl.constexpr, RAW_INT32: tl.constexpr,
     HAS_A_SCALE: tl.constexpr, HAS_B_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr = 1,
 ):
     pid_m, pid_n = grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
@@ -56,7 +67,15 @@ def int8_matmul_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    if SPLIT_K > 1:  # this program sums K tiles [k_lo, k_hi) of split program_id(1)
+        k_per_split = tl.cdiv(k_tiles, SPLIT_K)
+        k_lo = tl.program_id(1) * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, k_tiles)
+    else:
+        k_lo = 0
+        k_hi = k_tiles
+    for k0 in range(k_lo, k_hi):
         kk = k0 * BLOCK_K + offs_k
         k_mask = kk < K
         kk64 = kk.to(tl.int64)
@@ -70,87 +89,108 @@ def int8_matmul_kernel(
             b = b.to(a.dtype)  # dequantize in the load path (exact for int8 values)
             acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float32)
 
-    offs_cm = offs_m.to(tl.int64)
-    offs_cn = offs_n.to(tl.int64)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    c_mask = m_mask[:, None] & n_mask[None, :]
-    c_off = offs_cm[:, None] * stride_cm + offs_cn[None, :] * stride_cn
-    if RAW_INT32:
-        tl.store(c_ptr + c_off, acc, mask=c_mask)
+    if SPLIT_K > 1:  # int32 (W8A8) / fp32 partials; the reduction kernel runs the epilogue
+        store_partial(ws_ptr, acc, tl.program_id(1), stride_ws, offs_m, offs_n, M, N)
     else:
-        y = acc.to(tl.float32)
-        if HAS_A_SCALE:
-            sa = tl.load(a_scale_ptr + offs_cm * stride_as, mask=m_mask, other=0.0)
-            y = y * sa.to(tl.float32)[:, None]
-        if HAS_B_SCALE:
-            sb = tl.load(b_scale_ptr + offs_cn * stride_bs, mask=n_mask, other=0.0)
-            y = y * sb.to(tl.float32)[None, :]
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_cn * stride_bias, mask=n_mask, other=0.0)
-            y = y + bias.to(tl.float32)[None, :]
-        y = apply_activation(y, ACTIVATION, ACT_PARAM)
-        if HAS_RESIDUAL:
-            r_off = offs_cm[:, None] * stride_rm + offs_cn[None, :] * stride_rn
-            res = tl.load(res_ptr + r_off, mask=c_mask, other=0.0)
-            y = y + res.to(tl.float32)
+        # RAW_INT32: EPI_DTYPE is int32 and no epilogue flag is set: the accumulator as is
+        y = gemm_epilogue(acc, offs_m, offs_n, M, N, a_scale_ptr, stride_as, b_scale_ptr,
+                          stride_bs, bias_ptr, stride_bias, c_ptr, stride_cm, stride_cn, res_ptr,
+                          stride_rm, stride_rn, tl.int32 if RAW_INT32 else tl.float32,
+                          HAS_A_SCALE, HAS_B_SCALE, HAS_BIAS, False, ACTIVATION, ACT_PARAM,
+                          HAS_RESIDUAL)
+        c_off = offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
+        c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         tl.store(c_ptr + c_off, y.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-def heuristic_config(M: int, N: int, K: int, a_is_int8: bool, a_is_fp32: bool = False) -> dict:
-    """Block config. int8 MMA consumes K in steps of 32, so BLOCK_K is 64-128 on GPU; decode
-    shapes (M <= 16) use 16x32 tiles so the weight streams once across many programs.
-    Unmeasured on GPU."""
+def heuristic_config(M: int, N: int, K: int, a_is_int8: bool, a_is_fp32: bool = False,
+                     sms: int | None = None, tma: bool = False) -> dict:
+    """Block config. int8 MMA consumes K in steps of 32, so BLOCK_K is 64-128 on GPU; W8A8 on
+    the persistent TMA path (sm_90) takes 128x256x128 tiles for large problems. For M <=
+    ``SMALL_M`` the grid is filled to ``sms`` SMs (default: the current device's) by narrower
+    tiles and split-K (:func:`tilefuse.kernels.gemm_common.fill_sms`). Unmeasured on GPU."""
+    sms = default_sms() if sms is None else int(sms)
     if interpreter_enabled():
         # the interpreter's cost is per program: few, large tiles
-        return dict(BLOCK_M=max(16, min(64, next_pow2(M))),
-                    BLOCK_N=max(16, min(64, next_pow2(N))),
-                    BLOCK_K=max(32, min(128, next_pow2(K))), GROUP_M=8, num_warps=4, num_stages=1)
-    block_k = 128 if a_is_int8 else 64
-    if a_is_fp32:  # weight-only with fp32 activations: fp32 MMA tiles must stay small to not spill
-        return dict(BLOCK_M=16 if M <= 16 else 64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4,
-                    num_stages=3)
-    if M <= 16:  # decode: narrow N tiles so N=4096 still gives ~128 programs to stream K
-        bm, bn, warps = 16, 32, 4
-    elif M <= 64:
-        bm, bn, warps = 64, 128, 4
+        cfg = dict(BLOCK_M=max(16, min(64, next_pow2(M))),
+                   BLOCK_N=max(16, min(64, next_pow2(N))),
+                   BLOCK_K=max(32, min(128, next_pow2(K))), GROUP_M=8, num_warps=4, num_stages=1)
+    elif a_is_fp32:  # weight-only, fp32 activations: fp32 MMA tiles must stay small to not spill
+        cfg = dict(BLOCK_M=16 if M <= 16 else 64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, num_warps=4,
+                   num_stages=3)
+    elif tma and a_is_int8 and M > SMALL_M:
+        # 3 stages x (128x128 + 256x128) int8 = 144 KB of shared memory, 2 warp groups
+        cfg = dict(BLOCK_M=128, BLOCK_N=256 if N > 128 else 128, BLOCK_K=128, GROUP_M=8,
+                   num_warps=8, num_stages=3)
     else:
-        bm, bn, warps = 128, 128, 8
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=3)
+        if M <= 16:  # decode: narrow N tiles so N=4096 still gives ~128 programs to stream K
+            bm, bn, warps = 16, 32, 4
+        elif M <= 64:
+            bm, bn, warps = 64, 128, 4
+        else:
+            bm, bn, warps = 128, 128, 8
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128 if a_is_int8 else 64, GROUP_M=8,
+                   num_warps=warps, num_stages=3)
+    if M <= SMALL_M:
+        return fill_sms(cfg, M, N, K, sms)
+    cfg["SPLIT_K"] = 1
+    return cfg
 
 
-def get_config(M: int, N: int, K: int, a_is_int8: bool, a_is_fp32: bool = False) -> dict:
-    """Tuned DB entry (``tilefuse.autotune``, family ``int8_matmul``) if any, else the heuristic."""
-    default = heuristic_config(M, N, K, a_is_int8, a_is_fp32)
+def get_config(M: int, N: int, K: int, a_is_int8: bool, a_is_fp32: bool = False,
+               sms: int | None = None, tma: bool = False) -> dict:
+    """Tuned DB entry (``tilefuse.autotune``, family ``int8_matmul``) if any, else the heuristic.
+    The key names the persistent TMA path (``"tma"``) when it runs the problem."""
+    default = heuristic_config(M, N, K, a_is_int8, a_is_fp32, sms, tma)
     try:
         from tilefuse.autotune import lookup
     except ImportError:
         return default
     mode = "w8a8" if a_is_int8 else ("w8a32" if a_is_fp32 else "w8a16")
-    return lookup("int8_matmul", dict(M=M, N=N, K=K, mode=mode),
-                  default)
+    key = dict(M=M, N=N, K=K, mode=mode)
+    if tma:
+        key["tma"] = True
+    return lookup("int8_matmul", key, default)
 
 
 _LAUNCH = launch_cache()
 
 
 def _launch_params(M, N, K, a_dtype, raw, has_sa, has_sb, has_bias, has_res, activation,
-                   act_param, config):
-    """(grid, constexprs, launch options) for one signature (cached by the launcher)."""
+                   act_param, path, c_tma, device, config):
+    """``(kernel, params, reduce params or None, SPLIT_K)`` for one signature (cached by the
+    launcher); ``kernel`` is ``"tma"`` or ``"classic"``."""
     a_is_int8 = a_dtype == torch.int8
+    if raw:  # the raw int32 accumulator: no epilogue, whatever else was passed
+        has_sa = has_sb = has_bias = has_res = False
+        activation, act_param = 0, 0.0
+    sms = sm_count(device)
+    tma = path[0] == "tma"
     cfg = dict(config if config is not None else
-               get_config(M, N, K, a_is_int8, a_dtype == torch.float32))
+               get_config(M, N, K, a_is_int8, a_dtype == torch.float32, sms, tma))
+    tma = tma and bool(cfg.pop("TMA", True))
+    split = clamp_split(cfg, K)
+    cfg["SPLIT_K"] = split
+    upcast = bool(interpreter_enabled() and a_dtype == torch.bfloat16)
+    epi = dict(EPI_DTYPE=tl.int32 if raw else tl.float32, HAS_A_SCALE=has_sa, HAS_B_SCALE=has_sb,
+               HAS_BIAS=has_bias, SAVE_PRE=False, ACTIVATION=activation,
+               ACT_PARAM=float(act_param), HAS_RESIDUAL=has_res)
+    reduce = reduce_params(M, N, split, epi) if split > 1 else None
+    if tma:
+        return "tma", tma_params(M, N, K, path[1], path[2], c_tma, cfg, epi, tl.int32, True,
+                                 "ieee", False, sms), reduce, split
     cfg.setdefault("num_warps", 4)
     cfg.setdefault("num_stages", 2)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)
     cfg.update(A_IS_INT8=a_is_int8, RAW_INT32=raw, HAS_A_SCALE=has_sa, HAS_B_SCALE=has_sb,
                HAS_BIAS=has_bias, HAS_RESIDUAL=has_res, ACTIVATION=activation,
-               ACT_PARAM=float(act_param),
-               UPCAST=bool(interpreter_enabled() and a_dtype == torch.bfloat16))
-    return (grid,) + split_constexprs(int8_matmul_kernel, _N_RUNTIME, cfg)
+               ACT_PARAM=float(act_param), UPCAST=upcast)
+    return ("classic", (grid,) + split_constexprs(int8_matmul_kernel, _N_RUNTIME, cfg), reduce,
+            split)
 
 
 _N_RUNTIME = int8_matmul_kernel.arg_names.index("A_IS_INT8")
+_CLASSIC = ("classic", None, None)
 
 
 def launch_int8_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a_scale=None,
@@ -159,31 +199,51 @@ def launch_int8_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a_scal
     """Launch on 2-D operands: a (M, K) int8 or float, b (K, N) int8, c (M, N).
 
     ``c`` int32 selects the raw mode (no epilogue). ``a_scale`` is (M,), ``b_scale`` and ``bias``
-    are (N,) and ``residual`` is (M, N); any strides (0 broadcasts). Launch parameters are
-    computed once per signature (:func:`tilefuse.kernels.launch_cache`).
+    are (N,) and ``residual`` is (M, N); any strides (0 broadcasts). W8A8 with TMA-compatible
+    operands on sm_90 runs the persistent TMA kernel
+    (:func:`tilefuse.kernels.gemm_common.gemm_path`). Launch parameters are computed once per
+    signature (:func:`tilefuse.kernels.launch_cache`).
     """
     M, K = a.shape
     N = b.shape[1]
     if M == 0 or N == 0:
         return c
-    sig = (M, N, K, a.dtype, c.dtype == torch.int32, a_scale is not None, b_scale is not None,
-           bias is not None, residual is not None, activation, act_param)
+    path, c_tma = _CLASSIC, False
+    if a.is_cuda or _gc.TMA_ON_CPU:
+        path = _gc.gemm_path(a, b)
+        c_tma = path[0] == "tma" and c_tma_ok(c)
+    raw = c.dtype == torch.int32
+    sig = (M, N, K, a.dtype, raw, a_scale is not None, b_scale is not None,
+           bias is not None, residual is not None, activation, act_param, path, c_tma,
+           a.get_device())
     params = _LAUNCH.get(sig) if config is None else None
     if params is None:
-        params = _launch_params(*sig, config)
+        params = _launch_params(*sig[:-1], a.device, config)
         if config is None:
             _LAUNCH[sig] = params
-    grid, consts, opts = params
-    dummy = c
-    res = residual if residual is not None else dummy
-    int8_matmul_kernel[grid](
-        a, b, c,
-        a_scale if a_scale is not None else dummy, b_scale if b_scale is not None else dummy,
-        bias if bias is not None else dummy, res,
-        M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        res.stride(0), res.stride(1),
-        a_scale.stride(0) if a_scale is not None else 0,
-        b_scale.stride(0) if b_scale is not None else 0,
-        bias.stride(0) if bias is not None else 0, *consts, **opts)
+    kind, main, reduce, split = params
+    ws = None
+    if split > 1:  # exact int32 partials for W8A8, fp32 for weight-only
+        ws = torch.empty((split, M, N), device=a.device,
+                         dtype=torch.int32 if a.dtype == torch.int8 else torch.float32)
+    if kind == "tma":
+        launch_tma(main, a, b, c, ws=ws, a_scale=a_scale, b_scale=b_scale, bias=bias,
+                   residual=residual, a_layout=path[1], b_layout=path[2])
+    else:
+        grid, consts, opts = main
+        dummy = c
+        res = residual if residual is not None else dummy
+        int8_matmul_kernel[grid](
+            a, b, c,
+            a_scale if a_scale is not None else dummy, b_scale if b_scale is not None else dummy,
+            bias if bias is not None else dummy, res,
+            M, N, K,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
+            res.stride(0), res.stride(1),
+            a_scale.stride(0) if a_scale is not None else 0,
+            b_scale.stride(0) if b_scale is not None else 0,
+            bias.stride(0) if bias is not None else 0, ws if ws is not None else dummy, M * N,
+            *consts, **opts)
+    if reduce is not None:
+        launch_reduce(reduce, ws, c, a_scale, b_scale, bias, residual, None)
     return c

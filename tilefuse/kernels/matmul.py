@@ -6,6 +6,12 @@ arbitrary strides (stride 0 broadcasts a batch). Programs are ordered in super-g
 (Triton tutorial 03). Offsets into the operands are computed in int64, so tensors with more than
 2^31 elements are addressed correctly. fp32 accumulation (fp64 for fp64 inputs); output cast in
 the epilogue.
+
+Small M (<= ``gemm_common.SMALL_M``): the heuristic fills the device's SMs with narrower tiles
+and split-K (``SPLIT_K`` programs per tile write fp32 partials; a fixed-order reduction applies
+the epilogue). On sm_90, 2-D problems with TMA-compatible operands run the persistent TMA kernel
+of :mod:`tilefuse.kernels.matmul_tma` instead; :func:`tilefuse.kernels.gemm_common.gemm_path`
+makes that choice in one place (docs/gemm.md).
 """
 from __future__ import annotations
 
@@ -14,25 +20,17 @@ import triton
 import triton.language as tl
 
 from tilefuse._backend import interpreter_enabled
-from tilefuse.kernels import launch_cache, next_pow2, split_constexprs
-from tilefuse.kernels.activations import apply_activation
+from tilefuse.kernels import gemm_common as _gc
+from tilefuse.kernels import launch_cache, next_pow2, sm_count, split_constexprs
 from tilefuse.kernels.dropout import RNG_Q, keep_mask
+from tilefuse.kernels.gemm_common import (SMALL_M, clamp_split, default_sms, fill_sms,
+                                          gemm_epilogue, grouped_pid, launch_reduce,
+                                          reduce_params, store_partial)
+from tilefuse.kernels.matmul_tma import c_tma_ok, launch_tma, tma_params
+
+__all__ = ["grouped_pid", "matmul_kernel", "heuristic_config", "get_config", "launch_matmul"]
 
 MAX_GRID_Y = 65535
-
-
-@triton.jit
-def grouped_pid(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Program id -> (row block, column block) in super-groups of GROUP_M row blocks that sweep
-    the column blocks together, so their A rows and B columns stay in L2 (shared by every GEMM)."""
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
 
 
 @triton.jit
@@ -44,12 +42,12 @@ def matmul_kernel(
     stride_cb, stride_cm, stride_cn,
     stride_rb, stride_rm, stride_rn,
     stride_bias,
-    dc_seed_ptr, dc_p, dc_scale, dc_stride_k, dc_stride_n,
+    dc_seed_ptr, dc_p, dc_scale, dc_stride_k, dc_stride_n, ws_ptr, stride_ws,
     ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SAVE_PRE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, HAS_DROPCONNECT: tl.constexpr = False, DC_Q: tl.constexpr = RNG_Q,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr = 1, HAS_DROPCONNECT: tl.constexpr = False, DC_Q: tl.constexpr = RNG_Q,
 ):
     pid_b = tl.program_id(1).to(tl.int64)
     pid_m, pid_n = grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -67,7 +65,15 @@ def matmul_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     if HAS_DROPCONNECT:  # the seed lives on the device (0-d int64): no host read
         dc_seed = tl.load(dc_seed_ptr)
-    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    if SPLIT_K > 1:  # this program sums K tiles [k_lo, k_hi) of split program_id(2)
+        k_per_split = tl.cdiv(k_tiles, SPLIT_K)
+        k_lo = tl.program_id(2) * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, k_tiles)
+    else:
+        k_lo = 0
+        k_hi = k_tiles
+    for k0 in range(k_lo, k_hi):
         kk = k0 * BLOCK_K + offs_k
         k_mask = kk < K
         kk64 = kk.to(tl.int64)
@@ -84,52 +90,71 @@ def matmul_kernel(
 
     if HAS_DROPCONNECT:  # survivors' 1/(1-p) applied once to the accumulator
         acc = acc * dc_scale
-    # ---- epilogue: bias -> (save pre-activation) -> activation -> residual -> cast ----
-    offs_cm = offs_m.to(tl.int64)
-    offs_cn = offs_n.to(tl.int64)
-    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_cn * stride_bias, mask=offs_n < N, other=0.0)
-        acc = acc + bias.to(ACC_DTYPE)[None, :]
-    c_off = pid_b * stride_cb + offs_cm[:, None] * stride_cm + offs_cn[None, :] * stride_cn
-    if SAVE_PRE:
-        tl.store(pre_ptr + c_off, acc.to(pre_ptr.dtype.element_ty), mask=c_mask)
-    acc = apply_activation(acc, ACTIVATION, ACT_PARAM)
-    if HAS_RESIDUAL:
-        r_off = pid_b * stride_rb + offs_cm[:, None] * stride_rm + offs_cn[None, :] * stride_rn
-        res = tl.load(res_ptr + r_off, mask=c_mask, other=0.0)
-        acc = acc + res.to(ACC_DTYPE)
-    tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+    if SPLIT_K > 1:  # fp32 partial of this split; the reduction kernel runs the epilogue
+        store_partial(ws_ptr, acc, tl.program_id(2), stride_ws, offs_m, offs_n, M, N)
+    else:
+        # ---- epilogue: bias -> (save pre-activation) -> activation -> residual -> cast ----
+        c_base = c_ptr + pid_b * stride_cb
+        y = gemm_epilogue(acc, offs_m, offs_n, M, N, bias_ptr, 0, bias_ptr, 0, bias_ptr,
+                          stride_bias, pre_ptr + pid_b * stride_cb, stride_cm, stride_cn,
+                          res_ptr + pid_b * stride_rb, stride_rm, stride_rn, ACC_DTYPE, False,
+                          False, HAS_BIAS, SAVE_PRE, ACTIVATION, ACT_PARAM, HAS_RESIDUAL)
+        c_off = offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
+        c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        tl.store(c_base + c_off, y.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
-def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
-    """Default block config; :mod:`tilefuse.autotune` replaces it with tuned entries."""
+def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int | None = None,
+                     tma: bool = False) -> dict:
+    """Default block config; :mod:`tilefuse.autotune` replaces it with tuned entries.
+
+    ``sms``: the device's SM count (default: :func:`tilefuse.kernels.gemm_common.default_sms`;
+    the interpreter's pseudo-device counts as a device, so the CPU lane runs the same rule):
+    for M <= ``SMALL_M`` the tiles narrow and K is split until the grid covers every SM
+    (:func:`tilefuse.kernels.gemm_common.fill_sms`; not for fp64, whose partials would need fp64).
+    ``tma``: the operands take the persistent TMA path (sm_90), which gets 128x256 tiles for
+    large half-precision problems."""
+    sms = default_sms() if sms is None else int(sms)
+    half = dtype in (torch.float16, torch.bfloat16)
     if interpreter_enabled():
         # the interpreter's cost is per program: few, large tiles
-        return dict(BLOCK_M=max(16, min(64, next_pow2(M))), BLOCK_N=max(16, min(64, next_pow2(N))),
-                    BLOCK_K=max(16, min(64, next_pow2(K))), GROUP_M=8, num_warps=4, num_stages=1)
-    half = dtype in (torch.float16, torch.bfloat16)
-    block_k = 64 if half else 32
-    if M <= 16:
-        bm, bn, warps = 16, 64, 4
-    elif M <= 64:
-        bm, bn, warps = 64, 64, 4
+        cfg = dict(BLOCK_M=max(16, min(64, next_pow2(M))), BLOCK_N=max(16, min(64, next_pow2(N))),
+                   BLOCK_K=max(16, min(64, next_pow2(K))), GROUP_M=8, num_warps=4, num_stages=1)
+    elif tma and M > SMALL_M:
+        # persistent TMA (tutorial 09 tiles): 128x256x64 / 8 warps / 3 stages for half,
+        # 128x128x32 for fp32 (TF32); 2 warp groups share the tile
+        bn = 256 if half and N > 128 else 128
+        cfg = dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64 if half else 32, GROUP_M=8, num_warps=8,
+                   num_stages=3)
     else:
-        # fp32 (ieee or tf32) 128x128 tiles spill with 4 warps on sm_90 (tools/aot_check.py)
-        bm, bn, warps = 128, (128 if N > 64 else 64), 8
-    if dtype == torch.float64:
-        bm, bn, block_k, warps = min(bm, 64), 64, 16, 4
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, GROUP_M=8, num_warps=warps,
-                num_stages=3 if half else 2)
+        block_k = 64 if half else 32
+        if M <= 16:
+            bm, bn, warps = 16, 64, 4
+        elif M <= 64:
+            bm, bn, warps = 64, 64, 4
+        else:
+            # fp32 (ieee or tf32) 128x128 tiles spill with 4 warps on sm_90 (tools/aot_check.py)
+            bm, bn, warps = 128, (128 if N > 64 else 64), 8
+        if dtype == torch.float64:
+            bm, bn, block_k, warps = min(bm, 64), 64, 16, 4
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k, GROUP_M=8, num_warps=warps,
+                   num_stages=3 if half else 2)
+    if M <= SMALL_M and dtype != torch.float64:
+        cfg = fill_sms(cfg, M, N, K, sms)
+    else:
+        cfg["SPLIT_K"] = 1
+    return cfg
 
 
 def get_config(M: int, N: int, K: int, dtype: torch.dtype, flags: tuple = (),
-               b_k_contiguous: bool = False, tf32: bool = False) -> dict:
+               b_k_contiguous: bool = False, tf32: bool = False, sms: int | None = None,
+               tma: bool = False) -> dict:
     """Config for this problem: tuned DB entry if one exists, else the heuristic.
 
     The tuning key carries B's layout (``"nt"``: K contiguous, as ``linear`` reads ``weight.T``;
-    ``"nn"`` otherwise) and, for fp32, whether TF32 is on: both change the best tiles."""
-    default = heuristic_config(M, N, K, dtype)
+    ``"nn"`` otherwise), for fp32 whether TF32 is on, and whether the persistent TMA kernel
+    runs it (``"tma"``): all change the best tiles."""
+    default = heuristic_config(M, N, K, dtype, sms, tma)
     try:
         from tilefuse.autotune import lookup
     except ImportError:  # pragma: no cover
@@ -139,6 +164,8 @@ def get_config(M: int, N: int, K: int, dtype: torch.dtype, flags: tuple = (),
         key["layout"] = "nt"
     if tf32 and dtype == torch.float32:
         key["tf32"] = True
+    if tma:
+        key["tma"] = True
     return lookup("matmul", key, default)
 
 
@@ -152,13 +179,28 @@ def _strides3(t) -> tuple:
 
 
 def _launch_params(M, N, K, dtype, activation, act_param, has_bias, has_res, has_pre,
-                   b_k_contiguous, tf32, dropconnect, config):
-    """(grid_x, constexprs, launch options) for one problem signature (cached by
-    :func:`launch_matmul`)."""
+                   b_k_contiguous, tf32, dropconnect, path, c_tma, batched, device, config):
+    """``(kernel, params, reduce params or None, SPLIT_K)`` for one problem signature (cached by
+    :func:`launch_matmul`); ``kernel`` is ``"tma"`` or ``"classic"``."""
+    sms = sm_count(device)
+    tma = path[0] == "tma"
     if config is None:
         config = get_config(M, N, K, dtype, (activation, has_bias, has_res),
-                            b_k_contiguous=b_k_contiguous, tf32=tf32)
+                            b_k_contiguous=b_k_contiguous, tf32=tf32, sms=sms, tma=tma)
     cfg = dict(config)
+    tma = tma and bool(cfg.pop("TMA", True))  # a tuned entry may prefer the classic kernel
+    split = 1 if (dropconnect or batched or dtype == torch.float64) else clamp_split(cfg, K)
+    cfg["SPLIT_K"] = split
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    upcast = bool(interpreter_enabled() and dtype == torch.bfloat16)
+    precision = "tf32" if tf32 else "ieee"
+    epi = dict(EPI_DTYPE=acc, HAS_A_SCALE=False, HAS_B_SCALE=False, HAS_BIAS=has_bias,
+               SAVE_PRE=has_pre, ACTIVATION=activation, ACT_PARAM=float(act_param),
+               HAS_RESIDUAL=has_res)
+    reduce = reduce_params(M, N, split, epi) if split > 1 else None
+    if tma:
+        return "tma", tma_params(M, N, K, path[1], path[2], c_tma, cfg, epi, acc, False,
+                                 precision, upcast, sms), reduce, split
     if dropconnect and not interpreter_enabled():
         # the in-loop Philox mask adds registers: 4-warp fp32 tiles spill (tools/aot_check.py)
         cfg["num_warps"] = max(cfg.get("num_warps", 4), 8)
@@ -166,17 +208,15 @@ def _launch_params(M, N, K, dtype, activation, act_param, has_bias, has_res, has
     cfg.setdefault("num_stages", 2)
     grid_x = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
     cfg.update(ACTIVATION=activation, ACT_PARAM=float(act_param), HAS_BIAS=has_bias,
-               HAS_RESIDUAL=has_res, SAVE_PRE=has_pre,
-               INPUT_PRECISION="tf32" if tf32 else "ieee",
-               ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
-               UPCAST=bool(interpreter_enabled() and dtype == torch.bfloat16),
-               HAS_DROPCONNECT=dropconnect)
+               HAS_RESIDUAL=has_res, SAVE_PRE=has_pre, INPUT_PRECISION=precision,
+               ACC_DTYPE=acc, UPCAST=upcast, HAS_DROPCONNECT=dropconnect)
     consts, opts = split_constexprs(matmul_kernel, _N_RUNTIME, cfg)
-    return grid_x, consts, opts
+    return "classic", (grid_x, consts, opts), reduce, split
 
 
 # matmul_kernel's runtime parameters (pointers, sizes, strides, DropConnect) come first
 _N_RUNTIME = matmul_kernel.arg_names.index("ACTIVATION")
+_CLASSIC = ("classic", None, None)
 
 
 def launch_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, residual=None,
@@ -192,26 +232,53 @@ def launch_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, 
     device, read by the kernel) drops B[k, n] unless
     ``keep_mask(seed, k*stride_k + n*stride_n, p)`` and scales the product by 1/(1-p)
     (the same keep rule as :mod:`tilefuse.kernels.dropout`; BATCH must be 1).
+    2-D products go to the persistent TMA kernel where
+    :func:`tilefuse.kernels.gemm_common.gemm_path` allows it (sm_90, aligned operands).
     The launch parameters of a signature are computed once (:func:`tilefuse.kernels.launch_cache`).
     """
     M, K = a.shape[-2], a.shape[-1]
     N = b.shape[-1]
-    batch = c.shape[0] if c.dim() == 3 else 1
+    batched = c.dim() == 3
+    batch = c.shape[0] if batched else 1
     if batch == 0 or M == 0 or N == 0:
         return c
-    sa, sb = _strides3(a), _strides3(b)
-    sc = _strides3(c)
     tf32 = bool(allow_tf32 and a.dtype == torch.float32 and a.is_cuda)
     has_bias, has_res, has_pre = bias is not None, residual is not None, pre is not None
+    path, c_tma = _CLASSIC, False
+    if not batched and dropconnect is None and (a.is_cuda or _gc.TMA_ON_CPU):
+        path = _gc.gemm_path(a, b, tf32)
+        c_tma = path[0] == "tma" and c_tma_ok(c)
+    sb = b.stride()
     sig = (M, N, K, a.dtype, activation, act_param, has_bias, has_res, has_pre,
-           sb[1] == 1 and N > 1 and K > 1, tf32, dropconnect is not None)
+           sb[-2] == 1 and N > 1 and K > 1, tf32, dropconnect is not None, path, c_tma, batched,
+           a.get_device())
     params = _LAUNCH.get(sig) if config is None else None
     if params is None:
-        params = _launch_params(*sig, config)
+        params = _launch_params(*sig[:-1], a.device, config)
         if config is None:
             _LAUNCH[sig] = params
+    kind, main, reduce, split = params
+    ws = None
+    if split > 1:  # the GEMM writes fp32 partials; the reduction applies the epilogue into c
+        ws = torch.empty((split, M, N), device=a.device, dtype=torch.float32)
+    if kind == "tma":
+        launch_tma(main, a, b, c, ws=ws, bias=bias, residual=residual, pre=pre,
+                   a_layout=path[1], b_layout=path[2])
+    else:
+        _launch_classic(main, split, a, b, c, ws, bias, residual, pre, dropconnect)
+    if reduce is not None:
+        launch_reduce(reduce, ws, c, None, None, bias, residual, pre)
+    return c
+
+
+def _launch_classic(params, split, a, b, out, ws, bias, residual, pre, dropconnect):
     grid_x, consts, opts = params
-    dummy = c
+    M, K = a.shape[-2], a.shape[-1]
+    N = b.shape[-1]
+    batch = out.shape[0] if out.dim() == 3 else 1
+    sa, sb, sc = _strides3(a), _strides3(b), _strides3(out)
+    has_bias, has_res, has_pre = bias is not None, residual is not None, pre is not None
+    dummy = out
     dc_seed, dc_p, dc_sk, dc_sn = dropconnect if dropconnect is not None else (dummy, 0.0, 0, 0)
     res = residual if has_res else dummy
     sr = _strides3(res) if has_res else sc
@@ -221,13 +288,12 @@ def launch_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, 
         stop = min(batch, start + MAX_GRID_Y)
         if batch > MAX_GRID_Y:  # the grid's y dimension is capped: launch in batch chunks
             sl = slice(start, stop)
-            args = [t[sl] if t.dim() == 3 else t for t in (a, b, c, res, pre_arg)]
+            args = [t[sl] if t.dim() == 3 else t for t in (a, b, out, res, pre_arg)]
             args[4] = pre_arg[sl] if has_pre else dummy
         else:
-            args = (a, b, c, res, pre_arg)
-        matmul_kernel[(grid_x, stop - start)](
+            args = (a, b, out, res, pre_arg)
+        matmul_kernel[(grid_x, stop - start, split)](
             args[0], args[1], args[2], bias_arg, args[3], args[4],
             M, N, K, *sa, *sb, *sc, *sr, bias.stride(0) if has_bias else 0,
-            dc_seed, float(dc_p), float(1.0 / (1.0 - dc_p)), int(dc_sk), int(dc_sn), *consts,
-            **opts)
-    return c
+            dc_seed, float(dc_p), float(1.0 / (1.0 - dc_p)), int(dc_sk), int(dc_sn),
+            ws if ws is not None else dummy, M * N, *consts, **opts)

@@ -216,3 +216,20 @@ def test_dropout_bad_arguments_still_named():
         ops.dropconnect_linear(x, w.double(), p=P)
     with pytest.raises(ValueError, match="in_features"):
         ops.dropconnect_linear(torch.randn(4, 5), w, p=P)
+
+
+@pytest.mark.parametrize("lead", [(3,), (2, 3), ()])
+def test_dropconnect_zero_in_features(lead):
+    """in_features == 0 gives act(bias) broadcast, as F.linear; before, the (-1, 0) reshape of
+    an empty x raised a RuntimeError."""
+    x = torch.randn(*lead, 0, requires_grad=True)
+    w = torch.randn(4, 0, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    y = ops.dropconnect_linear(x, w, b, p=P, activation="relu")
+    ref = torch.relu(torch.nn.functional.linear(x, w, b))
+    assert y.shape == ref.shape and torch.equal(y, ref)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, w, b), g)
+    exp = torch.autograd.grad(ref, (x, w, b), g)
+    for a, e in zip(got, exp):
+        assert a.shape == e.shape and torch.allclose(a, e)

@@ -19,6 +19,7 @@ seed; on a GPU that path only runs when forced (``TILEFUSE_BACKEND=torch``), at 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -386,6 +387,6 @@ def dropconnect_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     save_pre = act != 0 and needs_grad(x, weight, bias)
     flat = len(x_shape) == 2  # already (M, K): no reshape in or out
     # b = weight^T (K, N); weight[n, k] has logical index n*K + k: stride_k=1, stride_n=K
-    y, _ = dropconnect_op(x if flat else x.reshape(-1, K), weight.t(), bias,
+    y, _ = dropconnect_op(x if flat else x.reshape(math.prod(x_shape[:-1]), K), weight.t(), bias,
                           draw_seed(x.device), p, 1, K, act, act_param, save_pre)
     return y if flat else y.reshape(tuple(x_shape[:-1]) + (N,))

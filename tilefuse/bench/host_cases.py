@@ -64,27 +64,33 @@ def _layer_norm(grad: bool):
     return build
 
 
-def _rms_norm(dev):
-    import tilefuse
-
-    x, w = _t(4, 32, device=dev), _t(32, device=dev)
-    return (lambda: tilefuse.ops.rms_norm_act(x, (32,), w, activation="silu"),
-            lambda: F.silu(F.rms_norm(x, (32,), w)), "F.silu(F.rms_norm(x, ...))")
-
-
-def _group_norm(dev):
-    import tilefuse
-
-    x, w, b = _t(2, 8, 4, 4, device=dev), _t(8, device=dev), _t(8, device=dev)
-    return (lambda: tilefuse.ops.group_norm_act(x, 4, w, b, activation="relu"),
-            lambda: F.relu(F.group_norm(x, 4, w, b)), "F.relu(F.group_norm(x, 4, ...))")
-
-
-def _batch_norm(training: bool):
+def _rms_norm(grad: bool = False):
     def build(dev):
         import tilefuse
 
-        x, w, b = _t(4, 8, 4, 4, device=dev), _t(8, device=dev), _t(8, device=dev)
+        x, w = _t(4, 32, device=dev, grad=grad), _t(32, device=dev, grad=grad)
+        return (lambda: tilefuse.ops.rms_norm_act(x, (32,), w, activation="silu"),
+                lambda: F.silu(F.rms_norm(x, (32,), w)), "F.silu(F.rms_norm(x, ...))")
+    return build
+
+
+def _group_norm(grad: bool = False):
+    def build(dev):
+        import tilefuse
+
+        x, w, b = (_t(2, 8, 4, 4, device=dev, grad=grad), _t(8, device=dev, grad=grad),
+                   _t(8, device=dev, grad=grad))
+        return (lambda: tilefuse.ops.group_norm_act(x, 4, w, b, activation="relu"),
+                lambda: F.relu(F.group_norm(x, 4, w, b)), "F.relu(F.group_norm(x, 4, ...))")
+    return build
+
+
+def _batch_norm(training: bool, grad: bool = False):
+    def build(dev):
+        import tilefuse
+
+        x, w, b = (_t(4, 8, 4, 4, device=dev, grad=grad), _t(8, device=dev, grad=grad),
+                   _t(8, device=dev, grad=grad))
         rm, rv = torch.zeros(8, device=dev), torch.ones(8, device=dev)
         rm2, rv2 = rm.clone(), rv.clone()
         return (lambda: tilefuse.ops.batch_norm_act(x, rm, rv, w, b, training=training,
@@ -94,19 +100,63 @@ def _batch_norm(training: bool):
     return build
 
 
-def _depthwise(dev):
-    import tilefuse
-
-    x, w, b = _t(1, 8, 8, 8, device=dev), _t(8, 1, 3, 3, device=dev), _t(8, device=dev)
-    return (lambda: tilefuse.ops.depthwise_conv2d(x, w, b, padding=1),
-            lambda: F.conv2d(x, w, b, padding=1, groups=8), "F.conv2d(x, w, b, groups=C) 3x3")
-
-
-def _dropout(kind: str):
+def _depthwise(grad: bool = False):
     def build(dev):
         import tilefuse
 
-        x, r = _t(4, 32, device=dev), _t(4, 32, device=dev)
+        x, w, b = (_t(1, 8, 8, 8, device=dev, grad=grad), _t(8, 1, 3, 3, device=dev, grad=grad),
+                   _t(8, device=dev, grad=grad))
+        return (lambda: tilefuse.ops.depthwise_conv2d(x, w, b, padding=1),
+                lambda: F.conv2d(x, w, b, padding=1, groups=8),
+                "F.conv2d(x, w, b, groups=C) 3x3")
+    return build
+
+
+def _conv2d(grad: bool = False):
+    def build(dev):
+        import tilefuse
+
+        x, w, b = (_t(1, 8, 8, 8, device=dev, grad=grad), _t(8, 8, 3, 3, device=dev, grad=grad),
+                   _t(8, device=dev, grad=grad))
+        return (lambda: tilefuse.ops.conv2d(x, w, b, padding=1, activation="relu"),
+                lambda: F.relu(F.conv2d(x, w, b, padding=1)), "F.relu(F.conv2d(x, w, b)) 3x3")
+    return build
+
+
+def _fp8(kind: str):
+    def build(dev):
+        import tilefuse
+
+        f8 = torch.float8_e4m3fn
+        a = _t(4, 32, device=dev).to(f8)
+        b = _t(32, 32, device=dev).to(f8).t()  # K-major, as _scaled_mm wants
+        sa, sb = torch.tensor(0.5, device=dev), torch.tensor(0.25, device=dev)
+        x = _t(4, 32, device=dev)
+        if kind == "fp8_matmul":
+            return (lambda: tilefuse.ops.fp8_matmul(a, b, sa, sb),
+                    lambda: torch._scaled_mm(a, b, sa, sb, out_dtype=torch.bfloat16),
+                    "torch._scaled_mm(a, b, sa, sb)")
+        if kind == "quantize_fp8_per_row":
+            def ref():
+                scale = x.abs().amax(-1, keepdim=True) / 448
+                return (x / scale).to(f8), scale
+            return (lambda: tilefuse.ops.quantize_fp8_per_row(x), ref,
+                    "absmax/448, scale, cast to e4m3")
+        if kind == "dequantize_fp8":
+            s_row = torch.rand(4, 1, device=dev)
+            return (lambda: tilefuse.ops.dequantize_fp8(a, s_row),
+                    lambda: a.float() * s_row, "q.float() * scale")
+        w, sw = _t(32, 32, device=dev).to(f8), torch.rand(32, device=dev)
+        return (lambda: tilefuse.ops.fp8_linear(x, w, sw),
+                lambda: F.linear(x, w.float() * sw[:, None]), "F.linear(x, q * scale)")
+    return build
+
+
+def _dropout(kind: str, grad: bool = False):
+    def build(dev):
+        import tilefuse
+
+        x, r = _t(4, 32, device=dev, grad=grad), _t(4, 32, device=dev, grad=grad)
         if kind == "dropout2d":
             x = _t(2, 8, 4, 4, device=dev)
             return (lambda: tilefuse.ops.dropout2d(x, 0.1), lambda: F.dropout2d(x, 0.1),
@@ -119,13 +169,15 @@ def _dropout(kind: str):
     return build
 
 
-def _cross_entropy(dev):
-    import tilefuse
+def _cross_entropy(grad: bool = False):
+    def build(dev):
+        import tilefuse
 
-    logits, target = _t(4, 32, device=dev), torch.randint(0, 32, (4,), device=dev)
-    return (lambda: tilefuse.ops.cross_entropy(logits, target, label_smoothing=0.1),
-            lambda: F.cross_entropy(logits, target, label_smoothing=0.1),
-            "F.cross_entropy(logits, target, label_smoothing=0.1)")
+        logits, target = _t(4, 32, device=dev, grad=grad), torch.randint(0, 32, (4,), device=dev)
+        return (lambda: tilefuse.ops.cross_entropy(logits, target, label_smoothing=0.1),
+                lambda: F.cross_entropy(logits, target, label_smoothing=0.1),
+                "F.cross_entropy(logits, target, label_smoothing=0.1)")
+    return build
 
 
 def _int8(kind: str):
@@ -200,20 +252,34 @@ CASES: List[HostCase] = [
     HostCase("matmul", "matmul", _matmul),
     HostCase("layer_norm_act", "layer_norm_act", _layer_norm(grad=False)),
     HostCase("layer_norm_act/grad", "layer_norm_act", _layer_norm(grad=True), grad=True),
-    HostCase("rms_norm_act", "rms_norm_act", _rms_norm),
-    HostCase("group_norm_act", "group_norm_act", _group_norm),
+    HostCase("rms_norm_act", "rms_norm_act", _rms_norm()),
+    HostCase("rms_norm_act/grad", "rms_norm_act", _rms_norm(grad=True), grad=True),
+    HostCase("group_norm_act", "group_norm_act", _group_norm()),
+    HostCase("group_norm_act/grad", "group_norm_act", _group_norm(grad=True), grad=True),
     HostCase("batch_norm_act/eval+relu", "batch_norm_act", _batch_norm(training=False)),
     HostCase("batch_norm_act/train", "batch_norm_act", _batch_norm(training=True)),
-    HostCase("depthwise_conv2d/3x3", "depthwise_conv2d", _depthwise),
+    HostCase("batch_norm_act/train+grad", "batch_norm_act",
+             _batch_norm(training=True, grad=True), grad=True),
+    HostCase("depthwise_conv2d/3x3", "depthwise_conv2d", _depthwise()),
+    HostCase("depthwise_conv2d/3x3/grad", "depthwise_conv2d", _depthwise(grad=True), grad=True),
+    HostCase("conv2d/3x3+relu", "conv2d", _conv2d()),
+    HostCase("conv2d/3x3+relu/grad", "conv2d", _conv2d(grad=True), grad=True),
     HostCase("dropout", "dropout", _dropout("dropout")),
+    HostCase("dropout/grad", "dropout", _dropout("dropout", grad=True), grad=True),
     HostCase("dropout_add", "dropout_add", _dropout("dropout_add")),
     HostCase("dropout2d", "dropout2d", _dropout("dropout2d")),
-    HostCase("cross_entropy/ls=0.1", "cross_entropy", _cross_entropy),
+    HostCase("cross_entropy/ls=0.1", "cross_entropy", _cross_entropy()),
+    HostCase("cross_entropy/ls=0.1/grad", "cross_entropy", _cross_entropy(grad=True),
+             grad=True),
     HostCase("int8_matmul", "int8_matmul", _int8("int8_matmul")),
     HostCase("quantize_per_row", "quantize_per_row", _int8("quantize_per_row")),
     HostCase("dequantize_per_row", "dequantize_per_row", _int8("dequantize_per_row")),
     HostCase("w8a8_linear", "w8a8_linear", _int8("w8a8_linear")),
     HostCase("weight_only_int8_linear", "weight_only_int8_linear", _int8("weight_only")),
     HostCase("dropconnect_linear", "dropconnect_linear", _dropconnect),
+    HostCase("fp8_matmul", "fp8_matmul", _fp8("fp8_matmul")),
+    HostCase("quantize_fp8_per_row", "quantize_fp8_per_row", _fp8("quantize_fp8_per_row")),
+    HostCase("dequantize_fp8", "dequantize_fp8", _fp8("dequantize_fp8")),
+    HostCase("fp8_linear", "fp8_linear", _fp8("fp8_linear")),
     HostCase("AdamW.step", "AdamW", _adamw),
 ]

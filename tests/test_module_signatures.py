@@ -41,6 +41,7 @@ STANDS_IN_FOR = {
     "DepthwiseSeparableConv2d": nn.Conv2d.forward,
     "DropBlock2d": nn.Dropout2d.forward,     # torchvision.ops.DropBlock2d.forward(self, input)
     "Conv1DLinear": _hf_conv1d_forward,      # Hugging Face's Conv1D
+    "Fp8Linear": nn.Linear.forward,          # tilefuse.quantize(mode="fp8") replaces nn.Linear
 }
 
 
@@ -100,6 +101,8 @@ CALLS = {
                    (2, 4)),
     "Int8Conv1x1": (_conv1x1, (2, 4, 3, 3)),
     "Conv1DLinear": (lambda: CLASSES["Conv1DLinear"](3, 4), (2, 4)),
+    "Fp8Linear": (lambda: tnn.Fp8Linear.from_float(nn.Linear(4, 3)), (2, 4)),
+    "Conv2d": (lambda: tnn.Conv2d(4, 3, 3, padding=1), (2, 4, 5, 5)),
 }
 
 

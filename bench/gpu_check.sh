@@ -11,16 +11,17 @@
 #                name the shipped-table lookup expects (tables/<identity slug>.json)
 #                                                                         (timeouts 95 s in all)
 #   4. kernels:  tilefuse bench kernels, matmul/norm/int8 first, no torch.compile (timeout 60 s,
-#                budget 45 s), then matmul with torch.compile too        (timeout 35 s, budget 20 s)
+#                budget 45 s), then matmul with torch.compile too        (timeout 30 s, budget 15 s)
+#                tilefuse bench host: tiny ops per call vs torch          (timeout 25 s)
 #   5. models:   eager + patched, fp16 + int8, batch 1 and 32, proxies  (timeout 60 s, budget 45 s)
 #                the training-step table (ResNet-50, batch 32)           (timeout 45 s, budget 30 s)
 #                torch.compile variants, small models first              (timeout 40 s, budget 25 s)
 #
-# The step timeouts add up to 530 s (~9 min, worst case; the three test shards run side by side);
+# The step timeouts add up to 550 s (~9 min, worst case; the three test shards run side by side);
 # budgets end the bench steps early and cleanly, and the kernel and model benches save a partial
 # report after every family / configuration. Everything is written under $OUT (default ./out/gpu_check) and packed into at
-# most 7 files: summary.md, results.tar.gz (every log, JSON, Markdown and plot, laid out as
-# bench/results/<gpu>/<date>/ so it can be unpacked at the repo root) and the five JSON reports.
+# most 8 files: summary.md, results.tar.gz (every log, JSON, Markdown and plot, laid out as
+# bench/results/<gpu>/<date>/ so it can be unpacked at the repo root) and the six JSON reports.
 # Usage:  OUT=/some/dir bash bench/gpu_check.sh      (PYTHON=... another interpreter,
 #         STAGES=tests,kernels a subset)
 set -u
@@ -98,10 +99,13 @@ fi
 # 4. kernel benchmarks (families in priority order: the budget is spent on the first ones)
 if want kernels; then
   step bench_kernels 60 $PY -m tilefuse bench kernels --dtype bf16 --impls tilefuse,eager,vendor \
-    --only matmul,norm,int8,depthwise,dropout,cross_entropy,optim \
+    --only matmul,norm,int8,conv,fp8,depthwise,dropout,cross_entropy,optim \
     --time-budget 45 --out "$RES/kernels" --no-progress
-  step bench_kernels_compile 35 $PY -m tilefuse bench kernels --only matmul --dtype bf16 --impls all \
-    --time-budget 20 --out "$RES/kernels_compile" --no-progress
+  step bench_kernels_compile 30 $PY -m tilefuse bench kernels --only matmul --dtype bf16 --impls all \
+    --time-budget 15 --out "$RES/kernels_compile" --no-progress
+  # real per-call time of tiny ops (launch included) vs torch: the host-path proxy's GPU check
+  mkdir -p "$RES/host"
+  step bench_host 25 $PY -m tilefuse bench host --calls 50 --repeats 5 --json "$RES/host/host.json"
 fi
 
 # 5. model benchmarks
@@ -127,7 +131,7 @@ for r in kernels kernels_compile; do
     cp "$RES/$r/kernels.partial.json" "$RES/$r/kernels.json"
 done
 
-# pack: summary.md + results.tar.gz + the JSON reports (<= 7 files in $OUT)
+# pack: summary.md + results.tar.gz + the JSON reports (<= 8 files in $OUT)
 TOTAL=$(( $(date +%s) - T0 ))
 SUM="$WORK/summary.md"
 {
@@ -165,5 +169,6 @@ cp "$SUM" "$OUT/summary.md"
 [ -f "$RES/kernels_compile/kernels.json" ] && cp "$RES/kernels_compile/kernels.json" "$OUT/kernels_compile.json"
 [ -f "$RES/train/models.json" ] && cp "$RES/train/models.json" "$OUT/train.json"
 [ -f "$RES/models_compile/models.json" ] && cp "$RES/models_compile/models.json" "$OUT/models_compile.json"
+[ -f "$RES/host/host.json" ] && cp "$RES/host/host.json" "$OUT/host.json"
 rm -rf "$WORK"
 echo "done in ${TOTAL}s; files in $OUT:"; ls -la "$OUT"

@@ -15,7 +15,8 @@ How it works (see docs/aot_check.md):
    Op outputs are therefore uninitialized memory, which is fine: only the launches matter.
 4. Each distinct specialization is compiled with ``triton.compile(ASTSource(...),
    target=GPUTarget("cuda", arch, 32))`` down to a cubin with the ptxas bundled in the wheel;
-   registers / spills come from the ptxas ``-v`` log, shared memory from the kernel metadata.
+   registers / spills come from the ptxas ``-v`` log, shared memory from the kernel metadata,
+   TMA (``cp.async.bulk.tensor``) and ``wgmma`` from the PTX.
 
 Code: this file is the CLI and the report; ``tools/aot_record.py`` intercepts, records and
 compiles the launches; ``tools/aot_scenarios.py`` holds the scenarios that drive the public ops.
@@ -76,8 +77,23 @@ def _fmt_row(r) -> str:
     cols = [r["status"], r["kernel"][:26].ljust(26), f"{r['seconds']:6.2f}s",
             (f"{shared / 1024:6.1f}K" if shared is not None else "      -"),
             (f"{regs:4d}r" if regs is not None else "    -"),
-            (f"sp{sp}" if sp else "    "), r["spec"]]
+            (f"sp{sp}" if sp else "    "),
+            ("tma" if r.get("tma") else "   ") + (" wgmma" if r.get("wgmma") else "      "),
+            r["spec"]]
     return "  ".join(c if i else c.ljust(5) for i, c in enumerate(cols))
+
+
+def markdown_table(results) -> str:
+    """The per-kernel properties as a markdown table (docs/gemm.md)."""
+    rows = ["| scenario | kernel | TMA | wgmma | regs | spill B | shared KB | spec |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if r.get("regs") is None:
+            continue
+        rows.append(f"| {r['scenario']} | {r['kernel']} | {'yes' if r.get('tma') else 'no'} | "
+                    f"{'yes' if r.get('wgmma') else 'no'} | {r['regs']} | "
+                    f"{r.get('spill_stores') or 0} | {r['shared'] / 1024:.0f} | {r['spec']} |")
+    return "\n".join(rows)
 
 
 def main(argv=None) -> int:
@@ -109,6 +125,9 @@ def main(argv=None) -> int:
                          "specialization is really compiled and its ptxas log read)")
     ap.add_argument("--json", default=None, help="write all results to this JSON file")
     ap.add_argument("--list", action="store_true", help="only list the recorded specializations")
+    ap.add_argument("--table", action="store_true",
+                    help="also print a markdown table (scenario, kernel, TMA, wgmma, registers, "
+                         "spills, shared memory) for docs/gemm.md")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
 
@@ -145,7 +164,7 @@ def main(argv=None) -> int:
     smem_limit = SMEM_LIMIT.get(args.arch, 232448)
     results = []
     t1 = time.perf_counter()
-    print("status kernel                      time    shared   regs  spill spec")
+    print("status kernel                      time    shared   regs  spill tma wgmma  spec")
     for r in compile_all(launches, rec.target, smem_limit, args.jobs):
         results.append(r)
         print(_fmt_row(r), flush=True)
@@ -168,6 +187,9 @@ def main(argv=None) -> int:
         heavy = sorted(ok, key=lambda r: (r["shared"], r["regs"]), reverse=True)[:5]
         print("# heaviest (shared memory): " + "; ".join(
             f"{r['kernel']} {r['spec']} {r['shared']}B {r['regs']}r" for r in heavy))
+    if args.table:
+        print()
+        print(markdown_table(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(triton=triton.__version__, arch=args.arch, results=results,

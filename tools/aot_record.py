@@ -155,6 +155,16 @@ class Recorder:
             A.lookup = lambda kernel, key, default: default
         except Exception:  # pragma: no cover
             A = None
+        # the GPU's launch rules: SM-count-sized grids for the H100 profile, and on sm_90 the
+        # persistent TMA path for operands it takes (tilefuse.kernels.gemm_common.gemm_path)
+        import tilefuse.kernels as K
+        import tilefuse.kernels.gemm_common as GC
+
+        saved_sms, saved_tma = K.INTERPRETER_SMS, GC.TMA_ON_CPU
+        K.INTERPRETER_SMS = GC.H100_SMS
+        K._SM_COUNTS.clear()
+        K.clear_launch_caches()
+        GC.TMA_ON_CPU = self.target.arch == 90
         had_is_cuda = "is_cuda" in torch.Tensor.__dict__
         saved_is_cuda = torch.Tensor.__dict__.get("is_cuda")
         if cuda_heuristics:
@@ -169,6 +179,9 @@ class Recorder:
                     del torch.Tensor.is_cuda
             if A is not None and saved_lookup is not None:
                 A.lookup = saved_lookup
+            K.INTERPRETER_SMS, GC.TMA_ON_CPU = saved_sms, saved_tma
+            K._SM_COUNTS.clear()
+            K.clear_launch_caches()
             for m in rebound:
                 m.backend_for_device = saved_bfd
             B.backend_for_device = saved_bfd
@@ -249,6 +262,12 @@ def compile_launch(launch: Launch, target, smem_limit: int) -> dict:
     res["spill_stores"] = int(s.group(2)) if s else None
     res["spill_loads"] = int(s.group(3)) if s else None
     res["cached"] = not log.strip()
+    ptx = k.asm.get("ptx", "") if hasattr(k, "asm") else ""
+    # TMA copies (loads: cp.async.bulk.tensor ... global -> shared; stores: shared -> global)
+    # and Hopper warp-group MMAs, read from the PTX
+    res["tma"] = "cp.async.bulk.tensor" in ptx
+    res["tma_store"] = "cp.async.bulk.tensor" in ptx and ".global.shared" in ptx
+    res["wgmma"] = "wgmma.mma_async" in ptx
     res["ptxas"] = [ln.strip() for ln in log.splitlines() if "ptxas" in ln or "bytes" in ln]
     if res["shared"] > smem_limit:
         res.update(status="FAIL", error=f"OutOfResources: shared memory {res['shared']} B > "

@@ -53,6 +53,28 @@ def _scenarios_matmul(torch, tf):
         finally:
             torch.backends.cuda.matmul.allow_tf32 = old
     yield "matmul fp32 tf32", tf32
+
+    # issue 19: the Hopper GEMM launches (persistent TMA kernel on aligned operands, split-K for
+    # small M, the grouped-order kernel for operands TMA cannot take)
+    for dt in (torch.bfloat16, torch.float16):
+        x, w = torch.randn(4096, 4096, dtype=dt), torch.randn(4096, 4096, dtype=dt)
+        yield f"linear 4096^3 {dt}", lambda x=x, w=w: ops.linear(x, w)
+        yield f"linear 4096^3 {dt} bias+gelu", lambda x=x, w=w, dt=dt: ops.linear(
+            x, w, torch.randn(4096, dtype=dt), activation="gelu")
+        for M in (1, 16, 128):
+            yield f"linear M={M} 4096x4096 {dt} split-K", lambda M=M, w=w, dt=dt: ops.linear(
+                torch.randn(M, 4096, dtype=dt), w, torch.randn(4096, dtype=dt))
+        yield f"linear {dt} K=4095 (unaligned: grouped-order fallback)", lambda dt=dt: ops.linear(
+            torch.randn(512, 4095, dtype=dt), torch.randn(1024, 4095, dtype=dt))
+
+    def tf32_big():
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            ops.linear(torch.randn(4096, 4096), torch.randn(4096, 4096))
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
+    yield "linear 4096^3 fp32 tf32", tf32_big
     yield "matmul fp64", lambda: ops.matmul(torch.randn(128, 64, dtype=torch.float64),
                                             torch.randn(64, 128, dtype=torch.float64))
 
@@ -124,6 +146,18 @@ def _scenarios_conv(torch, tf):
 
 def _scenarios_int8(torch, tf):
     ops = tf.ops
+    # issue 19: W8A8 at 4096^3 (persistent TMA, 128x256x128) and decode sizes (split-K)
+    qa = torch.randint(-127, 127, (4096, 4096), dtype=torch.int8)
+    qw = torch.randint(-127, 127, (4096, 4096), dtype=torch.int8)
+    yield "int8 W8A8 4096^3 raw", lambda: ops.int8_matmul(qa, qw.t())
+    yield "int8 W8A8 4096^3 scaled -> bf16", lambda: ops.int8_matmul(
+        qa, qw.t(), torch.rand(4096), torch.rand(4096), bias=torch.randn(4096),
+        out_dtype=torch.bfloat16)
+    for M in (1, 16, 128):
+        yield f"int8 W8A8 M={M} 4096x4096 split-K", lambda M=M: ops.int8_matmul(
+            qa[:M], qw.t(), torch.rand(M), torch.rand(4096), out_dtype=torch.bfloat16)
+    yield "int8 W8A8 row-major B (grouped-order fallback)", lambda: ops.int8_matmul(
+        qa[:256], qw.t().contiguous())
     for M in (8, 48, 256):
         a = torch.randint(-127, 127, (M, 256), dtype=torch.int8)
         b = torch.randint(-127, 127, (256, 128), dtype=torch.int8)

@@ -142,8 +142,9 @@ class MatmulSpace(KernelSpace):
         from tilefuse.kernels.matmul import heuristic_config
 
         M, N, K = _dims(key)
+        act, _, res = _flags(key)
         return heuristic_config(M, N, K, DTYPES[canonical_dtype(key["dtype"])],
-                                tma=bool(key.get("tma")))
+                                tma=bool(key.get("tma")), heavy_epilogue=bool(act or res))
 
     # ------------------------------------------------------------------------ pruning
     def prune(self, configs, key, limits: Limits):

@@ -105,7 +105,7 @@ def matmul_kernel(
 
 
 def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int | None = None,
-                     tma: bool = False) -> dict:
+                     tma: bool = False, heavy_epilogue: bool = False) -> dict:
     """Default block config; :mod:`tilefuse.autotune` replaces it with tuned entries.
 
     ``sms``: the device's SM count (default: :func:`tilefuse.kernels.gemm_common.default_sms`;
@@ -113,7 +113,9 @@ def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int | None
     for M <= ``SMALL_M`` the tiles narrow and K is split until the grid covers every SM
     (:func:`tilefuse.kernels.gemm_common.fill_sms`; not for fp64, whose partials would need fp64).
     ``tma``: the operands take the persistent TMA path (sm_90), which gets 128x256 tiles for
-    large half-precision problems."""
+    large half-precision problems; ``heavy_epilogue`` (an activation or a residual) keeps them
+    at 128x128: the activation's temporaries on 128 accumulator registers per thread spill
+    (tools/aot_check.py, docs/gemm.md)."""
     sms = default_sms() if sms is None else int(sms)
     half = dtype in (torch.float16, torch.bfloat16)
     if interpreter_enabled():
@@ -123,7 +125,7 @@ def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype, sms: int | None
     elif tma and M > SMALL_M:
         # persistent TMA (tutorial 09 tiles): 128x256x64 / 8 warps / 3 stages for half,
         # 128x128x32 for fp32 (TF32); 2 warp groups share the tile
-        bn = 256 if half and N > 128 else 128
+        bn = 256 if half and N > 128 and not heavy_epilogue else 128
         cfg = dict(BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64 if half else 32, GROUP_M=8, num_warps=8,
                    num_stages=3)
     else:
@@ -154,7 +156,8 @@ def get_config(M: int, N: int, K: int, dtype: torch.dtype, flags: tuple = (),
     The tuning key carries B's layout (``"nt"``: K contiguous, as ``linear`` reads ``weight.T``;
     ``"nn"`` otherwise), for fp32 whether TF32 is on, and whether the persistent TMA kernel
     runs it (``"tma"``): all change the best tiles."""
-    default = heuristic_config(M, N, K, dtype, sms, tma)
+    heavy = bool(flags) and (flags[0] != 0 or bool(flags[2:3] and flags[2]))
+    default = heuristic_config(M, N, K, dtype, sms, tma, heavy)
     try:
         from tilefuse.autotune import lookup
     except ImportError:  # pragma: no cover
@@ -179,7 +182,8 @@ def _strides3(t) -> tuple:
 
 
 def _launch_params(M, N, K, dtype, activation, act_param, has_bias, has_res, has_pre,
-                   b_k_contiguous, tf32, dropconnect, path, c_tma, batched, device, config):
+                   b_k_contiguous, tf32, dropconnect, path, c_tma, batched, out_size, device,
+                   config):
     """``(kernel, params, reduce params or None, SPLIT_K)`` for one problem signature (cached by
     :func:`launch_matmul`); ``kernel`` is ``"tma"`` or ``"classic"``."""
     sms = sm_count(device)
@@ -199,8 +203,9 @@ def _launch_params(M, N, K, dtype, activation, act_param, has_bias, has_res, has
                HAS_RESIDUAL=has_res)
     reduce = reduce_params(M, N, split, epi) if split > 1 else None
     if tma:
+        es = 4 if dtype == torch.float32 else 2
         return "tma", tma_params(M, N, K, path[1], path[2], c_tma, cfg, epi, acc, False,
-                                 precision, upcast, sms), reduce, split
+                                 precision, upcast, sms, (es, out_size)), reduce, split
     if dropconnect and not interpreter_enabled():
         # the in-loop Philox mask adds registers: 4-warp fp32 tiles spill (tools/aot_check.py)
         cfg["num_warps"] = max(cfg.get("num_warps", 4), 8)
@@ -251,7 +256,7 @@ def launch_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, 
     sb = b.stride()
     sig = (M, N, K, a.dtype, activation, act_param, has_bias, has_res, has_pre,
            sb[-2] == 1 and N > 1 and K > 1, tf32, dropconnect is not None, path, c_tma, batched,
-           a.get_device())
+           c.element_size(), a.get_device())
     params = _LAUNCH.get(sig) if config is None else None
     if params is None:
         params = _launch_params(*sig[:-1], a.device, config)

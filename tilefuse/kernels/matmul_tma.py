@@ -138,19 +138,29 @@ def c_tma_ok(c: torch.Tensor) -> bool:
             and c.data_ptr() % 16 == 0)
 
 
+SMEM_BUDGET = 232448  # sm_90 opt-in shared memory per block
+
+
 def tma_params(M: int, N: int, K: int, a_layout: str, b_layout: str, c_tma: bool, cfg: dict,
                epi: dict, acc_dtype, int_dot: bool, input_precision: str, upcast: bool,
-               sms: int) -> tuple:
+               sms: int, sizes: tuple = (2, 2)) -> tuple:
     """(grid, constexprs, launch options) of one persistent launch (cached by the callers).
     ``cfg``: BLOCK_M/N/K, GROUP_M, SPLIT_K, num_warps, num_stages; ``epi``: the epilogue
-    constexprs of :func:`tilefuse.kernels.gemm_common.gemm_epilogue`."""
+    constexprs of :func:`tilefuse.kernels.gemm_common.gemm_epilogue`; ``sizes``: element bytes
+    of the operands and of C. The TMA store stages a whole C tile in shared memory: where that
+    and the operand stages exceed :data:`SMEM_BUDGET` (e.g. int32 C of 128x256 int8 tiles),
+    C is written with masked stores instead."""
     c = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}
     split = int(cfg.get("SPLIT_K", 1))
+    stages = cfg.get("num_stages", 3)
+    smem = (stages * (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * sizes[0]
+            + c["BLOCK_M"] * c["BLOCK_N"] * sizes[1])
+    c_tma = c_tma and smem <= SMEM_BUDGET
     work = triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]) * split
     consts = dict(A_ROW=a_layout == "row", B_ROW=b_layout == "row", C_TMA=bool(c_tma and split == 1),
                   ACC_DTYPE=acc_dtype, INT_DOT=int_dot, INPUT_PRECISION=input_precision,
                   UPCAST=upcast, **epi, **c, SPLIT_K=split, NUM_SMS=sms,
-                  num_warps=cfg.get("num_warps", 8), num_stages=cfg.get("num_stages", 3))
+                  num_warps=cfg.get("num_warps", 8), num_stages=stages)
     consts, opts = split_constexprs(gemm_tma_kernel, _N_RUNTIME, consts)
     return (max(1, min(sms, work)),), consts, opts
 

@@ -29,6 +29,8 @@ from torch._C import _any_requires_grad, is_grad_enabled
 
 _is_compiling = torch.compiler.is_compiling
 _jit_tracing = torch._C._get_tracing_state  # torch.jit.trace / the TorchScript ONNX exporter
+_functorch_active = torch._C._are_functorch_transforms_active
+_c_apply = torch._C._FunctionBase.__dict__["apply"]
 _FORCE_CUSTOM_OP = [False]
 
 
@@ -63,15 +65,21 @@ class FastOp:
     needed. Without ``backward`` an input that requires grad falls back to the custom op (which
     then raises torch's "no autograd formula" error on backward, as before)."""
 
-    __slots__ = ("op", "impl", "fn", "__name__")
+    __slots__ = ("op", "impl", "fn", "_apply", "__name__")
 
     def __init__(self, op, impl, setup_context=None, backward=None):
         self.op = op
         self.impl = impl
         name = getattr(impl, "__name__", "op")
         self.__name__ = name
-        self.fn = (_make_function(f"Fast_{name}", impl, setup_context, backward).apply
-                   if backward is not None else None)
+        self.fn = self._apply = None
+        if backward is not None:
+            cls = _make_function(f"Fast_{name}", impl, setup_context, backward)
+            self.fn = cls.apply
+            # Function.apply's Python preamble (default-argument binding for setup_context
+            # style, functorch's dead-wrapper unwrapping) does nothing for these functions
+            # outside functorch transforms: call the C apply directly there
+            self._apply = _c_apply.__get__(None, cls)
 
     def __call__(self, *args):
         if _FORCE_CUSTOM_OP[0] or _is_compiling() or _jit_tracing():
@@ -79,7 +87,9 @@ class FastOp:
         if is_grad_enabled() and _any_requires_grad(*args):
             if self.fn is None:
                 return self.op(*args)
-            return self.fn(*args)
+            if _functorch_active():
+                return self.fn(*args)
+            return self._apply(*args)
         return self.impl(*args)
 
 

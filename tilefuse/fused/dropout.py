@@ -323,7 +323,8 @@ def _dc_backward(ctx, grad, grad_pre):
     if need[1]:  # (a^T @ dz) * keep / (1-p): the mask on b's logical index
         db = _masked_grad(a.t().matmul(dz), seed, ctx.p, ctx.sk, ctx.sn)
     if ctx.bias_dtype is not None and need[2]:
-        dbias = dz.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        acc = torch.float64 if dz.dtype == torch.float64 else torch.float32
+        dbias = dz.sum(0, dtype=acc).to(ctx.bias_dtype)
     return da, db, dbias, None, None, None, None, None, None, None
 
 

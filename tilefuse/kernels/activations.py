@@ -92,7 +92,9 @@ def activation_grad(z, ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr):
     elif ACTIVATION == 2:
         g = tl.where((z > 0) & (z < 6.0), 1.0, 0.0)
     elif ACTIVATION == 3:
-        g = tl.where(z > 0, 1.0, ACT_PARAM)
+        # the slope as z * 0 + slope keeps it in z's dtype (a bare constant is fp32: fp64
+        # gradients would use float32(slope))
+        g = tl.where(z > 0, 1.0, z * 0.0 + ACT_PARAM)
     elif ACTIVATION == 4:
         cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
         pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327

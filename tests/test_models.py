@@ -72,8 +72,10 @@ def _inputs(name, shape):
     return (torch.randn(shape),)
 
 
-# models whose whole-model check runs on the torch backend in CI (interpreter: slow lane)
-TORCH_BACKEND_IN_CI = {"efficientnet_b1"}
+# models whose whole-model check runs on the torch backend in CI (interpreter: slow lane). Since
+# their dense convs run the implicit-GEMM kernel (forward + both backward GEMMs), ResNet-50 and
+# GoogLeNet joined: test_conv_models.py runs ResNet-50 eval in the interpreter in the fast lane.
+TORCH_BACKEND_IN_CI = {"efficientnet_b1", "resnet50", "googlenet"}
 
 
 @pytest.mark.parametrize("name,interp", [

@@ -273,7 +273,7 @@ class _Planner:
             if R.is_tilefuse(m):
                 fused_parents.append(path)
                 continue
-            if type(m) is nn.Conv2d and not R.is_depthwise(m) and "conv" in self.ops:
+            if R.is_torch_conv2d(m) and m.groups != m.in_channels and "conv" in self.ops:
                 cls, why = R.fused_class("Conv2d"), R.conv_blocker(m)
                 if cls is None or why is not None:
                     why = why or "tilefuse.nn.Conv2d not available"

@@ -130,6 +130,12 @@ def conv_blocker(conv: nn.Module) -> Optional[str]:
     return None
 
 
+def is_torch_conv2d(m: nn.Module) -> bool:
+    """A plain ``nn.Conv2d`` (or the class ``torch.nn.utils.parametrize`` derives from it)."""
+    return type(m) is nn.Conv2d or (getattr(m, "parametrizations", None) is not None
+                                    and type(m).__mro__[1] is nn.Conv2d)
+
+
 def owner_of(node) -> str:
     """Path (relative to the traced module) of the module whose ``forward`` created fx ``node``:
     the innermost entry of the tracer's module stack ("" for the traced module itself)."""

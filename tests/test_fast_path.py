@@ -8,53 +8,10 @@ import pytest
 import torch
 
 import tilefuse
-from tilefuse.fused._fast import FastOp, custom_op_path
+from fast_path_utils import assert_compiles_to_custom_op, assert_fast_equals_custom_op
+from tilefuse.fused._fast import FastOp
 
 ops = tilefuse.ops
-
-
-def _run(fn, inputs, grad):
-    """Outputs (and input gradients when ``grad``) of ``fn(*inputs)``, on fresh input copies."""
-    xs = [t.detach().clone().requires_grad_(grad and t.is_floating_point()) for t in inputs]
-    with torch.set_grad_enabled(grad):
-        out = fn(*xs)
-    outs = out if isinstance(out, tuple) else (out,)
-    grads = []
-    if grad:
-        diff = [o for o in outs if o.requires_grad]
-        torch.autograd.backward(diff, [torch.ones_like(o) for o in diff])
-        grads = [t.grad for t in xs if t.requires_grad]
-    return [o.detach() for o in outs], grads
-
-
-def assert_fast_equals_custom_op(fn, inputs, grad=True):
-    fast = _run(fn, inputs, grad)
-    with custom_op_path():
-        slow = _run(fn, inputs, grad)
-    for a, b in zip(fast[0] + fast[1], slow[0] + slow[1]):
-        assert (a is None) == (b is None)
-        if a is not None:
-            assert a.dtype == b.dtype and torch.equal(a, b)
-
-
-def assert_compiles_to_custom_op(fn, inputs, op_name):
-    """fullgraph compile (graph breaks raise) and the custom op is a node of the graph."""
-    seen = []
-
-    def backend(gm, example_inputs):
-        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return gm.forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=True, backend=backend)
-    with torch.no_grad():
-        out = compiled(*inputs)
-        ref = fn(*inputs)
-    outs = out if isinstance(out, tuple) else (out,)
-    refs = ref if isinstance(ref, tuple) else (ref,)
-    for a, b in zip(outs, refs):
-        assert torch.equal(a, b)
-    assert any(f"tilefuse.{op_name}" in s for s in seen), seen
 
 
 def _f(*shape):

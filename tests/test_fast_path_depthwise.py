@@ -10,21 +10,11 @@ import torch
 import tilefuse
 import tilefuse.fused.depthwise as fdw
 import tilefuse.kernels.depthwise as kdw
-from test_fast_path import _run, assert_compiles_to_custom_op  # noqa: I100
-from tilefuse.fused._fast import FastOp, custom_op_path
+from fast_path_utils import (assert_compiles_to_custom_op,  # noqa: I100
+                             assert_fast_equals_custom_op, run)
+from tilefuse.fused._fast import FastOp
 
 ops = tilefuse.ops
-
-
-def assert_fast_equals_custom_op(fn, inputs, grad):
-    fast = _run(fn, inputs, grad)
-    with custom_op_path():
-        slow = _run(fn, inputs, grad)
-    assert len(fast[0]) == len(slow[0]) and len(fast[1]) == len(slow[1])
-    for a, b in zip(fast[0] + fast[1], slow[0] + slow[1]):
-        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
-        assert torch.equal(a, b)
-    return fast
 
 
 def _f(*shape, dtype=torch.float32, cl=False):
@@ -82,12 +72,12 @@ def test_batches_over_the_grid_limit(grad, monkeypatch):
     same result as one launch (the cached, view-free path)."""
     fn = _dw(stride=2, act="silu", residual=True)
     inputs = [_f(5, 3, 6, 6), _f(6, 1, 3, 3), _f(6), _f(5, 6, 3, 3)]
-    one = _run(fn, inputs, grad)
+    one = run(fn, inputs, grad)
     monkeypatch.setattr(kdw, "MAX_GRID_Z", 2)
     from tilefuse.kernels import clear_launch_caches
 
     clear_launch_caches()
-    split = _run(fn, inputs, grad)
+    split = run(fn, inputs, grad)
     assert len(kdw._FWD_LAUNCH[next(iter(kdw._FWD_LAUNCH))][1]) == 3  # 3 launches of <= 2
     for a, b in zip(one[0] + one[1], split[0] + split[1]):
         assert torch.equal(a, b)

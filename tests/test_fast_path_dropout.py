@@ -13,27 +13,19 @@ import tilefuse
 import tilefuse.fused.dropout as fd
 import tilefuse.kernels.dropout as kd
 import tilefuse.regularize as R
-from test_fast_path import _run, assert_compiles_to_custom_op  # noqa: I100
+from fast_path_utils import assert_compiles_to_custom_op  # noqa: I100
+from fast_path_utils import assert_fast_equals_custom_op as _assert_fast
 from tilefuse.fused._fast import FastOp, custom_op_path
 
 ops = tilefuse.ops
 P = 0.3
 
 
-def _seeded_run(fn, inputs, grad):
-    torch.manual_seed(1234)
-    return _run(fn, inputs, grad)
+SEED = 1234
 
 
 def assert_fast_equals_custom_op(fn, inputs, grad):
-    fast = _seeded_run(fn, inputs, grad)
-    with custom_op_path():
-        slow = _seeded_run(fn, inputs, grad)
-    assert len(fast[0]) == len(slow[0]) and len(fast[1]) == len(slow[1])
-    for a, b in zip(fast[0] + fast[1], slow[0] + slow[1]):
-        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
-        assert torch.equal(a, b)
-    return fast
+    return _assert_fast(fn, inputs, grad, seed=SEED)
 
 
 def _f(*shape, dtype=torch.float32):
@@ -86,34 +78,11 @@ def test_fast_path_equals_custom_op(name, grad, backend, monkeypatch):
         assert grads and all(g is not None for g in grads)
 
 
-def assert_compiles_to_custom_op_seeded(fn, inputs, op_name):
-    """:func:`test_fast_path.assert_compiles_to_custom_op` for a random op: the compiled and the
-    eager call run from the same RNG state."""
-    seen = []
-
-    def backend(gm, example_inputs):
-        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return gm.forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=True, backend=backend)
-    with torch.no_grad():
-        torch.manual_seed(99)
-        out = compiled(*inputs)
-        torch.manual_seed(99)
-        ref = fn(*inputs)
-    outs = out if isinstance(out, tuple) else (out,)
-    refs = ref if isinstance(ref, tuple) else (ref,)
-    for a, b in zip(outs, refs):
-        assert torch.equal(a, b)
-    assert any(f"tilefuse.{op_name}" in s for s in seen), seen
-
-
 @pytest.mark.parametrize("name", ["dropout", "dropout_add_broadcast", "dropout2d",
                                   "dropconnect_linear_gelu_3d", "mixup_op"])
 def test_compile_traces_the_custom_op(name):
     fn, make, op_name = CASES[name]
-    assert_compiles_to_custom_op_seeded(fn, make(), op_name)
+    assert_compiles_to_custom_op(fn, make(), op_name, seed=99)
 
 
 def test_compile_deterministic_op_matches_shared_helper():

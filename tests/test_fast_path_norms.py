@@ -13,25 +13,11 @@ import tilefuse
 import tilefuse.fused.norm_bn as fbn
 import tilefuse.fused.norm_group as fgn
 import tilefuse.kernels.norm_bn as kbn
-from test_fast_path import _run  # noqa: I100
-from tilefuse.fused._fast import FastOp, custom_op_path
+from fast_path_utils import (assert_fast_equals_custom_op, assert_same,  # noqa: I100
+                             compiled_targets)
+from tilefuse.fused._fast import FastOp
 
 ops = tilefuse.ops
-
-
-def _same(a, b):
-    assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
-    assert torch.equal(a, b)
-
-
-def assert_fast_equals_custom_op(fn, inputs, grad):
-    fast = _run(fn, inputs, grad)
-    with custom_op_path():
-        slow = _run(fn, inputs, grad)
-    assert len(fast[0]) == len(slow[0]) and len(fast[1]) == len(slow[1])
-    for a, b in zip(fast[0] + fast[1], slow[0] + slow[1]):
-        _same(a, b)
-    return fast
 
 
 def _f(*shape, dtype=torch.float32, cl=False, shift=0.0):
@@ -119,7 +105,7 @@ def test_batch_norm_no_stats_copied_in_eval_without_grad():
     assert mean.numel() == 0 and var.numel() == 0
     y1, mean, var = fbn.batch_norm_act_fwd(x, None, None, None, rm, rv, False, 1e-5, 0, 0.0,
                                            True)
-    _same(y0, y1)
+    assert_same(y0, y1)
     assert torch.equal(mean, rm) and torch.equal(var, rv)
     assert mean.data_ptr() != rm.data_ptr()  # saved for backward: a copy
 
@@ -178,23 +164,6 @@ def test_norm_ops_are_fast_ops():
         assert isinstance(op, FastOp)
 
 
-def _compiled_nodes(fn, inputs, grad):
-    """Run ``torch.compile(fn, fullgraph=True)`` (a graph break raises); return the call
-    targets of every graph it produced, the compiled and the eager outputs."""
-    seen = []
-
-    def backend(gm, example_inputs):
-        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return gm.forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=True, backend=backend)
-    with torch.set_grad_enabled(grad):
-        out = compiled(*inputs)
-        ref = fn(*inputs)
-    return seen, out, ref
-
-
 @pytest.mark.parametrize("case", ["bn_train_grad", "bn_eval", "gn", "gn_grad"])
 def test_compile_traces_the_custom_op(case):
     C = 4
@@ -215,7 +184,7 @@ def test_compile_traces_the_custom_op(case):
         def fn(x):
             return ops.group_norm_act(x, 2, w, None, activation="silu")
         op = "group_norm_act_fwd"
-    seen, out, ref = _compiled_nodes(fn, [x], grad)
+    seen, out, ref = compiled_targets(fn, [x], grad)
     assert torch.equal(out, ref)
     assert any(f"tilefuse.{op}" in s for s in seen), seen
     if case == "bn_train_grad":  # the running-stat update ran in place, twice, without a graph

@@ -13,7 +13,7 @@ import torch
 
 import tilefuse
 import tilefuse.fused.cross_entropy as fce
-from test_fast_path import assert_compiles_to_custom_op, assert_fast_equals_custom_op  # noqa: I100
+from fast_path_utils import assert_compiles_to_custom_op, assert_fast_equals_custom_op  # noqa: I100
 from tilefuse.fused._fast import FastOp, custom_op_path
 
 ops = tilefuse.ops

@@ -1,0 +1,74 @@
+"""The harness of the fast-path tests (tests/test_fast_path*.py): the eager fast path of a
+:class:`tilefuse.fused._fast.FastOp` against the ``torch.library`` custom op it bypasses, and
+``torch.compile(fullgraph=True)`` tracing the custom op."""
+import torch
+
+from tilefuse.fused._fast import custom_op_path
+
+
+def run(fn, inputs, grad, seed=None):
+    """Outputs (and input gradients when ``grad``) of ``fn(*inputs)`` on fresh input copies;
+    ``seed``: the RNG state the call starts from (random ops)."""
+    xs = [t.detach().clone().requires_grad_(grad and t.is_floating_point()) for t in inputs]
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.set_grad_enabled(grad):
+        out = fn(*xs)
+    outs = out if isinstance(out, tuple) else (out,)
+    grads = []
+    if grad:
+        diff = [o for o in outs if o.requires_grad]
+        torch.autograd.backward(diff, [torch.ones_like(o) for o in diff])
+        grads = [t.grad for t in xs if t.requires_grad]
+    return [o.detach() for o in outs], grads
+
+
+def assert_same(a, b):
+    """Bit for bit, with the same dtype, shape and strides."""
+    assert (a is None) == (b is None)
+    if a is not None:
+        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
+        assert torch.equal(a, b)
+
+
+def assert_fast_equals_custom_op(fn, inputs, grad=True, seed=None):
+    """The fast path and the custom-op path give the same outputs and gradients; returns the
+    fast path's ``(outputs, grads)``."""
+    fast = run(fn, inputs, grad, seed)
+    with custom_op_path():
+        slow = run(fn, inputs, grad, seed)
+    assert len(fast[0]) == len(slow[0]) and len(fast[1]) == len(slow[1])
+    for a, b in zip(fast[0] + fast[1], slow[0] + slow[1]):
+        assert_same(a, b)
+    return fast
+
+
+def compiled_targets(fn, inputs, grad=False, seed=None):
+    """``torch.compile(fn, fullgraph=True)`` (a graph break raises): the call targets of every
+    graph it produced, the compiled and the eager outputs (both from ``seed`` when given)."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    with torch.set_grad_enabled(grad):
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = compiled(*inputs)
+        if seed is not None:
+            torch.manual_seed(seed)
+        ref = fn(*inputs)
+    return seen, out, ref
+
+
+def assert_compiles_to_custom_op(fn, inputs, op_name, grad=False, seed=None):
+    """fullgraph compile runs, matches eager, and ``tilefuse::op_name`` is a node of the graph."""
+    seen, out, ref = compiled_targets(fn, inputs, grad, seed)
+    outs = out if isinstance(out, tuple) else (out,)
+    refs = ref if isinstance(ref, tuple) else (ref,)
+    for a, b in zip(outs, refs):
+        assert torch.equal(a, b)
+    assert any(f"tilefuse.{op_name}" in s for s in seen), seen

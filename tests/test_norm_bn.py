@@ -141,3 +141,87 @@ def test_bad_inputs(bad):
     assert word in str(exc.value)
     with pytest.raises(ValueError):   # torch raises too
         F.batch_norm(x, rm, rv, training=True)
+
+
+def _depthwise_bn_relu6_grads(shape, seed):
+    """(bias grad, weight grad) of depthwise conv -> BN (train) -> ReLU6 in fp64 (torch), fp32
+    (torch) and fp32 (tilefuse's fused BN+ReLU6)."""
+    import copy
+
+    g = torch.Generator().manual_seed(seed)
+    N, C, H, W = shape
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    dy = torch.randn(*shape, generator=g, dtype=torch.float64)
+    conv = torch.nn.Conv2d(C, C, 3, padding=1, groups=C, bias=False).double()
+    bn = torch.nn.BatchNorm2d(C).double()
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g, dtype=torch.float64))
+        bn.weight.uniform_(0.5, 2.0, generator=g)
+        bn.bias.uniform_(-1.0, 4.0, generator=g)
+
+    def run(norm, act, dtype):
+        c, norm = copy.deepcopy(conv).to(dtype), norm.to(dtype)
+        act(norm(c(x.to(dtype)))).backward(dy.to(dtype))
+        return norm.bias.grad.double(), norm.weight.grad.double()
+
+    ours = tilefuse.nn.BatchNormAct2d(C, activation="relu6").double()
+    ours.load_state_dict(bn.state_dict())
+    return (run(copy.deepcopy(bn), F.relu6, torch.float64),
+            run(copy.deepcopy(bn), F.relu6, torch.float32), run(ours, lambda y: y, torch.float32))
+
+
+def test_bn_relu6_grads_within_torch_fp32_error():
+    """issue 17: the per-channel sums of the BN backward (and statistics) over N*H*W values were
+    added row after row in one program (the interpreter's ``tl.sum`` over axis 0): bias grads
+    7-14x further from fp64 than torch fp32's. Now a pairwise tree (``pairwise_sum0``)."""
+    ref, t32, ours = _depthwise_bn_relu6_grads((4, 4, 32, 32), 0)
+    for want, torch_fp32, got in zip(ref, t32, ours):
+        assert (got - want).abs().max() <= 1.5 * (torch_fp32 - want).abs().max()
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("cls,shape", [(tilefuse.nn.BatchNormAct2d, (4, 6, 5, 5)),
+                                       (tilefuse.nn.BatchNormAct1d, (5, 6, 7)),
+                                       (tilefuse.nn.BatchNormAct1d, (9, 6))])
+def test_float64_is_float64_accurate(cls, shape, training):
+    """fp64 statistics stay fp64 (they were saved as fp32: input gradients and eval outputs only
+    fp32-accurate)."""
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, cls.__name__.replace("Act", ""))(6, dtype=torch.float64)
+    with torch.no_grad():
+        for t in (ref.weight, ref.bias, ref.running_mean):
+            t.normal_()
+        ref.running_var.uniform_(0.5, 2.0)
+    ours = cls(6, dtype=torch.float64)
+    ours.load_state_dict(ref.state_dict())
+    ref.train(training), ours.train(training)
+    x = (torch.randn(*shape, dtype=torch.float64) * 3 + 2).requires_grad_()
+    g = torch.randn(*shape, dtype=torch.float64)
+    y_ref, y = ref(x), ours(x)
+    want = torch.autograd.grad(y_ref, (x, ref.weight, ref.bias), g)
+    got = torch.autograd.grad(y, (x, ours.weight, ours.bias), g)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
+    torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 0)])
+def test_empty_batch_as_torch(shape, training):
+    """A zero-size batch returns an empty output (train and eval) and leaves the running stats
+    (torch still counts the batch in num_batches_tracked); it used to raise in training."""
+    ref = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        ref.running_mean.fill_(0.5), ref.running_var.fill_(2.0)
+    ours = tilefuse.nn.BatchNormAct2d(3, activation="relu")
+    ours.load_state_dict(ref.state_dict())
+    ref.train(training), ours.train(training)
+    x = torch.randn(*shape, requires_grad=True)
+    y_ref, y = torch.relu(ref(x)), ours(x)
+    assert y.shape == y_ref.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(ours.weight.grad, torch.zeros(3))
+    for k, v in ref.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+    with pytest.raises(ValueError, match="more than 1 value"):  # one value: torch raises too
+        ops.batch_norm_act(torch.randn(1, 3), None, None, training=True)

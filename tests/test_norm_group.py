@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import tilefuse
 from tilefuse import ops
 from tilefuse.activations import ACTIVATIONS, torch_activation
 from tests.test_norm_helpers import check_fwd_bwd
@@ -80,3 +81,48 @@ def test_bad_inputs(bad):
         else:
             ops.group_norm_act(x, 2.0)
     assert ("num_groups" if bad != "weight" else "weight") in str(exc.value)
+
+
+def _fp64_module_pair(kind, training):
+    d = torch.float64
+    if kind == "group":
+        ref, ours = torch.nn.GroupNorm(3, 6, dtype=d), tilefuse.nn.GroupNormAct(3, 6, dtype=d)
+    else:
+        kw = dict(affine=True, track_running_stats=True, dtype=d)
+        ref, ours = torch.nn.InstanceNorm2d(6, **kw), tilefuse.nn.InstanceNormAct2d(6, **kw)
+    with torch.no_grad():
+        for t in ref.parameters():
+            t.normal_()
+        if kind != "group":
+            ref.running_mean.normal_(), ref.running_var.uniform_(0.5, 2.0)
+    ours.load_state_dict(ref.state_dict())
+    return ref.train(training), ours.train(training)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("kind", ["group", "instance"])
+def test_float64_is_float64_accurate(kind, training):
+    """fp64 statistics stay fp64 (they were saved as fp32, and dw/db summed to fp32): outputs,
+    gradients and InstanceNorm running stats as accurate as torch's fp64."""
+    torch.manual_seed(0)
+    ref, ours = _fp64_module_pair(kind, training)
+    x = (torch.randn(4, 6, 5, 5, dtype=torch.float64) * 3 + 2).requires_grad_()
+    g = torch.randn(4, 6, 5, 5, dtype=torch.float64)
+    y_ref, y = ref(x), ours(x)
+    want = torch.autograd.grad(y_ref, (x, ref.weight, ref.bias), g)
+    got = torch.autograd.grad(y, (x, ours.weight, ours.bias), g)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[k], v, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("shape", [(0, 6, 4, 4), (2, 6, 0)])
+def test_empty_batch_as_torch(shape):
+    ref, ours = torch.nn.GroupNorm(3, 6), tilefuse.nn.GroupNormAct(3, 6, activation="silu")
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(*shape, requires_grad=True)
+    y = ours(x)
+    assert y.shape == torch.nn.functional.silu(ref(x)).shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(ours.weight.grad, torch.zeros(6))

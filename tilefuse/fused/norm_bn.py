@@ -71,18 +71,17 @@ def _fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
     will be taken) mean and var come back empty and the running stats are read in place."""
     y = _empty_like_layout(x)
     if _use_torch(x):
+        sd = _cd(x)  # fp64 statistics for fp64 inputs: fp64-accurate outputs and gradients
         if training:
-            h = x.to(_cd(x))
-            m = h.mean((0, 2))
-            v = (h - m[None, :, None]).pow(2).mean((0, 2))
-            mean, var = m.float(), v.float()
+            h = x.to(sd)
+            mean = h.mean((0, 2))
+            var = (h - mean[None, :, None]).pow(2).mean((0, 2))
         elif save_stats:
-            mean = running_mean.to(torch.float32, copy=True)
-            var = running_var.to(torch.float32, copy=True)
+            mean = running_mean.to(sd, copy=True)
+            var = running_var.to(sd, copy=True)
         else:
-            mean, var = running_mean.to(torch.float32), running_var.to(torch.float32)
-        _, z = _pre_act(x, residual, weight, bias, m if training else mean,
-                        v if training else var, eps)
+            mean, var = running_mean.to(sd), running_var.to(sd)
+        _, z = _pre_act(x, residual, weight, bias, mean, var, eps)
         y.copy_(torch_activation(z, NAMES[activation], act_param))
         return (y, mean, var) if training or save_stats else (y, _empty(x), _empty(x))
     if training:
@@ -102,21 +101,20 @@ def _f32_dense(t: Tensor) -> Tensor:
 
 
 def _empty(x: Tensor) -> Tensor:
-    return torch.empty(0, device=x.device, dtype=torch.float32)
+    return torch.empty(0, device=x.device, dtype=_cd(x))
 
 
 def _fwd_fake(x, residual, weight, bias, running_mean, running_var, training, eps, activation,
               act_param, save_stats):
     C = x.shape[1] if training or save_stats else 0
-    return (_empty_like_layout(x), x.new_empty(C, dtype=torch.float32),
-            x.new_empty(C, dtype=torch.float32))
+    return (_empty_like_layout(x), x.new_empty(C, dtype=_cd(x)), x.new_empty(C, dtype=_cd(x)))
 
 
 def _bwd_impl(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
               bias: Optional[Tensor], mean: Tensor, var: Tensor, training: bool, eps: float,
               activation: int, act_param: float,
               need_dres: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (dx, dw (C,) fp32, db (C,) fp32, dres = dy * act'(z) or empty)."""
+    """-> (dx, dw (C,), db (C,) (fp32; fp64 for fp64 x), dres = dy * act'(z) or empty)."""
     dx = _empty_like_layout(x)
     dres = _empty_like_layout(x) if need_dres else x.new_empty(0)
     if _use_torch(x):
@@ -136,7 +134,7 @@ def _bwd_impl(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optiona
             dx.copy_(dz * scale)
         if need_dres:
             dres.copy_(dz)
-        return dx, (dz * xhat).sum((0, 2)).float(), dz.sum((0, 2)).float(), dres
+        return dx, (dz * xhat).sum((0, 2)), dz.sum((0, 2)), dres  # (fp32, fp64 for fp64)
     dw, db = _kernels().launch_batch_norm_bwd(dy, x, residual, weight, bias, mean, var, dx,
                                               dres if need_dres else None, training, eps,
                                               activation, act_param)
@@ -146,8 +144,7 @@ def _bwd_impl(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optiona
 def _bwd_fake(dy, x, residual, weight, bias, mean, var, training, eps, activation, act_param,
               need_dres):
     C = x.shape[1]
-    return (_empty_like_layout(x), x.new_empty(C, dtype=torch.float32),
-            x.new_empty(C, dtype=torch.float32),
+    return (_empty_like_layout(x), x.new_empty(C, dtype=_cd(x)), x.new_empty(C, dtype=_cd(x)),
             _empty_like_layout(x) if need_dres else x.new_empty(0))
 
 
@@ -286,7 +283,7 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
         eps = float(eps)
     S = math.prod(shape[2:])
     count = N * S
-    if training and count <= 1:
+    if training and count == 1:  # (an empty batch returns an empty output, as torch)
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{tuple(shape)}")
     act, act_param = act_code(activation)
@@ -300,7 +297,7 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     if training:
         y, mean, var = batch_norm_act_fwd(x3, r3, weight, bias, None, None, True, eps, act,
                                           act_param, save)
-        if running_mean is not None:
+        if running_mean is not None and count > 0:  # torch leaves them for an empty batch
             if is_grad_enabled():
                 with torch.no_grad():
                     _update_running(running_mean, running_var, mean, var, momentum, count)

@@ -36,6 +36,10 @@ def _use_torch(x: Tensor) -> bool:
     return backend_of(x) == "torch" or x.dtype == torch.float64 or x.numel() == 0
 
 
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _empty_like_layout(x3: Tensor) -> Tensor:
     """(N, C, S) output in ``x3``'s dtype: channels-last (C innermost) if the input is, else
     contiguous."""
@@ -47,7 +51,7 @@ def _empty_like_layout(x3: Tensor) -> Tensor:
 
 def _torch_stats(x3, G, eps):
     N, C, S = x3.shape
-    cd = torch.float64 if x3.dtype == torch.float64 else torch.float32
+    cd = _stat_dtype(x3)
     h = x3.to(cd).reshape(N, G, (C // G) * S)
     mean = h.mean(-1)
     rstd = torch.rsqrt((h - mean[..., None]).pow(2).mean(-1) + eps)
@@ -79,7 +83,7 @@ def _fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
         _, mean, rstd = _torch_stats(x, num_groups, eps)
         z = _affine(_xhat(x, num_groups, mean, rstd), weight, bias)
         y.copy_(torch_activation(z, NAMES[activation], act_param))
-        return y, mean.reshape(-1).float(), rstd.reshape(-1).float()
+        return y, mean.reshape(-1), rstd.reshape(-1)  # fp64 statistics for fp64 inputs
     mean = x.new_empty(N * num_groups, dtype=torch.float32)
     rstd = x.new_empty(N * num_groups, dtype=torch.float32)
     _kernels().launch_group_norm_fwd(x, weight, bias, y, mean, rstd, num_groups, eps, activation,
@@ -88,9 +92,9 @@ def _fwd_impl(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
 
 
 def _fwd_fake(x, weight, bias, num_groups, eps, activation, act_param):
-    N = x.shape[0]
-    return (_empty_like_layout(x), x.new_empty(N * num_groups, dtype=torch.float32),
-            x.new_empty(N * num_groups, dtype=torch.float32))
+    N, sd = x.shape[0], _stat_dtype(x)
+    return (_empty_like_layout(x), x.new_empty(N * num_groups, dtype=sd),
+            x.new_empty(N * num_groups, dtype=sd))
 
 
 def _bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -99,9 +103,9 @@ def _bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Te
     N, C, S = x.shape
     dx = _empty_like_layout(x)
     def empty():
-        return x.new_empty(0, dtype=torch.float32)  # a fresh one each: outputs may not alias
+        return x.new_empty(0, dtype=_stat_dtype(x))  # a fresh one each: outputs may not alias
     if _use_torch(x):
-        cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+        cd = _stat_dtype(x)
         xhat = _xhat(x, num_groups, mean.to(cd), rstd.to(cd))
         dz = dy.to(cd)
         if activation != 0:
@@ -114,8 +118,8 @@ def _bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Te
         c2 = (g3 * xh3).mean(-1, keepdim=True)
         r = rstd.to(cd).reshape(N, num_groups, 1)
         dx.copy_(((g3 - c1 - xh3 * c2) * r).reshape(N, C, S))
-        dw = (dz * xhat).sum((0, 2)).float() if need_dw else empty()
-        db = dz.sum((0, 2)).float() if need_db else empty()
+        dw = (dz * xhat).sum((0, 2)) if need_dw else empty()  # (fp64 for fp64)
+        db = dz.sum((0, 2)) if need_db else empty()
         return dx, dw, db
     dw, db = _kernels().launch_group_norm_bwd(dy, x, weight, bias, mean, rstd, dx, num_groups,
                                               activation, act_param, need_dw, need_db)
@@ -124,9 +128,9 @@ def _bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Te
 
 def _bwd_fake(dy, x, weight, bias, mean, rstd, num_groups, activation, act_param, need_dw,
               need_db):
-    C = x.shape[1]
-    return (_empty_like_layout(x), x.new_empty(C if need_dw else 0, dtype=torch.float32),
-            x.new_empty(C if need_db else 0, dtype=torch.float32))
+    C, sd = x.shape[1], _stat_dtype(x)
+    return (_empty_like_layout(x), x.new_empty(C if need_dw else 0, dtype=sd),
+            x.new_empty(C if need_db else 0, dtype=sd))
 
 
 def _setup_context(ctx, inputs, output):

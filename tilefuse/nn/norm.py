@@ -187,7 +187,8 @@ class _InstanceNormActBase(_ActMixin):
         per-instance mean / unbiased variance. One extra torch reduction over x (only with
         track_running_stats=True in training)."""
         m = 0.0 if self.momentum is None else self.momentum
-        xf = x.detach().reshape(x.shape[0], x.shape[1], -1).float()
+        xf = x.detach().reshape(x.shape[0], x.shape[1], -1)
+        xf = xf.to(torch.float64 if xf.dtype == torch.float64 else torch.float32)
         mean = xf.mean(-1).mean(0)
         var = xf.var(-1, unbiased=True).mean(0)
         self.running_mean.mul_(1.0 - m).add_(mean.to(self.running_mean.dtype), alpha=m)

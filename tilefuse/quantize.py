@@ -8,8 +8,12 @@ steps of the deployment pipeline ``'fp16'`` / ``'bf16'`` (a cast of every floati
 buffer). In the int8 modes every
 :class:`torch.nn.Linear` (including :class:`tilefuse.nn.Linear`) and Hugging Face ``Conv1D``
 (GPT-2's transposed Linear, recognised by duck typing) becomes an :class:`~tilefuse.nn.Int8Linear`,
-and every 1x1/stride-1/unpadded/ungrouped Conv1d/Conv2d an :class:`~tilefuse.nn.Int8Conv1x1`
-(keeping the replaced module's attributes: ``stride``, ``nf``...). A layer whose weight is tied
+every ungrouped Conv2d (any kernel size, stride, padding, dilation, padding mode; a
+``tilefuse.nn.Conv2d`` keeps its fused activations and residual input) an
+:class:`~tilefuse.nn.Int8Conv2d`, and every 1x1/stride-1/unpadded/ungrouped Conv1d an
+:class:`~tilefuse.nn.Int8Conv1x1` (all keeping the replaced module's attributes: ``stride``,
+``nf``...). Grouped and depthwise convs stay in float (no int8 grouped kernel) and are listed in
+``report.skipped``. A layer whose weight is tied
 to another module's (GPT-2's ``lm_head`` and token embedding) stays in float and is listed in
 ``report.skipped``: an int8 copy next to the shared float tensor would make the model larger. The
 result is for inference.
@@ -99,11 +103,12 @@ def _tied(model: torch.nn.Module) -> Dict[int, List[tuple]]:
 def _replace_modules(model: torch.nn.Module, mode: str, skip: tuple, report: QuantizationReport,
                      prefix: str | None = "", owners: Optional[Dict[int, List[tuple]]] = None,
                      memo: Optional[dict] = None) -> None:
-    """Replace Linear/HF-Conv1D/1x1-conv children of ``model``; ``prefix=None`` marks the holder
+    """Replace Linear/HF-Conv1D/conv children of ``model``; ``prefix=None`` marks the holder
     of the root (its one child is named "" in the report). ``owners``: :func:`_tied` of the root;
     ``memo``: a module object registered at several paths gets one replacement."""
     from tilefuse.nn.hf_conv1d import is_hf_conv1d
     from tilefuse.nn.int8 import Int8Conv1x1, Int8Linear
+    from tilefuse.nn.int8_conv import Int8Conv2d
 
     owners = {} if owners is None else owners
     memo = {} if memo is None else memo
@@ -131,10 +136,15 @@ def _replace_modules(model: torch.nn.Module, mode: str, skip: tuple, report: Qua
                 new, why = fp8_convert(child)
             elif is_linear:
                 new = Int8Linear.from_float(child, mode=mode)
+            elif Int8Conv2d.supports(child):
+                new = Int8Conv2d.from_float(child, mode=mode)
+            elif isinstance(child, torch.nn.Conv2d):
+                why = (f"grouped/depthwise conv (groups={child.groups}): no int8 grouped "
+                       f"kernel, kept in float")
             elif Int8Conv1x1.supports(child):
                 new = Int8Conv1x1.from_float(child, mode=mode)
             else:
-                why = "conv is not 1x1/stride 1/unpadded/ungrouped"
+                why = "conv is not a Conv2d or a 1x1/stride 1/unpadded/ungrouped Conv1d"
         elif not _skipped(name, child, skip):
             _replace_modules(child, mode, skip, report, name + "." if name else "", owners, memo)
             continue
@@ -201,7 +211,7 @@ def quantize(model: torch.nn.Module, mode: str = "w8a8", skip: Iterable = (),
             ``fnmatch`` pattern such as ``'*.classifier'``) and/or module classes to leave in
             float (int8 and fp8 modes only).
         inplace: modify ``model`` itself instead of a deep copy (a model that *is* a Linear or
-            1x1 conv is returned as a new module either way).
+            conv is returned as a new module either way).
         calibration: an input batch (a tensor, a tuple of positional args, or a dict of keyword
             args). When given, the report has the max/mean/relative deviation of the outputs and
             the argmax agreement of the first output, measured against the original model.

@@ -14,6 +14,22 @@ from tilefuse.nn.hf_conv1d import is_hf_conv1d
 MODES = ("w8a8", "weight_only")
 
 
+def _int8_to_torch(float_module: torch.nn.Module, q: torch.nn.Module, *acts) -> torch.nn.Module:
+    """``float_module`` (built on the meta device) given ``q``'s dequantized weight and bias,
+    followed by the activation modules of ``acts``: the standard-op form that
+    :func:`tilefuse.export_onnx` exports. The dynamic activation quantization of ``w8a8`` has no
+    standard-op form, so the export computes the weight-only model."""
+    from tilefuse.activations import activation_module
+
+    dtype = q.bias.dtype if q.bias is not None else torch.float32
+    w = q.dequantized_weight(dtype).reshape(float_module.weight.shape)
+    float_module.weight = torch.nn.Parameter(w, requires_grad=False)
+    if q.bias is not None:
+        float_module.bias = torch.nn.Parameter(q.bias.detach().clone(), requires_grad=False)
+    mods = [activation_module(*a) for a in acts if a[0] != "none"]
+    return torch.nn.Sequential(float_module, *mods) if mods else float_module
+
+
 def _check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -93,6 +109,12 @@ class Int8Linear(torch.nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
 
+    def to_torch(self) -> torch.nn.Module:
+        """``nn.Linear`` with the dequantized weight (+ the activation module), for export."""
+        lin = torch.nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                              device="meta")
+        return _int8_to_torch(lin, self, (self.activation, self.act_param))
+
     def extra_repr(self) -> str:
         act = "" if self.activation == "none" else f", activation={self.activation}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -144,5 +166,14 @@ class Int8Conv1x1(torch.nn.Module):
         y = self.linear(input.movedim(1, -1))  # (N, *spatial, C)
         return y.movedim(-1, 1)
 
+    def to_torch(self) -> torch.nn.Module:
+        """The 1x1 ``nn.Conv1d``/``nn.Conv2d`` with the dequantized weight, for export."""
+        cls = torch.nn.Conv1d if self.ndim == 1 else torch.nn.Conv2d
+        lin = self.linear
+        conv = cls(self.in_channels, self.out_channels, 1, bias=lin.bias is not None,
+                   device="meta")
+        return _int8_to_torch(conv, lin, (lin.activation, lin.act_param))
+
     def extra_repr(self) -> str:
         return f"conv{self.ndim}d 1x1 as linear"
+

@@ -1,0 +1,223 @@
+"""``Int8Conv2d``: a quantized :class:`torch.nn.Conv2d` (W8A8 or weight-only) for every kernel
+size, on the int8 GEMM.
+
+There is no int8 implicit-GEMM conv kernel yet. This module lowers the conv to one
+``tilefuse.ops.int8_matmul`` over an *im2col buffer*: the (quantized) input is padded and its
+``kH x kW`` windows are copied into an ``(N*OH*OW, C_in*kH*kW)`` matrix (int8 in the per-tensor
+mode; float, then int8, in the per-pixel mode). That buffer is materialised in memory (``kH*kW``
+times the input), which an implicit-GEMM kernel would avoid: this is a stepping stone, and its
+GPU speed is unmeasured. A 1x1 stride-1 unpadded conv on a channels_last input needs no copy (the
+windows are a view), as in ``Int8Conv1x1``.
+
+Inference only: the int8 weight and its scales are buffers (gradients reach the *input* in
+``weight_only`` mode).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
+
+from tilefuse.activations import parse_activation, torch_activation
+from tilefuse.fused.conv import conv_geometry
+from tilefuse.fused.depthwise import _full_padding
+from tilefuse.fused.int8 import int8_matmul, quantize_per_row, weight_only_int8_linear
+from tilefuse.nn.int8 import _check_mode, _int8_to_torch
+
+ACT_SCALES = ("pixel", "tensor")
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _windows(t: torch.Tensor, pads: List[int], kernel, stride, dilation, out_size):
+    """im2col: ``(N*OH*OW, C*kH*kW)`` rows of ``t`` (N, C, H, W) zero-padded by ``pads`` (F.pad
+    order), columns in the weight's ``(C, kH, kW)`` order. A view when ``t`` needs no padding
+    and the windows are contiguous rows (1x1, stride 1, channels_last), else one copy."""
+    if any(pads):
+        t = F.pad(t, pads)
+    N, C = t.shape[:2]
+    sN, sC, sH, sW = t.stride()
+    OH, OW = out_size
+    win = t.as_strided((N, OH, OW, C, kernel[0], kernel[1]),
+                       (sN, sH * stride[0], sW * stride[1], sC, sH * dilation[0],
+                        sW * dilation[1]), t.storage_offset())
+    return win.reshape(N * OH * OW, C * kernel[0] * kernel[1])
+
+
+def _quantize_per_tensor(x: torch.Tensor):
+    """Dynamic symmetric per-tensor int8 quantization with the fused row quantizer over the whole
+    tensor as one row (read in memory order): ``(q with x's shape, scale (1,))``."""
+    if x.is_contiguous():
+        q, s = quantize_per_row(x.reshape(1, -1))
+        return q.view(x.shape), s.reshape(1)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        q, s = quantize_per_row(x.permute(0, 2, 3, 1).reshape(1, -1))
+        N, C, H, W = x.shape
+        return q.view(N, H, W, C).permute(0, 3, 1, 2), s.reshape(1)
+    return _quantize_per_tensor(x.contiguous())
+
+
+class Int8Conv2d(torch.nn.Module):
+    """A quantized :class:`torch.nn.Conv2d` (``groups == 1``): per-output-channel int8 weights
+    (symmetric absmax), int32 accumulation, and the scales, bias, ``activation``, an optional
+    ``residual`` (``forward(input, residual)``) in the GEMM's epilogue; ``post_activation`` after
+    the residual runs as a torch op.
+
+    * ``mode='w8a8'``: the input is quantized on the fly, ``act_scale='pixel'`` (default) with one
+      scale per output pixel (each im2col row: the pixel's receptive field; for a 1x1 conv that is
+      the input pixel, as ``Int8Conv1x1``), or ``act_scale='tensor'`` with one scale for the whole
+      input (quantized before the im2col copy, so the buffer is int8).
+    * ``mode='weight_only'``: float activations, the int8 weight dequantized in the GEMM's load
+      path.
+
+    It keeps the conv's attributes (``in_channels``, ``out_channels``, ``kernel_size``, ``stride``,
+    ``padding``, ``dilation``, ``groups``, ``padding_mode``...). ``state_dict``: ``weight`` (int8,
+    ``(out, in, kH, kW)``), ``weight_scale`` (fp32, ``(out,)``), ``bias``. The output is
+    channels_last (the GEMM writes one row per output pixel).
+
+    >>> import torch, tilefuse
+    >>> conv = torch.nn.Conv2d(8, 4, 3, padding=1)
+    >>> q = tilefuse.nn.Int8Conv2d.from_float(conv)
+    >>> x = torch.randn(2, 8, 6, 6)
+    >>> bool((q(x) - conv(x)).abs().max() < 0.05 * conv(x).abs().max())
+    True
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 mode: str = "w8a8", act_scale: str = "pixel", activation=None,
+                 post_activation=None, device=None, dtype=None) -> None:
+        super().__init__()
+        if groups != 1:
+            raise ValueError(f"Int8Conv2d needs groups == 1, got groups={groups}: grouped and "
+                             f"depthwise convs have no int8 kernel (keep them in float)")
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got "
+                             f"{padding_mode!r}")
+        if act_scale not in ACT_SCALES:
+            raise ValueError(f"act_scale must be one of {ACT_SCALES}, got {act_scale!r}")
+        if isinstance(padding, str) and padding not in ("same", "valid"):
+            raise ValueError(f"padding must be 'same', 'valid', an int or a pair, got "
+                             f"{padding!r}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
+        self.dilation = _pair(dilation)
+        self.padding = padding if isinstance(padding, str) else _pair(padding)
+        self.groups, self.padding_mode = 1, padding_mode
+        self.transposed, self.output_padding = False, (0, 0)
+        self.mode, self.act_scale = _check_mode(mode), act_scale
+        self.activation = parse_activation(activation)
+        self.post_activation = parse_activation(post_activation)
+        kh, kw = self.kernel_size
+        self.register_buffer("weight", torch.zeros(out_channels, in_channels, kh, kw,
+                                                   dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_channels, dtype=torch.float32,
+                                                        device=device))
+        self.register_buffer("bias", torch.zeros(out_channels, device=device,
+                                                 dtype=dtype or torch.float32) if bias else None)
+
+    @staticmethod
+    def supports(conv: torch.nn.Module) -> bool:
+        return isinstance(conv, torch.nn.Conv2d) and conv.groups == 1
+
+    @classmethod
+    def from_float(cls, conv: torch.nn.Conv2d, mode: str = "w8a8", act_scale: str = "pixel",
+                   activation=None, post_activation=None) -> "Int8Conv2d":
+        """Quantize ``conv``'s weight per output channel. A ``tilefuse.nn.Conv2d`` keeps its fused
+        ``activation``/``post_activation`` unless given here."""
+        if not isinstance(conv, torch.nn.Conv2d):
+            raise TypeError(f"conv must be a torch.nn.Conv2d, got {type(conv).__name__}")
+        if conv.groups != 1:
+            raise ValueError(f"Int8Conv2d needs groups == 1, got groups={conv.groups}: grouped "
+                             f"and depthwise convs have no int8 kernel (keep them in float)")
+        if activation is None:
+            activation = getattr(conv, "activation", None)
+        if post_activation is None:
+            post_activation = getattr(conv, "post_activation", None)
+        w = conv.weight.detach()
+        m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                conv.dilation, 1, conv.bias is not None, conv.padding_mode, mode, act_scale,
+                activation, post_activation, device=w.device,
+                dtype=conv.bias.dtype if conv.bias is not None else w.dtype)
+        q, s = quantize_per_row(w.reshape(w.shape[0], -1))
+        m.weight.copy_(q.reshape(w.shape))
+        m.weight_scale.copy_(s.reshape(-1))
+        if conv.bias is not None:
+            m.bias = conv.bias.detach().clone()
+        return m
+
+    def _pre_pad(self, x: torch.Tensor):
+        """Non-zero ``padding_mode``: pad with ``F.pad`` first (as torch does); padding 0 after."""
+        if self.padding_mode == "zeros":
+            return x, self.padding
+        if self.padding == "valid":
+            return x, 0
+        if self.padding == "same":
+            rev = []
+            for d, k in zip(reversed(self.dilation), reversed(self.kernel_size)):
+                total = d * (k - 1)
+                rev += [total // 2, total - total // 2]
+        else:
+            rev = [p for p in reversed(self.padding) for _ in range(2)]
+        return F.pad(x, rev, mode=self.padding_mode), 0
+
+    def forward(self, input: torch.Tensor,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not isinstance(input, torch.Tensor) or input.dim() not in (3, 4):
+            raise ValueError(f"Int8Conv2d expects a 3-D (unbatched) or 4-D input, got "
+                             f"{getattr(input, 'shape', type(input).__name__)}")
+        unbatched = input.dim() == 3
+        x = input.unsqueeze(0) if unbatched else input
+        x, padding = self._pre_pad(x)
+        stride, pad, dil, _, out_size = conv_geometry(x.shape, self.weight.shape, self.stride,
+                                                      padding, self.dilation, 1)
+        kernel = self.kernel_size
+        pads = _full_padding(x.shape[2], x.shape[3], kernel[0], kernel[1], stride, pad, dil,
+                             out_size)
+        N, OH, OW, C_out = x.shape[0], out_size[0], out_size[1], self.out_channels
+        res = None
+        if residual is not None:
+            r = residual.unsqueeze(0) if unbatched and residual.dim() == 3 else residual
+            res = r.expand(N, C_out, OH, OW).permute(0, 2, 3, 1)  # (N, OH, OW, C_out)
+        w2 = self.weight.reshape(C_out, -1)  # (C_out, K): a view, K in (C, kH, kW) order
+        act = self.activation
+        if self.mode == "weight_only":
+            a = _windows(x, pads, kernel, stride, dil, out_size)
+            y = weight_only_int8_linear(a, w2, self.weight_scale, self.bias, act,
+                                        None if res is None else res.reshape(-1, C_out))
+        else:
+            if self.act_scale == "tensor":
+                q, sa = _quantize_per_tensor(x.detach())
+                qa = _windows(q, pads, kernel, stride, dil, out_size)
+            else:
+                qa, sa = quantize_per_row(_windows(x.detach(), pads, kernel, stride, dil,
+                                                   out_size))
+            y = int8_matmul(qa, w2.t(), sa, self.weight_scale, bias=self.bias, activation=act,
+                            residual=None if res is None else res.reshape(-1, C_out),
+                            out_dtype=x.dtype)
+        y = y.view(N, OH, OW, C_out).permute(0, 3, 1, 2)
+        if self.post_activation[0] != "none":
+            y = torch_activation(y, *self.post_activation)
+        return y.squeeze(0) if unbatched else y
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.weight.float() * self.weight_scale[:, None, None, None]).to(dtype)
+
+    def to_torch(self) -> torch.nn.Module:
+        """``nn.Conv2d`` with the dequantized weight (+ activation modules), for ONNX export (a
+        residual argument has no module form, as for ``tilefuse.nn.Conv2d``)."""
+        conv = torch.nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size,
+                               self.stride, self.padding, self.dilation, 1,
+                               self.bias is not None, self.padding_mode, device="meta")
+        return _int8_to_torch(conv, self, self.activation, self.post_activation)
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}, padding={self.padding}, mode={self.mode}")
+        if self.mode == "w8a8":
+            s += f", act_scale={self.act_scale}"
+        for name in ("activation", "post_activation"):
+            if getattr(self, name)[0] != "none":
+                s += f", {name}={getattr(self, name)[0]}"
+        return s

@@ -5,7 +5,7 @@ import torch
 
 import tilefuse
 from tilefuse.activations import torch_activation
-from tilefuse.kernels import quant_fp8
+from tilefuse.kernels import quant
 
 from test_fast_path import assert_compiles_to_custom_op, assert_fast_equals_custom_op  # noqa: I100
 
@@ -175,7 +175,7 @@ def test_capability_check(monkeypatch):
 # -------------------------------------------------------------------------------- quantizer
 def _edge_rows(dtype):
     """Every finite fp8 value, every midpoint (ties) and its float neighbours, -0.0 and the max."""
-    fmax = quant_fp8.FORMATS[dtype][0]
+    fmax = quant.FORMATS[dtype][0]
     vals = torch.arange(256, dtype=torch.uint8).view(dtype).float()
     vals = vals[torch.isfinite(vals)].sort().values
     mids = (vals[1:] + vals[:-1]) / 2
@@ -196,14 +196,14 @@ def _same(q, s, rq, rs):
 @pytest.mark.parametrize("dtype", [E4, E5])
 def test_quantizer_bit_exact_against_torch_rounding(dev, dtype, monkeypatch):
     x = _edge_rows(dtype).to(dev)
-    rq, rs = quant_fp8.torch_quantize_fp8_rows(x, dtype)
+    rq, rs = quant.torch_quantize_rows(x, dtype)
     q, s = ops.quantize_fp8_per_row(x, dtype)
     assert q.dtype == dtype and s.shape == (6, 1) and _same(q, s.reshape(-1), rq, rs)
     assert torch.isnan(s[5]).all() and (q[5].float() == 0).all() and s[3].item() == 1.0
     # the two-pass path (rows wider than one tile)
-    monkeypatch.setattr(quant_fp8, "quant_config",
+    monkeypatch.setattr(quant, "quant_config",
                         lambda M, N: dict(BLOCK_M=2, BLOCK_N=64, ONE_TILE=False, num_warps=4))
-    quant_fp8._LAUNCH.clear()
+    quant._LAUNCH.clear()
     q2, s2 = ops.quantize_fp8_per_row(x, dtype)
     assert _same(q2, s2.reshape(-1), rq, rs)
 
@@ -212,7 +212,7 @@ def test_quantizer_inputs_and_error_bound(dev):
     x = torch.randn(3, 5, 70, device=dev, dtype=torch.bfloat16)[:, :, ::2]  # non-contiguous
     q, s = ops.quantize_fp8_per_row(x)
     assert q.shape == x.shape and s.shape == (3, 5, 1)
-    rq, rs = quant_fp8.torch_quantize_fp8_rows(x.reshape(15, 35), E4)
+    rq, rs = quant.torch_quantize_rows(x.reshape(15, 35), E4)
     assert _same(q.reshape(15, 35), s.reshape(-1), rq, rs)
     xf = x.float()
     assert bool(((q.float() * s - xf).abs() <= xf.abs() / 16 + s * 2.0 ** -9).all())

@@ -6,7 +6,7 @@
   torch reference path with the same semantics (fp32 matmul of the upcast operands: the products
   of fp8 values are exact in fp32, so only the accumulation order differs).
 * ``tilefuse::quantize_fp8_per_row`` -- the fused dynamic per-row fp8 quantizer
-  (:mod:`tilefuse.kernels.quant_fp8`).
+  (:mod:`tilefuse.kernels.quant`, shared with int8).
 
 No backward is registered: fp8 operands and their scales are quantization results, not trained
 values. A call whose inputs require grad raises a RuntimeError that says so (instead of torch's
@@ -73,16 +73,16 @@ fp8_matmul_op = fast_op("fp8_matmul", _fp8_impl, fake=_fp8_fake)
 
 def _quantize_impl(x: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
     """x (M, N) float -> (q (M, N) ``dtype``, scale (M,) fp32)."""
-    from tilefuse.kernels.quant_fp8 import torch_quantize_fp8_rows
+    from tilefuse.kernels.quant import torch_quantize_rows
 
     if backend_of(x) == "torch":
-        q, s = torch_quantize_fp8_rows(x, dtype)
+        q, s = torch_quantize_rows(x, dtype)
         return q.contiguous(), s.contiguous()
-    from tilefuse.kernels.quant_fp8 import launch_quantize_fp8_rows
+    from tilefuse.kernels.quant import launch_quantize_rows
 
     q = torch.empty(x.shape, device=x.device, dtype=dtype)
     s = torch.empty((x.shape[0],), device=x.device, dtype=torch.float32)
-    launch_quantize_fp8_rows(x, q, s)
+    launch_quantize_rows(x, q, s)
     return q, s
 
 

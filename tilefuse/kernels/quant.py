@@ -28,16 +28,41 @@ MAX_ONE_TILE = 8192
 
 
 @triton.jit
-def _quantize_tile(x, inv, finite):
+def _round_to_fp8(v, MBITS: tl.constexpr, EMIN: tl.constexpr):
+    """Round fp32 ``v`` (|v| <= the format's max) to the nearest fp8 value, ties to even; the
+    result is still fp32 (and exactly representable in the fp8 format)."""
+    a = tl.abs(v)
+    e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2 a) for normal a
+    e = tl.maximum(e, EMIN) - MBITS                         # log2 of the fp8 step at a
+    step = ((e + 127) << 23).to(tl.float32, bitcast=True)
+    inv_step = ((127 - e) << 23).to(tl.float32, bitcast=True)
+    t = a * inv_step                                        # exact: a power-of-two rescale
+    f = tl.floor(t)
+    d = t - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+    r = tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f) * step
+    return tl.where(v.to(tl.int32, bitcast=True) < 0, -r, r)  # the sign bit: -0.0 stays -0.0
+
+
+@triton.jit
+def _quantize_tile(x, inv, finite, QMAX: tl.constexpr, FP8: tl.constexpr, MBITS: tl.constexpr,
+                   EMIN: tl.constexpr):
     v = tl.where(finite[:, None], x * inv[:, None], 0.0)  # non-finite rows: q = 0, scale NaN
-    r = tl.where(v >= 0, tl.floor(v + 0.5), tl.ceil(v - 0.5))
-    r = tl.minimum(tl.maximum(r, -127.0), 127.0)
-    return r.to(tl.int8)
+    if FP8:  # clamp, then round to the fp8 grid exactly (ties to even) in fp32
+        v = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+        return _round_to_fp8(v, MBITS, EMIN)
+    r = tl.where(v >= 0, tl.floor(v + 0.5), tl.ceil(v - 0.5))  # int8: half away from zero
+    return tl.minimum(tl.maximum(r, -QMAX), QMAX)
 
 
 @triton.jit
 def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, N, stride_xm, stride_xn, stride_qm, stride_qn,
+                         QMAX: tl.constexpr, FP8: tl.constexpr, MBITS: tl.constexpr,
+                         EMIN: tl.constexpr, MIN_AMAX: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_TILE: tl.constexpr):
+    """Symmetric per-row quantization: ``scale = absmax / QMAX`` (at least ``MIN_AMAX / QMAX``),
+    ``q = round(x / scale)`` to int8 (``FP8`` False) or to the fp8 format of ``q_ptr``
+    (``MBITS``/``EMIN``); a row with NaN/Inf gets scale NaN and q = 0, an all-zero row scale 1."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     r_mask = rows < M
@@ -45,14 +70,15 @@ def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, N, stride_xm, stride_xn, stride
     cols = tl.arange(0, BLOCK_N)
     x_rows = x_ptr + rows64[:, None] * stride_xm
     q_rows = q_ptr + rows64[:, None] * stride_qm
+    q_ty = q_ptr.dtype.element_ty
     if ONE_TILE:
         mask = r_mask[:, None] & (cols < N)[None, :]
         cols64 = cols.to(tl.int64)
         x = tl.load(x_rows + cols64[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
         # NaN/Inf are counted explicitly: max-reductions need not propagate NaN on GPU
-        absx = tl.where(tl.abs(x) < float("inf"), tl.abs(x), 0.0)
-        nonfinite = tl.max(tl.where(tl.abs(x) < float("inf"), 0, 1), axis=1)
-        absmax = tl.max(absx, axis=1)
+        ok = tl.abs(x) < float("inf")
+        absmax = tl.max(tl.where(ok, tl.abs(x), 0.0), axis=1)
+        nonfinite = tl.max(tl.where(ok, 0, 1), axis=1)
     else:
         absmax = tl.zeros((BLOCK_M,), dtype=tl.float32)
         nonfinite = tl.zeros((BLOCK_M,), dtype=tl.int32)
@@ -66,21 +92,22 @@ def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, N, stride_xm, stride_xn, stride
             nonfinite = tl.maximum(nonfinite, tl.max(tl.where(ok, 0, 1), axis=1))
     finite = nonfinite == 0
     nonzero = absmax > 0
-    safe = tl.where(nonzero, absmax, 1.0)
-    inv = tl.where(nonzero, 127.0 / safe, 0.0)
-    scale = tl.where(nonzero, safe / 127.0, 1.0)
+    safe = tl.where(nonzero, tl.maximum(absmax, MIN_AMAX), 1.0)
+    inv = tl.where(nonzero, QMAX / safe, 0.0)
+    scale = tl.where(nonzero, safe / QMAX, 1.0)
     scale = tl.where(finite, scale, float("nan"))
     tl.store(s_ptr + rows64, scale, mask=r_mask)
     if ONE_TILE:
-        tl.store(q_rows + cols64[None, :] * stride_qn, _quantize_tile(x, inv, finite), mask=mask)
+        q = _quantize_tile(x, inv, finite, QMAX, FP8, MBITS, EMIN)
+        tl.store(q_rows + cols64[None, :] * stride_qn, q.to(q_ty), mask=mask)
     else:
         for n0 in range(0, N, BLOCK_N):
             cc = n0 + cols
             mask = r_mask[:, None] & (cc < N)[None, :]
             cc64 = cc.to(tl.int64)
             x = tl.load(x_rows + cc64[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
-            tl.store(q_rows + cc64[None, :] * stride_qn, _quantize_tile(x, inv, finite),
-                     mask=mask)
+            q = _quantize_tile(x, inv, finite, QMAX, FP8, MBITS, EMIN)
+            tl.store(q_rows + cc64[None, :] * stride_qn, q.to(q_ty), mask=mask)
 
 
 def quant_config(M: int, N: int) -> dict:
@@ -97,42 +124,52 @@ def quant_config(M: int, N: int) -> dict:
 
 
 _LAUNCH = launch_cache()
-_N_RUNTIME = quantize_rows_kernel.arg_names.index("stride_qn") + 1
+_N_RUNTIME = quantize_rows_kernel.arg_names.index("QMAX")
+# q dtype -> (QMAX, FP8, mantissa bits, smallest normal exponent, smallest absmax)
+FORMATS = {torch.int8: (QMAX, False, 0, 0, 0.0),
+           torch.float8_e4m3fn: (448.0, True, 3, -6, 2.0 ** -100),
+           torch.float8_e5m2: (57344.0, True, 2, -14, 2.0 ** -100)}
 
 
 def launch_quantize_rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
-    """x (M, N) float with any strides -> q (M, N) int8, scale (M,) fp32 (both written)."""
+    """x (M, N) float with any strides -> q (M, N) int8 or fp8 (its dtype picks the format),
+    scale (M,) fp32 (both written)."""
     M, N = x.shape
     if M == 0:
         return
     if N == 0:
         scale.fill_(1.0)
         return
-    params = _LAUNCH.get((M, N))
+    sig = (M, N, q.dtype)
+    params = _LAUNCH.get(sig)
     if params is None:
-        cfg = quant_config(M, N)
+        qmax, fp8, mbits, emin, min_amax = FORMATS[q.dtype]
+        cfg = dict(quant_config(M, N), QMAX=qmax, FP8=fp8, MBITS=mbits, EMIN=emin,
+                   MIN_AMAX=min_amax)
         grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
-        params = _LAUNCH[(M, N)] = (grid,) + split_constexprs(quantize_rows_kernel, _N_RUNTIME,
-                                                              cfg)
+        params = _LAUNCH[sig] = (grid,) + split_constexprs(quantize_rows_kernel, _N_RUNTIME, cfg)
     grid, consts, opts = params
     quantize_rows_kernel[grid](x, q, scale, M, N, x.stride(0), x.stride(1), q.stride(0),
                                q.stride(1), *consts, **opts)
 
 
-def torch_quantize_rows(x: torch.Tensor):
-    """Reference with the kernel's exact semantics: returns (q int8 (M, N), scale fp32 (M,))."""
+def torch_quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.int8):
+    """Reference with the kernel's exact semantics: (q (M, N) ``dtype``, scale fp32 (M,))."""
+    qmax, fp8, _, _, min_amax = FORMATS[dtype]
     xf = x.float()
     ok = xf.abs() < float("inf")  # False for NaN and +-Inf
     finite = ok.all(dim=1)
     absmax = (torch.where(ok, xf.abs(), 0.0).amax(dim=1) if x.shape[1]
               else xf.new_zeros(x.shape[0]))
     nonzero = absmax > 0
-    safe = torch.where(nonzero, absmax, torch.ones_like(absmax))
+    safe = torch.where(nonzero, absmax.clamp(min=min_amax), torch.ones_like(absmax))
     # a true division: ``QMAX / tensor`` is reciprocal(tensor) * QMAX in torch (two roundings,
     # which moves exact .5 ties)
-    inv = torch.where(nonzero, torch.full_like(safe, QMAX) / safe, torch.zeros_like(absmax))
-    scale = torch.where(nonzero, safe / QMAX, torch.ones_like(absmax))
+    inv = torch.where(nonzero, torch.full_like(safe, qmax) / safe, torch.zeros_like(absmax))
+    scale = torch.where(nonzero, safe / qmax, torch.ones_like(absmax))
     scale = torch.where(finite, scale, float("nan"))
     v = torch.where(finite[:, None], xf * inv[:, None], 0.0)
-    r = torch.where(v >= 0, torch.floor(v + 0.5), torch.ceil(v - 0.5)).clamp_(-QMAX, QMAX)
+    if fp8:  # torch's cast rounds to nearest even, as the kernel does
+        return v.clamp_(-qmax, qmax).to(dtype), scale
+    r = torch.where(v >= 0, torch.floor(v + 0.5), torch.ceil(v - 0.5)).clamp_(-qmax, qmax)
     return r.to(torch.int8), scale

@@ -58,7 +58,7 @@ def _fp8_impl(a: Tensor, b: Tensor, a_scale: Tensor, b_scale: Tensor, bias: Opti
 
     if a.device.type == "cuda":
         check_capability(a.device)
-    out = torch.empty((a.shape[0], b.shape[1]), device=a.device, dtype=out_dtype)
+    out = torch.empty(a.shape[0], b.shape[1], device=a.device, dtype=out_dtype)
     return launch_fp8_matmul(a, b, out, a_scale, b_scale, bias=bias, residual=residual,
                              activation=activation, act_param=act_param, fast_accum=fast_accum)
 
@@ -81,7 +81,7 @@ def _quantize_impl(x: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
     from tilefuse.kernels.quant import launch_quantize_rows
 
     q = torch.empty(x.shape, device=x.device, dtype=dtype)
-    s = torch.empty((x.shape[0],), device=x.device, dtype=torch.float32)
+    s = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
     launch_quantize_rows(x, q, s)
     return q, s
 

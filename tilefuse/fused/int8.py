@@ -58,7 +58,7 @@ def _int8_impl(a: Tensor, b: Tensor, a_scale: Optional[Tensor], b_scale: Optiona
                                   out_dtype).contiguous()
     from tilefuse.kernels.int8_matmul import launch_int8_matmul
 
-    out = torch.empty((a.shape[0], b.shape[1]), device=a.device, dtype=out_dtype)
+    out = torch.empty(a.shape[0], b.shape[1], device=a.device, dtype=out_dtype)
     return launch_int8_matmul(a, b, out, a_scale=a_scale, b_scale=b_scale, bias=bias,
                               residual=residual, activation=activation, act_param=act_param)
 
@@ -114,7 +114,7 @@ def _quantize_impl(x: Tensor) -> Tuple[Tensor, Tensor]:
     from tilefuse.kernels.quant import launch_quantize_rows
 
     q = torch.empty(x.shape, device=x.device, dtype=torch.int8)
-    s = torch.empty((x.shape[0],), device=x.device, dtype=torch.float32)
+    s = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
     launch_quantize_rows(x, q, s)
     return q, s
 

@@ -71,7 +71,7 @@ def _fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
     from tilefuse.kernels.norm import launch_norm_fwd
 
     M, N = x.shape
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     if not save_stats:
         launch_norm_fwd(x, residual, weight, bias, y, None, None, eps, is_rms, activation,
                         act_param)

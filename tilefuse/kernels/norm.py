@@ -471,7 +471,7 @@ def _outputs(G, N, x, weight, bias, need_dw, need_db):
         dw = torch.empty(N, device=x.device, dtype=weight.dtype) if need_dw else None
         db = torch.empty(N, device=x.device, dtype=bias.dtype) if need_db else None
         return None, n_part, dw, db
-    part = torch.empty((n_part, G, N), device=x.device, dtype=torch.float32) if n_part else None
+    part = torch.empty(n_part, G, N, device=x.device, dtype=torch.float32) if n_part else None
     return part, n_part, (part if need_dw else None), (part[n_part - 1] if need_db else None)
 
 
@@ -507,7 +507,7 @@ def launch_norm_bwd(dy, x, residual, weight, bias, mean, rstd, dx, is_rms: bool,
                               M, N, *strides, *consts, **opts)
     else:
         _, _, row, col_grid, col = plan
-        c = torch.empty((2, M), device=x.device, dtype=torch.float32)
+        c = torch.empty(2, M, device=x.device, dtype=torch.float32)
         norm_bwd_row_kernel[(M,)](dy, x, res, w_arg, b_arg, mean_arg, rstd, c, M, N, *strides,
                                   **row)
         norm_bwd_col_kernel[col_grid](dy, x, res, w_arg, b_arg, mean_arg, rstd, c, dx,

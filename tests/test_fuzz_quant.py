@@ -33,7 +33,8 @@ from fuzz_utils import check, fuzz, randn, seed  # noqa: E402
 import tilefuse  # noqa: E402
 from tilefuse._backend import backend_for_device  # noqa: E402
 from tilefuse.activations import activation_module  # noqa: E402
-from tilefuse.nn import Int8Conv1x1, Int8Linear, fold_batchnorm, fuse_conv_bn_eval  # noqa: E402
+from tilefuse.nn import (Int8Conv1x1, Int8Conv2d, Int8Linear, fold_batchnorm,  # noqa: E402
+                         fuse_conv_bn_eval)
 
 pytestmark = pytest.mark.skipif(backend_for_device("cpu") != "triton",
                                 reason="needs TRITON_INTERPRET=1 (the Triton kernels on CPU)")
@@ -161,8 +162,9 @@ def _rule_hits(path, module, rules):
 
 
 def _expected_replaced(model, rules):
-    """Documented rule: Linear (tilefuse's too) and 1x1/stride-1/unpadded/ungrouped convs, except
-    those matched by a skip rule themselves or through an enclosing module."""
+    """Documented rule: Linear (tilefuse's too), ungrouped Conv2d (issue 20) and 1x1/stride-1/
+    unpadded/ungrouped Conv1d, except those matched by a skip rule themselves or through an
+    enclosing module."""
     mods = dict(model.named_modules())
     holders = {}   # a weight held by several modules (tied) is skipped
     for m in mods.values():
@@ -177,7 +179,7 @@ def _expected_replaced(model, rules):
         paths = [".".join(parts[:i]) for i in range(1, len(parts) + 1)] if name else [""]
         if any(_rule_hits(p, mods[p], rules) for p in paths):
             continue
-        if isinstance(m, nn.Linear) or Int8Conv1x1.supports(m):
+        if isinstance(m, nn.Linear) or Int8Conv1x1.supports(m) or Int8Conv2d.supports(m):
             out.append(name)
     return out
 
@@ -233,10 +235,11 @@ def test_fuzz_quantize_model(data):
         xq = x
         assert sorted(rep.replaced) == sorted(_expected_replaced(model, skip))
         for name in rep.replaced:
-            assert isinstance(mods[name], (Int8Linear, Int8Conv1x1)), name
+            assert isinstance(mods[name], (Int8Linear, Int8Conv1x1, Int8Conv2d)), name
         for entry in rep.skipped:
             name = entry.rsplit(" (", 1)[0]
-            assert name in mods and not isinstance(mods[name], (Int8Linear, Int8Conv1x1)), entry
+            assert name in mods and not isinstance(mods[name], (Int8Linear, Int8Conv1x1,
+                                                                Int8Conv2d)), entry
         # every int8 layer vs its fp64 reference on the input it actually received
         seen = []
         hooks = [m.register_forward_hook(lambda m, i, o, n=n: seen.append((n, m, i[0], o)))

@@ -167,9 +167,18 @@ def test_skip_and_conv1x1():
                               torch.nn.Linear(16 * 5 * 5, 10), torch.nn.Linear(10, 3)).eval()
     x = torch.randn(2, 8, 5, 5)
     q, rep = tilefuse.quantize(net, mode="weight_only", skip=("5",), calibration=x)
-    assert isinstance(q[0], tilefuse.nn.Int8Conv1x1) and isinstance(q[4], tilefuse.nn.Int8Linear)
-    assert isinstance(q[5], torch.nn.Linear) and rep.replaced == ["0", "4"]
-    assert any(s.startswith("2 (conv") for s in rep.skipped) and "5 (skip)" in rep.skipped
+    # issue 20: every ungrouped Conv2d (the 3x3 too) is an Int8Conv2d; 1x1 Conv1d: Int8Conv1x1
+    assert isinstance(q[0], tilefuse.nn.Int8Conv2d) and isinstance(q[4], tilefuse.nn.Int8Linear)
+    assert isinstance(q[2], tilefuse.nn.Int8Conv2d) and q[2].padding == (1, 1)
+    assert isinstance(q[5], torch.nn.Linear) and rep.replaced == ["0", "2", "4"]
+    assert rep.skipped == ["5 (skip)"]
+    c1 = torch.nn.Sequential(torch.nn.Conv1d(8, 4, 1), torch.nn.Conv1d(4, 4, 3),
+                             torch.nn.Conv2d(4, 4, 3, groups=2))
+    q1, rep1 = tilefuse.quantize(c1)
+    assert isinstance(q1[0], tilefuse.nn.Int8Conv1x1) and rep1.replaced == ["0"]
+    assert rep1.skipped == ["1 (conv is not a Conv2d or a 1x1/stride 1/unpadded/ungrouped "
+                            "Conv1d)", "2 (grouped/depthwise conv (groups=2): no int8 grouped "
+                                       "kernel, kept in float)"]
     with torch.no_grad():
         ref = net[0](x)
     y = q[0](x)
@@ -285,7 +294,9 @@ def test_quantize_hf_mobilenet_v2():
     model = transformers.MobileNetV2ForImageClassification(cfg).eval()
     q, rep = tilefuse.quantize(model, mode="weight_only", calibration=torch.randn(1, 3, 32, 32))
     conv = q.mobilenet_v2.layer[0].expand_1x1.convolution
-    assert isinstance(conv, tilefuse.nn.Int8Conv1x1) and conv.stride == (1, 1)
+    assert isinstance(conv, tilefuse.nn.Int8Conv2d) and conv.stride == (1, 1)
+    stem = q.mobilenet_v2.conv_stem.first_conv.convolution  # 3x3 / stride 2, TF "SAME" padding
+    assert isinstance(stem, tilefuse.nn.Int8Conv2d) and stem.stride == (2, 2)
     assert "classifier" in rep.replaced and rep.size_after < rep.size_before
     assert rep.max_rel_dev < 0.05 and rep.argmax_agreement == 1.0
 

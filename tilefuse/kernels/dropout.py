@@ -80,8 +80,17 @@ def dropout_kernel(
     sx0, sx1, sx2, sx3, sr0, sr1, sr2, sr3, so0, so1, so2, so3, sl0, sl1, sl2, sl3,
     HAS_RESIDUAL: tl.constexpr, CONTIG: tl.constexpr, GROUPED: tl.constexpr,
     ACC_DTYPE: tl.constexpr, Q: tl.constexpr, CH: tl.constexpr, BLOCK: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
+    # VEC: a power of two dividing n_elements (CONTIG) or S3 (strided), so the bounds masks are
+    # constant over VEC elements and masked accesses still vectorize when the size is not a
+    # multiple of 16 (the only divisibility Triton's launcher specializes on)
+    # (x // VEC) * VEC == x: an op result carries the hint (tl.multiple_of on an argument is lost)
+    if CONTIG:
+        n_elements = (n_elements // VEC) * VEC
+    else:
+        S3 = (S3 // VEC) * VEC
     seed = tl.load(seed_ptr)  # 0-d int64 on the device: no host read, CUDA-graph replayable
     if CONTIG:
         # BLOCK = CH chunks of 4*Q elements; one Philox call per (chunk, j) feeds 4 elements
@@ -98,26 +107,28 @@ def dropout_kernel(
         _contig_lane(x_ptr, res_ptr, out_ptr, base + 3 * Q, base + 3 * Q < n_elements, r3 > p,
                      scale_hi, scale_lo, HAS_RESIDUAL, ACC_DTYPE)
     else:
-        i = pid * BLOCK + tl.arange(0, BLOCK)
-        m = i < n_elements
-        i3 = i % S3
-        t = i // S3
-        i2 = t % S2
-        t = t // S2
+        # 2-D tile (BLOCK_R merged outer rows) x (BLOCK_C innermost elements): the innermost
+        # offsets stay a contiguous arange, so unit-stride operands vectorize (128-bit accesses)
+        n_cb = tl.cdiv(S3, BLOCK_C)
+        r = (pid // n_cb) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+        i3 = (pid % n_cb) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+        i2 = r % S2
+        t = r // S2
         i1 = t % S1
         i0 = t // S1
-        ridx = i0 * sl0 + i1 * sl1 + i2 * sl2 + i3 * sl3
+        m = (r < n_elements // S3)[:, None] & (i3 < S3)[None, :]
+        ridx = (i0 * sl0 + i1 * sl1 + i2 * sl2)[:, None] + i3[None, :] * sl3
         if GROUPED:
             ridx = ridx // GROUP
         keep = keep_mask(seed, ridx, p, Q)
-        x = tl.load(x_ptr + i0 * sx0 + i1 * sx1 + i2 * sx2 + i3 * sx3, mask=m,
-                    other=0.0).to(ACC_DTYPE)
+        xo = (i0 * sx0 + i1 * sx1 + i2 * sx2)[:, None] + i3[None, :] * sx3
+        x = tl.load(x_ptr + xo, mask=m, other=0.0).to(ACC_DTYPE)
         y = _scaled(x, keep, scale_hi, scale_lo, ACC_DTYPE)
         if HAS_RESIDUAL:
-            y = y + tl.load(res_ptr + i0 * sr0 + i1 * sr1 + i2 * sr2 + i3 * sr3, mask=m,
-                            other=0.0).to(ACC_DTYPE)
-        tl.store(out_ptr + i0 * so0 + i1 * so1 + i2 * so2 + i3 * so3,
-                 y.to(out_ptr.dtype.element_ty), mask=m)
+            ro = (i0 * sr0 + i1 * sr1 + i2 * sr2)[:, None] + i3[None, :] * sr3
+            y = y + tl.load(res_ptr + ro, mask=m, other=0.0).to(ACC_DTYPE)
+        oo = (i0 * so0 + i1 * so1 + i2 * so2)[:, None] + i3[None, :] * so3
+        tl.store(out_ptr + oo, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
 def _plan(shape, strides_list):
@@ -155,10 +166,22 @@ def _logical_strides(shape):
     return out[::-1]
 
 
+# GPU block: 4096 elements = 4 warps x 32 lanes x 32 elements, i.e. several 128-bit accesses per
+# thread for 32-bit and 16-bit dtypes (1024-element blocks gave scalar 32-bit accesses)
+GPU_BLOCK = 4096
+STRIDED_GPU_BLOCK = 1024
+
+
 def _block(n: int, is_cuda: bool) -> int:
     if interpreter_enabled() or not is_cuda:  # few big programs
         return max(4 * RNG_Q, min(1 << 16, triton.next_power_of_2(n)))
-    return 4 * RNG_Q
+    return GPU_BLOCK
+
+
+def _tile(inner: int, block: int):
+    """(BLOCK_R, BLOCK_C) of the strided path: the innermost dim as wide as possible."""
+    bc = min(block, max(16, triton.next_power_of_2(inner)))
+    return block // bc, bc
 
 
 _LAUNCH = launch_cache()
@@ -188,12 +211,24 @@ def _launch_params(shape, x_strides, r_strides, o_strides, group: int, out_dtype
     contig = (group == 1 and sizes[:3] == [1, 1, 1] and sx[3] == 1 and so[3] == 1
               and sl[3] == 1 and (not has_res or sr[3] == 1))
     block = _block(n, is_cuda)
+    # the strided path draws one Philox per element (int64 index math): 1024 elements per
+    # program keep it under ~100 registers; still 8 elements (>= one 128-bit access) per thread
+    block_r, block_c = _tile(sizes[3], block if contig or block <= 4 * RNG_Q else
+                             (STRIDED_GPU_BLOCK if is_cuda and not interpreter_enabled() else block))
+    if contig:
+        n_prog = triton.cdiv(n, block)
+    else:
+        n_prog = triton.cdiv(n // sizes[3], block_r) * triton.cdiv(sizes[3], block_c)
+    vec = 16 // out_dtype.itemsize
+    while (n if contig else sizes[3]) % vec:
+        vec //= 2
     ints = (int(group), sizes[1], sizes[2], sizes[3], *sx, *sr, *so, *sl)
     consts, opts = split_constexprs(dropout_kernel, _DROPOUT_RUNTIME, dict(
         HAS_RESIDUAL=has_res, CONTIG=bool(contig), GROUPED=group > 1,
         ACC_DTYPE=tl.float64 if out_dtype == torch.float64 else tl.float32,
-        Q=RNG_Q, CH=block // (4 * RNG_Q), BLOCK=block, num_warps=4))
-    return (triton.cdiv(n, block),), ints + consts, opts
+        Q=RNG_Q, CH=block // (4 * RNG_Q), BLOCK=block, BLOCK_R=block_r, BLOCK_C=block_c,
+        VEC=vec, num_warps=4))
+    return (n_prog,), ints + consts, opts
 
 
 _DROPOUT_RUNTIME = dropout_kernel.arg_names.index("HAS_RESIDUAL")

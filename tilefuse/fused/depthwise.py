@@ -1,11 +1,12 @@
 """Custom ops for depthwise conv2d: ``tilefuse::depthwise_conv2d`` (fused bias/act/residual
 epilogue) and ``tilefuse::depthwise_conv2d_backward`` (grad_input and grad_weight).
 
-Backward: when an activation is fused and grad is needed, the forward also stores the
-pre-activation ``z`` (one extra store). Backward runs ``dz = dy * act'(z)`` (the shared
-elementwise kernel, read in z's own memory order so channels_last needs no copy), then grad_input
-with the transposed depthwise kernel (a gather, no atomics), grad_weight with a two-stage
-fixed-order reduction over N*OH*OW (deterministic), and ``dbias = dz.sum((0, 2, 3))``.
+Backward: when an activation other than relu/relu6 (or any activation with a residual) is fused
+and grad is needed, the forward also stores the pre-activation ``z`` (one extra store); relu and
+relu6 read their derivative off the output. The backward kernels form ``dz = dy * act'(saved)``
+where they read ``dy`` (no elementwise pass): grad_input with the transposed depthwise kernel (a
+gather, no atomics), grad_weight and grad_bias in one pass over the output tiles plus a
+fixed-order reduction over splits (deterministic): 3 launches.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tilefuse import _autocast
 from tilefuse._backend import backend_of
 from tilefuse._validate import (check_broadcastable, check_same_dtype, check_tensor,
                                 float_tensor, same_device)
-from tilefuse.activations import NAMES, torch_activation
+from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
 from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, needs_grad
 
 
@@ -91,41 +92,59 @@ def _fwd_fake(x, weight, bias, residual, stride, padding, dilation, out_size, ac
     return y, pre
 
 
-def _bwd_impl(dz: Tensor, x: Tensor, weight: Tensor, stride: List[int], padding: List[int],
-              dilation: List[int], need_input: bool,
-              need_weight: bool) -> Tuple[Tensor, Tensor]:
-    """(grad_input or empty, grad_weight or empty) for dz = dL/d(conv + bias)."""
+def _bwd_impl(dy: Tensor, saved: Tensor, x: Tensor, weight: Tensor, stride: List[int],
+              padding: List[int], dilation: List[int], activation: int, act_param: float,
+              need_input: bool, need_weight: bool,
+              need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias; each empty when not needed) for ``dy`` = dL/d(out),
+    with ``dz = dy * act'(saved)`` (``saved``: the pre-activation, or the output for relu/relu6,
+    see :func:`mask_from_output`) formed inside the kernels: no elementwise pass."""
     N, C, H, W = x.shape
     C_out, _, kh, kw = weight.shape
+    dx = dw = db = x.new_empty(0)
     if backend_of(x) == "torch":
         cd = _compute_dtype(x.dtype)
-        pads = _full_padding(H, W, kh, kw, stride, padding, dilation, dz.shape[2:])
+        dz = dy.to(cd)
+        if activation != 0:
+            dz = dz * torch_activation_grad(saved.to(cd), NAMES[activation], act_param)
+        pads = _full_padding(H, W, kh, kw, stride, padding, dilation, dy.shape[2:])
         xp = F.pad(x.to(cd), pads)
         gx, gw, _ = torch.ops.aten.convolution_backward(
-            dz.to(cd), xp, weight.to(cd), None, list(stride), [0, 0], list(dilation), False,
+            dz, xp, weight.to(cd), None, list(stride), [0, 0], list(dilation), False,
             [0, 0], C, [need_input, need_weight, False])
-        dx = x.new_empty(0)
         if need_input:
             dx = torch.empty_like(x).copy_(F.pad(gx, [-p for p in pads]))
-        dw = weight.new_empty(0)
         if need_weight:
             dw = torch.empty(weight.shape, device=weight.device, dtype=weight.dtype).copy_(gw)
-        return dx, dw
-    dx = x.new_empty(0)
-    dw = weight.new_empty(0)
+        if need_bias:
+            db = dz.sum(dim=(0, 2, 3)).to(x.dtype)
+        return dx, dw, db
+    k = _kernels()
     if need_input:
-        dx = torch.empty_like(x)
-        _kernels().launch_backward_input(dz, weight, dx, stride, padding, dilation)
-    if need_weight:
-        dw = _kernels().launch_backward_weight(dz, x, (kh, kw), stride, padding,
-                                               dilation).to(weight.dtype)
-    return dx, dw
+        dx = k.launch_backward_input(dy, weight, torch.empty_like(x), stride, padding, dilation,
+                                     saved, activation, act_param)
+    if need_weight or need_bias:
+        gw, gb = k.launch_backward_weight(dy, x, (kh, kw), stride, padding, dilation, saved,
+                                          activation, act_param, weight.dtype, need_bias)
+        if need_weight:
+            dw = gw
+        if need_bias:
+            db = gb
+    return dx, dw, db
 
 
-def _bwd_fake(dz, x, weight, stride, padding, dilation, need_input, need_weight):
+def _bwd_fake(dy, saved, x, weight, stride, padding, dilation, activation, act_param,
+              need_input, need_weight, need_bias):
     dx = torch.empty_like(x) if need_input else x.new_empty(0)
-    dw = weight.new_empty(weight.shape) if need_weight else weight.new_empty(0)
-    return dx, dw
+    dw = weight.new_empty(weight.shape) if need_weight else x.new_empty(0)
+    db = x.new_empty((weight.shape[0],)) if need_bias else x.new_empty(0)
+    return dx, dw, db
+
+
+def mask_from_output(activation: int, has_residual: bool) -> bool:
+    """relu/relu6 without a residual: the backward reads act'(z) off the output (y > 0,
+    0 < y < 6), so the forward stores no pre-activation."""
+    return activation in (1, 2) and not has_residual
 
 
 def _setup_context(ctx, inputs, output):
@@ -134,12 +153,14 @@ def _setup_context(ctx, inputs, output):
     ctx.conv = (list(stride), list(padding), list(dilation))
     ctx.activation, ctx.act_param = activation, act_param
     ctx.has_bias = bias is not None
-    ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.has_residual = residual is not None
-    ctx.save_for_backward(x, weight, output[1])
+    from_out = mask_from_output(activation, residual is not None)
+    ctx.set_materialize_grads(False)  # no zeros built for the unused pre output's gradient
+    ctx.save_for_backward(x, weight, output[0] if from_out else output[1])
 
 
 def _act_backward(grad: Tensor, pre: Tensor, activation: int, act_param: float) -> Tensor:
+    """dz = grad * act'(pre) as one elementwise pass (used by tilefuse.fused.conv)."""
     from tilefuse.fused.matmul import activation_backward_op
 
     if pre.dim() == 4 and not pre.is_contiguous() and \
@@ -152,32 +173,23 @@ def _act_backward(grad: Tensor, pre: Tensor, activation: int, act_param: float) 
 
 
 def _backward(ctx, grad_out, grad_pre):
-    x, weight, pre = ctx.saved_tensors
+    x, weight, saved = ctx.saved_tensors
     if grad_out is None:
         return (None,) * 12
     need = ctx.needs_input_grad
     dres = grad_out if (ctx.has_residual and need[3]) else None
-    if not (need[0] or need[1] or (ctx.has_bias and need[2])):
+    need_bias = bool(ctx.has_bias and need[2])
+    if not (need[0] or need[1] or need_bias):
         return None, None, None, dres, None, None, None, None, None, None, None, None
-    if ctx.activation != 0:
-        if pre.numel() == 0 and grad_out.numel() != 0:
-            raise RuntimeError("tilefuse.depthwise_conv2d: pre-activation was not saved; cannot "
-                               "backprop through the fused activation")
-        dz = _act_backward(grad_out, pre, ctx.activation, ctx.act_param)
-    else:
-        dz = grad_out.to(x.dtype)
+    if ctx.activation != 0 and saved.numel() == 0 and grad_out.numel() != 0:
+        raise RuntimeError("tilefuse.depthwise_conv2d: pre-activation was not saved; cannot "
+                           "backprop through the fused activation")
     stride, padding, dilation = ctx.conv
-    dx = dw = None
-    if need[0] or need[1]:
-        gx, gw = depthwise_conv2d_backward_op(dz, x, weight, stride, padding, dilation,
-                                              bool(need[0]), bool(need[1]))
-        dx = gx if need[0] else None
-        dw = gw if need[1] else None
-    dbias = None
-    if ctx.has_bias and need[2]:
-        acc = torch.float64 if ctx.bias_dtype == torch.float64 else torch.float32
-        dbias = dz.sum(dim=(0, 2, 3), dtype=acc).to(ctx.bias_dtype)
-    return dx, dw, dbias, dres, None, None, None, None, None, None, None, None
+    gx, gw, gb = depthwise_conv2d_backward_op(
+        grad_out.to(x.dtype), saved, x, weight, stride, padding, dilation, ctx.activation,
+        ctx.act_param, bool(need[0]), bool(need[1]), need_bias)
+    return (gx if need[0] else None, gw if need[1] else None, gb if need_bias else None, dres,
+            None, None, None, None, None, None, None, None)
 
 
 depthwise_conv2d_backward_op = fast_op("depthwise_conv2d_backward", _bwd_impl, fake=_bwd_fake)
@@ -286,7 +298,8 @@ def _depthwise_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, act
     if channels_last is None:  # follow the input's layout, as torch's conv does
         channels_last = (C > 1 and not x.is_contiguous()
                          and x.is_contiguous(memory_format=torch.channels_last))
-    save_pre = act != 0 and needs_grad(x, weight, bias)
+    save_pre = act != 0 and not mask_from_output(act, r4 is not None) \
+        and needs_grad(x, weight, bias)
     out, _ = depthwise_conv2d_op(x, weight, bias, r4, list(stride), [top, left], list(dilation),
                                  [OH, OW], act, act_param, bool(channels_last), save_pre)
     return out.squeeze(0) if unbatched else out

@@ -15,7 +15,6 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch._C import is_grad_enabled
 from torch.compiler import is_compiling as _is_compiling
 
 from tilefuse import _autocast
@@ -23,6 +22,7 @@ from tilefuse._backend import backend_of
 from tilefuse._validate import check_broadcastable, check_shape, check_tensor, float_tensor, \
     same_device
 from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
+from tilefuse.fused import _fast
 from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, needs_grad
 from tilefuse.fused.norm_group import _empty_like_layout
 
@@ -65,10 +65,15 @@ def _pre_act(x, residual, weight, bias, mean, var, eps):
 def _fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
               bias: Optional[Tensor], running_mean: Optional[Tensor],
               running_var: Optional[Tensor], training: bool, eps: float, activation: int,
-              act_param: float, save_stats: bool) -> Tuple[Tensor, Tensor, Tensor]:
+              act_param: float, save_stats: bool, momentum: float = 0.0,
+              num_batches_tracked: Optional[Tensor] = None,
+              cumulative: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """x, residual: (N, C, S) -> (y, mean (C,), var (C,)): batch stats (biased) in training,
     fp32 copies of the running stats in eval; in eval with ``save_stats=False`` (no gradient
-    will be taken) mean and var come back empty and the running stats are read in place."""
+    will be taken) mean and var come back empty and the running stats are read in place.
+    Training also updates the running stats given (``momentum``, or the cumulative average
+    ``1 / num_batches_tracked``; not for an empty batch, as torch) and increments
+    ``num_batches_tracked`` when given (the finalize kernel: three launches in all)."""
     y = _empty_like_layout(x)
     if _use_torch(x):
         sd = _cd(x)  # fp64 statistics for fp64 inputs: fp64-accurate outputs and gradients
@@ -76,6 +81,10 @@ def _fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
             h = x.to(sd)
             mean = h.mean((0, 2))
             var = (h - mean[None, :, None]).pow(2).mean((0, 2))
+            if running_mean is not None or num_batches_tracked is not None:
+                with torch.no_grad():
+                    _running_impl(mean, var, running_mean, running_var, num_batches_tracked,
+                                  momentum, x.shape[0] * x.shape[2], cumulative)
         elif save_stats:
             mean = running_mean.to(sd, copy=True)
             var = running_var.to(sd, copy=True)
@@ -85,15 +94,23 @@ def _fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
         y.copy_(torch_activation(z, NAMES[activation], act_param))
         return (y, mean, var) if training or save_stats else (y, _empty(x), _empty(x))
     if training:
-        mean = var = None
-    elif save_stats:
+        fused = _dense_stats(running_mean, running_var)  # (else: the update by torch ops)
+        mean, var = _kernels().launch_batch_norm_fwd(
+            x, residual, weight, bias, y, None, None, True, eps, activation, act_param,
+            running_mean if fused else None, running_var if fused else None, momentum,
+            num_batches_tracked if fused else None, cumulative)
+        if not fused:
+            _running_impl(mean, var, running_mean, running_var, num_batches_tracked, momentum,
+                          x.shape[0] * x.shape[2], cumulative)
+        return y, mean, var
+    if save_stats:
         mean = running_mean.to(torch.float32, copy=True)
         var = running_var.to(torch.float32, copy=True)
     else:  # read in place when they already are fp32 and contiguous (the kernel's layout)
         mean, var = _f32_dense(running_mean), _f32_dense(running_var)
-    mean, var = _kernels().launch_batch_norm_fwd(x, residual, weight, bias, y, mean, var,
-                                                 training, eps, activation, act_param)
-    return (y, mean, var) if training or save_stats else (y, _empty(x), _empty(x))
+    _kernels().launch_batch_norm_fwd(x, residual, weight, bias, y, mean, var, False, eps,
+                                     activation, act_param)
+    return (y, mean, var) if save_stats else (y, _empty(x), _empty(x))
 
 
 def _f32_dense(t: Tensor) -> Tensor:
@@ -105,7 +122,7 @@ def _empty(x: Tensor) -> Tensor:
 
 
 def _fwd_fake(x, residual, weight, bias, running_mean, running_var, training, eps, activation,
-              act_param, save_stats):
+              act_param, save_stats, momentum=0.0, num_batches_tracked=None, cumulative=False):
     C = x.shape[1] if training or save_stats else 0
     return (_empty_like_layout(x), x.new_empty(C, dtype=_cd(x)), x.new_empty(C, dtype=_cd(x)))
 
@@ -114,7 +131,8 @@ def _bwd_impl(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optiona
               bias: Optional[Tensor], mean: Tensor, var: Tensor, training: bool, eps: float,
               activation: int, act_param: float,
               need_dres: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """-> (dx, dw (C,), db (C,) (fp32; fp64 for fp64 x), dres = dy * act'(z) or empty)."""
+    """-> (dx, dw (C,), db (C,) (in the parameters' dtype; without one fp32, fp64 for fp64 x),
+    dres = dy * act'(z) or empty)."""
     dx = _empty_like_layout(x)
     dres = _empty_like_layout(x) if need_dres else x.new_empty(0)
     if _use_torch(x):
@@ -134,7 +152,9 @@ def _bwd_impl(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optiona
             dx.copy_(dz * scale)
         if need_dres:
             dres.copy_(dz)
-        return dx, (dz * xhat).sum((0, 2)), dz.sum((0, 2)), dres  # (fp32, fp64 for fp64)
+        dw, db = (dz * xhat).sum((0, 2)), dz.sum((0, 2))  # (fp32, fp64 for fp64)
+        return (dx, dw if weight is None else dw.to(weight.dtype),
+                db if bias is None else db.to(bias.dtype), dres)
     dw, db = _kernels().launch_batch_norm_bwd(dy, x, residual, weight, bias, mean, var, dx,
                                               dres if need_dres else None, training, eps,
                                               activation, act_param)
@@ -144,17 +164,27 @@ def _bwd_impl(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optiona
 def _bwd_fake(dy, x, residual, weight, bias, mean, var, training, eps, activation, act_param,
               need_dres):
     C = x.shape[1]
-    return (_empty_like_layout(x), x.new_empty(C, dtype=_cd(x)), x.new_empty(C, dtype=_cd(x)),
+    return (_empty_like_layout(x), x.new_empty(C, dtype=_param_dtype(weight, x)),
+            x.new_empty(C, dtype=_param_dtype(bias, x)),
             _empty_like_layout(x) if need_dres else x.new_empty(0))
 
 
+def _param_dtype(p, x) -> torch.dtype:
+    """dw/db come back in the parameter's dtype (no cast op in the backward)."""
+    return p.dtype if p is not None else _cd(x)
+
+
 def _setup_context(ctx, inputs, output):
-    x, residual, weight, bias, _rm, _rv, training, eps, activation, act_param, _ = inputs
+    x, residual, weight, bias, _rm, _rv, training, eps, activation, act_param = inputs[:10]
     ctx.training, ctx.eps, ctx.activation, ctx.act_param = training, eps, activation, act_param
     ctx.save_for_backward(x, residual, weight, bias, output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no zero gradients built for mean/var (None instead)
 
 
 def _backward(ctx, dy, _dmean, _dvar):
+    if dy is None:  # (grads are not materialised: y unused)
+        return (None,) * 14
     x, residual, weight, bias, mean, var = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_dres = residual is not None and need[1] and ctx.activation != 0
@@ -165,12 +195,46 @@ def _backward(ctx, dy, _dmean, _dvar):
     return (dx if need[0] else None, dres if (residual is not None and need[1]) else None,
             dw.to(weight.dtype) if weight is not None and need[2] else None,
             db.to(bias.dtype) if bias is not None and need[3] else None,
-            None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None)
 
 
 batch_norm_act_bwd = fast_op("batch_norm_act_bwd", _bwd_impl, fake=_bwd_fake)
 batch_norm_act_fwd = fast_op("batch_norm_act_fwd", _fwd_impl, fake=_fwd_fake,
                              setup_context=_setup_context, backward=_backward)
+
+
+def _running_impl(mean: Tensor, var: Tensor, running_mean: Optional[Tensor],
+                  running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor],
+                  momentum: float, count: int, cumulative: bool) -> None:
+    """The running-stat update of a training forward (and ``num_batches_tracked += 1``), for
+    the traced path: the kernel the fused finalize runs (same bits), or torch ops."""
+    if _use_torch(mean) or not _dense_stats(running_mean, running_var):
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        if running_mean is not None and count > 0:
+            m = 1.0 / num_batches_tracked.item() if cumulative else momentum
+            _update_running(running_mean, running_var, mean, var, m, count)
+        return
+    _kernels().launch_batch_norm_running(mean, var, running_mean, running_var,
+                                         num_batches_tracked, momentum, count, cumulative)
+
+
+def _dense_stats(running_mean, running_var) -> bool:
+    return running_mean is None or (running_mean.is_contiguous() and
+                                    running_var.is_contiguous())
+
+
+batch_norm_running = torch.library.custom_op(
+    "tilefuse::batch_norm_running",
+    mutates_args=("running_mean", "running_var", "num_batches_tracked"))(_running_impl)
+batch_norm_running.register_fake(lambda *args: None)
+
+
+def _traced() -> bool:
+    """Whether batch_norm_act_fwd will run as its custom op (compiling, a jit trace, or
+    :func:`tilefuse.fused._fast.custom_op_path`): the custom op is functional, so the running
+    stats are then updated by torch ops outside it (eager: in its finalize kernel)."""
+    return _fast._FORCE_CUSTOM_OP[0] or _is_compiling() or _fast._jit_tracing() is not None
 
 
 def _check_momentum(momentum) -> float:
@@ -216,7 +280,8 @@ def _update_running(running_mean, running_var, mean, var, momentum: float, count
 def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                    weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                    training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
-                   activation=None, residual: Optional[Tensor] = None) -> Tensor:
+                   activation=None, residual: Optional[Tensor] = None,
+                   num_batches_tracked: Optional[Tensor] = None) -> Tensor:
     """``act(batch_norm(x, ...) + residual)``, the fused form of
     :func:`torch.nn.functional.batch_norm` (same arguments and running-stat updates) followed by
     the residual add and the activation (ResNet: BN -> add -> ReLU).
@@ -224,6 +289,11 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     ``x`` is ``(N, C)``, ``(N, C, L)`` or ``(N, C, H, W)`` (NCHW or channels_last, kept).
     ``x`` may be fp16/bf16 with fp32 ``weight``/``bias``/running stats (as torch allows; the
     output has ``x``'s dtype); ``torch.autocast`` casts nothing here, as for torch's batch_norm.
+
+    ``num_batches_tracked`` (the module's counter, training only) is incremented by the op
+    itself, and with ``momentum=None`` the running stats take the cumulative average ``1 /
+    num_batches_tracked``, as :class:`torch.nn.BatchNorm2d` does: a training step is then three
+    launches (statistics, finalize with the running-stat update, apply) on the kernel backends.
 
     >>> import torch, tilefuse
     >>> x = torch.randn(8, 3, 4, 4)
@@ -275,7 +345,14 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
             check_broadcastable("residual", residual, tuple(shape))
         if residual.dtype != x.dtype:
             raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
-    if type(momentum) is not float:
+    cumulative = momentum is None and num_batches_tracked is not None
+    if num_batches_tracked is not None and (type(num_batches_tracked) is not torch.Tensor or
+                                            num_batches_tracked.numel() != 1):
+        raise TypeError(f"num_batches_tracked must be a one-element tensor (the module's "
+                        f"counter), got {num_batches_tracked!r}")
+    if cumulative:
+        momentum = 0.0
+    elif type(momentum) is not float:
         momentum = _check_momentum(momentum)
     if type(eps) is not float or not eps >= 0:
         if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps >= 0:
@@ -294,15 +371,16 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
         if r3.dim() != 3:
             r3 = r3.reshape(N, C, S)
     save = needs_grad(x3, r3, weight, bias)
-    if training:
+    if training and not _traced():  # the op updates the running stats and the counter
+        y, _, _ = batch_norm_act_fwd(x3, r3, weight, bias, running_mean, running_var, True, eps,
+                                     act, act_param, save, momentum, num_batches_tracked,
+                                     cumulative)
+    elif training:
         y, mean, var = batch_norm_act_fwd(x3, r3, weight, bias, None, None, True, eps, act,
-                                          act_param, save)
-        if running_mean is not None and count > 0:  # torch leaves them for an empty batch
-            if is_grad_enabled():
-                with torch.no_grad():
-                    _update_running(running_mean, running_var, mean, var, momentum, count)
-            else:
-                _update_running(running_mean, running_var, mean, var, momentum, count)
+                                          act_param, True)
+        if running_mean is not None or num_batches_tracked is not None:
+            batch_norm_running(mean.detach(), var.detach(), running_mean, running_var,
+                               num_batches_tracked, momentum, count, cumulative)
     else:
         y, _, _ = batch_norm_act_fwd(x3, r3, weight, bias, running_mean, running_var, False, eps,
                                      act, act_param, save)

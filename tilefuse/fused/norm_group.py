@@ -137,9 +137,13 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, num_groups, eps, activation, act_param = inputs
     ctx.num_groups, ctx.activation, ctx.act_param = num_groups, activation, act_param
     ctx.save_for_backward(x, weight, bias, output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no zero gradients built for mean/rstd (None instead)
 
 
 def _backward(ctx, dy, _dmean, _drstd):
+    if dy is None:  # (grads are not materialised: y unused)
+        return (None,) * 7
     x, weight, bias, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad
     need_dw = weight is not None and need[1]

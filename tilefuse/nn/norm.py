@@ -106,12 +106,13 @@ class GroupNormAct(_ActMixin, torch.nn.GroupNorm):
 class _BatchNormActBase(_ActMixin):
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         self._check_input_dim(input)
-        # the same bookkeeping as torch.nn.modules.batchnorm._BatchNorm.forward
-        eaf = 0.0 if self.momentum is None else self.momentum
+        # the bookkeeping of torch.nn.modules.batchnorm._BatchNorm.forward; the op increments
+        # num_batches_tracked and takes 1 / num_batches_tracked for momentum=None itself (in
+        # its finalize kernel: no host sync, no extra launch)
+        nbt = None
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            eaf = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                   else self.momentum)
+            nbt = self.num_batches_tracked
+        momentum = self.momentum if (self.momentum is not None or nbt is not None) else 0.0
         if self.training:
             bn_training = True
         else:
@@ -120,8 +121,8 @@ class _BatchNormActBase(_ActMixin):
         return batch_norm_act(
             input, self.running_mean if use_running else None,
             self.running_var if use_running else None, self.weight, self.bias,
-            training=bn_training, momentum=eaf, eps=self.eps, activation=self._act(),
-            residual=residual)
+            training=bn_training, momentum=momentum, eps=self.eps, activation=self._act(),
+            residual=residual, num_batches_tracked=nbt)
 
 
 class BatchNormAct1d(_BatchNormActBase, torch.nn.BatchNorm1d):

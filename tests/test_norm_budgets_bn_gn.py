@@ -1,0 +1,86 @@
+"""BatchNorm / GroupNorm memory-traffic and launch budgets (issue 17), counted in the interpreter
+with tilefuse.bench.traffic: deterministic counts, not timings.
+
+Budgets per call, forward and backward: distinct bytes <= 1.15x the minimal traffic (each input
+read once, each output written once, the running stats read and written), issued bytes <= 2.05x
+(the statistics pass reads x twice, from cache on a GPU), at most 3 launches (Triton kernels plus
+torch ops other than views and allocations): BatchNorm training is statistics, finalize (merge,
+running stats, num_batches_tracked) and apply; its backward a reduction and an apply.
+"""
+import pytest
+import torch
+
+import tilefuse
+from tilefuse.bench.traffic import count_traffic, nbytes
+
+DISTINCT, ISSUED, LAUNCHES = 1.15, 2.05, 3
+
+
+def _check(t, minimal, launches=LAUNCHES):
+    assert t.launches <= launches, (t.kernels, t.torch_ops)
+    assert t.distinct_bytes <= DISTINCT * minimal, t.distinct_bytes / minimal
+    assert t.issued_bytes <= ISSUED * minimal, t.issued_bytes / minimal
+
+
+def _bn_module(C, dtype, act, momentum):
+    m = tilefuse.nn.BatchNormAct2d(C, momentum=momentum, activation=act)
+    with torch.no_grad():
+        m.weight.normal_(), m.bias.normal_()
+    return m
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("shape,cl,residual", [
+    ((8, 16, 32, 32), False, False),   # the issue's case (NCHW)
+    ((4, 8, 7, 9), False, True),       # odd spatial size, residual
+    ((4, 8, 6, 6), True, False),       # channels_last
+    ((256, 24, 1, 1), False, False),   # S = 1
+])
+def test_batch_norm_train_budgets(shape, cl, residual, momentum):
+    torch.manual_seed(0)
+    C = shape[1]
+    m = _bn_module(C, torch.bfloat16, "relu", momentum)
+    x = torch.randn(*shape, dtype=torch.bfloat16)
+    r = torch.randn(*shape, dtype=torch.bfloat16) if residual else None
+    if cl:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    stats = (m.running_mean, m.running_var, m.num_batches_tracked)
+    ref = torch.nn.BatchNorm2d(C, momentum=momentum)
+    ref.load_state_dict(m.state_dict())
+    with count_traffic() as fwd:
+        y = m(x, residual=r)
+    assert fwd.kernels == 3, (fwd.kernels, fwd.torch_ops)  # stats, finalize, apply
+    _check(fwd, nbytes(x, r, m.weight, m.bias, y, *stats, *stats))
+    z = ref(x.detach().float()) + (r.float() if residual else 0)
+    torch.testing.assert_close(y.float(), torch.relu(z), atol=0.05, rtol=0.02)
+    for k, v in ref.state_dict().items():  # running stats and the counter, updated in-kernel
+        torch.testing.assert_close(m.state_dict()[k], v, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    with count_traffic() as bwd:
+        y.backward(g)
+    assert bwd.launches <= 2, (bwd.kernels, bwd.torch_ops)
+    # (the backward re-reads the residual for the activation's derivative at z)
+    _check(bwd, nbytes(g, x, r, m.weight, m.bias, x.grad, m.weight.grad, m.bias.grad), 2)
+
+
+def test_batch_norm_eval_budget():
+    m = _bn_module(8, torch.float32, "silu", 0.1).eval()
+    x = torch.randn(4, 8, 5, 5)
+    with torch.no_grad(), count_traffic() as t:
+        y = m(x)
+    assert t.launches == 1
+    _check(t, nbytes(x, m.weight, m.bias, m.running_mean, m.running_var, y))
+
+
+def test_batch_norm_nchw_walks_samples_without_division():
+    """NCHW with several samples: the kernels walk (n, run of s) (no per-element division); the
+    collapsible layouts (channels_last, N == 1, S == 1) are one run."""
+    import tilefuse.kernels.norm_bn as kb
+
+    x = torch.randn(3, 4, 5, 5).reshape(3, 4, 25)
+    assert kb._geometry(3, 25, x) == (3, 25)
+    cl = torch.randn(3, 4, 5, 5).to(memory_format=torch.channels_last).reshape(3, 4, 25)
+    assert kb._geometry(3, 25, cl) == (1, 75)
+    assert kb._geometry(1, 25, x[:1]) == (1, 25)
+    assert kb._geometry(3, 1, torch.randn(3, 4, 1)) == (1, 3)

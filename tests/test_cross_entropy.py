@@ -14,11 +14,19 @@ def _check(logits, target, **kw):
     out = ops.cross_entropy(x, target, **kw)
     g = torch.randn_like(out, dtype=torch.float32).to(out.dtype)
     (gx,) = torch.autograd.grad(out, x, g)
+
+    def cast(dtype):  # torch wants the weight (and probability targets) in the logits' dtype
+        w = kw.get("weight")
+        kw2 = dict(kw, weight=w.to(dtype)) if w is not None else kw
+        return (target.to(dtype) if target.dtype.is_floating_point else target), kw2
+
     x64 = logits.detach().double().requires_grad_()
-    ref = F.cross_entropy(x64, target, **kw)
+    t64, kw64 = cast(torch.float64)
+    ref = F.cross_entropy(x64, t64, **kw64)
     (gref,) = torch.autograd.grad(ref, x64, g.double())
     xe = logits.detach().clone().requires_grad_()
-    eager = F.cross_entropy(xe, target, **kw)
+    te, kwe = cast(logits.dtype)
+    eager = F.cross_entropy(xe, te, **kwe)
     (ge,) = torch.autograd.grad(eager, xe, g)
     assert out.dtype == eager.dtype
     assert_close_to_ref(out, ref, eager, name="loss")
@@ -34,21 +42,26 @@ def test_matches_torch(device, dtype):
         _check(logits, target, label_smoothing=eps, reduction=reduction)
 
 
-def test_wide_rows_chunked(device):
-    from tilefuse.kernels.cross_entropy import launch_cross_entropy
+@pytest.mark.parametrize("kind", ["index", "index_weight", "probs", "probs_weight"])
+def test_wide_rows_chunked(device, monkeypatch, kind):
+    """Rows of several BLOCK-wide chunks (the chunked single-exp online softmax, the weight and
+    probability sums across chunks, the chunked backward)."""
+    import tilefuse.kernels.cross_entropy as kce
 
+    monkeypatch.setattr(kce, "_block", lambda V, is_cuda: 1024)
+    kce._LAUNCH.clear()
     V = 3001  # prime, several chunks at BLOCK=1024 (the default interpreter block is one chunk)
-    logits = torch.randn(5, V, device=device, dtype=torch.float16) * 3
-    target = torch.tensor([0, V - 1, 17, -100, 2999], device=device)
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(5, V, generator=g) * 3).to(device, torch.float16)
+    if kind.startswith("probs"):
+        target = torch.softmax(torch.randn(5, V, generator=g) * 4, 1).to(device)
+    else:
+        target = torch.tensor([0, V - 1, 17, -100, 2999], device=device)
+    weight = torch.rand(V, generator=g).to(device) if kind.endswith("weight") else None
+    for reduction in ("mean", "none"):
+        _check(logits.float(), target, label_smoothing=0.2, weight=weight, reduction=reduction)
     _check(logits, target, label_smoothing=0.2)
-    loss = torch.empty(5, device=device)
-    grad = torch.empty(5, V, device=device)
-    launch_cross_entropy(logits.float(), target, loss, grad, -100, 0.2, block=1024)
-    x64 = logits.double().requires_grad_()
-    ref = F.cross_entropy(x64, target, label_smoothing=0.2, reduction="none")
-    (gref,) = torch.autograd.grad(ref.sum(), x64)
-    assert torch.allclose(loss.double(), ref.detach(), atol=1e-4)
-    assert torch.allclose(grad.double(), gref, atol=1e-6)
+    kce._LAUNCH.clear()
 
 
 def test_shapes_and_layouts(device):
@@ -81,8 +94,14 @@ def test_ignore_all_and_empty(device):
 def test_errors(device):
     x = torch.randn(4, 6, device=device)
     t = torch.randint(0, 6, (4,), device=device)
-    with pytest.raises(TypeError, match="target"):
+    with pytest.raises(ValueError, match="target"):  # probabilities need the logits' shape
         ops.cross_entropy(x, t.float())
+    with pytest.raises(TypeError, match="target"):
+        ops.cross_entropy(x, t.bool())
+    with pytest.raises(ValueError, match="weight"):
+        ops.cross_entropy(x, t, weight=torch.ones(5, device=device))
+    with pytest.raises(TypeError, match="weight"):
+        ops.cross_entropy(x, t, weight=torch.ones(6, dtype=torch.long, device=device))
     with pytest.raises(TypeError, match="logits"):
         ops.cross_entropy(t, t)
     with pytest.raises(ValueError, match="target"):
@@ -149,3 +168,38 @@ def test_out_of_range_target_cuda_asserts(tmp_path):
             "torch.cuda.synchronize()\nprint('NO ERROR', l.item())\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "NO ERROR" not in r.stdout
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("eps", [0.0, 0.15])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_probability_targets_and_weights(device, reduction, eps, weighted):
+    """Class-probability targets (float, the logits' shape; MixUp's soft labels) and class
+    weights, with label smoothing as torch defines it, in 2-D and (N, C, d) layouts."""
+    g = torch.Generator().manual_seed(int(eps * 100) + weighted)
+    w = torch.rand(9, generator=g).to(device) if weighted else None
+    x = (torch.randn(6, 9, generator=g) * 3).to(device)
+    q = torch.softmax(torch.randn(6, 9, generator=g), 1).to(device)
+    _check(x, q, label_smoothing=eps, reduction=reduction, weight=w)
+    t = torch.randint(0, 9, (6,), generator=g).to(device)
+    t[1] = -100
+    _check(x, t, label_smoothing=eps, reduction=reduction, weight=w)
+    x3 = torch.randn(2, 9, 3, generator=g).to(device)
+    q3 = torch.softmax(torch.randn(2, 9, 3, generator=g), 1).to(device)
+    _check(x3, q3, label_smoothing=eps, reduction=reduction, weight=w)
+    _check(x[0], q[0], label_smoothing=eps, reduction=reduction, weight=w)  # unbatched
+
+
+def test_probability_target_gradient(device):
+    """A probability target that requires grad gets torch's gradient too."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 7, generator=g).to(device).requires_grad_()
+    q = torch.softmax(torch.randn(4, 7, generator=g), 1).to(device).requires_grad_()
+    w = torch.rand(7, generator=g).to(device)
+    out = ops.cross_entropy(x, q, label_smoothing=0.1, weight=w)
+    gx, gq = torch.autograd.grad(out, (x, q))
+    xr, qr = x.detach().double().requires_grad_(), q.detach().double().requires_grad_()
+    ref = F.cross_entropy(xr, qr, weight=w.double(), label_smoothing=0.1)
+    rx, rq = torch.autograd.grad(ref, (xr, qr))
+    assert torch.allclose(out.double(), ref, atol=1e-6)
+    assert torch.allclose(gx.double(), rx, atol=1e-6) and torch.allclose(gq.double(), rq, atol=1e-6)

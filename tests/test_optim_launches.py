@@ -286,3 +286,32 @@ def test_found_inf_skips_on_device_and_keeps_the_step(name, kw, monkeypatch):
             ob.step()
     del oa.found_inf
     _assert_same(oa, ob, pa, pb)
+
+
+@pytest.mark.parametrize("offset,aligned", [(32, True), (17, False)])
+def test_alignment_hint_only_for_aligned_offsets(offset, aligned, monkeypatch):
+    """Params carved from one flat buffer: at 16-element multiples the table is ``aligned``
+    (the kernels hint tl.multiple_of and vectorize), at an odd offset it is not; both match
+    torch's AdamW. Chunks both full (unmasked) and partial (masked tail) run."""
+    seen = []
+    run = K.launch_update
+
+    def spy(kernel, table, *a, **kw):
+        seen.append(table.aligned)
+        return run(kernel, table, *a, **kw)
+
+    monkeypatch.setattr(K, "launch_update", spy)
+    flat = torch.randn(offset + 40)
+    ps = [torch.nn.Parameter(flat[:offset]), torch.nn.Parameter(flat[offset:offset + 40])]
+    refs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt = tfo.AdamW(ps, lr=1e-2, weight_decay=0.1)
+    ref = torch.optim.AdamW(refs, lr=1e-2, weight_decay=0.1)
+    for _ in range(2):
+        for p, r in zip(ps, refs):
+            g = torch.randn_like(p)
+            p.grad, r.grad = g.clone(), g
+        opt.step()
+        ref.step()
+    assert seen and all(s is aligned for s in seen)
+    for p, r in zip(ps, refs):  # (1 ulp from torch's CPU loop, as before the hint)
+        torch.testing.assert_close(p, r)

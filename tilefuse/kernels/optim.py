@@ -38,20 +38,54 @@ from tilefuse.kernels.optim_table import compute_dtype
 @triton.jit
 def _chunk(ctab_ptr, cstart_ptr, tab_ptr, finf_ptr, NCOLS: tl.constexpr, HAS_FINF: tl.constexpr,
            BLOCK: tl.constexpr):
-    """Program -> (tensor index t, its table row, numel n, live, element indices, mask). When
-    GradScaler's found_inf is set (HAS_FINF), ``live`` is false and the mask all-false: nothing
-    is loaded or stored."""
+    """Program -> (tensor index t, its table row, numel n, live, first element ``start`` (a
+    scalar), lane indices ``ar`` (int32), mask, ``full``). Elements are addressed as a scalar
+    base pointer + ``ar``: no per-element int64 offsets. ``full``: the whole chunk is in range
+    (and live), so the loads/stores need no mask and vectorize. When GradScaler's found_inf is
+    set (HAS_FINF), ``live`` is false and the mask all-false: nothing is loaded or stored."""
     t = tl.load(ctab_ptr + tl.program_id(0)).to(tl.int64)
     row = tab_ptr + t * NCOLS
-    idx = tl.load(cstart_ptr + tl.program_id(0)) + tl.arange(0, BLOCK).to(tl.int64)
+    start = tl.load(cstart_ptr + tl.program_id(0))
+    ar = tl.arange(0, BLOCK)
     n = tl.load(row)
     if HAS_FINF:
         live = tl.load(finf_ptr) == 0
-        mask = idx < tl.where(live, n, 0)
+        rem = tl.where(live, n - start, 0)
     else:
         live = n >= 0
-        mask = idx < n
-    return t, row, n, live, idx, mask
+        rem = n - start
+    mask = ar < rem
+    full = rem >= BLOCK
+    return t, row, n, live, start, ar, mask, full
+
+
+@triton.jit
+def _base(base_ptr, row, col, start, ALIGNED: tl.constexpr):
+    """Scalar pointer to this chunk's first element of a role: base + table offset + start.
+    ALIGNED (checked on the host): every offset of the bucket is a multiple of 16 elements, and
+    ``start`` is a multiple of BLOCK, so the loads carry the alignment and vectorize."""
+    off = tl.load(row + col) + start
+    if ALIGNED:
+        off = tl.multiple_of(off, 16)
+    return base_ptr + off
+
+
+@triton.jit
+def _ld(ptrs, mask, full):
+    """Unmasked (vectorizable) load for a full chunk, masked for a tensor's last one."""
+    if full:
+        v = tl.load(ptrs)
+    else:
+        v = tl.load(ptrs, mask=mask, other=0.0)
+    return v
+
+
+@triton.jit
+def _st(ptrs, v, mask, full):
+    if full:
+        tl.store(ptrs, v)
+    else:
+        tl.store(ptrs, v, mask=mask)
 
 
 @triton.jit
@@ -89,12 +123,12 @@ def _powi(base, step):
 
 
 @triton.jit
-def _load_grad_param(g_ptrs, gmul_ptr, p_ptrs, master_ptrs, mask, MAXIMIZE: tl.constexpr,
+def _load_grad_param(g_ptrs, gmul_ptr, p_ptrs, master_ptrs, mask, full, MAXIMIZE: tl.constexpr,
                      HAS_MASTER: tl.constexpr, HAS_GMUL: tl.constexpr, GMUL_INV: tl.constexpr,
                      CDT: tl.constexpr):
     """Gradient (x AMP unscale/clip coefficient, negated for maximize) and the param (or its fp32
     master copy), in the compute dtype."""
-    g = tl.load(g_ptrs, mask=mask, other=0.0).to(CDT)
+    g = _ld(g_ptrs, mask, full).to(CDT)
     if HAS_GMUL:
         gm = tl.load(gmul_ptr)
         if GMUL_INV:  # GradScaler's scale: torch unscales by scale.double().reciprocal().float()
@@ -103,17 +137,17 @@ def _load_grad_param(g_ptrs, gmul_ptr, p_ptrs, master_ptrs, mask, MAXIMIZE: tl.c
     if MAXIMIZE:
         g = -g
     if HAS_MASTER:
-        p = tl.load(master_ptrs, mask=mask, other=0.0).to(CDT)
+        p = _ld(master_ptrs, mask, full).to(CDT)
     else:
-        p = tl.load(p_ptrs, mask=mask, other=0.0).to(CDT)
+        p = _ld(p_ptrs, mask, full).to(CDT)
     return g, p
 
 
 @triton.jit
-def _store_param(p, p_ptrs, master_ptrs, mask, HAS_MASTER: tl.constexpr):
+def _store_param(p, p_ptrs, master_ptrs, mask, full, HAS_MASTER: tl.constexpr):
     if HAS_MASTER:
-        tl.store(master_ptrs, p.to(tl.float32), mask=mask)
-    tl.store(p_ptrs, p.to(p_ptrs.dtype.element_ty), mask=mask)
+        _st(master_ptrs, p.to(tl.float32), mask, full)
+    _st(p_ptrs, p.to(p_ptrs.dtype.element_ty), mask, full)
 
 
 # roles: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq, 4 max_exp_avg_sq, 5 master; a step counter
@@ -124,16 +158,16 @@ def adam_kernel(ctab_ptr, cstart_ptr, tab_ptr, sc_ptr, gmul_ptr, finf_ptr, step_
                 AMSGRAD: tl.constexpr, DECOUPLED: tl.constexpr, MAXIMIZE: tl.constexpr,
                 HAS_MASTER: tl.constexpr, HAS_GMUL: tl.constexpr, GMUL_INV: tl.constexpr,
                 HAS_FINF: tl.constexpr, CDT: tl.constexpr, F32: tl.constexpr,
-                BLOCK: tl.constexpr):
-    t, row, n, live, idx, mask = _chunk(ctab_ptr, cstart_ptr, tab_ptr, finf_ptr, 9, HAS_FINF,
+                ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    t, row, n, live, start, ar, mask, full = _chunk(ctab_ptr, cstart_ptr, tab_ptr, finf_ptr, 9, HAS_FINF,
                                         BLOCK)
     step = _advance_step(t, row, n, live, step_ptr, cnt_ptr, 9, BLOCK)
-    p_o = tl.load(row + 1) + idx
-    g_o = tl.load(row + 2) + idx
-    m_o = tl.load(row + 3) + idx
-    v_o = tl.load(row + 4) + idx
-    vmax_o = tl.load(row + 5) + idx
-    master_o = tl.load(row + 6) + idx
+    p_o = _base(p_ptr, row, 1, start, ALIGNED) + ar
+    g_o = _base(g_ptr, row, 2, start, ALIGNED) + ar
+    m_o = _base(m_ptr, row, 3, start, ALIGNED) + ar
+    v_o = _base(v_ptr, row, 4, start, ALIGNED) + ar
+    vmax_o = _base(vmax_ptr, row, 5, start, ALIGNED) + ar
+    master_o = _base(master_ptr, row, 6, start, ALIGNED) + ar
     sc = _scalar(sc_ptr, row, 9, 8)
     lr = tl.load(sc)
     wd = tl.load(sc + 1).to(CDT)
@@ -145,27 +179,27 @@ def adam_kernel(ctab_ptr, cstart_ptr, tab_ptr, sc_ptr, gmul_ptr, finf_ptr, step_
     # torch (Python floats): step_size = lr / (1 - beta1**step), sqrt(1 - beta2**step)
     step_size = (lr / (1.0 - _powi(tl.load(sc + 3), step))).to(CDT)
     bc2_sqrt = tl.sqrt(1.0 - _powi(tl.load(sc + 4), step)).to(CDT)
-    g, p = _load_grad_param(g_ptr + g_o, gmul_ptr, p_ptr + p_o, master_ptr + master_o, mask,
-                            MAXIMIZE, HAS_MASTER, HAS_GMUL, GMUL_INV, CDT)
+    g, p = _load_grad_param(g_o, gmul_ptr, p_o, master_o, mask,
+                            full, MAXIMIZE, HAS_MASTER, HAS_GMUL, GMUL_INV, CDT)
     if DECOUPLED:
         p = p * decay
     else:
         g = g + wd * p
-    m = tl.load(m_ptr + m_o, mask=mask, other=0.0).to(CDT)
+    m = _ld(m_o, mask, full).to(CDT)
     d = g - m  # torch.lerp's two-branch formula (CPU and CUDA)
     m = tl.where(w1 < 0.5, m + w1 * d, g - d * (1.0 - w1))
-    v = tl.load(v_ptr + v_o, mask=mask, other=0.0).to(CDT) * beta2 + omb2 * g * g
-    tl.store(m_ptr + m_o, m.to(m_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_ptr + v_o, v.to(v_ptr.dtype.element_ty), mask=mask)
+    v = _ld(v_o, mask, full).to(CDT) * beta2 + omb2 * g * g
+    _st(m_o, m.to(m_ptr.dtype.element_ty), mask, full)
+    _st(v_o, v.to(v_ptr.dtype.element_ty), mask, full)
     if AMSGRAD:
-        v = tl.maximum(tl.load(vmax_ptr + vmax_o, mask=mask, other=0.0).to(CDT), v)
-        tl.store(vmax_ptr + vmax_o, v.to(vmax_ptr.dtype.element_ty), mask=mask)
+        v = tl.maximum(_ld(vmax_o, mask, full).to(CDT), v)
+        _st(vmax_o, v.to(vmax_ptr.dtype.element_ty), mask, full)
     if F32:  # IEEE-rounded sqrt / div like torch (plain sqrt and / are approximate for fp32)
         upd = tl.div_rn(m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
     else:
         upd = m / (tl.sqrt(v) / bc2_sqrt + eps)
     p = p - step_size * upd
-    _store_param(p, p_ptr + p_o, master_ptr + master_o, mask, HAS_MASTER)
+    _store_param(p, p_o, master_o, mask, full, HAS_MASTER)
 
 
 # roles: 0 param, 1 grad, 2 momentum_buffer, 3 master (no step counter)
@@ -177,29 +211,29 @@ def sgd_kernel(ctab_ptr, cstart_ptr, tab_ptr, sc_ptr, gmul_ptr, finf_ptr, step_p
                MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
                HAS_MASTER: tl.constexpr, HAS_GMUL: tl.constexpr, GMUL_INV: tl.constexpr,
                HAS_FINF: tl.constexpr, CDT: tl.constexpr, F32: tl.constexpr,
-               BLOCK: tl.constexpr):
-    t, row, n, live, idx, mask = _chunk(ctab_ptr, cstart_ptr, tab_ptr, finf_ptr, 7, HAS_FINF,
+               ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    t, row, n, live, start, ar, mask, full = _chunk(ctab_ptr, cstart_ptr, tab_ptr, finf_ptr, 7, HAS_FINF,
                                         BLOCK)
-    p_o = tl.load(row + 1) + idx
-    g_o = tl.load(row + 2) + idx
-    buf_o = tl.load(row + 3) + idx
-    master_o = tl.load(row + 4) + idx
+    p_o = _base(p_ptr, row, 1, start, ALIGNED) + ar
+    g_o = _base(g_ptr, row, 2, start, ALIGNED) + ar
+    buf_o = _base(buf_ptr, row, 3, start, ALIGNED) + ar
+    master_o = _base(master_ptr, row, 4, start, ALIGNED) + ar
     sc = _scalar(sc_ptr, row, 7, 5)
     lr = tl.load(sc).to(CDT)
     wd = tl.load(sc + 1).to(CDT)
-    g, p = _load_grad_param(g_ptr + g_o, gmul_ptr, p_ptr + p_o, master_ptr + master_o, mask,
-                            MAXIMIZE, HAS_MASTER, HAS_GMUL, GMUL_INV, CDT)
+    g, p = _load_grad_param(g_o, gmul_ptr, p_o, master_o, mask,
+                            full, MAXIMIZE, HAS_MASTER, HAS_GMUL, GMUL_INV, CDT)
     g = g + wd * p
     if MOMENTUM:
-        buf = tl.load(buf_ptr + buf_o, mask=mask, other=0.0).to(CDT) * tl.load(sc + 2).to(CDT) \
+        buf = _ld(buf_o, mask, full).to(CDT) * tl.load(sc + 2).to(CDT) \
             + g * tl.load(sc + 3).to(CDT)
-        tl.store(buf_ptr + buf_o, buf.to(buf_ptr.dtype.element_ty), mask=mask)
+        _st(buf_o, buf.to(buf_ptr.dtype.element_ty), mask, full)
         if NESTEROV:
             g = g + tl.load(sc + 4).to(CDT) * buf
         else:
             g = buf
     p = p - lr * g
-    _store_param(p, p_ptr + p_o, master_ptr + master_o, mask, HAS_MASTER)
+    _store_param(p, p_o, master_o, mask, full, HAS_MASTER)
 
 
 # roles: 0 param, 1 grad, 2 square_avg, 3 grad_avg, 4 momentum_buffer, 5 master; a step counter
@@ -210,32 +244,32 @@ def rmsprop_kernel(ctab_ptr, cstart_ptr, tab_ptr, sc_ptr, gmul_ptr, finf_ptr, st
                    CENTERED: tl.constexpr, MOMENTUM: tl.constexpr, MAXIMIZE: tl.constexpr,
                    HAS_MASTER: tl.constexpr, HAS_GMUL: tl.constexpr, GMUL_INV: tl.constexpr,
                    HAS_FINF: tl.constexpr, CDT: tl.constexpr, F32: tl.constexpr,
-                   BLOCK: tl.constexpr):
-    t, row, n, live, idx, mask = _chunk(ctab_ptr, cstart_ptr, tab_ptr, finf_ptr, 9, HAS_FINF,
+                   ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    t, row, n, live, start, ar, mask, full = _chunk(ctab_ptr, cstart_ptr, tab_ptr, finf_ptr, 9, HAS_FINF,
                                         BLOCK)
     _advance_step(t, row, n, live, step_ptr, cnt_ptr, 9, BLOCK)  # counted, not used
-    p_o = tl.load(row + 1) + idx
-    g_o = tl.load(row + 2) + idx
-    sq_o = tl.load(row + 3) + idx
-    gavg_o = tl.load(row + 4) + idx
-    buf_o = tl.load(row + 5) + idx
-    master_o = tl.load(row + 6) + idx
+    p_o = _base(p_ptr, row, 1, start, ALIGNED) + ar
+    g_o = _base(g_ptr, row, 2, start, ALIGNED) + ar
+    sq_o = _base(sq_ptr, row, 3, start, ALIGNED) + ar
+    gavg_o = _base(gavg_ptr, row, 4, start, ALIGNED) + ar
+    buf_o = _base(buf_ptr, row, 5, start, ALIGNED) + ar
+    master_o = _base(master_ptr, row, 6, start, ALIGNED) + ar
     sc = _scalar(sc_ptr, row, 9, 6)
     lr = tl.load(sc).to(CDT)
     wd = tl.load(sc + 1).to(CDT)
     alpha = tl.load(sc + 2).to(CDT)
     oma = tl.load(sc + 3).to(CDT)
     eps = tl.load(sc + 4).to(CDT)
-    g, p = _load_grad_param(g_ptr + g_o, gmul_ptr, p_ptr + p_o, master_ptr + master_o, mask,
-                            MAXIMIZE, HAS_MASTER, HAS_GMUL, GMUL_INV, CDT)
+    g, p = _load_grad_param(g_o, gmul_ptr, p_o, master_o, mask,
+                            full, MAXIMIZE, HAS_MASTER, HAS_GMUL, GMUL_INV, CDT)
     g = g + wd * p
-    sq = tl.load(sq_ptr + sq_o, mask=mask, other=0.0).to(CDT) * alpha + oma * g * g
-    tl.store(sq_ptr + sq_o, sq.to(sq_ptr.dtype.element_ty), mask=mask)
+    sq = _ld(sq_o, mask, full).to(CDT) * alpha + oma * g * g
+    _st(sq_o, sq.to(sq_ptr.dtype.element_ty), mask, full)
     if CENTERED:
-        ga = tl.load(gavg_ptr + gavg_o, mask=mask, other=0.0).to(CDT)
+        ga = _ld(gavg_o, mask, full).to(CDT)
         d = g - ga  # torch.lerp's two-branch formula
         ga = tl.where(oma < 0.5, ga + oma * d, g - d * (1.0 - oma))
-        tl.store(gavg_ptr + gavg_o, ga.to(gavg_ptr.dtype.element_ty), mask=mask)
+        _st(gavg_o, ga.to(gavg_ptr.dtype.element_ty), mask, full)
         avg = sq - ga * ga
     else:
         avg = sq
@@ -244,13 +278,13 @@ def rmsprop_kernel(ctab_ptr, cstart_ptr, tab_ptr, sc_ptr, gmul_ptr, finf_ptr, st
     else:
         upd = g / (tl.sqrt(avg) + eps)
     if MOMENTUM:
-        buf = tl.load(buf_ptr + buf_o, mask=mask, other=0.0).to(CDT) * tl.load(sc + 5).to(CDT)
+        buf = _ld(buf_o, mask, full).to(CDT) * tl.load(sc + 5).to(CDT)
         buf = buf + upd
-        tl.store(buf_ptr + buf_o, buf.to(buf_ptr.dtype.element_ty), mask=mask)
+        _st(buf_o, buf.to(buf_ptr.dtype.element_ty), mask, full)
         p = p - lr * buf
     else:
         p = p - lr * upd
-    _store_param(p, p_ptr + p_o, master_ptr + master_o, mask, HAS_MASTER)
+    _store_param(p, p_o, master_o, mask, full, HAS_MASTER)
 
 
 # roles: 0 param, 1 grad, 2 state, 3 master.  ALGO selects the update and its scalars row:
@@ -261,17 +295,18 @@ def single_state_kernel(ctab_ptr, cstart_ptr, tab_ptr, sc_ptr, gmul_ptr, finf_pt
                         cnt_ptr, p_ptr, g_ptr, s_ptr, master_ptr,
                         ALGO: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_MASTER: tl.constexpr,
                         HAS_GMUL: tl.constexpr, GMUL_INV: tl.constexpr, HAS_FINF: tl.constexpr,
-                        CDT: tl.constexpr, F32: tl.constexpr, BLOCK: tl.constexpr):
-    t, row, n, live, idx, mask = _chunk(ctab_ptr, cstart_ptr, tab_ptr, finf_ptr, 7, HAS_FINF,
+                        CDT: tl.constexpr, F32: tl.constexpr, ALIGNED: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    t, row, n, live, start, ar, mask, full = _chunk(ctab_ptr, cstart_ptr, tab_ptr, finf_ptr, 7, HAS_FINF,
                                         BLOCK)
-    p_o = tl.load(row + 1) + idx
-    g_o = tl.load(row + 2) + idx
-    s_o = tl.load(row + 3) + idx
-    master_o = tl.load(row + 4) + idx
+    p_o = _base(p_ptr, row, 1, start, ALIGNED) + ar
+    g_o = _base(g_ptr, row, 2, start, ALIGNED) + ar
+    s_o = _base(s_ptr, row, 3, start, ALIGNED) + ar
+    master_o = _base(master_ptr, row, 4, start, ALIGNED) + ar
     sc = _scalar(sc_ptr, row, 7, 4)
-    g, p = _load_grad_param(g_ptr + g_o, gmul_ptr, p_ptr + p_o, master_ptr + master_o, mask,
-                            MAXIMIZE, HAS_MASTER, HAS_GMUL, GMUL_INV, CDT)
-    s = tl.load(s_ptr + s_o, mask=mask, other=0.0).to(CDT)
+    g, p = _load_grad_param(g_o, gmul_ptr, p_o, master_o, mask,
+                            full, MAXIMIZE, HAS_MASTER, HAS_GMUL, GMUL_INV, CDT)
+    s = _ld(s_o, mask, full).to(CDT)
     if ALGO == "lion":
         lr = tl.load(sc).to(CDT)
         decay = tl.load(sc + 1).to(CDT)
@@ -294,8 +329,8 @@ def single_state_kernel(ctab_ptr, cstart_ptr, tab_ptr, sc_ptr, gmul_ptr, finf_pt
             p = p - clr * tl.div_rn(g, tl.sqrt_rn(s) + eps)
         else:
             p = p - clr * (g / (tl.sqrt(s) + eps))
-    tl.store(s_ptr + s_o, s.to(s_ptr.dtype.element_ty), mask=mask)
-    _store_param(p, p_ptr + p_o, master_ptr + master_o, mask, HAS_MASTER)
+    _st(s_o, s.to(s_ptr.dtype.element_ty), mask, full)
+    _store_param(p, p_o, master_o, mask, full, HAS_MASTER)
 
 
 # an optimizer's ``_kernel`` name -> (its update kernel, the constexprs selecting its algorithm)
@@ -326,5 +361,6 @@ def launch_update(kernel, table, bases, flags: dict, gmul=None, gmul_inv: bool =
                               table.counters if has_step else table.ctab,
                               *bases, HAS_GMUL=gmul is not None, GMUL_INV=gmul_inv,
                               HAS_FINF=found_inf is not None, CDT=compute_dtype(table.dtype),
-                              F32=table.dtype != torch.float64, BLOCK=table.block, num_warps=4,
+                              F32=table.dtype != torch.float64, ALIGNED=table.aligned,
+                              BLOCK=table.block, num_warps=table.num_warps,
                               **flags)

@@ -28,6 +28,8 @@ import torch
 from tilefuse._backend import backend_for, backend_for_device
 from tilefuse.optim._plan import Plan, is_dense, same_layout  # noqa: F401
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -167,7 +169,9 @@ class FusedStepMixin:
         devices = set()
         for p in params_with_grad:
             g = p.grad
-            if g.is_sparse or p.is_complex():
+            if g.is_sparse or p.is_complex() or type(p) not in _PLAIN or type(g) not in _PLAIN:
+                # tensor subclasses (FSDP2's sharded DTensor params, ...): torch's own step,
+                # which dispatches through the subclass (the fused kernel addresses raw storage)
                 return True
             devices.add(p.device)
             devices.add(g.device)

@@ -84,3 +84,37 @@ def test_batch_norm_nchw_walks_samples_without_division():
     assert kb._geometry(3, 25, cl) == (1, 75)
     assert kb._geometry(1, 25, x[:1]) == (1, 25)
     assert kb._geometry(3, 1, torch.randn(3, 4, 1)) == (1, 3)
+
+
+@pytest.mark.parametrize("shape,G,cl,tile", [
+    ((2, 64, 32, 32), 32, False, None),   # the issue's case
+    ((2, 8, 12, 10), 2, True, None),      # channels_last
+    ((1, 8, 24, 24), 2, False, 256),      # batch 1: S split across the statistics grid
+])
+def test_group_norm_budgets(shape, G, cl, tile, monkeypatch):
+    import tilefuse.kernels.norm_group as kg
+
+    if tile:
+        monkeypatch.setattr(kg, "INTERP_TILE", tile)
+        assert kg._geometry(shape[0], shape[1], shape[2] * shape[3], G,
+                            torch.device("cpu"))[1] > 1
+    torch.manual_seed(0)
+    C = shape[1]
+    x = torch.randn(*shape, dtype=torch.bfloat16)
+    if cl:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.randn(C, dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(C, dtype=torch.bfloat16, requires_grad=True)
+    with count_traffic() as fwd:
+        y = tilefuse.ops.group_norm_act(x, G, w, b, activation="silu")
+    _check(fwd, nbytes(x, w, b, y))
+    ref = torch.nn.functional.silu(torch.nn.functional.group_norm(x.detach().float(), G,
+                                                                  w.detach().float(),
+                                                                  b.detach().float()))
+    torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.02)
+    g = torch.randn_like(y)
+    with count_traffic() as bwd:
+        y.backward(g)
+    _check(bwd, nbytes(g, x, w, b, x.grad, w.grad, b.grad))
+    assert w.grad.dtype == torch.bfloat16  # written in the parameters' dtype (no cast op)

@@ -126,3 +126,18 @@ def test_empty_batch_as_torch(shape):
     assert y.shape == torch.nn.functional.silu(ref(x)).shape
     y.sum().backward()
     assert x.grad.shape == x.shape and torch.equal(ours.weight.grad, torch.zeros(6))
+
+
+@pytest.mark.parametrize("cl", [False, True])
+def test_split_statistics_chan_merge(cl, monkeypatch):
+    """Batch 1, few groups: the statistics grid splits each group's S into slices sized by the
+    SM count (a pseudo-device here) and the apply pass merges them (Chan, large mean)."""
+    import tilefuse.kernels.norm_group as kg
+
+    monkeypatch.setattr(kg, "INTERP_TILE", 64)
+    assert kg._geometry(1, 4, 300, 2, torch.device("cpu"))[1] > 1
+    x = torch.randn(1, 4, 15, 20) * 0.5 + 300.0
+    if cl:
+        x = x.to(memory_format=torch.channels_last)
+    check_fwd_bwd(_ours(2, "silu"), _ref(2, "silu"),
+                  dict(x=x, weight=torch.randn(4), bias=torch.randn(4)))

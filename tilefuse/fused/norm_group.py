@@ -118,8 +118,8 @@ def _bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Te
         c2 = (g3 * xh3).mean(-1, keepdim=True)
         r = rstd.to(cd).reshape(N, num_groups, 1)
         dx.copy_(((g3 - c1 - xh3 * c2) * r).reshape(N, C, S))
-        dw = (dz * xhat).sum((0, 2)) if need_dw else empty()  # (fp64 for fp64)
-        db = dz.sum((0, 2)) if need_db else empty()
+        dw = (dz * xhat).sum((0, 2)).to(weight.dtype) if need_dw else empty()
+        db = dz.sum((0, 2)).to(bias.dtype) if need_db else empty()
         return dx, dw, db
     dw, db = _kernels().launch_group_norm_bwd(dy, x, weight, bias, mean, rstd, dx, num_groups,
                                               activation, act_param, need_dw, need_db)
@@ -129,8 +129,9 @@ def _bwd_impl(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Te
 def _bwd_fake(dy, x, weight, bias, mean, rstd, num_groups, activation, act_param, need_dw,
               need_db):
     C, sd = x.shape[1], _stat_dtype(x)
-    return (_empty_like_layout(x), x.new_empty(C if need_dw else 0, dtype=sd),
-            x.new_empty(C if need_db else 0, dtype=sd))
+    return (_empty_like_layout(x), x.new_empty(C, dtype=weight.dtype) if need_dw else
+            x.new_empty(0, dtype=sd), x.new_empty(C, dtype=bias.dtype) if need_db else
+            x.new_empty(0, dtype=sd))
 
 
 def _setup_context(ctx, inputs, output):

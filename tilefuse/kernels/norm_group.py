@@ -1,14 +1,28 @@
 """GroupNorm (and InstanceNorm: ``num_groups == C``) with a fused activation.
 
 The input is viewed as ``(N, C, S)`` with arbitrary strides, ``S`` the flattened spatial dims:
-contiguous NCHW has strides ``(C*S, S, 1)``, channels_last ``(S*C, 1, C)``; both are read in place.
-One program normalises one ``(n, group)`` slab, walking it in ``[BLOCK_C, BLOCK_S]`` tiles:
-pass 1 the mean, pass 2 the mean squared deviation (two-pass fp32: stable for large means),
-pass 3 ``y = act(xhat * w[c] + b[c])``, written with the strides of ``y`` (same memory format).
+contiguous NCHW has strides ``(C*S, S, 1)``, channels_last ``(S*C, 1, C)``; both are read in place
+and the output is written with the strides of ``y`` (same memory format). A group is a
+``[Cg, S]`` slab walked in ``[BLOCK_C, BLOCK_S]`` tiles (a 2-D walk: no per-element division).
 
-Backward, same grid: pass 1 reduces ``sum(g)`` and ``sum(g * xhat)`` (``g = dy * act'(z) * w``)
-and writes per-``(n, c)`` partials of ``dw``/``db``; pass 2 writes ``dx``. The caller sums the
-``(N, C)`` partials over ``n`` (a deterministic two-stage reduction, no atomics).
+Forward, two launches:
+
+* :func:`gn_stats_kernel`, grid ``(N * G, SPLIT)``: ``SPLIT`` slices of ``S`` per group, sized so
+  the grid has about 4 programs per SM (:func:`tilefuse.kernels.sm_count`; a small pseudo-device
+  in the interpreter, so the same rule runs there): each program computes, in fp32, the local mean
+  of ``x - K`` (``K`` the group's first value: exact near the mean) and the local sum of squared
+  deviations (two passes over a slice small enough to stay in cache);
+* :func:`gn_apply_kernel`, grid ``(N * G, S blocks)``, the wide pass: every program merges its
+  group's ``SPLIT`` partials with Chan's formula in a fixed order (the same bits in every
+  program; the first one stores mean/rstd for the backward) and writes
+  ``y = act(xhat * w[c] + b[c])``.
+
+Backward, three launches: :func:`gn_bwd_reduce_kernel` (same grid as the statistics) writes per
+slice the group sums of ``g = dz * w`` and ``g * xhat`` (``dz = dy * act'(z)``) and per-channel
+partials of ``dw``/``db``; :func:`gn_bwd_apply_kernel` (the wide grid) merges the group sums and
+writes ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))``; :func:`gn_param_grad_kernel` sums
+the ``(N * SPLIT, C)`` parameter partials in a fixed order into ``dw``/``db`` in the parameters'
+dtype. No atomics.
 """
 from __future__ import annotations
 
@@ -16,195 +30,341 @@ import torch
 import triton
 import triton.language as tl
 
-from tilefuse.kernels import launch_cache, next_pow2, split_constexprs
+from tilefuse._backend import interpreter_enabled
+from tilefuse.kernels import launch_cache, next_pow2, sm_count, split_constexprs
 from tilefuse.kernels.activations import activation_grad, apply_activation
 
-TILE = 4096  # elements per [BLOCK_C, BLOCK_S] tile
+TILE = 4096         # elements per [BLOCK_C, BLOCK_S] tile on a GPU
+INTERP_TILE = 16384  # the interpreter pays per program (tests shrink it)
 
 
 @triton.jit
-def group_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
-                          C, S, G, Cg, sxn, sxc, sxs, syn, syc, sys_, eps,
-                          HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                          ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+def _slab(pid, G, Cg, sn, sc):
+    """(n, first channel, base offset) of the group of program ``pid`` (``n * G + g``)."""
+    n = pid // G  # (one scalar division per program)
+    c_first = (pid - n * G) * Cg
+    return n, c_first, n * sn + c_first * sc
+
+
+@triton.jit
+def gn_stats_kernel(x_ptr, pmean_ptr, pm2_ptr, S, G, Cg, S_PER, SPLIT, sxn, sxc, sxs,
+                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    n = pid // G
-    c_first = (pid % G) * Cg
-    x_base = x_ptr + n * sxn + c_first * sxc
-    y_base = y_ptr + n * syn + c_first * syc
-    count = Cg * S
+    sp = tl.program_id(1)
+    n, c_first, xo = _slab(pid, G, Cg, sxn, sxc)
+    s_lo = sp * S_PER
+    s_hi = tl.minimum(s_lo + S_PER, S)
+    K = tl.load(x_ptr + xo).to(tl.float32)
     offs_c = tl.arange(0, BLOCK_C)
     offs_s = tl.arange(0, BLOCK_S)
     acc = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
     for c0 in range(0, Cg, BLOCK_C):
-        for s0 in range(0, S, BLOCK_S):
-            c = (c0 + offs_c).to(tl.int64)
-            s = (s0 + offs_s).to(tl.int64)
-            mask = (c < Cg)[:, None] & (s < S)[None, :]
-            acc += tl.load(x_base + c[:, None] * sxc + s[None, :] * sxs, mask=mask,
-                           other=0.0).to(tl.float32)
-    mean = tl.sum(acc) / count
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            c = c0 + offs_c
+            s = s0 + offs_s
+            mask = (c < Cg)[:, None] & (s < s_hi)[None, :]
+            x = tl.load(x_ptr + xo + c[:, None].to(tl.int64) * sxc + s[None, :].to(tl.int64) * sxs,
+                        mask=mask, other=0.0).to(tl.float32)
+            acc += tl.where(mask, x - K, 0.0)
+    count = tl.cast(Cg * (s_hi - s_lo), tl.float32)
+    local_mean = tl.sum(acc) / count
     acc = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
     for c0 in range(0, Cg, BLOCK_C):
-        for s0 in range(0, S, BLOCK_S):
-            c = (c0 + offs_c).to(tl.int64)
-            s = (s0 + offs_s).to(tl.int64)
-            mask = (c < Cg)[:, None] & (s < S)[None, :]
-            x = tl.load(x_base + c[:, None] * sxc + s[None, :] * sxs, mask=mask,
-                        other=0.0).to(tl.float32)
-            d = tl.where(mask, x - mean, 0.0)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            c = c0 + offs_c
+            s = s0 + offs_s
+            mask = (c < Cg)[:, None] & (s < s_hi)[None, :]
+            x = tl.load(x_ptr + xo + c[:, None].to(tl.int64) * sxc + s[None, :].to(tl.int64) * sxs,
+                        mask=mask, other=0.0).to(tl.float32)
+            d = tl.where(mask, (x - K) - local_mean, 0.0)
             acc += d * d
-    rstd = 1.0 / tl.sqrt(tl.sum(acc) / count + eps)
+    tl.store(pmean_ptr + pid * SPLIT + sp, local_mean)
+    tl.store(pm2_ptr + pid * SPLIT + sp, tl.sum(acc))
+
+
+@triton.jit
+def _group_stats(x_ptr, pmean_ptr, pm2_ptr, pid, xo, S, Cg, S_PER, SPLIT, eps):
+    """Chan's merge of a group's SPLIT partials, in a fixed order: (mean, rstd)."""
+    total = tl.cast(Cg * S, tl.float32)
+    acc = 0.0
+    for sp in range(0, SPLIT):
+        cnt = tl.cast(Cg * tl.minimum(S_PER, S - sp * S_PER), tl.float32)
+        acc += tl.load(pmean_ptr + pid * SPLIT + sp) * cnt
+    md = acc / total
+    acc = 0.0
+    for sp in range(0, SPLIT):
+        cnt = tl.cast(Cg * tl.minimum(S_PER, S - sp * S_PER), tl.float32)
+        d = tl.load(pmean_ptr + pid * SPLIT + sp) - md
+        acc += d * d * cnt + tl.load(pm2_ptr + pid * SPLIT + sp)
+    mean = tl.load(x_ptr + xo).to(tl.float32) + md
+    return mean, 1.0 / tl.sqrt(acc / total + eps)
+
+
+@triton.jit
+def gn_apply_kernel(x_ptr, w_ptr, b_ptr, y_ptr, pmean_ptr, pm2_ptr, mean_ptr, rstd_ptr,
+                    S, G, Cg, S_PER, SPLIT, sxn, sxc, sxs, syn, syc, sys_, eps,
+                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, STORE_STATS: tl.constexpr,
+                    ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    n, c_first, xo = _slab(pid, G, Cg, sxn, sxc)
+    mean, rstd = _group_stats(x_ptr, pmean_ptr, pm2_ptr, pid, xo, S, Cg, S_PER, SPLIT, eps)
+    if STORE_STATS:
+        if tl.program_id(1) == 0:
+            tl.store(mean_ptr + pid, mean)
+            tl.store(rstd_ptr + pid, rstd)
+    yo = n * syn + c_first * syc
+    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    smask = s < S
+    s64 = s.to(tl.int64)
     for c0 in range(0, Cg, BLOCK_C):
-        c = (c0 + offs_c).to(tl.int64)
+        c = c0 + tl.arange(0, BLOCK_C)
+        cmask = c < Cg
         w = tl.full((BLOCK_C,), 1.0, tl.float32)
         b = tl.zeros((BLOCK_C,), tl.float32)
         if HAS_W:
-            w = tl.load(w_ptr + c_first + c, mask=c < Cg, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + c_first + c, mask=cmask, other=0.0).to(tl.float32)
         if HAS_B:
-            b = tl.load(b_ptr + c_first + c, mask=c < Cg, other=0.0).to(tl.float32)
-        for s0 in range(0, S, BLOCK_S):
-            s = (s0 + offs_s).to(tl.int64)
-            mask = (c < Cg)[:, None] & (s < S)[None, :]
-            x = tl.load(x_base + c[:, None] * sxc + s[None, :] * sxs, mask=mask,
-                        other=0.0).to(tl.float32)
-            z = (x - mean) * rstd * w[:, None] + b[:, None]
-            y = z
-            if ACTIVATION != 0:  # (skipping the call keeps the interpreter fast)
-                y = apply_activation(z, ACTIVATION, ACT_PARAM)
-            tl.store(y_base + c[:, None] * syc + s[None, :] * sys_,
-                     y.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(mean_ptr + pid, mean)
-    tl.store(rstd_ptr + pid, rstd)
+            b = tl.load(b_ptr + c_first + c, mask=cmask, other=0.0).to(tl.float32)
+        mask = cmask[:, None] & smask[None, :]
+        c64 = c.to(tl.int64)
+        x = tl.load(x_ptr + xo + c64[:, None] * sxc + s64[None, :] * sxs, mask=mask,
+                    other=0.0).to(tl.float32)
+        z = (x - mean) * rstd * w[:, None] + b[:, None]
+        if ACTIVATION != 0:  # (skipping the call keeps the interpreter fast)
+            z = apply_activation(z, ACTIVATION, ACT_PARAM)
+        tl.store(y_ptr + yo + c64[:, None] * syc + s64[None, :] * sys_,
+                 z.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def group_norm_bwd_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dx_ptr,
-                          dw_part_ptr, db_part_ptr,
-                          C, S, G, Cg, sdn, sdc, sds, sxn, sxc, sxs, son, soc, sos,
-                          HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                          ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr,
-                          NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+def _bwd_tile(dy_ptr, x_ptr, w, b, mean, rstd, dyo, xo, c64, s64, mask, sdc, sds, sxc, sxs,
+              ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr):
+    """(xhat, dz = dy * act'(z)) of one tile, zero outside ``mask``."""
+    x = tl.load(x_ptr + xo + c64[:, None] * sxc + s64[None, :] * sxs, mask=mask,
+                other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+    dz = tl.load(dy_ptr + dyo + c64[:, None] * sdc + s64[None, :] * sds, mask=mask,
+                 other=0.0).to(tl.float32)
+    if ACTIVATION != 0:
+        dz = tl.where(mask, dz * activation_grad(xhat * w[:, None] + b[:, None], ACTIVATION,
+                                                 ACT_PARAM), 0.0)
+    return xhat, dz
+
+
+@triton.jit
+def _wb(w_ptr, b_ptr, c_first, c, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+        BLOCK_C: tl.constexpr):
+    w = tl.full((BLOCK_C,), 1.0, tl.float32)
+    b = tl.zeros((BLOCK_C,), tl.float32)
+    if HAS_W:
+        w = tl.load(w_ptr + c_first + c, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_B:
+        b = tl.load(b_ptr + c_first + c, mask=cmask, other=0.0).to(tl.float32)
+    return w, b
+
+
+@triton.jit
+def gn_bwd_reduce_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, pc1_ptr, pc2_ptr,
+                         dwp_ptr, dbp_ptr, C, S, G, Cg, S_PER, SPLIT,
+                         sdn, sdc, sds, sxn, sxc, sxs,
+                         HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACTIVATION: tl.constexpr,
+                         ACT_PARAM: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    n = pid // G
-    c_first = (pid % G) * Cg
-    x_base = x_ptr + n * sxn + c_first * sxc
-    dy_base = dy_ptr + n * sdn + c_first * sdc
-    dx_base = dx_ptr + n * son + c_first * soc
+    sp = tl.program_id(1)
+    n, c_first, xo = _slab(pid, G, Cg, sxn, sxc)
+    dyo = n * sdn + c_first * sdc
     mean = tl.load(mean_ptr + pid)
     rstd = tl.load(rstd_ptr + pid)
-    count = Cg * S
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_s = tl.arange(0, BLOCK_S)
+    s_lo = sp * S_PER
+    s_hi = tl.minimum(s_lo + S_PER, S)
     a1 = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
     a2 = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
-    for phase in tl.static_range(2):
-        if phase == 1:
-            c1 = tl.sum(a1) / count
-            c2 = tl.sum(a2) / count
-        for c0 in range(0, Cg, BLOCK_C):
-            c = (c0 + offs_c).to(tl.int64)
-            w = tl.full((BLOCK_C,), 1.0, tl.float32)
-            b = tl.zeros((BLOCK_C,), tl.float32)
-            if HAS_W:
-                w = tl.load(w_ptr + c_first + c, mask=c < Cg, other=0.0).to(tl.float32)
-            if HAS_B:
-                b = tl.load(b_ptr + c_first + c, mask=c < Cg, other=0.0).to(tl.float32)
-            pw = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
-            pb = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
-            for s0 in range(0, S, BLOCK_S):
-                s = (s0 + offs_s).to(tl.int64)
-                mask = (c < Cg)[:, None] & (s < S)[None, :]
-                x = tl.load(x_base + c[:, None] * sxc + s[None, :] * sxs, mask=mask,
-                            other=0.0).to(tl.float32)
-                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-                dz = tl.load(dy_base + c[:, None] * sdc + s[None, :] * sds, mask=mask,
-                             other=0.0).to(tl.float32)
-                if ACTIVATION != 0:
-                    dz = dz * activation_grad(xhat * w[:, None] + b[:, None], ACTIVATION,
-                                              ACT_PARAM)
-                    dz = tl.where(mask, dz, 0.0)
-                g = dz * w[:, None]
-                if phase == 0:
-                    a1 += g
-                    a2 += g * xhat
-                    pw += dz * xhat
-                    pb += dz
-                else:
-                    dx = (g - c1 - xhat * c2) * rstd
-                    tl.store(dx_base + c[:, None] * soc + s[None, :] * sos,
-                             dx.to(dx_ptr.dtype.element_ty), mask=mask)
-            if phase == 0:
-                part = n * C + c_first + c
-                if NEED_DW:
-                    tl.store(dw_part_ptr + part, tl.sum(pw, axis=1), mask=c < Cg)
-                if NEED_DB:
-                    tl.store(db_part_ptr + part, tl.sum(pb, axis=1), mask=c < Cg)
+    row = (n * SPLIT + sp) * C + c_first  # this program's (N * SPLIT, C) partial row
+    for c0 in range(0, Cg, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cmask = c < Cg
+        c64 = c.to(tl.int64)
+        w, b = _wb(w_ptr, b_ptr, c_first, c, cmask, HAS_W, HAS_B, BLOCK_C)
+        pw = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
+        pb = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = cmask[:, None] & (s < s_hi)[None, :]
+            xhat, dz = _bwd_tile(dy_ptr, x_ptr, w, b, mean, rstd, dyo, xo, c64,
+                                 s.to(tl.int64), mask, sdc, sds, sxc, sxs, ACTIVATION, ACT_PARAM)
+            g = dz * w[:, None]
+            a1 += g
+            a2 += g * xhat
+            pw += dz * xhat
+            pb += dz
+        if NEED_DW:
+            tl.store(dwp_ptr + row + c, tl.sum(pw, axis=1), mask=cmask)
+        if NEED_DB:
+            tl.store(dbp_ptr + row + c, tl.sum(pb, axis=1), mask=cmask)
+    tl.store(pc1_ptr + pid * SPLIT + sp, tl.sum(a1))
+    tl.store(pc2_ptr + pid * SPLIT + sp, tl.sum(a2))
 
 
-def _blocks(Cg: int, S: int) -> tuple[int, int]:
-    block_s = min(next_pow2(S), TILE)
-    block_c = min(next_pow2(Cg), max(1, TILE // block_s))
+@triton.jit
+def gn_bwd_apply_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, pc1_ptr, pc2_ptr, dx_ptr,
+                        S, G, Cg, SPLIT, sdn, sdc, sds, sxn, sxc, sxs, son, soc, sos,
+                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACTIVATION: tl.constexpr,
+                        ACT_PARAM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    n, c_first, xo = _slab(pid, G, Cg, sxn, sxc)
+    dyo = n * sdn + c_first * sdc
+    dxo = n * son + c_first * soc
+    mean = tl.load(mean_ptr + pid)
+    rstd = tl.load(rstd_ptr + pid)
+    c1 = 0.0
+    c2 = 0.0
+    for sp in range(0, SPLIT):  # the slices' group sums, in a fixed order
+        c1 += tl.load(pc1_ptr + pid * SPLIT + sp)
+        c2 += tl.load(pc2_ptr + pid * SPLIT + sp)
+    total = tl.cast(Cg * S, tl.float32)
+    c1 = c1 / total
+    c2 = c2 / total
+    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    smask = s < S
+    s64 = s.to(tl.int64)
+    for c0 in range(0, Cg, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cmask = c < Cg
+        c64 = c.to(tl.int64)
+        w, b = _wb(w_ptr, b_ptr, c_first, c, cmask, HAS_W, HAS_B, BLOCK_C)
+        mask = cmask[:, None] & smask[None, :]
+        xhat, dz = _bwd_tile(dy_ptr, x_ptr, w, b, mean, rstd, dyo, xo, c64, s64, mask,
+                             sdc, sds, sxc, sxs, ACTIVATION, ACT_PARAM)
+        dx = (dz * w[:, None] - c1 - xhat * c2) * rstd
+        tl.store(dx_ptr + dxo + c64[:, None] * soc + s64[None, :] * sos,
+                 dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gn_param_grad_kernel(dwp_ptr, dbp_ptr, dw_ptr, db_ptr, C, ROWS, NEED_DW: tl.constexpr,
+                         NEED_DB: tl.constexpr, BLOCK_C: tl.constexpr):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    aw = tl.zeros((BLOCK_C,), tl.float32)
+    ab = tl.zeros((BLOCK_C,), tl.float32)
+    for r in range(0, ROWS):  # fixed order
+        if NEED_DW:
+            aw += tl.load(dwp_ptr + r * C + c, mask=cmask, other=0.0)
+        if NEED_DB:
+            ab += tl.load(dbp_ptr + r * C + c, mask=cmask, other=0.0)
+    if NEED_DW:
+        tl.store(dw_ptr + c, aw.to(dw_ptr.dtype.element_ty), mask=cmask)
+    if NEED_DB:
+        tl.store(db_ptr + c, ab.to(db_ptr.dtype.element_ty), mask=cmask)
+
+
+def _blocks(Cg: int, S: int, tile: int) -> tuple[int, int]:
+    block_s = min(next_pow2(S), tile)
+    block_c = min(next_pow2(Cg), max(1, tile // block_s))
     return block_c, block_s
+
+
+def _geometry(N: int, C: int, S: int, G: int, device) -> tuple:
+    """(statistics blocks, SPLIT, S_PER, apply blocks, apply S blocks): SPLIT slices of S (a
+    multiple of BLOCK_S each) so that the (N * G, SPLIT) grid has about 4 programs per SM; the
+    apply pass takes [BLOCK_C, BLOCK_S] tiles of a TILE elements, looping over the group's
+    channels."""
+    Cg = C // G
+    tile = INTERP_TILE if interpreter_enabled() else TILE
+    sbc, sbs = _blocks(Cg, S, tile)
+    want = max(1, triton.cdiv(4 * sm_count(device), N * G))
+    split = max(1, min(want, triton.cdiv(S, sbs)))
+    s_per = triton.cdiv(triton.cdiv(S, split), sbs) * sbs
+    split = triton.cdiv(S, s_per)
+    # the wide pass: runs of S short enough that the grid has about 4 programs per SM
+    runs = triton.cdiv(4 * sm_count(device), N * G)
+    abs_ = min(next_pow2(S), tile, max(128, next_pow2(triton.cdiv(S, runs))))
+    abc = min(next_pow2(Cg), max(1, tile // abs_))
+    return (sbc, sbs), split, s_per, (abc, abs_), triton.cdiv(S, abs_)
 
 
 _FWD_LAUNCH = launch_cache()
 _BWD_LAUNCH = launch_cache()
-_FWD_RUNTIME = group_norm_fwd_kernel.arg_names.index("HAS_W")
-_BWD_RUNTIME = group_norm_bwd_kernel.arg_names.index("HAS_W")
-
-
-def _launch(kernel, n_runtime, N, C, S, num_groups, **constexprs):
-    """(grid, Cg, constexprs, options) of one launch signature."""
-    Cg = C // num_groups
-    bc, bs = _blocks(Cg, S)
-    consts, opts = split_constexprs(kernel, n_runtime, dict(
-        constexprs, BLOCK_C=bc, BLOCK_S=bs, num_warps=4))
-    return (N * num_groups,), Cg, consts, opts
+_APPLY_RUNTIME = gn_apply_kernel.arg_names.index("HAS_W")
+_BWD_REDUCE_RUNTIME = gn_bwd_reduce_kernel.arg_names.index("HAS_W")
+_BWD_APPLY_RUNTIME = gn_bwd_apply_kernel.arg_names.index("HAS_W")
 
 
 def launch_group_norm_fwd(x, weight, bias, y, mean, rstd, num_groups: int, eps: float,
                           activation: int, act_param: float):
-    """x, y: (N, C, S) any strides; mean/rstd: (N * num_groups,) fp32. Launch parameters are
-    computed once per signature (:func:`tilefuse.kernels.launch_cache`)."""
+    """x, y: (N, C, S) any strides; mean/rstd: (N * num_groups,) fp32 (written when given; None
+    when no backward will need them). Two launches; launch parameters computed once per
+    signature (:func:`tilefuse.kernels.launch_cache`)."""
     N, C, S = x.shape
     if N == 0:
         return y
-    sig = (N, C, S, num_groups, weight is not None, bias is not None, activation, act_param)
+    store = mean is not None
+    sig = (N, C, S, num_groups, x.device, weight is not None, bias is not None, activation,
+           act_param, store)
     launch = _FWD_LAUNCH.get(sig)
     if launch is None:
-        launch = _FWD_LAUNCH[sig] = _launch(
-            group_norm_fwd_kernel, _FWD_RUNTIME, N, C, S, num_groups, HAS_W=sig[4],
-            HAS_B=sig[5], ACTIVATION=activation, ACT_PARAM=float(act_param))
-    grid, Cg, consts, opts = launch
-    group_norm_fwd_kernel[grid](
-        x, weight if weight is not None else x, bias if bias is not None else x, y, mean, rstd,
-        C, S, num_groups, Cg, *x.stride(), *y.stride(), float(eps), *consts, **opts)
+        (sbc, sbs), split, s_per, (abc, abs_), sblocks = _geometry(N, C, S, num_groups, x.device)
+        consts, opts = split_constexprs(gn_apply_kernel, _APPLY_RUNTIME, dict(
+            HAS_W=sig[5], HAS_B=sig[6], STORE_STATS=store, ACTIVATION=activation,
+            ACT_PARAM=float(act_param), BLOCK_C=abc, BLOCK_S=abs_, num_warps=4))
+        launch = _FWD_LAUNCH[sig] = (split, s_per, dict(BLOCK_C=sbc, BLOCK_S=sbs, num_warps=4),
+                                     (N * num_groups, sblocks), consts, opts)
+    split, s_per, sopts, agrid, consts, opts = launch
+    NG = N * num_groups
+    Cg = C // num_groups
+    pmean = torch.empty(NG * split, device=x.device, dtype=torch.float32)
+    pm2 = torch.empty(NG * split, device=x.device, dtype=torch.float32)
+    sx = x.stride()
+    gn_stats_kernel[(NG, split)](x, pmean, pm2, S, num_groups, Cg, s_per, split, *sx, **sopts)
+    gn_apply_kernel[agrid](
+        x, weight if weight is not None else x, bias if bias is not None else x, y, pmean, pm2,
+        mean if store else pmean, rstd if store else pmean, S, num_groups, Cg, s_per, split,
+        *sx, *y.stride(), float(eps), *consts, **opts)
     return y
 
 
 def launch_group_norm_bwd(dy, x, weight, bias, mean, rstd, dx, num_groups: int,
                           activation: int, act_param: float, need_dw: bool, need_db: bool):
-    """Writes dx (strided like x's output layout); returns fp32 (dw, db) over C, or None."""
+    """Writes dx (strided like x's output layout); returns (dw, db) over C in the parameters'
+    dtype (None where not needed). At most three launches."""
     N, C, S = x.shape
-    dw_part = torch.empty((N, C), device=x.device, dtype=torch.float32) if need_dw else None
-    db_part = torch.empty((N, C), device=x.device, dtype=torch.float32) if need_db else None
-    if N > 0:
-        sig = (N, C, S, num_groups, weight is not None, bias is not None, activation, act_param,
-               need_dw, need_db)
-        launch = _BWD_LAUNCH.get(sig)
-        if launch is None:
-            launch = _BWD_LAUNCH[sig] = _launch(
-                group_norm_bwd_kernel, _BWD_RUNTIME, N, C, S, num_groups, HAS_W=sig[4],
-                HAS_B=sig[5], ACTIVATION=activation, ACT_PARAM=float(act_param),
-                NEED_DW=need_dw, NEED_DB=need_db)
-        grid, Cg, consts, opts = launch
-        group_norm_bwd_kernel[grid](
-            dy, x, weight if weight is not None else x, bias if bias is not None else x,
-            mean, rstd, dx, dw_part if need_dw else rstd, db_part if need_db else rstd,
-            C, S, num_groups, Cg, *dy.stride(), *x.stride(), *dx.stride(), *consts, **opts)
-    dw = dw_part.sum(0) if need_dw else None
-    db = db_part.sum(0) if need_db else None
+    dw = torch.empty(C, device=x.device, dtype=weight.dtype) if need_dw else None
+    db = torch.empty(C, device=x.device, dtype=bias.dtype) if need_db else None
+    if N == 0:
+        return (dw.zero_() if need_dw else None), (db.zero_() if need_db else None)
+    sig = (N, C, S, num_groups, x.device, weight is not None, bias is not None, activation,
+           act_param, need_dw, need_db)
+    launch = _BWD_LAUNCH.get(sig)
+    if launch is None:
+        (sbc, sbs), split, s_per, (abc, abs_), sblocks = _geometry(N, C, S, num_groups, x.device)
+        rconsts, ropts = split_constexprs(gn_bwd_reduce_kernel, _BWD_REDUCE_RUNTIME, dict(
+            HAS_W=sig[5], HAS_B=sig[6], ACTIVATION=activation, ACT_PARAM=float(act_param),
+            NEED_DW=need_dw, NEED_DB=need_db, BLOCK_C=sbc, BLOCK_S=sbs, num_warps=4))
+        aconsts, aopts = split_constexprs(gn_bwd_apply_kernel, _BWD_APPLY_RUNTIME, dict(
+            HAS_W=sig[5], HAS_B=sig[6], ACTIVATION=activation, ACT_PARAM=float(act_param),
+            BLOCK_C=abc, BLOCK_S=abs_, num_warps=4))
+        launch = _BWD_LAUNCH[sig] = (split, s_per, rconsts, ropts, (N * num_groups, sblocks),
+                                     aconsts, aopts, min(next_pow2(C), 1024))
+    split, s_per, rconsts, ropts, agrid, aconsts, aopts, pbc = launch
+    NG = N * num_groups
+    Cg = C // num_groups
+    dev = x.device
+    pc1 = torch.empty(NG * split, device=dev, dtype=torch.float32)
+    pc2 = torch.empty(NG * split, device=dev, dtype=torch.float32)
+    rows = N * split
+    dwp = torch.empty(rows, C, device=dev, dtype=torch.float32) if need_dw else pc1
+    dbp = torch.empty(rows, C, device=dev, dtype=torch.float32) if need_db else pc1
+    w = weight if weight is not None else x
+    b = bias if bias is not None else x
+    sd, sx = dy.stride(), x.stride()
+    gn_bwd_reduce_kernel[(NG, split)](dy, x, w, b, mean, rstd, pc1, pc2, dwp, dbp, C, S,
+                                      num_groups, Cg, s_per, split, *sd, *sx, *rconsts, **ropts)
+    gn_bwd_apply_kernel[agrid](dy, x, w, b, mean, rstd, pc1, pc2, dx, S, num_groups, Cg, split,
+                               *sd, *sx, *dx.stride(), *aconsts, **aopts)
+    if need_dw or need_db:
+        gn_param_grad_kernel[(triton.cdiv(C, pbc),)](
+            dwp, dbp, dw if need_dw else pc1, db if need_db else pc1, C, rows,
+            NEED_DW=need_dw, NEED_DB=need_db, BLOCK_C=pbc, num_warps=4)
     return dw, db

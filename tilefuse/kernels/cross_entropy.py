@@ -52,13 +52,23 @@ def _row_target(t_ptr, w_ptr, row, stride_t, ignore_index, V, HAS_WEIGHT: tl.con
 
 
 @triton.jit
+def _hint(V, stride_xr, stride_tr, VEC: tl.constexpr, SOFT: tl.constexpr):
+    """``(v // VEC) * VEC == v`` (the launcher checked): the results carry divisibility VEC, so
+    row loads vectorize (128-bit) when ``V`` is not a multiple of 16 (e.g. V=1000)."""
+    if SOFT:  # probability targets: (R, V) rows too (class indices: an (R,) vector)
+        stride_tr = (stride_tr // VEC) * VEC
+    return (V // VEC) * VEC, (stride_xr // VEC) * VEC, stride_tr
+
+
+@triton.jit
 def xent_fwd_kernel(
     x_ptr, t_ptr, w_ptr, rows_ptr, stats_ptr, R, V, stride_xr, stride_xc, stride_tr, stride_tc,
     ignore_index, eps,
     SOFT: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, SAVE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, VEC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    V, stride_xr, stride_tr = _hint(V, stride_xr, stride_tr, VEC, SOFT)
     x_row = x_ptr + row * stride_xr
     cols = tl.arange(0, BLOCK)
     m = -3.0e38  # finite: no inf - inf before the first real max
@@ -167,9 +177,11 @@ def xent_bwd_kernel(
     x_ptr, t_ptr, w_ptr, stats_ptr, aux_ptr, go_ptr, gx_ptr, R, V, stride_xr, stride_xc,
     stride_tr, stride_tc, stride_go, stride_gr, ignore_index, eps,
     SOFT: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, MEAN: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, VEC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    V, stride_xr, stride_tr = _hint(V, stride_xr, stride_tr, VEC, SOFT)
+    stride_gr = (stride_gr // VEC) * VEC
     x_row = x_ptr + row * stride_xr
     g_row = gx_ptr + row * stride_gr
     cols = tl.arange(0, BLOCK)
@@ -241,9 +253,28 @@ def _params(kind: str, V: int, is_cuda: bool, flags: tuple, block):
             num_warps=4))
     block = block or _block(V, is_cuda)
     kern, rt = (xent_fwd_kernel, _FWD_RT) if kind == "fwd" else (xent_bwd_kernel, _BWD_RT)
-    names = ("SOFT", "HAS_WEIGHT", "SMOOTH", "SAVE" if kind == "fwd" else "MEAN")
+    names = ("SOFT", "HAS_WEIGHT", "SMOOTH", "SAVE" if kind == "fwd" else "MEAN", "VEC")
     return split_constexprs(kern, rt, dict(zip(names, flags), BLOCK=block,
                                            num_warps=_warps(block)))
+
+
+def _vec(logits, target, grad=None) -> int:
+    """The widest power of two <= 16 bytes dividing V and every row stride (unit column
+    strides only), for :func:`_hint`."""
+    R, V = logits.shape
+    sizes = [V, logits.stride(0)]
+    units = [logits.stride(1)]
+    if target.dim() == 2:
+        sizes.append(target.stride(0))
+        units.append(target.stride(1))
+    if grad is not None:
+        sizes.append(grad.stride(0))
+    if any(u != 1 for u in units) and V > 1:
+        return 1
+    vec = 16 // logits.element_size()
+    while vec > 1 and any(n % vec for n in sizes):
+        vec //= 2
+    return vec
 
 
 def _cached(kind, V, is_cuda, flags, block):
@@ -268,7 +299,8 @@ def launch_forward(logits, target, weight, rows, stats, eps: float, ignore_index
         return
     soft = target.dim() == 2
     consts, opts = _cached("fwd", V, logits.is_cuda,
-                           (soft, weight is not None, eps > 0.0, stats is not None), block)
+                           (soft, weight is not None, eps > 0.0, stats is not None,
+                            _vec(logits, target)), block)
     xent_fwd_kernel[(R,)](
         logits, target, weight if weight is not None else logits, rows,
         stats if stats is not None else rows, R, V, *logits.stride(), *_t_strides(target, soft),
@@ -297,7 +329,8 @@ def launch_backward(logits, target, weight, stats, aux, grad_out, grad, eps: flo
         return
     soft = target.dim() == 2
     consts, opts = _cached("bwd", V, logits.is_cuda,
-                           (soft, weight is not None, eps > 0.0, mean), block)
+                           (soft, weight is not None, eps > 0.0, mean,
+                            _vec(logits, target, grad)), block)
     xent_bwd_kernel[(R,)](
         logits, target, weight if weight is not None else logits, stats, aux, grad_out, grad,
         R, V, *logits.stride(), *_t_strides(target, soft),

@@ -188,8 +188,7 @@ def test_fuzz_dropconnect_statistics(data):
     lead = data.draw(st.sampled_from([(1,), (5,), (2, 3)]), label="lead")
     bias = data.draw(st.booleans(), label="bias")
     p = data.draw(st.sampled_from([0.0, 0.1, 0.3, 0.5, 0.9, 1.0]), label="p")
-    acts = [a for a in ACTS if dtype != torch.float64 or not str(a[0]).count("leaky")]
-    act, act_mod = data.draw(st.sampled_from(acts), label="act")   # fp64 leaky_relu: bug below
+    act, act_mod = data.draw(st.sampled_from(ACTS), label="act")
     tm = _nonzero_weight(randomize(nn.Linear(K, N, bias=bias), g), g)
     lin = tilefuse.nn.Linear(K, N, bias=bias, activation=act, dropconnect=p)
     lin.load_state_dict(tm.state_dict())
@@ -228,8 +227,6 @@ def test_fuzz_dropconnect_statistics(data):
     base = torch.autograd.grad(eager, [xe, we] + ([be] if bias else []), dy)
     n_red = max(K, N, math.prod(lead))
     for name, a, b, e in zip(["x", "weight", "bias"], got, want, base):
-        if name == "bias" and dtype == torch.float64 and 0 < p < 1:
-            continue   # open bug: test_bug_dropconnect_fp64_bias_grad
         check(f"DropConnect grad {name}", a, b, e, n_reduce=n_red)
     assert torch.equal(got[1][~keep], torch.zeros_like(got[1][~keep])), "grad on dropped weights"
     # eval: the plain fused linear, no mask
@@ -241,10 +238,9 @@ def test_fuzz_dropconnect_statistics(data):
 
 
 # test_bug_fp64_leaky_relu_backward: found by test_fuzz_dropconnect_statistics (fp64, p=0: the
-# plain fused linear), open. kernels/activations.py activation_grad builds the slope with
-# tl.where(z > 0, 1.0, ACT_PARAM): an fp32 constant, so fp64 gradients use float32(slope).
-@pytest.mark.xfail(strict=True, reason="fp64 leaky_relu backward uses the fp32-rounded negative "
-                                       "slope (activation_grad: tl.where(z > 0, 1.0, ACT_PARAM))")
+# plain fused linear) as a strict xfail, fixed in dbbf279: kernels/activations.py activation_grad
+# built the slope with tl.where(z > 0, 1.0, ACT_PARAM), an fp32 constant, so fp64 gradients used
+# float32(slope).
 @pytest.mark.parametrize("p", [0.0, 0.5])
 def test_bug_fp64_leaky_relu_backward(p):
     torch.manual_seed(0)
@@ -263,11 +259,8 @@ def test_bug_fp64_leaky_relu_backward(p):
     assert (gx - rx).abs().max().item() < 1e-14                # got ~1e-8 (float32(0.2) - 0.2)
 
 
-# test_bug_dropconnect_fp64_bias_grad: found by test_fuzz_dropconnect_statistics, open.
-# fused/dropout.py _dc_backward: dbias = dz.sum(0, dtype=torch.float32) for every dtype
-# (ops.linear sums fp64 in fp64).
-@pytest.mark.xfail(strict=True, reason="dropconnect_linear: the fp64 bias gradient is summed in "
-                                       "fp32 (_dc_backward: dz.sum(0, dtype=torch.float32))")
+# test_bug_dropconnect_fp64_bias_grad: found by test_fuzz_dropconnect_statistics as a strict
+# xfail, fixed in dbbf279 (fused/dropout.py _dc_backward summed dbias in fp32 for every dtype).
 def test_bug_dropconnect_fp64_bias_grad():
     torch.manual_seed(0)
     x, w = torch.randn(7, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)

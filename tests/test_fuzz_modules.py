@@ -988,15 +988,15 @@ def test_bug_clip_inf_norm_nan_error_if_nonfinite():
 
 
 # test_bug_patch_root_conv: found by test_fuzz_quantize_model (test_fuzz_quant.py) on a patched
-# bare Conv2d, open. When the model *is* the module a rule replaces (a depthwise conv since the
-# depthwise rule, any Conv2d since 538c44d), patch registers the replacement as a child named ""
-# of the unchanged root: state_dict gains '.weight'/'.bias', forward still runs the torch conv,
-# the report says "1 replaced", and quantize then sees the weight as tied and skips the layer.
-@pytest.mark.xfail(strict=True, reason="patch(bare Conv2d) adds a child named '' holding the "
-                                       "replacement; state_dict gains '.weight'/'.bias'")
+# bare Conv2d. When the model *is* the module a rule replaces (a depthwise conv since the
+# depthwise rule, any Conv2d since 538c44d), patch registered the replacement as a child named ""
+# of the unchanged root: state_dict gained '.weight'/'.bias', forward still ran the torch conv,
+# the report said "1 replaced", and quantize then saw the weight as tied and skipped the layer.
+# Fixed: the root is left alone, with the reason in the report.
 @pytest.mark.parametrize("groups", [1, 3])
 def test_bug_patch_root_conv(groups):
     conv = nn.Conv2d(3, 3, 3, padding=1, groups=groups).train()
     fused = tilefuse.patch(conv)
     assert list(fused.state_dict()) == list(conv.state_dict())   # got + ['.weight', '.bias']
     assert [n for n, _ in fused.named_children()] == []          # got ['']
+    assert "not applied, the model itself" in dict(tilefuse.patch_report(fused).left_alone)[""]

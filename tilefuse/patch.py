@@ -340,6 +340,11 @@ def patch(model: nn.Module, ops: Optional[Iterable[str]] = None, inplace: bool =
     planner.declared_residuals()
     planner.rewrite_owners()
     planner.leaves()
+    root = planner.plan.pop("", None)
+    if root is not None:  # a rule matched the model itself: nothing holds it to replace it in
+        report.left_alone.append(("", f"{root[2]}: not applied, the model itself is that module "
+                                      f"(patch replaces sub-modules; build the fused module "
+                                      f"directly, e.g. tilefuse.nn.Conv2d.from_torch)"))
     for path, (new, shared, descr) in planner.plan.items():
         old = model.get_submodule(path)
         if path not in state.originals:

@@ -231,3 +231,12 @@ def test_info_reports_the_gemm_path(capsys):
     assert "no TMA path" in gc.describe_path("cpu")
     assert main(["info"]) == 0
     assert "GEMM path" in capsys.readouterr().out
+
+
+def test_bench_linear_cases_compare_with_cublas_layout():
+    from tilefuse.bench.kernels_matmul import cases
+
+    lin = [c for c in cases("cpu", torch.float32, "tiny") if c.name.startswith("linear/")]
+    assert [c.name for c in lin] == ["linear/16x96x80"]
+    ours, vendor = lin[0].fns["tilefuse"](), lin[0].fns["vendor"]()
+    assert_close_to_ref(ours, vendor.double())

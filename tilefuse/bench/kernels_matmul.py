@@ -9,6 +9,11 @@ Implementations per case:
 * ``vendor``: ``torch.mm(a, w)`` alone (cuBLAS, no epilogue): the roofline anchor, it does less
   work than the others.
 
+``linear/MxNxK`` cases (issue 19) time :func:`tilefuse.ops.linear` without an epilogue against
+``F.linear`` (cuBLAS, ``vendor``) on the weight layout a model has (K-major: the persistent TMA
+path on sm_90), at decode / small-batch / prefill M: the ``x vendor`` column is the ratio to
+cuBLAS. GPU figures: unmeasured until a GPU run.
+
 ``fwd`` cases time the forward; ``fwd+bwd`` cases time forward + backward w.r.t. a, w and bias
 with a fixed upstream gradient. Flops are the matmul flops only (2MNK forward, 6MNK with
 backward); bytes are each operand read/written once per kernel (an analytic lower bound).
@@ -26,6 +31,12 @@ from tilefuse.bench.case import BenchCase, LazyCompiled, fwd, fwd_bwd
 SHAPES = {
     "tiny": [(64, 96, 80)],
     "full": [(4096, 4096, 4096), (8192, 11008, 4096)],
+}
+# (M, N, K) of the linear cases: decode, small batch (text classifier), prefill
+LINEAR_SHAPES = {
+    "tiny": [(16, 96, 80)],
+    "full": [(1, 4096, 4096), (16, 4096, 4096), (128, 768, 768), (256, 4096, 4096),
+             (4096, 4096, 4096), (8192, 8192, 8192)],
 }
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
                torch.float64: "fp64"}
@@ -45,13 +56,32 @@ def _vendor(a, w, b):
     return torch.mm(a, w)
 
 
+def _linear_cases(device, dtype, size) -> List[BenchCase]:
+    import tilefuse
+
+    es = torch.tensor([], dtype=dtype).element_size()
+    out = []
+    for M, N, K in LINEAR_SHAPES[size]:
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        x = torch.randn(M, K, generator=gen).to(device=device, dtype=dtype)
+        w = (torch.randn(N, K, generator=gen) * K ** -0.5).to(device=device, dtype=dtype)
+        out.append(BenchCase(
+            family="matmul", name=f"linear/{M}x{N}x{K}", shape={"M": M, "N": N, "K": K},
+            dtype=DTYPE_NAMES[dtype],
+            fns={"tilefuse": fwd(tilefuse.ops.linear, x, w), "vendor": fwd(F.linear, x, w)},
+            flops=2.0 * M * N * K, bytes=float((M * K + N * K + M * N) * es),
+            bound="memory" if M <= 16 else "compute",
+            note="vendor = F.linear (cuBLAS); weight (N, K) as in a model"))
+    return out
+
+
 def cases(device: str, dtype: torch.dtype, size: str) -> List[BenchCase]:
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"matmul benchmarks take floating dtypes, got {dtype}")
     dname = DTYPE_NAMES[dtype]
     es = torch.tensor([], dtype=dtype).element_size()
     compiled = LazyCompiled(_eager)
-    out: List[BenchCase] = []
+    out: List[BenchCase] = _linear_cases(device, dtype, size) if dtype != torch.float64 else []
     for M, N, K in SHAPES[size]:
         gen = torch.Generator(device="cpu").manual_seed(0)
 

@@ -203,3 +203,34 @@ def test_probability_target_gradient(device):
     rx, rq = torch.autograd.grad(ref, (xr, qr))
     assert torch.allclose(out.double(), ref, atol=1e-6)
     assert torch.allclose(gx.double(), rx, atol=1e-6) and torch.allclose(gq.double(), rq, atol=1e-6)
+
+
+def test_mixup_soft_targets_train_step(device):
+    """MixUp's soft targets through the fused loss: loss and gradients equal torch's (the
+    soft-target path of docs/regularization.md)."""
+    import tilefuse.regularize as R
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 12, device=device), torch.randint(0, 5, (8,), device=device)
+    xm, ym = R.mixup(x, y, 0.4, num_classes=5)
+    lin = torch.nn.Linear(12, 5).to(device)
+    w = torch.rand(5, device=device)
+    out = ops.cross_entropy(lin(xm), ym, label_smoothing=0.1, weight=w)
+    grads = torch.autograd.grad(out, list(lin.parameters()))
+    ref = F.cross_entropy(lin(xm), ym, label_smoothing=0.1, weight=w)
+    refs = torch.autograd.grad(ref, list(lin.parameters()))
+    assert torch.allclose(out, ref, atol=1e-5)
+    for a, b in zip(grads, refs):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("V", [1000, 1024])
+def test_rows_with_vector_hints(device, V):
+    """V and the row strides divisible by 4/8 (not 16): the VEC hints of the kernels; class
+    index targets keep their own (unit) stride."""
+    g = torch.Generator().manual_seed(V)
+    logits = torch.randn(6, V, generator=g).to(device)
+    target = torch.randint(0, V, (6,), generator=g).to(device)
+    _check(logits, target, label_smoothing=0.1)
+    _check(logits.to(torch.bfloat16), target, reduction="none")
+    _check(logits[:, : V - 4], torch.softmax(logits[:, 4:], 1), reduction="sum")

@@ -34,12 +34,19 @@ def mixup(x: Tensor, y: Tensor, alpha: float = 1.0,
 
     ``y`` is either integer class indices ``(N,)`` (then ``num_classes`` is required and the
     mixed targets are soft ``(N, num_classes)`` probabilities) or already-soft float targets
-    ``(N, ...)``. Use the soft targets with :func:`torch.nn.functional.cross_entropy`.
+    ``(N, ...)``. The soft targets go straight into :func:`tilefuse.ops.cross_entropy` as
+    class probabilities (fused: label smoothing and class weights included, gradient in one
+    kernel; docs/regularization.md), or into :func:`torch.nn.functional.cross_entropy`.
 
-    >>> import torch, tilefuse.regularize as R
+    >>> import torch, tilefuse, tilefuse.regularize as R
     >>> xm, ym = R.mixup(torch.randn(4, 3), torch.tensor([0, 1, 2, 1]), 0.4, num_classes=3)
     >>> xm.shape, ym.shape, bool(torch.allclose(ym.sum(1), torch.ones(4)))
     (torch.Size([4, 3]), torch.Size([4, 3]), True)
+    >>> logits = torch.randn(4, 3)
+    >>> loss = tilefuse.ops.cross_entropy(logits, ym, label_smoothing=0.1)
+    >>> bool(torch.allclose(loss, torch.nn.functional.cross_entropy(logits, ym,
+    ...                                                             label_smoothing=0.1)))
+    True
     """
     check_tensor("x", x, dtypes=FLOAT_DTYPES_F64, min_ndim=1)
     check_tensor("y", y, min_ndim=1)

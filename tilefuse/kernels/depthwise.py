@@ -262,10 +262,10 @@ def tile_config(C: int, OH: int, OW: int, channels_last: bool) -> dict:
     small pixel tile; NCHW: a row-major pixel tile with BLOCK_W fitted to OW (8..64, 16-byte rows
     or more) and few channels. Small maps (7x7) take several channels.
     """
-    if channels_last:  # ~2048 elements: 64 channels x 4x8 pixels at most
+    if channels_last:  # ~1024 elements (<= 128 registers on sm_90 up to 7x7 backward)
         bc = fit_block(C, 64, 16)
         bw = fit_block(OW, 8, 4)
-        cap = min(8, max(1, 2048 // (bc * bw)))
+        cap = min(8, max(1, 1024 // (bc * bw)))
         bh = fit_block(OH, cap, max(1, cap // 2))
         return dict(BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc, num_warps=4)
     bw = fit_block(OW, 64, 8)

@@ -141,3 +141,22 @@ def test_split_statistics_chan_merge(cl, monkeypatch):
         x = x.to(memory_format=torch.channels_last)
     check_fwd_bwd(_ours(2, "silu"), _ref(2, "silu"),
                   dict(x=x, weight=torch.randn(4), bias=torch.randn(4)))
+
+
+@pytest.mark.parametrize("shape,G,tile", [((2, 6, 5, 4), 3, None), ((1, 12, 9, 7), 4, 64),
+                                          ((2, 5, 3, 3), 5, None)])
+def test_channels_last_statistics_read_rows_of_channels(shape, G, tile, monkeypatch):
+    """channels_last: the statistics kernel reads [BLOCK_S, C] tiles (channels innermost) and
+    reduces per group (G not a power of two, C not a multiple of it in padding, split slices)."""
+    import tilefuse.kernels.norm_group as kg
+
+    if tile:
+        monkeypatch.setattr(kg, "INTERP_TILE", tile)
+    x = (torch.randn(*shape) * 0.5 + 50.0).to(memory_format=torch.channels_last)
+    N, C = shape[:2]
+    assert kg._cl_stats(x.reshape(N, C, -1), G)
+    if tile:
+        assert kg._geometry(N, C, shape[2] * shape[3], G, x.device, True)[1] > 1
+    out = check_fwd_bwd(_ours(G, "gelu"), _ref(G, "gelu"),
+                        dict(x=x, weight=torch.randn(C), bias=torch.randn(C)))
+    assert out.is_contiguous(memory_format=torch.channels_last)

@@ -7,7 +7,9 @@ and the output is written with the strides of ``y`` (same memory format). A grou
 
 Forward, two launches:
 
-* :func:`gn_stats_kernel`, grid ``(N * G, SPLIT)``: ``SPLIT`` slices of ``S`` per group, sized so
+* :func:`gn_stats_kernel`, grid ``(N * G, SPLIT)`` (channels_last: :func:`gn_stats_cl_kernel`,
+  grid ``(N, SPLIT)``, ``[BLOCK_S, C]`` tiles of whole channel rows reduced per group, the same
+  partials): ``SPLIT`` slices of ``S`` per group, sized so
   the grid has about 4 programs per SM (:func:`tilefuse.kernels.sm_count`; a small pseudo-device
   in the interpreter, so the same rule runs there): each program computes, in fp32, the local mean
   of ``x - K`` (``K`` the group's first value: exact near the mean) and the local sum of squared
@@ -80,6 +82,61 @@ def gn_stats_kernel(x_ptr, pmean_ptr, pm2_ptr, S, G, Cg, S_PER, SPLIT, sxn, sxc,
             acc += d * d
     tl.store(pmean_ptr + pid * SPLIT + sp, local_mean)
     tl.store(pm2_ptr + pid * SPLIT + sp, tl.sum(acc))
+
+
+@triton.jit
+def _to_groups(v, grp, gid):
+    """Per-channel ``v`` ([BLOCK_CC]) summed per group ([G_PAD]) through a channel-group match."""
+    return tl.sum(tl.where(grp[:, None] == gid[None, :], v[:, None], 0.0), axis=0)
+
+
+@triton.jit
+def _to_channels(v, grp, gid):
+    """Per-group ``v`` ([G_PAD]) broadcast to the channels ([BLOCK_CC])."""
+    return tl.sum(tl.where(grp[:, None] == gid[None, :], v[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def gn_stats_cl_kernel(x_ptr, pmean_ptr, pm2_ptr, C, S, G, Cg, S_PER, SPLIT, sxn, sxc, sxs,
+                       BLOCK_S: tl.constexpr, BLOCK_CC: tl.constexpr, G_PAD: tl.constexpr):
+    """Channels innermost (channels_last): a program reads ``[BLOCK_S, C]`` tiles (whole rows of
+    channels, contiguous) of one sample's slice of ``S`` and reduces them per group; grid
+    ``(N, SPLIT)``. The partials (local mean of ``x - K``, sum of squared deviations) are those of
+    :func:`gn_stats_kernel`, so the same apply pass merges them."""
+    n = tl.program_id(0).to(tl.int64)
+    sp = tl.program_id(1)
+    s_lo = sp * S_PER
+    s_hi = tl.minimum(s_lo + S_PER, S)
+    c = tl.arange(0, BLOCK_CC)
+    cmask = c < C
+    grp = tl.where(cmask, c // Cg, G_PAD)  # (one division per channel, not per element)
+    gid = tl.arange(0, G_PAD)
+    xo = x_ptr + n * sxn + c.to(tl.int64) * sxc
+    K = tl.load(x_ptr + n * sxn + (grp * Cg).to(tl.int64) * sxc, mask=cmask,
+                other=0.0).to(tl.float32)  # each channel's group's first value
+    acc = tl.zeros((BLOCK_S, BLOCK_CC), tl.float32)
+    for s0 in range(s_lo, s_hi, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < s_hi)[:, None] & cmask[None, :]
+        x = tl.load(xo[None, :] + s.to(tl.int64)[:, None] * sxs, mask=mask,
+                    other=0.0).to(tl.float32)
+        acc += tl.where(mask, x - K[None, :], 0.0)
+    count = tl.cast(Cg * (s_hi - s_lo), tl.float32)
+    gmean = _to_groups(tl.sum(acc, axis=0), grp, gid) / count
+    cmean = _to_channels(gmean, grp, gid)
+    acc = tl.zeros((BLOCK_S, BLOCK_CC), tl.float32)
+    for s0 in range(s_lo, s_hi, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < s_hi)[:, None] & cmask[None, :]
+        x = tl.load(xo[None, :] + s.to(tl.int64)[:, None] * sxs, mask=mask,
+                    other=0.0).to(tl.float32)
+        d = tl.where(mask, (x - K[None, :]) - cmean[None, :], 0.0)
+        acc += d * d
+    gm2 = _to_groups(tl.sum(acc, axis=0), grp, gid)
+    gmask = gid < G
+    out = (n * G + gid) * SPLIT + sp
+    tl.store(pmean_ptr + out, gmean, mask=gmask)
+    tl.store(pm2_ptr + out, gm2, mask=gmask)
 
 
 @triton.jit
@@ -266,7 +323,16 @@ def _blocks(Cg: int, S: int, tile: int) -> tuple[int, int]:
     return block_c, block_s
 
 
-def _geometry(N: int, C: int, S: int, G: int, device) -> tuple:
+CL_MAX = 16384  # channels_last statistics: BLOCK_CC * G_PAD (the channel-group match) at most
+
+
+def _cl_stats(x, G: int) -> bool:
+    """Whether the channels-innermost statistics kernel serves this input."""
+    N, C, S = x.shape
+    return S > 1 and C > 1 and x.stride(1) == 1 and next_pow2(C) * next_pow2(G) <= CL_MAX
+
+
+def _geometry(N: int, C: int, S: int, G: int, device, cl: bool = False) -> tuple:
     """(statistics blocks, SPLIT, S_PER, apply blocks, apply S blocks): SPLIT slices of S (a
     multiple of BLOCK_S each) so that the (N * G, SPLIT) grid has about 4 programs per SM; the
     apply pass takes [BLOCK_C, BLOCK_S] tiles of a TILE elements, looping over the group's
@@ -274,7 +340,9 @@ def _geometry(N: int, C: int, S: int, G: int, device) -> tuple:
     Cg = C // G
     tile = INTERP_TILE if interpreter_enabled() else TILE
     sbc, sbs = _blocks(Cg, S, tile)
-    want = max(1, triton.cdiv(4 * sm_count(device), N * G))
+    if cl:  # [BLOCK_S, C] tiles, grid (N, SPLIT)
+        sbc, sbs = next_pow2(C), max(1, min(next_pow2(S), tile // next_pow2(C)))
+    want = max(1, triton.cdiv(4 * sm_count(device), N * (1 if cl else G)))
     split = max(1, min(want, triton.cdiv(S, sbs)))
     s_per = triton.cdiv(triton.cdiv(S, split), sbs) * sbs
     split = triton.cdiv(S, s_per)
@@ -301,23 +369,31 @@ def launch_group_norm_fwd(x, weight, bias, y, mean, rstd, num_groups: int, eps: 
     if N == 0:
         return y
     store = mean is not None
+    cl = _cl_stats(x, num_groups)
     sig = (N, C, S, num_groups, x.device, weight is not None, bias is not None, activation,
-           act_param, store)
+           act_param, store, cl)
     launch = _FWD_LAUNCH.get(sig)
     if launch is None:
-        (sbc, sbs), split, s_per, (abc, abs_), sblocks = _geometry(N, C, S, num_groups, x.device)
+        (sbc, sbs), split, s_per, (abc, abs_), sblocks = _geometry(N, C, S, num_groups, x.device,
+                                                                   cl)
         consts, opts = split_constexprs(gn_apply_kernel, _APPLY_RUNTIME, dict(
             HAS_W=sig[5], HAS_B=sig[6], STORE_STATS=store, ACTIVATION=activation,
             ACT_PARAM=float(act_param), BLOCK_C=abc, BLOCK_S=abs_, num_warps=4))
-        launch = _FWD_LAUNCH[sig] = (split, s_per, dict(BLOCK_C=sbc, BLOCK_S=sbs, num_warps=4),
-                                     (N * num_groups, sblocks), consts, opts)
+        sopts = (dict(BLOCK_S=sbs, BLOCK_CC=sbc, G_PAD=next_pow2(num_groups), num_warps=4) if cl
+                 else dict(BLOCK_C=sbc, BLOCK_S=sbs, num_warps=4))
+        launch = _FWD_LAUNCH[sig] = (split, s_per, sopts, (N * num_groups, sblocks), consts, opts)
     split, s_per, sopts, agrid, consts, opts = launch
     NG = N * num_groups
     Cg = C // num_groups
     pmean = torch.empty(NG * split, device=x.device, dtype=torch.float32)
     pm2 = torch.empty(NG * split, device=x.device, dtype=torch.float32)
     sx = x.stride()
-    gn_stats_kernel[(NG, split)](x, pmean, pm2, S, num_groups, Cg, s_per, split, *sx, **sopts)
+    if cl:
+        gn_stats_cl_kernel[(N, split)](x, pmean, pm2, C, S, num_groups, Cg, s_per, split, *sx,
+                                       **sopts)
+    else:
+        gn_stats_kernel[(NG, split)](x, pmean, pm2, S, num_groups, Cg, s_per, split, *sx,
+                                     **sopts)
     gn_apply_kernel[agrid](
         x, weight if weight is not None else x, bias if bias is not None else x, y, pmean, pm2,
         mean if store else pmean, rstd if store else pmean, S, num_groups, Cg, s_per, split,

@@ -77,7 +77,7 @@ def test_weight_grad_reads_dy_once():
     x, w, b = _inputs("nchw")
     y = tilefuse.ops.depthwise_conv2d(x, w, None, padding=1)
     g = torch.randn_like(y)
-    from tilefuse.kernels.depthwise import launch_backward_weight
+    from tilefuse.kernels.depthwise_wgrad import launch_backward_weight
 
     with count_traffic() as t:
         launch_backward_weight(g, x.detach(), (3, 3), (1, 1), (1, 1), (1, 1))

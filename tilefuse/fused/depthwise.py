@@ -24,7 +24,8 @@ from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
 from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, needs_grad
 
 
-_kdw = None  # tilefuse.kernels.depthwise, imported on the first launch (triton is optional)
+_kdw = _kwg = None  # tilefuse.kernels.depthwise(_wgrad), imported on the first launch (triton
+#                     is optional)
 
 
 def _kernels():
@@ -34,6 +35,15 @@ def _kernels():
 
         _kdw = k
     return _kdw
+
+
+def _wgrad():
+    global _kwg
+    if _kwg is None:
+        import tilefuse.kernels.depthwise_wgrad as k
+
+        _kwg = k
+    return _kwg
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -124,7 +134,7 @@ def _bwd_impl(dy: Tensor, saved: Tensor, x: Tensor, weight: Tensor, stride: List
         dx = k.launch_backward_input(dy, weight, torch.empty_like(x), stride, padding, dilation,
                                      saved, activation, act_param)
     if need_weight or need_bias:
-        gw, gb = k.launch_backward_weight(dy, x, (kh, kw), stride, padding, dilation, saved,
+        gw, gb = _wgrad().launch_backward_weight(dy, x, (kh, kw), stride, padding, dilation, saved,
                                           activation, act_param, weight.dtype, need_bias)
         if need_weight:
             dw = gw

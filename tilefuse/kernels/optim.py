@@ -159,8 +159,8 @@ def adam_kernel(ctab_ptr, cstart_ptr, tab_ptr, sc_ptr, gmul_ptr, finf_ptr, step_
                 HAS_MASTER: tl.constexpr, HAS_GMUL: tl.constexpr, GMUL_INV: tl.constexpr,
                 HAS_FINF: tl.constexpr, CDT: tl.constexpr, F32: tl.constexpr,
                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    t, row, n, live, start, ar, mask, full = _chunk(ctab_ptr, cstart_ptr, tab_ptr, finf_ptr, 9, HAS_FINF,
-                                        BLOCK)
+    t, row, n, live, start, ar, mask, full = _chunk(ctab_ptr, cstart_ptr, tab_ptr, finf_ptr,
+                                                      9, HAS_FINF, BLOCK)
     step = _advance_step(t, row, n, live, step_ptr, cnt_ptr, 9, BLOCK)
     p_o = _base(p_ptr, row, 1, start, ALIGNED) + ar
     g_o = _base(g_ptr, row, 2, start, ALIGNED) + ar
@@ -212,8 +212,8 @@ def sgd_kernel(ctab_ptr, cstart_ptr, tab_ptr, sc_ptr, gmul_ptr, finf_ptr, step_p
                HAS_MASTER: tl.constexpr, HAS_GMUL: tl.constexpr, GMUL_INV: tl.constexpr,
                HAS_FINF: tl.constexpr, CDT: tl.constexpr, F32: tl.constexpr,
                ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    t, row, n, live, start, ar, mask, full = _chunk(ctab_ptr, cstart_ptr, tab_ptr, finf_ptr, 7, HAS_FINF,
-                                        BLOCK)
+    t, row, n, live, start, ar, mask, full = _chunk(ctab_ptr, cstart_ptr, tab_ptr, finf_ptr,
+                                                      7, HAS_FINF, BLOCK)
     p_o = _base(p_ptr, row, 1, start, ALIGNED) + ar
     g_o = _base(g_ptr, row, 2, start, ALIGNED) + ar
     buf_o = _base(buf_ptr, row, 3, start, ALIGNED) + ar
@@ -245,8 +245,8 @@ def rmsprop_kernel(ctab_ptr, cstart_ptr, tab_ptr, sc_ptr, gmul_ptr, finf_ptr, st
                    HAS_MASTER: tl.constexpr, HAS_GMUL: tl.constexpr, GMUL_INV: tl.constexpr,
                    HAS_FINF: tl.constexpr, CDT: tl.constexpr, F32: tl.constexpr,
                    ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    t, row, n, live, start, ar, mask, full = _chunk(ctab_ptr, cstart_ptr, tab_ptr, finf_ptr, 9, HAS_FINF,
-                                        BLOCK)
+    t, row, n, live, start, ar, mask, full = _chunk(ctab_ptr, cstart_ptr, tab_ptr, finf_ptr,
+                                                      9, HAS_FINF, BLOCK)
     _advance_step(t, row, n, live, step_ptr, cnt_ptr, 9, BLOCK)  # counted, not used
     p_o = _base(p_ptr, row, 1, start, ALIGNED) + ar
     g_o = _base(g_ptr, row, 2, start, ALIGNED) + ar
@@ -297,8 +297,8 @@ def single_state_kernel(ctab_ptr, cstart_ptr, tab_ptr, sc_ptr, gmul_ptr, finf_pt
                         HAS_GMUL: tl.constexpr, GMUL_INV: tl.constexpr, HAS_FINF: tl.constexpr,
                         CDT: tl.constexpr, F32: tl.constexpr, ALIGNED: tl.constexpr,
                         BLOCK: tl.constexpr):
-    t, row, n, live, start, ar, mask, full = _chunk(ctab_ptr, cstart_ptr, tab_ptr, finf_ptr, 7, HAS_FINF,
-                                        BLOCK)
+    t, row, n, live, start, ar, mask, full = _chunk(ctab_ptr, cstart_ptr, tab_ptr, finf_ptr,
+                                                      7, HAS_FINF, BLOCK)
     p_o = _base(p_ptr, row, 1, start, ALIGNED) + ar
     g_o = _base(g_ptr, row, 2, start, ALIGNED) + ar
     s_o = _base(s_ptr, row, 3, start, ALIGNED) + ar

@@ -225,3 +225,20 @@ def test_compile_traces_soft_and_weighted(kind):
     w = torch.rand(6)
     assert_compiles_to_custom_op(
         lambda x, t: ops.cross_entropy(x, t, 0.1, weight=w), [logits, target], "cross_entropy")
+
+
+@pytest.mark.parametrize("backend", ["default", "torch"])
+@pytest.mark.parametrize("save", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_outputs_match_fake(backend, save, dtype, monkeypatch):
+    """The op's real outputs have the fake kernel's shapes and dtypes (what torch.compile
+    traces with), on both backends, with and without saved statistics."""
+    if backend == "torch":
+        monkeypatch.setenv("TILEFUSE_BACKEND", "torch")
+    x, t = torch.randn(5, 7, dtype=dtype), torch.tensor([0, 6, -100, 3, 3])
+    for target in (t, torch.softmax(torch.randn(5, 7, dtype=dtype), 1)):
+        for red in REDUCTIONS:
+            args = (x, target, None, 0.1, -100, red, save)
+            real, fake = fce._xent_impl(*args), fce._xent_fake(*args)
+            for a, b in zip(real, fake):
+                assert a.shape == b.shape and a.dtype == b.dtype, (red, a.shape, b.shape)

@@ -51,7 +51,8 @@ def _xent_impl(logits: Tensor, target: Tensor, weight: Optional[Tensor], label_s
     logits' dtype, stats (2, R) = [lse, A] (empty unless ``save``), aux (3,) = [mean
     denominator, sum of the weights, targets-valid flag])."""
     if _use_torch(logits):
-        return torch_forward(logits, target, weight, label_smoothing, ignore_index, reduction)
+        return torch_forward(logits, target, weight, label_smoothing, ignore_index, reduction,
+                             save)
     kce = _kce or _kernels()
     R, V = logits.shape
     device = logits.device

@@ -48,7 +48,7 @@ def _torch_hard(target, weight, ignore_index, acc):
     return tc, w_t.masked_fill(ignored, 0.0), ignored
 
 
-def torch_forward(logits, target, weight, eps, ignore_index, reduction):
+def torch_forward(logits, target, weight, eps, ignore_index, reduction, save=True):
     acc = acc_dtype(logits)
     x = logits.to(acc)
     R, V = x.shape
@@ -74,7 +74,8 @@ def torch_forward(logits, target, weight, eps, ignore_index, reduction):
     loss = rows if reduction == "none" else rows.sum()
     if reduction == "mean":
         loss = loss / aux[0]
-    return loss.to(logits.dtype), torch.stack([lse, a]), aux
+    stats = torch.stack([lse, a]) if save else lse.new_empty(0)
+    return loss.to(logits.dtype), stats, aux
 
 
 def torch_backward(grad_out, logits, target, weight, stats, aux, eps, ignore_index, mean):

@@ -1,0 +1,285 @@
+"""The Triton kernels of GroupNorm / InstanceNorm + activation (the design, grids and launch
+parameters: :mod:`tilefuse.kernels.norm_group`, which launches them)."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from tilefuse.kernels.activations import activation_grad, apply_activation
+
+
+@triton.jit
+def _slab(pid, G, Cg, sn, sc):
+    """(n, first channel, base offset) of the group of program ``pid`` (``n * G + g``)."""
+    n = pid // G  # (one scalar division per program)
+    c_first = (pid - n * G) * Cg
+    return n, c_first, n * sn + c_first * sc
+
+
+@triton.jit
+def gn_stats_kernel(x_ptr, pmean_ptr, pm2_ptr, S, G, Cg, S_PER, SPLIT, sxn, sxc, sxs,
+                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    sp = tl.program_id(1)
+    n, c_first, xo = _slab(pid, G, Cg, sxn, sxc)
+    s_lo = sp * S_PER
+    s_hi = tl.minimum(s_lo + S_PER, S)
+    K = tl.load(x_ptr + xo).to(tl.float32)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, BLOCK_S)
+    acc = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
+    for c0 in range(0, Cg, BLOCK_C):
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            c = c0 + offs_c
+            s = s0 + offs_s
+            mask = (c < Cg)[:, None] & (s < s_hi)[None, :]
+            x = tl.load(x_ptr + xo + c[:, None].to(tl.int64) * sxc + s[None, :].to(tl.int64) * sxs,
+                        mask=mask, other=0.0).to(tl.float32)
+            acc += tl.where(mask, x - K, 0.0)
+    count = tl.cast(Cg * (s_hi - s_lo), tl.float32)
+    local_mean = tl.sum(acc) / count
+    acc = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
+    for c0 in range(0, Cg, BLOCK_C):
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            c = c0 + offs_c
+            s = s0 + offs_s
+            mask = (c < Cg)[:, None] & (s < s_hi)[None, :]
+            x = tl.load(x_ptr + xo + c[:, None].to(tl.int64) * sxc + s[None, :].to(tl.int64) * sxs,
+                        mask=mask, other=0.0).to(tl.float32)
+            d = tl.where(mask, (x - K) - local_mean, 0.0)
+            acc += d * d
+    tl.store(pmean_ptr + pid * SPLIT + sp, local_mean)
+    tl.store(pm2_ptr + pid * SPLIT + sp, tl.sum(acc))
+
+
+@triton.jit
+def _to_groups(v, grp, gid):
+    """Per-channel ``v`` ([BLOCK_CC]) summed per group ([G_PAD]) through a channel-group match."""
+    return tl.sum(tl.where(grp[:, None] == gid[None, :], v[:, None], 0.0), axis=0)
+
+
+@triton.jit
+def _to_channels(v, grp, gid):
+    """Per-group ``v`` ([G_PAD]) broadcast to the channels ([BLOCK_CC])."""
+    return tl.sum(tl.where(grp[:, None] == gid[None, :], v[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def gn_stats_cl_kernel(x_ptr, pmean_ptr, pm2_ptr, C, S, G, Cg, S_PER, SPLIT, sxn, sxc, sxs,
+                       BLOCK_S: tl.constexpr, BLOCK_CC: tl.constexpr, G_PAD: tl.constexpr):
+    """Channels innermost (channels_last): a program reads ``[BLOCK_S, C]`` tiles (whole rows of
+    channels, contiguous) of one sample's slice of ``S`` and reduces them per group; grid
+    ``(N, SPLIT)``. The partials (local mean of ``x - K``, sum of squared deviations) are those of
+    :func:`gn_stats_kernel`, so the same apply pass merges them."""
+    n = tl.program_id(0).to(tl.int64)
+    sp = tl.program_id(1)
+    s_lo = sp * S_PER
+    s_hi = tl.minimum(s_lo + S_PER, S)
+    c = tl.arange(0, BLOCK_CC)
+    cmask = c < C
+    grp = tl.where(cmask, c // Cg, G_PAD)  # (one division per channel, not per element)
+    gid = tl.arange(0, G_PAD)
+    xo = x_ptr + n * sxn + c.to(tl.int64) * sxc
+    K = tl.load(x_ptr + n * sxn + (grp * Cg).to(tl.int64) * sxc, mask=cmask,
+                other=0.0).to(tl.float32)  # each channel's group's first value
+    acc = tl.zeros((BLOCK_S, BLOCK_CC), tl.float32)
+    for s0 in range(s_lo, s_hi, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < s_hi)[:, None] & cmask[None, :]
+        x = tl.load(xo[None, :] + s.to(tl.int64)[:, None] * sxs, mask=mask,
+                    other=0.0).to(tl.float32)
+        acc += tl.where(mask, x - K[None, :], 0.0)
+    count = tl.cast(Cg * (s_hi - s_lo), tl.float32)
+    gmean = _to_groups(tl.sum(acc, axis=0), grp, gid) / count
+    cmean = _to_channels(gmean, grp, gid)
+    acc = tl.zeros((BLOCK_S, BLOCK_CC), tl.float32)
+    for s0 in range(s_lo, s_hi, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = (s < s_hi)[:, None] & cmask[None, :]
+        x = tl.load(xo[None, :] + s.to(tl.int64)[:, None] * sxs, mask=mask,
+                    other=0.0).to(tl.float32)
+        d = tl.where(mask, (x - K[None, :]) - cmean[None, :], 0.0)
+        acc += d * d
+    gm2 = _to_groups(tl.sum(acc, axis=0), grp, gid)
+    gmask = gid < G
+    out = (n * G + gid) * SPLIT + sp
+    tl.store(pmean_ptr + out, gmean, mask=gmask)
+    tl.store(pm2_ptr + out, gm2, mask=gmask)
+
+
+@triton.jit
+def _group_stats(x_ptr, pmean_ptr, pm2_ptr, pid, xo, S, Cg, S_PER, SPLIT, eps):
+    """Chan's merge of a group's SPLIT partials, in a fixed order: (mean, rstd)."""
+    total = tl.cast(Cg * S, tl.float32)
+    acc = 0.0
+    for sp in range(0, SPLIT):
+        cnt = tl.cast(Cg * tl.minimum(S_PER, S - sp * S_PER), tl.float32)
+        acc += tl.load(pmean_ptr + pid * SPLIT + sp) * cnt
+    md = acc / total
+    acc = 0.0
+    for sp in range(0, SPLIT):
+        cnt = tl.cast(Cg * tl.minimum(S_PER, S - sp * S_PER), tl.float32)
+        d = tl.load(pmean_ptr + pid * SPLIT + sp) - md
+        acc += d * d * cnt + tl.load(pm2_ptr + pid * SPLIT + sp)
+    mean = tl.load(x_ptr + xo).to(tl.float32) + md
+    return mean, 1.0 / tl.sqrt(acc / total + eps)
+
+
+@triton.jit
+def gn_apply_kernel(x_ptr, w_ptr, b_ptr, y_ptr, pmean_ptr, pm2_ptr, mean_ptr, rstd_ptr,
+                    S, G, Cg, S_PER, SPLIT, sxn, sxc, sxs, syn, syc, sys_, eps,
+                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, STORE_STATS: tl.constexpr,
+                    ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    n, c_first, xo = _slab(pid, G, Cg, sxn, sxc)
+    mean, rstd = _group_stats(x_ptr, pmean_ptr, pm2_ptr, pid, xo, S, Cg, S_PER, SPLIT, eps)
+    if STORE_STATS:
+        if tl.program_id(1) == 0:
+            tl.store(mean_ptr + pid, mean)
+            tl.store(rstd_ptr + pid, rstd)
+    yo = n * syn + c_first * syc
+    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    smask = s < S
+    s64 = s.to(tl.int64)
+    for c0 in range(0, Cg, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cmask = c < Cg
+        w = tl.full((BLOCK_C,), 1.0, tl.float32)
+        b = tl.zeros((BLOCK_C,), tl.float32)
+        if HAS_W:
+            w = tl.load(w_ptr + c_first + c, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_B:
+            b = tl.load(b_ptr + c_first + c, mask=cmask, other=0.0).to(tl.float32)
+        mask = cmask[:, None] & smask[None, :]
+        c64 = c.to(tl.int64)
+        x = tl.load(x_ptr + xo + c64[:, None] * sxc + s64[None, :] * sxs, mask=mask,
+                    other=0.0).to(tl.float32)
+        z = (x - mean) * rstd * w[:, None] + b[:, None]
+        if ACTIVATION != 0:  # (skipping the call keeps the interpreter fast)
+            z = apply_activation(z, ACTIVATION, ACT_PARAM)
+        tl.store(y_ptr + yo + c64[:, None] * syc + s64[None, :] * sys_,
+                 z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_tile(dy_ptr, x_ptr, w, b, mean, rstd, dyo, xo, c64, s64, mask, sdc, sds, sxc, sxs,
+              ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr):
+    """(xhat, dz = dy * act'(z)) of one tile, zero outside ``mask``."""
+    x = tl.load(x_ptr + xo + c64[:, None] * sxc + s64[None, :] * sxs, mask=mask,
+                other=0.0).to(tl.float32)
+    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+    dz = tl.load(dy_ptr + dyo + c64[:, None] * sdc + s64[None, :] * sds, mask=mask,
+                 other=0.0).to(tl.float32)
+    if ACTIVATION != 0:
+        dz = tl.where(mask, dz * activation_grad(xhat * w[:, None] + b[:, None], ACTIVATION,
+                                                 ACT_PARAM), 0.0)
+    return xhat, dz
+
+
+@triton.jit
+def _wb(w_ptr, b_ptr, c_first, c, cmask, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+        BLOCK_C: tl.constexpr):
+    w = tl.full((BLOCK_C,), 1.0, tl.float32)
+    b = tl.zeros((BLOCK_C,), tl.float32)
+    if HAS_W:
+        w = tl.load(w_ptr + c_first + c, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_B:
+        b = tl.load(b_ptr + c_first + c, mask=cmask, other=0.0).to(tl.float32)
+    return w, b
+
+
+@triton.jit
+def gn_bwd_reduce_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, pc1_ptr, pc2_ptr,
+                         dwp_ptr, dbp_ptr, C, S, G, Cg, S_PER, SPLIT,
+                         sdn, sdc, sds, sxn, sxc, sxs,
+                         HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACTIVATION: tl.constexpr,
+                         ACT_PARAM: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+                         BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    sp = tl.program_id(1)
+    n, c_first, xo = _slab(pid, G, Cg, sxn, sxc)
+    dyo = n * sdn + c_first * sdc
+    mean = tl.load(mean_ptr + pid)
+    rstd = tl.load(rstd_ptr + pid)
+    s_lo = sp * S_PER
+    s_hi = tl.minimum(s_lo + S_PER, S)
+    a1 = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
+    a2 = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
+    row = (n * SPLIT + sp) * C + c_first  # this program's (N * SPLIT, C) partial row
+    for c0 in range(0, Cg, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cmask = c < Cg
+        c64 = c.to(tl.int64)
+        w, b = _wb(w_ptr, b_ptr, c_first, c, cmask, HAS_W, HAS_B, BLOCK_C)
+        pw = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
+        pb = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
+        for s0 in range(s_lo, s_hi, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            mask = cmask[:, None] & (s < s_hi)[None, :]
+            xhat, dz = _bwd_tile(dy_ptr, x_ptr, w, b, mean, rstd, dyo, xo, c64,
+                                 s.to(tl.int64), mask, sdc, sds, sxc, sxs, ACTIVATION, ACT_PARAM)
+            g = dz * w[:, None]
+            a1 += g
+            a2 += g * xhat
+            pw += dz * xhat
+            pb += dz
+        if NEED_DW:
+            tl.store(dwp_ptr + row + c, tl.sum(pw, axis=1), mask=cmask)
+        if NEED_DB:
+            tl.store(dbp_ptr + row + c, tl.sum(pb, axis=1), mask=cmask)
+    tl.store(pc1_ptr + pid * SPLIT + sp, tl.sum(a1))
+    tl.store(pc2_ptr + pid * SPLIT + sp, tl.sum(a2))
+
+
+@triton.jit
+def gn_bwd_apply_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, pc1_ptr, pc2_ptr, dx_ptr,
+                        S, G, Cg, SPLIT, sdn, sdc, sds, sxn, sxc, sxs, son, soc, sos,
+                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, ACTIVATION: tl.constexpr,
+                        ACT_PARAM: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    n, c_first, xo = _slab(pid, G, Cg, sxn, sxc)
+    dyo = n * sdn + c_first * sdc
+    dxo = n * son + c_first * soc
+    mean = tl.load(mean_ptr + pid)
+    rstd = tl.load(rstd_ptr + pid)
+    c1 = 0.0
+    c2 = 0.0
+    for sp in range(0, SPLIT):  # the slices' group sums, in a fixed order
+        c1 += tl.load(pc1_ptr + pid * SPLIT + sp)
+        c2 += tl.load(pc2_ptr + pid * SPLIT + sp)
+    total = tl.cast(Cg * S, tl.float32)
+    c1 = c1 / total
+    c2 = c2 / total
+    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    smask = s < S
+    s64 = s.to(tl.int64)
+    for c0 in range(0, Cg, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        cmask = c < Cg
+        c64 = c.to(tl.int64)
+        w, b = _wb(w_ptr, b_ptr, c_first, c, cmask, HAS_W, HAS_B, BLOCK_C)
+        mask = cmask[:, None] & smask[None, :]
+        xhat, dz = _bwd_tile(dy_ptr, x_ptr, w, b, mean, rstd, dyo, xo, c64, s64, mask,
+                             sdc, sds, sxc, sxs, ACTIVATION, ACT_PARAM)
+        dx = (dz * w[:, None] - c1 - xhat * c2) * rstd
+        tl.store(dx_ptr + dxo + c64[:, None] * soc + s64[None, :] * sos,
+                 dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gn_param_grad_kernel(dwp_ptr, dbp_ptr, dw_ptr, db_ptr, C, ROWS, NEED_DW: tl.constexpr,
+                         NEED_DB: tl.constexpr, BLOCK_C: tl.constexpr):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    aw = tl.zeros((BLOCK_C,), tl.float32)
+    ab = tl.zeros((BLOCK_C,), tl.float32)
+    for r in range(0, ROWS):  # fixed order
+        if NEED_DW:
+            aw += tl.load(dwp_ptr + r * C + c, mask=cmask, other=0.0)
+        if NEED_DB:
+            ab += tl.load(dbp_ptr + r * C + c, mask=cmask, other=0.0)
+    if NEED_DW:
+        tl.store(dw_ptr + c, aw.to(dw_ptr.dtype.element_ty), mask=cmask)
+    if NEED_DB:
+        tl.store(db_ptr + c, ab.to(db_ptr.dtype.element_ty), mask=cmask)

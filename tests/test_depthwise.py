@@ -243,3 +243,22 @@ def test_fit_block_matches_width():
     assert fit_block(28, 64, 8) == 32 and fit_block(7, 64, 8) == 8
     cfg = tile_config(144, 56, 56, False)
     assert 56 % cfg["BLOCK_W"] == 0 and 56 % cfg["BLOCK_H"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("act", ["relu6", "silu"])
+def test_torch_compile_backward(act):
+    """The backward op (dy, saved output or pre-activation, act' folded in) traces with its fake
+    kernel: compiled gradients equal eager ones (saved y for relu6, z for silu)."""
+    x, w, b = (torch.randn(2, 4, 8, 8), torch.randn(4, 1, 3, 3), torch.randn(4))
+
+    def f(x, w, b):
+        return tilefuse.ops.depthwise_conv2d(x, w, b, padding=1, activation=act) * 2
+
+    grads = []
+    for fn in (torch.compile(f, fullgraph=True, backend="aot_eager"), f):
+        ins = [t.clone().requires_grad_() for t in (x, w, b)]
+        fn(*ins).sum().backward()
+        grads.append([t.grad for t in ins])
+    for a, e in zip(*grads):
+        torch.testing.assert_close(a, e)

@@ -44,7 +44,10 @@ def _torch_dist(target, weight, eps, V, acc):
 def _torch_hard(target, weight, ignore_index, acc):
     ignored = target == ignore_index
     tc = torch.where(ignored, 0, target)
-    w_t = weight.to(acc)[tc] if weight is not None else torch.ones(tc.shape, dtype=acc, device=tc.device)
+    if weight is not None:
+        w_t = weight.to(acc)[tc]
+    else:
+        w_t = torch.ones(tc.shape, dtype=acc, device=tc.device)
     return tc, w_t.masked_fill(ignored, 0.0), ignored
 
 

@@ -28,7 +28,6 @@ clears the flag (the caller raises on CPU / asserts on the device).
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 

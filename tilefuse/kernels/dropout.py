@@ -213,8 +213,8 @@ def _launch_params(shape, x_strides, r_strides, o_strides, group: int, out_dtype
     block = _block(n, is_cuda)
     # the strided path draws one Philox per element (int64 index math): 1024 elements per
     # program keep it under ~100 registers; still 8 elements (>= one 128-bit access) per thread
-    block_r, block_c = _tile(sizes[3], block if contig or block <= 4 * RNG_Q else
-                             (STRIDED_GPU_BLOCK if is_cuda and not interpreter_enabled() else block))
+    gpu = is_cuda and not interpreter_enabled()
+    block_r, block_c = _tile(sizes[3], STRIDED_GPU_BLOCK if gpu and not contig else block)
     if contig:
         n_prog = triton.cdiv(n, block)
     else:

@@ -204,3 +204,25 @@ def test_cuda_clip_and_monitor_and_scaler():
             opt.zero_grad()
     for p, q in zip(pa, pb):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("offset", [32, 17])
+def test_clip_grad_norm_aligned_and_unaligned_offsets(offset):
+    """Gradients carved from one flat buffer at a 16-element multiple (aligned hint, unmasked
+    full chunks) or an odd offset (no hint): the same norm and clipped grads as torch."""
+    from tilefuse.optim.clip import clip_grad_norm_
+
+    torch.manual_seed(0)
+    flat = torch.randn(offset + 5000)
+    ps = [torch.nn.Parameter(torch.zeros(offset)), torch.nn.Parameter(torch.zeros(5000))]
+    ps[0].grad, ps[1].grad = flat[:offset].clone(), flat[offset:].clone()
+    refs = [torch.nn.Parameter(torch.zeros_like(p)) for p in ps]
+    for p, r in zip(ps, refs):
+        r.grad = p.grad.clone()
+    grads = torch.cat([flat[:offset], flat[offset:]])
+    ps[0].grad, ps[1].grad = grads[:offset], grads[offset:]
+    norm = clip_grad_norm_(ps, 1.0)
+    ref = torch.nn.utils.clip_grad_norm_(refs, 1.0)
+    torch.testing.assert_close(norm, ref)
+    for p, r in zip(ps, refs):
+        torch.testing.assert_close(p.grad, r.grad)

@@ -13,20 +13,21 @@ import torch
 import triton
 import triton.language as tl
 
-from tilefuse.kernels.optim_table import block_size, chunk_table, compute_dtype, tensor_table
+from tilefuse.kernels.optim import _base, _chunk, _ld, _st
+from tilefuse.kernels.optim_table import (ALIGN, block_size, chunk_table, compute_dtype,
+                                          tensor_table)
 
 
 # roles: 0 tensor.  NORM: 2 -> sum of squares, 1 -> sum of |x|, 0 -> max |x| (the inf-norm)
 @triton.jit
 def norm_partial_kernel(ctab_ptr, cstart_ptr, ttab_ptr, x_ptr, out_ptr,
-                        NORM: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr):
-    # program -> (tensor t, its elements idx), inlined as in tilefuse.kernels.optim
-    t = tl.load(ctab_ptr + tl.program_id(0)).to(tl.int64)
-    row = ttab_ptr + t * 2
-    idx = tl.load(cstart_ptr + tl.program_id(0)) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = idx < tl.load(row)
-    x_o = tl.load(row + 1) + idx
-    x = tl.abs(tl.load(x_ptr + x_o, mask=mask, other=0.0).to(CDT))
+                        NORM: tl.constexpr, CDT: tl.constexpr, ALIGNED: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    # program -> chunk of one tensor: scalar base + int32 lanes, unmasked when full (as the
+    # update kernels in tilefuse.kernels.optim)
+    t, row, n, live, start, ar, mask, full = _chunk(ctab_ptr, cstart_ptr, ttab_ptr, ctab_ptr, 2,
+                                                    False, BLOCK)
+    x = tl.abs(_ld(_base(x_ptr, row, 1, start, ALIGNED) + ar, mask, full).to(CDT))
     if NORM == 2:
         r = tl.sum(x * x, axis=0)
     elif NORM == 1:
@@ -39,17 +40,18 @@ def norm_partial_kernel(ctab_ptr, cstart_ptr, ttab_ptr, x_ptr, out_ptr,
 
 @triton.jit
 def scale_kernel(ctab_ptr, cstart_ptr, ttab_ptr, x_ptr, coef_ptr,
-                 CDT: tl.constexpr, BLOCK: tl.constexpr):
+                 CDT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """x *= coef (a device scalar) for every tensor of the bucket: the clip step."""
-    # program -> (tensor t, its elements idx), inlined as in tilefuse.kernels.optim
-    t = tl.load(ctab_ptr + tl.program_id(0)).to(tl.int64)
-    row = ttab_ptr + t * 2
-    idx = tl.load(cstart_ptr + tl.program_id(0)) + tl.arange(0, BLOCK).to(tl.int64)
-    mask = idx < tl.load(row)
-    x_o = tl.load(row + 1) + idx
-    x = tl.load(x_ptr + x_o, mask=mask, other=0.0).to(CDT)
-    tl.store(x_ptr + x_o, (x * tl.load(coef_ptr).to(CDT)).to(x_ptr.dtype.element_ty),
-             mask=mask)
+    t, row, n, live, start, ar, mask, full = _chunk(ctab_ptr, cstart_ptr, ttab_ptr, ctab_ptr, 2,
+                                                    False, BLOCK)
+    x_p = _base(x_ptr, row, 1, start, ALIGNED) + ar
+    x = _ld(x_p, mask, full).to(CDT)
+    _st(x_p, (x * tl.load(coef_ptr).to(CDT)).to(x_ptr.dtype.element_ty), mask, full)
+
+
+def _aligned(ttab) -> bool:
+    """Every tensor's element offset from the base is a multiple of ALIGN (see optim_table)."""
+    return not bool((ttab[:, 1] % ALIGN).any())
 
 
 def launch_norm_partials(tensors, norm: int):
@@ -62,8 +64,8 @@ def launch_norm_partials(tensors, norm: int):
     acc = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
     out = torch.empty(n_chunks, device=device, dtype=acc)
     norm_partial_kernel[(n_chunks,)](ctab, cstart, ttab.to(device, non_blocking=True), bases[0],
-                                     out, NORM=norm, CDT=compute_dtype(acc), BLOCK=block,
-                                     num_warps=4)
+                                     out, NORM=norm, CDT=compute_dtype(acc),
+                                     ALIGNED=_aligned(ttab), BLOCK=block, num_warps=4)
     return out, ctab
 
 
@@ -75,4 +77,5 @@ def launch_scale(tensors, coef: torch.Tensor) -> None:
     ctab, cstart, n_chunks = chunk_table(numels, device, block)
     bases, ttab = tensor_table([tensors])
     scale_kernel[(n_chunks,)](ctab, cstart, ttab.to(device, non_blocking=True), bases[0], coef,
-                              CDT=compute_dtype(tensors[0].dtype), BLOCK=block, num_warps=4)
+                              CDT=compute_dtype(tensors[0].dtype), ALIGNED=_aligned(ttab),
+                              BLOCK=block, num_warps=4)

@@ -131,10 +131,8 @@ def test_fuzz_int8_conv1x1(data):
     check_int8_layer("Int8Conv1x1", q2.linear, rows, y.movedim(1, -1))
 
 
-# test_bug_int8_conv1x1_unbatched: found while fuzzing Int8Conv1x1, open.
-@pytest.mark.xfail(strict=True, reason="Int8Conv1x1.forward moves dim 1 to the end, assuming a "
-                                       "batch dim: an unbatched (C, H, W) / (C, L) input, which "
-                                       "the replaced Conv2d/Conv1d accepts, raises or mixes dims")
+# test_bug_int8_conv1x1_unbatched: found while fuzzing Int8Conv1x1 (forward moved dim 1 to the
+# end, assuming a batch dim), fixed.
 @pytest.mark.parametrize("ndim", [1, 2])
 def test_bug_int8_conv1x1_unbatched(ndim):
     torch.manual_seed(0)
@@ -142,7 +140,7 @@ def test_bug_int8_conv1x1_unbatched(ndim):
     x = torch.randn((3, 5) if ndim == 1 else (3, 5, 6))     # unbatched, as torch allows
     q = Int8Conv1x1.from_float(conv, mode="weight_only")
     want = conv(x)                                          # (4, 5) / (4, 5, 6)
-    got = q(x)   # ValueError: x has 5 features but qweight expects in_features=3
+    got = q(x)   # was: ValueError: x has 5 features but qweight expects in_features=3
     assert got.shape == want.shape
     assert (got - want).abs().max().item() < 0.05
 

@@ -163,8 +163,11 @@ class Int8Conv1x1(torch.nn.Module):
         return cls(Int8Linear.from_float(lin, mode=mode), ndim=conv.weight.dim() - 2)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        y = self.linear(input.movedim(1, -1))  # (N, *spatial, C)
-        return y.movedim(-1, 1)
+        # the channel dim: 1 for batched input, 0 for unbatched (C, L) / (C, H, W) as torch's
+        # convs accept
+        c = 0 if input.dim() == self.ndim + 1 else 1
+        y = self.linear(input.movedim(c, -1))  # (N, *spatial, C)
+        return y.movedim(-1, c)
 
     def to_torch(self) -> torch.nn.Module:
         """The 1x1 ``nn.Conv1d``/``nn.Conv2d`` with the dequantized weight, for export."""

@@ -97,8 +97,6 @@ def test_fuzz_drop_block_statistics(data):
     p = data.draw(st.sampled_from([0.0, 0.05, 0.1, 0.3, 0.5, 0.9, 1.0]), label="p")
     use_module = data.draw(st.booleans(), label="module")
     channels_last = data.draw(st.booleans(), label="channels_last")
-    if dtype == torch.float16 and N * C * H * W > 65504:
-        dtype = torch.float32   # open bug: test_bug_drop_block_fp16_large_map
     x = (randn(g, (N, C, H, W)).abs() + 0.5).to(dtype)   # no zeros: zero output == dropped
     x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     # eval and p == 0: the input itself
@@ -110,10 +108,6 @@ def test_fuzz_drop_block_statistics(data):
     xk = x.detach().requires_grad_(True)
     y = _drop_block_call(xk, p, block, s, use_module)
     assert y.shape == x.shape and y.dtype == dtype
-    if dtype == torch.float16 and torch.isnan(y).any():
-        # every element dropped: test_bug_drop_block_fp16_all_dropped (open)
-        assert torch.isnan(y).all()
-        return
     # same seed -> same mask, whatever the input's layout
     again = _drop_block_call(x.contiguous(), p, block, s, not use_module)
     assert torch.equal(y.detach(), again)
@@ -141,11 +135,9 @@ def test_fuzz_drop_block_statistics(data):
           scale=scale * dy.abs().max().item())
 
 
-# test_bug_drop_block_fp16_*: found by test_fuzz_drop_block_statistics, open. The torchvision
-# formula sums the keep mask in the input's dtype: fp16 cannot hold a count above 65504 (inf ->
+# test_bug_drop_block_fp16_*: found by test_fuzz_drop_block_statistics, fixed. The torchvision
+# formula summed the keep mask in the input's dtype: fp16 cannot hold a count above 65504 (inf ->
 # scale 0), and numel / eps overflows fp16 when nothing is kept (0 * inf = NaN).
-@pytest.mark.xfail(strict=True, reason="drop_block2d: keep.sum() in fp16 overflows past 65504 "
-                                       "kept elements -> scale 0 -> all-zero output")
 def test_bug_drop_block_fp16_large_map():
     torch.manual_seed(0)
     x = torch.ones(4, 8, 64, 64, dtype=torch.float16)   # 131072 elements, ~90% kept
@@ -157,8 +149,6 @@ def test_bug_drop_block_fp16_large_map():
                           rtol=2e-3)
 
 
-@pytest.mark.xfail(strict=True, reason="drop_block2d: fp16 with every element dropped gives NaN "
-                                       "(numel / (eps + 0) overflows fp16; 0 * inf)")
 def test_bug_drop_block_fp16_all_dropped():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 4, 4).half()

@@ -118,7 +118,10 @@ def drop_block2d(x: Tensor, p: float, block_size: int, training: bool = True,
     noise = F.pad(noise, [bs // 2] * 4, value=0)
     noise = F.max_pool2d(noise, stride=(1, 1), kernel_size=(bs, bs), padding=bs // 2)
     keep = 1 - noise[:, :, :H, :W]
-    scale = keep.numel() / (eps + keep.sum())
+    # the count in fp32/fp64 (an fp16 sum overflows past 65504 kept elements) and scale 0 when
+    # nothing is kept (numel / eps overflows fp16: 0 * inf would be NaN)
+    kept = keep.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    scale = torch.where(kept > 0, keep.numel() / (eps + kept), 0.0).to(x.dtype)
     return x * keep * scale
 
 

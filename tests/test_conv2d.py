@@ -1,9 +1,6 @@
 """Dense conv2d (issue 20): PyTorch's own ``nn.functional.conv2d`` OpInfo samples, awkward shapes,
 the fused epilogue and bad arguments, forward and backward, on the Triton interpreter (compiled
 Triton on CUDA) against torch / fp64 references."""
-import sys
-import types
-import unittest
 
 import pytest
 import torch
@@ -12,22 +9,15 @@ import torch.nn.functional as F
 import tilefuse
 from tilefuse.activations import ACTIVATIONS, torch_activation
 from tilefuse.fused._fast import FastOp
-from test_fast_path import assert_compiles_to_custom_op, assert_fast_equals_custom_op
-from utils import assert_close_to_ref
+from fast_path_utils import assert_compiles_to_custom_op, assert_fast_equals_custom_op
+from utils import assert_close_to_ref, torch_test_db
 
 conv2d = tilefuse.ops.conv2d
 
 
 def _opinfo_samples(dtype):
     """The ``nn.functional.conv2d`` entry of torch's op_db (torch's test-suite samples)."""
-    if "expecttest" not in sys.modules:  # a torch test-only dependency, not installed here
-        try:
-            import expecttest  # noqa: F401
-        except ImportError:
-            stub = types.ModuleType("expecttest")
-            stub.TestCase = unittest.TestCase
-            sys.modules["expecttest"] = stub
-    from torch.testing._internal.common_methods_invocations import op_db
+    op_db = torch_test_db()
 
     op = next(o for o in op_db if o.name == "nn.functional.conv2d")
     return list(op.sample_inputs("cpu", dtype, requires_grad=True))

@@ -7,7 +7,7 @@ import tilefuse
 from tilefuse.activations import torch_activation
 from tilefuse.kernels import quant
 
-from test_fast_path import assert_compiles_to_custom_op, assert_fast_equals_custom_op  # noqa: I100
+from fast_path_utils import assert_compiles_to_custom_op, assert_fast_equals_custom_op  # noqa: I100
 
 E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
 ops = tilefuse.ops

@@ -4,14 +4,12 @@ InstanceNorm1d/2d, LayerNorm and RMSNorm, in every dtype torch tests on CPU (flo
 train and eval, forward and backward (input and parameter gradients) and the buffers after the
 forward (running statistics, ``num_batches_tracked``). The fast lane takes a few samples per
 module; ``-m slow`` runs them all."""
-import sys
-import types
-import unittest
 
 import pytest
 import torch
 
 import tilefuse
+from utils import torch_test_db  # noqa: I100
 
 TF = {  # torch module -> tilefuse drop-in
     "BatchNorm1d": tilefuse.nn.BatchNormAct1d, "BatchNorm2d": tilefuse.nn.BatchNormAct2d,
@@ -24,14 +22,7 @@ FAST_SAMPLES = 2  # per module, dtype and mode in the fast lane
 
 
 def _module_db():
-    if "expecttest" not in sys.modules:  # a torch test-only dependency, not installed here
-        try:
-            import expecttest  # noqa: F401
-        except ImportError:
-            stub = types.ModuleType("expecttest")
-            stub.TestCase = unittest.TestCase
-            sys.modules["expecttest"] = stub
-    from torch.testing._internal.common_modules import module_db
+    module_db = torch_test_db("module_db")
 
     return {m.module_cls.__name__: m for m in module_db if m.module_cls.__name__ in TF}
 

@@ -3,29 +3,20 @@ float32/float64) through ``tilefuse.ops.cross_entropy``: class-index and class-p
 targets, ``weight=``, every reduction, ``ignore_index``, (N, C, d1, ...) layouts; forward and
 the gradients of every input that requires grad (the logits, probability targets) against
 torch. Fast lane: a subset (float32); slow lane: all samples of both dtypes."""
-import sys
-import types
-import unittest
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import tilefuse
+from utils import torch_test_db  # noqa: I100
 
 _SAMPLES = {}
 
 
 def _samples(dtype):
     if dtype not in _SAMPLES:
-        if "expecttest" not in sys.modules:  # a torch test-only dependency, not installed here
-            try:
-                import expecttest  # noqa: F401
-            except ImportError:
-                stub = types.ModuleType("expecttest")
-                stub.TestCase = unittest.TestCase
-                sys.modules["expecttest"] = stub
-        from torch.testing._internal.common_methods_invocations import op_db
+        op_db = torch_test_db()
 
         op = next(o for o in op_db if o.name == "nn.functional.cross_entropy")
         _SAMPLES[dtype] = list(op.sample_inputs("cpu", dtype, requires_grad=True))

@@ -53,3 +53,28 @@ def steps_in_lockstep(pa, pb, opt_a, opt_b, n: int = 5, seed: int = 2) -> None:
             p.grad, q.grad = grad, grad.clone()
         opt_a.step()
         opt_b.step()
+
+
+def torch_test_db(kind: str = "op_db"):
+    """PyTorch's own test-sample databases (``op_db`` OpInfos, ``module_db`` ModuleInfos).
+
+    Their modules import ``expecttest``, a torch test-only dependency not installed here: a
+    stand-in providing ``TestCase`` is registered first (only the sample generators are used)."""
+    import sys
+    import types
+    import unittest
+
+    if "expecttest" not in sys.modules:
+        try:
+            import expecttest  # noqa: F401
+        except ImportError:
+            stub = types.ModuleType("expecttest")
+            stub.TestCase = unittest.TestCase
+            sys.modules["expecttest"] = stub
+    if kind == "module_db":
+        from torch.testing._internal.common_modules import module_db
+
+        return module_db
+    from torch.testing._internal.common_methods_invocations import op_db
+
+    return op_db

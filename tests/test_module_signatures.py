@@ -42,6 +42,7 @@ STANDS_IN_FOR = {
     "DropBlock2d": nn.Dropout2d.forward,     # torchvision.ops.DropBlock2d.forward(self, input)
     "Conv1DLinear": _hf_conv1d_forward,      # Hugging Face's Conv1D
     "Fp8Linear": nn.Linear.forward,          # tilefuse.quantize(mode="fp8") replaces nn.Linear
+    "Int8Conv2d": nn.Conv2d.forward,         # tilefuse.quantize replaces nn.Conv2d
 }
 
 
@@ -103,6 +104,8 @@ CALLS = {
     "Conv1DLinear": (lambda: CLASSES["Conv1DLinear"](3, 4), (2, 4)),
     "Fp8Linear": (lambda: tnn.Fp8Linear.from_float(nn.Linear(4, 3)), (2, 4)),
     "Conv2d": (lambda: tnn.Conv2d(4, 3, 3, padding=1), (2, 4, 5, 5)),
+    "Int8Conv2d": (lambda: tnn.Int8Conv2d.from_float(nn.Conv2d(4, 3, 3, padding=1),
+                                                     mode="weight_only"), (2, 4, 5, 5)),
 }
 
 

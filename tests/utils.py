@@ -59,7 +59,10 @@ def torch_test_db(kind: str = "op_db"):
     """PyTorch's own test-sample databases (``op_db`` OpInfos, ``module_db`` ModuleInfos).
 
     Their modules import ``expecttest``, a torch test-only dependency not installed here: a
-    stand-in providing ``TestCase`` is registered first (only the sample generators are used)."""
+    stand-in providing ``TestCase`` is registered first (only the sample generators are used).
+    Importing them also freezes ``torch.backends`` flags for the whole process
+    (``torch.backends.disable_global_flags()``); that is undone, so later tests in the same
+    worker may still set e.g. ``torch.backends.cudnn.benchmark``."""
     import sys
     import types
     import unittest
@@ -71,10 +74,13 @@ def torch_test_db(kind: str = "op_db"):
             stub = types.ModuleType("expecttest")
             stub.TestCase = unittest.TestCase
             sys.modules["expecttest"] = stub
-    if kind == "module_db":
-        from torch.testing._internal.common_modules import module_db
-
-        return module_db
-    from torch.testing._internal.common_methods_invocations import op_db
-
-    return op_db
+    frozen = torch.backends.flags_frozen()
+    try:
+        if kind == "module_db":
+            from torch.testing._internal.common_modules import module_db as db
+        else:
+            from torch.testing._internal.common_methods_invocations import op_db as db
+    finally:
+        if not frozen:  # the flag lives in the globals of torch/backends/__init__.py
+            torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+    return db

@@ -13,10 +13,11 @@ import torch
 
 from tilefuse.activations import parse_activation
 from tilefuse.fused.fp8 import _fp8_dtype, fp8_linear, quantize_fp8_per_row
+from tilefuse.nn._quantized import QuantizedLinearBase
 from tilefuse.nn.hf_conv1d import is_hf_conv1d
 
 
-class Fp8Linear(torch.nn.Module):
+class Fp8Linear(QuantizedLinearBase):
     """A quantized :class:`torch.nn.Linear`: fp8 weights with per-output-channel fp32 scales,
     activations quantized per row on the fly (one fused kernel), then one fp8 GEMM with fp32
     accumulation applies both scales, the bias and the activation and writes the input's dtype.
@@ -40,15 +41,8 @@ class Fp8Linear(torch.nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.activation, self.act_param = parse_activation(activation)
-        self.register_buffer("weight", torch.zeros(out_features, in_features, device=device,
-                                                   dtype=_fp8_dtype(dtype)))
-        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32,
-                                                        device=device))
-        if bias:
-            self.register_buffer("bias", torch.zeros(out_features, device=device,
-                                                     dtype=bias_dtype or torch.float32))
-        else:
-            self.register_buffer("bias", None)
+        self._register_quantized_buffers(in_features, out_features, bias, _fp8_dtype(dtype),
+                                         device, bias_dtype)
 
     @classmethod
     def from_float(cls, linear: torch.nn.Module, dtype: torch.dtype = torch.float8_e4m3fn,
@@ -60,38 +54,19 @@ class Fp8Linear(torch.nn.Module):
         out)``; the result keeps its ``nf``/``nx`` attributes). A :class:`tilefuse.nn.Linear` (or
         ``Conv1DLinear``) keeps its fused activation unless ``activation`` is given.
         """
-        conv1d = is_hf_conv1d(linear)
-        if not (isinstance(linear, torch.nn.Linear) or conv1d):
-            raise TypeError(f"linear must be a torch.nn.Linear or a Hugging Face Conv1D, got "
-                            f"{type(linear).__name__}")
-        if activation is None and getattr(linear, "activation", "none") != "none":
-            activation = (linear.activation, linear.act_param)
-        w = linear.weight.detach()
-        if conv1d:
-            w = w.t()  # (nx, nf) = (in, out) -> torch's (out, in), a view
+        w, conv1d, activation = cls._float_weight(linear, activation)
         m = cls(w.shape[1], w.shape[0], bias=linear.bias is not None, dtype=dtype,
                 activation=activation, device=w.device, bias_dtype=w.dtype)
-        if conv1d:  # code reading the replaced module's attributes keeps working
-            m.nf, m.nx = w.shape[0], w.shape[1]
-        q, s = quantize_fp8_per_row(w, dtype)
-        m.weight.copy_(q)
-        m.weight_scale.copy_(s.reshape(-1))
-        if linear.bias is not None:
-            m.bias = linear.bias.detach().clone()
-        return m
+        return m._load_quantized(linear, conv1d, *quantize_fp8_per_row(w, dtype))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return fp8_linear(input, self.weight, self.weight_scale, bias=self.bias,
                           activation=(self.activation, self.act_param))
 
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
-
     def extra_repr(self) -> str:
         act = "" if self.activation == "none" else f", activation={self.activation}"
         fmt = str(self.weight.dtype).replace("torch.", "")
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, dtype={fmt}{act}")
+        return f"{self._repr_head()}, dtype={fmt}{act}"
 
 
 def fp8_convert(module: torch.nn.Module, dtype: torch.dtype = torch.float8_e4m3fn

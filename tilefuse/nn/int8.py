@@ -9,7 +9,7 @@ import torch
 
 from tilefuse.activations import parse_activation
 from tilefuse.fused.int8 import quantize_per_row, w8a8_linear, weight_only_int8_linear
-from tilefuse.nn.hf_conv1d import is_hf_conv1d
+from tilefuse.nn._quantized import QuantizedLinearBase
 
 MODES = ("w8a8", "weight_only")
 
@@ -36,7 +36,7 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
-class Int8Linear(torch.nn.Module):
+class Int8Linear(QuantizedLinearBase):
     """A quantized :class:`torch.nn.Linear` with per-output-channel int8 weights.
 
     * ``mode='w8a8'``: activations are quantized per row on the fly; int8 x int8 GEMM with int32
@@ -61,15 +61,8 @@ class Int8Linear(torch.nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.mode = _check_mode(mode)
         self.activation, self.act_param = parse_activation(activation)
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8,
-                                                   device=device))
-        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32,
-                                                        device=device))
-        if bias:
-            self.register_buffer("bias", torch.zeros(out_features, device=device,
-                                                     dtype=dtype or torch.float32))
-        else:
-            self.register_buffer("bias", None)
+        self._register_quantized_buffers(in_features, out_features, bias, torch.int8, device,
+                                         dtype)
 
     @classmethod
     def from_float(cls, linear: torch.nn.Linear, mode: str = "w8a8",
@@ -80,34 +73,16 @@ class Int8Linear(torch.nn.Module):
         out)``; the result keeps its ``nf``/``nx`` attributes). A :class:`tilefuse.nn.Linear` (or
         ``Conv1DLinear``) keeps its fused activation unless ``activation`` is given.
         """
-        conv1d = is_hf_conv1d(linear)
-        if not (isinstance(linear, torch.nn.Linear) or conv1d):
-            raise TypeError(f"linear must be a torch.nn.Linear or a Hugging Face Conv1D, got "
-                            f"{type(linear).__name__}")
-        if activation is None and getattr(linear, "activation", "none") != "none":
-            activation = (linear.activation, linear.act_param)
-        w = linear.weight.detach()
-        if conv1d:
-            w = w.t()  # (nx, nf) = (in, out) -> torch's (out, in), a view
+        w, conv1d, activation = cls._float_weight(linear, activation)
         m = cls(w.shape[1], w.shape[0], bias=linear.bias is not None,
                 mode=mode, activation=activation, device=w.device, dtype=w.dtype)
-        if conv1d:  # code reading the replaced module's attributes keeps working
-            m.nf, m.nx = w.shape[0], w.shape[1]
-        q, s = quantize_per_row(w)
-        m.weight.copy_(q)
-        m.weight_scale.copy_(s.reshape(-1))
-        if linear.bias is not None:
-            m.bias = linear.bias.detach().clone()
-        return m
+        return m._load_quantized(linear, conv1d, *quantize_per_row(w))
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         fn = w8a8_linear if self.mode == "w8a8" else weight_only_int8_linear
         # bias/scales stay in their stored dtype: the epilogue reads them in fp32
         return fn(input, self.weight, self.weight_scale, bias=self.bias,
                   activation=(self.activation, self.act_param))
-
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
 
     def to_torch(self) -> torch.nn.Module:
         """``nn.Linear`` with the dequantized weight (+ the activation module), for export."""
@@ -117,8 +92,7 @@ class Int8Linear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         act = "" if self.activation == "none" else f", activation={self.activation}"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, mode={self.mode}{act}")
+        return f"{self._repr_head()}, mode={self.mode}{act}"
 
 
 class Int8Conv1x1(torch.nn.Module):

@@ -31,24 +31,13 @@ import torch
 import torch.nn.functional as F
 
 from tilefuse.bench.case import BenchCase
+from tilefuse.bench.kernels_int8 import _bound, _try
 
 SHAPES = {"tiny": [(1, 64, 64), (16, 64, 64)],
           "full": [(1, 4096, 4096), (256, 4096, 4096), (4096, 4096, 4096), (4096, 11008, 4096),
                    (4096, 3072, 768), (4096, 768, 3072)]}
 OUT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 E4 = torch.float8_e4m3fn
-
-
-def _bound(M: int) -> str:
-    return "memory" if M <= 16 else "compute"
-
-
-def _try(fn):
-    try:
-        fn()
-    except Exception:  # noqa: BLE001 - the vendor op rejects some shapes/devices
-        return None
-    return fn
 
 
 def _scaled_mm(a, b, sa, sb, bias, out_dtype, fast=False):

@@ -40,10 +40,12 @@ FLOAT_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf
 
 
 def _bound(M: int) -> str:
+    """Weight-streaming GEMMs (M <= 16) are memory-bound (shared with the fp8 cases)."""
     return "memory" if M <= 16 else "compute"
 
 
 def _try(fn):
+    """``fn`` if one call of it runs, else None (the vendor op rejects some shapes/devices)."""
     try:
         fn()
     except Exception:  # noqa: BLE001 - the vendor op rejects some shapes/devices

@@ -26,9 +26,9 @@ from torch import Tensor
 from tilefuse import _autocast
 from tilefuse._backend import backend_of
 from tilefuse._validate import FLOAT_DTYPES_F64, check_tensor, float_tensor, same_device
-from tilefuse.activations import NAMES, torch_activation
 from tilefuse.fused._fast import autocast_maybe_on, fast_op, needs_grad
-from tilefuse.fused.int8 import _epilogue_args, _per_col_scale, _per_row_scale
+from tilefuse.fused.int8 import (_epilogue_args, _per_col_scale, _per_row_scale,
+                                  _torch_epilogue)
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -38,13 +38,7 @@ _SCALE_DTYPES = (torch.float32,)
 
 def _torch_fp8_matmul(a, b, a_scale, b_scale, bias, residual, activation, act_param, out_dtype):
     y = torch.matmul(a.float(), b.float())  # fp8 products are exact in fp32 (and in TF32)
-    y = y * a_scale[:, None] * b_scale[None, :]
-    if bias is not None:
-        y = y + bias.float()
-    y = torch_activation(y, NAMES[activation], act_param)
-    if residual is not None:
-        y = y + residual.float()
-    return y.to(out_dtype)
+    return _torch_epilogue(y, a_scale, b_scale, bias, residual, activation, act_param, out_dtype)
 
 
 def _fp8_impl(a: Tensor, b: Tensor, a_scale: Tensor, b_scale: Tensor, bias: Optional[Tensor],

@@ -37,6 +37,12 @@ def _torch_int8_matmul(a, b, a_scale, b_scale, bias, residual, activation, act_p
         y = acc.float()
     else:
         y = torch.matmul(a.float(), b.float())
+    return _torch_epilogue(y, a_scale, b_scale, bias, residual, activation, act_param, out_dtype)
+
+
+def _torch_epilogue(y, a_scale, b_scale, bias, residual, activation, act_param, out_dtype):
+    """The reference GEMM epilogue on the fp32 product ``y`` (shared with the fp8 op): row and
+    column scales (each optional), bias, activation, residual, then the cast to ``out_dtype``."""
     if a_scale is not None:
         y = y * a_scale.float()[:, None]
     if b_scale is not None:

@@ -23,7 +23,7 @@ import itertools
 import torch
 
 from tilefuse.autotune.space import (GEMM_KEYS, KernelSpace, Limits, Problem, next_pow2,
-                                     register_space, unique_gemm_configs)
+                                     parse_gemm_shape, register_space, unique_gemm_configs)
 
 _KEYS = GEMM_KEYS
 _OUT = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -147,21 +147,7 @@ class Fp8MatmulSpace(KernelSpace):
         return Problem(run=run, check=check, info=dict(ops=2.0 * M * N * K))
 
     def parse_shape(self, spec):
-        spec = {"shape": spec} if isinstance(spec, str) else dict(spec)
-        if isinstance(spec.get("shape"), str):
-            dims, *extra = spec["shape"].lower().split() or [""]
-            parts = dims.replace("x", " ").replace(",", " ").split()
-            if len(parts) != 3 or len(extra) > 1:
-                raise ValueError(f"fp8_matmul shape {spec['shape']!r}: expected 'MxNxK [dtype]'")
-            spec.update(zip("MNK", parts))
-            if extra:
-                spec["dtype"] = extra[0]
-        try:
-            key = {d: int(spec[d]) for d in "MNK"}
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"fp8_matmul shape {spec!r}: needs integer M, N and K") from None
-        if min(key.values()) <= 0:
-            raise ValueError(f"fp8_matmul shape {spec!r}: M, N and K must be positive")
+        key, spec = parse_gemm_shape("fp8_matmul", spec, word="dtype")
         key["dtype"] = out_dtype_name(spec.get("dtype"))
         return key
 

@@ -33,7 +33,7 @@ import torch
 from tilefuse.autotune.matmul_space import (SMALL_M, split_variants, tma_device,
                                             unique_split_configs)
 from tilefuse.autotune.space import (GEMM_KEYS, KernelSpace, Limits, Problem, next_pow2,
-                                     register_space)
+                                     parse_gemm_shape, register_space)
 
 MODES = ("w8a8", "w8a16", "w8a32")
 _KEYS = GEMM_KEYS
@@ -251,21 +251,9 @@ class Int8MatmulSpace(KernelSpace):
         return Problem(run=run, check=check, info=dict(ops=2.0 * M * N * K))
 
     def parse_shape(self, spec):
-        spec = {"shape": spec} if isinstance(spec, str) else dict(spec)
-        if isinstance(spec.get("shape"), str):
-            dims, *extra = spec["shape"].lower().split() or [""]
-            parts = dims.replace("x", " ").replace(",", " ").split()
-            if len(parts) != 3 or len(extra) > 1:
-                raise ValueError(f"int8_matmul shape {spec['shape']!r}: expected 'MxNxK [mode]'")
-            spec.update(zip("MNK", parts))
-            if extra:  # "1x4096x4096 w8a16" or "... int32"
-                spec["mode" if extra[0] in MODES else "dtype"] = extra[0]
-        try:
-            key = {d: int(spec[d]) for d in "MNK"}
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"int8_matmul shape {spec!r}: needs integer M, N and K") from None
-        if min(key.values()) <= 0:
-            raise ValueError(f"int8_matmul shape {spec!r}: M, N and K must be positive")
+        # "1x4096x4096 w8a16" or "... int32"
+        key, spec = parse_gemm_shape("int8_matmul", spec, word="mode",
+                                     word_key=lambda w: "mode" if w in MODES else "dtype")
         key["mode"], key["dtype"] = normalize(spec.get("mode"), spec.get("dtype"))
         if spec.get("tma", key["mode"] == "w8a8" and key["K"] % 16 == 0 and tma_device()):
             key["tma"] = True  # the tuner's operands (A row-major, B = qweight.t()) take TMA

@@ -26,7 +26,7 @@ import itertools
 import torch
 
 from tilefuse.autotune.space import (GEMM_KEYS, KernelSpace, Limits, Problem, next_pow2,
-                                     register_space, unique_gemm_configs)
+                                     parse_gemm_shape, register_space, unique_gemm_configs)
 
 SPLITS = (2, 4, 8, 16)  # split-K variants tried for small M
 SMALL_M = 256
@@ -241,18 +241,7 @@ class MatmulSpace(KernelSpace):
         return Problem(run=run, check=check, info=dict(flops=2.0 * M * N * K, tol=tol))
 
     def parse_shape(self, spec):
-        spec = {"shape": spec} if isinstance(spec, str) else dict(spec)
-        if isinstance(spec.get("shape"), str):
-            parts = spec["shape"].lower().replace("x", " ").replace(",", " ").split()
-            if len(parts) != 3:
-                raise ValueError(f"matmul shape {spec['shape']!r}: expected 'MxNxK'")
-            spec.update(zip("MNK", parts))
-        try:
-            key = {d: int(spec[d]) for d in "MNK"}
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"matmul shape {spec!r}: needs integer M, N and K") from None
-        if min(key.values()) <= 0:
-            raise ValueError(f"matmul shape {spec!r}: M, N and K must be positive")
+        key, spec = parse_gemm_shape("matmul", spec)
         if spec.get("dtype"):
             key["dtype"] = canonical_dtype(spec["dtype"])
         if spec.get("layout") in ("nt", "nn"):

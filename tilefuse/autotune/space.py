@@ -43,6 +43,33 @@ def unique_gemm_configs(configs: List[dict], M: int) -> List[dict]:
     return out
 
 
+def parse_gemm_shape(op: str, spec, word: Optional[str] = None,
+                     word_key: Optional[Callable[[str], str]] = None) -> tuple:
+    """``(key, spec)`` of a GEMM tuning shape: ``spec`` is a dict with ``M``, ``N``, ``K`` (and
+    more) or a string ``"MxNxK"`` (kept under ``spec["shape"]``); ``key`` holds the positive ints
+    ``M``, ``N``, ``K``. With ``word`` (what it is called in the usage message, e.g. ``"dtype"``)
+    the string may end in one word, stored in ``spec`` under ``word_key(word)`` (default: under
+    ``word``). Bad shapes raise a ValueError naming ``op``."""
+    spec = {"shape": spec} if isinstance(spec, str) else dict(spec)
+    if isinstance(spec.get("shape"), str):
+        text = spec["shape"].lower()
+        dims, *extra = (text.split() or [""]) if word else (text,)
+        parts = dims.replace("x", " ").replace(",", " ").split()
+        if len(parts) != 3 or len(extra) > 1:
+            usage = f"MxNxK [{word}]" if word else "MxNxK"
+            raise ValueError(f"{op} shape {spec['shape']!r}: expected {usage!r}")
+        spec.update(zip("MNK", parts))
+        if extra:
+            spec[word_key(extra[0]) if word_key else word] = extra[0]
+    try:
+        key = {d: int(spec[d]) for d in "MNK"}
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{op} shape {spec!r}: needs integer M, N and K") from None
+    if min(key.values()) <= 0:
+        raise ValueError(f"{op} shape {spec!r}: M, N and K must be positive")
+    return key, spec
+
+
 @dataclass(frozen=True)
 class Limits:
     """Hardware limits used to prune configs before they are compiled."""

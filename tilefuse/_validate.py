@@ -111,6 +111,13 @@ def float_tensor(name: str, t, allow_f64: bool = True) -> None:
         check_float(name, t, allow_f64=allow_f64)
 
 
+def optional_float_tensors(**tensors) -> None:
+    """:func:`float_tensor` on each of ``tensors`` that is not None, in the order given."""
+    for name, t in tensors.items():
+        if t is not None and (not isinstance(t, torch.Tensor) or t.dtype not in _FLOAT_SET_F64):
+            check_float(name, t)
+
+
 def same_device(**tensors) -> None:
     """:func:`check_same_device` without building names unless a device differs."""
     device = None

@@ -23,9 +23,12 @@ bit for bit; :func:`custom_op_path` forces the custom op in eager mode (tests co
 from __future__ import annotations
 
 import contextlib
+import importlib
 
 import torch
 from torch._C import _any_requires_grad, is_grad_enabled
+
+from tilefuse._backend import backend_of
 
 _is_compiling = torch.compiler.is_compiling
 _jit_tracing = torch._C._get_tracing_state  # torch.jit.trace / the TorchScript ONNX exporter
@@ -138,3 +141,23 @@ def autocast_maybe_on() -> bool:
     """False only when no autocast is enabled for any device (eager: one C call); always True
     under ``torch.compile``, where the callers' full autocast checks trace."""
     return _is_compiling() or _any_autocast_enabled()
+
+
+def use_torch_path(x) -> bool:
+    """Whether an op over ``x`` runs its torch reference path: the torch backend, fp64 (no fp64
+    kernels) or an empty tensor (nothing to launch)."""
+    return backend_of(x) == "torch" or x.dtype == torch.float64 or x.numel() == 0
+
+
+def lazy_module(name: str):
+    """A getter of the module ``name``, imported on its first call: the kernel modules (Triton
+    is optional) are imported on the first launch, not with the op module."""
+    module = None
+
+    def get():
+        nonlocal module
+        if module is None:
+            module = importlib.import_module(name)
+        return module
+
+    return get

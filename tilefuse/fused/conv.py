@@ -23,7 +23,8 @@ from torch import Tensor
 
 from tilefuse import _autocast
 from tilefuse._backend import backend_of
-from tilefuse._validate import check_broadcastable, check_same_dtype, float_tensor, same_device
+from tilefuse._validate import (check_broadcastable, check_same_dtype, float_tensor,
+                                optional_float_tensors, same_device)
 from tilefuse.activations import NAMES, torch_activation
 from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, needs_grad
 from tilefuse.fused.depthwise import (_act_backward, _compute_dtype, _full_padding,
@@ -287,10 +288,7 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     """
     float_tensor("input", input)
     float_tensor("weight", weight)
-    if bias is not None:
-        float_tensor("bias", bias)
-    if residual is not None:
-        float_tensor("residual", residual)
+    optional_float_tensors(bias=bias, residual=residual)
     same_device(input=input, weight=weight, bias=bias, residual=residual)
     if autocast_maybe_on() and _autocast.enabled(input):
         input, weight, bias = _autocast.lower(input, weight, bias)

@@ -21,29 +21,11 @@ from tilefuse._backend import backend_of
 from tilefuse._validate import (check_broadcastable, check_same_dtype, check_tensor,
                                 float_tensor, same_device)
 from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
-from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, needs_grad
+from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, lazy_module, needs_grad
 
 
-_kdw = _kwg = None  # tilefuse.kernels.depthwise(_wgrad), imported on the first launch (triton
-#                     is optional)
-
-
-def _kernels():
-    global _kdw
-    if _kdw is None:
-        import tilefuse.kernels.depthwise as k
-
-        _kdw = k
-    return _kdw
-
-
-def _wgrad():
-    global _kwg
-    if _kwg is None:
-        import tilefuse.kernels.depthwise_wgrad as k
-
-        _kwg = k
-    return _kwg
+_kernels = lazy_module("tilefuse.kernels.depthwise")
+_wgrad = lazy_module("tilefuse.kernels.depthwise_wgrad")
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:

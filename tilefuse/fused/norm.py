@@ -18,18 +18,15 @@ import torch
 from torch import Tensor
 
 from tilefuse import _autocast
-from tilefuse._backend import backend_of
-from tilefuse._validate import check_broadcastable, check_shape, float_tensor, same_device
+from tilefuse._validate import (check_broadcastable, check_shape, float_tensor,
+                                optional_float_tensors, same_device)
 from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
 from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, needs_grad
+from tilefuse.fused._fast import use_torch_path as _use_torch
 
 
 _F32_EPS = torch.finfo(torch.float32).eps
 _F64_EPS = torch.finfo(torch.float64).eps
-
-
-def _use_torch(x: Tensor) -> bool:
-    return backend_of(x) == "torch" or x.dtype == torch.float64 or x.numel() == 0
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -207,12 +204,7 @@ def _row_norm(x, normalized_shape, weight, bias, eps, activation, residual, is_r
     if k == 0 or x.dim() < k or x.shape[x.dim() - k:] != shape:
         raise ValueError(f"{name}: normalized_shape {shape} must be non-empty and match the "
                          f"trailing dims of x, got x of shape {tuple(x.shape)}")
-    if weight is not None:
-        float_tensor("weight", weight)
-    if bias is not None:
-        float_tensor("bias", bias)
-    if residual is not None:
-        float_tensor("residual", residual)
+    optional_float_tensors(weight=weight, bias=bias, residual=residual)
     same_device(x=x, weight=weight, bias=bias, residual=residual)
     if autocast_maybe_on():
         # autocast (docs/amp.md): fp32 where torch runs layer_norm/rms_norm in fp32 (CUDA,

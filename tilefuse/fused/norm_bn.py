@@ -18,29 +18,16 @@ from torch import Tensor
 from torch.compiler import is_compiling as _is_compiling
 
 from tilefuse import _autocast
-from tilefuse._backend import backend_of
-from tilefuse._validate import check_broadcastable, check_shape, check_tensor, float_tensor, \
-    same_device
+from tilefuse._validate import (check_broadcastable, check_shape, check_tensor, float_tensor,
+                                optional_float_tensors, same_device)
 from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
 from tilefuse.fused import _fast
-from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, needs_grad
+from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, lazy_module, needs_grad
+from tilefuse.fused._fast import use_torch_path as _use_torch
 from tilefuse.fused.norm_group import _empty_like_layout
 
 
-_kbn = None  # tilefuse.kernels.norm_bn, imported on the first launch (triton is optional)
-
-
-def _kernels():
-    global _kbn
-    if _kbn is None:
-        import tilefuse.kernels.norm_bn as k
-
-        _kbn = k
-    return _kbn
-
-
-def _use_torch(x: Tensor) -> bool:
-    return backend_of(x) == "torch" or x.dtype == torch.float64 or x.numel() == 0
+_kernels = lazy_module("tilefuse.kernels.norm_bn")
 
 
 def _cd(x: Tensor) -> torch.dtype:
@@ -307,16 +294,8 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     float_tensor("x", x)
     if x.dim() < 2:
         check_tensor("x", x, min_ndim=2)
-    if running_mean is not None:
-        float_tensor("running_mean", running_mean)
-    if running_var is not None:
-        float_tensor("running_var", running_var)
-    if weight is not None:
-        float_tensor("weight", weight)
-    if bias is not None:
-        float_tensor("bias", bias)
-    if residual is not None:
-        float_tensor("residual", residual)
+    optional_float_tensors(running_mean=running_mean, running_var=running_var, weight=weight,
+                           bias=bias, residual=residual)
     same_device(x=x, running_mean=running_mean, running_var=running_var, weight=weight,
                 bias=bias, residual=residual)
     if residual is not None and autocast_maybe_on():

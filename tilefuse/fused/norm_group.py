@@ -14,26 +14,13 @@ import torch
 from torch import Tensor
 
 from tilefuse import _autocast
-from tilefuse._backend import backend_of
 from tilefuse._validate import check_shape, check_tensor, float_tensor, same_device
 from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
-from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op
+from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, lazy_module
+from tilefuse.fused._fast import use_torch_path as _use_torch
 
 
-_kgn = None  # tilefuse.kernels.norm_group, imported on the first launch (triton is optional)
-
-
-def _kernels():
-    global _kgn
-    if _kgn is None:
-        import tilefuse.kernels.norm_group as k
-
-        _kgn = k
-    return _kgn
-
-
-def _use_torch(x: Tensor) -> bool:
-    return backend_of(x) == "torch" or x.dtype == torch.float64 or x.numel() == 0
+_kernels = lazy_module("tilefuse.kernels.norm_group")
 
 
 def _stat_dtype(x: Tensor) -> torch.dtype:

@@ -29,7 +29,7 @@ import triton.language as tl
 from tilefuse._backend import interpreter_enabled
 from tilefuse.kernels import launch_cache, next_pow2, split_constexprs
 from tilefuse.kernels.activations import apply_activation
-from tilefuse.kernels.matmul import grouped_pid
+from tilefuse.kernels.gemm_common import tile_offsets
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 MIN_CAPABILITY = (8, 9)
@@ -70,14 +70,9 @@ def fp8_matmul_kernel(
     ACT_PARAM: tl.constexpr, MAX_IMPRECISE_ACC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # out-of-range rows/cols wrap (their results are masked on store); only K is masked
-    offs_am = (offs_m % M).to(tl.int64)
-    offs_bn = (offs_n % N).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_m, offs_n, offs_am, offs_bn, offs_k = tile_offsets(tl.program_id(0), M, N, BLOCK_M,
+                                                            BLOCK_N, BLOCK_K, GROUP_M)
     a_base = a_ptr + offs_am[:, None] * stride_am
     b_base = b_ptr + offs_bn[None, :] * stride_bn
 

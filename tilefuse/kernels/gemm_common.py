@@ -47,6 +47,35 @@ def grouped_pid(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M
 
 
 @triton.jit
+def tile_offsets(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    """``(offs_m, offs_n, offs_am, offs_bn, offs_k)`` of program ``pid``'s output tile (grouped
+    order): ``offs_am``/``offs_bn`` are the int64 A rows / B columns it reads, out-of-range ones
+    wrapped instead of masked on every load (their results are masked on store)."""
+    pid_m, pid_n = grouped_pid(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_am = (offs_m % M).to(tl.int64)
+    offs_bn = (offs_n % N).to(tl.int64)
+    return offs_m, offs_n, offs_am, offs_bn, tl.arange(0, BLOCK_K)
+
+
+@triton.jit
+def k_tile_range(K, split_id, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """``(k_lo, k_hi)``: the K tiles ``[k_lo, k_hi)`` split ``split_id`` of ``SPLIT_K`` sums (all
+    of them without split-K)."""
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    if SPLIT_K > 1:
+        k_per_split = tl.cdiv(k_tiles, SPLIT_K)
+        k_lo = split_id * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, k_tiles)
+    else:
+        k_lo = 0
+        k_hi = k_tiles
+    return k_lo, k_hi
+
+
+@triton.jit
 def gemm_epilogue(acc, offs_m, offs_n, M, N,
                   a_scale_ptr, stride_as, b_scale_ptr, stride_bs, bias_ptr, stride_bias,
                   pre_ptr, stride_pm, stride_pn, res_ptr, stride_rm, stride_rn,

@@ -34,8 +34,8 @@ from tilefuse._backend import interpreter_enabled
 from tilefuse.kernels import gemm_common as _gc
 from tilefuse.kernels import launch_cache, next_pow2, sm_count, split_constexprs
 from tilefuse.kernels.gemm_common import (SMALL_M, clamp_split, default_sms, fill_sms,
-                                          gemm_epilogue, grouped_pid, launch_reduce,
-                                          reduce_params, store_partial)
+                                          gemm_epilogue, k_tile_range, launch_reduce,
+                                          reduce_params, store_partial, tile_offsets)
 from tilefuse.kernels.matmul_tma import c_tma_ok, launch_tma, tma_params
 
 
@@ -52,14 +52,9 @@ def int8_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SPLIT_K: tl.constexpr = 1,
 ):
-    pid_m, pid_n = grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # out-of-range rows/cols wrap (their results are masked on store); only K is masked
-    offs_am = (offs_m % M).to(tl.int64)
-    offs_bn = (offs_n % N).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_m, offs_n, offs_am, offs_bn, offs_k = tile_offsets(tl.program_id(0), M, N, BLOCK_M,
+                                                            BLOCK_N, BLOCK_K, GROUP_M)
     a_base = a_ptr + offs_am[:, None] * stride_am
     b_base = b_ptr + offs_bn[None, :] * stride_bn
 
@@ -67,14 +62,7 @@ def int8_matmul_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    if SPLIT_K > 1:  # this program sums K tiles [k_lo, k_hi) of split program_id(1)
-        k_per_split = tl.cdiv(k_tiles, SPLIT_K)
-        k_lo = tl.program_id(1) * k_per_split
-        k_hi = tl.minimum(k_lo + k_per_split, k_tiles)
-    else:
-        k_lo = 0
-        k_hi = k_tiles
+    k_lo, k_hi = k_tile_range(K, tl.program_id(1), BLOCK_K, SPLIT_K)  # split: program_id(1)
     for k0 in range(k_lo, k_hi):
         kk = k0 * BLOCK_K + offs_k
         k_mask = kk < K

@@ -22,7 +22,7 @@ import triton.language as tl
 from tilefuse._backend import interpreter_enabled
 from tilefuse.kernels import launch_cache, split_constexprs
 from tilefuse.kernels.conv_fwd import (acc_constexprs, conv_key, get_config, is_channels_last,
-                                       pixel_coords)
+                                       pixel_coords, tap_step, tile_dot)
 from tilefuse.kernels.matmul import grouped_pid
 
 MAX_GRID_Z = 65535
@@ -55,10 +55,7 @@ def conv2d_dgrad_kernel(
     c_tiles = tl.cdiv(C_OUT_G, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for it in range(0, KH * KW * c_tiles):
-        tap = it // c_tiles
-        cc = (it - tap * c_tiles) * BLOCK_K + offs_k
-        kh = tap // KW
-        kw = tap - kh * KW
+        cc, kh, kw = tap_step(it, c_tiles, offs_k, KW, BLOCK_K)
         th = ih + PAD_H - kh * DIL_H
         tw = iw + PAD_W - kw * DIL_W
         oh = th // STRIDE_H
@@ -74,10 +71,7 @@ def conv2d_dgrad_kernel(
                     + cc64[None, :] * sdc, mask=p_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(w_col + cc64[:, None] * swo + (kh * swh + kw * sww), mask=k_mask[:, None],
                     other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        acc = tile_dot(a, b, acc, INPUT_PRECISION, ACC_DTYPE, UPCAST)
 
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < C_IN_G)
     x_off = (n.to(tl.int64) * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None] \
@@ -130,10 +124,7 @@ def conv2d_wgrad_kernel(
         x_off = n64 * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
         b = tl.load(x_ptr + x_off[:, None] + ci64[None, :] * sxc, mask=x_mask[:, None],
                     other=0.0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        acc = tile_dot(a, b, acc, INPUT_PRECISION, ACC_DTYPE, UPCAST)
 
     mask = (offs_co[:, None] < C_OUT_G) & (offs_ci[None, :] < C_IN_G)
     ci_local = (offs_ci % C_IN_G).to(tl.int64)

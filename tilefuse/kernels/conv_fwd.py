@@ -35,6 +35,27 @@ def pixel_coords(m, HW, W):
 
 
 @triton.jit
+def tap_step(it, c_tiles, offs_k, KW: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Step ``it`` of the implicit GEMM's K loop (taps outer, channel blocks of ``BLOCK_K``
+    inner) -> (channel offsets ``cc``, kernel row ``kh``, kernel column ``kw``)."""
+    tap = it // c_tiles
+    cc = (it - tap * c_tiles) * BLOCK_K + offs_k
+    kh = tap // KW
+    return cc, kh, tap - kh * KW
+
+
+@triton.jit
+def tile_dot(a, b, acc, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+             UPCAST: tl.constexpr):
+    """``acc + a @ b`` (the conv kernels' MMA step); ``UPCAST``: the interpreter's tl.dot is
+    wrong for bf16, so it gets fp32 operands."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+
+@triton.jit
 def conv2d_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, pre_ptr, mid_ptr,
     M, C_OUT_G, C_IN_G, H, W, OH, OW, PAD_H, PAD_W,
@@ -69,10 +90,7 @@ def conv2d_fwd_kernel(
     c_tiles = tl.cdiv(C_IN_G, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for it in range(0, KH * KW * c_tiles):
-        tap = it // c_tiles
-        cc = (it - tap * c_tiles) * BLOCK_K + offs_k
-        kh = tap // KW
-        kw = tap - kh * KW
+        cc, kh, kw = tap_step(it, c_tiles, offs_k, KW, BLOCK_K)
         ih = ih0 + kh * DIL_H
         iw = iw0 + kw * DIL_W
         p_mask = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -82,10 +100,7 @@ def conv2d_fwd_kernel(
                     + cc64[None, :] * sxc, mask=p_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(w_col + cc64[:, None] * swc + (kh * swh + kw * sww), mask=k_mask[:, None],
                     other=0.0)
-        if UPCAST:  # the interpreter's tl.dot is wrong for bf16: feed it fp32
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        acc = tile_dot(a, b, acc, INPUT_PRECISION, ACC_DTYPE, UPCAST)
 
     # ---- epilogue: bias -> (z) -> act -> + residual -> (u) -> post act -> cast ----
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < C_OUT_G)

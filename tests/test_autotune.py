@@ -152,12 +152,14 @@ def test_key_changes_with_source_triton_gpu_and_bucket(fake):
 
 
 def test_matmul_key_tracks_kernel_source():
-    from tilefuse.kernels import matmul
+    from tilefuse.kernels import gemm_common, matmul
 
     space = autotune.get_space("matmul")
     h = autotune.source_hash(*space.sources())
-    assert h == autotune.source_hash(matmul.matmul_kernel, __import__(
-        "tilefuse.kernels.activations", fromlist=["x"]))
+    # the kernel and the shared jit helpers it calls for its tile and split-K range
+    assert h == autotune.source_hash(matmul.matmul_kernel, gemm_common.tile_offsets,
+                                     gemm_common.k_tile_range, __import__(
+                                         "tilefuse.kernels.activations", fromlist=["x"]))
     assert autotune.source_hash(matmul.matmul_kernel) != autotune.source_hash(matmul.launch_matmul)
 
 

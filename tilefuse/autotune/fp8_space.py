@@ -67,10 +67,10 @@ class Fp8MatmulSpace(KernelSpace):
     required = _KEYS
 
     def sources(self):
-        from tilefuse.kernels import activations, fp8_matmul, matmul
+        from tilefuse.kernels import activations, fp8_matmul, gemm_common, matmul
 
         return (fp8_matmul.fp8_matmul_kernel, fp8_matmul.scaled_epilogue, matmul.grouped_pid,
-                activations)
+                gemm_common.tile_offsets, activations)
 
     def bucket(self, key):
         cm, cn, ck = _caps(key)

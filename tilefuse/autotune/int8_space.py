@@ -119,9 +119,10 @@ class Int8MatmulSpace(KernelSpace):
     required = _KEYS
 
     def sources(self):
-        from tilefuse.kernels import activations, int8_matmul, matmul
+        from tilefuse.kernels import activations, gemm_common, int8_matmul, matmul
 
-        return (int8_matmul.int8_matmul_kernel, matmul.grouped_pid, activations)
+        return (int8_matmul.int8_matmul_kernel, matmul.grouped_pid, gemm_common.tile_offsets,
+                gemm_common.k_tile_range, activations)
 
     def bucket(self, key):
         mode = normalize(key.get("mode"), key.get("dtype"))[0]

@@ -126,9 +126,10 @@ class MatmulSpace(KernelSpace):
     required = _KEYS
 
     def sources(self):
-        from tilefuse.kernels import activations, matmul
+        from tilefuse.kernels import activations, gemm_common, matmul
 
-        return (matmul.matmul_kernel, activations)
+        return (matmul.matmul_kernel, gemm_common.tile_offsets, gemm_common.k_tile_range,
+                activations)
 
     def bucket(self, key):
         M, N, K = _dims(key)

@@ -48,7 +48,8 @@ def test_rows_in_registers(M, N, rms, act):
 def test_wide_rows(monkeypatch, rms, act):
     """Rows wider than the on-chip block (cap lowered so a small shape takes that path): the
     row-statistics pass and the column pass, dw/db kept in registers."""
-    monkeypatch.setattr(kn, "MAX_BLOCK", 64)
+    for cap in ("MAX_BLOCK", "FUSED_MAX_BLOCK", "BWD_MAX_BLOCK"):  # every on-chip row cap
+        monkeypatch.setattr(kn, cap, 64)
     _, bwd = _run(8, 520, rms, act, wide=True)
     assert bwd.kernels >= 2  # the wide path ran
 

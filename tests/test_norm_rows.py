@@ -73,7 +73,8 @@ def test_leaky_param_and_module_spec():
 @pytest.mark.parametrize("rms", [False, True])
 def test_wide_rows_loop_path(rms, monkeypatch):
     """Rows wider than one block take the chunked (looping) kernel path."""
-    monkeypatch.setattr(kn, "MAX_BLOCK", 32)
+    for cap in ("MAX_BLOCK", "FUSED_MAX_BLOCK", "BWD_MAX_BLOCK"):  # every on-chip row cap
+        monkeypatch.setattr(kn, cap, 32)
     x = torch.randn(6, 101) + 50.0  # a large mean: two-pass statistics stay accurate
     t = dict(x=x, weight=torch.randn(101), residual=torch.randn(6, 101))
     if rms:

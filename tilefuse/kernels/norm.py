@@ -30,6 +30,11 @@ from tilefuse.kernels import launch_cache, next_pow2, sm_count, split_constexprs
 from tilefuse.kernels.activations import activation_grad, apply_activation
 
 MAX_BLOCK = 32768  # widest row kept on chip (32 warps: 32 fp32 elements a thread); wider loop
+# ... with a residual or an activation the extra live values spill at 32K (tools/aot_check.py:
+# fp32 RMSNorm + residual + GELU), and the backward keeps ~6 row-sized values live: lower caps
+FUSED_MAX_BLOCK = 16384
+BWD_MAX_BLOCK = 8192
+ROW_CHUNK = 4096  # wide backward, statistics pass: columns per loop step
 
 
 @triton.jit
@@ -341,9 +346,11 @@ def _fwd_launch(M, N, dtype, is_rms, has_res, has_w, has_b, activation, act_para
     if config is None:
         config = (heuristic_fwd_config(M, N, max_block) if max_block is not None
                   else get_fwd_config(M, N, dtype, is_rms))
-    # a stored config is valid for any N of its bucket: clamp to this row and to MAX_BLOCK;
-    # rows wider than the block loop, one row per program
-    block = min(int(config["BLOCK_N"]), next_pow2(N), next_pow2(max_block or MAX_BLOCK))
+    # a stored config is valid for any N of its bucket: clamp to this row and to MAX_BLOCK
+    # (FUSED_MAX_BLOCK with a residual or an activation); rows wider than the block loop, one
+    # row per program
+    cap = max_block or (MAX_BLOCK if not has_res and activation == 0 else FUSED_MAX_BLOCK)
+    block = min(int(config["BLOCK_N"]), next_pow2(N), next_pow2(cap))
     one = block >= N
     bm = int(config.get("BLOCK_M", 1)) if one else 1
     warps = int(config.get("num_warps", _warps(bm * block)))
@@ -432,7 +439,7 @@ def _bwd_launch(M, N, device, is_rms, has_res, has_w, has_b, activation, act_par
                 need_db, max_block):
     """Launch plan of one backward signature: ("one", G, consts, opts) for rows that fit a
     block, ("wide", row_consts, col_grid, col_consts) for wider rows."""
-    block, one = _block(N, max_block)
+    block, one = _block(N, max_block or BWD_MAX_BLOCK)
     common = dict(HAS_RESIDUAL=has_res, HAS_W=has_w, HAS_B=has_b, ACTIVATION=activation,
                   ACT_PARAM=float(act_param))
     bm = _rows_per_program(M, block, one)
@@ -444,7 +451,8 @@ def _bwd_launch(M, N, device, is_rms, has_res, has_w, has_b, activation, act_par
             IS_RMS=is_rms, **common, NEED_DW=need_dw, NEED_DB=need_db, BLOCK_M=bm,
             BLOCK_N=block, num_warps=_warps(bm * block)))
         return "one", G, consts, opts
-    row = dict(common, IS_RMS=is_rms, BLOCK_N=block, num_warps=_warps(block))
+    row_block = min(block, ROW_CHUNK)
+    row = dict(common, IS_RMS=is_rms, BLOCK_N=row_block, num_warps=_warps(row_block))
     col_block = min(_COL_BLOCK, block)
     col_blocks = triton.cdiv(N, col_block)
     groups = _row_groups(M, col_blocks, device)

@@ -47,8 +47,12 @@ def interpreter_enabled() -> bool:
     return _INTERPRET_AT_IMPORT
 
 
-def forced_backend() -> str | None:
-    value = os.environ.get("TILEFUSE_BACKEND", "").strip().lower()
+def forced_backend(value: str | None = None) -> str | None:
+    """The backend ``TILEFUSE_BACKEND`` forces (``value``: that variable's raw value, read from
+    the environment when not given), or None for auto."""
+    if value is None:
+        value = os.environ.get("TILEFUSE_BACKEND", "")
+    value = value.strip().lower()
     if value in ("", "auto"):
         return None
     if value not in BACKENDS:
@@ -57,8 +61,10 @@ def forced_backend() -> str | None:
     return value
 
 
-def _resolve(device: torch.device, env: str | None) -> str:
-    forced = forced_backend()
+def _resolve(device: torch.device, env) -> str:
+    """The backend for ``device`` given ``TILEFUSE_BACKEND``'s raw value (bytes from
+    ``os.environ``'s backing dict, or None when unset)."""
+    forced = forced_backend("" if env is None else os.fsdecode(env))
     if forced == "torch":
         return "torch"
     if device.type == "cuda":
@@ -81,8 +87,8 @@ def _resolve(device: torch.device, env: str | None) -> str:
     return "torch"
 
 
-# (device, TILEFUSE_BACKEND value, interpreter) -> backend: every op asks on every call, so the answer is
-# cached; the environment variable is still read per call (tests and users flip it at run time)
+# (device, TILEFUSE_BACKEND value, interpreter) -> backend: every op asks on every call, so the
+# answer is cached; the environment variable is still read per call (users flip it at run time)
 _CACHE: dict = {}
 # os.environ.get re-encodes the key on each call; its backing dict is what setenv updates
 _ENV_DATA = getattr(os.environ, "_data", None)

@@ -179,27 +179,28 @@ norm_act_fwd = fast_op("norm_act_fwd", _fwd_impl, fake=_fwd_fake, setup_context=
 # --------------------------------------------------------------------------------------------
 # public functional API (re-exported by tilefuse.ops)
 # --------------------------------------------------------------------------------------------
-def _normalized_shape(normalized_shape) -> Tuple[int, ...]:
+def _normalized_shape(normalized_shape) -> Tuple[Tuple[int, ...], int]:
+    """``(shape, number of elements)``; an int or a 1-tuple of an int (the common forms) without
+    the ``numbers.Integral`` checks, which cost microseconds per call."""
+    if type(normalized_shape) is int and normalized_shape >= 0:
+        return (normalized_shape,), normalized_shape
+    if type(normalized_shape) is tuple and len(normalized_shape) == 1 \
+            and type(normalized_shape[0]) is int and normalized_shape[0] >= 0:
+        return normalized_shape, normalized_shape[0]
     if isinstance(normalized_shape, numbers.Integral) and not isinstance(normalized_shape, bool):
-        return (int(normalized_shape),)
+        return (int(normalized_shape),), int(normalized_shape)
     if isinstance(normalized_shape, torch.Size) or isinstance(normalized_shape, (tuple, list)):
         if all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 0
                for d in normalized_shape):
-            return tuple(int(d) for d in normalized_shape)
+            shape = tuple(int(d) for d in normalized_shape)
+            return shape, math.prod(shape)
     raise TypeError(f"normalized_shape must be an int or a sequence of non-negative ints, got "
                     f"{normalized_shape!r}")
 
 
 def _row_norm(x, normalized_shape, weight, bias, eps, activation, residual, is_rms, name):
     float_tensor("x", x)
-    if type(normalized_shape) is int and normalized_shape >= 0:  # the common forms, no parse
-        shape, N = (normalized_shape,), normalized_shape
-    elif type(normalized_shape) is tuple and len(normalized_shape) == 1 \
-            and type(normalized_shape[0]) is int and normalized_shape[0] >= 0:
-        shape, N = normalized_shape, normalized_shape[0]
-    else:
-        shape = _normalized_shape(normalized_shape)
-        N = math.prod(shape)
+    shape, N = _normalized_shape(normalized_shape)
     k = len(shape)
     if k == 0 or x.dim() < k or x.shape[x.dim() - k:] != shape:
         raise ValueError(f"{name}: normalized_shape {shape} must be non-empty and match the "

@@ -27,6 +27,15 @@ def _offsets(n, s, c, sn, sc, ss):
 
 
 @triton.jit
+def _run_tile(x_ptr, n, s, s_hi, c, cmask, sxn, sxc, sxs):
+    """The fp32 [BLOCK_R, BLOCK_C] tile of sample ``n`` at positions ``s`` (masked to the run's
+    end ``s_hi``) and channels ``c``, and its mask."""
+    mask = (s < s_hi)[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + _offsets(n, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(tl.float32)
+    return x, mask
+
+
+@triton.jit
 def bn_stats_kernel(x_ptr, pmean_ptr, pm2_ptr, k_ptr, C, R, S, R_PER, sxn, sxc, sxs,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     c = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -44,20 +53,14 @@ def bn_stats_kernel(x_ptr, pmean_ptr, pm2_ptr, k_ptr, C, R, S, R_PER, sxn, sxc, 
     for n in range(n_lo, n_hi):
         s_hi = tl.minimum(r_hi - n * S, S)
         for s0 in range(tl.maximum(r_lo - n * S, 0), s_hi, BLOCK_R):
-            s = s0 + rr
-            mask = (s < s_hi)[:, None] & cmask[None, :]
-            x = tl.load(x_ptr + _offsets(n, s, c, sxn, sxc, sxs), mask=mask,
-                        other=0.0).to(tl.float32)
+            x, mask = _run_tile(x_ptr, n, s0 + rr, s_hi, c, cmask, sxn, sxc, sxs)
             acc += tl.where(mask, x - K[None, :], 0.0)
     local_mean = pairwise_sum0(acc, BLOCK_R, BLOCK_C) / (r_hi - r_lo)
     acc = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
     for n in range(n_lo, n_hi):
         s_hi = tl.minimum(r_hi - n * S, S)
         for s0 in range(tl.maximum(r_lo - n * S, 0), s_hi, BLOCK_R):
-            s = s0 + rr
-            mask = (s < s_hi)[:, None] & cmask[None, :]
-            x = tl.load(x_ptr + _offsets(n, s, c, sxn, sxc, sxs), mask=mask,
-                        other=0.0).to(tl.float32)
+            x, mask = _run_tile(x_ptr, n, s0 + rr, s_hi, c, cmask, sxn, sxc, sxs)
             d = tl.where(mask, (x - K[None, :]) - local_mean[None, :], 0.0)
             acc += d * d
     tl.store(pmean_ptr + sp * C + c, local_mean, mask=cmask)

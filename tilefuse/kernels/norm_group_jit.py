@@ -17,6 +17,16 @@ def _slab(pid, G, Cg, sn, sc):
 
 
 @triton.jit
+def _slice_tile(x_ptr, xo, c, s, Cg, s_hi, sxc, sxs):
+    """The fp32 [BLOCK_C, BLOCK_S] tile of a group's channels ``c`` and positions ``s`` (masked
+    to the group's ``Cg`` channels and the slice's end ``s_hi``) and its mask."""
+    mask = (c < Cg)[:, None] & (s < s_hi)[None, :]
+    x = tl.load(x_ptr + xo + c[:, None].to(tl.int64) * sxc + s[None, :].to(tl.int64) * sxs,
+                mask=mask, other=0.0).to(tl.float32)
+    return x, mask
+
+
+@triton.jit
 def gn_stats_kernel(x_ptr, pmean_ptr, pm2_ptr, S, G, Cg, S_PER, SPLIT, sxn, sxc, sxs,
                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -30,22 +40,14 @@ def gn_stats_kernel(x_ptr, pmean_ptr, pm2_ptr, S, G, Cg, S_PER, SPLIT, sxn, sxc,
     acc = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
     for c0 in range(0, Cg, BLOCK_C):
         for s0 in range(s_lo, s_hi, BLOCK_S):
-            c = c0 + offs_c
-            s = s0 + offs_s
-            mask = (c < Cg)[:, None] & (s < s_hi)[None, :]
-            x = tl.load(x_ptr + xo + c[:, None].to(tl.int64) * sxc + s[None, :].to(tl.int64) * sxs,
-                        mask=mask, other=0.0).to(tl.float32)
+            x, mask = _slice_tile(x_ptr, xo, c0 + offs_c, s0 + offs_s, Cg, s_hi, sxc, sxs)
             acc += tl.where(mask, x - K, 0.0)
     count = tl.cast(Cg * (s_hi - s_lo), tl.float32)
     local_mean = tl.sum(acc) / count
     acc = tl.zeros((BLOCK_C, BLOCK_S), tl.float32)
     for c0 in range(0, Cg, BLOCK_C):
         for s0 in range(s_lo, s_hi, BLOCK_S):
-            c = c0 + offs_c
-            s = s0 + offs_s
-            mask = (c < Cg)[:, None] & (s < s_hi)[None, :]
-            x = tl.load(x_ptr + xo + c[:, None].to(tl.int64) * sxc + s[None, :].to(tl.int64) * sxs,
-                        mask=mask, other=0.0).to(tl.float32)
+            x, mask = _slice_tile(x_ptr, xo, c0 + offs_c, s0 + offs_s, Cg, s_hi, sxc, sxs)
             d = tl.where(mask, (x - K) - local_mean, 0.0)
             acc += d * d
     tl.store(pmean_ptr + pid * SPLIT + sp, local_mean)

@@ -79,19 +79,36 @@ def _fmt_row(r) -> str:
             (f"{regs:4d}r" if regs is not None else "    -"),
             (f"sp{sp}" if sp else "    "),
             ("tma" if r.get("tma") else "   ") + (" wgmma" if r.get("wgmma") else "      "),
+            (f"{r['ld_global_128']:3d}/{r['ld_global']:<3d}" if "ld_global" in r else "   -   "),
             r["spec"]]
     return "  ".join(c if i else c.ljust(5) for i, c in enumerate(cols))
 
 
+def load_share(results) -> list[str]:
+    """Per kernel, summed over its compiled specializations: 128-bit ``ld.global`` / all
+    ``ld.global`` (static PTX count) and the byte-weighted share."""
+    acc: dict = {}
+    for r in results:
+        if "ld_global" not in r:
+            continue
+        a = acc.setdefault(r["kernel"], [0, 0, 0, 0])
+        for i, k in enumerate(("ld_global_128", "ld_global", "ld_bytes_128", "ld_bytes")):
+            a[i] += r[k]
+    return [f"{k} {a[0]}/{a[1]} ({100 * a[2] / a[3]:.0f}% of bytes)" if a[3] else f"{k} 0/0"
+            for k, a in sorted(acc.items())]
+
+
 def markdown_table(results) -> str:
     """The per-kernel properties as a markdown table (docs/gemm.md)."""
-    rows = ["| scenario | kernel | TMA | wgmma | regs | spill B | shared KB | spec |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| scenario | kernel | TMA | wgmma | 128-bit ld.global | regs | spill B | shared KB "
+            "| spec |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r.get("regs") is None:
             continue
         rows.append(f"| {r['scenario']} | {r['kernel']} | {'yes' if r.get('tma') else 'no'} | "
-                    f"{'yes' if r.get('wgmma') else 'no'} | {r['regs']} | "
+                    f"{'yes' if r.get('wgmma') else 'no'} | "
+                    f"{r.get('ld_global_128', 0)}/{r.get('ld_global', 0)} | {r['regs']} | "
                     f"{r.get('spill_stores') or 0} | {r['shared'] / 1024:.0f} | {r['spec']} |")
     return "\n".join(rows)
 
@@ -164,7 +181,8 @@ def main(argv=None) -> int:
     smem_limit = SMEM_LIMIT.get(args.arch, 232448)
     results = []
     t1 = time.perf_counter()
-    print("status kernel                      time    shared   regs  spill tma wgmma  spec")
+    print("status kernel                      time    shared   regs  spill tma wgmma  "
+          "ld128/ld  spec")
     for r in compile_all(launches, rec.target, smem_limit, args.jobs):
         results.append(r)
         print(_fmt_row(r), flush=True)
@@ -187,6 +205,8 @@ def main(argv=None) -> int:
         heavy = sorted(ok, key=lambda r: (r["shared"], r["regs"]), reverse=True)[:5]
         print("# heaviest (shared memory): " + "; ".join(
             f"{r['kernel']} {r['spec']} {r['shared']}B {r['regs']}r" for r in heavy))
+        print("# 128-bit share of static ld.global per kernel (instructions; bytes): " + "; ".join(
+            load_share(ok)))
     if args.table:
         print()
         print(markdown_table(results))

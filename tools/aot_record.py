@@ -227,6 +227,35 @@ def _short_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {first_lines(msg, 8)}"
 
 
+_RE_LD = re.compile(r"^\s*(?:@%p\d+\s+)?ld\.global((?:\.[\w:]+)*)\s", re.M)
+_BITS = {"8": 8, "16": 16, "32": 32, "64": 64, "128": 128}
+
+
+def global_loads(ptx: str) -> tuple[int, int, int, int]:
+    """Static count of the ``ld.global`` instructions in a PTX text: (loads, 128-bit loads,
+    bytes per thread over all loads, bytes per thread of the 128-bit ones). A load's width is
+    its vector count times its element type's bits (``.v4.b32`` and ``.v2.b64`` are 128-bit).
+    Static: a load inside a loop counts once, which is what "share of 128-bit loads" of a
+    kernel's code means; cp.async/TMA copies are not ``ld.global`` and are not counted."""
+    n = n128 = nbytes = nbytes128 = 0
+    for m in _RE_LD.finditer(ptx):
+        parts = m.group(1).split(".")
+        vec = 1
+        bits = 32
+        for q in parts:
+            if q in ("v2", "v4", "v8"):
+                vec = int(q[1:])
+            elif q[:1] in "bfsu" and q[1:] in _BITS:
+                bits = _BITS[q[1:]]
+        width = vec * bits
+        n += 1
+        nbytes += width // 8
+        if width >= 128:
+            n128 += 1
+            nbytes128 += width // 8
+    return n, n128, nbytes, nbytes128
+
+
 def compile_launch(launch: Launch, target, smem_limit: int) -> dict:
     import triton
     from triton import knobs
@@ -268,6 +297,8 @@ def compile_launch(launch: Launch, target, smem_limit: int) -> dict:
     res["tma"] = "cp.async.bulk.tensor" in ptx
     res["tma_store"] = "cp.async.bulk.tensor" in ptx and ".global.shared" in ptx
     res["wgmma"] = "wgmma.mma_async" in ptx
+    (res["ld_global"], res["ld_global_128"], res["ld_bytes"],
+     res["ld_bytes_128"]) = global_loads(ptx)
     res["ptxas"] = [ln.strip() for ln in log.splitlines() if "ptxas" in ln or "bytes" in ln]
     if res["shared"] > smem_limit:
         res.update(status="FAIL", error=f"OutOfResources: shared memory {res['shared']} B > "

@@ -71,7 +71,7 @@ def test_seed_lives_on_input_device(device, monkeypatch):
     real_item = torch.Tensor.item
 
     def no_item(t):
-        if t.dtype == torch.int64 and t.dim() == 0 and any(t is s for s in drawn):
+        if t.dtype == torch.int64 and any(t is s or t._base is s for s in drawn):
             raise AssertionError("seed read on the host")
         return real_item(t)
 
@@ -82,12 +82,41 @@ def test_seed_lives_on_input_device(device, monkeypatch):
     (y.sum() + y2.sum()).backward()
     monkeypatch.setattr(torch.Tensor, "item", real_item)
     assert len(drawn) == 3 and all(s.device == x.device and s.dtype == torch.int64 and
-                                   s.dim() == 0 for s in drawn)
+                                   s.shape == (2,) for s in drawn)
     # 3 forwards + 2 backwards, each launch gets a device tensor (the saved seed in backward)
     assert len(launched) == 5
     assert all(isinstance(s, torch.Tensor) and s.device == x.device for s in launched)
     assert any(launched[i] is drawn[0] for i in range(len(launched)))
     assert y3.shape == (2, 3, 8, 8)
+
+
+def test_seed_is_an_aligned_pair_with_randints_draw(device):
+    """draw_seed: a 16-byte aligned int64 pair (one 128-bit load in the kernel) whose element 0
+    is exactly ``torch.randint(2**31 - 1, ())``'s draw, and the generator advances as for that
+    draw (the masks of a given ``torch.manual_seed`` did not change with the pair layout)."""
+    from tilefuse.fused.dropout import draw_seed
+
+    torch.manual_seed(5)
+    ref = [torch.randint(2**31 - 1, (), device=device) for _ in range(3)]
+    torch.manual_seed(5)
+    got = [draw_seed(torch.device(device)) for _ in range(3)]
+    for r, g in zip(ref, got):
+        assert g.shape == (2,) and g.dtype == torch.int64 and g.is_contiguous()
+        assert g.data_ptr() % 16 == 0 and g.device == r.device
+        assert g[0].item() == r.item()
+
+
+def test_caller_seed_and_pair_give_one_mask(device):
+    """A caller's 0-d seed (copied to a pair by the launcher) and a pair holding the same value
+    (its second word garbage) give bit-identical outputs: only element 0 is the seed."""
+    from tilefuse.fused.dropout import dropout_op
+
+    x = torch.randn(33, 65, device=device)
+    a = dropout_op(x, None, torch.tensor(4321, device=device), P, 1)
+    b = dropout_op(x, None, torch.tensor([4321, -987654321], device=device), P, 1)
+    assert torch.equal(a, b)
+    c = dropout_op(x, None, torch.tensor([4322, -987654321], device=device), P, 1)
+    assert not torch.equal(a, c)
 
 
 def test_backward_regenerates_mask(device):

@@ -1,11 +1,11 @@
 """Dropout custom ops: ``tilefuse::dropout`` (dropout, dropout+residual, channel dropout) and
 ``tilefuse::dropconnect_linear`` (DropConnect inside the matmul kernel's load path).
 
-RNG design: the public wrappers draw a 31-bit seed with ``torch.randint`` on the *input's
+RNG design: the public wrappers draw a 31-bit seed (``torch.randint``'s draw) on the *input's
 device* (that device's default generator, as torch's own dropout), *outside* the custom op, and
-pass it in as a 0-d int64 tensor that the Triton kernels read through a pointer
-(``tl.load(seed_ptr)``): nothing on the CUDA path reads it on the host, so there is no sync and a
-captured CUDA graph draws a fresh seed on every replay. So ``torch.manual_seed`` /
+pass it in as an int64 tensor (a 16-byte aligned pair: :func:`draw_seed`) that the Triton
+kernels read through a pointer (one 128-bit load): nothing on the CUDA path reads it on the
+host, so there is no sync and a captured CUDA graph draws a fresh seed on every replay. So ``torch.manual_seed`` /
 ``torch.cuda.manual_seed`` reproduce runs, ``torch.random.fork_rng`` isolates them,
 ``torch.utils.checkpoint`` (which restores the CPU and the device RNG state before recomputing)
 regenerates the same mask, and under ``torch.compile`` the draw is part of the graph, hence fresh
@@ -59,17 +59,30 @@ def _matmul_kernels():
 
 
 def draw_seed(device=None) -> Tensor:
-    """A fresh seed: a 0-d int64 tensor on ``device`` (default CPU), drawn from that device's
-    default generator (so ``torch.manual_seed`` / ``torch.cuda.manual_seed`` / ``fork_rng``
-    govern it as they govern ``torch.nn.functional.dropout``). The Triton path never reads it on
-    the host."""
-    # randint(high, ...): int64 and low=0 are the defaults (same draw as randint(0, high, ...))
-    return torch.randint(_SEED_HIGH, (), device=device if device is not None else "cpu")
+    """A fresh seed on ``device`` (default CPU), drawn from that device's default generator (so
+    ``torch.manual_seed`` / ``torch.cuda.manual_seed`` / ``fork_rng`` govern it as they govern
+    ``torch.nn.functional.dropout``). The Triton path never reads it on the host.
+
+    Layout: a 2-element int64 tensor (a fresh allocation, so 16-byte aligned); element 0 is the
+    seed, element 1 is never written (uninitialized) nor used: it lets the kernels read the seed
+    with one 128-bit load. Element 0 is the very draw ``torch.randint(2**31 - 1, ())`` makes
+    (one element drawn in place, ``out=``: one op, traceable by ``torch.compile``), so the
+    generators advance as before and a given ``torch.manual_seed`` gives the same masks as the
+    former 0-d seed."""
+    pair = torch.empty(2, dtype=torch.int64, device=device if device is not None else "cpu")
+    torch.randint(_SEED_HIGH, (1,), out=pair[:1])
+    return pair
 
 
 def _seed_on(seed: Tensor, device) -> Tensor:
     """The seed on the data's device (a copy only for a caller-supplied seed elsewhere)."""
     return seed if seed.device == device else seed.to(device)
+
+
+def _host_seed(seed: Tensor) -> int:
+    """The seed as a host int (torch reference path only): element 0 of draw_seed's pair or a
+    caller's 1-element seed."""
+    return int(seed.reshape(-1)[0].item())
 
 
 def _torch_keep(seed: int, shape, group: int, device) -> Tensor:
@@ -93,7 +106,7 @@ def _dropout_impl(x: Tensor, residual: Optional[Tensor], seed: Tensor, p: float,
     out = _out_like(x, residual)
     if backend_of(x) == "torch":  # reference path: host seed (free on CPU)
         acc = torch.float64 if out.dtype == torch.float64 else torch.float32
-        keep = _torch_keep(int(seed.item()), x.shape, group, x.device) > p
+        keep = _torch_keep(_host_seed(seed), x.shape, group, x.device) > p
         y = torch.where(keep, x.to(acc) * (1.0 / (1.0 - p)), 0.0)
         if residual is not None:
             y = y + residual.to(acc)
@@ -266,7 +279,7 @@ def _dc_impl(a: Tensor, b: Tensor, bias: Optional[Tensor], seed: Tensor, p: floa
     M, K = a.shape
     N = b.shape[1]
     if backend_of(a) == "torch":  # reference path: host seed (free on CPU)
-        s = int(seed.item())
+        s = _host_seed(seed)
         idx = (torch.arange(K, device=a.device)[:, None] * stride_k
                + torch.arange(N, device=a.device)[None, :] * stride_n)
         keep = (_torch_keep(s, (K * N,), 1, a.device)[idx.flatten()].reshape(K, N) > p)

@@ -4,9 +4,11 @@ The keep decision for an element is a pure function of ``(seed, rng_index)``:
 ``keep = keep_mask(seed, rng_index // GROUP, p)`` (a Philox uniform > p), where ``rng_index`` is
 the element's *logical* row-major index (int64, so tensors past 2^31 elements get distinct
 counters) and ``GROUP`` is 1 for element dropout or ``H*W`` for channel dropout (Dropout2d).
-The seed is a 0-d int64 *tensor* on the data's device, loaded inside the kernel
-(``tl.load(seed_ptr)``): no host sync, and a captured CUDA graph reads the value its replay's
-``torch.randint`` wrote. Nothing but the seed is stored for backward: the backward pass runs the
+The seed is an int64 *tensor* on the data's device, loaded inside the kernel
+(:func:`load_seed`): no host sync, and a captured CUDA graph reads the value its replay's draw
+wrote. ``tilefuse.fused.dropout.draw_seed`` gives a 16-byte aligned pair (the seed, then an unused
+word) that the kernel reads with one 128-bit load; any other seed tensor (a caller's 0-d seed) is
+first copied to such a pair (:func:`seed_pair`). Nothing but the seed is stored for backward: the backward pass runs the
 same kernel on the incoming gradient and regenerates the identical mask, whatever the gradient's
 memory layout, because the counter is logical.
 
@@ -55,6 +57,28 @@ def keep_mask(seed, ridx, p, Q: tl.constexpr):
 
 
 @triton.jit
+def load_seed(seed_ptr):
+    """Element 0 of the int64 pair at ``seed_ptr``. Loading both words as a 2-vector and
+    splitting it compiles to one ``ld.global.v2.b64`` (128-bit) when the pair is 16-byte aligned
+    (Triton specializes on the pointer's alignment: an unaligned pair gets a correct 64-bit
+    load); ``tl.load(seed_ptr)`` was the kernel's only scalar global load."""
+    seed, _ = tl.split(tl.load(seed_ptr + tl.arange(0, 2)))
+    return seed
+
+
+def seed_pair(seed: torch.Tensor) -> torch.Tensor:
+    """``seed`` as the contiguous 2-element tensor :func:`load_seed` reads (element 0 is the
+    seed). ``draw_seed``'s pair passes through; a caller-supplied 0-d (or 1-element) seed is
+    copied to ``[seed, seed]`` on its device (one tiny op, on the caller's seed only)."""
+    if seed.numel() == 2 and seed.dim() == 1 and seed.is_contiguous():
+        return seed
+    if seed.numel() != 1:
+        raise ValueError(f"seed: expected a 1-element or 2-element integer tensor, got shape "
+                         f"{tuple(seed.shape)}")
+    return seed.reshape(1).repeat(2)
+
+
+@triton.jit
 def _scaled(x, keep, scale_hi, scale_lo, ACC_DTYPE: tl.constexpr):
     if ACC_DTYPE == tl.float64:  # float args are fp32: 1/(1-p) to ~48 bits as a hi/lo pair
         xs = x * scale_hi + x * scale_lo
@@ -91,7 +115,7 @@ def dropout_kernel(
         n_elements = (n_elements // VEC) * VEC
     else:
         S3 = (S3 // VEC) * VEC
-    seed = tl.load(seed_ptr)  # 0-d int64 on the device: no host read, CUDA-graph replayable
+    seed = load_seed(seed_ptr)  # on the device: no host read, CUDA-graph replayable
     if CONTIG:
         # BLOCK = CH chunks of 4*Q elements; one Philox call per (chunk, j) feeds 4 elements
         chunk = pid * CH + tl.arange(0, CH).to(tl.int64)
@@ -238,8 +262,9 @@ def launch_dropout(x: torch.Tensor, out: torch.Tensor, seed: torch.Tensor, p: fl
                    residual=None, group: int = 1) -> torch.Tensor:
     """``out = [residual +] dropout(x)`` for same-shape ``x``, ``out`` and ``residual`` (any
     strides; ``residual`` may be an expanded view). ``group`` > 1 shares one keep decision per
-    ``group`` consecutive logical elements (channel dropout). ``seed`` is a 1-element int64
-    tensor on ``out``'s device, read by the kernel (never on the host). The layout plan of a
+    ``group`` consecutive logical elements (channel dropout). ``seed`` is an int64 tensor on
+    ``out``'s device (draw_seed's pair, or a 1-element seed: see :func:`seed_pair`), read by the
+    kernel (never on the host). The layout plan of a
     signature (shape, strides, group, dtype) is computed once
     (:func:`tilefuse.kernels.launch_cache`)."""
     n = x.numel()
@@ -262,7 +287,7 @@ def launch_dropout(x: torch.Tensor, out: torch.Tensor, seed: torch.Tensor, p: fl
     grid, tail, opts = params
     scale = 1.0 / (1.0 - p)
     scale_hi = fp32_round(scale)
-    dropout_kernel[grid](x, residual if has_res else x, out, seed, float(p), scale_hi,
+    dropout_kernel[grid](x, residual if has_res else x, out, seed_pair(seed), float(p), scale_hi,
                          scale - scale_hi, n, *tail, **opts)
     return out
 

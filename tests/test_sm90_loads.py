@@ -1,0 +1,28 @@
+"""sm_90 load widths of the streaming kernels (issue 18): the static share of 128-bit
+``ld.global`` instructions in the PTX that tools/aot_check.py compiles without a GPU (a subprocess,
+as in test_aot_compile.py). Each test compiles a few specializations only (seconds)."""
+import pytest
+
+from test_aot_compile import _has_ptxas, _run  # noqa: I100
+
+pytestmark = pytest.mark.skipif(not _has_ptxas(), reason="triton wheel without NVIDIA ptxas")
+
+
+def _share(report, kernel):
+    rows = [r for r in report["results"] if r["kernel"] == kernel]
+    assert rows, [r["kernel"] for r in report["results"]]
+    return rows, sum(r["ld_global_128"] for r in rows), sum(r["ld_global"] for r in rows)
+
+
+def test_dropout_kernel_loads_are_all_128_bit(tmp_path):
+    """Contiguous (dropout_add, odd size), strided and Dropout2d channels_last: every global
+    load of dropout_kernel is 128-bit, the seed included (one v2.b64 load of draw_seed's pair;
+    a 0-d seed read by tl.load(seed_ptr) was the one scalar load per specialization)."""
+    proc, report = _run(tmp_path, "--families", "dropout", "--only",
+                        r"dropout_add torch.float16 \(1000|dropout2d channels_last torch.float16"
+                        r"|dropout strided torch.float32", "--jobs", "1", timeout=300)
+    assert report is not None and proc.returncode == 0, proc.stdout + proc.stderr
+    rows, n128, n = _share(report, "dropout_kernel")
+    assert len(rows) == 3 and n128 == n, [(r["spec"], r["ld_global_128"], r["ld_global"])
+                                          for r in rows]
+    assert all(not r["spill_stores"] for r in rows)

@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 # pulls a multi-GB CUDA build. On a machine where torch is already importable nothing is replaced.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: venv demo test test-all bench compat clean
+.PHONY: venv demo test test-all bench compat aot36 clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,8 +41,23 @@ compat:
 	TRITON_INTERPRET=1 $(COMPAT_VENV)/bin/python -m pytest -q -n 2 -m "not slow and not cuda"
 	$(COMPAT_VENV)/bin/python tools/aot_check.py
 
+# sm_90 compile check with the GPU machines' triton (3.6) on this CPU machine, without a second
+# torch: triton 3.6 goes into $(T36_SITE) (pip --target, no deps) and shadows the venv's triton
+# through PYTHONPATH; torch stays the venv's. Uses the wheel on disk when there is one (else
+# PyPI's, about 170 MB). One family per process keeps memory low on small machines
+# (docs/aot_check.md). AOT36_ARGS passes options to tools/aot_check.py (e.g. -j 1).
+T36_DIR := .venv-t36
+T36_SITE := $(T36_DIR)/site
+T36_WHEEL ?= $(firstword $(wildcard /opt/pypi/files/triton-3.6.0-*.whl) triton==3.6.0)
+AOT_FAMILIES ?= matmul int8 fp8 depthwise conv norm dropout optim
+AOT36_ARGS ?=
+aot36: venv
+	test -f $(T36_SITE)/triton/__init__.py || $(BIN)/pip install -q --no-deps --target $(T36_SITE) $(T36_WHEEL)
+	PYTHONPATH=$(T36_SITE) $(BIN)/python -c "import triton; v = triton.__version__; assert v.startswith('3.6'), 'triton ' + v + ' shadows 3.6'; print('triton', v, 'from', triton.__file__)"
+	rc=0; for f in $(AOT_FAMILIES); do PYTHONPATH=$(T36_SITE) $(BIN)/python tools/aot_check.py --families $$f $(AOT36_ARGS) || rc=1; done; exit $$rc
+
 bench: venv
 	$(BIN)/tilefuse bench kernels
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) $(T36_DIR) build *.egg-info .pytest_cache

@@ -13,7 +13,20 @@ import traceback
 
 from aot_record import Recorder, first_lines
 
-FAMILIES = ("matmul", "depthwise", "conv", "int8", "fp8", "norm", "dropout", "optim")
+def _registry():
+    """tilefuse/registry.py loaded by path: it imports nothing, and importing the ``tilefuse``
+    package here would import triton before ``aot_check._prepare_env`` has set it up."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tilefuse",
+                        "registry.py")
+    spec = importlib.util.spec_from_file_location("_tilefuse_registry", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+FAMILIES = tuple(_registry().FAMILIES)  # the kernel families, from the op registry
 
 
 # ------------------------------------------------------------------------------------------------

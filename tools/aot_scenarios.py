@@ -22,6 +22,7 @@ def _registry():
                         "registry.py")
     spec = importlib.util.spec_from_file_location("_tilefuse_registry", path)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
     spec.loader.exec_module(mod)
     return mod
 

@@ -21,7 +21,30 @@ if not _HAS_CUDA:
 os.environ.setdefault("TILEFUSE_AUTOTUNE", "0")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--shard", default=None, metavar="K/N",
+                     help="run only the K-th (0-based) of N shards: test files are dealt round "
+                          "robin in path order (bench/gpu_check.sh runs 3 shards side by side)")
+
+
+def _apply_shard(config, items):
+    spec = config.getoption("--shard")
+    if not spec:
+        return
+    try:
+        k, n = (int(v) for v in spec.split("/"))
+        assert 0 <= k < n
+    except (ValueError, AssertionError):
+        raise pytest.UsageError(f"--shard must be K/N with 0 <= K < N, got {spec!r}") from None
+    files = sorted({str(item.path) for item in items})
+    mine = {f for i, f in enumerate(files) if i % n == k}
+    keep = [item for item in items if str(item.path) in mine]
+    config.hook.pytest_deselected(items=[item for item in items if str(item.path) not in mine])
+    items[:] = keep
+
+
 def pytest_collection_modifyitems(config, items):
+    _apply_shard(config, items)
     if _HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

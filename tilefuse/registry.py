@@ -94,7 +94,7 @@ OPS: Tuple[OpSpec, ...] = (
         ["dropout"], _F + "test_fuzz_dropout"),
     _op("dropconnect_linear", "tilefuse.fused.dropout", "dropout",
         "act(F.linear(x, F.dropout(w, p), bias))", "lower", ["dropconnect_linear"],
-        "tests/test_fuzz_dropstats.py::test_fuzz_dropconnect_statistics", bench="matmul"),
+        "tests/test_fuzz_dropstats.py::test_fuzz_dropconnect_statistics"),
     _op("cross_entropy", "tilefuse.fused.cross_entropy", "dropout",
         "F.cross_entropy(logits, target, weight, ..., label_smoothing)", "fp32",
         ["cross_entropy", "cross_entropy_bwd"], _F + "test_fuzz_cross_entropy",

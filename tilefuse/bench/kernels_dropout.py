@@ -1,7 +1,8 @@
 """Dropout-family benchmark cases (memory-bound: reported as GB/s); the fused cross-entropy has
 its own family, :mod:`tilefuse.bench.kernels_cross_entropy`.
 
-Cases: ``fwd/dropout``, ``fwd/dropout_add``, ``fwd/mixup``. Implementations per case:
+Cases: ``fwd/dropout``, ``fwd/dropout_add``, ``fwd/dropout2d``, ``fwd/dropconnect_linear``,
+``fwd/mixup``. Implementations per case:
 
 * ``tilefuse``: :func:`tilefuse.ops.dropout` / :func:`~tilefuse.ops.dropout_add` (one Philox
   kernel; only a seed is kept for backward) / the mixup op;
@@ -62,6 +63,23 @@ def _dropout_cases(device, dtype, size) -> List[BenchCase]:
     out.append(BenchCase("dropout", f"fwd/dropout_add/{R}x{C}", {"R": R, "C": C},
                          DTYPE_NAMES[dtype], fns, flops=3 * n, bytes=3 * n * es,
                          note="eager: 2 kernels + intermediate; tilefuse: 1 pass"))
+    x4 = x.reshape(R // 8, 8, C // 16, 16)  # NCHW maps: a channel is zeroed whole
+    fns = {"tilefuse": lambda: tilefuse.ops.dropout2d(x4, P),
+           "eager": lambda: F.dropout2d(x4, P)}
+    out.append(BenchCase("dropout", f"fwd/dropout2d/{tuple(x4.shape)}",
+                         dict(zip("NCHW", x4.shape)), DTYPE_NAMES[dtype], fns, flops=2 * n,
+                         bytes=2 * n * es, note="per-channel keep mask from the seed"))
+    K = C // 2
+    w = torch.randn(C, K, device=device, dtype=dtype) * K ** -0.5
+    xa = x[:, :K]
+    fns = {"tilefuse": lambda: tilefuse.ops.dropconnect_linear(xa, w, p=P),
+           "eager": lambda: F.linear(xa, F.dropout(w, P))}
+    out.append(BenchCase("dropout", f"fwd/dropconnect_linear/{R}x{C}x{K}",
+                         {"M": R, "N": C, "K": K}, DTYPE_NAMES[dtype], fns,
+                         flops=2.0 * R * C * K, bytes=float(es * (R * K + C * K + R * C)),
+                         bound="compute",
+                         note="weights dropped as they are loaded (matmul's DropConnect path); "
+                              "eager materializes the dropped weight"))
     return out
 
 

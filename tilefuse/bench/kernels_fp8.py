@@ -53,6 +53,11 @@ def _torch_fp8_linear(x, w, sw, bias):
     return _scaled_mm(qx, w.t(), sx, sw[None, :], bias, x.dtype)
 
 
+def _torch_fp8_roundtrip(x):
+    s = x.float().abs().amax(-1, keepdim=True).clamp_min(1e-12) / 448.0
+    return ((x.float() / s).to(torch.float8_e4m3fn).float() * s).to(x.dtype)
+
+
 def cases(device: str, dtype: torch.dtype, size: str) -> List[BenchCase]:
     import tilefuse
 
@@ -96,6 +101,15 @@ def cases(device: str, dtype: torch.dtype, size: str) -> List[BenchCase]:
         vendor = _try(lambda x=x, qw=qw, sw=sw, b=bias: _torch_fp8_linear(x, qw, sw, b))
         if vendor is not None:
             fns["vendor"] = vendor
+        es = x.element_size()
+        out.append(BenchCase(
+            family="fp8", name=f"quant_roundtrip/{M}x{K}/x={dname}", shape={"M": M, "K": K},
+            dtype=dname,
+            fns={"tilefuse": lambda x=x: tilefuse.ops.dequantize_fp8(
+                     *tilefuse.ops.quantize_fp8_per_row(x), dtype=x.dtype),
+                 "eager": lambda x=x: _torch_fp8_roundtrip(x)},
+            flops=0.0, bytes=float(2 * es * M * K + 2 * M * K + 8 * M), bound="memory",
+            note="quantize_fp8_per_row (one kernel) then dequantize_fp8 (torch ops)"))
         out.append(BenchCase(
             family="fp8", name=f"linear/{M}x{N}x{K}/x={dname}", shape=shape, dtype="fp8",
             fns=fns, flops=flops, bytes=float(2 * M * K + N * K + 4 * N + 2 * N + 2 * M * N),

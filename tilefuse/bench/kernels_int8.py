@@ -19,6 +19,10 @@ peak table's ``int8`` column, via ``BenchCase.dtype == "int8"``):
   ``eager`` = dequantize the weight then ``F.linear`` (what a naive weight-only layer does);
   ``compile`` = that under :func:`torch.compile` (Inductor can fuse the dequantize into its GEMM
   template); ``vendor`` = ``F.linear`` on the float weight (cuBLAS, no dequantize: the anchor).
+* ``w8a8_linear/MxNxK``: :func:`tilefuse.ops.w8a8_linear` (x quantized per row on the fly, then
+  the int8 GEMM); ``eager`` as for weight_only; ``vendor`` = ``F.linear`` on the float weight.
+* ``quant_roundtrip/MxK``: :func:`tilefuse.ops.quantize_per_row` then ``dequantize_per_row`` vs
+  the same absmax/round/clamp in eager torch (memory-bound).
 * ``gemm/MxNxK`` (fp16/bf16 only): our float GEMM (:func:`tilefuse.ops.matmul`) vs ``torch.mm``,
   so the int8 rows have the float rows of the same shapes next to them.
 
@@ -100,6 +104,11 @@ def _int8_cases(device: str, size: str) -> List[BenchCase]:
     return out
 
 
+def _torch_roundtrip(x: torch.Tensor) -> torch.Tensor:
+    s = x.float().abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127
+    return ((x.float() / s).round().clamp(-127, 127).to(torch.int8).float() * s).to(x.dtype)
+
+
 def _float_cases(device: str, dtype: torch.dtype, size: str) -> List[BenchCase]:
     import tilefuse
 
@@ -128,6 +137,23 @@ def _float_cases(device: str, dtype: torch.dtype, size: str) -> List[BenchCase]:
                  "vendor": lambda x=x, w=wf, b=bias: F.linear(x, w, b)},
             flops=2.0 * M * N * K, bytes=float(es * (M * K + M * N) + K * N + 4 * N),
             bound=_bound(M), note="vendor = F.linear on the float weight (no dequantize)"))
+        out.append(BenchCase(
+            family="int8", name=f"w8a8_linear/{M}x{N}x{K}", shape=shape, dtype=dname,
+            fns={"tilefuse": lambda x=x, q=q, s=s, b=bias: tilefuse.ops.w8a8_linear(
+                     x, q, s, bias=b),
+                 "eager": lambda x=x, q=q, s=s, b=bias: dequant_linear(x, q, s, b),
+                 "vendor": lambda x=x, w=wf, b=bias: F.linear(x, w, b)},
+            flops=2.0 * M * N * K, bytes=float(es * (M * K + M * N) + K * N + 4 * N),
+            bound=_bound(M), note="x quantized per row on the fly + int8 GEMM; vendor = "
+                                  "F.linear on the float weight"))
+        out.append(BenchCase(
+            family="int8", name=f"quant_roundtrip/{M}x{K}", shape={"M": M, "K": K},
+            dtype=dname,
+            fns={"tilefuse": lambda x=x: tilefuse.ops.dequantize_per_row(
+                     *tilefuse.ops.quantize_per_row(x), dtype=x.dtype),
+                 "eager": lambda x=x: _torch_roundtrip(x)},
+            flops=0.0, bytes=float(2 * es * M * K + 2 * M * K + 8 * M), bound="memory",
+            note="quantize_per_row (one kernel) then dequantize_per_row (torch ops)"))
         if dtype in (torch.float16, torch.bfloat16):
             wt = wf.t()
             out.append(BenchCase(

@@ -6,6 +6,7 @@ tensors. torch and tilefuse are passed in / imported lazily (after ``aot_check._
 """
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import sys
@@ -386,6 +387,26 @@ DRIVERS = {"matmul": _scenarios_matmul, "depthwise": _scenarios_depthwise, "int8
            "norm": _scenarios_norm, "dropout": _scenarios_dropout, "optim": _scenarios_optim}
 
 
+def _host_scenarios(family):
+    """Every registered op of ``family`` through its ``tilefuse bench host`` cases (tiny fp32
+    calls, forward and, for the /grad rows, backward): the compile check covers a new op from
+    its registry entry alone; the family drivers above add the dtypes, shapes and flags."""
+    from tilefuse.bench.host_cases import CASES
+
+    ops = {s.name for s in _registry().ops_of(family)}
+    for case in CASES:
+        if case.op in ops:
+            def run(case=case):
+                ours, _, _ = case.build("cpu")
+                out = ours()
+                if case.grad:
+                    outs = out if isinstance(out, (tuple, list)) else (out,)
+                    for o in outs:
+                        if getattr(o, "requires_grad", False):
+                            o.sum().backward()
+            yield f"host:{case.name}", run
+
+
 def drive(families, rec: Recorder, cuda_heuristics: bool, only: str | None, verbose: bool):
     """Run the scenarios of ``families`` under the recorder; returns driver errors."""
     import torch
@@ -396,7 +417,7 @@ def drive(families, rec: Recorder, cuda_heuristics: bool, only: str | None, verb
     with rec.patched(cuda_heuristics=cuda_heuristics):
         for fam in families:
             rec.family = fam
-            for name, fn in DRIVERS[fam](torch, tf):
+            for name, fn in itertools.chain(DRIVERS[fam](torch, tf), _host_scenarios(fam)):
                 if only and not re.search(only, name):
                     continue
                 rec.scenario = name

@@ -44,7 +44,8 @@ def _aot_scenarios(family: str) -> list:
         scen = importlib.import_module("aot_scenarios")
     finally:
         sys.path.pop(0)
-    return [name for name, _ in scen.DRIVERS[family](torch, tilefuse)]
+    return ([name for name, _ in scen.DRIVERS[family](torch, tilefuse)]
+            + [name for name, _ in scen._host_scenarios(family)])
 
 
 def _test_exists(ref: str) -> bool:

@@ -160,9 +160,12 @@ def test_bench_cases_run_and_agree_with_scaled_mm():
     assert list(mods) == ["fp8"] and not errors
     assert mods["fp8"].cases("cpu", torch.float32, "tiny") == []
     cases = mods["fp8"].cases("cpu", torch.bfloat16, "tiny")
-    assert {c.name.split("/")[0] for c in cases} == {"scaled", "linear"}
+    assert {c.name.split("/")[0] for c in cases} == {"scaled", "linear", "quant_roundtrip"}
     for case in cases:
-        assert case.key.endswith("/fp8") and case.flops > 0
+        if case.name.startswith("quant_roundtrip"):  # memory-bound, in the input's dtype
+            assert case.bound == "memory" and case.bytes > 0
+        else:
+            assert case.key.endswith("/fp8") and case.flops > 0
         got = case.fns["tilefuse"]().float()
         for impl in ("vendor", "eager"):  # _scaled_mm where torch has it; the float GEMM
             if impl in case.fns:

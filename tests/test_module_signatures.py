@@ -43,6 +43,7 @@ STANDS_IN_FOR = {
     "Conv1DLinear": _hf_conv1d_forward,      # Hugging Face's Conv1D
     "Fp8Linear": nn.Linear.forward,          # tilefuse.quantize(mode="fp8") replaces nn.Linear
     "Int8Conv2d": nn.Conv2d.forward,         # tilefuse.quantize replaces nn.Conv2d
+    "QuantizedEmbedding": nn.Embedding.forward,  # tilefuse.quantize(mode="fp8")
 }
 
 
@@ -106,6 +107,8 @@ CALLS = {
     "Conv2d": (lambda: tnn.Conv2d(4, 3, 3, padding=1), (2, 4, 5, 5)),
     "Int8Conv2d": (lambda: tnn.Int8Conv2d.from_float(nn.Conv2d(4, 3, 3, padding=1),
                                                      mode="weight_only"), (2, 4, 5, 5)),
+    "QuantizedEmbedding": (lambda: tnn.QuantizedEmbedding.from_float(nn.Embedding(10, 4)),
+                           lambda: torch.randint(0, 10, (2, 3))),
 }
 
 
@@ -118,7 +121,7 @@ def test_called_with_the_torch_keyword(name):
     make, shape = CALLS[name]
     m = make()
     kw = _params(_reference_forward(type(m)))[0].name  # "input" (RMSNorm, HF Conv1D: "x")
-    x = torch.randn(*shape)
+    x = shape() if callable(shape) else torch.randn(*shape)  # a callable: integer input
     torch.manual_seed(1)
     want = m(x)
     torch.manual_seed(1)

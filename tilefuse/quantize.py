@@ -102,16 +102,19 @@ def _tied(model: torch.nn.Module) -> Dict[int, List[tuple]]:
 
 def _replace_modules(model: torch.nn.Module, mode: str, skip: tuple, report: QuantizationReport,
                      prefix: str | None = "", owners: Optional[Dict[int, List[tuple]]] = None,
-                     memo: Optional[dict] = None) -> None:
-    """Replace Linear/HF-Conv1D/conv children of ``model``; ``prefix=None`` marks the holder
-    of the root (its one child is named "" in the report). ``owners``: :func:`_tied` of the root;
-    ``memo``: a module object registered at several paths gets one replacement."""
+                     memo: Optional[dict] = None, swaps: Optional[list] = None) -> None:
+    """Replace Linear/HF-Conv1D/conv children of ``model`` (and embeddings in fp8 mode);
+    ``prefix=None`` marks the holder of the root (its one child is named "" in the report).
+    ``owners``: :func:`_tied` of the root; ``memo``: a module object registered at several paths
+    gets one replacement; ``swaps``: ``(parent, attribute, float module, new module, path)`` of
+    every replacement made is appended there."""
     from tilefuse.nn.hf_conv1d import is_hf_conv1d
     from tilefuse.nn.int8 import Int8Conv1x1, Int8Linear
     from tilefuse.nn.int8_conv import Int8Conv2d
 
     owners = {} if owners is None else owners
     memo = {} if memo is None else memo
+    swaps = [] if swaps is None else swaps
     for child_name, child in list(model._modules.items()):  # duplicates too
         if child is None:
             continue
@@ -119,21 +122,24 @@ def _replace_modules(model: torch.nn.Module, mode: str, skip: tuple, report: Qua
         if id(child) in memo:
             if memo[id(child)] is not None:
                 setattr(model, child_name, memo[id(child)])
+                swaps.append((model, child_name, child, memo[id(child)], name))
             continue
         is_linear = isinstance(child, torch.nn.Linear) or is_hf_conv1d(child)
         is_conv = isinstance(child, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
+        is_linear = is_linear or (mode == "fp8" and isinstance(child, torch.nn.Embedding))
         new, why = None, None
         if (is_linear or is_conv) and _skipped(name, child, skip):
             why = "skip"
         elif is_linear or is_conv:
             tied = [p for p, m in owners.get(id(child.weight), []) if m is not child]
-            if tied:
+            if mode == "fp8":  # Linear / HF Conv1D / Embedding -> fp8; convs stay float
+                from tilefuse.quantize_fp8 import fp8_replacement
+
+                new, why = fp8_replacement(child, owners.get(id(child.weight), []),
+                                           lambda p, m: _skipped(p, m, skip), memo)
+            elif tied:
                 why = (f"weight tied to {tied[0]}: a quantized copy would be stored next to the "
                        f"float tensor, so the model would grow")
-            elif mode == "fp8":  # Linear / HF Conv1D -> Fp8Linear; convs stay float (reported)
-                from tilefuse.nn.fp8 import fp8_convert
-
-                new, why = fp8_convert(child)
             elif is_linear:
                 new = Int8Linear.from_float(child, mode=mode)
             elif Int8Conv2d.supports(child):
@@ -146,13 +152,15 @@ def _replace_modules(model: torch.nn.Module, mode: str, skip: tuple, report: Qua
             else:
                 why = "conv is not a Conv2d or a 1x1/stride 1/unpadded/ungrouped Conv1d"
         elif not _skipped(name, child, skip):
-            _replace_modules(child, mode, skip, report, name + "." if name else "", owners, memo)
+            _replace_modules(child, mode, skip, report, name + "." if name else "", owners, memo,
+                             swaps)
             continue
         else:
             continue
         memo[id(child)] = new
         if new is not None:
             setattr(model, child_name, new)
+            swaps.append((model, child_name, child, new, name))
             report.replaced.append(name)
         else:
             report.skipped.append(f"{name} ({why})")
@@ -199,8 +207,30 @@ def _deviation(ref, got, report: QuantizationReport) -> None:
         report.argmax_agreement = (r0.argmax(-1) == g0.argmax(-1)).double().mean().item()
 
 
+def _has_argmax(ref: List[torch.Tensor]) -> bool:
+    floats = [t for t in ref if t.is_floating_point()]
+    return bool(floats) and floats[0].dim() >= 2 and floats[0].shape[-1] > 1
+
+
+def _fall_back(holder: torch.nn.Module, swaps: list, calibration: Any, ref: List[torch.Tensor],
+               min_agreement: float, report: QuantizationReport) -> None:
+    """``min_agreement``: put the most sensitive quantized units back to float."""
+    from tilefuse.quantize_sensitivity import keep_sensitive
+
+    def first(out) -> torch.Tensor:
+        return [t for t in _flat_outputs(out) if t.is_floating_point()][0]
+
+    kept, lines = keep_sensitive(
+        swaps, group=lambda s: id(getattr(s[2], "weight", s[2])),
+        run=lambda: first(_call(holder.root, calibration)), ref=first(ref),
+        min_agreement=min_agreement)
+    report.replaced[:] = [r for r in report.replaced if r not in kept]
+    report.skipped += lines
+
+
 def quantize(model: torch.nn.Module, mode: str = "w8a8", skip: Iterable = (),
-             inplace: bool = False, calibration: Any = None):
+             inplace: bool = False, calibration: Any = None,
+             min_agreement: Optional[float] = None):
     """Quantize ``model`` for inference; returns ``(quantized_model, QuantizationReport)``.
 
     Args:
@@ -215,6 +245,12 @@ def quantize(model: torch.nn.Module, mode: str = "w8a8", skip: Iterable = (),
         calibration: an input batch (a tensor, a tuple of positional args, or a dict of keyword
             args). When given, the report has the max/mean/relative deviation of the outputs and
             the argmax agreement of the first output, measured against the original model.
+        min_agreement: with ``calibration`` (int8 and fp8 modes), the argmax agreement to reach:
+            when the fully quantized model is below it, the layers whose quantization moves the
+            output most are put back to float, one by one, until it is reached; they are listed
+            in ``report.skipped`` with their sensitivity and the agreement before and after
+            (:mod:`tilefuse.quantize_sensitivity`). The agreement is measured on the
+            calibration batch itself: check it on held-out inputs.
 
     >>> import torch, tilefuse
     >>> net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
@@ -234,6 +270,12 @@ def quantize(model: torch.nn.Module, mode: str = "w8a8", skip: Iterable = (),
             raise TypeError(f"skip entries must be module names or classes, got {rule!r}")
     if skip and mode in ("fp16", "bf16"):
         raise ValueError(f"skip is not supported for mode={mode!r} (the whole model is cast)")
+    if min_agreement is not None:
+        if isinstance(min_agreement, bool) or not isinstance(min_agreement, (int, float)) \
+                or not 0 < min_agreement <= 1:
+            raise ValueError(f"min_agreement must be a number in (0, 1], got {min_agreement!r}")
+        if calibration is None or mode in ("fp16", "bf16"):
+            raise ValueError("min_agreement needs a calibration batch and an int8 or fp8 mode")
 
     report = QuantizationReport(mode=mode, size_before=serialized_size(model), size_after=0)
     ref = None
@@ -241,6 +283,9 @@ def quantize(model: torch.nn.Module, mode: str = "w8a8", skip: Iterable = (),
         with torch.no_grad():
             ref = _call(model, calibration)
         ref = [t.detach().clone() for t in _flat_outputs(ref)]
+        if min_agreement is not None and not _has_argmax(ref):
+            raise ValueError("min_agreement: the model's first output has no last dimension "
+                             "to take an argmax over")
     target = model if inplace else copy.deepcopy(model)
     if mode in ("fp16", "bf16"):
         dtype = torch.float16 if mode == "fp16" else torch.bfloat16
@@ -251,7 +296,11 @@ def quantize(model: torch.nn.Module, mode: str = "w8a8", skip: Iterable = (),
         with torch.no_grad():
             holder = torch.nn.Module()  # so that a bare Linear/Conv model is replaced too
             holder.add_module("root", target)
-            _replace_modules(holder, mode, skip, report, prefix=None, owners=_tied(target))
+            swaps: list = []
+            _replace_modules(holder, mode, skip, report, prefix=None, owners=_tied(target),
+                             swaps=swaps)
+            if min_agreement is not None:
+                _fall_back(holder, swaps, calibration, ref, min_agreement, report)
             target = holder.root
     report.size_after = serialized_size(target)
     if calibration is not None:

@@ -7,5 +7,6 @@ from tilefuse.nn.fp8 import Fp8Linear, fp8_convert  # noqa: F401
 from tilefuse.nn.int8 import Int8Conv1x1, Int8Linear  # noqa: F401
 from tilefuse.nn.int8_conv import Int8Conv2d  # noqa: F401
 from tilefuse.nn.linear import Linear  # noqa: F401
+from tilefuse.nn.quantized_embedding import QuantizedEmbedding  # noqa: F401
 from tilefuse.nn.norm import (BatchNormAct1d, BatchNormAct2d, GroupNormAct,  # noqa: F401
                               InstanceNormAct1d, InstanceNormAct2d, LayerNormAct, RMSNormAct)

@@ -74,7 +74,8 @@ def fp8_convert(module: torch.nn.Module, dtype: torch.dtype = torch.float8_e4m3f
     """The fp8 replacement of one module, for ``tilefuse.quantize(model, mode="fp8")``:
     ``(Fp8Linear, None)`` for a :class:`torch.nn.Linear` (including :class:`tilefuse.nn.Linear`)
     or a Hugging Face ``Conv1D``, else ``(None, reason)`` (convolutions stay in float until the
-    dense conv kernel has an fp8 path)."""
+    dense conv kernel has an fp8 path; embeddings are :class:`tilefuse.nn.QuantizedEmbedding`'s
+    business)."""
     if isinstance(module, torch.nn.Linear) or is_hf_conv1d(module):
         return Fp8Linear.from_float(module, dtype=dtype), None
     if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):

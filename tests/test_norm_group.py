@@ -152,6 +152,7 @@ def test_channels_last_statistics_read_rows_of_channels(shape, G, tile, monkeypa
 
     if tile:
         monkeypatch.setattr(kg, "INTERP_TILE", tile)
+        monkeypatch.setattr(kg, "CL_SLICE_BYTES", 8)
     x = (torch.randn(*shape) * 0.5 + 50.0).to(memory_format=torch.channels_last)
     N, C = shape[:2]
     assert kg._cl_stats(x.reshape(N, C, -1), G)

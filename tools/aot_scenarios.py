@@ -277,6 +277,35 @@ def _scenarios_norm(torch, tf):
                                                activation="relu", residual=x.detach())
                         y.backward(torch.ones_like(y))
                     yield f"batch_norm_act {dt} {shape} train={training} cl={cl} fwd+bwd", run
+        yield from _scenarios_norm_batch1(torch, ops, dt)
+
+
+def _scenarios_norm_batch1(torch, ops, dt):
+    """Issue 17's sm_90 targets: GroupNorm 1x320x64x64 (32 groups) and BatchNorm 1x64x56x56
+    (and 4x64x56x56: NCHW walked per sample), both layouts, fwd+bwd."""
+    for cl in (False, True):
+        def gn(cl=cl, dt=dt):
+            x = torch.randn(1, 320, 64, 64, dtype=dt)
+            x = x.to(memory_format=torch.channels_last) if cl else x
+            x.requires_grad_(True)
+            w = torch.randn(320, dtype=dt, requires_grad=True)
+            b = torch.randn(320, dtype=dt, requires_grad=True)
+            y = ops.group_norm_act(x, 32, w, b, activation="silu")
+            y.backward(torch.ones_like(y))
+        yield f"group_norm_act {dt} (1, 320, 64, 64) G=32 cl={cl} batch1 fwd+bwd", gn
+        for n, trainings in ((1, (True, False)), (4, (True,))):
+            for training in trainings:
+                def bn(cl=cl, dt=dt, n=n, training=training):
+                    x = torch.randn(n, 64, 56, 56, dtype=dt)
+                    x = x.to(memory_format=torch.channels_last) if cl else x
+                    x.requires_grad_(True)
+                    w = torch.randn(64, requires_grad=True)
+                    b = torch.randn(64, requires_grad=True)
+                    y = ops.batch_norm_act(x, torch.zeros(64), torch.ones(64), w, b,
+                                           training=training, activation="relu")
+                    y.backward(torch.ones_like(y))
+                yield (f"batch_norm_act {dt} ({n}, 64, 56, 56) train={training} cl={cl} "
+                       f"batch1 fwd+bwd"), bn
 
 
 def _scenarios_dropout(torch, tf):

@@ -60,18 +60,28 @@ def _strides(t, flat: bool, S: int) -> tuple[int, int, int]:
     return sn, sc, ss
 
 
+MIN_TILE = 1024  # elements: 8 per thread at 4 warps (128-bit accesses for 16-bit dtypes)
+
+
 def _tiles(x, S: int | None = None) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_C): wide channel tiles when channels are innermost, else one channel;
-    ``BLOCK_R`` covers at most one run of ``S`` (the kernels' walk, :func:`_geometry`)."""
+    ``BLOCK_R`` covers at most one run of ``S`` (the kernels' walk, :func:`_geometry`) and is
+    halved (down to ``MIN_TILE`` elements a tile) while the apply grid has fewer than 2 programs
+    per SM: BatchNorm at batch 1 (1x64x56x56: 64 channels of 3136) still fills a GPU. (The
+    interpreter, which pays per program, takes few large tiles.)"""
     N, C, S0 = x.shape
     R = N * S0
     run = S if S is not None else _geometry(N, S0, x)[1]
     block_c = min(next_pow2(C), 64) if (x.stride(1) == 1 or S0 == 1) else 1
-    tile = TILE
     if interpreter_enabled():  # the interpreter pays per program: few, large tiles
         tile = INTERP_TILE
         block_c = min(next_pow2(C), max(block_c, tile // max(1, min(next_pow2(R), tile))))
-    block_r = min(next_pow2(run), max(1, tile // block_c))
+        return min(next_pow2(run), max(1, tile // block_c)), block_c
+    block_r = min(next_pow2(run), max(1, TILE // block_c))
+    programs = (R // run) * triton.cdiv(C, block_c)  # times the row blocks of one run
+    want = 2 * sm_count(x.device)
+    while block_r * block_c > MIN_TILE and programs * triton.cdiv(run, block_r) < want:
+        block_r //= 2
     return block_r, block_c
 
 
@@ -79,7 +89,7 @@ def _split(R: int, c_blocks: int, block_r: int, device: torch.device) -> tuple[i
     """(SPLIT, R_PER): slices of R (multiples of BLOCK_R) so that the reduction grid has about
     4 programs per SM (2 slices in the interpreter, so the merge is exercised by the tests)."""
     max_split = triton.cdiv(R, block_r)
-    if interpreter_enabled() or device.type != "cuda":
+    if interpreter_enabled():
         want = 2
     else:
         want = max(1, (4 * sm_count(device)) // c_blocks)

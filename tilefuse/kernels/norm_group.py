@@ -33,12 +33,19 @@ import triton
 
 from tilefuse._backend import interpreter_enabled
 from tilefuse.kernels import launch_cache, next_pow2, sm_count, split_constexprs
+from tilefuse.kernels.norm_group_cl_jit import (  # noqa: F401  (channels_last kernels)
+    gn_cl_stats_kernel, gn_cl_merge_kernel, gn_cl_apply_kernel, gn_cl_bwd_reduce_kernel,
+    gn_cl_bwd_apply_kernel)
 from tilefuse.kernels.norm_group_jit import (  # noqa: F401  (the kernels, launched here)
-    gn_stats_kernel, gn_stats_cl_kernel, gn_apply_kernel, gn_bwd_reduce_kernel,
-    gn_bwd_apply_kernel, gn_param_grad_kernel)
+    gn_stats_kernel, gn_apply_kernel, gn_bwd_reduce_kernel, gn_bwd_apply_kernel,
+    gn_param_grad_kernel)
 
 TILE = 4096         # elements per [BLOCK_C, BLOCK_S] tile on a GPU
 INTERP_TILE = 16384  # the interpreter pays per program (tests shrink it)
+MIN_S = 512         # NCHW statistics slices at batch 1: at least this many positions per row
+CL_BLOCK_C = 64     # channels_last: channels per tile (128 contiguous bytes of bf16)
+CL_SLICE_BYTES = 160  # channels_last: input bytes per channel per slice at least (the 8 bytes
+                      # of per-channel partials then add at most 5% to the traffic)
 
 
 def _blocks(Cg: int, S: int, tile: int) -> tuple[int, int]:
@@ -47,31 +54,47 @@ def _blocks(Cg: int, S: int, tile: int) -> tuple[int, int]:
     return block_c, block_s
 
 
-CL_MAX = 16384  # channels_last statistics: BLOCK_CC * G_PAD (the channel-group match) at most
-
-
 def _cl_stats(x, G: int) -> bool:
-    """Whether the channels-innermost statistics kernel serves this input."""
+    """Whether the channels-innermost kernels (:mod:`tilefuse.kernels.norm_group_cl_jit`) serve
+    this ``(N, C, S)`` input (``G`` is not needed: any grouping)."""
     N, C, S = x.shape
-    return S > 1 and C > 1 and x.stride(1) == 1 and next_pow2(C) * next_pow2(G) <= CL_MAX
+    return S > 1 and C > 1 and x.stride(1) == 1
 
 
-def _geometry(N: int, C: int, S: int, G: int, device, cl: bool = False) -> tuple:
-    """(statistics blocks, SPLIT, S_PER, apply blocks, apply S blocks): SPLIT slices of S (a
-    multiple of BLOCK_S each) so that the (N * G, SPLIT) grid has about 4 programs per SM; the
-    apply pass takes [BLOCK_C, BLOCK_S] tiles of a TILE elements, looping over the group's
-    channels."""
+def _geometry(N: int, C: int, S: int, G: int, device, cl: bool = False,
+              elsize: int = 4, bwd: bool = False) -> tuple:
+    """(statistics blocks, SPLIT, S_PER, apply blocks, apply S blocks).
+
+    NCHW: SPLIT slices of S (a multiple of BLOCK_S each) so that the (N * G, SPLIT) statistics
+    grid has about 4 programs per SM (the slices shrink to ``MIN_S`` positions for that: batch 1
+    with 32 groups); the apply pass takes [BLOCK_C, BLOCK_S] tiles of TILE elements over
+    (N * G, runs of S), looping over the group's channels.
+    channels_last: [CL_BLOCK_C, BLOCK_S] tiles of consecutive channels; the statistics grid
+    (N, SPLIT, C blocks) with about 4 programs per SM, at most one slice per ``CL_SLICE_BYTES``
+    of a channel's input; the apply grid (N * S blocks, C blocks). ``bwd``: the NCHW reduction
+    (four accumulator tiles) takes tiles of TILE / 2 elements (no register spills on sm_90)."""
     Cg = C // G
     tile = INTERP_TILE if interpreter_enabled() else TILE
-    sbc, sbs = _blocks(Cg, S, tile)
-    if cl:  # [BLOCK_S, C] tiles, grid (N, SPLIT)
-        sbc, sbs = next_pow2(C), max(1, min(next_pow2(S), tile // next_pow2(C)))
-    want = max(1, triton.cdiv(4 * sm_count(device), N * (1 if cl else G)))
+    sms = sm_count(device)
+    if cl:
+        bc = min(next_pow2(C), CL_BLOCK_C)
+        bs = max(1, min(next_pow2(S), tile // bc))
+        want = triton.cdiv(4 * sms, N * triton.cdiv(C, bc))
+        split = max(1, min(want, S * elsize // CL_SLICE_BYTES, S))
+        s_per = triton.cdiv(S, split)
+        return ((bc, min(bs, next_pow2(s_per))), triton.cdiv(S, s_per), s_per, (bc, bs),
+                triton.cdiv(S, bs))
+    stile = tile // 2 if bwd else tile
+    sbc, sbs = _blocks(Cg, S, stile)
+    want = max(1, triton.cdiv(4 * sms, N * G))
+    if triton.cdiv(S, sbs) < want:  # few groups: shorter slices, more of them
+        sbs = min(sbs, max(MIN_S, next_pow2(triton.cdiv(S, want))))
+        sbc = min(next_pow2(Cg), max(1, stile // sbs))
     split = max(1, min(want, triton.cdiv(S, sbs)))
     s_per = triton.cdiv(triton.cdiv(S, split), sbs) * sbs
     split = triton.cdiv(S, s_per)
     # the wide pass: runs of S short enough that the grid has about 4 programs per SM
-    runs = triton.cdiv(4 * sm_count(device), N * G)
+    runs = triton.cdiv(4 * sms, N * G)
     abs_ = min(next_pow2(S), tile, max(128, next_pow2(triton.cdiv(S, runs))))
     abc = min(next_pow2(Cg), max(1, tile // abs_))
     return (sbc, sbs), split, s_per, (abc, abs_), triton.cdiv(S, abs_)
@@ -93,31 +116,25 @@ def launch_group_norm_fwd(x, weight, bias, y, mean, rstd, num_groups: int, eps: 
     if N == 0:
         return y
     store = mean is not None
-    cl = _cl_stats(x, num_groups)
+    if _cl_stats(x, num_groups):
+        return _cl_fwd(x, weight, bias, y, mean, rstd, num_groups, eps, activation, act_param)
     sig = (N, C, S, num_groups, x.device, weight is not None, bias is not None, activation,
-           act_param, store, cl)
+           act_param, store)
     launch = _FWD_LAUNCH.get(sig)
     if launch is None:
-        (sbc, sbs), split, s_per, (abc, abs_), sblocks = _geometry(N, C, S, num_groups, x.device,
-                                                                   cl)
+        (sbc, sbs), split, s_per, (abc, abs_), sblocks = _geometry(N, C, S, num_groups, x.device)
         consts, opts = split_constexprs(gn_apply_kernel, _APPLY_RUNTIME, dict(
             HAS_W=sig[5], HAS_B=sig[6], STORE_STATS=store, ACTIVATION=activation,
             ACT_PARAM=float(act_param), BLOCK_C=abc, BLOCK_S=abs_, num_warps=4))
-        sopts = (dict(BLOCK_S=sbs, BLOCK_CC=sbc, G_PAD=next_pow2(num_groups), num_warps=4) if cl
-                 else dict(BLOCK_C=sbc, BLOCK_S=sbs, num_warps=4))
-        launch = _FWD_LAUNCH[sig] = (split, s_per, sopts, (N * num_groups, sblocks), consts, opts)
+        launch = _FWD_LAUNCH[sig] = (split, s_per, dict(BLOCK_C=sbc, BLOCK_S=sbs, num_warps=8),
+                                     (N * num_groups, sblocks), consts, opts)
     split, s_per, sopts, agrid, consts, opts = launch
     NG = N * num_groups
     Cg = C // num_groups
     pmean = torch.empty(NG * split, device=x.device, dtype=torch.float32)
     pm2 = torch.empty(NG * split, device=x.device, dtype=torch.float32)
     sx = x.stride()
-    if cl:
-        gn_stats_cl_kernel[(N, split)](x, pmean, pm2, C, S, num_groups, Cg, s_per, split, *sx,
-                                       **sopts)
-    else:
-        gn_stats_kernel[(NG, split)](x, pmean, pm2, S, num_groups, Cg, s_per, split, *sx,
-                                     **sopts)
+    gn_stats_kernel[(NG, split)](x, pmean, pm2, S, num_groups, Cg, s_per, split, *sx, **sopts)
     gn_apply_kernel[agrid](
         x, weight if weight is not None else x, bias if bias is not None else x, y, pmean, pm2,
         mean if store else pmean, rstd if store else pmean, S, num_groups, Cg, s_per, split,
@@ -134,11 +151,15 @@ def launch_group_norm_bwd(dy, x, weight, bias, mean, rstd, dx, num_groups: int,
     db = torch.empty(C, device=x.device, dtype=bias.dtype) if need_db else None
     if N == 0:
         return (dw.zero_() if need_dw else None), (db.zero_() if need_db else None)
+    if _cl_stats(x, num_groups):
+        _cl_bwd(dy, x, weight, bias, mean, rstd, dx, dw, db, num_groups, activation, act_param)
+        return dw, db
     sig = (N, C, S, num_groups, x.device, weight is not None, bias is not None, activation,
            act_param, need_dw, need_db)
     launch = _BWD_LAUNCH.get(sig)
     if launch is None:
-        (sbc, sbs), split, s_per, (abc, abs_), sblocks = _geometry(N, C, S, num_groups, x.device)
+        (sbc, sbs), split, s_per, (abc, abs_), sblocks = _geometry(N, C, S, num_groups, x.device,
+                                                                   bwd=True)
         rconsts, ropts = split_constexprs(gn_bwd_reduce_kernel, _BWD_REDUCE_RUNTIME, dict(
             HAS_W=sig[5], HAS_B=sig[6], ACTIVATION=activation, ACT_PARAM=float(act_param),
             NEED_DW=need_dw, NEED_DB=need_db, BLOCK_C=sbc, BLOCK_S=sbs, num_warps=4))
@@ -168,3 +189,85 @@ def launch_group_norm_bwd(dy, x, weight, bias, mean, rstd, dx, num_groups: int,
             dwp, dbp, dw if need_dw else pc1, db if need_db else pc1, C, rows,
             NEED_DW=need_dw, NEED_DB=need_db, BLOCK_C=pbc, num_warps=4)
     return dw, db
+
+
+_CL_FWD = launch_cache()
+_CL_BWD = launch_cache()
+_CL_APPLY_RUNTIME = gn_cl_apply_kernel.arg_names.index("HAS_W")
+_CL_REDUCE_RUNTIME = gn_cl_bwd_reduce_kernel.arg_names.index("HAS_W")
+_CL_BWD_APPLY_RUNTIME = gn_cl_bwd_apply_kernel.arg_names.index("HAS_W")
+_CL_MERGE_RUNTIME = gn_cl_merge_kernel.arg_names.index("BWD")
+
+
+def _cl_plan(x, G: int, act: tuple, has_wb: tuple, bwd: bool = False, need: tuple = ()):
+    """(stats/reduce grid, S_PER, SPLIT, stats options, merge grid, merge constexprs, apply grid,
+    apply constexprs, options) of the channels_last path, per signature."""
+    N, C, S = x.shape
+    (bc, sbs), split, s_per, (_, abs_), sblocks = _geometry(N, C, S, G, x.device, True,
+                                                            x.element_size())
+    cb = triton.cdiv(C, bc)
+    bsp = next_pow2(split)
+    pbc = min(next_pow2(C), 1024)
+    mconsts, _ = split_constexprs(gn_cl_merge_kernel, _CL_MERGE_RUNTIME, dict(
+        BWD=bwd, HAS_W=has_wb[0], NEED_DW=bwd and need[0], NEED_DB=bwd and need[1],
+        BLOCK_SP=bsp, BLOCK_J=max(1, min(next_pow2(C // G), 4096 // bsp)), BLOCK_PC=pbc))
+    mgrid = (N * G + (triton.cdiv(C, pbc) if bwd and any(need) else 0),)
+    kernel, first = ((gn_cl_bwd_apply_kernel, _CL_BWD_APPLY_RUNTIME) if bwd
+                     else (gn_cl_apply_kernel, _CL_APPLY_RUNTIME))
+    aconsts, opts = split_constexprs(kernel, first, dict(
+        HAS_W=has_wb[0], HAS_B=has_wb[1], ACTIVATION=act[0], ACT_PARAM=float(act[1]),
+        BLOCK_C=bc, BLOCK_S=abs_, num_warps=4))
+    return ((N, split, cb), s_per, split, dict(BLOCK_C=bc, BLOCK_S=sbs), mgrid, mconsts,
+            (N * sblocks, cb), aconsts, opts)
+
+
+def _cl_fwd(x, weight, bias, y, mean, rstd, G, eps, activation, act_param):
+    """channels_last forward: statistics, merge, apply (three launches)."""
+    N, C, S = x.shape
+    sig = (N, C, S, G, x.device, x.dtype, weight is not None, bias is not None, activation,
+           act_param)
+    plan = _CL_FWD.get(sig)
+    if plan is None:
+        plan = _CL_FWD[sig] = _cl_plan(x, G, (activation, act_param), sig[6:8])
+    sgrid, s_per, split, sopts, mgrid, mconsts, agrid, aconsts, opts = plan
+    dev = x.device
+    if mean is None:
+        mean = torch.empty(N * G, device=dev, dtype=torch.float32)
+        rstd = torch.empty(N * G, device=dev, dtype=torch.float32)
+    pmean = torch.empty(N * split * C, device=dev, dtype=torch.float32)
+    pm2 = torch.empty(N * split * C, device=dev, dtype=torch.float32)
+    sx = x.stride()
+    gn_cl_stats_kernel[sgrid](x, pmean, pm2, C, S, C // G, s_per, *sx, **sopts, **opts)
+    gn_cl_merge_kernel[mgrid](x, x, pmean, pm2, mean, rstd, mean, mean, N, C, S, G, C // G,
+                              s_per, split, sx[0], sx[1], float(eps), *mconsts, **opts)
+    gn_cl_apply_kernel[agrid](
+        x, weight if weight is not None else x, bias if bias is not None else x, y, mean, rstd,
+        C, S, G, C // G, *sx, *y.stride(), *aconsts, **opts)
+    return y
+
+
+def _cl_bwd(dy, x, weight, bias, mean, rstd, dx, dw, db, G, activation, act_param):
+    """channels_last backward: per-channel reduction, merge (group sums + dw/db), apply."""
+    N, C, S = x.shape
+    need = (dw is not None, db is not None)
+    sig = (N, C, S, G, x.device, x.dtype, weight is not None, bias is not None, activation,
+           act_param, need)
+    plan = _CL_BWD.get(sig)
+    if plan is None:
+        plan = _CL_BWD[sig] = _cl_plan(x, G, (activation, act_param), sig[6:8], True, need)
+    rgrid, s_per, split, ropts, mgrid, mconsts, agrid, aconsts, opts = plan
+    dev = x.device
+    p1 = torch.empty(N * split * C, device=dev, dtype=torch.float32)
+    p2 = torch.empty(N * split * C, device=dev, dtype=torch.float32)
+    c1 = torch.empty(N * G, device=dev, dtype=torch.float32)
+    c2 = torch.empty(N * G, device=dev, dtype=torch.float32)
+    w = weight if weight is not None else x
+    b = bias if bias is not None else x
+    sd, sx = dy.stride(), x.stride()
+    gn_cl_bwd_reduce_kernel[rgrid](dy, x, w, b, mean, rstd, p1, p2, C, S, G, C // G, s_per,
+                                   *sd, *sx, *aconsts[:4], **ropts, **opts)
+    gn_cl_merge_kernel[mgrid](x, w, p1, p2, c1, c2, dw if need[0] else c1,
+                              db if need[1] else c1, N, C, S, G, C // G, s_per, split, sx[0],
+                              sx[1], 0.0, *mconsts, **opts)
+    gn_cl_bwd_apply_kernel[agrid](dy, x, w, b, mean, rstd, c1, c2, dx, C, S, G, C // G,
+                                  *sd, *sx, *dx.stride(), *aconsts, **opts)

@@ -55,61 +55,6 @@ def gn_stats_kernel(x_ptr, pmean_ptr, pm2_ptr, S, G, Cg, S_PER, SPLIT, sxn, sxc,
 
 
 @triton.jit
-def _to_groups(v, grp, gid):
-    """Per-channel ``v`` ([BLOCK_CC]) summed per group ([G_PAD]) through a channel-group match."""
-    return tl.sum(tl.where(grp[:, None] == gid[None, :], v[:, None], 0.0), axis=0)
-
-
-@triton.jit
-def _to_channels(v, grp, gid):
-    """Per-group ``v`` ([G_PAD]) broadcast to the channels ([BLOCK_CC])."""
-    return tl.sum(tl.where(grp[:, None] == gid[None, :], v[None, :], 0.0), axis=1)
-
-
-@triton.jit
-def gn_stats_cl_kernel(x_ptr, pmean_ptr, pm2_ptr, C, S, G, Cg, S_PER, SPLIT, sxn, sxc, sxs,
-                       BLOCK_S: tl.constexpr, BLOCK_CC: tl.constexpr, G_PAD: tl.constexpr):
-    """Channels innermost (channels_last): a program reads ``[BLOCK_S, C]`` tiles (whole rows of
-    channels, contiguous) of one sample's slice of ``S`` and reduces them per group; grid
-    ``(N, SPLIT)``. The partials (local mean of ``x - K``, sum of squared deviations) are those of
-    :func:`gn_stats_kernel`, so the same apply pass merges them."""
-    n = tl.program_id(0).to(tl.int64)
-    sp = tl.program_id(1)
-    s_lo = sp * S_PER
-    s_hi = tl.minimum(s_lo + S_PER, S)
-    c = tl.arange(0, BLOCK_CC)
-    cmask = c < C
-    grp = tl.where(cmask, c // Cg, G_PAD)  # (one division per channel, not per element)
-    gid = tl.arange(0, G_PAD)
-    xo = x_ptr + n * sxn + c.to(tl.int64) * sxc
-    K = tl.load(x_ptr + n * sxn + (grp * Cg).to(tl.int64) * sxc, mask=cmask,
-                other=0.0).to(tl.float32)  # each channel's group's first value
-    acc = tl.zeros((BLOCK_S, BLOCK_CC), tl.float32)
-    for s0 in range(s_lo, s_hi, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        mask = (s < s_hi)[:, None] & cmask[None, :]
-        x = tl.load(xo[None, :] + s.to(tl.int64)[:, None] * sxs, mask=mask,
-                    other=0.0).to(tl.float32)
-        acc += tl.where(mask, x - K[None, :], 0.0)
-    count = tl.cast(Cg * (s_hi - s_lo), tl.float32)
-    gmean = _to_groups(tl.sum(acc, axis=0), grp, gid) / count
-    cmean = _to_channels(gmean, grp, gid)
-    acc = tl.zeros((BLOCK_S, BLOCK_CC), tl.float32)
-    for s0 in range(s_lo, s_hi, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        mask = (s < s_hi)[:, None] & cmask[None, :]
-        x = tl.load(xo[None, :] + s.to(tl.int64)[:, None] * sxs, mask=mask,
-                    other=0.0).to(tl.float32)
-        d = tl.where(mask, (x - K[None, :]) - cmean[None, :], 0.0)
-        acc += d * d
-    gm2 = _to_groups(tl.sum(acc, axis=0), grp, gid)
-    gmask = gid < G
-    out = (n * G + gid) * SPLIT + sp
-    tl.store(pmean_ptr + out, gmean, mask=gmask)
-    tl.store(pm2_ptr + out, gm2, mask=gmask)
-
-
-@triton.jit
 def _group_stats(x_ptr, pmean_ptr, pm2_ptr, pid, xo, S, Cg, S_PER, SPLIT, eps):
     """Chan's merge of a group's SPLIT partials, in a fixed order: (mean, rstd)."""
     total = tl.cast(Cg * S, tl.float32)
@@ -270,9 +215,11 @@ def gn_bwd_apply_kernel(dy_ptr, x_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, pc1_ptr
 
 
 @triton.jit
-def gn_param_grad_kernel(dwp_ptr, dbp_ptr, dw_ptr, db_ptr, C, ROWS, NEED_DW: tl.constexpr,
-                         NEED_DB: tl.constexpr, BLOCK_C: tl.constexpr):
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+def param_grad_block(dwp_ptr, dbp_ptr, dw_ptr, db_ptr, C, ROWS, block, NEED_DW: tl.constexpr,
+                     NEED_DB: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Channels ``block * BLOCK_C ..`` of ``dw``/``db``: the ``(ROWS, C)`` fp32 partials summed
+    in a fixed order, stored in the parameters' dtype."""
+    c = block * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     aw = tl.zeros((BLOCK_C,), tl.float32)
     ab = tl.zeros((BLOCK_C,), tl.float32)
@@ -285,3 +232,10 @@ def gn_param_grad_kernel(dwp_ptr, dbp_ptr, dw_ptr, db_ptr, C, ROWS, NEED_DW: tl.
         tl.store(dw_ptr + c, aw.to(dw_ptr.dtype.element_ty), mask=cmask)
     if NEED_DB:
         tl.store(db_ptr + c, ab.to(db_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def gn_param_grad_kernel(dwp_ptr, dbp_ptr, dw_ptr, db_ptr, C, ROWS, NEED_DW: tl.constexpr,
+                         NEED_DB: tl.constexpr, BLOCK_C: tl.constexpr):
+    param_grad_block(dwp_ptr, dbp_ptr, dw_ptr, db_ptr, C, ROWS, tl.program_id(0), NEED_DW,
+                     NEED_DB, BLOCK_C)

@@ -26,3 +26,19 @@ def test_dropout_kernel_loads_are_all_128_bit(tmp_path):
     assert len(rows) == 3 and n128 == n, [(r["spec"], r["ld_global_128"], r["ld_global"])
                                           for r in rows]
     assert all(not r["spill_stores"] for r in rows)
+
+
+def test_adamw_kernel_registers_and_128_bit_loads(tmp_path):
+    """AdamW (fp32; bf16 params with fp32 master weights): <= 128 registers, no spills and at
+    least half of the static ld.global instructions 128-bit (the tail chunk's whole-group loads
+    and the scalar row read as float64 pairs; before: 8/57 and 7/57)."""
+    proc, report = _run(tmp_path, "--families", "optim", "--only",
+                        r"^AdamW (torch.float32 \{'lr': 0.001, 'weight_decay'|master_weights "
+                        r"torch.bfloat16)", "--jobs", "1", timeout=300)
+    assert report is not None and proc.returncode == 0, proc.stdout + proc.stderr
+    rows, n128, n = _share(report, "adam_kernel")
+    assert len(rows) == 2, [r["scenario"] for r in rows]
+    for r in rows:
+        assert r["regs"] <= 128 and not r["spill_stores"], r["spec"]
+        assert 2 * r["ld_global_128"] >= r["ld_global"], (r["spec"], r["ld_global_128"],
+                                                          r["ld_global"])

@@ -39,10 +39,11 @@ from tilefuse.kernels.optim_table import compute_dtype
 def _chunk(ctab_ptr, cstart_ptr, tab_ptr, finf_ptr, NCOLS: tl.constexpr, HAS_FINF: tl.constexpr,
            BLOCK: tl.constexpr):
     """Program -> (tensor index t, its table row, numel n, live, first element ``start`` (a
-    scalar), lane indices ``ar`` (int32), mask, ``full``). Elements are addressed as a scalar
-    base pointer + ``ar``: no per-element int64 offsets. ``full``: the whole chunk is in range
-    (and live), so the loads/stores need no mask and vectorize. When GradScaler's found_inf is
-    set (HAS_FINF), ``live`` is false and the mask all-false: nothing is loaded or stored."""
+    scalar), lane indices ``ar`` (int32), ``rem`` (lanes in range: the mask is ``ar < rem``),
+    ``full``). Elements are addressed as a scalar base pointer + ``ar``: no per-element int64
+    offsets. ``full``: the whole chunk is in range (and live), so the loads/stores need no mask
+    and vectorize. When GradScaler's found_inf is set (HAS_FINF), ``live`` is false and ``rem``
+    0: nothing is loaded or stored."""
     t = tl.load(ctab_ptr + tl.program_id(0)).to(tl.int64)
     row = tab_ptr + t * NCOLS
     start = tl.load(cstart_ptr + tl.program_id(0))
@@ -54,9 +55,8 @@ def _chunk(ctab_ptr, cstart_ptr, tab_ptr, finf_ptr, NCOLS: tl.constexpr, HAS_FIN
     else:
         live = n >= 0
         rem = n - start
-    mask = ar < rem
     full = rem >= BLOCK
-    return t, row, n, live, start, ar, mask, full
+    return t, row, n, live, start, ar, rem, full
 
 
 @triton.jit
@@ -71,21 +71,38 @@ def _base(base_ptr, row, col, start, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _ld(ptrs, mask, full):
-    """Unmasked (vectorizable) load for a full chunk, masked for a tensor's last one."""
+def _ld(ptrs, rem, full, ALIGNED: tl.constexpr):
+    """Load of a chunk (``ptrs``: scalar base + ``arange(BLOCK)``): unmasked (vectorizable) for a
+    full chunk; for a tensor's last one, masked to ``rem`` lanes, or with ALIGNED (16-byte
+    aligned tensor starts, checked on the host) to ``rem`` rounded up to whole 16-byte groups, so
+    the tail vectorizes too: the extra lanes read the rest of the aligned 16-byte group that
+    holds the tensor's last element (never another page, so always mapped memory); their values
+    are unused (``_st`` stores exactly ``rem`` lanes; reductions must mask them)."""
+    ar = tl.arange(0, ptrs.shape[0])
     if full:
         v = tl.load(ptrs)
+    elif ALIGNED:
+        VEC = 128 // ptrs.dtype.element_ty.primitive_bitwidth  # elements per 16 bytes
+        v = tl.load(ptrs, mask=ar < ((rem + VEC - 1) // VEC) * VEC, other=0.0)
     else:
-        v = tl.load(ptrs, mask=mask, other=0.0)
+        v = tl.load(ptrs, mask=ar < rem, other=0.0)
     return v
 
 
 @triton.jit
-def _st(ptrs, v, mask, full):
+def _st(ptrs, v, rem, full):
     if full:
         tl.store(ptrs, v)
     else:
-        tl.store(ptrs, v, mask=mask)
+        tl.store(ptrs, v, mask=tl.arange(0, ptrs.shape[0]) < rem)
+
+
+@triton.jit
+def _pair(ptr):
+    """The two float64 scalars at ``ptr`` (16-byte aligned: the scalar region starts at an even
+    word of the table buffer and the row width is even) as one 128-bit load."""
+    a, b = tl.split(tl.load(ptr + tl.arange(0, 2)))
+    return a, b
 
 
 @triton.jit
@@ -123,12 +140,12 @@ def _powi(base, step):
 
 
 @triton.jit
-def _load_grad_param(g_ptrs, gmul_ptr, p_ptrs, master_ptrs, mask, full, MAXIMIZE: tl.constexpr,
+def _load_grad_param(g_ptrs, gmul_ptr, p_ptrs, master_ptrs, rem, full, MAXIMIZE: tl.constexpr,
                      HAS_MASTER: tl.constexpr, HAS_GMUL: tl.constexpr, GMUL_INV: tl.constexpr,
-                     CDT: tl.constexpr):
+                     CDT: tl.constexpr, ALIGNED: tl.constexpr):
     """Gradient (x AMP unscale/clip coefficient, negated for maximize) and the param (or its fp32
     master copy), in the compute dtype."""
-    g = _ld(g_ptrs, mask, full).to(CDT)
+    g = _ld(g_ptrs, rem, full, ALIGNED).to(CDT)
     if HAS_GMUL:
         gm = tl.load(gmul_ptr)
         if GMUL_INV:  # GradScaler's scale: torch unscales by scale.double().reciprocal().float()
@@ -137,17 +154,17 @@ def _load_grad_param(g_ptrs, gmul_ptr, p_ptrs, master_ptrs, mask, full, MAXIMIZE
     if MAXIMIZE:
         g = -g
     if HAS_MASTER:
-        p = _ld(master_ptrs, mask, full).to(CDT)
+        p = _ld(master_ptrs, rem, full, ALIGNED).to(CDT)
     else:
-        p = _ld(p_ptrs, mask, full).to(CDT)
+        p = _ld(p_ptrs, rem, full, ALIGNED).to(CDT)
     return g, p
 
 
 @triton.jit
-def _store_param(p, p_ptrs, master_ptrs, mask, full, HAS_MASTER: tl.constexpr):
+def _store_param(p, p_ptrs, master_ptrs, rem, full, HAS_MASTER: tl.constexpr):
     if HAS_MASTER:
-        _st(master_ptrs, p.to(tl.float32), mask, full)
-    _st(p_ptrs, p.to(p_ptrs.dtype.element_ty), mask, full)
+        _st(master_ptrs, p.to(tl.float32), rem, full)
+    _st(p_ptrs, p.to(p_ptrs.dtype.element_ty), rem, full)
 
 
 # roles: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq, 4 max_exp_avg_sq, 5 master; a step counter
@@ -159,7 +176,7 @@ def adam_kernel(ctab_ptr, cstart_ptr, tab_ptr, sc_ptr, gmul_ptr, finf_ptr, step_
                 HAS_MASTER: tl.constexpr, HAS_GMUL: tl.constexpr, GMUL_INV: tl.constexpr,
                 HAS_FINF: tl.constexpr, CDT: tl.constexpr, F32: tl.constexpr,
                 ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    t, row, n, live, start, ar, mask, full = _chunk(ctab_ptr, cstart_ptr, tab_ptr, finf_ptr,
+    t, row, n, live, start, ar, rem, full = _chunk(ctab_ptr, cstart_ptr, tab_ptr, finf_ptr,
                                                       9, HAS_FINF, BLOCK)
     step = _advance_step(t, row, n, live, step_ptr, cnt_ptr, 9, BLOCK)
     p_o = _base(p_ptr, row, 1, start, ALIGNED) + ar
@@ -168,38 +185,37 @@ def adam_kernel(ctab_ptr, cstart_ptr, tab_ptr, sc_ptr, gmul_ptr, finf_ptr, step_
     v_o = _base(v_ptr, row, 4, start, ALIGNED) + ar
     vmax_o = _base(vmax_ptr, row, 5, start, ALIGNED) + ar
     master_o = _base(master_ptr, row, 6, start, ALIGNED) + ar
-    sc = _scalar(sc_ptr, row, 9, 8)
-    lr = tl.load(sc)
-    wd = tl.load(sc + 1).to(CDT)
-    w1 = tl.load(sc + 2).to(CDT)
-    beta2 = tl.load(sc + 4).to(CDT)
-    omb2 = tl.load(sc + 5).to(CDT)
-    eps = tl.load(sc + 6).to(CDT)
-    decay = tl.load(sc + 7).to(CDT)
+    sc = _scalar(sc_ptr, row, 9, 8)  # 8-wide rows, 16-byte aligned: 128-bit pair loads
+    lr, wd = _pair(sc)
+    w1, beta1 = _pair(sc + 2)
+    beta2_64, omb2 = _pair(sc + 4)
+    eps, decay = _pair(sc + 6)
+    wd, w1, omb2, eps, decay = wd.to(CDT), w1.to(CDT), omb2.to(CDT), eps.to(CDT), decay.to(CDT)
+    beta2 = beta2_64.to(CDT)
     # torch (Python floats): step_size = lr / (1 - beta1**step), sqrt(1 - beta2**step)
-    step_size = (lr / (1.0 - _powi(tl.load(sc + 3), step))).to(CDT)
-    bc2_sqrt = tl.sqrt(1.0 - _powi(tl.load(sc + 4), step)).to(CDT)
-    g, p = _load_grad_param(g_o, gmul_ptr, p_o, master_o, mask,
-                            full, MAXIMIZE, HAS_MASTER, HAS_GMUL, GMUL_INV, CDT)
+    step_size = (lr / (1.0 - _powi(beta1, step))).to(CDT)
+    bc2_sqrt = tl.sqrt(1.0 - _powi(beta2_64, step)).to(CDT)
+    g, p = _load_grad_param(g_o, gmul_ptr, p_o, master_o, rem,
+                            full, MAXIMIZE, HAS_MASTER, HAS_GMUL, GMUL_INV, CDT, ALIGNED)
     if DECOUPLED:
         p = p * decay
     else:
         g = g + wd * p
-    m = _ld(m_o, mask, full).to(CDT)
+    m = _ld(m_o, rem, full, ALIGNED).to(CDT)
     d = g - m  # torch.lerp's two-branch formula (CPU and CUDA)
     m = tl.where(w1 < 0.5, m + w1 * d, g - d * (1.0 - w1))
-    v = _ld(v_o, mask, full).to(CDT) * beta2 + omb2 * g * g
-    _st(m_o, m.to(m_ptr.dtype.element_ty), mask, full)
-    _st(v_o, v.to(v_ptr.dtype.element_ty), mask, full)
+    v = _ld(v_o, rem, full, ALIGNED).to(CDT) * beta2 + omb2 * g * g
+    _st(m_o, m.to(m_ptr.dtype.element_ty), rem, full)
+    _st(v_o, v.to(v_ptr.dtype.element_ty), rem, full)
     if AMSGRAD:
-        v = tl.maximum(_ld(vmax_o, mask, full).to(CDT), v)
-        _st(vmax_o, v.to(vmax_ptr.dtype.element_ty), mask, full)
+        v = tl.maximum(_ld(vmax_o, rem, full, ALIGNED).to(CDT), v)
+        _st(vmax_o, v.to(vmax_ptr.dtype.element_ty), rem, full)
     if F32:  # IEEE-rounded sqrt / div like torch (plain sqrt and / are approximate for fp32)
         upd = tl.div_rn(m, tl.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps)
     else:
         upd = m / (tl.sqrt(v) / bc2_sqrt + eps)
     p = p - step_size * upd
-    _store_param(p, p_o, master_o, mask, full, HAS_MASTER)
+    _store_param(p, p_o, master_o, rem, full, HAS_MASTER)
 
 
 # roles: 0 param, 1 grad, 2 momentum_buffer, 3 master (no step counter)
@@ -212,7 +228,7 @@ def sgd_kernel(ctab_ptr, cstart_ptr, tab_ptr, sc_ptr, gmul_ptr, finf_ptr, step_p
                HAS_MASTER: tl.constexpr, HAS_GMUL: tl.constexpr, GMUL_INV: tl.constexpr,
                HAS_FINF: tl.constexpr, CDT: tl.constexpr, F32: tl.constexpr,
                ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    t, row, n, live, start, ar, mask, full = _chunk(ctab_ptr, cstart_ptr, tab_ptr, finf_ptr,
+    t, row, n, live, start, ar, rem, full = _chunk(ctab_ptr, cstart_ptr, tab_ptr, finf_ptr,
                                                       7, HAS_FINF, BLOCK)
     p_o = _base(p_ptr, row, 1, start, ALIGNED) + ar
     g_o = _base(g_ptr, row, 2, start, ALIGNED) + ar
@@ -221,19 +237,19 @@ def sgd_kernel(ctab_ptr, cstart_ptr, tab_ptr, sc_ptr, gmul_ptr, finf_ptr, step_p
     sc = _scalar(sc_ptr, row, 7, 5)
     lr = tl.load(sc).to(CDT)
     wd = tl.load(sc + 1).to(CDT)
-    g, p = _load_grad_param(g_o, gmul_ptr, p_o, master_o, mask,
-                            full, MAXIMIZE, HAS_MASTER, HAS_GMUL, GMUL_INV, CDT)
+    g, p = _load_grad_param(g_o, gmul_ptr, p_o, master_o, rem,
+                            full, MAXIMIZE, HAS_MASTER, HAS_GMUL, GMUL_INV, CDT, ALIGNED)
     g = g + wd * p
     if MOMENTUM:
-        buf = _ld(buf_o, mask, full).to(CDT) * tl.load(sc + 2).to(CDT) \
+        buf = _ld(buf_o, rem, full, ALIGNED).to(CDT) * tl.load(sc + 2).to(CDT) \
             + g * tl.load(sc + 3).to(CDT)
-        _st(buf_o, buf.to(buf_ptr.dtype.element_ty), mask, full)
+        _st(buf_o, buf.to(buf_ptr.dtype.element_ty), rem, full)
         if NESTEROV:
             g = g + tl.load(sc + 4).to(CDT) * buf
         else:
             g = buf
     p = p - lr * g
-    _store_param(p, p_o, master_o, mask, full, HAS_MASTER)
+    _store_param(p, p_o, master_o, rem, full, HAS_MASTER)
 
 
 # roles: 0 param, 1 grad, 2 square_avg, 3 grad_avg, 4 momentum_buffer, 5 master; a step counter
@@ -245,7 +261,7 @@ def rmsprop_kernel(ctab_ptr, cstart_ptr, tab_ptr, sc_ptr, gmul_ptr, finf_ptr, st
                    HAS_MASTER: tl.constexpr, HAS_GMUL: tl.constexpr, GMUL_INV: tl.constexpr,
                    HAS_FINF: tl.constexpr, CDT: tl.constexpr, F32: tl.constexpr,
                    ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    t, row, n, live, start, ar, mask, full = _chunk(ctab_ptr, cstart_ptr, tab_ptr, finf_ptr,
+    t, row, n, live, start, ar, rem, full = _chunk(ctab_ptr, cstart_ptr, tab_ptr, finf_ptr,
                                                       9, HAS_FINF, BLOCK)
     _advance_step(t, row, n, live, step_ptr, cnt_ptr, 9, BLOCK)  # counted, not used
     p_o = _base(p_ptr, row, 1, start, ALIGNED) + ar
@@ -260,16 +276,16 @@ def rmsprop_kernel(ctab_ptr, cstart_ptr, tab_ptr, sc_ptr, gmul_ptr, finf_ptr, st
     alpha = tl.load(sc + 2).to(CDT)
     oma = tl.load(sc + 3).to(CDT)
     eps = tl.load(sc + 4).to(CDT)
-    g, p = _load_grad_param(g_o, gmul_ptr, p_o, master_o, mask,
-                            full, MAXIMIZE, HAS_MASTER, HAS_GMUL, GMUL_INV, CDT)
+    g, p = _load_grad_param(g_o, gmul_ptr, p_o, master_o, rem,
+                            full, MAXIMIZE, HAS_MASTER, HAS_GMUL, GMUL_INV, CDT, ALIGNED)
     g = g + wd * p
-    sq = _ld(sq_o, mask, full).to(CDT) * alpha + oma * g * g
-    _st(sq_o, sq.to(sq_ptr.dtype.element_ty), mask, full)
+    sq = _ld(sq_o, rem, full, ALIGNED).to(CDT) * alpha + oma * g * g
+    _st(sq_o, sq.to(sq_ptr.dtype.element_ty), rem, full)
     if CENTERED:
-        ga = _ld(gavg_o, mask, full).to(CDT)
+        ga = _ld(gavg_o, rem, full, ALIGNED).to(CDT)
         d = g - ga  # torch.lerp's two-branch formula
         ga = tl.where(oma < 0.5, ga + oma * d, g - d * (1.0 - oma))
-        _st(gavg_o, ga.to(gavg_ptr.dtype.element_ty), mask, full)
+        _st(gavg_o, ga.to(gavg_ptr.dtype.element_ty), rem, full)
         avg = sq - ga * ga
     else:
         avg = sq
@@ -278,13 +294,13 @@ def rmsprop_kernel(ctab_ptr, cstart_ptr, tab_ptr, sc_ptr, gmul_ptr, finf_ptr, st
     else:
         upd = g / (tl.sqrt(avg) + eps)
     if MOMENTUM:
-        buf = _ld(buf_o, mask, full).to(CDT) * tl.load(sc + 5).to(CDT)
+        buf = _ld(buf_o, rem, full, ALIGNED).to(CDT) * tl.load(sc + 5).to(CDT)
         buf = buf + upd
-        _st(buf_o, buf.to(buf_ptr.dtype.element_ty), mask, full)
+        _st(buf_o, buf.to(buf_ptr.dtype.element_ty), rem, full)
         p = p - lr * buf
     else:
         p = p - lr * upd
-    _store_param(p, p_o, master_o, mask, full, HAS_MASTER)
+    _store_param(p, p_o, master_o, rem, full, HAS_MASTER)
 
 
 # roles: 0 param, 1 grad, 2 state, 3 master.  ALGO selects the update and its scalars row:
@@ -297,16 +313,16 @@ def single_state_kernel(ctab_ptr, cstart_ptr, tab_ptr, sc_ptr, gmul_ptr, finf_pt
                         HAS_GMUL: tl.constexpr, GMUL_INV: tl.constexpr, HAS_FINF: tl.constexpr,
                         CDT: tl.constexpr, F32: tl.constexpr, ALIGNED: tl.constexpr,
                         BLOCK: tl.constexpr):
-    t, row, n, live, start, ar, mask, full = _chunk(ctab_ptr, cstart_ptr, tab_ptr, finf_ptr,
+    t, row, n, live, start, ar, rem, full = _chunk(ctab_ptr, cstart_ptr, tab_ptr, finf_ptr,
                                                       7, HAS_FINF, BLOCK)
     p_o = _base(p_ptr, row, 1, start, ALIGNED) + ar
     g_o = _base(g_ptr, row, 2, start, ALIGNED) + ar
     s_o = _base(s_ptr, row, 3, start, ALIGNED) + ar
     master_o = _base(master_ptr, row, 4, start, ALIGNED) + ar
     sc = _scalar(sc_ptr, row, 7, 4)
-    g, p = _load_grad_param(g_o, gmul_ptr, p_o, master_o, mask,
-                            full, MAXIMIZE, HAS_MASTER, HAS_GMUL, GMUL_INV, CDT)
-    s = _ld(s_o, mask, full).to(CDT)
+    g, p = _load_grad_param(g_o, gmul_ptr, p_o, master_o, rem,
+                            full, MAXIMIZE, HAS_MASTER, HAS_GMUL, GMUL_INV, CDT, ALIGNED)
+    s = _ld(s_o, rem, full, ALIGNED).to(CDT)
     if ALGO == "lion":
         lr = tl.load(sc).to(CDT)
         decay = tl.load(sc + 1).to(CDT)
@@ -329,8 +345,8 @@ def single_state_kernel(ctab_ptr, cstart_ptr, tab_ptr, sc_ptr, gmul_ptr, finf_pt
             p = p - clr * tl.div_rn(g, tl.sqrt_rn(s) + eps)
         else:
             p = p - clr * (g / (tl.sqrt(s) + eps))
-    _st(s_o, s.to(s_ptr.dtype.element_ty), mask, full)
-    _store_param(p, p_o, master_o, mask, full, HAS_MASTER)
+    _st(s_o, s.to(s_ptr.dtype.element_ty), rem, full)
+    _store_param(p, p_o, master_o, rem, full, HAS_MASTER)
 
 
 # an optimizer's ``_kernel`` name -> (its update kernel, the constexprs selecting its algorithm)
@@ -354,6 +370,9 @@ def launch_update(kernel, table, bases, flags: dict, gmul=None, gmul_inv: bool =
     table.sync()
     sc = table.sc
     has_step = table.step_base is not None
+    # ALIGNED: role offsets are multiples of 16 elements (table) and every role base is 16-byte
+    # aligned, so tensor starts are 16-byte aligned (what _ld's whole-group tail loads need)
+    aligned = table.aligned and all(b.data_ptr() % 16 == 0 for b in bases)
     kernel[(table.n_chunks,)](table.ctab, table.cstart, table.buf, sc,
                               gmul if gmul is not None else sc,
                               found_inf if found_inf is not None else sc,
@@ -361,6 +380,6 @@ def launch_update(kernel, table, bases, flags: dict, gmul=None, gmul_inv: bool =
                               table.counters if has_step else table.ctab,
                               *bases, HAS_GMUL=gmul is not None, GMUL_INV=gmul_inv,
                               HAS_FINF=found_inf is not None, CDT=compute_dtype(table.dtype),
-                              F32=table.dtype != torch.float64, ALIGNED=table.aligned,
+                              F32=table.dtype != torch.float64, ALIGNED=aligned,
                               BLOCK=table.block, num_warps=table.num_warps,
                               **flags)

@@ -25,9 +25,9 @@ def norm_partial_kernel(ctab_ptr, cstart_ptr, ttab_ptr, x_ptr, out_ptr,
                         BLOCK: tl.constexpr):
     # program -> chunk of one tensor: scalar base + int32 lanes, unmasked when full (as the
     # update kernels in tilefuse.kernels.optim)
-    t, row, n, live, start, ar, mask, full = _chunk(ctab_ptr, cstart_ptr, ttab_ptr, ctab_ptr, 2,
+    t, row, n, live, start, ar, rem, full = _chunk(ctab_ptr, cstart_ptr, ttab_ptr, ctab_ptr, 2,
                                                     False, BLOCK)
-    x = tl.abs(_ld(_base(x_ptr, row, 1, start, ALIGNED) + ar, mask, full).to(CDT))
+    x = tl.abs(_ld(_base(x_ptr, row, 1, start, ALIGNED) + ar, rem, full, False).to(CDT))
     if NORM == 2:
         r = tl.sum(x * x, axis=0)
     elif NORM == 1:
@@ -42,16 +42,17 @@ def norm_partial_kernel(ctab_ptr, cstart_ptr, ttab_ptr, x_ptr, out_ptr,
 def scale_kernel(ctab_ptr, cstart_ptr, ttab_ptr, x_ptr, coef_ptr,
                  CDT: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """x *= coef (a device scalar) for every tensor of the bucket: the clip step."""
-    t, row, n, live, start, ar, mask, full = _chunk(ctab_ptr, cstart_ptr, ttab_ptr, ctab_ptr, 2,
+    t, row, n, live, start, ar, rem, full = _chunk(ctab_ptr, cstart_ptr, ttab_ptr, ctab_ptr, 2,
                                                     False, BLOCK)
     x_p = _base(x_ptr, row, 1, start, ALIGNED) + ar
-    x = _ld(x_p, mask, full).to(CDT)
-    _st(x_p, (x * tl.load(coef_ptr).to(CDT)).to(x_ptr.dtype.element_ty), mask, full)
+    x = _ld(x_p, rem, full, ALIGNED).to(CDT)
+    _st(x_p, (x * tl.load(coef_ptr).to(CDT)).to(x_ptr.dtype.element_ty), rem, full)
 
 
-def _aligned(ttab) -> bool:
-    """Every tensor's element offset from the base is a multiple of ALIGN (see optim_table)."""
-    return not bool((ttab[:, 1] % ALIGN).any())
+def _aligned(ttab, base) -> bool:
+    """Every tensor's element offset from the 16-byte aligned base is a multiple of ALIGN (see
+    optim_table): tensor starts are 16-byte aligned."""
+    return base.data_ptr() % 16 == 0 and not bool((ttab[:, 1] % ALIGN).any())
 
 
 def launch_norm_partials(tensors, norm: int):
@@ -65,7 +66,7 @@ def launch_norm_partials(tensors, norm: int):
     out = torch.empty(n_chunks, device=device, dtype=acc)
     norm_partial_kernel[(n_chunks,)](ctab, cstart, ttab.to(device, non_blocking=True), bases[0],
                                      out, NORM=norm, CDT=compute_dtype(acc),
-                                     ALIGNED=_aligned(ttab), BLOCK=block, num_warps=4)
+                                     ALIGNED=_aligned(ttab, bases[0]), BLOCK=block, num_warps=4)
     return out, ctab
 
 
@@ -77,5 +78,5 @@ def launch_scale(tensors, coef: torch.Tensor) -> None:
     ctab, cstart, n_chunks = chunk_table(numels, device, block)
     bases, ttab = tensor_table([tensors])
     scale_kernel[(n_chunks,)](ctab, cstart, ttab.to(device, non_blocking=True), bases[0], coef,
-                              CDT=compute_dtype(tensors[0].dtype), ALIGNED=_aligned(ttab),
-                              BLOCK=block, num_warps=4)
+                              CDT=compute_dtype(tensors[0].dtype),
+                              ALIGNED=_aligned(ttab, bases[0]), BLOCK=block, num_warps=4)

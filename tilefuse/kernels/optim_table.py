@@ -129,9 +129,11 @@ class StepTable:
         self.ctab, self.cstart, self.n_chunks = chunk_table(numels, self.device, self.block,
                                                             min_one=steps is not None)
         self.ncols = len(roles) + 3
-        sc_off = n * self.ncols
+        # the scalar rows start at an even word (16-byte aligned on the device), so kernels with
+        # an even row width read them as 128-bit pairs (tilefuse.kernels.optim._pair)
+        sc_off = -(-(n * self.ncols) // 2) * 2
         self._host = np.zeros(sc_off + n_rows * width, dtype=np.int64)
-        self._tab = self._host[:sc_off].reshape(n, self.ncols)
+        self._tab = self._host[:n * self.ncols].reshape(n, self.ncols)
         self._sc = self._host[sc_off:].view(np.float64).reshape(n_rows, width)
         self._sc_vals = [None] * n_rows
         self._tab[:, 0] = numels

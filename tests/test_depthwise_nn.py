@@ -39,7 +39,7 @@ def test_depthwise_module_refuses_non_depthwise():
     with pytest.raises(ValueError, match="multiple of in_channels"):
         tilefuse.nn.DepthwiseConv2d(4, 6, 3)
     with pytest.raises(ValueError, match="not depthwise"):
-        tilefuse.nn.DepthwiseConv2d.from_conv(nn.Conv2d(4, 4, 3))
+        tilefuse.nn.DepthwiseConv2d.from_torch(nn.Conv2d(4, 4, 3))
 
 
 def _randomize_bn(bn):

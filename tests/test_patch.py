@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tilefuse
-from tilefuse import patch_rules as R
+from tilefuse.patch import rules as R
 
 
 # ---------------------------------------------------------------- torchvision-style structures
@@ -317,3 +317,29 @@ def test_report_shows_the_fused_activation():
     rep = str(tilefuse.patch_report(tilefuse.patch(model)))
     assert "replaced   0: Linear -> gelu: Linear(activation='gelu')" in rep
     assert "activation=)" not in rep
+
+
+def test_rule_table_targets_own_from_torch():
+    """Every target of the patch rule table is built by its own ``from_torch`` (one conversion
+    constructor per fused module), and every rule is enabled by a name of ALL_OPS."""
+    from tilefuse.patch import table as T
+    from tilefuse.patch.planner import _target_class
+
+    samples = [nn.BatchNorm1d(4), nn.BatchNorm2d(4), nn.Linear(4, 4), nn.LayerNorm(4),
+               nn.GroupNorm(2, 4), nn.Conv2d(4, 8, 3), nn.Conv2d(4, 4, 3, groups=4),
+               nn.Dropout(0.1), nn.Dropout2d(0.1)]
+    if hasattr(nn, "RMSNorm"):
+        samples.append(nn.RMSNorm(4))
+    seen = set()
+    for rules in (T.GRAPH_RULES, T.LEAF_RULES):
+        for rule in rules:
+            assert set(rule.ops) <= set(tilefuse.patch.ALL_OPS)
+            for m in samples:
+                if rule.match(m) and rule.pattern != "residual":
+                    cls = _target_class(rule.target(m))
+                    assert cls is not None and "from_torch" in vars(cls) or any(
+                        "from_torch" in vars(b) for b in cls.__mro__[1:-1]
+                        if b.__module__.startswith("tilefuse")), rule.target(m)
+                    seen.add(rule.target(m))
+    assert {"Linear", "LayerNormAct", "GroupNormAct", "BatchNormAct2d", "Conv2d",
+            "DepthwiseConv2d", "Dropout", "Dropout2d"} <= seen

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import tilefuse
+from tilefuse.patch.rules import FoldedBatchNorm
 
 transformers = pytest.importorskip("transformers")
 
@@ -72,7 +73,7 @@ def test_mobilenet_v2_conv_bn_folded_though_not_traceable():
         ref = model(x).logits
     patched = tilefuse.patch(model)
     n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
-    folded = [m for m in patched.modules() if isinstance(m, tilefuse.patch_rules.FoldedBatchNorm)]
+    folded = [m for m in patched.modules() if isinstance(m, FoldedBatchNorm)]
     assert n_bn > 0 and len(folded) == n_bn
     report = str(tilefuse.patch_report(patched))
     assert "matched by module structure" in report and "into DepthwiseConv2d(activation='relu6')" \

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tilefuse
-from tilefuse import patch_rules as R
+from tilefuse.patch import rules as R
 from tilefuse.activations import activation_from_module, torch_activation
 
 from test_patch import _compare

@@ -9,8 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tilefuse
-from tilefuse import patch_residual as PR
-from tilefuse import patch_rules as R
+from tilefuse.patch import residual as PR
+from tilefuse.patch import rules as R
 
 from test_patch import BertEncoder, _compare
 

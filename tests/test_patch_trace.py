@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import tilefuse
-from tilefuse import patch_rules as R
+from tilefuse.patch import rules as R
 
 
 @pytest.fixture

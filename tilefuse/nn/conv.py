@@ -63,7 +63,7 @@ class DepthwiseConv2d(nn.Conv2d):
         return super().extra_repr() + extra
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, activation=None) -> "DepthwiseConv2d":
+    def from_torch(cls, conv: nn.Conv2d, activation=None) -> "DepthwiseConv2d":
         """A DepthwiseConv2d sharing ``conv``'s parameters (no copy); ``ValueError`` if ``conv``
         is not depthwise."""
         if not isinstance(conv, nn.Conv2d):
@@ -155,7 +155,7 @@ class DepthwiseSeparableConv2d(nn.Module):
         m = DepthwiseSeparableConv2d.__new__(DepthwiseSeparableConv2d)
         nn.Module.__init__(m)
         m.activation, m.pointwise_activation = self.activation, self.pointwise_activation
-        m.depthwise = DepthwiseConv2d.from_conv(self.depthwise)
+        m.depthwise = DepthwiseConv2d.from_torch(self.depthwise)
         m.pointwise = nn.Conv2d(self.pointwise.in_channels, self.pointwise.out_channels, 1,
                                 device="meta", dtype=self.pointwise.weight.dtype)
         for conv, bn, dst in ((self.depthwise, self.bn_dw, m.depthwise),

@@ -12,7 +12,16 @@ import torch
 from tilefuse.fused.dropout import dropout, dropout2d
 
 
-class Dropout(torch.nn.Dropout):
+class _FromTorch:
+    @classmethod
+    def from_torch(cls, module: torch.nn.Module):
+        """The same dropout (``p``, ``inplace``, training mode) on the fused kernel."""
+        m = cls(module.p, module.inplace)
+        m.train(module.training)
+        return m
+
+
+class Dropout(_FromTorch, torch.nn.Dropout):
     """:class:`torch.nn.Dropout` running the fused Philox kernel (no mask stored for backward).
 
     >>> import torch, tilefuse
@@ -26,7 +35,7 @@ class Dropout(torch.nn.Dropout):
         return dropout(input, self.p, self.training)
 
 
-class Dropout2d(torch.nn.Dropout2d):
+class Dropout2d(_FromTorch, torch.nn.Dropout2d):
     """:class:`torch.nn.Dropout2d`: zeroes whole channels of ``(N, C, H, W)`` / ``(C, H, W)``
     inputs, NCHW or channels_last. A 3-D input is ``(C, H, W)`` as torch documents it; torch
     itself still treats it as ``(N, C, L)`` (with a warning, for backward compatibility), so

@@ -83,7 +83,7 @@ def fuse_conv_bn_eval(conv: nn.Conv2d, bn: nn.BatchNorm2d, activation=None) -> n
     name, param = parse_activation(activation)
     w, b = fold_batchnorm(conv, bn)
     if _is_depthwise(conv):
-        fused = DepthwiseConv2d.from_conv(conv, activation=(name, param))
+        fused = DepthwiseConv2d.from_torch(conv, activation=(name, param))
         fused.weight = nn.Parameter(w, requires_grad=conv.weight.requires_grad)
         fused.bias = nn.Parameter(b, requires_grad=conv.weight.requires_grad)
         return fused

@@ -1,6 +1,6 @@
 """Conv2d -> BatchNorm2d folding for :func:`tilefuse.patch` (eval mode).
 
-:func:`fold` plans one fold (the BN's path gets a :class:`~tilefuse.patch_rules.FoldedBatchNorm`,
+:func:`fold` plans one fold (the BN's path gets a :class:`~tilefuse.patch.rules.FoldedBatchNorm`,
 the conv's path the folded conv, a depthwise conv becomes ``DepthwiseConv2d`` with the activation
 absorbed when it can be). It serves two rules:
 
@@ -19,8 +19,8 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from tilefuse import patch_rules as R
-from tilefuse.patch_trace import untraced_reason
+from tilefuse.patch import rules as R
+from tilefuse.patch.trace import untraced_reason
 
 
 def _join(prefix: str, name: str) -> str:

@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from tilefuse import patch_rules as R
+from tilefuse.patch import rules as R
 from tilefuse.activations import parse_activation
 
 # rewrites of one owner run in this order: dropout -> add first, so that an add -> norm rule
@@ -53,7 +53,7 @@ def add_norm(norm: nn.Module, x, residual, dropout: nn.Module = None):
     """``norm(x + residual)`` (``norm(dropout(x) + residual)`` with ``dropout``) where ``norm`` is a
     fused ``LayerNormAct``/``RMSNormAct``: the sum is computed inside the norm kernel.
 
-    With an active ``dropout`` (a :class:`tilefuse.patch_rules.DropoutAdd`, training, ``p > 0``)
+    With an active ``dropout`` (a :class:`tilefuse.patch.rules.DropoutAdd`, training, ``p > 0``)
     the sum is ``tilefuse.ops.dropout_add`` (one pass) and the norm gets it without residual; in
     eval or with ``p == 0`` the dropout is the identity and the norm takes ``(x, residual)``.
     Operands the fused norm cannot take (different dtypes, e.g. under autocast, or a residual

@@ -165,47 +165,12 @@ def share_state(new: nn.Module, old: nn.Module) -> nn.Module:
     return new
 
 
-def _ctor_args(old: nn.Module) -> dict:
-    if isinstance(old, nn.modules.batchnorm._BatchNorm):
-        return dict(num_features=old.num_features, eps=old.eps, momentum=old.momentum,
-                    affine=old.affine, track_running_stats=old.track_running_stats)
-    if isinstance(old, nn.Conv2d):
-        return dict(in_channels=old.in_channels, out_channels=old.out_channels,
-                    kernel_size=old.kernel_size, stride=old.stride, padding=old.padding,
-                    dilation=old.dilation, groups=old.groups, bias=old.bias is not None,
-                    padding_mode=old.padding_mode)
-    if isinstance(old, nn.LayerNorm):
-        kw = dict(normalized_shape=old.normalized_shape, eps=old.eps,
-                  elementwise_affine=old.elementwise_affine)
-        if old.elementwise_affine and old.bias is None:
-            kw["bias"] = False
-        return kw
-    if isinstance(old, nn.GroupNorm):
-        return dict(num_groups=old.num_groups, num_channels=old.num_channels, eps=old.eps,
-                    affine=old.affine)
-    if hasattr(nn, "RMSNorm") and isinstance(old, nn.RMSNorm):
-        return dict(normalized_shape=old.normalized_shape, eps=old.eps,
-                    elementwise_affine=old.elementwise_affine)
-    if isinstance(old, nn.modules.dropout._DropoutNd):
-        return dict(p=old.p, inplace=old.inplace)
-    if isinstance(old, nn.Linear):
-        return dict(in_features=old.in_features, out_features=old.out_features,
-                    bias=old.bias is not None)
-    raise TypeError(f"no converter for {type(old).__name__}")
-
-
 def convert(cls, old: nn.Module, activation=None) -> nn.Module:
-    """A ``cls`` instance equivalent to ``old`` (+ ``activation``), sharing its tensors."""
+    """``cls.from_torch(old[, activation=])``: the fused module equivalent to ``old`` (+
+    ``activation``), sharing its parameters and buffers. Every patch target owns that one
+    constructor (tests/test_patch.py checks each table target has it)."""
     kwargs = {} if activation is None else {"activation": activation}
-    new = None
-    if hasattr(cls, "from_torch"):
-        try:
-            new = cls.from_torch(old, **kwargs)
-        except TypeError:
-            new = None
-    if new is None:
-        new = cls(**_ctor_args(old), **kwargs)  # on CPU; share_state moves its extra state
-    return share_state(new, old)
+    return share_state(cls.from_torch(old, **kwargs), old)
 
 
 class DropoutAdd(nn.Dropout):

@@ -6,7 +6,7 @@ tensor value, ``*args``/``**kwargs``...) no longer blocks its parent: the failin
 found from the traceback (the innermost ``forward`` that was running) and the parent is traced
 again with that sub-module as one opaque call. The opaque module is then searched on its own
 (child by child when its own forward does not trace either) and listed in ``untraced``, where the
-structural Conv->BN rule (:mod:`tilefuse.patch_fold`) looks at it.
+structural Conv->BN rule (:mod:`tilefuse.patch.fold`) looks at it.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import List, Tuple
 
 import torch.nn as nn
 
-from tilefuse import patch_rules as R
+from tilefuse.patch import rules as R
 
 MAX_OPAQUE = 256  # sub-modules made opaque while tracing one module (each costs one re-trace)
 

@@ -278,6 +278,16 @@ def _scenarios_norm(torch, tf):
                         y.backward(torch.ones_like(y))
                     yield f"batch_norm_act {dt} {shape} train={training} cl={cl} fwd+bwd", run
         yield from _scenarios_norm_batch1(torch, ops, dt)
+        for M, N in ((8, 1000), (16384, 512), (8, 20000)):  # pre-norm residual stream: h
+            for rms in (False, True):                         # stored, dh added (every path)
+                def prenorm(M=M, N=N, rms=rms, dt=dt):
+                    x, r = (torch.empty(M, N, dtype=dt, requires_grad=True) for _ in range(2))
+                    w = torch.randn(N, dtype=dt, requires_grad=True)
+                    fn = ops.rms_norm_act if rms else ops.layer_norm_act
+                    y, h = fn(x, N, w, activation="gelu", residual=r, prenorm=True)
+                    torch.autograd.backward((y, h), (torch.ones_like(y), torch.ones_like(h)))
+                yield (f"{'rms' if rms else 'layer'}_norm_act {dt} {M}x{N} prenorm fwd+bwd",
+                       prenorm)
 
 
 def _scenarios_norm_batch1(torch, ops, dt):

@@ -7,6 +7,13 @@ reference below. fp64 and empty inputs always take the torch path (the kernels c
 
 Residual semantics (pre-norm): ``y = act(norm(x + residual))``. The sum ``x + residual`` is not
 materialised: backward re-reads ``x`` and ``residual``, and ``d residual = d x``.
+
+``prenorm=True`` (the pre-norm transformer block's residual stream, as flash-attn's / Liger's
+``layer_norm_fn(..., prenorm=True)``): ``tilefuse::norm_act_prenorm_fwd`` also writes
+``h = x + residual`` (x's dtype) in the same kernel and returns ``(y, h, mean, rstd)``; ``y``
+normalizes that ``h`` (rounded to x's dtype, as eager ``h = x + residual; y = norm(h)``). The
+backward reads ``h`` (not ``x`` and ``residual``) and adds ``dh``, the gradient flowing into the
+stream, to ``dx`` in the same kernel: ``d x = d residual = dnorm + dh``.
 """
 from __future__ import annotations
 
@@ -45,6 +52,12 @@ def _torch_stats(h: Tensor, eps: float, is_rms: bool):
 def _torch_fwd(x, residual, weight, bias, eps, is_rms, activation, act_param):
     cd = _compute_dtype(x)
     h = x.to(cd) if residual is None else x.to(cd) + residual.to(cd)
+    return _torch_norm(x, h, weight, bias, eps, is_rms, activation, act_param)
+
+
+def _torch_norm(x, h, weight, bias, eps, is_rms, activation, act_param):
+    """The reference norm of ``h`` (the compute dtype) -> (y in x's dtype, mean, rstd)."""
+    cd = h.dtype
     mean, rstd = _torch_stats(h, eps, is_rms)
     z = (h - mean) * rstd
     if weight is not None:
@@ -96,7 +109,7 @@ def _stat_dtype(x: Tensor) -> torch.dtype:
 
 
 def _torch_bwd(dy, x, residual, weight, bias, mean, rstd, is_rms, activation, act_param,
-               need_dw, need_db):
+               need_dw, need_db, dh=None):
     cd = _compute_dtype(x)
     h = x.to(cd) if residual is None else x.to(cd) + residual.to(cd)
     if h.numel() == 0:
@@ -114,7 +127,8 @@ def _torch_bwd(dy, x, residual, weight, bias, mean, rstd, is_rms, activation, ac
     g = dz * w
     c2 = (g * xhat).mean(-1, keepdim=True)
     c1 = 0.0 if is_rms else g.mean(-1, keepdim=True)
-    dx = ((g - c1 - xhat * c2) * rstd).to(x.dtype)
+    dx = (g - c1 - xhat * c2) * rstd
+    dx = (dx if dh is None else dx + dh.to(cd)).to(x.dtype)
     dw = (dz * xhat).sum(0) if need_dw else x.new_empty(0)
     db = dz.sum(0) if need_db else x.new_empty(0)
     return dx, dw, db
@@ -123,25 +137,26 @@ def _torch_bwd(dy, x, residual, weight, bias, mean, rstd, is_rms, activation, ac
 def _bwd_impl(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
               bias: Optional[Tensor], mean: Tensor, rstd: Tensor, is_rms: bool,
               activation: int, act_param: float, need_dw: bool,
-              need_db: bool) -> Tuple[Tensor, Tensor, Tensor]:
+              need_db: bool, dh: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     """-> (dx (M, N) in x's dtype, dw (N,) in weight's dtype or empty, db (N,) in bias's dtype
-    or empty): the Triton path writes them in two or three launches (no casts afterwards)."""
+    or empty): the Triton path writes them in two or three launches (no casts afterwards).
+    ``dh`` (or None): the pre-norm stream's gradient, added to ``dx`` in the same kernel."""
     if _use_torch(x):
         dx, dw, db = _torch_bwd(dy, x, residual, weight, bias, mean, rstd, is_rms, activation,
-                                act_param, need_dw, need_db)
+                                act_param, need_dw, need_db, dh)
         return (dx.contiguous(), dw.to(weight.dtype) if need_dw else dw,
                 db.to(bias.dtype) if need_db else db)
     from tilefuse.kernels.norm import launch_norm_bwd
 
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     dw, db = launch_norm_bwd(dy, x, residual, weight, bias, None if is_rms else mean, rstd, dx,
-                             is_rms, activation, act_param, need_dw, need_db)
+                             is_rms, activation, act_param, need_dw, need_db, dh=dh)
     # a fresh empty tensor each: custom-op outputs may not alias
     return dx, (dw if dw is not None else _empty(x)), (db if db is not None else _empty(x))
 
 
 def _bwd_fake(dy, x, residual, weight, bias, mean, rstd, is_rms, activation, act_param, need_dw,
-              need_db):
+              need_db, dh):
     N = x.shape[1]
     return (x.new_empty(x.shape), weight.new_empty(N) if need_dw else _empty(x),
             bias.new_empty(N) if need_db else _empty(x))
@@ -165,7 +180,7 @@ def _backward(ctx, dy, _dmean, _drstd):
     need_dw = weight is not None and need[2]
     need_db = bias is not None and need[3]
     dx, dw, db = norm_act_bwd(dy, x, residual, weight, bias, mean, rstd, ctx.is_rms,
-                              ctx.activation, ctx.act_param, need_dw, need_db)
+                              ctx.activation, ctx.act_param, need_dw, need_db, None)
     dres = dx.to(residual.dtype) if (residual is not None and need[1]) else None
     return (dx if need[0] else None, dres, dw if need_dw else None, db if need_db else None,
             None, None, None, None, None)
@@ -174,6 +189,67 @@ def _backward(ctx, dy, _dmean, _drstd):
 norm_act_bwd = fast_op("norm_act_bwd", _bwd_impl, fake=_bwd_fake)
 norm_act_fwd = fast_op("norm_act_fwd", _fwd_impl, fake=_fwd_fake, setup_context=_setup_context,
                        backward=_backward)
+
+
+def _prenorm_impl(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                  eps: float, is_rms: bool, activation: int, act_param: float,
+                  save_stats: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x, residual: (M, N) any strides -> (y, h = x + residual (x's dtype), mean, rstd), one
+    kernel; ``y`` normalizes the rounded ``h``."""
+    if _use_torch(x):
+        h = (x + residual).contiguous()
+        y, mean, rstd = _torch_norm(x, h.to(_compute_dtype(x)), weight, bias, eps, is_rms,
+                                    activation, act_param)
+        if not save_stats:
+            mean, rstd = _empty(x, mean.dtype), _empty(x, mean.dtype)
+        return y, h, mean, rstd
+    from tilefuse.kernels.norm import launch_norm_fwd
+
+    M, N = x.shape
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    h = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    mean = torch.empty(0 if is_rms or not save_stats else M, device=x.device,
+                       dtype=torch.float32)
+    rstd = torch.empty(M if save_stats else 0, device=x.device, dtype=torch.float32)
+    launch_norm_fwd(x, residual, weight, bias, y, mean if save_stats and not is_rms else None,
+                    rstd if save_stats else None, eps, is_rms, activation, act_param, h=h)
+    return y, h, mean, rstd
+
+
+def _prenorm_fake(x, residual, weight, bias, eps, is_rms, activation, act_param, save_stats):
+    y, mean, rstd = _fwd_fake(x, residual, weight, bias, eps, is_rms, activation, act_param,
+                              save_stats)
+    return y, x.new_empty(x.shape), mean, rstd
+
+
+def _prenorm_setup(ctx, inputs, output):
+    x, residual, weight, bias, eps, is_rms, activation, act_param, _ = inputs
+    _, h, mean, rstd = output
+    ctx.is_rms, ctx.activation, ctx.act_param = is_rms, activation, act_param
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(h, weight, bias, mean, rstd)
+
+
+def _prenorm_backward(ctx, dy, dh, _dmean, _drstd):
+    if dy is None and dh is None:
+        return (None,) * 9
+    need = ctx.needs_input_grad
+    h, weight, bias, mean, rstd = ctx.saved_tensors
+    need_dw = weight is not None and need[2] and dy is not None
+    need_db = bias is not None and need[3] and dy is not None
+    dw = db = None
+    if dy is None:  # only the stream is used downstream: d x = d residual = dh
+        dx = dh
+    else:
+        dx, dw, db = norm_act_bwd(dy, h, None, weight, bias, mean, rstd, ctx.is_rms,
+                                  ctx.activation, ctx.act_param, need_dw, need_db, dh)
+    return (dx if need[0] else None, dx if need[1] else None, dw if need_dw else None,
+            db if need_db else None, None, None, None, None, None)
+
+
+norm_act_prenorm_fwd = fast_op("norm_act_prenorm_fwd", _prenorm_impl, fake=_prenorm_fake,
+                               setup_context=_prenorm_setup, backward=_prenorm_backward)
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,7 +274,8 @@ def _normalized_shape(normalized_shape) -> Tuple[Tuple[int, ...], int]:
                     f"{normalized_shape!r}")
 
 
-def _row_norm(x, normalized_shape, weight, bias, eps, activation, residual, is_rms, name):
+def _row_norm(x, normalized_shape, weight, bias, eps, activation, residual, is_rms, name,
+              prenorm=False):
     float_tensor("x", x)
     shape, N = _normalized_shape(normalized_shape)
     k = len(shape)
@@ -238,19 +315,30 @@ def _row_norm(x, normalized_shape, weight, bias, eps, activation, residual, is_r
     w1 = weight if weight is None or k == 1 else weight.reshape(N)
     b1 = bias if bias is None or k == 1 else bias.reshape(N)
     save = needs_grad(x2, r2, w1, b1)
+    if prenorm:
+        if type(prenorm) is not bool:
+            raise TypeError(f"prenorm must be a bool, got {prenorm!r}")
+        if r2 is None:  # h = x: nothing to add or store (flash-attn returns x as well)
+            y, _, _ = norm_act_fwd(x2, None, w1, b1, eps, is_rms, act, act_param, save)
+            return (y if x.dim() == 2 else y.view(x.shape)), x
+        y, h, _, _ = norm_act_prenorm_fwd(x2, r2, w1, b1, eps, is_rms, act, act_param, save)
+        return ((y, h) if x.dim() == 2 else (y.view(x.shape), h.view(x.shape)))
     y, _, _ = norm_act_fwd(x2, r2, w1, b1, eps, is_rms, act, act_param, save)
     return y if x.dim() == 2 else y.view(x.shape)
 
 
 def layer_norm_act(x: Tensor, normalized_shape, weight: Optional[Tensor] = None,
                    bias: Optional[Tensor] = None, eps: float = 1e-5, activation=None,
-                   residual: Optional[Tensor] = None) -> Tensor:
+                   residual: Optional[Tensor] = None, prenorm: bool = False):
     """``act(layer_norm(x + residual))`` in one row-wise kernel (fp32 statistics).
 
     Same semantics as :func:`torch.nn.functional.layer_norm` followed by the activation; the
     optional ``residual`` is added *before* the norm (pre-norm transformer block). ``activation``
     is ``None``, a name (``"relu"``, ``"gelu"``, ``"silu"``, ...), ``(name, param)`` or a torch
-    activation module.
+    activation module. ``prenorm=True`` returns ``(y, h)`` with ``h = x + residual`` (x's dtype)
+    written by the same kernel, ``y = act(layer_norm(h))``: the residual stream of a pre-norm
+    block (``h`` is ``x`` itself without a residual); gradients of ``h`` flow into ``x`` and
+    ``residual`` in the norm's backward kernel.
 
     Under ``torch.autocast`` this follows torch's policy for ``layer_norm`` on the input's
     device: fp32 inputs and output on CUDA, no cast on CPU (docs/amp.md).
@@ -262,15 +350,16 @@ def layer_norm_act(x: Tensor, normalized_shape, weight: Optional[Tensor] = None,
     True
     """
     return _row_norm(x, normalized_shape, weight, bias, eps, activation, residual, False,
-                     "layer_norm_act")
+                     "layer_norm_act", prenorm)
 
 
 def rms_norm_act(x: Tensor, normalized_shape, weight: Optional[Tensor] = None,
                  eps: Optional[float] = None, activation=None,
-                 residual: Optional[Tensor] = None) -> Tensor:
+                 residual: Optional[Tensor] = None, prenorm: bool = False):
     """``act(rms_norm(x + residual))``: :func:`torch.nn.functional.rms_norm` semantics
     (``eps=None``: the fp32 machine eps, fp64's for fp64 inputs, as torch computes it),
-    activation fused, residual added first.
+    activation fused, residual added first. ``prenorm=True``: returns ``(y, h = x + residual)``
+    as :func:`layer_norm_act` does.
 
     >>> import torch, tilefuse
     >>> x = torch.randn(4, 10)
@@ -280,4 +369,4 @@ def rms_norm_act(x: Tensor, normalized_shape, weight: Optional[Tensor] = None,
     True
     """
     return _row_norm(x, normalized_shape, weight, None, eps, activation, residual, True,
-                     "rms_norm_act")
+                     "rms_norm_act", prenorm)

@@ -38,20 +38,27 @@ ROW_CHUNK = 4096  # wide backward, statistics pass: columns per loop step
 
 
 @triton.jit
-def _load_h(x_ptr, r_ptr, row, cols, mask, sxm, sxn, srm, srn, HAS_RESIDUAL: tl.constexpr):
+def _load_h(x_ptr, r_ptr, row, cols, mask, sxm, sxn, srm, srn, HAS_RESIDUAL: tl.constexpr,
+            ROUND_H: tl.constexpr = False):
+    """``x (+ residual)`` in fp32; ``ROUND_H``: the sum rounded to x's dtype (the stored
+    pre-norm stream ``h``, which the norm then normalizes, as eager ``norm(x + residual)``)."""
     h = tl.load(x_ptr + row * sxm + cols * sxn, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         h += tl.load(r_ptr + row * srm + cols * srn, mask=mask, other=0.0).to(tl.float32)
+    if ROUND_H:
+        h = h.to(x_ptr.dtype.element_ty).to(tl.float32)
     return h
 
 
 @triton.jit
-def norm_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
+def norm_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, h_ptr,
                     M, N, sxm, sxn, srm, srn, eps,
                     IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_W: tl.constexpr,
                     HAS_B: tl.constexpr, ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr,
                     ONE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    STORE_STATS: tl.constexpr):
+                    STORE_STATS: tl.constexpr, STORE_H: tl.constexpr = False):
+    """``STORE_H`` (pre-norm residual stream): also write ``h = x + residual`` (x's dtype,
+    (M, N) contiguous) and normalize that rounded ``h``."""
     offs = tl.arange(0, BLOCK_N)
     if ONE_BLOCK:
         # BLOCK_M whole rows per program, kept in registers
@@ -65,6 +72,10 @@ def norm_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
         if HAS_RESIDUAL:
             h += tl.load(r_ptr + rows[:, None] * srm + cols[None, :] * srn, mask=mask,
                          other=0.0).to(tl.float32)
+        if STORE_H:
+            hq = h.to(h_ptr.dtype.element_ty)
+            tl.store(h_ptr + rows[:, None] * N + cols[None, :], hq, mask=mask)
+            h = hq.to(tl.float32)
         if IS_RMS:
             hc = h
         else:
@@ -95,7 +106,8 @@ def norm_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
         for n0 in range(0, N, BLOCK_N):
             cols = (n0 + offs).to(tl.int64)
             mask = cols < N
-            h = _load_h(x_ptr, r_ptr, row, cols, mask, sxm, sxn, srm, srn, HAS_RESIDUAL)
+            h = _load_h(x_ptr, r_ptr, row, cols, mask, sxm, sxn, srm, srn, HAS_RESIDUAL,
+                        STORE_H)
             if IS_RMS:
                 m2 += tl.sum(h * h, axis=0)
             else:
@@ -111,7 +123,10 @@ def norm_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
         for n0 in range(0, N, BLOCK_N):
             cols = (n0 + offs).to(tl.int64)
             mask = cols < N
-            h = _load_h(x_ptr, r_ptr, row, cols, mask, sxm, sxn, srm, srn, HAS_RESIDUAL)
+            h = _load_h(x_ptr, r_ptr, row, cols, mask, sxm, sxn, srm, srn, HAS_RESIDUAL,
+                        STORE_H)
+            if STORE_H:
+                tl.store(h_ptr + row * N + cols, h.to(h_ptr.dtype.element_ty), mask=mask)
             z = (h - mean) * rstd
             if HAS_W:
                 z = z * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -165,15 +180,16 @@ def _dz_chunk(dy_ptr, x_ptr, r_ptr, w_ptr, b_ptr, row, cols, mask, mean, rstd,
 
 @triton.jit
 def norm_bwd_kernel(dy_ptr, x_ptr, r_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dx_ptr,
-                    dw_part_ptr, db_part_ptr,
-                    M, N, sdm, sdn, sxm, sxn, srm, srn,
+                    dw_part_ptr, db_part_ptr, dh_ptr,
+                    M, N, sdm, sdn, sxm, sxn, srm, srn, shm, shn,
                     IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_W: tl.constexpr,
                     HAS_B: tl.constexpr, ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr,
                     NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DH: tl.constexpr = False):
     """Rows that fit one block: persistent programs take row blocks ``pid, pid + G, ...``,
     write ``dx`` and keep their rows' ``dw``/``db`` sums in registers, stored once to row
-    ``pid`` of ``dw_part``/``db_part`` (the result itself when G == 1)."""
+    ``pid`` of ``dw_part``/``db_part`` (the result itself when G == 1). ``HAS_DH``: ``dx``
+    also gets ``dh``, the gradient of the stored pre-norm stream (strides ``shm``, ``shn``)."""
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     offs = tl.arange(0, BLOCK_N)
@@ -216,6 +232,9 @@ def norm_bwd_kernel(dy_ptr, x_ptr, r_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dx_p
         else:
             c1 = tl.sum(g, axis=1) / N
             dx = (g - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
+        if HAS_DH:
+            dx += tl.load(dh_ptr + rows[:, None] * shm + cols[None, :] * shn, mask=mask,
+                          other=0.0).to(tl.float32)
         tl.store(dx_ptr + rows[:, None] * N + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
                  mask=mask)
         if NEED_DW:
@@ -260,11 +279,11 @@ def norm_bwd_row_kernel(dy_ptr, x_ptr, r_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, 
 
 @triton.jit
 def norm_bwd_col_kernel(dy_ptr, x_ptr, r_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, c_ptr, dx_ptr,
-                        dw_ptr, db_ptr, M, N, sdm, sdn, sxm, sxn, srm, srn,
+                        dw_ptr, db_ptr, dh_ptr, M, N, sdm, sdn, sxm, sxn, srm, srn, shm, shn,
                         HAS_RESIDUAL: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                         IS_RMS: tl.constexpr, ACTIVATION: tl.constexpr,
                         ACT_PARAM: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-                        BLOCK_N: tl.constexpr):
+                        BLOCK_N: tl.constexpr, HAS_DH: tl.constexpr = False):
     """Wide rows, pass two: program (column block, row group) writes ``dx`` for its columns of
     rows ``group, group + RB, ...`` and keeps their ``dw``/``db`` sums in registers, stored
     once to row ``group`` of ``dw``/``db`` (the result itself when RB == 1, else fp32
@@ -288,6 +307,8 @@ def norm_bwd_col_kernel(dy_ptr, x_ptr, r_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, 
             dx = (g - xhat * c2) * rstd
         else:
             dx = (g - tl.load(c_ptr + row) - xhat * c2) * rstd
+        if HAS_DH:
+            dx += tl.load(dh_ptr + row * shm + cols * shn, mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + row * N + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
         if NEED_DW:
             dw_acc += dz * xhat
@@ -341,7 +362,7 @@ _FWD_LAUNCH = launch_cache()
 
 
 def _fwd_launch(M, N, dtype, is_rms, has_res, has_w, has_b, activation, act_param, stats,
-                max_block, config):
+                max_block, config, store_h=False):
     """(grid, constexprs, launch options) of the forward launch for one problem signature."""
     if config is None:
         config = (heuristic_fwd_config(M, N, max_block) if max_block is not None
@@ -357,7 +378,7 @@ def _fwd_launch(M, N, dtype, is_rms, has_res, has_w, has_b, activation, act_para
     consts, opts = split_constexprs(norm_fwd_kernel, _FWD_RUNTIME, dict(
         IS_RMS=is_rms, HAS_RESIDUAL=has_res, HAS_W=has_w, HAS_B=has_b, ACTIVATION=activation,
         ACT_PARAM=float(act_param), ONE_BLOCK=one, BLOCK_M=bm, BLOCK_N=block, STORE_STATS=stats,
-        num_warps=warps))
+        STORE_H=store_h, num_warps=warps))
     return (triton.cdiv(M, bm),), consts, opts
 
 
@@ -366,9 +387,10 @@ _FWD_RUNTIME = norm_fwd_kernel.arg_names.index("IS_RMS")
 
 def launch_norm_fwd(x, residual, weight, bias, y, mean, rstd, eps: float, is_rms: bool,
                     activation: int, act_param: float, max_block: int | None = None,
-                    config: dict | None = None):
+                    config: dict | None = None, h=None):
     """x, residual: (M, N) any strides; y: (M, N) contiguous; mean/rstd: (M,) fp32, or both
-    None (inference: the statistics are not stored).
+    None (inference: the statistics are not stored). ``h`` ((M, N) contiguous, x's dtype; only
+    with a residual): also store the pre-norm sum ``x + residual`` there, and normalize it.
 
     ``config`` (``BLOCK_M``, ``BLOCK_N``, ``num_warps``) overrides the tuned/heuristic choice;
     ``max_block`` forces the heuristic with that row-block cap. The launch parameters of a
@@ -377,12 +399,13 @@ def launch_norm_fwd(x, residual, weight, bias, y, mean, rstd, eps: float, is_rms
     if M == 0:
         return y
     has_res = residual is not None
+    store_h = h is not None
     sig = (M, N, x.dtype, is_rms, has_res, weight is not None, bias is not None, activation,
-           act_param, rstd is not None)
+           act_param, rstd is not None, store_h)
     launch = _FWD_LAUNCH.get(sig) if max_block is None and config is None else None
     if launch is None:
         launch = _fwd_launch(M, N, x.dtype, is_rms, has_res, sig[5], sig[6], activation,
-                             act_param, sig[9], max_block, config)
+                             act_param, sig[9], max_block, config, store_h)
         if max_block is None and config is None:
             _FWD_LAUNCH[sig] = launch
     grid, consts, opts = launch
@@ -391,7 +414,7 @@ def launch_norm_fwd(x, residual, weight, bias, y, mean, rstd, eps: float, is_rms
     sr0, sr1 = res.stride() if has_res else (sx0, sx1)
     norm_fwd_kernel[grid](
         x, res, weight if weight is not None else x, bias if bias is not None else x,
-        y, mean if mean is not None else y, rstd if rstd is not None else y,
+        y, mean if mean is not None else y, rstd if rstd is not None else y, h if store_h else y,
         M, N, sx0, sx1, sr0, sr1, float(eps), *consts, **opts)
     return y
 
@@ -436,7 +459,7 @@ def _row_groups(M: int, col_blocks: int, device) -> int:
 
 
 def _bwd_launch(M, N, device, is_rms, has_res, has_w, has_b, activation, act_param, need_dw,
-                need_db, max_block):
+                need_db, max_block, has_dh=False):
     """Launch plan of one backward signature: ("one", G, consts, opts) for rows that fit a
     block, ("wide", row_consts, col_grid, col_consts) for wider rows."""
     block, one = _block(N, max_block or BWD_MAX_BLOCK)
@@ -449,7 +472,7 @@ def _bwd_launch(M, N, device, is_rms, has_res, has_w, has_b, activation, act_par
     if one and (G == 1 or 32 * G <= M):
         consts, opts = split_constexprs(norm_bwd_kernel, _BWD_RUNTIME, dict(
             IS_RMS=is_rms, **common, NEED_DW=need_dw, NEED_DB=need_db, BLOCK_M=bm,
-            BLOCK_N=block, num_warps=_warps(bm * block)))
+            BLOCK_N=block, HAS_DH=has_dh, num_warps=_warps(bm * block)))
         return "one", G, consts, opts
     row_block = min(block, ROW_CHUNK)
     row = dict(common, IS_RMS=is_rms, BLOCK_N=row_block, num_warps=_warps(row_block))
@@ -457,7 +480,7 @@ def _bwd_launch(M, N, device, is_rms, has_res, has_w, has_b, activation, act_par
     col_blocks = triton.cdiv(N, col_block)
     groups = _row_groups(M, col_blocks, device)
     col = dict(common, IS_RMS=is_rms, NEED_DW=need_dw, NEED_DB=need_db, BLOCK_N=col_block,
-               num_warps=_warps(col_block))
+               HAS_DH=has_dh, num_warps=_warps(col_block))
     return "wide", groups, row, (col_blocks, groups), col
 
 
@@ -485,8 +508,9 @@ def _outputs(G, N, x, weight, bias, need_dw, need_db):
 
 def launch_norm_bwd(dy, x, residual, weight, bias, mean, rstd, dx, is_rms: bool,
                     activation: int, act_param: float, need_dw: bool, need_db: bool,
-                    max_block: int | None = None):
-    """Writes dx (M, N contiguous); returns (dw, db) reduced over rows in the dtypes of
+                    max_block: int | None = None, dh=None):
+    """Writes dx (M, N contiguous; plus ``dh`` when given: the gradient of the stored pre-norm
+    stream, any strides); returns (dw, db) reduced over rows in the dtypes of
     ``weight`` and ``bias`` (or None where not needed). At most three launches: the row
     kernel (wide rows: the row-statistics and column passes), then the fixed-order reduction
     of the partial rows when there is more than one (deterministic, no atomics)."""
@@ -496,7 +520,7 @@ def launch_norm_bwd(dy, x, residual, weight, bias, mean, rstd, dx, is_rms: bool,
                 torch.zeros(N, device=x.device, dtype=bias.dtype) if need_db else None)
     has_res = residual is not None
     sig = (M, N, x.device, is_rms, has_res, weight is not None, bias is not None, activation,
-           act_param, need_dw, need_db, max_block)
+           act_param, need_dw, need_db, max_block, dh is not None)
     plan = _BWD_LAUNCH.get(sig)
     if plan is None:
         plan = _BWD_LAUNCH[sig] = _bwd_launch(*sig)
@@ -508,11 +532,12 @@ def launch_norm_bwd(dy, x, residual, weight, bias, mean, rstd, dx, is_rms: bool,
     mean_arg = mean if mean is not None else rstd
     G = plan[1]
     part, n_part, dw_arg, db_arg = _outputs(G, N, x, weight, bias, need_dw, need_db)
+    dh_args = (dh, *dh.stride()) if dh is not None else (dx, 0, 0)
     if plan[0] == "one":
         _, _, consts, opts = plan
         norm_bwd_kernel[(G,)](dy, x, res, w_arg, b_arg, mean_arg, rstd, dx,
                               dw_arg if need_dw else rstd, db_arg if need_db else rstd,
-                              M, N, *strides, *consts, **opts)
+                              dh_args[0], M, N, *strides, *dh_args[1:], *consts, **opts)
     else:
         _, _, row, col_grid, col = plan
         c = torch.empty(2, M, device=x.device, dtype=torch.float32)
@@ -520,7 +545,7 @@ def launch_norm_bwd(dy, x, residual, weight, bias, mean, rstd, dx, is_rms: bool,
                                   **row)
         norm_bwd_col_kernel[col_grid](dy, x, res, w_arg, b_arg, mean_arg, rstd, c, dx,
                                       dw_arg if need_dw else rstd, db_arg if need_db else rstd,
-                                      M, N, *strides, **col)
+                                      dh_args[0], M, N, *strides, *dh_args[1:], **col)
     if part is None:
         return dw_arg, db_arg
     return _reduce(part, n_part, G, N, weight, bias, need_dw, need_db)

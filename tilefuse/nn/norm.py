@@ -67,9 +67,12 @@ class LayerNormAct(_ActMixin, torch.nn.LayerNorm):
                          bias=bias, device=device, dtype=dtype, **kwargs)
         self._set_activation(activation)
 
-    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None,
+                prenorm: bool = False):
+        """``prenorm=True``: returns ``(y, h)``, ``h = input + residual`` written by the same
+        kernel (the pre-norm residual stream; :func:`tilefuse.ops.layer_norm_act`)."""
         return layer_norm_act(input, self.normalized_shape, self.weight, self.bias, self.eps,
-                              activation=self._act(), residual=residual)
+                              activation=self._act(), residual=residual, prenorm=prenorm)
 
 
 class RMSNormAct(_ActMixin, torch.nn.RMSNorm):
@@ -82,9 +85,12 @@ class RMSNormAct(_ActMixin, torch.nn.RMSNorm):
                          device=device, dtype=dtype, **kwargs)
         self._set_activation(activation)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                prenorm: bool = False):
+        """``prenorm=True``: returns ``(y, h)``, ``h = x + residual`` (as
+        :meth:`LayerNormAct.forward`)."""
         return rms_norm_act(x, self.normalized_shape, self.weight, self.eps,
-                            activation=self._act(), residual=residual)
+                            activation=self._act(), residual=residual, prenorm=prenorm)
 
 
 class GroupNormAct(_ActMixin, torch.nn.GroupNorm):

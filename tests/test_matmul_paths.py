@@ -10,7 +10,7 @@ from tilefuse.activations import ACTIVATIONS, NAMES, torch_activation
 from tilefuse.kernels import gemm_common as gc
 from tilefuse.kernels import int8_matmul as ki
 from tilefuse.kernels import matmul as km
-from tilefuse.kernels.matmul_tma import launch_tma, tma_params
+from tilefuse.kernels.matmul_tma import WS_WARPS, gemm_tma_kernel, launch_tma, tma_params
 from tests.utils import assert_close_to_ref
 
 H100_SMS = 132
@@ -201,6 +201,60 @@ def test_dispatch_takes_tma_for_aligned_and_falls_back(tma_on_cpu, dtype):
     # fp32 takes TMA only with TF32 (CUDA); batched products stay on the grouped-order kernel
     assert gc.gemm_path(a.float(), w_t.float())[0] == "classic"
     assert gc.gemm_path(a.float(), w_t.float(), tf32=True)[0] == "tma"
+
+
+def test_warp_spec_is_a_tuning_option(tma_on_cpu):
+    """``WARP_SPEC`` (config only): the persistent loop's ``warp_specialize`` flag, launched
+    with the 4 warps Triton's Hopper warp specialization needs; off in the heuristic. The
+    interpreter runs the same loop (the flag is a compiler hint), so a tuned config's results
+    match the reference there."""
+    epi = dict(EPI_DTYPE=km.tl.float32, HAS_A_SCALE=False, HAS_B_SCALE=False, HAS_BIAS=False,
+               SAVE_PRE=False, ACTIVATION=0, ACT_PARAM=0.0, HAS_RESIDUAL=False)
+    cfg = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    args = (4096, 4096, 4096, "row", "col", True)
+    rest = (epi, km.tl.float32, False, "ieee", False, H100_SMS)
+    _, consts, opts = tma_params(*args, cfg, *rest)
+    _, consts_ws, opts_ws = tma_params(*args, dict(cfg, WARP_SPEC=True), *rest)
+    names = gemm_tma_kernel.arg_names[-len(consts):]
+    assert dict(zip(names, consts))["WARP_SPEC"] is False
+    assert dict(zip(names, consts_ws))["WARP_SPEC"] is True
+    assert opts["num_warps"] == 8 and opts_ws["num_warps"] == WS_WARPS == 4
+    assert "WARP_SPEC" not in km.heuristic_config(4096, 4096, 4096, torch.bfloat16, sms=H100_SMS,
+                                                  tma=True)
+    M, N, K = 37, 40, 72
+    a, w = torch.randn(M, K, dtype=torch.float16), torch.randn(N, K, dtype=torch.float16)
+    bias = torch.randn(N, dtype=torch.float16)
+    for split in (1, 2):
+        out = torch.empty(M, N, dtype=torch.float16)
+        km.launch_matmul(a, w.t(), out, bias=bias, activation=CODES["gelu"],
+                         config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=4,
+                                     SPLIT_K=split, WARP_SPEC=True))
+        assert_close_to_ref(out, _ref(a, w.t(), bias, "gelu")[0], name=f"split={split}")
+    # the same tuned entry on operands the grouped-order kernel takes (unaligned K; TMA=0)
+    a5, w5 = a[:, :69].contiguous(), w[:, :69].contiguous()
+    assert gc.gemm_path(a5, w5.t())[0] == "classic"
+    out = torch.empty(M, N, dtype=torch.float16)
+    km.launch_matmul(a5, w5.t(), out, config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=4,
+                                                  WARP_SPEC=True))
+    assert_close_to_ref(out, _ref(a5, w5.t())[0], name="classic")
+    # ... without passing it on to the grouped-order kernels (a GPU launch rejects unknown
+    # keywords; the interpreter ignores them)
+    classic = ("classic", None, None)
+    cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=4, WARP_SPEC=True)
+    kind, (_, _, opts), _, _ = km._launch_params(M, N, 69, torch.float16, 0, 0.0, False, False,
+                                                 False, True, False, False, classic, False,
+                                                 False, 2, a.device, cfg)
+    assert kind == "classic" and "WARP_SPEC" not in opts
+    kind, (_, _, opts), _, _ = ki._launch_params(M, N, K, torch.int8, True, False, False, False,
+                                                 False, 0, 0.0, classic, False, a.device, cfg)
+    assert kind == "classic" and "WARP_SPEC" not in opts
+    qa = torch.randint(-127, 128, (M, K), dtype=torch.int8)
+    qw = torch.randint(-127, 128, (N, K), dtype=torch.int8)
+    for tma in (1, 0):
+        c = torch.empty(M, N, dtype=torch.int32)
+        ki.launch_int8_matmul(qa, qw.t(), c, config=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32,
+                                                         GROUP_M=4, WARP_SPEC=True, TMA=tma))
+        assert torch.equal(c, qa.int() @ qw.int().t()), tma
 
 
 def test_int8_tma_matches_classic_and_row_major_b_falls_back(tma_on_cpu, monkeypatch):

@@ -90,8 +90,31 @@ def _scenarios_matmul(torch, tf):
         finally:
             torch.backends.cuda.matmul.allow_tf32 = old
     yield "linear 4096^3 fp32 tf32", tf32_big
+    yield from _scenarios_gemm_ws(torch)
     yield "matmul fp64", lambda: ops.matmul(torch.randn(128, 64, dtype=torch.float64),
                                             torch.randn(64, 128, dtype=torch.float64))
+
+
+def _scenarios_gemm_ws(torch):
+    """The persistent TMA kernel with the ``WARP_SPEC`` tuning option (config only, never the
+    heuristic's choice): 4096^3 bf16 at 128x256 and 128x128 tiles, with a GELU epilogue, and
+    split-K at M=16 (docs/gemm.md)."""
+    from tilefuse.kernels.matmul import launch_matmul
+
+    x, w = torch.randn(4096, 4096, dtype=torch.bfloat16), torch.randn(4096, 4096,
+                                                                       dtype=torch.bfloat16)
+    ws = dict(GROUP_M=8, num_warps=4, num_stages=3, WARP_SPEC=True)
+    for bn in (256, 128):
+        cfg = dict(ws, BLOCK_M=128, BLOCK_N=bn, BLOCK_K=64)
+        yield f"linear 4096^3 torch.bfloat16 128x{bn} warp-specialized", (
+            lambda cfg=cfg: launch_matmul(x, w.t(), torch.empty_like(x), config=cfg))
+    gelu = dict(ws, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)
+    yield "linear 4096^3 torch.bfloat16 bias+gelu warp-specialized", lambda: launch_matmul(
+        x, w.t(), torch.empty_like(x), bias=torch.randn(4096, dtype=torch.bfloat16),
+        activation=4, config=gelu)
+    small = dict(ws, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, SPLIT_K=4)
+    yield "linear M=16 4096x4096 torch.bfloat16 split-K warp-specialized", lambda: launch_matmul(
+        x[:16], w.t(), torch.empty(16, 4096, dtype=torch.bfloat16), config=small)
 
 
 def _scenarios_depthwise(torch, tf):
@@ -173,6 +196,13 @@ def _scenarios_int8(torch, tf):
             qa[:M], qw.t(), torch.rand(M), torch.rand(4096), out_dtype=torch.bfloat16)
     yield "int8 W8A8 row-major B (grouped-order fallback)", lambda: ops.int8_matmul(
         qa[:256], qw.t().contiguous())
+    from tilefuse.kernels.int8_matmul import launch_int8_matmul
+
+    ws = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3,
+              WARP_SPEC=True)  # the WARP_SPEC tuning option (docs/gemm.md)
+    yield "int8 W8A8 4096^3 scaled -> bf16 warp-specialized", lambda: launch_int8_matmul(
+        qa, qw.t(), torch.empty(4096, 4096, dtype=torch.bfloat16), torch.rand(4096),
+        torch.rand(4096), torch.randn(4096), config=ws)
     for M in (8, 48, 256):
         a = torch.randint(-127, 127, (M, 256), dtype=torch.int8)
         b = torch.randint(-127, 127, (256, 128), dtype=torch.int8)

@@ -167,6 +167,7 @@ def _launch_params(M, N, K, a_dtype, raw, has_sa, has_sb, has_bias, has_res, act
     if tma:
         return "tma", tma_params(M, N, K, path[1], path[2], c_tma, cfg, epi, tl.int32, True,
                                  "ieee", False, sms, (1, 4 if raw else 2)), reduce, split
+    cfg.pop("WARP_SPEC", None)  # the persistent TMA kernel's tuning option (matmul_tma)
     cfg.setdefault("num_warps", 4)
     cfg.setdefault("num_stages", 2)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split)

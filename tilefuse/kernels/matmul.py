@@ -195,6 +195,7 @@ def _launch_params(M, N, K, dtype, activation, act_param, has_bias, has_res, has
         es = 4 if dtype == torch.float32 else 2
         return "tma", tma_params(M, N, K, path[1], path[2], c_tma, cfg, epi, acc, False,
                                  precision, upcast, sms, (es, out_size)), reduce, split
+    cfg.pop("WARP_SPEC", None)  # the persistent TMA kernel's tuning option (matmul_tma)
     if dropconnect and not interpreter_enabled():
         # the in-loop Philox mask adds registers: 4-warp fp32 tiles spill (tools/aot_check.py)
         cfg["num_warps"] = max(cfg.get("num_warps", 4), 8)

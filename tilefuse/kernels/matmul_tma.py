@@ -21,8 +21,8 @@ One kernel for :func:`tilefuse.ops.matmul`/``linear`` and :func:`tilefuse.ops.in
 
 TMA descriptors need a global-memory workspace on the GPU (``triton.set_allocator``): installed
 once by :func:`ensure_allocator` (a torch allocation on the launch's stream). Warp
-specialization (``tl.range(..., warp_specialize=True)``) is documented by triton 3.9 as
-Blackwell-only, so it is not used on sm_90 (docs/gemm.md).
+specialization of the persistent loop (``tl.range(..., warp_specialize=WARP_SPEC)``) is a
+tuning option (config ``WARP_SPEC``, :data:`WS_WARPS`), off in the heuristic (docs/gemm.md).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def gemm_tma_kernel(
     HAS_B_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SAVE_PRE: tl.constexpr,
     ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SPLIT_K: tl.constexpr, NUM_SMS: tl.constexpr,
+    SPLIT_K: tl.constexpr, NUM_SMS: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     if A_ROW:  # A (M, K) with K contiguous
         a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[stride_a, 1],
@@ -66,7 +66,8 @@ def gemm_tma_kernel(
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     k_per_split = tl.cdiv(k_tiles, SPLIT_K)
-    for work in tl.range(tl.program_id(0), num_tiles * SPLIT_K, NUM_SMS, flatten=True):
+    for work in tl.range(tl.program_id(0), num_tiles * SPLIT_K, NUM_SMS, flatten=True,
+                         warp_specialize=WARP_SPEC):
         tile = work % num_tiles
         pid_k = work // num_tiles
         pid_m, pid_n = grouped_pid(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -139,13 +140,21 @@ def c_tma_ok(c: torch.Tensor) -> bool:
 
 
 SMEM_BUDGET = 232448  # sm_90 opt-in shared memory per block
+#: ``num_warps`` of a ``WARP_SPEC`` launch. Triton's Hopper warp specialization (3.6 and 3.9)
+#: partitions the persistent loop only when the kernel is launched with 4 warps (with 8 the
+#: ``warp_specialize`` attribute is silently ignored); it then runs 12 warps: one producer warp
+#: group issuing the TMA loads and two consumer warp groups sharing the tile's wgmma and
+#: epilogue (``setmaxnreg`` moves registers to them). docs/gemm.md has the sm_90 compile
+#: results; GPU speed is unmeasured, so the heuristic never sets it (a tuned config may).
+WS_WARPS = 4
 
 
 def tma_params(M: int, N: int, K: int, a_layout: str, b_layout: str, c_tma: bool, cfg: dict,
                epi: dict, acc_dtype, int_dot: bool, input_precision: str, upcast: bool,
                sms: int, sizes: tuple = (2, 2)) -> tuple:
     """(grid, constexprs, launch options) of one persistent launch (cached by the callers).
-    ``cfg``: BLOCK_M/N/K, GROUP_M, SPLIT_K, num_warps, num_stages; ``epi``: the epilogue
+    ``cfg``: BLOCK_M/N/K, GROUP_M, SPLIT_K, num_warps, num_stages and optionally
+    ``WARP_SPEC`` (tuning only, off by default: see :data:`WS_WARPS`); ``epi``: the epilogue
     constexprs of :func:`tilefuse.kernels.gemm_common.gemm_epilogue`; ``sizes``: element bytes
     of the operands and of C. The TMA store stages a whole C tile in shared memory: where that
     and the operand stages exceed :data:`SMEM_BUDGET` (e.g. int32 C of 128x256 int8 tiles),
@@ -157,10 +166,11 @@ def tma_params(M: int, N: int, K: int, a_layout: str, b_layout: str, c_tma: bool
             + c["BLOCK_M"] * c["BLOCK_N"] * sizes[1])
     c_tma = c_tma and smem <= SMEM_BUDGET
     work = triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]) * split
+    ws = bool(cfg.get("WARP_SPEC", False))
     consts = dict(A_ROW=a_layout == "row", B_ROW=b_layout == "row", C_TMA=bool(c_tma and split == 1),
                   ACC_DTYPE=acc_dtype, INT_DOT=int_dot, INPUT_PRECISION=input_precision,
-                  UPCAST=upcast, **epi, **c, SPLIT_K=split, NUM_SMS=sms,
-                  num_warps=cfg.get("num_warps", 8), num_stages=stages)
+                  UPCAST=upcast, **epi, **c, SPLIT_K=split, NUM_SMS=sms, WARP_SPEC=ws,
+                  num_warps=WS_WARPS if ws else cfg.get("num_warps", 8), num_stages=stages)
     consts, opts = split_constexprs(gemm_tma_kernel, _N_RUNTIME, consts)
     return (max(1, min(sms, work)),), consts, opts
 

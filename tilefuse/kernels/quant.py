@@ -41,7 +41,9 @@ def _round_to_fp8(v, MBITS: tl.constexpr, EMIN: tl.constexpr):
     d = t - f
     odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
     r = tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f) * step
-    return tl.where(v.to(tl.int32, bitcast=True) < 0, -r, r)  # the sign bit: -0.0 stays -0.0
+    # the sign bit: -0.0 stays -0.0. ``r * -1.0``, not ``-r``: triton 3.6 lowers a float ``-r``
+    # to ``0 - r``, which turns -0.0 into +0.0 (3.9 emits a true negation)
+    return tl.where(v.to(tl.int32, bitcast=True) < 0, r * -1.0, r)
 
 
 @triton.jit

@@ -19,8 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tilefuse._backend import interpreter_enabled
-from tilefuse.kernels import launch_cache, split_constexprs
+from tilefuse.kernels import launch_cache, sm_count, split_constexprs
 from tilefuse.kernels.conv_fwd import (acc_constexprs, conv_key, get_config, is_channels_last,
                                        pixel_coords, tap_step, tile_dot)
 from tilefuse.kernels.matmul import grouped_pid
@@ -182,18 +181,17 @@ def launch_conv2d_dgrad(dz, weight, dx, stride, padding, dilation, groups: int,
     return dx
 
 
-def _wgrad_split(P: int, tiles: int, block_k: int, groups: int) -> int:
-    """Pixel slices of the grad-weight reduction: enough programs to fill a GPU (about 2 per
-    SM of an H100) without slices shorter than 4 K-blocks; 1 in the interpreter."""
-    if interpreter_enabled():
-        return 1
-    want = -(-264 // max(1, tiles * groups))
+def _wgrad_split(P: int, tiles: int, block_k: int, groups: int, sms: int) -> int:
+    """Pixel slices of the grad-weight reduction: enough programs to fill the device (about 2
+    per SM) without slices shorter than 4 K-blocks. A pure function of the problem and the SM
+    count: the interpreter's pseudo-device (4 SMs) runs the same split rule."""
+    want = -(-2 * sms // max(1, tiles * groups))
     most = max(1, P // (4 * block_k))
     return max(1, min(want, most, MAX_GRID_Z // groups))
 
 
 def _wgrad_params(sig, config=None):
-    P, cog, cig, groups, kernel, stride, dilation, dtype, tf32, cl = sig
+    P, cog, cig, groups, kernel, stride, dilation, dtype, tf32, cl, sms = sig
     cfg = dict(config) if config is not None else get_config(
         conv_key("wgrad", cog, cig, P, kernel, stride, dtype, cl, tf32), dtype)
     cfg.pop("GROUP_M", None)
@@ -201,7 +199,7 @@ def _wgrad_params(sig, config=None):
     cfg.setdefault("num_stages", 2)
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     tiles = triton.cdiv(cog, bm) * kernel[0] * kernel[1] * triton.cdiv(cig, bn)
-    split = _wgrad_split(P, tiles, bk, groups)
+    split = _wgrad_split(P, tiles, bk, groups, sms)
     per_split = triton.cdiv(triton.cdiv(P, split), bk) * bk
     split = triton.cdiv(P, per_split)
     grid = (triton.cdiv(cog, bm), kernel[0] * kernel[1] * triton.cdiv(cig, bn), groups * split)
@@ -226,7 +224,7 @@ def launch_conv2d_wgrad(dz, x, kernel_size, stride, padding, dilation, groups: i
         raise ValueError(f"conv2d backward: N*OH*OW = {P} output pixels exceed 2^31")
     tf32 = bool(allow_tf32 and x.dtype == torch.float32 and x.is_cuda)
     sig = ("wgrad", P, cog, cig, groups, (KH, KW), tuple(stride), tuple(dilation), x.dtype,
-           tf32, is_channels_last(x))
+           tf32, is_channels_last(x), sm_count(x.device))
     params = _LAUNCH.get(sig) if config is None else _wgrad_params(sig[1:], config)
     if params is None:
         params = _LAUNCH[sig] = _wgrad_params(sig[1:])

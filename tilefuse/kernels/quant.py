@@ -113,11 +113,12 @@ def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, M, N, stride_xm, stride_xn, stride
 
 
 def quant_config(M: int, N: int) -> dict:
-    """Tile shape: the whole row when it fits, and enough rows to give each program ~4-8K
-    elements on GPU (~64K in the interpreter, whose cost is per program). Unmeasured on GPU."""
+    """Tile shape: the whole row when it fits (``ONE_TILE`` up to ``MAX_ONE_TILE`` elements, on
+    every backend: wider rows take the two-pass path in the interpreter too), and enough rows to
+    give each program ~4-8K elements on GPU (~64K in the interpreter, whose cost is per
+    program). Unmeasured on GPU."""
     interp = interpreter_enabled()
-    limit = 1 << 16 if interp else MAX_ONE_TILE
-    block_n = min(next_pow2(max(N, 1)), limit)
+    block_n = min(next_pow2(max(N, 1)), MAX_ONE_TILE)
     one_tile = block_n >= N
     target = (1 << 16) if interp else 4096
     block_m = max(1, min(next_pow2(max(M, 1)), target // block_n, 64 if not interp else 1024))

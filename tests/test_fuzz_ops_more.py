@@ -66,6 +66,23 @@ def test_fuzz_conv2d(data):
                     n_reduce=nred)
 
 
+def _check_scaled_gemm(y, qa, qw, sa, sw, bias, act, res, acc_terms):
+    """``y`` vs the fp64 ``act((qa @ qw.T) * sa * sw + bias) + res`` computed from the same
+    quantized operands: fp32 accumulation over ``acc_terms`` products (0: exact int32), fp32
+    epilogue, rounding to ``y``'s dtype."""
+    z = (qa.double() @ qw.double().t()) * sa.double() * sw.double()
+    bound = (qa.double().abs() @ qw.double().abs().t()) * sa.double() * sw.double()
+    if bias is not None:
+        z = z + bias.double()
+        bound = bound + bias.double().abs()
+    ref = ref_act(z, act)
+    if res is not None:
+        ref = ref + res.double()
+        bound = bound + res.double().abs()
+    tol = ((acc_terms + 8) * 2.0 ** -24 + 2 * torch.finfo(y.dtype).eps) * (bound + ref.abs())
+    assert bool(((y.double() - ref).abs() <= tol + 1e-30).all())
+
+
 @fuzz(6, 150)
 def test_fuzz_w8a8_linear(data):
     g = seed(data)
@@ -85,18 +102,8 @@ def test_fuzz_w8a8_linear(data):
     # documented as the fp32 product q * scale, then cast to dtype
     assert torch.equal(ops.dequantize_per_row(qx, sx, torch.float64),
                        (qx.float() * sx.float()).double())
-    z = (qx.double() @ qw.double().t()) * sx.double() * scale.double()
-    bound = (qx.double().abs() @ qw.double().abs().t()) * sx.double() * scale.double()
-    if bias is not None:
-        z = z + bias.double()
-        bound = bound + bias.double().abs()
-    ref = ref_act(z, act)
-    if res is not None:
-        ref = ref + res.double()
-        bound = bound + res.double().abs()
     # int32 accumulation is exact; fp32 scaling + epilogue, then rounding to dtype
-    tol = (8 * 2.0 ** -24 + 2 * torch.finfo(dtype).eps) * (bound + ref.abs()) + 1e-30
-    assert bool(((y.double() - ref).abs() <= tol).all())
+    _check_scaled_gemm(y, qx, qw, sx, scale, bias, act, res, acc_terms=0)
 
 
 @fuzz(6, 150)
@@ -126,17 +133,7 @@ def test_fuzz_fp8_ops(data):
     res = randn(g, (M, N), dtype) if data.draw(st.booleans(), label="res") else None
     y = ops.fp8_linear(x, qw, sw, bias=bias, activation=act, residual=res)
     assert y.dtype == dtype and y.shape == (M, N)
-    z = (q.double() @ qw.double().t()) * s.double() * sw.double()
-    bound = (q.double().abs() @ qw.double().abs().t()) * s.double() * sw.double()
-    if bias is not None:
-        z = z + bias.double()
-        bound = bound + bias.double().abs()
-    ref = ref_act(z, act)
-    if res is not None:
-        ref = ref + res.double()
-        bound = bound + res.double().abs()
-    tol = ((K + 8) * 2.0 ** -24 + 2 * torch.finfo(dtype).eps) * (bound + ref.abs()) + 1e-30
-    assert bool(((y.double() - ref).abs() <= tol).all())
+    _check_scaled_gemm(y, q, qw, s, sw, bias, act, res, acc_terms=K)
     # the raw GEMM with per-tensor scales agrees with the same reference
     y2 = ops.fp8_matmul(q, qw.t(), s, sw, bias=bias, activation=act, residual=res,
                         out_dtype=dtype)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from test_depthwise import _check  # noqa: I100
-from tilefuse.kernels.depthwise import row_plan, tile_config
+from tilefuse.kernels.depthwise import tile_config
+from tilefuse.kernels.depthwise_rows import row_plan, row_plan_dgrad, row_plan_wgrad
 
 # (N, C, H, W, k, stride, padding, dilation, multiplier, activation, dtype)
 ROW_CASES = [
@@ -54,6 +55,17 @@ def test_row_plan_rule():
     assert _plan(torch.empty(1, 8, 56, 64)[..., 1:57])["ROW_VEC"] == 1  # 4-byte aligned start
     cl = torch.empty(1, 8, 56, 56).to(memory_format=torch.channels_last)
     assert row_plan(cl, tile_config(8, 56, 56, True), 1, 1, 1, 3, 3, True)["ROW_VEC"] == 1
+    # grad_input: dz windows of dy and the saved output, unit column stride only
+    dy = torch.empty(1, 8, 56, 56, dtype=f16)
+    cfg = tile_config(8, 56, 56, False)
+    plan = row_plan_dgrad(dy, dy, cfg, 1, 1, 1, 3, 3, False)
+    assert plan["ROW_VEC"] == 8 and plan["WIN_A"] == 8 and plan["WIN_W"] == 32
+    assert row_plan_dgrad(dy, dy, cfg, 2, 1, 1, 3, 3, False)["ROW_VEC"] == 1
+    assert row_plan_dgrad(dy, dy[..., :28], cfg, 1, 1, 1, 3, 3, False)["ROW_VEC"] == 4
+    # grad_weight: x windows as the forward, dz tiles of dy and saved; one ROW_VEC for all
+    assert row_plan_wgrad(dy, dy, dy, cfg, 1, 1, 1, 3, False)["ROW_VEC"] == 8
+    assert row_plan_wgrad(dy.float(), dy, dy, cfg, 1, 1, 1, 3, False)["ROW_VEC"] == 4
+    assert row_plan_wgrad(dy, dy, dy[..., :28], cfg, 1, 1, 1, 3, False)["ROW_VEC"] == 4
 
 
 def test_unaligned_views_fall_back():

@@ -44,15 +44,17 @@ def test_adamw_kernel_registers_and_128_bit_loads(tmp_path):
                                                           r["ld_global"])
 
 
-def test_depthwise_nchw_forward_rows_are_128_bit(tmp_path):
-    """NCHW 3x3 stride-1 depthwise forward at the MobileNet width 56 (fp32 and fp16): the
-    aligned-row path makes at least half of the forward's static ld.global 128-bit (the input
-    windows; the weight+bias tile is the rest). Before: 0/56 (fp32)."""
+def test_depthwise_nchw_rows_are_128_bit(tmp_path):
+    """NCHW 3x3 stride-1 depthwise at the MobileNet width 56 (fp32 and fp16), forward, grad_input
+    and grad_weight: the aligned-row paths make at least half of each kernel's static ld.global
+    128-bit (the windows; the weight(+bias) tile is the rest). Before: 0/56, 0/72, 0/40 (fp32)."""
     proc, report = _run(tmp_path, "--families", "depthwise", "--only",
                         r"dwconv torch.float(32|16) 2x32x56x56 k3 s1 d1 m1 NCHW", "--jobs", "1",
                         timeout=300)
     assert report is not None and proc.returncode == 0, proc.stdout + proc.stderr
-    rows, n128, n = _share(report, "dw_conv_fwd_kernel")
-    for r in rows:
-        assert 2 * r["ld_global_128"] >= r["ld_global"] and not r["spill_stores"], r["spec"]
-        assert "ROW_VEC=1 " not in r["spec"] + " "
+    for kernel in ("dw_conv_fwd_kernel", "dw_conv_bwd_input_kernel",
+                   "dw_conv_bwd_weight_kernel"):
+        rows, n128, n = _share(report, kernel)
+        for r in rows:
+            assert 2 * r["ld_global_128"] >= r["ld_global"], (kernel, r["spec"])
+            assert not r["spill_stores"] and "ROW_VEC=1 " not in r["spec"] + " ", r["spec"]

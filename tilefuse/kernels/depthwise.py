@@ -28,83 +28,11 @@ import triton.language as tl
 
 from tilefuse.kernels import launch_cache, next_pow2, split_constexprs
 from tilefuse.kernels.activations import activation_grad, apply_activation
+from tilefuse.kernels.depthwise_rows import (row_plan, row_plan_dgrad, row_taps_dgrad,
+                                             row_taps_fwd)
 
 MAX_GRID_Z = 65535
 INT32_LIMIT = 2 ** 31
-
-
-@triton.jit
-def _row_window(x_ptr, n, ci, c_mask, ih, row_ok, iw0, W, sxn, sxc, sxh,
-                ROW_VEC: tl.constexpr, WIN_A: tl.constexpr, WIN_W: tl.constexpr):
-    """The ``(rows, WIN_W, channels)`` input window of an NCHW tile: columns
-    ``[iw0 - WIN_A, iw0 - WIN_A + WIN_W)`` of rows ``ih``, zero outside the image. ``iw0`` and
-    ``WIN_A`` are multiples of ``ROW_VEC`` and the host checked that ``W`` and the row, channel
-    and image strides are too (unit column stride), so every ``ROW_VEC`` group is 16-byte
-    aligned and wholly in or out of the image: the load compiles to 128-bit accesses."""
-    # (v // R) * R == v for the host-checked values: the op result carries the divisibility
-    W = (W // ROW_VEC) * ROW_VEC
-    sxh = (sxh // ROW_VEC) * ROW_VEC
-    sxc = (sxc // ROW_VEC) * ROW_VEC
-    sxn = (sxn // ROW_VEC) * ROW_VEC
-    iw = tl.max_contiguous(tl.multiple_of(iw0 - WIN_A, ROW_VEC) + tl.arange(0, WIN_W), WIN_W)
-    off = (n * sxn + ih[:, None, None] * sxh + iw[None, :, None]
-           + ci[None, None, :] * sxc)
-    m = (row_ok[:, None, None] & ((iw >= 0) & (iw < W))[None, :, None]
-         & c_mask[None, None, :])
-    return tl.load(x_ptr + off, mask=m, other=0.0)
-
-
-@triton.jit
-def _row_taps_fwd(x_ptr, w_base, bias_base, n, ci, c_mask, pid_p, TILES_W, H, W, OH, PAD_H,
-                  PAD_W, sxn, sxc, sxh, swh, sww, HAS_BIAS: tl.constexpr,
-                  STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_H: tl.constexpr,
-                  DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-                  ACC_DTYPE: tl.constexpr, ROW_VEC: tl.constexpr, WIN_A: tl.constexpr,
-                  WIN_W: tl.constexpr, TAPS: tl.constexpr, BLOCK_H: tl.constexpr,
-                  BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Forward taps of an NCHW tile from aligned row windows: per kernel row one window load
-    (:func:`_row_window`), then each tap ``kw`` is an in-register shift of it (``tl.gather``
-    along the window's columns) instead of a misaligned shifted load. Returns the
-    ``(BLOCK_H * BLOCK_W, BLOCK_C)`` accumulator of the scalar path, bias added."""
-    oh = (pid_p // TILES_W) * BLOCK_H + tl.arange(0, BLOCK_H)
-    ow0 = (pid_p % TILES_W) * BLOCK_W
-    col = tl.arange(0, BLOCK_W) * STRIDE_W + WIN_A - PAD_W
-    taps = _tap_weights(w_base, bias_base, c_mask, swh, sww, KH, KW, TAPS, HAS_BIAS)
-    acc = tl.zeros((BLOCK_H, BLOCK_W, BLOCK_C), dtype=ACC_DTYPE)
-    for kh in range(KH):
-        ih = oh * STRIDE_H - PAD_H + kh * DIL_H
-        win = _row_window(x_ptr, n, ci, c_mask, ih, (oh < OH) & (ih >= 0) & (ih < H),
-                          ow0 * STRIDE_W, W, sxn, sxc, sxh, ROW_VEC, WIN_A, WIN_W)
-        for kw in tl.static_range(KW):
-            idx = tl.broadcast_to((col + kw * DIL_W)[None, :, None],
-                                  (BLOCK_H, BLOCK_W, BLOCK_C))
-            xv = tl.gather(win, idx, axis=1)
-            wv = _tap(taps, kh * KW + kw, ACC_DTYPE)
-            acc += xv.to(ACC_DTYPE) * wv[None, None, :]
-    if HAS_BIAS:
-        acc += _tap(taps, KH * KW, ACC_DTYPE)[None, None, :]
-    return tl.reshape(acc, (BLOCK_H * BLOCK_W, BLOCK_C))
-
-
-@triton.jit
-def _tap_weights(w_base, bias_base, c_mask, swh, sww, KH: tl.constexpr, KW: tl.constexpr,
-                 TAPS: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """All ``KH*KW`` weights of the tile's channels, and the bias as row ``KH*KW``, as one
-    ``(TAPS, channels)`` load (``TAPS``: ``KH*KW + 1`` rounded up to a power of two): a few
-    load instructions instead of ``KH*KW + 1`` per-channel ones; :func:`_tap` picks a row."""
-    t = tl.arange(0, TAPS)
-    off = (t // KW) * swh + (t % KW) * sww
-    ptrs = tl.where((t < KH * KW)[:, None], w_base[None, :] + off[:, None], bias_base[None, :])
-    m = (t < KH * KW + HAS_BIAS)[:, None] & c_mask[None, :]
-    return tl.load(ptrs, mask=m, other=0.0)
-
-
-@triton.jit
-def _tap(taps, k, ACC_DTYPE: tl.constexpr):
-    """Row ``k`` of :func:`_tap_weights`' tile (a masked sum over its tap axis), as
-    ``ACC_DTYPE``."""
-    t = tl.arange(0, taps.shape[0])
-    return tl.sum(tl.where((t == k)[:, None], taps.to(ACC_DTYPE), 0.0), axis=0)
 
 
 @triton.jit
@@ -139,8 +67,8 @@ def dw_conv_fwd_kernel(
 
     w_base = w_ptr + co * swc
     if ROW_VEC > 1:  # NCHW, aligned rows: one 128-bit window load per kernel row + shifts
-        acc = _row_taps_fwd(x_ptr, w_base, bias_ptr + co * stride_bias, n, ci, c_mask, pid_p,
-                            TILES_W, H, W, OH, PAD_H, PAD_W, sxn, sxc, sxh, swh, sww, HAS_BIAS,
+        acc = row_taps_fwd(x_ptr, w_base, bias_ptr + co * stride_bias, n, ci, c_mask, pid_p,
+                           TILES_W, H, W, OH, PAD_H, PAD_W, sxn, sxc, sxh, swh, sww, HAS_BIAS,
                             STRIDE_H, STRIDE_W, DIL_H, DIL_W,
                             KH, KW, ACC_DTYPE, ROW_VEC, WIN_A, WIN_W, TAPS, BLOCK_H,
                             BLOCK_W, BLOCK_C)
@@ -199,9 +127,12 @@ def dw_conv_bwd_input_kernel(
     KH: tl.constexpr, KW: tl.constexpr, MULT: tl.constexpr,
     ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr, ACC_DTYPE: tl.constexpr,
     IDX: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+    ROW_VEC: tl.constexpr = 1, WIN_A: tl.constexpr = 0, WIN_W: tl.constexpr = 1,
+    TAPS: tl.constexpr = 1,
 ):
     """dx[n, ci, ih, iw] = sum_{m, kh, kw} dz[n, ci*MULT+m, oh, ow] * w[ci*MULT+m, kh, kw] where
-    oh*STRIDE_H = ih + PAD_H - kh*DIL_H (a gather: no atomics, deterministic)."""
+    oh*STRIDE_H = ih + PAD_H - kh*DIL_H (a gather: no atomics, deterministic). ``ROW_VEC > 1``:
+    the aligned-row path (:func:`~tilefuse.kernels.depthwise_rows.row_taps_dgrad`)."""
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     n = tl.program_id(2).to(IDX)
@@ -212,6 +143,29 @@ def dw_conv_bwd_input_kernel(
     ci = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(IDX)
     c_mask = ci < C_in
     p_mask = (ih < H) & (iw < W)
+    if ROW_VEC > 1:
+        acc = row_taps_dgrad(dy_ptr, s_ptr, w_ptr, n, ci, c_mask, pid_p, TILES_W, H, OH, OW,
+                             PAD_H, PAD_W, sdn, sdc, sdh, ssn, ssc, ssh, swc, swh, sww,
+                             STRIDE_H, DIL_H, DIL_W, KH, KW, MULT, ACTIVATION, ACT_PARAM,
+                             ACC_DTYPE, ROW_VEC, WIN_A, WIN_W, TAPS, BLOCK_H, BLOCK_W, BLOCK_C)
+    else:
+        acc = _taps_dgrad(dy_ptr, s_ptr, w_ptr, n, ci, c_mask, ih, iw, p_mask, OH, OW, PAD_H,
+                          PAD_W, sdn, sdc, sdh, sdw, ssn, ssc, ssh, ssw, swc, swh, sww,
+                          STRIDE_H, STRIDE_W, DIL_H, DIL_W, KH, KW, MULT, ACTIVATION, ACT_PARAM,
+                          ACC_DTYPE, BLOCK_H, BLOCK_W, BLOCK_C)
+    x_off = n * sxn + ci[None, :] * sxc + (ih * sxh + iw * sxw)[:, None]
+    tl.store(dx_ptr + x_off, acc.to(dx_ptr.dtype.element_ty),
+             mask=p_mask[:, None] & c_mask[None, :])
+
+
+@triton.jit
+def _taps_dgrad(dy_ptr, s_ptr, w_ptr, n, ci, c_mask, ih, iw, p_mask, OH, OW, PAD_H, PAD_W,
+                sdn, sdc, sdh, sdw, ssn, ssc, ssh, ssw, swc, swh, sww,
+                STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_H: tl.constexpr,
+                DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, MULT: tl.constexpr,
+                ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The per-tap grad_input path (any layout and stride): one masked dz load per tap."""
     acc = tl.zeros((BLOCK_H * BLOCK_W, BLOCK_C), dtype=ACC_DTYPE)
     for m in range(MULT):
         co = ci * MULT + m
@@ -233,9 +187,7 @@ def dw_conv_bwd_input_kernel(
                               ACC_DTYPE)
                 wv = tl.load(w_base + kh * swh + kw * sww, mask=c_mask, other=0.0)
                 acc += dv * wv.to(ACC_DTYPE)[None, :]
-    x_off = n * sxn + ci[None, :] * sxc + (ih * sxh + iw * sxw)[:, None]
-    tl.store(dx_ptr + x_off, acc.to(dx_ptr.dtype.element_ty),
-             mask=p_mask[:, None] & c_mask[None, :])
+    return acc
 
 
 # ------------------------------------------------------------------------------------------------
@@ -285,33 +237,6 @@ def tile_config(C: int, OH: int, OW: int, channels_last: bool) -> dict:
     bh = fit_block(OH, max(1, 1024 // bw), max(1, 64 // bw))
     bc = min(next_pow2(C), max(1, 1024 // (bh * bw)))
     return dict(BLOCK_H=bh, BLOCK_W=bw, BLOCK_C=bc, num_warps=4)
-
-
-def row_plan(x, cfg: dict, stride_w: int, dil_w: int, pad_w: int, kh: int, kw: int,
-             channels_last: bool) -> dict:
-    """Constexprs of the aligned-row path (``ROW_VEC``, ``WIN_A``, ``WIN_W``; ``ROW_VEC == 1``
-    keeps the per-tap loads) for reading ``x`` (N, C, H, W) in tiles of ``cfg``'s shape.
-
-    ``ROW_VEC``: the largest power of two up to 16 bytes of elements that divides ``W``, every
-    stride of a dim longer than 1 (unit column stride) and the tile's first column
-    (``BLOCK_W * stride_w``), with ``x`` 16-byte aligned: then every ``ROW_VEC`` group of a row
-    window is aligned and wholly in or out of the image (a pure function of shapes, strides and
-    alignment: the interpreter takes the same path). ``WIN_A``: left margin (``pad_w`` rounded up
-    to ``ROW_VEC``), ``WIN_W``: window width covering every tap of the tile (power of two)."""
-    N, C, H, W = x.shape
-    sn, sc, sh, sw = x.stride()
-    vec = 1
-    if not channels_last and (sw == 1 or W == 1) and x.data_ptr() % 16 == 0:
-        vec = 16 // x.element_size()
-        strides = [st for size, st in ((N, sn), (C, sc), (H, sh)) if size > 1]
-        while vec > 1 and (W % vec or (cfg["BLOCK_W"] * stride_w) % vec
-                           or any(st % vec for st in strides)):
-            vec //= 2
-    if vec == 1:
-        return dict(ROW_VEC=1, WIN_A=0, WIN_W=1, TAPS=1)
-    win_a = -(-pad_w // vec) * vec
-    span = win_a - pad_w + (cfg["BLOCK_W"] - 1) * stride_w + (kw - 1) * dil_w + 1
-    return dict(ROW_VEC=vec, WIN_A=win_a, WIN_W=next_pow2(span), TAPS=next_pow2(kh * kw + 1))
 
 
 def _grid_batches(n: int):
@@ -405,11 +330,15 @@ def launch_backward_input(dy, weight, dx, stride=(1, 1), padding=(0, 0), dilatio
     channels_last = _is_channels_last(dx, C_in)
     idx = _idx(dy, saved, dx)
     sig = (N, C_in, H, W, C_out, KH, KW, channels_last, stride[0], stride[1], dilation[0],
-           dilation[1], activation, act_param, dx.dtype, idx)
+           dilation[1], activation, act_param, dx.dtype, idx, OH, OW, padding[1], dy.stride(),
+           saved.stride(), dy.data_ptr() % 16 == 0, saved.data_ptr() % 16 == 0)
     launch = _BWD_INPUT_LAUNCH.get(sig)
     if launch is None:
+        cfg = tile_config(C_in, H, W, channels_last)
+        cfg.update(row_plan_dgrad(dy, saved, cfg, stride[1], dilation[1], padding[1], KH, KW,
+                                  channels_last))
         launch = _BWD_INPUT_LAUNCH[sig] = _tiled_launch(
-            dw_conv_bwd_input_kernel, _BWD_INPUT_RUNTIME, N, C_in, H, W, channels_last, None,
+            dw_conv_bwd_input_kernel, _BWD_INPUT_RUNTIME, N, C_in, H, W, channels_last, cfg,
             dict(STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1],
                  KH=KH, KW=KW, MULT=C_out // C_in, ACTIVATION=activation,
                  ACT_PARAM=float(act_param), ACC_DTYPE=_acc(dx.dtype), IDX=idx))

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from tilefuse.kernels import launch_cache, next_pow2, sm_count, split_constexprs
 from tilefuse.kernels.depthwise import _acc, _idx, _is_channels_last, _load_dz, tile_config
+from tilefuse.kernels.depthwise_rows import row_plan_wgrad, row_tile_wgrad
 
 
 @triton.jit
@@ -31,7 +32,8 @@ def dw_conv_bwd_weight_kernel(
     KH: tl.constexpr, KW: tl.constexpr, MULT: tl.constexpr,
     ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr, ACC_DTYPE: tl.constexpr,
     IDX: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    BLOCK_T: tl.constexpr, ROW_VEC: tl.constexpr = 1, WIN_A: tl.constexpr = 0,
+    WIN_W: tl.constexpr = 1, TAPS: tl.constexpr = 1,
 ):
     """Stage 1 of dw/db: program (channel block, split) walks output tiles
     ``[split * TILES_PER_SPLIT, ...)`` (tile = image x pixel tile) in order; each dz tile is read
@@ -49,26 +51,49 @@ def dw_conv_bwd_weight_kernel(
     for k in range(first, tl.minimum(first + TILES_PER_SPLIT, TILES)):
         n = (k // TILES_P).to(IDX)
         p = k % TILES_P
-        oh = ((p // TILES_W) * BLOCK_H + i // BLOCK_W).to(IDX)
-        ow = tl.max_contiguous(tl.multiple_of((p % TILES_W) * BLOCK_W, BLOCK_W)
-                               + i % BLOCK_W, BLOCK_W).to(IDX)
-        p_mask = (oh < OH) & (ow < OW)
-        dz = _load_dz(dy_ptr, s_ptr, n, co, oh, ow, p_mask[:, None] & c_mask[None, :],
-                      sdn, sdc, sdh, sdw, ssn, ssc, ssh, ssw, ACTIVATION, ACT_PARAM, ACC_DTYPE)
-        acc += tl.where(t[:, None] == KH * KW, tl.sum(dz, axis=0)[None, :], 0.0)
-        x_base = x_ptr + n * sxn + ci[None, :] * sxc
-        for kh in range(KH):
-            ih = oh * STRIDE_H - PAD_H + kh * DIL_H
-            m_h = p_mask & (ih >= 0) & (ih < H)
-            for kw in tl.static_range(KW):
-                iw = ow * STRIDE_W - PAD_W + kw * DIL_W
-                m = m_h & (iw >= 0) & (iw < W)
-                xv = tl.load(x_base + (ih * sxh + iw * sxw)[:, None],
-                             mask=m[:, None] & c_mask[None, :], other=0.0)
-                s = tl.sum(dz * xv.to(ACC_DTYPE), axis=0)
-                acc += tl.where(t[:, None] == kh * KW + kw, s[None, :], 0.0)
+        if ROW_VEC > 1:  # NCHW aligned rows (tilefuse.kernels.depthwise_rows)
+            acc += row_tile_wgrad(dy_ptr, s_ptr, x_ptr, n, co, ci, c_mask, p, TILES_W, H, W, OH,
+                                  OW, PAD_H, PAD_W, sdn, sdc, sdh, ssn, ssc, ssh, sxn, sxc, sxh,
+                                  STRIDE_H, STRIDE_W, DIL_H, DIL_W, KH, KW, ACTIVATION,
+                                  ACT_PARAM, ACC_DTYPE, ROW_VEC, WIN_A, WIN_W, BLOCK_H, BLOCK_W,
+                                  BLOCK_T)
+        else:
+            acc += _tile_wgrad(dy_ptr, s_ptr, x_ptr, n, co, ci, c_mask, p, i, t, TILES_W, H, W,
+                               OH, OW, PAD_H, PAD_W, sdn, sdc, sdh, sdw, ssn, ssc, ssh, ssw, sxn,
+                               sxc, sxh, sxw, STRIDE_H, STRIDE_W, DIL_H, DIL_W, KH, KW,
+                               ACTIVATION, ACT_PARAM, ACC_DTYPE, IDX, BLOCK_H, BLOCK_W, BLOCK_T)
     out = part_ptr + (split.to(IDX) * C_out + co[None, :]) * (KH * KW + 1) + t[:, None]
     tl.store(out, acc, mask=(t[:, None] <= KH * KW) & c_mask[None, :])
+
+
+@triton.jit
+def _tile_wgrad(dy_ptr, s_ptr, x_ptr, n, co, ci, c_mask, p, i, t, TILES_W, H, W, OH, OW, PAD_H,
+                PAD_W, sdn, sdc, sdh, sdw, ssn, ssc, ssh, ssw, sxn, sxc, sxh, sxw,
+                STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_H: tl.constexpr,
+                DIL_W: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+                ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                IDX: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
+                BLOCK_T: tl.constexpr):
+    """One output tile's tap sums and dz sum on the per-tap path (any layout)."""
+    oh = ((p // TILES_W) * BLOCK_H + i // BLOCK_W).to(IDX)
+    ow = tl.max_contiguous(tl.multiple_of((p % TILES_W) * BLOCK_W, BLOCK_W)
+                           + i % BLOCK_W, BLOCK_W).to(IDX)
+    p_mask = (oh < OH) & (ow < OW)
+    dz = _load_dz(dy_ptr, s_ptr, n, co, oh, ow, p_mask[:, None] & c_mask[None, :],
+                  sdn, sdc, sdh, sdw, ssn, ssc, ssh, ssw, ACTIVATION, ACT_PARAM, ACC_DTYPE)
+    acc = tl.where(t[:, None] == KH * KW, tl.sum(dz, axis=0)[None, :], 0.0)
+    x_base = x_ptr + n * sxn + ci[None, :] * sxc
+    for kh in range(KH):
+        ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+        m_h = p_mask & (ih >= 0) & (ih < H)
+        for kw in tl.static_range(KW):
+            iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+            m = m_h & (iw >= 0) & (iw < W)
+            xv = tl.load(x_base + (ih * sxh + iw * sxw)[:, None],
+                         mask=m[:, None] & c_mask[None, :], other=0.0)
+            s = tl.sum(dz * xv.to(ACC_DTYPE), axis=0)
+            acc += tl.where(t[:, None] == kh * KW + kw, s[None, :], 0.0)
+    return acc
 
 
 @triton.jit
@@ -131,11 +156,15 @@ def launch_backward_weight(dy, x, kernel_size, stride=(1, 1), padding=(0, 0), di
     channels_last = _is_channels_last(dy, C_out)
     idx = _idx(dy, saved, x)
     sig = (N, C_in, H, W, C_out, OH, OW, KH, KW, channels_last, stride[0], stride[1],
-           dilation[0], dilation[1], activation, act_param, x.dtype, idx, str(x.device))
+           dilation[0], dilation[1], activation, act_param, x.dtype, idx, str(x.device),
+           padding[1], x.stride(), dy.stride(), saved.stride(),
+           tuple(t.data_ptr() % 16 == 0 for t in (x, dy, saved)))
     launch = _BWD_WEIGHT_LAUNCH.get(sig) if num_splits is None else None
     if launch is None:
         grid, cfg, tiles_w, tiles_p, tiles, per_split, splits = weight_grad_plan(
             N, C_out, OH, OW, KH, KW, channels_last, x.device, num_splits)
+        cfg.update(row_plan_wgrad(x, dy, saved, cfg, stride[1], dilation[1], padding[1], KW,
+                                  channels_last))
         consts, opts = split_constexprs(dw_conv_bwd_weight_kernel, _BWD_WEIGHT_RUNTIME, dict(
             cfg, STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1],
             KH=KH, KW=KW, MULT=C_out // C_in, ACTIVATION=activation, ACT_PARAM=float(act_param),

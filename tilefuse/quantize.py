@@ -3,7 +3,9 @@
 Modes: ``'w8a8'`` (dynamic per-row int8 activations x per-channel int8 weights), ``'weight_only'``
 (int8 weights, float activations), ``'fp8'`` (every Linear / HF ``Conv1D`` becomes an
 :class:`~tilefuse.nn.Fp8Linear`: e4m3 weights per output channel, dynamic per-row e4m3
-activations; convolutions stay in float and are listed in ``report.skipped``), and the float
+activations; every ``nn.Embedding`` an int8 per-row :class:`~tilefuse.nn.QuantizedEmbedding`,
+and a projection tied to it reads the same 8-bit table (:mod:`tilefuse.quantize_fp8`);
+convolutions stay in float and are listed in ``report.skipped``), and the float
 steps of the deployment pipeline ``'fp16'`` / ``'bf16'`` (a cast of every floating parameter and
 buffer). In the int8 modes every
 :class:`torch.nn.Linear` (including :class:`tilefuse.nn.Linear`) and Hugging Face ``Conv1D``
@@ -13,10 +15,11 @@ every ungrouped Conv2d (any kernel size, stride, padding, dilation, padding mode
 :class:`~tilefuse.nn.Int8Conv2d`, and every 1x1/stride-1/unpadded/ungrouped Conv1d an
 :class:`~tilefuse.nn.Int8Conv1x1` (all keeping the replaced module's attributes: ``stride``,
 ``nf``...). Grouped and depthwise convs stay in float (no int8 grouped kernel) and are listed in
-``report.skipped``. A layer whose weight is tied
+``report.skipped``. In the int8 modes a layer whose weight is tied
 to another module's (GPT-2's ``lm_head`` and token embedding) stays in float and is listed in
-``report.skipped``: an int8 copy next to the shared float tensor would make the model larger. The
-result is for inference.
+``report.skipped``: an int8 copy next to the shared float tensor would make the model larger. With
+``min_agreement`` and a calibration batch, the layers that cost the most accuracy are put back to
+float (:mod:`tilefuse.quantize_sensitivity`). The result is for inference.
 
 Sizes are real serialized sizes: ``torch.save(model.state_dict())`` into a ``BytesIO`` (the state
 dict rather than the pickled module, so models defined in a script or a test serialize too).

@@ -236,13 +236,14 @@ def _cl_fwd(x, weight, bias, y, mean, rstd, G, eps, activation, act_param):
         rstd = torch.empty(N * G, device=dev, dtype=torch.float32)
     pmean = torch.empty(N * split * C, device=dev, dtype=torch.float32)
     pm2 = torch.empty(N * split * C, device=dev, dtype=torch.float32)
+    ch = torch.empty(2, N, C, device=dev, dtype=torch.float32)  # per channel: mean, rstd * w
     sx = x.stride()
     gn_cl_stats_kernel[sgrid](x, pmean, pm2, C, S, C // G, s_per, *sx, **sopts, **opts)
-    gn_cl_merge_kernel[mgrid](x, x, pmean, pm2, mean, rstd, mean, mean, N, C, S, G, C // G,
-                              s_per, split, sx[0], sx[1], float(eps), *mconsts, **opts)
-    gn_cl_apply_kernel[agrid](
-        x, weight if weight is not None else x, bias if bias is not None else x, y, mean, rstd,
-        C, S, G, C // G, *sx, *y.stride(), *aconsts, **opts)
+    gn_cl_merge_kernel[mgrid](x, weight if weight is not None else x, pmean, pm2, mean, rstd,
+                              ch, mean, mean, N, C, S, G, C // G, s_per, split, sx[0], sx[1],
+                              float(eps), *mconsts, **opts)
+    gn_cl_apply_kernel[agrid](x, bias if bias is not None else x, y, ch, N, C, S, *sx,
+                              *y.stride(), *aconsts, **opts)
     return y
 
 
@@ -259,15 +260,14 @@ def _cl_bwd(dy, x, weight, bias, mean, rstd, dx, dw, db, G, activation, act_para
     dev = x.device
     p1 = torch.empty(N * split * C, device=dev, dtype=torch.float32)
     p2 = torch.empty(N * split * C, device=dev, dtype=torch.float32)
-    c1 = torch.empty(N * G, device=dev, dtype=torch.float32)
-    c2 = torch.empty(N * G, device=dev, dtype=torch.float32)
+    ch = torch.empty(4, N, C, device=dev, dtype=torch.float32)  # mean, rstd, c1, c2
     w = weight if weight is not None else x
     b = bias if bias is not None else x
     sd, sx = dy.stride(), x.stride()
     gn_cl_bwd_reduce_kernel[rgrid](dy, x, w, b, mean, rstd, p1, p2, C, S, G, C // G, s_per,
                                    *sd, *sx, *aconsts[:4], **ropts, **opts)
-    gn_cl_merge_kernel[mgrid](x, w, p1, p2, c1, c2, dw if need[0] else c1,
-                              db if need[1] else c1, N, C, S, G, C // G, s_per, split, sx[0],
+    gn_cl_merge_kernel[mgrid](x, w, p1, p2, mean, rstd, ch, dw if need[0] else ch,
+                              db if need[1] else ch, N, C, S, G, C // G, s_per, split, sx[0],
                               sx[1], 0.0, *mconsts, **opts)
-    gn_cl_bwd_apply_kernel[agrid](dy, x, w, b, mean, rstd, c1, c2, dx, C, S, G, C // G,
-                                  *sd, *sx, *dx.stride(), *aconsts, **opts)
+    gn_cl_bwd_apply_kernel[agrid](dy, x, w, b, ch, dx, N, C, S, *sd, *sx, *dx.stride(),
+                                  *aconsts, **opts)

@@ -116,8 +116,8 @@ def test_quantized_embedding_formats_padding_and_state_dict():
         fresh = tilefuse.nn.QuantizedEmbedding(40, 24, padding_idx=3, dtype=dtype)
         fresh.load_state_dict(q.state_dict())
         assert torch.equal(fresh(ids), got)
-    half = tilefuse.nn.QuantizedEmbedding.from_float(emb.to(torch.bfloat16))
-    assert half(ids).dtype == torch.bfloat16  # the replaced table's dtype
+    for dtype in (torch.bfloat16, torch.float64):  # the replaced table's dtype
+        assert tilefuse.nn.QuantizedEmbedding.from_float(emb.to(dtype))(ids).dtype == dtype
 
 
 def test_quantized_embedding_bad_inputs():
@@ -127,7 +127,7 @@ def test_quantized_embedding_bad_inputs():
         tilefuse.nn.QuantizedEmbedding.from_float(torch.nn.Embedding(4, 4, max_norm=1.0))
     with pytest.raises(TypeError, match="dtype must be torch.int8"):
         tilefuse.nn.QuantizedEmbedding(4, 4, dtype=torch.float16)
-    with pytest.raises(TypeError, match="out_dtype"):
+    with pytest.raises(TypeError, match="out_dtype must be a floating dtype"):
         tilefuse.nn.QuantizedEmbedding(4, 4, out_dtype=torch.int32)
     q = tilefuse.nn.QuantizedEmbedding(4, 4)
     with pytest.raises(ValueError, match="torch.nn.Linear with the table's shape"):
@@ -173,9 +173,20 @@ def test_tied_weights_stored_once_or_kept_float_with_a_reason():
     assert rep.replaced == ["wte", "proj", "lm_head"] and not rep.skipped
     assert q.lm_head.weight is q.wte.weight and isinstance(q.lm_head, tilefuse.nn.Int8Linear)
     assert rep.size_after < 0.45 * rep.size_before and rep.max_rel_dev < 0.1
+    # the projection reached first, and a second embedding on the same table: still one table
+    net.add_module("wte", net._modules.pop("wte"))
+    net.wte2 = torch.nn.Embedding(64, 32, _weight=net.wte.weight)
+    net.wte2.weight = net.wte.weight
+    q3, rep3 = tilefuse.quantize(net, mode="fp8")
+    assert rep3.replaced == ["proj", "lm_head", "wte", "wte2"]
+    assert q3.wte.weight is q3.lm_head.weight is q3.wte2.weight
+    with torch.no_grad():
+        torch.testing.assert_close(q3(ids), q(ids))
+    assert rep3.size_after - rep.size_after < 1000  # two more state_dict keys, no new storage
+    del net.wte2
     q2, rep2 = tilefuse.quantize(net, mode="fp8", skip="wte")  # the tie cannot be shared now
     assert rep2.replaced == ["proj"] and q2.lm_head.weight is q2.wte.weight
-    assert rep2.skipped[1].startswith("lm_head (weight tied to wte, which stays in float")
+    assert rep2.skipped[0].startswith("lm_head (weight tied to wte, which stays in float")
 
 
 def test_min_agreement_keeps_the_most_sensitive_layer():

@@ -23,7 +23,7 @@ from tilefuse.fused.fp8 import FP8_DTYPES, quantize_fp8_per_row
 from tilefuse.fused.int8 import quantize_per_row
 
 TABLE_DTYPES = (torch.int8,) + FP8_DTYPES
-_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _table_dtype(dtype) -> torch.dtype:
@@ -53,8 +53,8 @@ class QuantizedEmbedding(torch.nn.Module):
                  out_dtype: torch.dtype = torch.float32, device=None) -> None:
         super().__init__()
         if out_dtype not in _OUT_DTYPES:
-            raise TypeError(f"out_dtype must be torch.float32, torch.bfloat16 or torch.float16, "
-                            f"got {out_dtype!r}")
+            raise TypeError(f"out_dtype must be a floating dtype (float32, bfloat16, float16, "
+                            f"float64), got {out_dtype!r}")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx, self.out_dtype = padding_idx, out_dtype
         self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim,

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import tilefuse
+from tilefuse._backend import backend_of, interpreter_enabled
 from tilefuse.nn.quantized_embedding import QuantizedEmbedding, tied_linear
 
 V, H = 500, 64
@@ -83,11 +84,14 @@ def test_interpreter_lane_runs_the_same_quantized_model(monkeypatch):
     model = _hf("gpt2")
     q, rep = tilefuse.quantize(model, mode="fp8")
     x = _ids("gpt2", 2, 8, 3)
+    lane = backend_of(torch.zeros(1))  # "triton" under TRITON_INTERPRET=1
     with torch.no_grad():
         got = q(**x).logits
         monkeypatch.setenv("TILEFUSE_BACKEND", "torch")
+        assert backend_of(torch.zeros(1)) == "torch"
         want = q(**x).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # measured: equal
+    assert lane == ("triton" if interpreter_enabled() else "torch")
     assert isinstance(q.transformer.wpe, QuantizedEmbedding) and "lm_head" in rep.replaced
 
 

@@ -1,5 +1,5 @@
-"""Int8Conv2d (issue 20): W8A8 / weight-only int8 conv for every kernel size on the int8 GEMM
-over an im2col buffer, checked against fp64 references built from the *same* int8 values
+"""Int8Conv2d (issue 20): W8A8 / weight-only int8 conv for every kernel size on the
+implicit-GEMM conv kernel with int8 operands (no im2col buffer), checked against fp64 references built from the *same* int8 values
 (Triton interpreter); ``tilefuse.quantize`` on CNNs (every ungrouped conv int8, ~4x smaller,
 deviation reported, depthwise convs skipped with a reason) and their ONNX export."""
 import copy
@@ -46,14 +46,14 @@ def _reference(q, x, residual=None):
     pads = tilefuse.fused.depthwise._full_padding(xp.shape[2], xp.shape[3], kh, kw, stride, pad,
                                                   dil, (OH, OW))
     xp = F.pad(xp, pads)
-    if q.mode == "w8a8" and q.act_scale == "tensor":
-        qx, s = tilefuse.ops.quantize_per_row(xp.reshape(1, -1))
-        xp = (qx.double() * s.double()).reshape(xp.shape)
+    if q.mode == "w8a8":  # zero padding adds no amax: the same scales as the unpadded input
+        rows = {"pixel": xp.permute(0, 2, 3, 1), "sample": xp.reshape(xp.shape[0], 1, -1),
+                "tensor": xp.reshape(1, 1, -1)}[q.act_scale]
+        qx, s = tilefuse.ops.quantize_per_row(rows.contiguous())
+        qx = qx.double() * s.double()
+        xp = qx.permute(0, 3, 1, 2) if q.act_scale == "pixel" else qx.reshape(xp.shape)
     cols = F.unfold(xp.double(), (kh, kw), dilation=dil, stride=stride)  # (N, K, L)
     a = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    if q.mode == "w8a8" and q.act_scale == "pixel":
-        qa, sa = tilefuse.ops.quantize_per_row(a.float())
-        a = qa.double() * sa.double()
     y = a @ w.reshape(w.shape[0], -1).t()
     if q.bias is not None:
         y = y + q.bias.double()
@@ -65,8 +65,8 @@ def _reference(q, x, residual=None):
 
 
 @pytest.mark.parametrize("kw", CONVS, ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
-@pytest.mark.parametrize("mode,act_scale", [("w8a8", "pixel"), ("w8a8", "tensor"),
-                                            ("weight_only", "pixel")])
+@pytest.mark.parametrize("mode,act_scale", [("w8a8", "pixel"), ("w8a8", "sample"),
+                                            ("w8a8", "tensor"), ("weight_only", "pixel")])
 def test_int8_conv2d_matches_fp64_reference(kw, mode, act_scale):
     torch.manual_seed(1)
     conv = nn.Conv2d(6, 5, **kw)
@@ -191,8 +191,12 @@ def test_quantized_cnn_exports_to_onnx(tmp_path):
         with torch.no_grad():
             want = q(x)
         # weight-only float convs in ONNX (the dynamic activation quantization has no
-        # standard-op form): within the quantization deviation of the int8 model
-        assert (got - want).abs().max() <= 2 * rep.max_abs_dev + 1e-5
+        # standard-op form): within the quantization deviation of the int8 models (w8a8's and
+        # the weight-only one's, which the ONNX model is: with per-input-pixel activation
+        # scales the w8a8 model is the closer one to the float model, 0.0020 vs 0.0027 here)
+        _, rep_wo = tilefuse.quantize(source, mode="weight_only", calibration=x)
+        dev = max(rep.max_abs_dev, rep_wo.max_abs_dev)
+        assert (got - want).abs().max() <= 2 * dev + 1e-5
     direct = copy.deepcopy(q)
     assert isinstance(tilefuse.export.to_torch(Int8Conv2d.from_float(nn.Conv2d(2, 3, 3))),
                       nn.Conv2d) and direct is not q

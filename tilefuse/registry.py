@@ -131,6 +131,7 @@ OPS: Tuple[OpSpec, ...] = (
 # tilefuse:: custom ops that are not part of a tilefuse.ops entry, and who uses them
 INTERNAL_CUSTOM_OPS: Dict[str, str] = {
     "mixup": "tilefuse.regularize.mixup",
+    "int8_conv2d": "tilefuse.nn.int8_conv",
 }
 
 BY_NAME: Dict[str, OpSpec] = {op.name: op for op in OPS}

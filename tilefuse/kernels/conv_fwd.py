@@ -12,6 +12,18 @@ fp32 accumulation (fp64 for fp64), TF32 for fp32 only when the launcher is told 
 Epilogue: ``z = acc + bias`` -> (store z) -> ``u = act(z) + residual`` -> (store u) ->
 ``y = post_act(u)`` -> cast and store. ``z`` / ``u`` are stored only when the backward needs them
 (``SAVE_PRE`` / ``SAVE_MID``), in the output's strides.
+
+int8 (``QUANT``, :class:`tilefuse.nn.Int8Conv2d`; the same kernel, no im2col buffer): the
+weight is int8 with one scale per output channel (``ws[co]``, applied in the epilogue) and
+
+* ``QUANT=1`` (W8A8): int8 input, ``tl.dot`` int8 x int8 -> int32 (exact), then
+  ``acc * a_scale * ws[co]``; the activation scale is read at ``(n, ih0, iw0)`` (the output row's
+  first tap) through strides ``(ssn, ssh, ssw)``: ``(1, 0, 0)`` = one scale per image, all 0 =
+  one per tensor, ``(H*W, W, 1)`` = one per input pixel, valid for 1x1 convs (one tap);
+* ``QUANT=2`` (W8A8, per-input-pixel scales, kernels larger than 1x1): each K step's int32
+  product is rescaled by its tap's input-pixel scales into an fp32 accumulator;
+* ``QUANT=3`` (weight-only): float input, the int8 weight tile cast to the input dtype in the
+  load path (exact), fp32 accumulation, ``acc * ws[co]``.
 """
 from __future__ import annotations
 
@@ -57,19 +69,20 @@ def tile_dot(a, b, acc, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
 
 @triton.jit
 def conv2d_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, pre_ptr, mid_ptr,
+    x_ptr, w_ptr, bias_ptr, res_ptr, y_ptr, pre_ptr, mid_ptr, as_ptr, ws_ptr,
     M, C_OUT_G, C_IN_G, H, W, OH, OW, PAD_H, PAD_W,
     sxn, sxc, sxh, sxw,
     swo, swc, swh, sww,
     syn, syc, syh, syw,
     srn, src, srh, srw,
+    ssn, ssh, ssw,
     stride_bias,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr,
     POST_ACTIVATION: tl.constexpr, POST_PARAM: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    SAVE_PRE: tl.constexpr, SAVE_MID: tl.constexpr,
+    SAVE_PRE: tl.constexpr, SAVE_MID: tl.constexpr, QUANT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -84,7 +97,8 @@ def conv2d_fwd_kernel(
     co64 = (g * C_OUT_G + offs_n % C_OUT_G).to(tl.int64)
     ih0 = oh * STRIDE_H - PAD_H
     iw0 = ow * STRIDE_W - PAD_W
-    x_row = x_ptr + n.to(tl.int64) * sxn + (g * C_IN_G).to(tl.int64) * sxc
+    n64 = n.to(tl.int64)
+    x_row = x_ptr + n64 * sxn + (g * C_IN_G).to(tl.int64) * sxc
     w_col = w_ptr + co64[None, :] * swo
 
     c_tiles = tl.cdiv(C_IN_G, BLOCK_K)
@@ -97,17 +111,35 @@ def conv2d_fwd_kernel(
         k_mask = cc < C_IN_G
         cc64 = cc.to(tl.int64)
         a = tl.load(x_row[:, None] + (ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None]
-                    + cc64[None, :] * sxc, mask=p_mask[:, None] & k_mask[None, :], other=0.0)
+                    + cc64[None, :] * sxc, mask=p_mask[:, None] & k_mask[None, :], other=0)
         b = tl.load(w_col + cc64[:, None] * swc + (kh * swh + kw * sww), mask=k_mask[:, None],
-                    other=0.0)
-        acc = tile_dot(a, b, acc, INPUT_PRECISION, ACC_DTYPE, UPCAST)
+                    other=0)
+        if QUANT == 1:
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # triton 3.6: out_dtype = acc's
+        elif QUANT == 2:
+            part = tl.dot(a, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32), out_dtype=tl.int32)
+            s = tl.load(as_ptr + n64 * ssn + ih.to(tl.int64) * ssh + iw.to(tl.int64) * ssw,
+                        mask=p_mask, other=0.0)
+            acc += part.to(tl.float32) * s[:, None]
+        else:
+            if QUANT == 3:
+                # weight-only: dequantized in the load path (exact; the interpreter's int8 ->
+                # bf16 cast gives NaN, so there it goes to fp32 with the UPCAST operands)
+                b = b.to(tl.float32 if UPCAST else a.dtype)
+            acc = tile_dot(a, b, acc, INPUT_PRECISION, ACC_DTYPE, UPCAST)
 
-    # ---- epilogue: bias -> (z) -> act -> + residual -> (u) -> post act -> cast ----
+    # ---- epilogue: scales -> bias -> (z) -> act -> + residual -> (u) -> post act -> cast ----
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < C_OUT_G)
+    if QUANT != 0:
+        if QUANT == 1:  # the output row's activation scale (in range: 1x1 padding rows are 0)
+            ihs = tl.minimum(tl.maximum(ih0, 0), H - 1).to(tl.int64)
+            iws = tl.minimum(tl.maximum(iw0, 0), W - 1).to(tl.int64)
+            sa = tl.load(as_ptr + n64 * ssn + ihs * ssh + iws * ssw)
+            acc = acc.to(tl.float32) * sa[:, None]
+        acc = acc * tl.load(ws_ptr + co64)[None, :]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + co64 * stride_bias)
-        acc = acc + bias.to(ACC_DTYPE)[None, :]
-    n64 = n.to(tl.int64)
+        acc = acc + bias.to(acc.dtype)[None, :]
     oh64 = oh.to(tl.int64)
     ow64 = ow.to(tl.int64)
     y_off = (n64 * syn + oh64 * syh + ow64 * syw)[:, None] + co64[None, :] * syc
@@ -117,7 +149,7 @@ def conv2d_fwd_kernel(
     if HAS_RESIDUAL:
         r_off = (n64 * srn + oh64 * srh + ow64 * srw)[:, None] + co64[None, :] * src
         res = tl.load(res_ptr + r_off, mask=c_mask, other=0.0)
-        acc = acc + res.to(ACC_DTYPE)
+        acc = acc + res.to(acc.dtype)
     if SAVE_MID:
         tl.store(mid_ptr + y_off, acc.to(mid_ptr.dtype.element_ty), mask=c_mask)
     acc = apply_activation(acc, POST_ACTIVATION, POST_PARAM)
@@ -135,6 +167,12 @@ def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=max(16, min(64, next_pow2(M))), BLOCK_N=max(16, min(64, next_pow2(N))),
                     BLOCK_K=max(16, min(64, next_pow2(K))), GROUP_M=8, num_warps=4,
                     num_stages=1)
+    if dtype == torch.int8:
+        # int8 MMA consumes K in steps of 32: 64..128-channel blocks, int32 accumulators
+        bn = 128 if N > 64 else 64
+        return dict(BLOCK_M=128 if M > 64 else 64, BLOCK_N=bn,
+                    BLOCK_K=max(32, min(128, next_pow2(K))), GROUP_M=8,
+                    num_warps=8 if bn == 128 and M > 64 else 4, num_stages=3)
     half = dtype in (torch.float16, torch.bfloat16)
     block_k = max(16, min(64 if half else 32, next_pow2(K)))
     bn = 128 if N > 64 else (64 if N > 32 else 32)
@@ -172,9 +210,10 @@ def get_config(key: dict, dtype: torch.dtype) -> dict:
     return lookup("conv2d", key, default)
 
 
-def acc_constexprs(dtype: torch.dtype, tf32: bool) -> dict:
+def acc_constexprs(dtype: torch.dtype, tf32: bool, quant: int = 0) -> dict:
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
     return dict(INPUT_PRECISION="tf32" if tf32 else "ieee",
-                ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
+                ACC_DTYPE=tl.int32 if quant == 1 else acc,
                 UPCAST=bool(interpreter_enabled() and dtype == torch.bfloat16))
 
 
@@ -188,8 +227,10 @@ _N_RUNTIME = conv2d_fwd_kernel.arg_names.index("KH")
 
 def _fwd_params(sig, config):
     (M, cog, cig, groups, kernel, stride, dilation, dtype, act, act_param, post, post_param,
-     has_bias, has_res, save_pre, save_mid, tf32, cl) = sig
-    if config is None:
+     has_bias, has_res, save_pre, save_mid, tf32, cl, quant) = sig
+    if config is None and quant in (1, 2):  # int8 operands: not in the tuning space
+        config = heuristic_config(M, cog, cig, torch.int8)
+    elif config is None:
         config = get_config(conv_key("fwd", M, cog, cig, kernel, stride, dtype, cl, tf32), dtype)
     cfg = dict(config)
     cfg.setdefault("num_warps", 4)
@@ -198,8 +239,8 @@ def _fwd_params(sig, config):
     cfg.update(KH=kernel[0], KW=kernel[1], STRIDE_H=stride[0], STRIDE_W=stride[1],
                DIL_H=dilation[0], DIL_W=dilation[1], ACTIVATION=act, ACT_PARAM=float(act_param),
                POST_ACTIVATION=post, POST_PARAM=float(post_param), HAS_BIAS=has_bias,
-               HAS_RESIDUAL=has_res, SAVE_PRE=save_pre, SAVE_MID=save_mid,
-               **acc_constexprs(dtype, tf32))
+               HAS_RESIDUAL=has_res, SAVE_PRE=save_pre, SAVE_MID=save_mid, QUANT=quant,
+               **acc_constexprs(dtype, tf32, quant))
     consts, opts = split_constexprs(conv2d_fwd_kernel, _N_RUNTIME, cfg)
     return grid, consts, opts
 
@@ -208,11 +249,15 @@ def launch_conv2d_fwd(x, weight, y, bias=None, residual=None, pre=None, mid=None
                       stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1,
                       activation: int = 0, act_param: float = 0.0, post_activation: int = 0,
                       post_param: float = 0.0, allow_tf32: bool = False,
-                      config: dict | None = None):
+                      config: dict | None = None, a_scale=None, w_scale=None):
     """``y = post_act(act(conv2d(x, weight) + bias) + residual)`` into ``y`` (N, C_out, OH, OW),
     any strides for every tensor; ``padding`` is (top, left) (the bottom/right padding follows
     from ``y``'s size). ``pre`` / ``mid`` (``y``'s shape and strides) receive ``z`` and ``u``.
-    Launch parameters are computed once per signature."""
+    Launch parameters are computed once per signature.
+
+    int8 ``weight`` (with ``w_scale`` (C_out,) fp32): W8A8 when ``x`` is int8 too, with
+    ``a_scale`` an fp32 tensor broadcast to (N, H, W) (one scale per image, per tensor or per
+    input pixel: an expanded view); weight-only when ``x`` is float."""
     N, C_in, H, W = x.shape
     C_out, cig, KH, KW = weight.shape
     OH, OW = y.shape[2], y.shape[3]
@@ -223,9 +268,20 @@ def launch_conv2d_fwd(x, weight, y, bias=None, residual=None, pre=None, mid=None
     if M >= 2 ** 31:
         raise ValueError(f"conv2d: N*OH*OW = {M} output pixels exceed 2^31; split the batch")
     tf32 = bool(allow_tf32 and x.dtype == torch.float32 and x.is_cuda)
+    quant, s_strides = 0, (0, 0, 0)
+    if weight.dtype == torch.int8:
+        if w_scale is None or (x.dtype == torch.int8) != (a_scale is not None):
+            raise ValueError("conv2d int8: an int8 weight needs w_scale, and a_scale exactly "
+                             "when the input is int8")
+        quant = 3
+        if a_scale is not None:
+            a_scale = a_scale.expand(N, H, W)
+            s_strides = a_scale.stride()
+            per_pixel = (s_strides[1] or s_strides[2]) and (KH, KW) != (1, 1)
+            quant = 2 if per_pixel else 1
     sig = (M, cog, cig, groups, (KH, KW), tuple(stride), tuple(dilation), x.dtype, activation,
            act_param, post_activation, post_param, bias is not None, residual is not None,
-           pre is not None, mid is not None, tf32, is_channels_last(x))
+           pre is not None, mid is not None, tf32, is_channels_last(x), quant)
     params = _LAUNCH.get(sig) if config is None else None
     if params is None:
         params = _fwd_params(sig, config)
@@ -236,7 +292,8 @@ def launch_conv2d_fwd(x, weight, y, bias=None, residual=None, pre=None, mid=None
     conv2d_fwd_kernel[grid](
         x, weight, bias if bias is not None else y, res, y,
         pre if pre is not None else y, mid if mid is not None else y,
+        a_scale if a_scale is not None else y, w_scale if w_scale is not None else y,
         M, cog, cig, H, W, OH, OW, padding[0], padding[1],
-        *x.stride(), *weight.stride(), *y.stride(), *res.stride(),
+        *x.stride(), *weight.stride(), *y.stride(), *res.stride(), *s_strides,
         bias.stride(0) if bias is not None else 0, *consts, **opts)
     return y

@@ -1,80 +1,63 @@
 """``Int8Conv2d``: a quantized :class:`torch.nn.Conv2d` (W8A8 or weight-only) for every kernel
-size, on the int8 GEMM.
+size, on the implicit-GEMM conv kernel with int8 operands (``tilefuse::int8_conv2d``,
+:mod:`tilefuse.fused.conv_int8`): no im2col buffer, the quantized input is the input's size.
 
-There is no int8 implicit-GEMM conv kernel yet. This module lowers the conv to one
-``tilefuse.ops.int8_matmul`` over an *im2col buffer*: the (quantized) input is padded and its
-``kH x kW`` windows are copied into an ``(N*OH*OW, C_in*kH*kW)`` matrix (int8 in the per-tensor
-mode; float, then int8, in the per-pixel mode). That buffer is materialised in memory (``kH*kW``
-times the input), which an implicit-GEMM kernel would avoid: this is a stepping stone, and its
-GPU speed is unmeasured. A 1x1 stride-1 unpadded conv on a channels_last input needs no copy (the
-windows are a view), as in ``Int8Conv1x1``.
-
-Inference only: the int8 weight and its scales are buffers (gradients reach the *input* in
-``weight_only`` mode).
+Inference only: the int8 weight and its scales are buffers (in ``weight_only`` mode a forward
+that needs the input's gradient runs ``tilefuse.ops.conv2d`` with the dequantized weight).
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from tilefuse.activations import parse_activation, torch_activation
-from tilefuse.fused.conv import conv_geometry
-from tilefuse.fused.depthwise import _full_padding
-from tilefuse.fused.int8 import int8_matmul, quantize_per_row, weight_only_int8_linear
+from tilefuse.activations import parse_activation
+from tilefuse.fused._fast import act_code
+from tilefuse.fused.conv import conv2d, conv_geometry
+from tilefuse.fused.conv_int8 import int8_conv2d_op
+from tilefuse.fused.int8 import quantize_per_row
 from tilefuse.nn.int8 import _check_mode, _int8_to_torch
 
-ACT_SCALES = ("pixel", "tensor")
+ACT_SCALES = ("pixel", "sample", "tensor")
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
-def _windows(t: torch.Tensor, pads: List[int], kernel, stride, dilation, out_size):
-    """im2col: ``(N*OH*OW, C*kH*kW)`` rows of ``t`` (N, C, H, W) zero-padded by ``pads`` (F.pad
-    order), columns in the weight's ``(C, kH, kW)`` order. A view when ``t`` needs no padding
-    and the windows are contiguous rows (1x1, stride 1, channels_last), else one copy."""
-    if any(pads):
-        t = F.pad(t, pads)
-    N, C = t.shape[:2]
-    sN, sC, sH, sW = t.stride()
-    OH, OW = out_size
-    win = t.as_strided((N, OH, OW, C, kernel[0], kernel[1]),
-                       (sN, sH * stride[0], sW * stride[1], sC, sH * dilation[0],
-                        sW * dilation[1]), t.storage_offset())
-    return win.reshape(N * OH * OW, C * kernel[0] * kernel[1])
-
-
-def _quantize_per_tensor(x: torch.Tensor):
-    """Dynamic symmetric per-tensor int8 quantization with the fused row quantizer over the whole
-    tensor as one row (read in memory order): ``(q with x's shape, scale (1,))``."""
-    if x.is_contiguous():
-        q, s = quantize_per_row(x.reshape(1, -1))
-        return q.view(x.shape), s.reshape(1)
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        q, s = quantize_per_row(x.permute(0, 2, 3, 1).reshape(1, -1))
-        N, C, H, W = x.shape
-        return q.view(N, H, W, C).permute(0, 3, 1, 2), s.reshape(1)
-    return _quantize_per_tensor(x.contiguous())
+def quantize_input(x: torch.Tensor, act_scale: str):
+    """Dynamic symmetric int8 quantization of a conv input (N, C, H, W) with the fused row
+    quantizer, read in memory order (no copy for contiguous and channels_last inputs):
+    ``(q, scale)``, ``q`` int8 of ``x``'s shape (channels_last for ``pixel`` and channels_last
+    inputs), ``scale`` fp32 broadcastable to (N, H, W): ``(N, H, W)`` per input pixel (over its
+    channels), ``(N, 1, 1)`` per image (over C, H, W), ``(1, 1, 1)`` per tensor."""
+    N, C, H, W = x.shape
+    nhwc = act_scale == "pixel" or (not x.is_contiguous()
+                                    and x.is_contiguous(memory_format=torch.channels_last))
+    t = x.permute(0, 2, 3, 1) if nhwc else x
+    rows = {"pixel": N * H * W, "sample": N, "tensor": 1}[act_scale]
+    q, s = quantize_per_row(t.reshape(rows, -1))
+    q = q.view(N, H, W, C).permute(0, 3, 1, 2) if nhwc else q.view(N, C, H, W)
+    shape = {"pixel": (N, H, W), "sample": (N, 1, 1), "tensor": (1, 1, 1)}[act_scale]
+    return q, s.view(shape)
 
 
 class Int8Conv2d(torch.nn.Module):
     """A quantized :class:`torch.nn.Conv2d` (``groups == 1``): per-output-channel int8 weights
     (symmetric absmax), int32 accumulation, and the scales, bias, ``activation``, an optional
-    ``residual`` (``forward(input, residual)``) in the GEMM's epilogue; ``post_activation`` after
-    the residual runs as a torch op.
+    ``residual`` (``forward(input, residual)``) and ``post_activation`` in the implicit-GEMM conv
+    kernel's epilogue (no im2col buffer).
 
-    * ``mode='w8a8'``: the input is quantized on the fly, ``act_scale='pixel'`` (default) with one
-      scale per output pixel (each im2col row: the pixel's receptive field; for a 1x1 conv that is
-      the input pixel, as ``Int8Conv1x1``), or ``act_scale='tensor'`` with one scale for the whole
-      input (quantized before the im2col copy, so the buffer is int8).
-    * ``mode='weight_only'``: float activations, the int8 weight dequantized in the GEMM's load
-      path.
+    * ``mode='w8a8'``: the input is quantized on the fly (dynamic symmetric scales):
+      ``act_scale='pixel'`` (default) one scale per input pixel over its channels (for a 1x1 conv
+      that is the output pixel's row, as ``Int8Conv1x1``; larger kernels rescale each tap's int32
+      partial product), ``'sample'`` one per image, ``'tensor'`` one for the whole input (both:
+      pure int32 accumulation, the scale applied once in the epilogue).
+    * ``mode='weight_only'``: float activations, the int8 weight cast in the kernel's load path.
 
     It keeps the conv's attributes (``in_channels``, ``out_channels``, ``kernel_size``, ``stride``,
     ``padding``, ``dilation``, ``groups``, ``padding_mode``...). ``state_dict``: ``weight`` (int8,
     ``(out, in, kH, kW)``), ``weight_scale`` (fp32, ``(out,)``), ``bias``. The output is
-    channels_last (the GEMM writes one row per output pixel).
+    channels_last.
 
     >>> import torch, tilefuse
     >>> conv = torch.nn.Conv2d(8, 4, 3, padding=1)
@@ -172,33 +155,26 @@ class Int8Conv2d(torch.nn.Module):
         x, padding = self._pre_pad(x)
         stride, pad, dil, _, out_size = conv_geometry(x.shape, self.weight.shape, self.stride,
                                                       padding, self.dilation, 1)
-        kernel = self.kernel_size
-        pads = _full_padding(x.shape[2], x.shape[3], kernel[0], kernel[1], stride, pad, dil,
-                             out_size)
         N, OH, OW, C_out = x.shape[0], out_size[0], out_size[1], self.out_channels
         res = None
         if residual is not None:
             r = residual.unsqueeze(0) if unbatched and residual.dim() == 3 else residual
-            res = r.expand(N, C_out, OH, OW).permute(0, 2, 3, 1)  # (N, OH, OW, C_out)
-        w2 = self.weight.reshape(C_out, -1)  # (C_out, K): a view, K in (C, kH, kW) order
-        act = self.activation
+            res = r.expand(N, C_out, OH, OW)
+        act, post = act_code(self.activation), act_code(self.post_activation)
         if self.mode == "weight_only":
-            a = _windows(x, pads, kernel, stride, dil, out_size)
-            y = weight_only_int8_linear(a, w2, self.weight_scale, self.bias, act,
-                                        None if res is None else res.reshape(-1, C_out))
+            if torch.is_grad_enabled() and (x.requires_grad or (res is not None
+                                                                and res.requires_grad)):
+                # gradients reach the input: the float conv (autograd) on the dequantized weight
+                bias = None if self.bias is None else self.bias.to(x.dtype)
+                y = conv2d(x, self.dequantized_weight(x.dtype), bias, self.stride, padding,
+                           self.dilation, activation=self.activation, residual=res,
+                           post_activation=self.post_activation)
+                return y.squeeze(0) if unbatched else y
+            q, sa = x, None
         else:
-            if self.act_scale == "tensor":
-                q, sa = _quantize_per_tensor(x.detach())
-                qa = _windows(q, pads, kernel, stride, dil, out_size)
-            else:
-                qa, sa = quantize_per_row(_windows(x.detach(), pads, kernel, stride, dil,
-                                                   out_size))
-            y = int8_matmul(qa, w2.t(), sa, self.weight_scale, bias=self.bias, activation=act,
-                            residual=None if res is None else res.reshape(-1, C_out),
-                            out_dtype=x.dtype)
-        y = y.view(N, OH, OW, C_out).permute(0, 3, 1, 2)
-        if self.post_activation[0] != "none":
-            y = torch_activation(y, *self.post_activation)
+            q, sa = quantize_input(x.detach(), self.act_scale)
+        y = int8_conv2d_op(q, sa, self.weight, self.weight_scale, self.bias, res, stride, pad,
+                           dil, out_size, act[0], act[1], post[0], post[1], x.dtype)
         return y.squeeze(0) if unbatched else y
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

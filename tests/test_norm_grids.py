@@ -61,8 +61,8 @@ def test_batch_norm_batch1_grids(h100, cl):
     x = _x3((1, 64, 56, 56), cl)
     N, C, S = x.shape
     Ne, Se = kb._geometry(N, S, x)
-    stats, (agrid, _, _) = kb._fwd_launch(x, Ne == 1, Ne, Se, True, False, True, True, 1, 0.0,
-                                          True, True, False)
+    stats, (agrid, _, opts) = kb._fwd_launch(x, Ne == 1, Ne, Se, True, False, True, True, 1,
+                                             0.0, True, True, False)
     assert math.prod(stats[0]) >= H100_SMS, stats[0]   # statistics
     assert math.prod(agrid) >= H100_SMS, agrid         # apply
     rgrid, _, _, _, bagrid, _, _ = kb._bwd_launch(x, Ne, Se, True, False, True, True, 1, 0.0,
@@ -70,6 +70,8 @@ def test_batch_norm_batch1_grids(h100, cl):
     assert math.prod(rgrid) >= H100_SMS and math.prod(bagrid) >= H100_SMS, (rgrid, bagrid)
     br, bc = kb._tiles(x, Se)
     assert br * bc >= kb.MIN_TILE  # >= 8 elements a thread at 4 warps: 128-bit accesses
+    if not cl:  # one channel a tile: >= 32 elements a thread, the channel's scalars a minority
+        assert br * bc // (32 * opts["num_warps"]) >= 32, opts
 
 
 def test_batch_norm_large_batch_keeps_full_tiles(h100):

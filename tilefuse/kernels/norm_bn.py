@@ -85,6 +85,14 @@ def _tiles(x, S: int | None = None) -> tuple[int, int]:
     return block_r, block_c
 
 
+def _warps(block_r: int, block_c: int) -> int:
+    """Warps of a [BLOCK_R, BLOCK_C] program: 4; one-channel (NCHW) tiles take at least 32
+    elements a thread (four 128-bit loads of a 16-bit tensor, eight of fp32), so the channel's
+    scalars (mean, var, weight, ...) stay a minority of the loads in a small tile (the same
+    bytes in flight per SM)."""
+    return 4 if block_c > 1 else max(1, min(4, block_r // 1024))
+
+
 def _split(R: int, c_blocks: int, block_r: int, device: torch.device) -> tuple[int, int]:
     """(SPLIT, R_PER): slices of R (multiples of BLOCK_R) so that the reduction grid has about
     4 programs per SM (2 slices in the interpreter, so the merge is exercised by the tests)."""
@@ -122,10 +130,10 @@ def _fwd_launch(x, flat, Ne, Se, training, has_res, has_w, has_b, activation, ac
             HAS_RUNNING=running, HAS_NBT=has_nbt, CUMULATIVE=cumulative,
             BLOCK_C=min(next_pow2(C), 1024), num_warps=4))
         stats = ((cb, split), split, r_per, R / (R - 1) if R > 1 else 1.0,
-                 dict(BLOCK_R=br, BLOCK_C=bc, num_warps=4), fconsts, fopts)
+                 dict(BLOCK_R=br, BLOCK_C=bc, num_warps=_warps(br, bc)), fconsts, fopts)
     consts, opts = split_constexprs(bn_apply_kernel, _APPLY_RUNTIME, dict(
         HAS_K=training, HAS_RESIDUAL=has_res, HAS_W=has_w, HAS_B=has_b, ACTIVATION=activation,
-        ACT_PARAM=float(act_param), BLOCK_R=br, BLOCK_C=bc, num_warps=4))
+        ACT_PARAM=float(act_param), BLOCK_R=br, BLOCK_C=bc, num_warps=_warps(br, bc)))
     return stats, ((Ne * triton.cdiv(Se, br), cb), consts, opts)
 
 
@@ -194,11 +202,11 @@ def _bwd_launch(x, Ne, Se, training, has_res, has_w, has_b, activation, act_para
     split, r_per = _split(R, cb, br, x.device)
     rconsts, opts = split_constexprs(bn_bwd_reduce_kernel, _BWD_REDUCE_RUNTIME, dict(
         HAS_RESIDUAL=has_res, HAS_W=has_w, HAS_B=has_b, ACTIVATION=activation,
-        ACT_PARAM=float(act_param), BLOCK_R=br, BLOCK_C=bc, num_warps=4))
+        ACT_PARAM=float(act_param), BLOCK_R=br, BLOCK_C=bc, num_warps=_warps(br, bc)))
     aconsts, _ = split_constexprs(bn_bwd_apply_kernel, _BWD_APPLY_RUNTIME, dict(
         TRAINING=training, HAS_RESIDUAL=has_res, HAS_W=has_w, HAS_B=has_b,
         ACTIVATION=activation, ACT_PARAM=float(act_param), STORE_DRES=store_dres,
-        BLOCK_R=br, BLOCK_C=bc, num_warps=4))
+        BLOCK_R=br, BLOCK_C=bc, num_warps=_warps(br, bc)))
     return (cb, split), split, r_per, rconsts, (Ne * triton.cdiv(Se, br), cb), aconsts, opts
 
 

@@ -1,13 +1,15 @@
-"""The aligned-row NCHW path of the depthwise kernels (``ROW_VEC > 1``: one 16-byte aligned
-window load per kernel row, taps as in-register shifts): forward and gradients against torch on
-shapes that take it, the host rule that picks it, and the per-tap fallback where rows are not
-16-byte aligned (interpreter lane; the sm_90 load widths are in test_sm90_loads.py)."""
+"""The aligned NCHW paths of the depthwise kernels: aligned rows (``ROW_VEC > 1``: one 16-byte
+aligned window load per kernel row, taps as in-register shifts; forward, grad_input, grad_weight)
+and whole planes (``FLAT_N > 0``: small maps, forward): results against torch on shapes that
+take them, the host rules that pick them, and the per-tap fallback where they do not apply
+(interpreter lane; the sm_90 load widths are in test_sm90_loads.py)."""
 import pytest
 import torch
 
 from test_depthwise import _check  # noqa: I100
 from tilefuse.kernels.depthwise import tile_config
-from tilefuse.kernels.depthwise_rows import row_plan, row_plan_dgrad, row_plan_wgrad
+from tilefuse.kernels.depthwise_rows import (flat_plan, row_plan, row_plan_dgrad,
+                                             row_plan_wgrad, row_vec)
 
 # (N, C, H, W, k, stride, padding, dilation, multiplier, activation, dtype)
 ROW_CASES = [
@@ -35,37 +37,40 @@ def _plan(x, k=3, s=1, p=1, d=1):
     OW = (x.shape[3] + 2 * p - d * (k - 1) - 1) // s + 1
     OH = (x.shape[2] + 2 * p - d * (k - 1) - 1) // s + 1
     cfg = tile_config(x.shape[1], OH, OW, False)
-    return row_plan(x, cfg, s, d, p, k, k, False)
+    return row_plan(x, cfg, s, d, p, k, k, False, OH, OW, 1)
 
 
 def test_row_plan_rule():
-    """ROW_VEC: 16 bytes of elements when W, the strides and the tile start allow it; less or 1
-    (per-tap loads) otherwise. The MobileNet widths: 56 takes 128-bit rows in every dtype, 28
-    only in fp32 (a 56-byte fp16 row is 8-byte aligned), 14 and 7 never."""
+    """ROW_VEC: 16 bytes of elements when W, the strides and the tile start allow it, else 1
+    (per-tap loads). The MobileNet widths: 56 takes 128-bit rows in every dtype, 28 only in
+    fp32 (a 56-byte fp16 row is 8-byte aligned), 14 and 7 never (they take whole planes when
+    the tile covers the map: test_flat_plan_rule)."""
     f32, f16 = torch.float32, torch.float16
     assert _plan(torch.empty(1, 8, 56, 56, dtype=f16))["ROW_VEC"] == 8
     assert _plan(torch.empty(1, 8, 56, 56, dtype=f32))["ROW_VEC"] == 4
-    assert _plan(torch.empty(1, 8, 28, 28, dtype=f32))["ROW_VEC"] == 4
-    assert _plan(torch.empty(1, 8, 28, 28, dtype=f16))["ROW_VEC"] == 4
-    assert _plan(torch.empty(1, 8, 14, 14, dtype=f32))["ROW_VEC"] == 2
-    assert _plan(torch.empty(1, 8, 7, 7, dtype=f16))["ROW_VEC"] == 1
+    assert row_vec([torch.empty(1, 8, 28, 28)], 8) == 4
+    assert row_vec([torch.empty(1, 8, 28, 28, dtype=f16)], 8) == 1
+    assert row_vec([torch.empty(1, 8, 14, 14)], 8) == 1
+    assert row_vec([torch.empty(1, 8, 7, 7, dtype=f16)], 8) == 1
+    assert _plan(torch.empty(1, 8, 56, 56))["FLAT_N"] == 0
     plan = _plan(torch.empty(1, 8, 56, 56, dtype=f16))
     assert plan["WIN_A"] == 8 and plan["WIN_W"] == 32 and plan["TAPS"] == 16
     assert _plan(torch.empty(1, 8, 56, 57)[..., :56])["ROW_VEC"] == 1  # row stride 57
     assert _plan(torch.empty(1, 8, 56, 64)[..., 1:57])["ROW_VEC"] == 1  # 4-byte aligned start
     cl = torch.empty(1, 8, 56, 56).to(memory_format=torch.channels_last)
-    assert row_plan(cl, tile_config(8, 56, 56, True), 1, 1, 1, 3, 3, True)["ROW_VEC"] == 1
+    assert row_plan(cl, tile_config(8, 56, 56, True), 1, 1, 1, 3, 3, True, 56, 56,
+                    1)["ROW_VEC"] == 1
     # grad_input: dz windows of dy and the saved output, unit column stride only
     dy = torch.empty(1, 8, 56, 56, dtype=f16)
     cfg = tile_config(8, 56, 56, False)
     plan = row_plan_dgrad(dy, dy, cfg, 1, 1, 1, 3, 3, False)
     assert plan["ROW_VEC"] == 8 and plan["WIN_A"] == 8 and plan["WIN_W"] == 32
     assert row_plan_dgrad(dy, dy, cfg, 2, 1, 1, 3, 3, False)["ROW_VEC"] == 1
-    assert row_plan_dgrad(dy, dy[..., :28], cfg, 1, 1, 1, 3, 3, False)["ROW_VEC"] == 4
+    assert row_plan_dgrad(dy, dy[..., :28], cfg, 1, 1, 1, 3, 3, False)["ROW_VEC"] == 1
     # grad_weight: x windows as the forward, dz tiles of dy and saved; one ROW_VEC for all
     assert row_plan_wgrad(dy, dy, dy, cfg, 1, 1, 1, 3, False)["ROW_VEC"] == 8
-    assert row_plan_wgrad(dy.float(), dy, dy, cfg, 1, 1, 1, 3, False)["ROW_VEC"] == 4
-    assert row_plan_wgrad(dy, dy, dy[..., :28], cfg, 1, 1, 1, 3, False)["ROW_VEC"] == 4
+    assert row_plan_wgrad(dy.float(), dy, dy, cfg, 1, 1, 1, 3, False)["ROW_VEC"] == 1
+    assert row_plan_wgrad(dy, dy, dy[..., :28], cfg, 1, 1, 1, 3, False)["ROW_VEC"] == 1
 
 
 def test_unaligned_views_fall_back():
@@ -74,3 +79,41 @@ def test_unaligned_views_fall_back():
     base = torch.randn(2, 4, 8, 40)
     for x in (base[..., 1:17], base[..., :16], base[..., 8:24]):
         _check(x, torch.randn(4, 1, 3, 3), torch.randn(4), 1, 1, 1, "relu")
+
+
+# whole-plane forward: (N, C, H, W, k, stride, padding, activation, residual, dtype)
+FLAT_CASES = [
+    pytest.param(2, 8, 14, 14, 3, 1, 1, "relu6", True, torch.float32, id="14x14-res"),
+    pytest.param(2, 16, 7, 7, 3, 1, 1, "silu", False, torch.float16, id="7x7-fp16"),
+    pytest.param(1, 4, 14, 14, 7, 1, 3, None, False, torch.bfloat16, id="14x14-k7-bf16"),
+    pytest.param(1, 5, 14, 14, 3, 2, 1, "gelu", True, torch.float32, id="s2-partial-cblock"),
+    pytest.param(1, 1, 28, 28, 5, 2, 2, None, False, torch.float32, id="28x28-s2-one-plane"),
+]
+
+
+@pytest.mark.parametrize("N,C,H,W,k,s,p,act,res,dtype", FLAT_CASES)
+def test_flat_path_matches_torch(N, C, H, W, k, s, p, act, res, dtype):
+    x = torch.randn(N, C, H, W)
+    OH = (H + 2 * p - k) // s + 1
+    assert _plan_flat(x.to(dtype), k, s, p) > 0
+    r = torch.randn(N, C, OH, OH) if res else None
+    _check(x, torch.randn(C, 1, k, k) * 0.5, torch.randn(C), s, p, 1, act, residual=r,
+           dtype=dtype)
+
+
+def _plan_flat(x, k, s, p):
+    OH = (x.shape[2] + 2 * p - k) // s + 1
+    OW = (x.shape[3] + 2 * p - k) // s + 1
+    return flat_plan(x, tile_config(x.shape[1], OH, OW, False), OH, OW, 1)
+
+
+def test_flat_plan_rule():
+    """Whole planes when the tile covers the output plane and the tile's planes are whole
+    16-byte groups: 14x14 and 7x7 in every dtype, not 56x56 (row path), not an odd plane count
+    with odd planes (7x7x3 fp32 = 147 elements), not a sliced (non-contiguous) image."""
+    assert _plan_flat(torch.empty(2, 32, 14, 14, dtype=torch.float16), 3, 1, 1) == 1024
+    assert _plan_flat(torch.empty(2, 64, 7, 7, dtype=torch.bfloat16), 3, 1, 1) == 1024
+    assert _plan_flat(torch.empty(2, 32, 56, 56), 3, 1, 1) == 0
+    assert _plan_flat(torch.empty(1, 3, 7, 7), 3, 1, 1) == 0
+    assert _plan_flat(torch.empty(2, 32, 14, 16)[..., :14], 3, 1, 1) == 0
+

@@ -28,8 +28,9 @@ import triton.language as tl
 
 from tilefuse.kernels import launch_cache, next_pow2, split_constexprs
 from tilefuse.kernels.activations import activation_grad, apply_activation
-from tilefuse.kernels.depthwise_rows import (row_plan, row_plan_dgrad, row_taps_dgrad,
-                                             row_taps_fwd)
+from tilefuse.kernels.depthwise_rows import (flat_res_plan, flat_taps_fwd, plane_gather,
+                                             plane_window, row_plan, row_plan_dgrad,
+                                             row_taps_dgrad, row_taps_fwd)
 
 MAX_GRID_Z = 65535
 INT32_LIMIT = 2 ** 31
@@ -51,7 +52,7 @@ def dw_conv_fwd_kernel(
     ACC_DTYPE: tl.constexpr, IDX: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
     ROW_VEC: tl.constexpr = 1, WIN_A: tl.constexpr = 0, WIN_W: tl.constexpr = 1,
-    TAPS: tl.constexpr = 1,
+    TAPS: tl.constexpr = 1, FLAT_N: tl.constexpr = 0, RES_FLAT: tl.constexpr = 0,
 ):
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -66,7 +67,12 @@ def dw_conv_fwd_kernel(
     p_mask = (oh < OH) & (ow < OW)
 
     w_base = w_ptr + co * swc
-    if ROW_VEC > 1:  # NCHW, aligned rows: one 128-bit window load per kernel row + shifts
+    if FLAT_N > 0:  # NCHW, whole planes: one aligned flat load + gathers
+        acc = flat_taps_fwd(x_ptr, w_base, bias_ptr + co * stride_bias, n,
+                            (pid_c * BLOCK_C).to(IDX), co, c_mask, oh, ow, p_mask, C_out, H, W,
+                            PAD_H, PAD_W, sxn, swh, sww, HAS_BIAS, STRIDE_H, STRIDE_W, DIL_H,
+                            DIL_W, KH, KW, ACC_DTYPE, ROW_VEC, FLAT_N, TAPS, BLOCK_C)
+    elif ROW_VEC > 1:  # NCHW, aligned rows: one 128-bit window load per kernel row + shifts
         acc = row_taps_fwd(x_ptr, w_base, bias_ptr + co * stride_bias, n, ci, c_mask, pid_p,
                            TILES_W, H, W, OH, PAD_H, PAD_W, sxn, sxc, sxh, swh, sww, HAS_BIAS,
                             STRIDE_H, STRIDE_W, DIL_H, DIL_W,
@@ -87,7 +93,7 @@ def dw_conv_fwd_kernel(
                 wv = tl.load(w_base + kh * swh + kw * sww, mask=c_mask, other=0.0)
                 acc += xv.to(ACC_DTYPE) * wv.to(ACC_DTYPE)[None, :]
 
-    if HAS_BIAS and ROW_VEC == 1:  # (the row path added it from its weight tile)
+    if HAS_BIAS and ROW_VEC == 1:  # (the row / flat paths added it from their weight tile)
         b = tl.load(bias_ptr + co * stride_bias, mask=c_mask, other=0.0)
         acc += b.to(ACC_DTYPE)[None, :]
     out_mask = p_mask[:, None] & c_mask[None, :]
@@ -96,8 +102,13 @@ def dw_conv_fwd_kernel(
         tl.store(pre_ptr + y_off, acc.to(pre_ptr.dtype.element_ty), mask=out_mask)
     acc = apply_activation(acc, ACTIVATION, ACT_PARAM)
     if HAS_RESIDUAL:
-        r_off = n * srn + co[None, :] * src + (oh * srh + ow * srw)[:, None]
-        r = tl.load(res_ptr + r_off, mask=out_mask, other=0.0)
+        if RES_FLAT > 0:  # whole residual planes: one aligned flat load + a gather
+            r = plane_gather(plane_window(res_ptr, n, (pid_c * BLOCK_C).to(IDX), C_out, OH * OW,
+                                          srn, ROW_VEC, RES_FLAT, BLOCK_C),
+                             (pid_c * BLOCK_C).to(IDX), co, c_mask, oh, ow, p_mask, OH, OW)
+        else:
+            r_off = n * srn + co[None, :] * src + (oh * srh + ow * srw)[:, None]
+            r = tl.load(res_ptr + r_off, mask=out_mask, other=0.0)
         acc += r.to(ACC_DTYPE)
     tl.store(y_ptr + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
@@ -283,12 +294,16 @@ def launch_forward(x, weight, y, bias=None, residual=None, pre=None, stride=(1, 
     idx = _idx(x, y, residual)
     sig = (N, C_in, C_out, KH, KW, OH, OW, channels_last, stride[0], stride[1], dilation[0],
            dilation[1], activation, act_param, bias is not None, residual is not None,
-           pre is not None, x.dtype, idx, H, W, padding[1], x.stride(), x.data_ptr() % 16 == 0)
+           pre is not None, x.dtype, idx, H, W, padding[1], x.stride(), x.data_ptr() % 16 == 0,
+           None if residual is None else (residual.shape, residual.stride(),
+                                          residual.data_ptr() % 16 == 0))
     launch = _FWD_LAUNCH.get(sig) if config is None else None
     if launch is None:
         cfg = dict(config or tile_config(C_out, OH, OW, channels_last))
         cfg.update(row_plan(x, cfg, stride[1], dilation[1], padding[1], KH, KW,
-                            channels_last))
+                            channels_last, OH, OW, C_out // C_in))
+        if residual is not None and residual.shape == y.shape:
+            cfg["RES_FLAT"] = flat_res_plan(residual, cfg, cfg["FLAT_N"])
         launch = _tiled_launch(dw_conv_fwd_kernel, _FWD_RUNTIME, N, C_out, OH, OW,
                                channels_last, cfg, dict(
             STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1],

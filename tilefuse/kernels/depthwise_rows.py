@@ -71,6 +71,56 @@ def row_taps_fwd(x_ptr, w_base, bias_base, n, ci, c_mask, pid_p, TILES_W, H, W, 
 
 
 @triton.jit
+def plane_window(ptr, n, c0, C, HW, sn, ROW_VEC: tl.constexpr, FLAT_N: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """Planes ``c0 .. c0 + BLOCK_C`` of image ``n`` of a contiguous NCHW tensor as one flat
+    ``FLAT_N`` vector (zero past the last channel); 128-bit loads: the host checked that the
+    image stride, ``C*HW`` and ``BLOCK_C*HW`` are multiples of ``ROW_VEC`` and the base is
+    16-byte aligned."""
+    lim = ((tl.minimum(C - c0, BLOCK_C) * HW) // ROW_VEC) * ROW_VEC
+    base = ((n * sn + c0 * HW) // ROW_VEC) * ROW_VEC
+    f = tl.max_contiguous(tl.arange(0, FLAT_N), FLAT_N)
+    return tl.load(ptr + base + f, mask=f < lim, other=0.0)
+
+
+@triton.jit
+def plane_gather(win, c0, co, c_mask, ih, iw, m, H, W):
+    """``(pixels, channels)`` values of :func:`plane_window` ``win`` at rows ``ih`` and columns
+    ``iw`` of channels ``co`` (zero where ``m`` or ``c_mask`` is false)."""
+    mm = m[:, None] & c_mask[None, :]
+    idx = tl.where(mm, (ih * W + iw)[:, None] + ((co - c0) * (H * W))[None, :], 0)
+    v = tl.gather(win, tl.reshape(idx, (idx.shape[0] * idx.shape[1],)), axis=0)
+    return tl.where(mm, tl.reshape(v, (idx.shape[0], idx.shape[1])), 0.0)
+
+
+@triton.jit
+def flat_taps_fwd(x_ptr, w_base, bias_base, n, c0, co, c_mask, oh, ow, p_mask, C, H, W, PAD_H,
+                  PAD_W, sxn, swh, sww, HAS_BIAS: tl.constexpr, STRIDE_H: tl.constexpr,
+                  STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+                  KH: tl.constexpr, KW: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                  ROW_VEC: tl.constexpr, FLAT_N: tl.constexpr, TAPS: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
+    """Forward taps when the tile holds whole planes (small maps: 28x28, 14x14, 7x7, whose rows
+    are not 16-byte aligned): the ``BLOCK_C`` planes of a contiguous NCHW image are one flat
+    range, loaded as one aligned vector of ``FLAT_N`` elements (the host checked that
+    ``BLOCK_C*H*W``, ``C*H*W`` and the image stride are multiples of ``ROW_VEC``); each tap is a
+    gather from it. Returns the per-tap path's accumulator, bias added."""
+    win = plane_window(x_ptr, n, c0, C, H * W, sxn, ROW_VEC, FLAT_N, BLOCK_C)
+    taps = tap_weights(w_base, bias_base, c_mask, swh, sww, KH, KW, TAPS, HAS_BIAS)
+    acc = tl.zeros((oh.shape[0], BLOCK_C), dtype=ACC_DTYPE)
+    for kh in range(KH):
+        ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+        m_h = p_mask & (ih >= 0) & (ih < H)
+        for kw in tl.static_range(KW):
+            iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+            xv = plane_gather(win, c0, co, c_mask, ih, iw, m_h & (iw >= 0) & (iw < W), H, W)
+            acc += xv.to(ACC_DTYPE) * tap(taps, kh * KW + kw, ACC_DTYPE)[None, :]
+    if HAS_BIAS:
+        acc += tap(taps, KH * KW, ACC_DTYPE)[None, :]
+    return acc
+
+
+@triton.jit
 def tap_weights(w_base, bias_base, c_mask, swh, sww, KH: tl.constexpr, KW: tl.constexpr,
                 TAPS: tl.constexpr, HAS_BIAS: tl.constexpr):
     """All ``KH*KW`` weights of the tile's channels, and the bias as row ``KH*KW``, as one
@@ -177,20 +227,21 @@ def row_tile_wgrad(dy_ptr, s_ptr, x_ptr, n, co, ci, c_mask, p, TILES_W, H, W, OH
 
 
 def row_vec(tensors, start: int) -> int:
-    """``ROW_VEC`` for row windows of the NCHW ``tensors`` (N, C, H, W) whose first column is a
-    multiple of ``start``: the largest power of two up to 16 bytes of elements dividing ``W``,
-    ``start`` and every stride of a dim longer than 1, with a unit column stride and a 16-byte
-    aligned base (1: the per-tap path). Then every ``ROW_VEC`` group of a window is aligned and
-    wholly in or out of the image."""
-    vec = 16 // tensors[0].element_size()
+    """``ROW_VEC`` for row windows of the NCHW ``tensors`` (N, C, H, W; one element size) whose
+    first column is a multiple of ``start``: 16 bytes of elements when that divides ``W``,
+    ``start`` and every stride of a dim longer than 1, with a unit column stride and 16-byte
+    aligned bases (every ``ROW_VEC`` group of a window is then one aligned 128-bit access,
+    wholly in or out of the image); otherwise 1, the per-tap path (narrower groups would pay the
+    window shifts for 32/64-bit accesses: not worth it)."""
+    size = tensors[0].element_size()
+    vec = 16 // size
     for t in tensors:
         N, C, H, W = t.shape
         sn, sc, sh, sw = t.stride()
-        if not (sw == 1 or W == 1) or t.data_ptr() % 16:
+        strides = [st for dim, st in ((N, sn), (C, sc), (H, sh)) if dim > 1]
+        if (t.element_size() != size or not (sw == 1 or W == 1) or t.data_ptr() % 16
+                or W % vec or start % vec or any(st % vec for st in strides)):
             return 1
-        strides = [st for size, st in ((N, sn), (C, sc), (H, sh)) if size > 1]
-        while vec > 1 and (W % vec or start % vec or any(st % vec for st in strides)):
-            vec //= 2
     return vec
 
 
@@ -204,16 +255,49 @@ def _window(vec: int, left: int, span) -> dict:
     return dict(ROW_VEC=vec, WIN_A=win_a, WIN_W=next_pow2(span(win_a)))
 
 
+FLAT_MAX = 2048  # elements of a flat whole-plane window (registers: 16 per thread at 4 warps)
+
+
+def flat_plan(x, cfg: dict, OH: int, OW: int, mult: int) -> int:
+    """``FLAT_N`` of the whole-plane forward path (0: off): the tile covers the output plane,
+    the image is contiguous NCHW (16-byte aligned), the tile's planes and the image's are whole
+    16-byte groups, and the tile's planes fit ``FLAT_MAX`` elements."""
+    N, C, H, W = x.shape
+    sn, sc, sh, sw = x.stride()
+    vec = 16 // x.element_size()
+    bc, hw = cfg["BLOCK_C"], H * W
+    if (mult != 1 or cfg["BLOCK_H"] < OH or cfg["BLOCK_W"] < OW or x.data_ptr() % 16
+            or not (W == 1 or sw == 1) or not (H == 1 or sh == W) or not (C == 1 or sc == hw)
+            or (bc * hw) % vec or (C * hw) % vec or (N > 1 and sn % vec)
+            or next_pow2(bc * hw) > FLAT_MAX):
+        return 0
+    return next_pow2(bc * hw)
+
+
+def flat_res_plan(res, cfg: dict, flat: int) -> int:
+    """``RES_FLAT`` (0: off): the residual is read as whole planes too (:func:`plane_window`)
+    when the forward takes the whole-plane path and the residual is a contiguous, aligned NCHW
+    tensor of the output's shape (not broadcast)."""
+    if not flat or res is None:
+        return 0
+    return flat_plan(res, cfg, res.shape[2], res.shape[3], 1)
+
+
 def row_plan(x, cfg: dict, stride_w: int, dil_w: int, pad_w: int, kh: int, kw: int,
-             channels_last: bool) -> dict:
-    """Forward constexprs (``ROW_VEC``, ``WIN_A``, ``WIN_W``, ``TAPS``; ``ROW_VEC == 1`` keeps
-    the per-tap loads) for reading ``x`` in tiles of ``cfg``'s shape (:func:`row_vec`)."""
+             channels_last: bool, OH: int, OW: int, mult: int) -> dict:
+    """Forward constexprs (``ROW_VEC``, ``WIN_A``, ``WIN_W``, ``TAPS``, ``FLAT_N``;
+    ``ROW_VEC == 1`` keeps the per-tap loads) for reading ``x`` in tiles of ``cfg``'s shape:
+    whole planes (:func:`flat_plan`) or aligned rows (:func:`row_vec`)."""
     bw = cfg["BLOCK_W"]
+    flat = 0 if channels_last else flat_plan(x, cfg, OH, OW, mult)
+    if flat:
+        return dict(_OFF, ROW_VEC=16 // x.element_size(), FLAT_N=flat,
+                    TAPS=next_pow2(kh * kw + 1))
     vec = 1 if channels_last else row_vec([x], bw * stride_w)
     if vec == 1:
-        return dict(_OFF)
+        return dict(_OFF, FLAT_N=0)
     return dict(_window(vec, pad_w, lambda a: a - pad_w + (bw - 1) * stride_w
-                        + (kw - 1) * dil_w + 1), TAPS=next_pow2(kh * kw + 1))
+                        + (kw - 1) * dil_w + 1), TAPS=next_pow2(kh * kw + 1), FLAT_N=0)
 
 
 def row_plan_dgrad(dy, saved, cfg: dict, stride_w: int, dil_w: int, pad_w: int, kh: int,
@@ -235,8 +319,8 @@ def row_plan_wgrad(x, dy, saved, cfg: dict, stride_w: int, dil_w: int, pad_w: in
     bw = cfg["BLOCK_W"]
     if channels_last:
         return dict(_OFF)
-    vec = min(row_vec([x], bw * stride_w), row_vec([dy, saved], bw))
-    if vec == 1:
+    vec = row_vec([x], bw * stride_w)
+    if vec == 1 or row_vec([dy, saved], bw) != vec:
         return dict(_OFF)
     return dict(_window(vec, pad_w, lambda a: a - pad_w + (bw - 1) * stride_w
                         + (kw - 1) * dil_w + 1), TAPS=1)

@@ -177,6 +177,9 @@ def test_tied_weights_stored_once_or_kept_float_with_a_reason():
     assert rep.replaced == ["wte", "proj", "lm_head"] and not rep.skipped
     assert q.lm_head.weight is q.wte.weight and isinstance(q.lm_head, tilefuse.nn.Int8Linear)
     assert rep.size_after < 0.45 * rep.size_before and rep.max_rel_dev < 0.1
+    qb, repb = tilefuse.quantize(_TiedLM().bfloat16().eval(), mode="fp8")  # a bf16 model
+    assert qb(ids).dtype == torch.bfloat16 and qb.wte.out_dtype == torch.bfloat16
+    assert qb.lm_head.bias is None and repb.size_after < repb.size_before
     # the projection reached first, and a second embedding on the same table: still one table
     net.add_module("wte", net._modules.pop("wte"))
     net.wte2 = torch.nn.Embedding(64, 32, _weight=net.wte.weight)

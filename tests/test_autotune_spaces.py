@@ -278,3 +278,37 @@ def test_no_family_tunes_on_first_use_by_default(monkeypatch):
     monkeypatch.setenv("TILEFUSE_AUTOTUNE", "1")
     for family in ("matmul", "layer_norm", "int8_matmul"):
         assert chain.autotune_enabled(h200, autotune.get_space(family))
+
+
+@pytest.mark.parametrize("space_name,key", [
+    ("matmul", dict(M=4096, N=4096, K=4096, dtype="bfloat16", tma=True)),
+    ("int8_matmul", dict(M=4096, N=4096, K=4096, mode="w8a8", tma=True)),
+])
+def test_tma_keys_offer_the_warp_specialized_variant(gpu_heuristics, space_name, key):
+    """Issue 19 item 4: a tuning run on an sm_90 GPU can choose the persistent TMA kernel's
+    warp-specialized loop (WARP_SPEC); its accumulator lives in two consumer warp groups, so
+    the register rule counts 8 warps. Keys without TMA never get it."""
+    space = autotune.get_space(space_name)
+    cands = space.candidates(key, H100)
+    ws = [c for c in cands if c.get("WARP_SPEC")]
+    assert ws and all(c["TMA"] == 1 and c["SPLIT_K"] == 1 for c in ws)
+    assert any(c["BLOCK_M"] * c["BLOCK_N"] >= 128 * 128 for c in ws)
+    plain = dict(key, tma=False)
+    assert not any(c.get("WARP_SPEC") for c in space.candidates(plain, H100))
+
+
+def test_warp_spec_entry_reaches_the_tma_launch():
+    """A tuned entry with WARP_SPEC launches the persistent kernel warp-specialized, with the
+    warp count Triton's Hopper pass needs; without it the tile's own warps."""
+    import triton.language as tl
+
+    from tilefuse.kernels import matmul_tma
+
+    cfg = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    epi = dict(EPI_DTYPE=tl.float32, HAS_A_SCALE=False, HAS_B_SCALE=False, HAS_BIAS=False,
+               SAVE_PRE=False, ACTIVATION=0, ACT_PARAM=0.0, HAS_RESIDUAL=False)
+    args = (4096, 4096, 4096, "row", "col", True)
+    rest = (epi, tl.float32, False, "ieee", False, 132)
+    _, _, opts = matmul_tma.tma_params(*args, dict(cfg, WARP_SPEC=1), *rest)
+    _, _, plain = matmul_tma.tma_params(*args, cfg, *rest)
+    assert opts["num_warps"] == matmul_tma.WS_WARPS and plain["num_warps"] == 8

@@ -30,8 +30,8 @@ import itertools
 
 import torch
 
-from tilefuse.autotune.matmul_space import (SMALL_M, split_variants, tma_device,
-                                            unique_split_configs)
+from tilefuse.autotune.matmul_space import (SMALL_M, consumer_warps, split_variants, tma_device,
+                                            unique_split_configs, ws_variants)
 from tilefuse.autotune.space import (GEMM_KEYS, KernelSpace, Limits, Problem, next_pow2,
                                      parse_gemm_shape, register_space)
 
@@ -150,6 +150,8 @@ class Int8MatmulSpace(KernelSpace):
             c["SPLIT_K"] = int(cfg.get("SPLIT_K", 1))
             if key.get("tma"):
                 c["TMA"] = int(cfg.get("TMA", 1))
+                if c["TMA"] and cfg.get("WARP_SPEC"):
+                    c["WARP_SPEC"] = 1
             c["BLOCK_M"] = min(c["BLOCK_M"], cap_m)
             c["BLOCK_N"] = min(c["BLOCK_N"], cap_n)
             c["BLOCK_K"] = min(c["BLOCK_K"], cap_k)
@@ -173,7 +175,7 @@ class Int8MatmulSpace(KernelSpace):
                     smem += c["BLOCK_M"] * c["BLOCK_N"] * 4  # TMA-store staging (<= 4 B/elem)
                 if smem > limits.shared_mem:
                     continue
-                per_thread = c["BLOCK_M"] * c["BLOCK_N"] / (32 * c["num_warps"])
+                per_thread = c["BLOCK_M"] * c["BLOCK_N"] / (32 * consumer_warps(c))
                 if per_thread > max_acc or per_thread < 4:
                     continue
             kept.append(c)
@@ -186,6 +188,7 @@ class Int8MatmulSpace(KernelSpace):
                                                                  int(key["K"]))
         if key.get("tma"):  # the grouped-order kernel on the same operands, for comparison
             configs += [dict(c, TMA=0) for c in configs[:len(curated) + 1]]
+            configs += ws_variants(curated[:3])
         if exhaustive:
             for bm, bn, bk, g, w, s in itertools.product(
                     _PRODUCT["BLOCK_M"], _PRODUCT["BLOCK_N"], _PRODUCT_K[mode], _PRODUCT["GROUP_M"],

@@ -33,11 +33,12 @@ SMALL_M = 256
 
 
 def unique_split_configs(configs, M: int) -> list:
-    """:func:`unique_gemm_configs` within each (SPLIT_K, TMA) class, order kept."""
+    """:func:`unique_gemm_configs` within each (SPLIT_K, TMA, WARP_SPEC) class, order kept."""
     seen, out = set(), []
     groups: dict = {}
     for c in configs:
-        groups.setdefault((c.get("SPLIT_K", 1), c.get("TMA", 1)), []).append(c)
+        groups.setdefault((c.get("SPLIT_K", 1), c.get("TMA", 1), c.get("WARP_SPEC", 0)),
+                          []).append(c)
     for group in groups.values():
         for c in unique_gemm_configs(group, M):
             ident = tuple(sorted(c.items()))
@@ -58,6 +59,19 @@ def split_variants(configs, M: int, K: int) -> list:
             if -(-K // c["BLOCK_K"]) >= 2 * s:
                 out.append(dict(c, SPLIT_K=s))
     return out
+
+
+def ws_variants(configs) -> list:
+    """The persistent TMA kernel's warp-specialized variant of ``configs`` (``WARP_SPEC=1``:
+    launched with 4 warps that Triton's Hopper pass turns into a producer and two consumer warp
+    groups; tools/aot_check.py compiles it without spills under triton 3.6 and 3.9). Only tuning
+    can pick it: the heuristic never does (GPU speed unmeasured)."""
+    return [dict(c, TMA=1, WARP_SPEC=1, SPLIT_K=1) for c in configs]
+
+
+def consumer_warps(c) -> int:
+    """Warps holding the accumulator: 8 (two consumer warp groups) for a ``WARP_SPEC`` launch."""
+    return 8 if c.get("WARP_SPEC") else c["num_warps"]
 
 
 def tma_device() -> bool:
@@ -166,6 +180,8 @@ class MatmulSpace(KernelSpace):
                 c["TMA"] = int(c.get("TMA", 1))
             else:
                 c.pop("TMA", None)
+            if not (c.get("TMA") and c.get("WARP_SPEC")):
+                c.pop("WARP_SPEC", None)
             if c["SPLIT_K"] > 1 and (M > SMALL_M or dtype == torch.float64
                                      or -(-K // c["BLOCK_K"]) < 2 * c["SPLIT_K"]):
                 continue
@@ -177,7 +193,8 @@ class MatmulSpace(KernelSpace):
                     smem += c["BLOCK_M"] * c["BLOCK_N"] * elem  # the TMA-store staging tile
                 if smem > limits.shared_mem:
                     continue
-                per_thread = c["BLOCK_M"] * c["BLOCK_N"] * acc_words / (32 * c["num_warps"])
+                per_thread = (c["BLOCK_M"] * c["BLOCK_N"] * acc_words
+                              / (32 * consumer_warps(c)))
                 if per_thread > 128 or per_thread < 4:
                     continue
             kept.append(c)
@@ -191,6 +208,7 @@ class MatmulSpace(KernelSpace):
         configs = [self.default(key)] + base + split_variants(base[:len(_CURATED)], M, K)
         if key.get("tma"):  # the grouped-order kernel on the same operands, for comparison
             configs += [dict(c, TMA=0) for c in configs[:len(_CURATED) + 1]]
+            configs += ws_variants(base[:3])
         return self.prune(configs, key, limits)
 
     # ------------------------------------------------------------------------ problems

@@ -8,10 +8,11 @@ is ``conv2d(x, w, b, padding=1, residual=identity, post_activation="relu")``.
 Backward (saved, not recomputed): when a gradient is needed the forward epilogue also stores
 ``z = conv + bias`` (only if ``activation`` is set) and ``u = act(z) + residual`` (only if
 ``post_activation`` is set), one extra store each and no extra pass; recomputing them would cost
-a second forward GEMM. The backward runs ``du = dy * post_act'(u)`` and ``dz = du * act'(z)``
-with the shared elementwise kernel (read in the tensors' own memory order), ``dresidual = du``,
-then grad-input and grad-weight as implicit GEMMs (:mod:`tilefuse.kernels.conv_bwd`, no atomics,
-deterministic) and ``dbias = dz.sum((0, 2, 3))``.
+a second forward GEMM. The backward runs grad-input and grad-weight as implicit GEMMs
+(:mod:`tilefuse.kernels.conv_bwd`, no atomics, deterministic) that form ``dz = g * act'(saved)``
+in their operand loads and ``dbias`` inside the grad-weight kernel: no ``dz`` tensor. Only a
+needed ``du = dy * post_act'(u)`` (the residual's gradient, or both activations set) is an
+elementwise pass (:func:`_backward`).
 """
 from __future__ import annotations
 
@@ -97,39 +98,58 @@ def _conv2d_fake(x, weight, bias, residual, stride, padding, dilation, groups, o
             torch.empty_like(y) if save_mid else x.new_empty(0))
 
 
-def _conv2d_bwd_impl(dz: Tensor, x: Tensor, weight: Tensor, stride: List[int],
-                     padding: List[int], dilation: List[int], groups: int, need_input: bool,
-                     need_weight: bool) -> Tuple[Tensor, Tensor]:
-    """(grad_input or empty, grad_weight or empty) for dz = dL/d(conv + bias)."""
+def _conv2d_bwd_impl(g: Tensor, z: Tensor, x: Tensor, weight: Tensor, stride: List[int],
+                     padding: List[int], dilation: List[int], groups: int, activation: int,
+                     act_param: float, need_input: bool, need_weight: bool,
+                     need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias in the accumulation dtype; each empty when not
+    needed) for ``dz = g * act'(z)`` (``activation`` 0: ``dz = g``, ``z`` unused). The
+    activation gradient is formed in the GEMMs' operand loads and ``dbias`` in the grad-weight
+    kernel: no ``dz`` tensor (a ``dz`` pass only for a bias gradient without a weight one)."""
     C_out, _, KH, KW = weight.shape
-    if backend_of(x) == "torch":
-        cd = _compute_dtype(x.dtype)
-        pads = _full_padding(x.shape[2], x.shape[3], KH, KW, stride, padding, dilation,
-                             dz.shape[2:])
-        gx, gw, _ = torch.ops.aten.convolution_backward(
-            dz.to(cd), F.pad(x.to(cd), pads), weight.to(cd), None, list(stride), [0, 0],
-            list(dilation), False, [0, 0], groups, [need_input, need_weight, False])
-        dx = torch.empty_like(x).copy_(F.pad(gx, [-p for p in pads])) if need_input \
-            else x.new_empty(0)
-        dw = gw.to(weight.dtype) if need_weight else weight.new_empty(0)
-        return dx, dw
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dx, dw, db = x.new_empty(0), weight.new_empty(0), x.new_empty(0, dtype=acc)
+    if backend_of(x) == "torch" or (need_bias and not need_weight):
+        dz = _act_backward(g, z, activation, act_param) if activation else g.to(x.dtype)
+        if need_bias:
+            db = dz.sum(dim=(0, 2, 3), dtype=acc)
+        on_torch = backend_of(x) == "torch"
+        if on_torch and (need_input or need_weight):
+            cd = _compute_dtype(x.dtype)
+            pads = _full_padding(x.shape[2], x.shape[3], KH, KW, stride, padding, dilation,
+                                 dz.shape[2:])
+            gx, gw, _ = torch.ops.aten.convolution_backward(
+                dz.to(cd), F.pad(x.to(cd), pads), weight.to(cd), None, list(stride), [0, 0],
+                list(dilation), False, [0, 0], groups, [need_input, need_weight, False])
+            if need_input:
+                dx = torch.empty_like(x).copy_(F.pad(gx, [-p for p in pads]))
+            if need_weight:
+                dw = gw.to(weight.dtype)
+        if on_torch:
+            return dx, dw, db
     from tilefuse.kernels.conv_bwd import launch_conv2d_dgrad, launch_conv2d_wgrad
 
     tf32 = x.is_cuda and _allow_tf32()
-    dx, dw = x.new_empty(0), weight.new_empty(0)
+    fused = dict(z=z if activation else None, activation=activation, act_param=act_param)
     if need_input:
-        dx = launch_conv2d_dgrad(dz, weight, torch.empty_like(x), stride, padding, dilation,
-                                 groups, allow_tf32=tf32)
+        dx = launch_conv2d_dgrad(g, weight, torch.empty_like(x), stride, padding, dilation,
+                                 groups, allow_tf32=tf32, **fused)
     if need_weight:
-        dw = launch_conv2d_wgrad(dz, x, (KH, KW), stride, padding, dilation, groups,
-                                 allow_tf32=tf32).to(weight.dtype)
-    return dx, dw
+        if need_bias:
+            db = torch.empty(C_out, device=x.device, dtype=acc)
+        dw = launch_conv2d_wgrad(g, x, (KH, KW), stride, padding, dilation, groups,
+                                 allow_tf32=tf32, dbias=db if need_bias else None,
+                                 **fused).to(weight.dtype)
+    return dx, dw, db
 
 
-def _conv2d_bwd_fake(dz, x, weight, stride, padding, dilation, groups, need_input, need_weight):
+def _conv2d_bwd_fake(g, z, x, weight, stride, padding, dilation, groups, activation, act_param,
+                     need_input, need_weight, need_bias):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     dx = torch.empty_like(x) if need_input else x.new_empty(0)
     dw = weight.new_empty(weight.shape) if need_weight else weight.new_empty(0)
-    return dx, dw
+    db = x.new_empty((weight.shape[0],) if need_bias else 0, dtype=acc)
+    return dx, dw, db
 
 
 conv2d_backward_op = fast_op("conv2d_backward", _conv2d_bwd_impl, fake=_conv2d_bwd_fake)
@@ -145,6 +165,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.save_for_backward(x, weight, output[1], output[2])
+    ctx.set_materialize_grads(False)  # pre/mid are never differentiated: no zero gradients
 
 
 def _act_grad(grad, saved, code, param, what):
@@ -155,29 +176,40 @@ def _act_grad(grad, saved, code, param, what):
 
 
 def _backward(ctx, grad_out, grad_pre, grad_mid):
+    """The activation gradients fused into the GEMMs' operand loads where one saved tensor
+    suffices: ``act`` alone (``dz = dy * act'(z)``), ``post_activation`` alone with no residual
+    gradient (``dz = dy * post'(u)``). ``du = dy * post'(u)`` is one elementwise pass when it is
+    itself needed: the residual's gradient, or ``act`` and ``post_activation`` both set (then
+    ``dz = du * act'(z)`` is fused)."""
     x, weight, pre, mid = ctx.saved_tensors
     rest = (None,) * (_N_INPUTS - 4)
     if grad_out is None:
         return (None,) * _N_INPUTS
     need = ctx.needs_input_grad
     act, act_param, post, post_param = ctx.acts
-    du = _act_grad(grad_out, mid, post, post_param, "residual sum") if post else grad_out
-    dres = du if (ctx.has_residual and need[3]) else None
-    if not (need[0] or need[1] or (ctx.has_bias and need[2])):
+    need_res = bool(ctx.has_residual and need[3])
+    if post and (act or need_res):
+        du = _act_grad(grad_out, mid, post, post_param, "residual sum")
+        g, saved, code, param, what = du, pre, act, act_param, "pre-activation"
+    elif post:
+        du = None
+        g, saved, code, param, what = grad_out, mid, post, post_param, "residual sum"
+    else:
+        du = grad_out
+        g, saved, code, param, what = grad_out, pre, act, act_param, "pre-activation"
+    dres = du if need_res else None
+    need_bias = bool(ctx.has_bias and need[2])
+    if not (need[0] or need[1] or need_bias):
         return (None, None, None, dres) + rest
-    dz = _act_grad(du, pre, act, act_param, "pre-activation") if act else du.to(x.dtype)
+    if code and saved.numel() == 0 and g.numel() != 0:
+        raise RuntimeError(f"tilefuse.conv2d: the {what} was not saved; cannot backprop through "
+                           f"the fused activation")
     stride, padding, dilation, groups = ctx.conv
-    dx = dw = None
-    if need[0] or need[1]:
-        gx, gw = conv2d_backward_op(dz, x, weight, stride, padding, dilation, groups,
-                                    bool(need[0]), bool(need[1]))
-        dx = gx if need[0] else None
-        dw = gw if need[1] else None
-    dbias = None
-    if ctx.has_bias and need[2]:
-        acc = torch.float64 if ctx.bias_dtype == torch.float64 else torch.float32
-        dbias = dz.sum(dim=(0, 2, 3), dtype=acc).to(ctx.bias_dtype)
-    return (dx, dw, dbias, dres) + rest
+    gx, gw, gb = conv2d_backward_op(g.to(x.dtype), saved if code else g.new_empty(0), x, weight,
+                                    stride, padding, dilation, groups, code, param,
+                                    bool(need[0]), bool(need[1]), need_bias)
+    return (gx if need[0] else None, gw if need[1] else None,
+            gb.to(ctx.bias_dtype) if need_bias else None, dres) + rest
 
 
 conv2d_op = fast_op("conv2d", _conv2d_impl, fake=_conv2d_fake, setup_context=_setup_context,

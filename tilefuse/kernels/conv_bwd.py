@@ -1,6 +1,10 @@
 """Dense conv2d backward as implicit GEMMs: grad-input and a deterministic grad-weight.
 
-Both take ``dz = dL/d(conv + bias)`` (the activation gradient already applied) in any strides.
+Both take ``dz = dL/d(conv + bias)`` in any strides, or, with ``ACTIVATION`` set, the pair
+``(g, z)`` (two tensors of the output's shape, own strides) and form ``dz = g * act'(z)`` in the
+operand load (:func:`dz_tile`: fp32 math, fp64 for fp64, rounded to the operand dtype exactly as
+the elementwise pass did), so no ``dz`` tensor is written. grad-weight also sums ``dz`` over the
+pixels for ``dbias`` (``HAS_DBIAS``: programs of the first tap and channel block, per split).
 
 * grad-input (:func:`conv2d_dgrad_kernel`): per group, ``M = N*H*W`` input pixels x
   ``C_in/groups`` input channels, reduced over ``K = KH*KW*C_out/groups``: for each tap it gathers
@@ -20,6 +24,7 @@ import triton
 import triton.language as tl
 
 from tilefuse.kernels import launch_cache, sm_count, split_constexprs
+from tilefuse.kernels.activations import activation_grad
 from tilefuse.kernels.conv_fwd import (acc_constexprs, conv_key, get_config, is_channels_last,
                                        pixel_coords, tap_step, tile_dot)
 from tilefuse.kernels.matmul import grouped_pid
@@ -28,14 +33,28 @@ MAX_GRID_Z = 65535
 
 
 @triton.jit
+def dz_tile(g_ptr, z_ptr, g_off, z_off, mask, ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr,
+            ACC_DTYPE: tl.constexpr):
+    """The ``dz`` operand tile: ``g`` as loaded, or ``g * act'(z)`` (computed in ``ACC_DTYPE``,
+    rounded to ``g``'s dtype: the values the separate elementwise pass used to store)."""
+    g = tl.load(g_ptr + g_off, mask=mask, other=0.0)
+    if ACTIVATION != 0:
+        z = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(ACC_DTYPE)
+        g = (g.to(ACC_DTYPE) * activation_grad(z, ACTIVATION, ACT_PARAM)).to(g.dtype)
+    return g
+
+
+@triton.jit
 def conv2d_dgrad_kernel(
-    dz_ptr, w_ptr, dx_ptr,
+    dz_ptr, z_ptr, w_ptr, dx_ptr,
     M, C_IN_G, C_OUT_G, H, W, OH, OW, PAD_H, PAD_W,
     sdn, sdc, sdh, sdw,
+    szn, szc, szh, szw,
     swo, swc, swh, sww,
     sxn, sxc, sxh, sxw,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -49,6 +68,7 @@ def conv2d_dgrad_kernel(
     ci_local = offs_n % C_IN_G
     ci64 = (g * C_IN_G + ci_local).to(tl.int64)
     d_row = dz_ptr + n.to(tl.int64) * sdn + (g * C_OUT_G).to(tl.int64) * sdc
+    z_row = n.to(tl.int64) * szn + (g * C_OUT_G).to(tl.int64) * szc
     w_col = w_ptr + ci_local.to(tl.int64)[None, :] * swc + (g * C_OUT_G).to(tl.int64) * swo
 
     c_tiles = tl.cdiv(C_OUT_G, BLOCK_K)
@@ -66,8 +86,12 @@ def conv2d_dgrad_kernel(
             p_mask = p_mask & (ow * STRIDE_W == tw)
         k_mask = cc < C_OUT_G
         cc64 = cc.to(tl.int64)
-        a = tl.load(d_row[:, None] + (oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw)[:, None]
-                    + cc64[None, :] * sdc, mask=p_mask[:, None] & k_mask[None, :], other=0.0)
+        oh64 = oh.to(tl.int64)
+        ow64 = ow.to(tl.int64)
+        a = dz_tile(d_row[:, None], z_ptr,
+                    (oh64 * sdh + ow64 * sdw)[:, None] + cc64[None, :] * sdc,
+                    (z_row + oh64 * szh + ow64 * szw)[:, None] + cc64[None, :] * szc,
+                    p_mask[:, None] & k_mask[None, :], ACTIVATION, ACT_PARAM, ACC_DTYPE)
         b = tl.load(w_col + cc64[:, None] * swo + (kh * swh + kw * sww), mask=k_mask[:, None],
                     other=0.0)
         acc = tile_dot(a, b, acc, INPUT_PRECISION, ACC_DTYPE, UPCAST)
@@ -80,18 +104,22 @@ def conv2d_dgrad_kernel(
 
 @triton.jit
 def conv2d_wgrad_kernel(
-    dz_ptr, x_ptr, part_ptr,
+    dz_ptr, z_ptr, x_ptr, part_ptr, dbias_ptr,
     P, C_OUT_G, C_IN_G, H, W, OH, OW, PAD_H, PAD_W, P_PER_SPLIT, SPLIT,
     sdn, sdc, sdh, sdw,
+    szn, szc, szh, szw,
     sxn, sxc, sxh, sxw,
-    sps, spo, spc, sph, spw,
+    sps, spo, spc, sph, spw, sbs,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr, HAS_DBIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """part[split, g*C_OUT_G + co, ci, kh, kw] = sum over this split's pixels p of
-    dz[p, co] * x[p shifted by the tap, ci]; program (co block, (tap, ci block), g*SPLIT+split)."""
+    dz[p, co] * x[p shifted by the tap, ci]; program (co block, (tap, ci block), g*SPLIT+split).
+    ``HAS_DBIAS``: the programs of tap 0 and ci block 0 also store
+    dbias[split, g*C_OUT_G + co] = sum over the split's pixels of dz[p, co]."""
     pid_co = tl.program_id(0)
     ci_tiles = tl.cdiv(C_IN_G, BLOCK_N)
     tap = tl.program_id(1) // ci_tiles
@@ -109,6 +137,8 @@ def conv2d_wgrad_kernel(
     p_end = tl.minimum(p_start + P_PER_SPLIT, P)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    bias_acc = tl.zeros((BLOCK_M,), dtype=ACC_DTYPE)
+    bias_prog = (tap == 0) & (pid_ci == 0)
     for p0 in range(p_start, p_end, BLOCK_K):
         p = p0 + offs_p
         n, oh, ow = pixel_coords(p, OH * OW, OW)
@@ -118,8 +148,13 @@ def conv2d_wgrad_kernel(
         x_mask = in_range & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         n64 = n.to(tl.int64)
         d_off = n64 * sdn + oh.to(tl.int64) * sdh + ow.to(tl.int64) * sdw
-        a = tl.load(dz_ptr + co64[:, None] * sdc + d_off[None, :], mask=in_range[None, :],
-                    other=0.0)
+        z_off = n64 * szn + oh.to(tl.int64) * szh + ow.to(tl.int64) * szw
+        a = dz_tile(dz_ptr, z_ptr, co64[:, None] * sdc + d_off[None, :],
+                    co64[:, None] * szc + z_off[None, :], in_range[None, :], ACTIVATION,
+                    ACT_PARAM, ACC_DTYPE)
+        if HAS_DBIAS:
+            if bias_prog:
+                bias_acc += tl.sum(a.to(ACC_DTYPE), axis=1)
         x_off = n64 * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
         b = tl.load(x_ptr + x_off[:, None] + ci64[None, :] * sxc, mask=x_mask[:, None],
                     other=0.0)
@@ -130,6 +165,10 @@ def conv2d_wgrad_kernel(
     out = (part_ptr + split.to(tl.int64) * sps + co64[:, None] * spo + ci_local[None, :] * spc
            + (kh * sph + kw * spw))
     tl.store(out, acc.to(part_ptr.dtype.element_ty), mask=mask)
+    if HAS_DBIAS:
+        if bias_prog:
+            tl.store(dbias_ptr + split.to(tl.int64) * sbs + co64, bias_acc,
+                     mask=offs_co < C_OUT_G)
 
 
 _LAUNCH = launch_cache()
@@ -143,21 +182,25 @@ def _geometry(kernel, stride, dilation) -> dict:
 
 
 def _dgrad_params(sig, config=None):
-    M, cig, cog, groups, kernel, stride, dilation, dtype, tf32, cl = sig
+    M, cig, cog, groups, kernel, stride, dilation, dtype, tf32, cl = sig[:10]
+    act, act_param = sig[10:] or (0, 0.0)  # the fused-backward flags
     cfg = dict(config) if config is not None else get_config(
         conv_key("dgrad", M, cig, cog, kernel, stride, dtype, cl, tf32), dtype)
     cfg.setdefault("num_warps", 4)
     cfg.setdefault("num_stages", 2)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(cig, cfg["BLOCK_N"]), groups)
-    cfg.update(_geometry(kernel, stride, dilation), **acc_constexprs(dtype, tf32))
+    cfg.update(_geometry(kernel, stride, dilation), ACTIVATION=act, ACT_PARAM=float(act_param),
+               **acc_constexprs(dtype, tf32))
     consts, opts = split_constexprs(conv2d_dgrad_kernel, _N_DGRAD, cfg)
     return grid, consts, opts
 
 
 def launch_conv2d_dgrad(dz, weight, dx, stride, padding, dilation, groups: int,
-                        allow_tf32: bool = False, config: dict | None = None):
+                        allow_tf32: bool = False, config: dict | None = None, z=None,
+                        activation: int = 0, act_param: float = 0.0):
     """dx (N, C_in, H, W), any strides, = the gradient of conv2d w.r.t. its input for
-    ``dz`` (N, C_out, OH, OW); ``padding`` is (top, left)."""
+    ``dz`` (N, C_out, OH, OW); ``padding`` is (top, left). With ``activation``, ``dz`` is the
+    gradient of ``act(z)`` and ``z`` (same shape, any strides) the saved pre-activation."""
     N, C_in, H, W = dx.shape
     C_out, cig, KH, KW = weight.shape
     OH, OW = dz.shape[2], dz.shape[3]
@@ -169,15 +212,17 @@ def launch_conv2d_dgrad(dz, weight, dx, stride, padding, dilation, groups: int,
     if M >= 2 ** 31:
         raise ValueError(f"conv2d backward: N*H*W = {M} input pixels exceed 2^31")
     tf32 = bool(allow_tf32 and dz.dtype == torch.float32 and dz.is_cuda)
+    act = activation if z is not None else 0
     sig = ("dgrad", M, cig, C_out // groups, groups, (KH, KW), tuple(stride), tuple(dilation),
-           dz.dtype, tf32, is_channels_last(dx))
+           dz.dtype, tf32, is_channels_last(dx), act, act_param if act else 0.0)
     params = _LAUNCH.get(sig) if config is None else _dgrad_params(sig[1:], config)
     if params is None:
         params = _LAUNCH[sig] = _dgrad_params(sig[1:])
     grid, consts, opts = params
+    zt = z if act else dz
     conv2d_dgrad_kernel[grid](
-        dz, weight, dx, M, cig, C_out // groups, H, W, OH, OW, padding[0], padding[1],
-        *dz.stride(), *weight.stride(), *dx.stride(), *consts, **opts)
+        dz, zt, weight, dx, M, cig, C_out // groups, H, W, OH, OW, padding[0], padding[1],
+        *dz.stride(), *zt.stride(), *weight.stride(), *dx.stride(), *consts, **opts)
     return dx
 
 
@@ -191,7 +236,8 @@ def _wgrad_split(P: int, tiles: int, block_k: int, groups: int, sms: int) -> int
 
 
 def _wgrad_params(sig, config=None):
-    P, cog, cig, groups, kernel, stride, dilation, dtype, tf32, cl, sms = sig
+    P, cog, cig, groups, kernel, stride, dilation, dtype, tf32, cl, sms = sig[:11]
+    act, act_param, db = sig[11:] or (0, 0.0, False)  # the fused-backward flags
     cfg = dict(config) if config is not None else get_config(
         conv_key("wgrad", cog, cig, P, kernel, stride, dtype, cl, tf32), dtype)
     cfg.pop("GROUP_M", None)
@@ -203,15 +249,20 @@ def _wgrad_params(sig, config=None):
     per_split = triton.cdiv(triton.cdiv(P, split), bk) * bk
     split = triton.cdiv(P, per_split)
     grid = (triton.cdiv(cog, bm), kernel[0] * kernel[1] * triton.cdiv(cig, bn), groups * split)
-    cfg.update(_geometry(kernel, stride, dilation), **acc_constexprs(dtype, tf32))
+    cfg.update(_geometry(kernel, stride, dilation), ACTIVATION=act, ACT_PARAM=float(act_param),
+               HAS_DBIAS=db, **acc_constexprs(dtype, tf32))
     consts, opts = split_constexprs(conv2d_wgrad_kernel, _N_WGRAD, cfg)
     return grid, split, per_split, consts, opts
 
 
 def launch_conv2d_wgrad(dz, x, kernel_size, stride, padding, dilation, groups: int,
-                        allow_tf32: bool = False, config: dict | None = None) -> torch.Tensor:
+                        allow_tf32: bool = False, config: dict | None = None, z=None,
+                        activation: int = 0, act_param: float = 0.0,
+                        dbias: torch.Tensor | None = None) -> torch.Tensor:
     """The gradient of conv2d w.r.t. its weight, (C_out, C_in/groups, KH, KW) in the
-    accumulation dtype (fp32; fp64 for fp64 inputs); deterministic."""
+    accumulation dtype (fp32; fp64 for fp64 inputs); deterministic. ``z``/``activation``: as
+    :func:`launch_conv2d_dgrad`. ``dbias`` ((C_out,), the accumulation dtype) receives the sum
+    of ``dz`` over the pixels, from the same kernel (per split, then a fixed-order sum)."""
     N, C_in, H, W = x.shape
     C_out, OH, OW = dz.shape[1], dz.shape[2], dz.shape[3]
     KH, KW = kernel_size
@@ -219,18 +270,28 @@ def launch_conv2d_wgrad(dz, x, kernel_size, stride, padding, dilation, groups: i
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     P = N * OH * OW
     if P == 0 or cig == 0 or cog == 0:
+        if dbias is not None:
+            dbias.zero_()
         return torch.zeros((C_out, cig, KH, KW), device=x.device, dtype=acc_dtype)
     if P >= 2 ** 31:
         raise ValueError(f"conv2d backward: N*OH*OW = {P} output pixels exceed 2^31")
     tf32 = bool(allow_tf32 and x.dtype == torch.float32 and x.is_cuda)
+    act = activation if z is not None else 0
     sig = ("wgrad", P, cog, cig, groups, (KH, KW), tuple(stride), tuple(dilation), x.dtype,
-           tf32, is_channels_last(x), sm_count(x.device))
+           tf32, is_channels_last(x), sm_count(x.device), act, act_param if act else 0.0,
+           dbias is not None)
     params = _LAUNCH.get(sig) if config is None else _wgrad_params(sig[1:], config)
     if params is None:
         params = _LAUNCH[sig] = _wgrad_params(sig[1:])
     grid, split, per_split, consts, opts = params
     part = torch.empty((split, C_out, cig, KH, KW), device=x.device, dtype=acc_dtype)
+    zt = z if act else dz
+    db = part
+    if dbias is not None:
+        db = dbias.view(1, C_out) if split == 1 else dbias.new_empty((split, C_out))
     conv2d_wgrad_kernel[grid](
-        dz, x, part, P, cog, cig, H, W, OH, OW, padding[0], padding[1], per_split, split,
-        *dz.stride(), *x.stride(), *part.stride(), *consts, **opts)
+        dz, zt, x, part, db, P, cog, cig, H, W, OH, OW, padding[0], padding[1], per_split, split,
+        *dz.stride(), *zt.stride(), *x.stride(), *part.stride(), db.stride(0), *consts, **opts)
+    if dbias is not None and split > 1:
+        torch.sum(db, 0, out=dbias)
     return part[0] if split == 1 else part.sum(0)

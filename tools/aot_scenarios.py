@@ -308,6 +308,8 @@ def _scenarios_norm(torch, tf):
                         y.backward(torch.ones_like(y))
                     yield f"batch_norm_act {dt} {shape} train={training} cl={cl} fwd+bwd", run
         yield from _scenarios_norm_batch1(torch, ops, dt)
+        yield f"instance_norm running stats {dt}", lambda dt=dt: _instance_norm_running(
+            torch, tf, dt)
         for M, N in ((8, 1000), (16384, 512), (8, 20000)):  # pre-norm residual stream: h
             for rms in (False, True):                         # stored, dh added (every path)
                 def prenorm(M=M, N=N, rms=rms, dt=dt):
@@ -318,6 +320,12 @@ def _scenarios_norm(torch, tf):
                     torch.autograd.backward((y, h), (torch.ones_like(y), torch.ones_like(h)))
                 yield (f"{'rms' if rms else 'layer'}_norm_act {dt} {M}x{N} prenorm fwd+bwd",
                        prenorm)
+
+
+def _instance_norm_running(torch, tf, dt):
+    """InstanceNorm with running stats: the in-kernel update (instance_running_kernel)."""
+    m = tf.nn.InstanceNormAct2d(16, track_running_stats=True, activation="relu")
+    m(torch.randn(4, 16, 8, 8, dtype=dt))
 
 
 def _scenarios_norm_batch1(torch, ops, dt):

@@ -147,6 +147,42 @@ group_norm_act_fwd = fast_op("group_norm_act_fwd", _fwd_impl, fake=_fwd_fake,
                              setup_context=_setup_context, backward=_backward)
 
 
+def _running_impl(mean: Tensor, rstd: Tensor, running_mean: Tensor, running_var: Tensor,
+                  N: int, S: int, eps: float, momentum: float) -> None:
+    if _use_torch(mean) or not (running_mean.is_contiguous() and running_var.is_contiguous()):
+        cd = mean.dtype
+        m = mean.reshape(N, -1).mean(0)
+        var = (rstd.reshape(N, -1).to(cd).pow(-2) - eps).mean(0)
+        var = var * (S / (S - 1) if S > 1 else float("nan"))
+        running_mean.mul_(1.0 - momentum).add_(m.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1.0 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
+        return
+    _kernels().launch_instance_running(mean, rstd, running_mean, running_var, N, S, eps,
+                                       momentum)
+
+
+instance_norm_running = torch.library.custom_op(
+    "tilefuse::instance_norm_running", mutates_args=("running_mean", "running_var"))(_running_impl)
+instance_norm_running.register_fake(lambda *args: None)
+
+
+def instance_norm_act_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                            eps: float, activation, running_mean: Tensor, running_var: Tensor,
+                            momentum: float) -> Tensor:
+    """InstanceNorm in training with running statistics: :func:`group_norm_act` with ``G == C``
+    and the running stats updated from its saved per-instance mean/rstd by
+    ``tilefuse::instance_norm_running`` (one small kernel; no second read of ``x``)."""
+    y, mean, rstd = _group_norm(x, x.shape[1], weight, bias, eps, activation)
+    if x.numel() > 0:
+        from tilefuse.fused.norm_bn import _traced
+
+        # eager: the kernel directly (no dispatcher round trip); traced: the mutating custom op
+        update = instance_norm_running if _traced() else _running_impl
+        update(mean.detach(), rstd.detach(), running_mean, running_var, x.shape[0],
+               math.prod(x.shape[2:]), eps, float(momentum))
+    return y
+
+
 def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
                    bias: Optional[Tensor] = None, eps: float = 1e-5, activation=None) -> Tensor:
     """``act(group_norm(x, num_groups, weight, bias, eps))`` in one kernel per ``(n, group)``.
@@ -163,6 +199,11 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
     >>> bool(torch.allclose(y, ref, atol=1e-5))
     True
     """
+    return _group_norm(x, num_groups, weight, bias, eps, activation)[0]
+
+
+def _group_norm(x, num_groups, weight, bias, eps, activation):
+    """:func:`group_norm_act` -> ``(y, mean, rstd)`` (the statistics per ``(n, group)``)."""
     float_tensor("x", x)
     if x.dim() < 2:
         check_tensor("x", x, min_ndim=2)
@@ -193,5 +234,5 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
     act, act_param = act_code(activation)
     # a view for NCHW / channels_last; else a copy
     x3 = x if x.dim() == 3 else x.reshape(N, C, math.prod(shape[2:]))
-    y, _, _ = group_norm_act_fwd(x3, weight, bias, num_groups, eps, act, act_param)
-    return y if x.dim() == 3 else y.view(*shape)  # (a tuple argument parses slower)
+    y, mean, rstd = group_norm_act_fwd(x3, weight, bias, num_groups, eps, act, act_param)
+    return (y if x.dim() == 3 else y.view(*shape)), mean, rstd

@@ -38,7 +38,7 @@ from tilefuse.kernels.norm_group_cl_jit import (  # noqa: F401  (channels_last k
     gn_cl_bwd_apply_kernel)
 from tilefuse.kernels.norm_group_jit import (  # noqa: F401  (the kernels, launched here)
     gn_stats_kernel, gn_apply_kernel, gn_bwd_reduce_kernel, gn_bwd_apply_kernel,
-    gn_param_grad_kernel)
+    gn_param_grad_kernel, instance_running_kernel)
 
 TILE = 4096         # elements per [BLOCK_C, BLOCK_S] tile on a GPU
 INTERP_TILE = 16384  # the interpreter pays per program (tests shrink it)
@@ -126,7 +126,8 @@ def launch_group_norm_fwd(x, weight, bias, y, mean, rstd, num_groups: int, eps: 
         consts, opts = split_constexprs(gn_apply_kernel, _APPLY_RUNTIME, dict(
             HAS_W=sig[5], HAS_B=sig[6], STORE_STATS=store, ACTIVATION=activation,
             ACT_PARAM=float(act_param), BLOCK_C=abc, BLOCK_S=abs_, num_warps=4))
-        launch = _FWD_LAUNCH[sig] = (split, s_per, dict(BLOCK_C=sbc, BLOCK_S=sbs, num_warps=8),
+        warps = max(1, min(8, sbc * sbs // 512))  # 8 for 4K tiles: no spill on sm_90 (bf16)
+        launch = _FWD_LAUNCH[sig] = (split, s_per, dict(BLOCK_C=sbc, BLOCK_S=sbs, num_warps=warps),
                                      (N * num_groups, sblocks), consts, opts)
     split, s_per, sopts, agrid, consts, opts = launch
     NG = N * num_groups
@@ -271,3 +272,14 @@ def _cl_bwd(dy, x, weight, bias, mean, rstd, dx, dw, db, G, activation, act_para
                               sx[1], 0.0, *mconsts, **opts)
     gn_cl_bwd_apply_kernel[agrid](dy, x, w, b, ch, dx, N, C, S, *sd, *sx, *dx.stride(),
                                   *aconsts, **opts)
+
+
+def launch_instance_running(mean, rstd, running_mean, running_var, N: int, S: int, eps: float,
+                            momentum: float) -> None:
+    """InstanceNorm running stats (contiguous (C,), any float dtype) updated from the forward's
+    ``(N * C,)`` fp32 mean/rstd: one launch, no re-read of the input."""
+    C = running_mean.shape[0]
+    block = min(next_pow2(C), 1024)
+    instance_running_kernel[(triton.cdiv(C, block),)](
+        mean, rstd, running_mean, running_var, N, C, float(eps), float(momentum),
+        S / (S - 1) if S > 1 else float("nan"), BLOCK_C=block, num_warps=4)

@@ -6,6 +6,7 @@ import triton
 import triton.language as tl
 
 from tilefuse.kernels.activations import activation_grad, apply_activation
+from tilefuse.kernels.norm_bn_jit import _update_running
 
 
 @triton.jit
@@ -239,3 +240,21 @@ def gn_param_grad_kernel(dwp_ptr, dbp_ptr, dw_ptr, db_ptr, C, ROWS, NEED_DW: tl.
                          NEED_DB: tl.constexpr, BLOCK_C: tl.constexpr):
     param_grad_block(dwp_ptr, dbp_ptr, dw_ptr, db_ptr, C, ROWS, tl.program_id(0), NEED_DW,
                      NEED_DB, BLOCK_C)
+
+
+@triton.jit
+def instance_running_kernel(mean_ptr, rstd_ptr, rm_ptr, rv_ptr, N, C, eps, momentum, unbias,
+                            BLOCK_C: tl.constexpr):
+    """InstanceNorm running statistics from the forward's saved per-instance ``mean``/``rstd``
+    (``(N, C)`` fp32): ``running = (1 - m) * running + m * stat`` with ``stat`` the mean over
+    samples of the instance means and unbiased variances (``1 / rstd^2 - eps``, times
+    ``S / (S - 1)``), as ``F.instance_norm``; samples summed in a fixed order."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    am = tl.zeros((BLOCK_C,), tl.float32)
+    av = tl.zeros((BLOCK_C,), tl.float32)
+    for n in range(0, N):
+        am += tl.load(mean_ptr + n * C + c, mask=cmask, other=0.0)
+        r = tl.load(rstd_ptr + n * C + c, mask=cmask, other=1.0)
+        av += 1.0 / (r * r) - eps
+    _update_running(rm_ptr, rv_ptr, c, cmask, am / N, av / N, momentum, unbias)

@@ -17,7 +17,7 @@ import torch
 from tilefuse.activations import parse_activation
 from tilefuse.fused.norm import layer_norm_act, rms_norm_act
 from tilefuse.fused.norm_bn import batch_norm_act
-from tilefuse.fused.norm_group import group_norm_act
+from tilefuse.fused.norm_group import group_norm_act, instance_norm_act_train
 
 
 class _ActMixin:
@@ -178,28 +178,17 @@ class _InstanceNormActBase(_ActMixin):
             raise ValueError(f"expected input's size at dim=1 to match num_features "
                              f"({self.num_features}), but got: {C}.")
         use_input_stats = self.training or not self.track_running_stats
-        if use_input_stats:
-            # InstanceNorm = GroupNorm with one channel per group
+        if use_input_stats and self.running_mean is not None:
+            # InstanceNorm = GroupNorm with one channel per group; running stats in a kernel
+            m = 0.0 if self.momentum is None else self.momentum
+            y = instance_norm_act_train(x, self.weight, self.bias, self.eps, self._act(),
+                                        self.running_mean, self.running_var, m)
+        elif use_input_stats:
             y = group_norm_act(x, C, self.weight, self.bias, self.eps, activation=self._act())
-            if self.running_mean is not None and x.numel() > 0:
-                self._update_running_stats(x)
         else:
             y = batch_norm_act(x, self.running_mean, self.running_var, self.weight, self.bias,
                                training=False, eps=self.eps, activation=self._act())
         return y.squeeze(0) if no_batch else y
-
-    @torch.no_grad()
-    def _update_running_stats(self, x: torch.Tensor) -> None:
-        """As F.instance_norm: running = (1 - m) * running + m * mean over samples of the
-        per-instance mean / unbiased variance. One extra torch reduction over x (only with
-        track_running_stats=True in training)."""
-        m = 0.0 if self.momentum is None else self.momentum
-        xf = x.detach().reshape(x.shape[0], x.shape[1], -1)
-        xf = xf.to(torch.float64 if xf.dtype == torch.float64 else torch.float32)
-        mean = xf.mean(-1).mean(0)
-        var = xf.var(-1, unbiased=True).mean(0)
-        self.running_mean.mul_(1.0 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
-        self.running_var.mul_(1.0 - m).add_(var.to(self.running_var.dtype), alpha=m)
 
 
 class InstanceNormAct1d(_InstanceNormActBase, torch.nn.InstanceNorm1d):

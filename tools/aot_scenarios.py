@@ -181,6 +181,35 @@ def _scenarios_conv(torch, tf):
     yield "conv fp64", lambda: ops.conv2d(torch.randn(2, 16, 9, 9, dtype=torch.float64),
                                           torch.randn(16, 16, 3, 3, dtype=torch.float64))
 
+    def res_block_bwd(dt=torch.bfloat16):  # residual needing a gradient: du pass + fused act'
+        x = torch.randn(8, 64, 56, 56, dtype=dt).to(memory_format=cl).requires_grad_()
+        w = torch.randn(64, 64, 3, 3, dtype=dt).to(memory_format=cl).requires_grad_()
+        r = torch.randn(8, 64, 56, 56, dtype=dt).to(memory_format=cl).requires_grad_()
+        y = ops.conv2d(x, w, torch.randn(64, dtype=dt, requires_grad=True), padding=1,
+                       activation="silu", residual=r, post_activation="relu")
+        y.backward(torch.ones_like(y))
+    yield "conv torch.bfloat16 resnet50 3x3 64ch NHWC silu+res+relu fwd+bwd", res_block_bwd
+
+    # int8 (Int8Conv2d's kernel, tilefuse::int8_conv2d): W8A8 with per-image / per-input-pixel
+    # activation scales (QUANT=1 / 2) and weight-only (QUANT=3), ResNet-50 layer1 shapes
+    from tilefuse.fused.conv_int8 import int8_conv2d_op
+
+    def int8_conv(scale, k=3, C=64, CO=64, H=56, q=None, act=1):
+        q = torch.randint(-127, 127, (8, C, H, H), dtype=torch.int8).to(memory_format=cl) \
+            if q is None else q
+        w = torch.randint(-127, 127, (CO, C, k, k), dtype=torch.int8).to(memory_format=cl)
+        return int8_conv2d_op(q, scale, w, torch.rand(CO), torch.randn(CO), None, [1, 1],
+                              [k // 2, k // 2], [1, 1], [H, H], act, 0.0, 0, 0.0,
+                              torch.bfloat16)
+    yield "conv int8 resnet50 3x3 64ch NHWC W8A8 per-image -> bf16", lambda: int8_conv(
+        torch.rand(8, 1, 1))
+    yield "conv int8 resnet50 3x3 64ch NHWC W8A8 per-pixel -> bf16", lambda: int8_conv(
+        torch.rand(8, 56, 56))
+    yield "conv int8 1x1 256->64 NHWC W8A8 per-pixel -> bf16", lambda: int8_conv(
+        torch.rand(8, 14, 14), k=1, C=256, H=14)
+    yield "conv int8 3x3 64ch NHWC weight-only bf16", lambda: int8_conv(
+        None, q=torch.randn(8, 64, 56, 56, dtype=torch.bfloat16).to(memory_format=cl))
+
 
 def _scenarios_int8(torch, tf):
     ops = tf.ops

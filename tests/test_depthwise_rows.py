@@ -63,10 +63,11 @@ def test_row_plan_rule():
     # grad_input: dz windows of dy and the saved output, unit column stride only
     dy = torch.empty(1, 8, 56, 56, dtype=f16)
     cfg = tile_config(8, 56, 56, False)
-    plan = row_plan_dgrad(dy, dy, cfg, 1, 1, 1, 3, 3, False)
+    plan = row_plan_dgrad(dy, dy, cfg, 1, 1, 1, 3, 3, False, 56, 56, 1)
     assert plan["ROW_VEC"] == 8 and plan["WIN_A"] == 8 and plan["WIN_W"] == 32
-    assert row_plan_dgrad(dy, dy, cfg, 2, 1, 1, 3, 3, False)["ROW_VEC"] == 1
-    assert row_plan_dgrad(dy, dy[..., :28], cfg, 1, 1, 1, 3, 3, False)["ROW_VEC"] == 1
+    assert row_plan_dgrad(dy, dy, cfg, 2, 1, 1, 3, 3, False, 56, 56, 1)["ROW_VEC"] == 1
+    assert row_plan_dgrad(dy, dy[..., :28], cfg, 1, 1, 1, 3, 3, False, 56, 56,
+                          1)["ROW_VEC"] == 1
     # grad_weight: x windows as the forward, dz tiles of dy and saved; one ROW_VEC for all
     assert row_plan_wgrad(dy, dy, dy, cfg, 1, 1, 1, 3, False)["ROW_VEC"] == 8
     assert row_plan_wgrad(dy.float(), dy, dy, cfg, 1, 1, 1, 3, False)["ROW_VEC"] == 1
@@ -116,4 +117,11 @@ def test_flat_plan_rule():
     assert _plan_flat(torch.empty(2, 32, 56, 56), 3, 1, 1) == 0
     assert _plan_flat(torch.empty(1, 3, 7, 7), 3, 1, 1) == 0
     assert _plan_flat(torch.empty(2, 32, 14, 16)[..., :14], 3, 1, 1) == 0
+    # grad_input: whole dz planes (any stride), multiplier 1
+    dy = torch.empty(2, 32, 14, 14, dtype=torch.float16)
+    cfg = tile_config(32, 14, 14, False)
+    assert row_plan_dgrad(dy, dy, cfg, 1, 1, 1, 3, 3, False, 14, 14, 1)["FLAT_N"] == 1024
+    assert row_plan_dgrad(dy, dy, cfg, 1, 1, 1, 3, 3, False, 14, 14, 2)["FLAT_N"] == 0
+    cfg = tile_config(32, 28, 28, False)  # 28x28 dx tiles are 4 rows: not whole planes
+    assert row_plan_dgrad(dy, dy, cfg, 2, 1, 1, 3, 3, False, 28, 28, 1)["FLAT_N"] == 0
 

@@ -226,6 +226,40 @@ def row_tile_wgrad(dy_ptr, s_ptr, x_ptr, n, co, ci, c_mask, p, TILES_W, H, W, OH
     return part
 
 
+@triton.jit
+def flat_taps_dgrad(dy_ptr, s_ptr, w_ptr, n, c0, ci, c_mask, ih, iw, p_mask, C, OH, OW, PAD_H,
+                    PAD_W, sdn, ssn, swc, swh, sww, STRIDE_H: tl.constexpr,
+                    STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+                    KH: tl.constexpr, KW: tl.constexpr, ACTIVATION: tl.constexpr,
+                    ACT_PARAM: tl.constexpr, ACC_DTYPE: tl.constexpr, ROW_VEC: tl.constexpr,
+                    FLAT_N: tl.constexpr, TAPS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """grad_input taps when the tile holds whole planes (multiplier 1, any stride): ``dz`` of
+    the tile's output planes from two flat aligned loads (:func:`plane_window` of ``dy`` and
+    ``saved``), each tap a gather from it."""
+    dz = plane_window(dy_ptr, n, c0, C, OH * OW, sdn, ROW_VEC, FLAT_N, BLOCK_C).to(ACC_DTYPE)
+    if ACTIVATION != 0:
+        sv = plane_window(s_ptr, n, c0, C, OH * OW, ssn, ROW_VEC, FLAT_N, BLOCK_C)
+        dz = dz * activation_grad(sv.to(ACC_DTYPE), ACTIVATION, ACT_PARAM)
+    taps = tap_weights(w_ptr + ci * swc, w_ptr + ci * swc, c_mask, swh, sww, KH, KW, TAPS,
+                       False)
+    acc = tl.zeros((ih.shape[0], BLOCK_C), dtype=ACC_DTYPE)
+    for kh in range(KH):
+        th = ih + PAD_H - kh * DIL_H
+        oh = th // STRIDE_H
+        m_h = p_mask & (th >= 0) & (oh < OH)
+        if STRIDE_H > 1:
+            m_h = m_h & (th % STRIDE_H == 0)
+        for kw in tl.static_range(KW):
+            tw = iw + PAD_W - kw * DIL_W
+            ow = tw // STRIDE_W
+            mk = m_h & (tw >= 0) & (ow < OW)
+            if STRIDE_W > 1:
+                mk = mk & (tw % STRIDE_W == 0)
+            acc += plane_gather(dz, c0, ci, c_mask, oh, ow, mk, OH, OW) * \
+                tap(taps, kh * KW + kw, ACC_DTYPE)[None, :]
+    return acc
+
+
 def row_vec(tensors, start: int) -> int:
     """``ROW_VEC`` for row windows of the NCHW ``tensors`` (N, C, H, W; one element size) whose
     first column is a multiple of ``start``: 16 bytes of elements when that divides ``W``,
@@ -255,7 +289,7 @@ def _window(vec: int, left: int, span) -> dict:
     return dict(ROW_VEC=vec, WIN_A=win_a, WIN_W=next_pow2(span(win_a)))
 
 
-FLAT_MAX = 2048  # elements of a flat whole-plane window (registers: 16 per thread at 4 warps)
+FLAT_MAX = 4096  # elements of a flat whole-plane window (registers: 32 per thread at 4 warps)
 
 
 def flat_plan(x, cfg: dict, OH: int, OW: int, mult: int) -> int:
@@ -301,15 +335,21 @@ def row_plan(x, cfg: dict, stride_w: int, dil_w: int, pad_w: int, kh: int, kw: i
 
 
 def row_plan_dgrad(dy, saved, cfg: dict, stride_w: int, dil_w: int, pad_w: int, kh: int,
-                   kw: int, channels_last: bool) -> dict:
-    """grad_input constexprs: ``dz`` windows of ``dy`` and ``saved`` (unit column stride only:
-    a strided transposed conv picks every ``stride``-th column)."""
+                   kw: int, channels_last: bool, H: int, W: int, mult: int) -> dict:
+    """grad_input constexprs for ``dx`` tiles of ``cfg``'s shape over an ``H x W`` input: whole
+    ``dz`` planes (:func:`flat_plan` of ``dy`` and ``saved``), else ``dz`` row windows (unit
+    column stride only: a strided transposed conv picks every ``stride``-th column)."""
     bw = cfg["BLOCK_W"]
+    if not channels_last:
+        flat = [flat_plan(t, cfg, H, W, mult) for t in (dy, saved)]
+        if flat[0] and flat[0] == flat[1]:
+            return dict(_OFF, ROW_VEC=16 // dy.element_size(), FLAT_N=flat[0],
+                        TAPS=next_pow2(kh * kw + 1))
     vec = 1 if channels_last or stride_w != 1 else row_vec([dy, saved], bw)
     if vec == 1:
-        return dict(_OFF)
+        return dict(_OFF, FLAT_N=0)
     return dict(_window(vec, (kw - 1) * dil_w - pad_w, lambda a: bw + pad_w + a),
-                TAPS=next_pow2(kh * kw + 1))
+                TAPS=next_pow2(kh * kw + 1), FLAT_N=0)
 
 
 def row_plan_wgrad(x, dy, saved, cfg: dict, stride_w: int, dil_w: int, pad_w: int, kw: int,

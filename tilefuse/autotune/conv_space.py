@@ -49,7 +49,8 @@ class ConvSpace(MatmulSpace):
         from tilefuse.kernels import activations, conv_bwd, conv_fwd
 
         return (conv_fwd.conv2d_fwd_kernel, conv_bwd.conv2d_dgrad_kernel,
-                conv_bwd.conv2d_wgrad_kernel, conv_fwd.tap_step, conv_fwd.tile_dot, activations)
+                conv_bwd.conv2d_wgrad_kernel, conv_fwd.tap_step, conv_fwd.tile_dot,
+                conv_bwd.dz_tile, activations)
 
     def bucket(self, key):
         kind = key.get("kind", "fwd")

@@ -2,16 +2,18 @@
 
 The input is viewed as ``(N, C, S)`` with arbitrary strides, ``S`` the flattened spatial dims:
 contiguous NCHW has strides ``(C*S, S, 1)``, channels_last ``(S*C, 1, C)``; both are read in place
-and the output is written with the strides of ``y`` (same memory format). A group is a
-``[Cg, S]`` slab walked in ``[BLOCK_C, BLOCK_S]`` tiles (a 2-D walk: no per-element division).
+and the output is written with the strides of ``y`` (same memory format). Channels-innermost
+inputs (``stride(1) == 1``) take the kernels of :mod:`tilefuse.kernels.norm_group_cl_jit`
+(``[64-channel, BLOCK_S]`` tiles, per-channel partials merged per group; three launches each
+way, see there). Otherwise a group is a ``[Cg, S]`` slab walked in ``[BLOCK_C, BLOCK_S]`` tiles
+(a 2-D walk: no per-element division):
 
 Forward, two launches:
 
-* :func:`gn_stats_kernel`, grid ``(N * G, SPLIT)`` (channels_last: :func:`gn_stats_cl_kernel`,
-  grid ``(N, SPLIT)``, ``[BLOCK_S, C]`` tiles of whole channel rows reduced per group, the same
-  partials): ``SPLIT`` slices of ``S`` per group, sized so
+* :func:`gn_stats_kernel`, grid ``(N * G, SPLIT)``: ``SPLIT`` slices of ``S`` per group, sized so
   the grid has about 4 programs per SM (:func:`tilefuse.kernels.sm_count`; a small pseudo-device
-  in the interpreter, so the same rule runs there): each program computes, in fp32, the local mean
+  in the interpreter, so the same rule runs there; slices shrink to ``MIN_S`` positions when the
+  groups are few: batch 1): each program computes, in fp32, the local mean
   of ``x - K`` (``K`` the group's first value: exact near the mean) and the local sum of squared
   deviations (two passes over a slice small enough to stay in cache);
 * :func:`gn_apply_kernel`, grid ``(N * G, S blocks)``, the wide pass: every program merges its
@@ -24,7 +26,7 @@ slice the group sums of ``g = dz * w`` and ``g * xhat`` (``dz = dy * act'(z)``) 
 partials of ``dw``/``db``; :func:`gn_bwd_apply_kernel` (the wide grid) merges the group sums and
 writes ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))``; :func:`gn_param_grad_kernel` sums
 the ``(N * SPLIT, C)`` parameter partials in a fixed order into ``dw``/``db`` in the parameters'
-dtype. No atomics.
+dtype. No atomics. InstanceNorm's running statistics: :func:`launch_instance_running`.
 """
 from __future__ import annotations
 
@@ -110,8 +112,8 @@ _BWD_APPLY_RUNTIME = gn_bwd_apply_kernel.arg_names.index("HAS_W")
 def launch_group_norm_fwd(x, weight, bias, y, mean, rstd, num_groups: int, eps: float,
                           activation: int, act_param: float):
     """x, y: (N, C, S) any strides; mean/rstd: (N * num_groups,) fp32 (written when given; None
-    when no backward will need them). Two launches; launch parameters computed once per
-    signature (:func:`tilefuse.kernels.launch_cache`)."""
+    when no backward will need them). Two launches (channels_last: three); launch parameters
+    computed once per signature (:func:`tilefuse.kernels.launch_cache`)."""
     N, C, S = x.shape
     if N == 0:
         return y

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from tilefuse.activations import parse_activation
+from tilefuse.activations import parse_activation, torch_activation
 from tilefuse.fused._fast import act_code
 from tilefuse.fused.conv import conv2d, conv_geometry
 from tilefuse.fused.conv_int8 import int8_conv2d_op
@@ -173,8 +173,14 @@ class Int8Conv2d(torch.nn.Module):
             q, sa = x, None
         else:
             q, sa = quantize_input(x.detach(), self.act_scale)
-        y = int8_conv2d_op(q, sa, self.weight, self.weight_scale, self.bias, res, stride, pad,
-                           dil, out_size, act[0], act[1], post[0], post[1], x.dtype)
+        if res is not None and res.requires_grad and torch.is_grad_enabled():
+            # the residual's gradient: its add (and what follows) as torch ops
+            y = int8_conv2d_op(q, sa, self.weight, self.weight_scale, self.bias, None, stride,
+                               pad, dil, out_size, act[0], act[1], 0, 0.0, x.dtype)
+            y = torch_activation(y + res, *self.post_activation)
+        else:
+            y = int8_conv2d_op(q, sa, self.weight, self.weight_scale, self.bias, res, stride,
+                               pad, dil, out_size, act[0], act[1], post[0], post[1], x.dtype)
         return y.squeeze(0) if unbatched else y
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -8,8 +8,8 @@ import torch
 
 from test_depthwise import _check  # noqa: I100
 from tilefuse.kernels.depthwise import tile_config
-from tilefuse.kernels.depthwise_rows import (flat_plan, row_plan, row_plan_dgrad,
-                                             row_plan_wgrad, row_vec)
+from tilefuse.kernels.depthwise_planes import flat_plan
+from tilefuse.kernels.depthwise_rows import row_plan, row_plan_dgrad, row_plan_wgrad, row_vec
 
 # (N, C, H, W, k, stride, padding, dilation, multiplier, activation, dtype)
 ROW_CASES = [
@@ -69,9 +69,9 @@ def test_row_plan_rule():
     assert row_plan_dgrad(dy, dy[..., :28], cfg, 1, 1, 1, 3, 3, False, 56, 56,
                           1)["ROW_VEC"] == 1
     # grad_weight: x windows as the forward, dz tiles of dy and saved; one ROW_VEC for all
-    assert row_plan_wgrad(dy, dy, dy, cfg, 1, 1, 1, 3, False)["ROW_VEC"] == 8
-    assert row_plan_wgrad(dy.float(), dy, dy, cfg, 1, 1, 1, 3, False)["ROW_VEC"] == 1
-    assert row_plan_wgrad(dy, dy, dy[..., :28], cfg, 1, 1, 1, 3, False)["ROW_VEC"] == 1
+    assert row_plan_wgrad(dy, dy, dy, cfg, 1, 1, 1, 3, False, 1)["ROW_VEC"] == 8
+    assert row_plan_wgrad(dy.float(), dy, dy, cfg, 1, 1, 1, 3, False, 1)["ROW_VEC"] == 1
+    assert row_plan_wgrad(dy, dy, dy[..., :28], cfg, 1, 1, 1, 3, False, 1)["ROW_VEC"] == 1
 
 
 def test_unaligned_views_fall_back():
@@ -122,6 +122,8 @@ def test_flat_plan_rule():
     cfg = tile_config(32, 14, 14, False)
     assert row_plan_dgrad(dy, dy, cfg, 1, 1, 1, 3, 3, False, 14, 14, 1)["FLAT_N"] == 1024
     assert row_plan_dgrad(dy, dy, cfg, 1, 1, 1, 3, 3, False, 14, 14, 2)["FLAT_N"] == 0
+    plan = row_plan_wgrad(dy, dy, dy, cfg, 1, 1, 1, 3, False, 1)  # grad_weight: all planes
+    assert plan["FLAT_N"] == plan["FLAT_X"] == 1024
     cfg = tile_config(32, 28, 28, False)  # 28x28 dx tiles are 4 rows: not whole planes
     assert row_plan_dgrad(dy, dy, cfg, 2, 1, 1, 3, 3, False, 28, 28, 1)["FLAT_N"] == 0
 

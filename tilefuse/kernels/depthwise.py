@@ -7,7 +7,9 @@ known to the compiler). A program owns a ``BLOCK_H x BLOCK_W`` tile of output pi
 ``BLOCK_C`` channels of one image; for every tap it loads the shifted input tile (the halo is
 re-read from L1/L2, not from HBM) and accumulates in fp32 (fp64 for fp64). Output channel ``co``
 reads input channel ``co // MULT`` (channel multiplier). Offsets are int32 (``IDX``) unless a
-tensor spans 2**31 elements or more.
+tensor spans 2**31 elements or more. In NCHW, where the per-tap loads are scalar, aligned row
+windows or whole planes give 128-bit loads instead (``ROW_VEC`` / ``FLAT_N`` constexprs, chosen
+on the host: :mod:`tilefuse.kernels.depthwise_rows`).
 
 Epilogue order (same as the matmul family): ``z = conv + bias`` -> optional store of ``z`` (for the
 activation backward) -> ``act(z)`` (shared helper) -> ``+ residual`` -> cast and store. relu and
@@ -28,9 +30,10 @@ import triton.language as tl
 
 from tilefuse.kernels import launch_cache, next_pow2, split_constexprs
 from tilefuse.kernels.activations import activation_grad, apply_activation
-from tilefuse.kernels.depthwise_rows import (flat_res_plan, flat_taps_dgrad, flat_taps_fwd,
-                                             plane_gather, plane_window, row_plan,
-                                             row_plan_dgrad, row_taps_dgrad, row_taps_fwd)
+from tilefuse.kernels.depthwise_planes import (flat_res_plan, flat_taps_dgrad, flat_taps_fwd,
+                                               plane_gather, plane_window)
+from tilefuse.kernels.depthwise_rows import (row_plan, row_plan_dgrad, row_taps_dgrad,
+                                             row_taps_fwd)
 
 MAX_GRID_Z = 65535
 INT32_LIMIT = 2 ** 31

@@ -8,8 +8,11 @@ it (``tl.gather`` along the window's columns; on the GPU Triton stages the windo
 memory). The host (:func:`row_plan`) turns the path on only where it is exact and aligned: unit
 column stride, the row width, every stride and the tile's first column multiples of ``ROW_VEC``
 (16 bytes of elements, or fewer), the base 16-byte aligned; a pure function of shapes, strides
-and alignment, so the interpreter takes the same path as the GPU. The weights (and the bias) of
-the tile's channels come as one ``(taps, channels)`` tile (:func:`tap_weights`).
+and alignment, so the interpreter takes the same path as the GPU. Small maps, whose rows are
+not 16-byte aligned (28x28 fp16, 14x14, 7x7) but whose tile covers the whole plane, load the
+tile's planes as one flat aligned vector instead and gather every tap from it (``FLAT_N``:
+:mod:`tilefuse.kernels.depthwise_planes`; the plans here pick between the two). The weights (and
+the bias) of the tile's channels come as one ``(taps, channels)`` tile (``tap_weights``).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import triton.language as tl
 
 from tilefuse.kernels import next_pow2
 from tilefuse.kernels.activations import activation_grad
+from tilefuse.kernels.depthwise_planes import flat_plan, tap, tap_weights
 
 
 @triton.jit
@@ -68,77 +72,6 @@ def row_taps_fwd(x_ptr, w_base, bias_base, n, ci, c_mask, pid_p, TILES_W, H, W, 
     if HAS_BIAS:
         acc += tap(taps, KH * KW, ACC_DTYPE)[None, None, :]
     return tl.reshape(acc, (BLOCK_H * BLOCK_W, BLOCK_C))
-
-
-@triton.jit
-def plane_window(ptr, n, c0, C, HW, sn, ROW_VEC: tl.constexpr, FLAT_N: tl.constexpr,
-                 BLOCK_C: tl.constexpr):
-    """Planes ``c0 .. c0 + BLOCK_C`` of image ``n`` of a contiguous NCHW tensor as one flat
-    ``FLAT_N`` vector (zero past the last channel); 128-bit loads: the host checked that the
-    image stride, ``C*HW`` and ``BLOCK_C*HW`` are multiples of ``ROW_VEC`` and the base is
-    16-byte aligned."""
-    lim = ((tl.minimum(C - c0, BLOCK_C) * HW) // ROW_VEC) * ROW_VEC
-    base = ((n * sn + c0 * HW) // ROW_VEC) * ROW_VEC
-    f = tl.max_contiguous(tl.arange(0, FLAT_N), FLAT_N)
-    return tl.load(ptr + base + f, mask=f < lim, other=0.0)
-
-
-@triton.jit
-def plane_gather(win, c0, co, c_mask, ih, iw, m, H, W):
-    """``(pixels, channels)`` values of :func:`plane_window` ``win`` at rows ``ih`` and columns
-    ``iw`` of channels ``co`` (zero where ``m`` or ``c_mask`` is false)."""
-    mm = m[:, None] & c_mask[None, :]
-    idx = tl.where(mm, (ih * W + iw)[:, None] + ((co - c0) * (H * W))[None, :], 0)
-    v = tl.gather(win, tl.reshape(idx, (idx.shape[0] * idx.shape[1],)), axis=0)
-    return tl.where(mm, tl.reshape(v, (idx.shape[0], idx.shape[1])), 0.0)
-
-
-@triton.jit
-def flat_taps_fwd(x_ptr, w_base, bias_base, n, c0, co, c_mask, oh, ow, p_mask, C, H, W, PAD_H,
-                  PAD_W, sxn, swh, sww, HAS_BIAS: tl.constexpr, STRIDE_H: tl.constexpr,
-                  STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-                  KH: tl.constexpr, KW: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                  ROW_VEC: tl.constexpr, FLAT_N: tl.constexpr, TAPS: tl.constexpr,
-                  BLOCK_C: tl.constexpr):
-    """Forward taps when the tile holds whole planes (small maps: 28x28, 14x14, 7x7, whose rows
-    are not 16-byte aligned): the ``BLOCK_C`` planes of a contiguous NCHW image are one flat
-    range, loaded as one aligned vector of ``FLAT_N`` elements (the host checked that
-    ``BLOCK_C*H*W``, ``C*H*W`` and the image stride are multiples of ``ROW_VEC``); each tap is a
-    gather from it. Returns the per-tap path's accumulator, bias added."""
-    win = plane_window(x_ptr, n, c0, C, H * W, sxn, ROW_VEC, FLAT_N, BLOCK_C)
-    taps = tap_weights(w_base, bias_base, c_mask, swh, sww, KH, KW, TAPS, HAS_BIAS)
-    acc = tl.zeros((oh.shape[0], BLOCK_C), dtype=ACC_DTYPE)
-    for kh in range(KH):
-        ih = oh * STRIDE_H - PAD_H + kh * DIL_H
-        m_h = p_mask & (ih >= 0) & (ih < H)
-        for kw in tl.static_range(KW):
-            iw = ow * STRIDE_W - PAD_W + kw * DIL_W
-            xv = plane_gather(win, c0, co, c_mask, ih, iw, m_h & (iw >= 0) & (iw < W), H, W)
-            acc += xv.to(ACC_DTYPE) * tap(taps, kh * KW + kw, ACC_DTYPE)[None, :]
-    if HAS_BIAS:
-        acc += tap(taps, KH * KW, ACC_DTYPE)[None, :]
-    return acc
-
-
-@triton.jit
-def tap_weights(w_base, bias_base, c_mask, swh, sww, KH: tl.constexpr, KW: tl.constexpr,
-                TAPS: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """All ``KH*KW`` weights of the tile's channels, and the bias as row ``KH*KW``, as one
-    ``(TAPS, channels)`` load (``TAPS``: ``KH*KW + 1`` rounded up to a power of two): a few
-    load instructions instead of ``KH*KW + 1`` per-channel ones; :func:`tap` picks a row."""
-    t = tl.arange(0, TAPS)
-    off = (t // KW) * swh + (t % KW) * sww
-    ptrs = tl.where((t < KH * KW)[:, None], w_base[None, :] + off[:, None], bias_base[None, :])
-    m = (t < KH * KW + HAS_BIAS)[:, None] & c_mask[None, :]
-    return tl.load(ptrs, mask=m, other=0.0)
-
-
-@triton.jit
-def tap(taps, k, ACC_DTYPE: tl.constexpr):
-    """Row ``k`` of :func:`tap_weights`' tile (a masked sum over its tap axis), as
-    ``ACC_DTYPE``."""
-    t = tl.arange(0, taps.shape[0])
-    return tl.sum(tl.where((t == k)[:, None], taps.to(ACC_DTYPE), 0.0), axis=0)
 
 
 @triton.jit
@@ -226,40 +159,6 @@ def row_tile_wgrad(dy_ptr, s_ptr, x_ptr, n, co, ci, c_mask, p, TILES_W, H, W, OH
     return part
 
 
-@triton.jit
-def flat_taps_dgrad(dy_ptr, s_ptr, w_ptr, n, c0, ci, c_mask, ih, iw, p_mask, C, OH, OW, PAD_H,
-                    PAD_W, sdn, ssn, swc, swh, sww, STRIDE_H: tl.constexpr,
-                    STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-                    KH: tl.constexpr, KW: tl.constexpr, ACTIVATION: tl.constexpr,
-                    ACT_PARAM: tl.constexpr, ACC_DTYPE: tl.constexpr, ROW_VEC: tl.constexpr,
-                    FLAT_N: tl.constexpr, TAPS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """grad_input taps when the tile holds whole planes (multiplier 1, any stride): ``dz`` of
-    the tile's output planes from two flat aligned loads (:func:`plane_window` of ``dy`` and
-    ``saved``), each tap a gather from it."""
-    dz = plane_window(dy_ptr, n, c0, C, OH * OW, sdn, ROW_VEC, FLAT_N, BLOCK_C).to(ACC_DTYPE)
-    if ACTIVATION != 0:
-        sv = plane_window(s_ptr, n, c0, C, OH * OW, ssn, ROW_VEC, FLAT_N, BLOCK_C)
-        dz = dz * activation_grad(sv.to(ACC_DTYPE), ACTIVATION, ACT_PARAM)
-    taps = tap_weights(w_ptr + ci * swc, w_ptr + ci * swc, c_mask, swh, sww, KH, KW, TAPS,
-                       False)
-    acc = tl.zeros((ih.shape[0], BLOCK_C), dtype=ACC_DTYPE)
-    for kh in range(KH):
-        th = ih + PAD_H - kh * DIL_H
-        oh = th // STRIDE_H
-        m_h = p_mask & (th >= 0) & (oh < OH)
-        if STRIDE_H > 1:
-            m_h = m_h & (th % STRIDE_H == 0)
-        for kw in tl.static_range(KW):
-            tw = iw + PAD_W - kw * DIL_W
-            ow = tw // STRIDE_W
-            mk = m_h & (tw >= 0) & (ow < OW)
-            if STRIDE_W > 1:
-                mk = mk & (tw % STRIDE_W == 0)
-            acc += plane_gather(dz, c0, ci, c_mask, oh, ow, mk, OH, OW) * \
-                tap(taps, kh * KW + kw, ACC_DTYPE)[None, :]
-    return acc
-
-
 def row_vec(tensors, start: int) -> int:
     """``ROW_VEC`` for row windows of the NCHW ``tensors`` (N, C, H, W; one element size) whose
     first column is a multiple of ``start``: 16 bytes of elements when that divides ``W``,
@@ -287,34 +186,6 @@ def _window(vec: int, left: int, span) -> dict:
     column) rounded up to ``vec``; ``WIN_W`` = ``span(WIN_A)`` columns as a power of two."""
     win_a = -(-left // vec) * vec
     return dict(ROW_VEC=vec, WIN_A=win_a, WIN_W=next_pow2(span(win_a)))
-
-
-FLAT_MAX = 4096  # elements of a flat whole-plane window (registers: 32 per thread at 4 warps)
-
-
-def flat_plan(x, cfg: dict, OH: int, OW: int, mult: int) -> int:
-    """``FLAT_N`` of the whole-plane forward path (0: off): the tile covers the output plane,
-    the image is contiguous NCHW (16-byte aligned), the tile's planes and the image's are whole
-    16-byte groups, and the tile's planes fit ``FLAT_MAX`` elements."""
-    N, C, H, W = x.shape
-    sn, sc, sh, sw = x.stride()
-    vec = 16 // x.element_size()
-    bc, hw = cfg["BLOCK_C"], H * W
-    if (mult != 1 or cfg["BLOCK_H"] < OH or cfg["BLOCK_W"] < OW or x.data_ptr() % 16
-            or not (W == 1 or sw == 1) or not (H == 1 or sh == W) or not (C == 1 or sc == hw)
-            or (bc * hw) % vec or (C * hw) % vec or (N > 1 and sn % vec)
-            or next_pow2(bc * hw) > FLAT_MAX):
-        return 0
-    return next_pow2(bc * hw)
-
-
-def flat_res_plan(res, cfg: dict, flat: int) -> int:
-    """``RES_FLAT`` (0: off): the residual is read as whole planes too (:func:`plane_window`)
-    when the forward takes the whole-plane path and the residual is a contiguous, aligned NCHW
-    tensor of the output's shape (not broadcast)."""
-    if not flat or res is None:
-        return 0
-    return flat_plan(res, cfg, res.shape[2], res.shape[3], 1)
 
 
 def row_plan(x, cfg: dict, stride_w: int, dil_w: int, pad_w: int, kh: int, kw: int,
@@ -353,12 +224,25 @@ def row_plan_dgrad(dy, saved, cfg: dict, stride_w: int, dil_w: int, pad_w: int, 
 
 
 def row_plan_wgrad(x, dy, saved, cfg: dict, stride_w: int, dil_w: int, pad_w: int, kw: int,
-                   channels_last: bool) -> dict:
-    """grad_weight constexprs: the forward's ``x`` windows plus aligned ``dz`` tiles of ``dy``
-    and ``saved`` (one ``ROW_VEC`` valid for all three)."""
+                   channels_last: bool, mult: int) -> dict:
+    """grad_weight constexprs: whole planes of ``dy``, ``saved`` and ``x`` (``FLAT_N`` /
+    ``FLAT_X``), else the forward's ``x`` windows plus aligned ``dz`` tiles of ``dy`` and
+    ``saved`` (one ``ROW_VEC`` valid for all three)."""
     bw = cfg["BLOCK_W"]
     if channels_last:
-        return dict(_OFF)
+        return dict(_OFF, FLAT_N=0, FLAT_X=0)
+    OH, OW = dy.shape[2], dy.shape[3]
+    flat = [flat_plan(t, cfg, OH, OW, mult) for t in (dy, saved, x)]
+    same = x.element_size() == dy.element_size() == saved.element_size()
+    if same and flat[0] and flat[0] == flat[1] and flat[2]:
+        return dict(_OFF, ROW_VEC=16 // x.element_size(), FLAT_N=flat[0], FLAT_X=flat[2])
+    return dict(_row_plan_wgrad(x, dy, saved, bw, stride_w, dil_w, pad_w, kw), FLAT_N=0,
+                FLAT_X=0)
+
+
+def _row_plan_wgrad(x, dy, saved, bw: int, stride_w: int, dil_w: int, pad_w: int,
+                    kw: int) -> dict:
+    """The aligned-row part of :func:`row_plan_wgrad`."""
     vec = row_vec([x], bw * stride_w)
     if vec == 1 or row_vec([dy, saved], bw) != vec:
         return dict(_OFF)

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from tilefuse.kernels import launch_cache, next_pow2, sm_count, split_constexprs
 from tilefuse.kernels.depthwise import _acc, _idx, _is_channels_last, _load_dz, tile_config
+from tilefuse.kernels.depthwise_planes import flat_tile_wgrad
 from tilefuse.kernels.depthwise_rows import row_plan_wgrad, row_tile_wgrad
 
 
@@ -33,7 +34,8 @@ def dw_conv_bwd_weight_kernel(
     ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr, ACC_DTYPE: tl.constexpr,
     IDX: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_T: tl.constexpr, ROW_VEC: tl.constexpr = 1, WIN_A: tl.constexpr = 0,
-    WIN_W: tl.constexpr = 1, TAPS: tl.constexpr = 1,
+    WIN_W: tl.constexpr = 1, TAPS: tl.constexpr = 1, FLAT_N: tl.constexpr = 0,
+    FLAT_X: tl.constexpr = 0,
 ):
     """Stage 1 of dw/db: program (channel block, split) walks output tiles
     ``[split * TILES_PER_SPLIT, ...)`` (tile = image x pixel tile) in order; each dz tile is read
@@ -51,7 +53,15 @@ def dw_conv_bwd_weight_kernel(
     for k in range(first, tl.minimum(first + TILES_PER_SPLIT, TILES)):
         n = (k // TILES_P).to(IDX)
         p = k % TILES_P
-        if ROW_VEC > 1:  # NCHW aligned rows (tilefuse.kernels.depthwise_rows)
+        if FLAT_N > 0:  # NCHW whole planes (tilefuse.kernels.depthwise_rows)
+            oh = ((p // TILES_W) * BLOCK_H + i // BLOCK_W).to(IDX)
+            ow = ((p % TILES_W) * BLOCK_W + i % BLOCK_W).to(IDX)
+            acc += flat_tile_wgrad(dy_ptr, s_ptr, x_ptr, n, (pid_c * BLOCK_C).to(IDX), co, c_mask,
+                                   oh, ow, (oh < OH) & (ow < OW), t, C_out, H, W, OH, OW, PAD_H,
+                                   PAD_W, sdn, ssn, sxn, STRIDE_H, STRIDE_W, DIL_H, DIL_W, KH,
+                                   KW, ACTIVATION, ACT_PARAM, ACC_DTYPE, ROW_VEC, FLAT_N, FLAT_X,
+                                   BLOCK_C)
+        elif ROW_VEC > 1:  # NCHW aligned rows (tilefuse.kernels.depthwise_rows)
             acc += row_tile_wgrad(dy_ptr, s_ptr, x_ptr, n, co, ci, c_mask, p, TILES_W, H, W, OH,
                                   OW, PAD_H, PAD_W, sdn, sdc, sdh, ssn, ssc, ssh, sxn, sxc, sxh,
                                   STRIDE_H, STRIDE_W, DIL_H, DIL_W, KH, KW, ACTIVATION,
@@ -164,7 +174,7 @@ def launch_backward_weight(dy, x, kernel_size, stride=(1, 1), padding=(0, 0), di
         grid, cfg, tiles_w, tiles_p, tiles, per_split, splits = weight_grad_plan(
             N, C_out, OH, OW, KH, KW, channels_last, x.device, num_splits)
         cfg.update(row_plan_wgrad(x, dy, saved, cfg, stride[1], dilation[1], padding[1], KW,
-                                  channels_last))
+                                  channels_last, C_out // C_in))
         consts, opts = split_constexprs(dw_conv_bwd_weight_kernel, _BWD_WEIGHT_RUNTIME, dict(
             cfg, STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1],
             KH=KH, KW=KW, MULT=C_out // C_in, ACTIVATION=activation, ACT_PARAM=float(act_param),

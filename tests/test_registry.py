@@ -27,14 +27,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _custom_ops_created() -> set:
-    """Every ``fast_op("<name>", ...)`` in the package (its tilefuse:: custom ops)."""
+    """Every tilefuse:: custom op the package defines: ``fast_op("<name>", ...)`` and
+    ``torch.library.custom_op("tilefuse::<name>", ...)`` calls."""
     names = set()
     for path in (ROOT / "tilefuse").rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "fast_op"
-                    and node.args and isinstance(node.args[0], ast.Constant)):
+            if not (isinstance(node, ast.Call) and node.args
+                    and isinstance(node.args[0], ast.Constant)
+                    and isinstance(node.args[0].value, str)):
+                continue
+            if getattr(node.func, "id", None) == "fast_op":
                 names.add(node.args[0].value)
+            elif (getattr(node.func, "attr", None) == "custom_op"
+                  and node.args[0].value.startswith("tilefuse::")):  # torch.library.custom_op
+                names.add(node.args[0].value.split("::", 1)[1])
     return names
 
 

@@ -78,7 +78,7 @@ OPS: Tuple[OpSpec, ...] = (
         _F + "test_fuzz_group_norm"),
     _op("batch_norm_act", "tilefuse.fused.norm_bn", "norm",
         "act(F.batch_norm(x, ...) + residual)", "none",
-        ["batch_norm_act_fwd", "batch_norm_act_bwd"], _F + "test_fuzz_batch_norm"),
+        ["batch_norm_act_fwd", "batch_norm_act_bwd", "batch_norm_running"], _F + "test_fuzz_batch_norm"),
     _op("conv2d", "tilefuse.fused.conv", "conv", "act(F.conv2d(x, w, b, ...) + residual)",
         "lower", ["conv2d", "conv2d_backward"], _G + "test_fuzz_conv2d",
         aot=r"^conv ", tuning="conv2d"),
@@ -132,6 +132,7 @@ OPS: Tuple[OpSpec, ...] = (
 INTERNAL_CUSTOM_OPS: Dict[str, str] = {
     "mixup": "tilefuse.regularize.mixup",
     "int8_conv2d": "tilefuse.nn.int8_conv",
+    "instance_norm_running": "tilefuse.nn.InstanceNormAct1d/2d (running statistics)",
 }
 
 BY_NAME: Dict[str, OpSpec] = {op.name: op for op in OPS}

@@ -1,6 +1,6 @@
 """Issue 20's compile properties for the new conv launches (tools/aot_check.py, sm_90, the
 installed triton): the int8 implicit-GEMM conv (W8A8 3x3 channels_last at the ResNet-50 layer1
-shape, per-image and per-input-pixel scales; weight-only) and the fused-backward grad-input /
+shape, per-image, per-input-pixel and static scales; weight-only) and the fused-backward grad-input /
 grad-weight kernels (activation gradient in the operand loads, dbias in grad-weight) compile to
 ``wgmma`` with no register spills. One subprocess (the tool must run without TRITON_INTERPRET)."""
 import pytest
@@ -13,6 +13,7 @@ SCENARIOS = {
     "conv int8 resnet50 3x3 64ch NHWC W8A8 per-image -> bf16": ("conv2d_fwd_kernel", 1),
     "conv int8 resnet50 3x3 64ch NHWC W8A8 per-pixel -> bf16": ("conv2d_fwd_kernel", 2),
     "conv int8 3x3 64ch NHWC weight-only bf16": ("conv2d_fwd_kernel", 3),
+    "conv int8 resnet50 3x3 64ch NHWC W8A8 static -> bf16": ("conv2d_fwd_kernel", 4),
     "conv torch.bfloat16 resnet50 3x3 64ch NHWC silu+res+relu fwd+bwd": (
         "conv2d_dgrad_kernel|conv2d_wgrad_kernel", None),
 }

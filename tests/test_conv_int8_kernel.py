@@ -64,6 +64,9 @@ def test_w8a8_exact_int32(geo, cl):
     y = _run(x, per_pixel, w, ws, geo)
     want = _ref(x.double() * per_pixel.double()[:, None], w, geo) * ws.double()[None, :, None, None]
     assert torch.equal(y.double(), want)
+    # static scale: a float input on the int8 grid (x = q * 2^-3) is quantized back to q
+    y = _run(_layout(x.float() / 8, cl), torch.tensor([0.125]), w, ws, geo)
+    assert torch.equal(y.double(), exact * 0.125)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16,
@@ -98,12 +101,65 @@ def test_weight_only_float_input(dtype):
     torch.testing.assert_close(y.double(), want, atol=tol * want.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_static_scale_rounds_half_away_from_zero_and_clamps(dtype):
+    """The static mode's in-load quantizer: round(x / s) half away from zero (as the row
+    quantizer), clamped to +-127; a 1x1 identity conv shows the int8 values themselves."""
+    v = torch.tensor([0.0, 0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 126.6, 300.0, -300.0, 3.49])
+    x = v.to(dtype).view(1, 1, 1, -1)
+    y = _run(x, torch.tensor([1.0]), torch.ones(1, 1, 1, 1, dtype=torch.int8), torch.ones(1),
+             GEOMETRIES[2] | dict(stride=1))
+    want = torch.tensor([0, 1, -1, 2, -2, 3, -3, 127, 127, -127, 3.0]).view(1, 1, 1, -1)
+    assert torch.equal(y, want)
+
+
+def test_calibrate_static_scales_on_a_cnn():
+    """tilefuse.nn.int8_conv.calibrate: every W8A8 conv gets a calibrated input_scale (state_dict
+    round trip), one launch per conv (no quantizer), deviation from the float model as small as
+    the dynamic modes'; an uncalibrated static conv refuses to run."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_conv_models import TorchvisionResNet, _randomize_bn
+    from tilefuse.nn.int8_conv import calibrate
+
+    torch.manual_seed(7)
+    model = _randomize_bn(TorchvisionResNet(width=8)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    q, rep = tilefuse.quantize(tilefuse.patch(model), calibration=x)
+    convs = [m for m in q.modules() if isinstance(m, Int8Conv2d)]
+    assert calibrate(q, x) == len(convs) > 0
+    assert all(m.act_scale == "static" and m.input_scale.item() > 0 for m in convs)
+    with torch.no_grad():
+        want, got = model(x), q(x)
+        dev = (got - want).abs().max() / want.abs().max()
+        assert dev < 0.1 and torch.equal(got.argmax(1), want.argmax(1)), dev
+        z = torch.randn(2, convs[1].in_channels, 8, 8)
+        with count_traffic() as t:
+            convs[1](z)
+    assert t.launches == 1, (t.kernels, t.torch_ops)
+    sd = convs[1].state_dict()
+    assert list(sd) == ["weight", "weight_scale", "bias", "input_scale"]
+    fresh = Int8Conv2d(convs[1].in_channels, convs[1].out_channels, convs[1].kernel_size,
+                       convs[1].stride, convs[1].padding, act_scale="static",
+                       bias=convs[1].bias is not None)
+    with pytest.raises(RuntimeError, match="not calibrated"):
+        fresh(torch.randn(1, convs[1].in_channels, 8, 8))
+    fresh.activation, fresh.post_activation = convs[1].activation, convs[1].post_activation
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh(z), convs[1](z))
+
+
 def test_torch_backend_matches_kernel(monkeypatch):
     torch.manual_seed(3)
     conv = torch.nn.Conv2d(10, 7, 3, stride=2, padding=1)
     x = torch.randn(2, 10, 9, 9)
-    for scale in ("pixel", "sample", "tensor"):
-        q = Int8Conv2d.from_float(conv, act_scale=scale, activation="relu")
+    static = Int8Conv2d.from_float(conv, act_scale="static", activation="relu")
+    static.observe(x)
+    for scale in ("pixel", "sample", "tensor", static):
+        q = static if scale is static else Int8Conv2d.from_float(conv, act_scale=scale,
+                                                                   activation="relu")
         y = q(x)
         with monkeypatch.context() as m:
             m.setenv("TILEFUSE_BACKEND", "torch")

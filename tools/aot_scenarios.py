@@ -209,6 +209,8 @@ def _scenarios_conv(torch, tf):
         torch.rand(8, 14, 14), k=1, C=256, H=14)
     yield "conv int8 3x3 64ch NHWC weight-only bf16", lambda: int8_conv(
         None, q=torch.randn(8, 64, 56, 56, dtype=torch.bfloat16).to(memory_format=cl))
+    yield "conv int8 resnet50 3x3 64ch NHWC W8A8 static -> bf16", lambda: int8_conv(
+        torch.rand(1), q=torch.randn(8, 64, 56, 56, dtype=torch.bfloat16).to(memory_format=cl))
 
 
 def _scenarios_int8(torch, tf):

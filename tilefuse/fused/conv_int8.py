@@ -7,6 +7,8 @@
   per image, ``(1, 1, 1)`` one per tensor, ``(N, H, W)`` one per input pixel. int8 x int8 ->
   int32 products (exact); the scales apply in the epilogue (per-pixel scales with a kernel larger
   than 1x1: per K step, into an fp32 accumulator).
+* static W8A8 (``q`` float, ``a_scale`` one calibrated scale): ``q`` is quantized in the conv
+  kernel's load path (``clamp(round(q / a_scale), -127, 127)``, half away from zero).
 * weight-only (``q`` float, ``a_scale`` None): the int8 weight is cast in the load path.
 
 The torch backend computes the same thing in fp64 (int8 products are exact there too).
@@ -27,6 +29,9 @@ from tilefuse.fused.depthwise import _full_padding
 
 def _torch_int8_conv2d(q, a_scale, weight, w_scale, bias, residual, stride, padding, dilation,
                        out_size, activation, act_param, post, post_param, out_dtype):
+    if q.is_floating_point() and a_scale is not None:  # static scale: quantize as the kernel
+        v = q.float() * (1.0 / a_scale.float().reshape(()))
+        q = torch.where(v >= 0, torch.floor(v + 0.5), torch.ceil(v - 0.5)).clamp_(-127, 127)
     x = q.double()
     if a_scale is not None:
         x = x * a_scale.double().expand(q.shape[0], q.shape[2], q.shape[3])[:, None]
@@ -47,7 +52,7 @@ def _impl(q: Tensor, a_scale: Optional[Tensor], weight: Tensor, w_scale: Tensor,
           padding: List[int], dilation: List[int], out_size: List[int], activation: int,
           act_param: float, post_activation: int, post_param: float,
           out_dtype: torch.dtype) -> Tensor:
-    """q (N, C_in, H, W) int8 (W8A8) or float (weight-only), weight (C_out, C_in, KH, KW) int8,
+    """q (N, C_in, H, W) int8 (W8A8) or float (static W8A8 / weight-only), weight int8,
     padding (top, left) -> (N, C_out, OH, OW) channels_last ``out_dtype``."""
     shape = (q.shape[0], weight.shape[0], out_size[0], out_size[1])
     y = torch.empty(shape, device=q.device, dtype=out_dtype, memory_format=torch.channels_last)

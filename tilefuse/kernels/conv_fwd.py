@@ -23,7 +23,10 @@ weight is int8 with one scale per output channel (``ws[co]``, applied in the epi
 * ``QUANT=2`` (W8A8, per-input-pixel scales, kernels larger than 1x1): each K step's int32
   product is rescaled by its tap's input-pixel scales into an fp32 accumulator;
 * ``QUANT=3`` (weight-only): float input, the int8 weight tile cast to the input dtype in the
-  load path (exact), fp32 accumulation, ``acc * ws[co]``.
+  load path (exact), fp32 accumulation, ``acc * ws[co]``;
+* ``QUANT=4`` (W8A8, static calibrated per-tensor scale ``a_scale[0]``): float input quantized
+  in the load path (``clamp(round(x / a_scale), -127, 127)``, half away from zero as the row
+  quantizer), then as ``QUANT=1``: no quantizer launch and no int8 copy of the input.
 """
 from __future__ import annotations
 
@@ -103,6 +106,8 @@ def conv2d_fwd_kernel(
 
     c_tiles = tl.cdiv(C_IN_G, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    if QUANT == 4:
+        inv_scale = 1.0 / tl.load(as_ptr).to(tl.float32)
     for it in range(0, KH * KW * c_tiles):
         cc, kh, kw = tap_step(it, c_tiles, offs_k, KW, BLOCK_K)
         ih = ih0 + kh * DIL_H
@@ -114,7 +119,11 @@ def conv2d_fwd_kernel(
                     + cc64[None, :] * sxc, mask=p_mask[:, None] & k_mask[None, :], other=0)
         b = tl.load(w_col + cc64[:, None] * swc + (kh * swh + kw * sww), mask=k_mask[:, None],
                     other=0)
-        if QUANT == 1:
+        if QUANT == 4:  # static scale: quantize the float tile here
+            v = a.to(tl.float32) * inv_scale
+            v = tl.where(v >= 0, tl.floor(v + 0.5), tl.ceil(v - 0.5))
+            a = tl.minimum(tl.maximum(v, -127.0), 127.0).to(tl.int8)
+        if QUANT == 1 or QUANT == 4:
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # triton 3.6: out_dtype = acc's
         elif QUANT == 2:
             part = tl.dot(a, b, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32), out_dtype=tl.int32)
@@ -131,7 +140,7 @@ def conv2d_fwd_kernel(
     # ---- epilogue: scales -> bias -> (z) -> act -> + residual -> (u) -> post act -> cast ----
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < C_OUT_G)
     if QUANT != 0:
-        if QUANT == 1:  # the output row's activation scale (in range: 1x1 padding rows are 0)
+        if QUANT == 1 or QUANT == 4:  # the row's activation scale (1x1 padding rows are 0)
             ihs = tl.minimum(tl.maximum(ih0, 0), H - 1).to(tl.int64)
             iws = tl.minimum(tl.maximum(iw0, 0), W - 1).to(tl.int64)
             sa = tl.load(as_ptr + n64 * ssn + ihs * ssh + iws * ssw)
@@ -213,7 +222,7 @@ def get_config(key: dict, dtype: torch.dtype) -> dict:
 def acc_constexprs(dtype: torch.dtype, tf32: bool, quant: int = 0) -> dict:
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     return dict(INPUT_PRECISION="tf32" if tf32 else "ieee",
-                ACC_DTYPE=tl.int32 if quant == 1 else acc,
+                ACC_DTYPE=tl.int32 if quant in (1, 4) else acc,
                 UPCAST=bool(interpreter_enabled() and dtype == torch.bfloat16))
 
 
@@ -228,8 +237,10 @@ _N_RUNTIME = conv2d_fwd_kernel.arg_names.index("KH")
 def _fwd_params(sig, config):
     (M, cog, cig, groups, kernel, stride, dilation, dtype, act, act_param, post, post_param,
      has_bias, has_res, save_pre, save_mid, tf32, cl, quant) = sig
-    if config is None and quant in (1, 2):  # int8 operands: not in the tuning space
+    if config is None and quant in (1, 2, 4):  # int8 operands: not in the tuning space
         config = heuristic_config(M, cog, cig, torch.int8)
+        if quant == 4:  # the A tile is loaded as floats: 64-channel blocks fit 3 stages
+            config["BLOCK_K"] = min(config["BLOCK_K"], 64)
     elif config is None:
         config = get_config(conv_key("fwd", M, cog, cig, kernel, stride, dtype, cl, tf32), dtype)
     cfg = dict(config)
@@ -257,7 +268,8 @@ def launch_conv2d_fwd(x, weight, y, bias=None, residual=None, pre=None, mid=None
 
     int8 ``weight`` (with ``w_scale`` (C_out,) fp32): W8A8 when ``x`` is int8 too, with
     ``a_scale`` an fp32 tensor broadcast to (N, H, W) (one scale per image, per tensor or per
-    input pixel: an expanded view); weight-only when ``x`` is float."""
+    input pixel: an expanded view); a float ``x`` with a one-element ``a_scale``: W8A8 with that
+    static scale, ``x`` quantized in the load; a float ``x`` alone: weight-only."""
     N, C_in, H, W = x.shape
     C_out, cig, KH, KW = weight.shape
     OH, OW = y.shape[2], y.shape[3]
@@ -270,11 +282,14 @@ def launch_conv2d_fwd(x, weight, y, bias=None, residual=None, pre=None, mid=None
     tf32 = bool(allow_tf32 and x.dtype == torch.float32 and x.is_cuda)
     quant, s_strides = 0, (0, 0, 0)
     if weight.dtype == torch.int8:
-        if w_scale is None or (x.dtype == torch.int8) != (a_scale is not None):
-            raise ValueError("conv2d int8: an int8 weight needs w_scale, and a_scale exactly "
-                             "when the input is int8")
+        if w_scale is None or (x.dtype == torch.int8 and a_scale is None) or (
+                a_scale is not None and x.dtype != torch.int8 and a_scale.numel() != 1):
+            raise ValueError("conv2d int8: an int8 weight needs w_scale; an int8 input needs "
+                             "a_scale, a float input one static scale (one element) or none")
         quant = 3
-        if a_scale is not None:
+        if a_scale is not None and x.dtype != torch.int8:
+            quant, a_scale = 4, a_scale.reshape(1, 1, 1).expand(N, H, W)
+        elif a_scale is not None:
             a_scale = a_scale.expand(N, H, W)
             s_strides = a_scale.stride()
             per_pixel = (s_strides[1] or s_strides[2]) and (KH, KW) != (1, 1)

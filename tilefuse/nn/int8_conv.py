@@ -20,7 +20,7 @@ from tilefuse.fused.conv_int8 import int8_conv2d_op
 from tilefuse.fused.int8 import quantize_per_row
 from tilefuse.nn.int8 import _check_mode, _int8_to_torch
 
-ACT_SCALES = ("pixel", "sample", "tensor")
+ACT_SCALES = ("pixel", "sample", "tensor", "static")
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
 
@@ -51,7 +51,9 @@ class Int8Conv2d(torch.nn.Module):
       ``act_scale='pixel'`` (default) one scale per input pixel over its channels (for a 1x1 conv
       that is the output pixel's row, as ``Int8Conv1x1``; larger kernels rescale each tap's int32
       partial product), ``'sample'`` one per image, ``'tensor'`` one for the whole input (both:
-      pure int32 accumulation, the scale applied once in the epilogue).
+      pure int32 accumulation, the scale applied once in the epilogue); ``'static'`` one
+      calibrated per-tensor scale (buffer ``input_scale``, set by :func:`calibrate`), the input
+      quantized in the conv kernel's load path (one launch, no int8 copy).
     * ``mode='weight_only'``: float activations, the int8 weight cast in the kernel's load path.
 
     It keeps the conv's attributes (``in_channels``, ``out_channels``, ``kernel_size``, ``stride``,
@@ -99,6 +101,30 @@ class Int8Conv2d(torch.nn.Module):
                                                         device=device))
         self.register_buffer("bias", torch.zeros(out_channels, device=device,
                                                  dtype=dtype or torch.float32) if bias else None)
+        self._calibrated = False
+        if act_scale == "static":
+            self._make_static()
+
+    def _make_static(self) -> None:
+        if "input_scale" not in self._buffers:
+            self.register_buffer("input_scale", torch.zeros(1, device=self.weight.device))
+        self.act_scale = "static"
+
+    def observe(self, input: torch.Tensor) -> None:
+        """Static scale: widen ``input_scale`` to cover ``input`` (as forward receives it):
+        ``max(input_scale, absmax(input) / 127)``."""
+        if "input_scale" not in self._buffers:
+            raise RuntimeError("observe() needs act_scale='static' (see calibrate())")
+        x, _ = self._pre_pad(input.detach())
+        amax = x.abs().amax().float().reshape(1) / 127.0 if x.numel() else self.input_scale
+        torch.maximum(self.input_scale, amax.to(self.input_scale.device), out=self.input_scale)
+        self.input_scale.clamp_(min=torch.finfo(torch.float32).tiny)
+        self._calibrated = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "input_scale" in state_dict:
+            self._calibrated = True
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @staticmethod
     def supports(conv: torch.nn.Module) -> bool:
@@ -171,6 +197,12 @@ class Int8Conv2d(torch.nn.Module):
                            post_activation=self.post_activation)
                 return y.squeeze(0) if unbatched else y
             q, sa = x, None
+        elif self.act_scale == "static":
+            if not self._calibrated:
+                raise RuntimeError("Int8Conv2d(act_scale='static') is not calibrated: run "
+                                   "tilefuse.nn.int8_conv.calibrate(model, batch) or load a "
+                                   "state_dict with its input_scale")
+            q, sa = x.detach(), self.input_scale  # quantized in the conv kernel's load path
         else:
             q, sa = quantize_input(x.detach(), self.act_scale)
         if res is not None and res.requires_grad and torch.is_grad_enabled():
@@ -203,3 +235,34 @@ class Int8Conv2d(torch.nn.Module):
             if getattr(self, name)[0] != "none":
                 s += f", {name}={getattr(self, name)[0]}"
         return s
+
+
+@torch.no_grad()
+def calibrate(model: torch.nn.Module, *inputs, **kwargs) -> int:
+    """Give every W8A8 :class:`Int8Conv2d` in ``model`` a static per-tensor activation scale:
+    run ``model(*inputs, **kwargs)`` once (the convs keep their dynamic scales meanwhile, so later
+    layers see realistic activations), record each conv's input absmax, then switch the convs to
+    ``act_scale='static'`` with ``input_scale = absmax / 127``. Call it again on more batches to
+    widen the ranges. Returns the number of convs calibrated.
+
+    >>> import torch, tilefuse
+    >>> from tilefuse.nn.int8_conv import calibrate
+    >>> net = torch.nn.Sequential(tilefuse.nn.Int8Conv2d.from_float(torch.nn.Conv2d(3, 4, 3)))
+    >>> calibrate(net, torch.randn(2, 3, 8, 8)), net[0].act_scale
+    (1, 'static')
+    """
+    convs = [m for m in model.modules() if isinstance(m, Int8Conv2d) and m.mode == "w8a8"]
+    for m in convs:
+        mode = m.act_scale
+        m._make_static()
+        if not m._calibrated:  # a first calibration: dynamic scales while observing
+            m.act_scale = mode if mode != "static" else "tensor"
+    hooks = [m.register_forward_pre_hook(lambda mod, args: mod.observe(args[0])) for m in convs]
+    try:
+        model(*inputs, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m in convs:
+            m.act_scale = "static"
+    return len(convs)

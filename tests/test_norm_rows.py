@@ -164,3 +164,28 @@ def test_fp64_torch_path_gradcheck():
     assert torch.autograd.gradcheck(
         lambda x, w, b, r: ops.layer_norm_act(x, 6, w, b, activation="silu", residual=r),
         (x, w, b, r))
+
+
+@pytest.mark.parametrize("prefetch", [True, False])
+@pytest.mark.parametrize("rms", [False, True])
+def test_backward_loops_row_blocks_with_prefetch(rms, prefetch, monkeypatch):
+    """Persistent backward programs walk several row blocks, the next one prefetched while the
+    current one is computed (the last block partial, the one past the end fully masked), or
+    loaded in turn where the tile is too large for two sets of registers."""
+    monkeypatch.setattr(kn, "PREFETCH_BYTES", 1 << 30 if prefetch else 0)
+    monkeypatch.setattr(kn, "_BWD_LAUNCH", {})
+    M, N = 300, 700
+    plan = kn._bwd_launch(M, N, torch.device("cpu"), rms, True, True, not rms, 4, 0.0, True,
+                          not rms, None, False, 4)
+    assert plan[0] == "one"
+    consts = dict(zip(kn.norm_bwd_kernel.arg_names[kn._BWD_RUNTIME:], plan[2]))
+    bm = consts["BLOCK_M"]
+    assert consts["PREFETCH"] == prefetch
+    assert plan[1] * bm < M and M % bm  # G programs, more than one block each, a partial one
+    x = torch.randn(M, N) * 2 + 3
+    t = dict(x=x, weight=torch.randn(N), residual=torch.randn(M, N))
+    if rms:
+        check_fwd_bwd(_rms("gelu", eps=1e-6), _rms_ref("gelu", eps=1e-6), t)
+    else:
+        t["bias"] = torch.randn(N)
+        check_fwd_bwd(_ln("gelu"), _ln_ref("gelu"), t)

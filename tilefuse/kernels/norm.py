@@ -179,15 +179,43 @@ def _dz_chunk(dy_ptr, x_ptr, r_ptr, w_ptr, b_ptr, row, cols, mask, mean, rstd,
 
 
 @triton.jit
+def _bwd_block(dy_ptr, x_ptr, r_ptr, rstd_ptr, mean_ptr, dh_ptr, rb, M, cols, cmask, sdm, sdn,
+               sxm, sxn, srm, srn, shm, shn, IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+               HAS_DH: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The loads of row block ``rb`` (all masked off past the last block), in the tensors'
+    dtypes: converted at their first use, one loop iteration later, so the loads are in flight
+    during the previous block's arithmetic. (x, residual, dy, dh, rstd, mean); absent tensors
+    are a [1, 1] placeholder (rstd for mean)."""
+    rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    mask = rmask[:, None] & cmask[None, :]
+    x = tl.load(x_ptr + rows[:, None] * sxm + cols[None, :] * sxn, mask=mask, other=0.0)
+    r = tl.zeros((1, 1), tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + rows[:, None] * srm + cols[None, :] * srn, mask=mask, other=0.0)
+    dy = tl.load(dy_ptr + rows[:, None] * sdm + cols[None, :] * sdn, mask=mask, other=0.0)
+    dh = tl.zeros((1, 1), tl.float32)
+    if HAS_DH:
+        dh = tl.load(dh_ptr + rows[:, None] * shm + cols[None, :] * shn, mask=mask, other=0.0)
+    rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
+    mean = rstd
+    if not IS_RMS:
+        mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
+    return x, r, dy, dh, rstd, mean
+
+
+@triton.jit
 def norm_bwd_kernel(dy_ptr, x_ptr, r_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dx_ptr,
                     dw_part_ptr, db_part_ptr, dh_ptr,
                     M, N, sdm, sdn, sxm, sxn, srm, srn, shm, shn,
                     IS_RMS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_W: tl.constexpr,
                     HAS_B: tl.constexpr, ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr,
                     NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DH: tl.constexpr = False):
-    """Rows that fit one block: persistent programs take row blocks ``pid, pid + G, ...``,
-    write ``dx`` and keep their rows' ``dw``/``db`` sums in registers, stored once to row
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DH: tl.constexpr = False,
+                    PREFETCH: tl.constexpr = True):
+    """Rows that fit one block: persistent programs take row blocks ``pid, pid + G, ...`` (the
+    next one prefetched, :func:`_bwd_block`), write ``dx`` and keep their rows' ``dw``/``db``
+    sums in registers, stored once to row
     ``pid`` of ``dw_part``/``db_part`` (the result itself when G == 1). ``HAS_DH``: ``dx``
     also gets ``dh``, the gradient of the stored pre-norm stream (strides ``shm``, ``shn``)."""
     pid = tl.program_id(0)
@@ -205,23 +233,36 @@ def norm_bwd_kernel(dy_ptr, x_ptr, r_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dx_p
         b = tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     db_acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    # PREFETCH (software pipelined): the next row block's loads are issued before this block's
+    # arithmetic; off where the second set of tiles would not fit the registers
+    if PREFETCH:
+        xn, rn, dyn, dhn, rstdn, meann = _bwd_block(dy_ptr, x_ptr, r_ptr, rstd_ptr, mean_ptr,
+                                                    dh_ptr, pid64, M, cols, cmask, sdm, sdn, sxm,
+                                                    sxn, srm, srn, shm, shn, IS_RMS,
+                                                    HAS_RESIDUAL, HAS_DH, BLOCK_M)
     for rb in range(pid64, tl.cdiv(M, BLOCK_M), G):
+        if PREFETCH:
+            xr, rr, dyr, dhr, rstd, mean = xn, rn, dyn, dhn, rstdn, meann
+            xn, rn, dyn, dhn, rstdn, meann = _bwd_block(dy_ptr, x_ptr, r_ptr, rstd_ptr,
+                                                        mean_ptr, dh_ptr, rb + G, M, cols,
+                                                        cmask, sdm, sdn, sxm, sxn, srm, srn,
+                                                        shm, shn, IS_RMS, HAS_RESIDUAL, HAS_DH,
+                                                        BLOCK_M)
+        else:
+            xr, rr, dyr, dhr, rstd, mean = _bwd_block(dy_ptr, x_ptr, r_ptr, rstd_ptr, mean_ptr,
+                                                      dh_ptr, rb, M, cols, cmask, sdm, sdn, sxm,
+                                                      sxn, srm, srn, shm, shn, IS_RMS,
+                                                      HAS_RESIDUAL, HAS_DH, BLOCK_M)
         rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
-        rmask = rows < M
-        mask = rmask[:, None] & cmask[None, :]
-        h = tl.load(x_ptr + rows[:, None] * sxm + cols[None, :] * sxn, mask=mask,
-                    other=0.0).to(tl.float32)
+        mask = (rows < M)[:, None] & cmask[None, :]
+        h = xr.to(tl.float32)
         if HAS_RESIDUAL:
-            h += tl.load(r_ptr + rows[:, None] * srm + cols[None, :] * srn, mask=mask,
-                         other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)
+            h += rr.to(tl.float32)
         if IS_RMS:
             xhat = h * rstd[:, None]
         else:
-            mean = tl.load(mean_ptr + rows, mask=rmask, other=0.0)
             xhat = tl.where(mask, (h - mean[:, None]) * rstd[:, None], 0.0)
-        dz = tl.load(dy_ptr + rows[:, None] * sdm + cols[None, :] * sdn, mask=mask,
-                     other=0.0).to(tl.float32)
+        dz = dyr.to(tl.float32)
         if ACTIVATION != 0:
             dz = dz * activation_grad(xhat * w[None, :] + b[None, :], ACTIVATION,
                                       ACT_PARAM)
@@ -233,8 +274,7 @@ def norm_bwd_kernel(dy_ptr, x_ptr, r_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, dx_p
             c1 = tl.sum(g, axis=1) / N
             dx = (g - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
         if HAS_DH:
-            dx += tl.load(dh_ptr + rows[:, None] * shm + cols[None, :] * shn, mask=mask,
-                          other=0.0).to(tl.float32)
+            dx += dhr.to(tl.float32)
         tl.store(dx_ptr + rows[:, None] * N + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
                  mask=mask)
         if NEED_DW:
@@ -458,8 +498,12 @@ def _row_groups(M: int, col_blocks: int, device) -> int:
     return max(1, min(M // 16 or 1, triton.cdiv(2 * sm_count(device), col_blocks)))
 
 
+PREFETCH_BYTES = 16384  # narrow backward: prefetch the next row block up to this tile size
+# (x's bytes; an fp32 8192-wide row prefetched spills at 16 warps' 128 registers on sm_90)
+
+
 def _bwd_launch(M, N, device, is_rms, has_res, has_w, has_b, activation, act_param, need_dw,
-                need_db, max_block, has_dh=False):
+                need_db, max_block, has_dh=False, elsize=2):
     """Launch plan of one backward signature: ("one", G, consts, opts) for rows that fit a
     block, ("wide", row_consts, col_grid, col_consts) for wider rows."""
     block, one = _block(N, max_block or BWD_MAX_BLOCK)
@@ -472,7 +516,8 @@ def _bwd_launch(M, N, device, is_rms, has_res, has_w, has_b, activation, act_par
     if one and (G == 1 or 32 * G <= M):
         consts, opts = split_constexprs(norm_bwd_kernel, _BWD_RUNTIME, dict(
             IS_RMS=is_rms, **common, NEED_DW=need_dw, NEED_DB=need_db, BLOCK_M=bm,
-            BLOCK_N=block, HAS_DH=has_dh, num_warps=_warps(bm * block)))
+            BLOCK_N=block, HAS_DH=has_dh, PREFETCH=bm * block * elsize <= PREFETCH_BYTES,
+            num_warps=_warps(bm * block)))
         return "one", G, consts, opts
     row_block = min(block, ROW_CHUNK)
     row = dict(common, IS_RMS=is_rms, BLOCK_N=row_block, num_warps=_warps(row_block))
@@ -520,7 +565,7 @@ def launch_norm_bwd(dy, x, residual, weight, bias, mean, rstd, dx, is_rms: bool,
                 torch.zeros(N, device=x.device, dtype=bias.dtype) if need_db else None)
     has_res = residual is not None
     sig = (M, N, x.device, is_rms, has_res, weight is not None, bias is not None, activation,
-           act_param, need_dw, need_db, max_block, dh is not None)
+           act_param, need_dw, need_db, max_block, dh is not None, x.element_size())
     plan = _BWD_LAUNCH.get(sig)
     if plan is None:
         plan = _BWD_LAUNCH[sig] = _bwd_launch(*sig)

@@ -86,11 +86,14 @@ def _tiles(x, S: int | None = None) -> tuple[int, int]:
 
 
 def _warps(block_r: int, block_c: int) -> int:
-    """Warps of a [BLOCK_R, BLOCK_C] program: 4; one-channel (NCHW) tiles take at least 32
-    elements a thread (four 128-bit loads of a 16-bit tensor, eight of fp32), so the channel's
-    scalars (mean, var, weight, ...) stay a minority of the loads in a small tile (the same
-    bytes in flight per SM)."""
-    return 4 if block_c > 1 else max(1, min(4, block_r // 1024))
+    """Warps of a [BLOCK_R, BLOCK_C] program: 4; one-channel (NCHW) tiles of >= 1024 rows take
+    32 elements a thread (four 128-bit loads of a 16-bit tensor, eight of fp32), so the
+    channel's scalars (mean, var, weight, ...) stay a minority of the loads in the small tiles
+    of batch 1 (the same bytes in flight per SM). (Shorter runs keep 4 warps: one warp on a
+    256-row tile spilled on sm_90.)"""
+    if block_c > 1 or block_r < 1024:
+        return 4
+    return min(4, block_r // 1024)
 
 
 def _split(R: int, c_blocks: int, block_r: int, device: torch.device) -> tuple[int, int]:

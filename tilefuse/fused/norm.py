@@ -137,7 +137,7 @@ def _torch_bwd(dy, x, residual, weight, bias, mean, rstd, is_rms, activation, ac
 def _bwd_impl(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
               bias: Optional[Tensor], mean: Tensor, rstd: Tensor, is_rms: bool,
               activation: int, act_param: float, need_dw: bool,
-              need_db: bool, dh: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+              need_db: bool, dh: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """-> (dx (M, N) in x's dtype, dw (N,) in weight's dtype or empty, db (N,) in bias's dtype
     or empty): the Triton path writes them in two or three launches (no casts afterwards).
     ``dh`` (or None): the pre-norm stream's gradient, added to ``dx`` in the same kernel."""
@@ -156,7 +156,7 @@ def _bwd_impl(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optiona
 
 
 def _bwd_fake(dy, x, residual, weight, bias, mean, rstd, is_rms, activation, act_param, need_dw,
-              need_db, dh):
+              need_db, dh=None):
     N = x.shape[1]
     return (x.new_empty(x.shape), weight.new_empty(N) if need_dw else _empty(x),
             bias.new_empty(N) if need_db else _empty(x))

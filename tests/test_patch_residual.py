@@ -17,8 +17,8 @@ from test_patch import BertEncoder, _compare
 
 class PostNormBlock(nn.Module):
     """Hand-written ``nn.TransformerEncoderLayer(norm_first=False)``-like block, plus the cases
-    the rule must handle or refuse: norm -> activation module, a broadcast residual, ``+=``, and a
-    pre-norm sum that is used again (cannot be fused: the kernel does not write the sum)."""
+    the rule must handle: norm -> activation module, a broadcast residual, ``+=``, and a pre-norm
+    sum that is used again (the kernel writes the sum too: ``prenorm=True``)."""
 
     def __init__(self, d=16, L=5):
         super().__init__()
@@ -61,10 +61,11 @@ def test_post_norm_block_fused_in_interpreter():
     # norm -> GELU absorbed *and* the residual passed in
     assert b.norm3.activation == "gelu" and isinstance(b.act, nn.Identity)
     assert "residual" in paths["block.norm3"]
-    assert type(b.norm4) is nn.LayerNorm and "used elsewhere" in why["block.norm4"]
+    assert isinstance(b.norm4, tilefuse.nn.LayerNormAct) and "pre-norm" in paths["block.norm4"]
+    assert "block.norm4" not in why
     assert "forward" in b.__dict__ and type(b) is PostNormBlock
     src = inspect.getsource(b.forward)  # the generated forward: norm1..3 fed by add_norm
-    assert src.count("add_norm(norm") == 3 and "self.norm4(add" in src, src
+    assert src.count("add_norm(norm") == 3 and "add_norm_prenorm(norm4" in src, src
     x = torch.randn(2, 5, 16)
     _compare(ref, fused, (x,))  # train mode, no dropout inside: outputs and gradients
     assert fused.state_dict().keys() == ref.state_dict().keys()
@@ -72,6 +73,72 @@ def test_post_norm_block_fused_in_interpreter():
     assert "forward" not in fused.block.__dict__ and type(fused.block.norm1) is nn.LayerNorm
     assert type(fused.block.act) is nn.GELU
     torch.testing.assert_close(fused(x), ref(x))
+
+
+class PreNormBlock(nn.Module):
+    """GPT-style pre-norm block: ``h = x + attn(ln1(x)); out = h + mlp(ln2(h))``: the sum ``h``
+    feeds ln2 and the next add (the residual stream)."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.RMSNorm(d, eps=1e-6)
+        self.attn = nn.Linear(d, d)
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        h = x + self.attn(self.ln1(x))
+        return h + self.down(F.gelu(self.up(self.ln2(h))))
+
+
+class PreNormModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(PreNormBlock(), PreNormBlock())
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+def test_pre_norm_residual_stream_one_kernel():
+    """Issue 17: the pre-norm stream ``h = x + f(x); y = norm(h)`` becomes one
+    ``RMSNormAct(x, residual, prenorm=True)`` call writing ``y`` and ``h`` (no torch add left for
+    it), in train (gradients through both outputs) and eval."""
+    ref = PreNormModel().train()
+    fused = tilefuse.patch(ref)
+    paths = dict(tilefuse.patch_report(fused).replaced)
+    for i in range(2):
+        b = fused.blocks[i]
+        assert isinstance(b.ln2, tilefuse.nn.RMSNormAct)
+        assert "pre-norm" in paths[f"blocks.{i}.ln2"], paths
+        assert "add_norm_prenorm(ln2" in inspect.getsource(b.forward)
+    x = torch.randn(3, 5, 16)
+    _compare(ref, fused, (x,))
+    _compare(ref.eval(), fused.eval(), (x,))
+    calls = []
+    real = tilefuse.nn.RMSNormAct.forward
+
+    def spy(self, *a, **k):
+        calls.append(k.get("prenorm", False))
+        return real(self, *a, **k)
+
+    tilefuse.nn.RMSNormAct.forward = spy
+    try:
+        fused(x)
+    finally:
+        tilefuse.nn.RMSNormAct.forward = real
+    assert calls == [True, True]
+    tilefuse.unpatch(fused)
+    torch.testing.assert_close(fused(x), ref(x))
+
+
+def test_add_norm_prenorm_guard_falls_back():
+    norm = tilefuse.nn.LayerNormAct(8)
+    x, small = torch.randn(3, 8), torch.randn(8)
+    y, h = PR.add_norm_prenorm(norm, small, x)  # residual broadcasts only one way: swapped
+    torch.testing.assert_close(h, x + small)
+    torch.testing.assert_close(y, F.layer_norm(x + small, (8,)))
+    y, h = PR.add_norm_prenorm(norm, x.double(), x)  # mixed dtypes: torch add, then the norm
+    torch.testing.assert_close(h, x.double() + x)
 
 
 def test_add_norm_guard_falls_back():

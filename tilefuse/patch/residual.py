@@ -70,6 +70,22 @@ def add_norm(norm: nn.Module, x, residual, dropout: nn.Module = None):
     return norm(x + residual)
 
 
+def add_norm_prenorm(norm: nn.Module, x, residual):
+    """``(norm(h), h)`` with ``h = x + residual`` for a pre-norm residual stream (the sum feeds the
+    norm *and* later code): one ``LayerNormAct``/``RMSNormAct(x, residual, prenorm=True)`` call
+    writes both. Operands the fused norm cannot take fall back to the two torch steps."""
+    if isinstance(x, fx.Proxy) or isinstance(residual, fx.Proxy):  # traced again: plain math
+        h = x + residual
+        return norm(h), h
+    if R.is_tilefuse(norm):
+        if _fits(x, residual):
+            return norm(x, residual, prenorm=True)
+        if _fits(residual, x):
+            return norm(residual, x, prenorm=True)
+    h = x + residual
+    return norm(h), h
+
+
 def conv_bn_add(conv: nn.Module, bn: nn.Module, x, residual, post=None):
     """``post(bn(conv(x)) + residual)`` for an eval-patched ``conv -> bn -> add (-> post)``: one
     fused call ``conv(x, residual)`` while the BN is folded into ``conv`` (a ``tilefuse.nn``
@@ -192,17 +208,15 @@ def rw_conv_bn_add(planner, graph, node, owner_path, mods, calls):
 
 
 def add_operands(add):
-    """``(a, b)`` of ``a + b`` when the fused norm can take it: a binary tensor add whose sum has
-    one user (the norm: the fused kernel does not write the sum out) and, for ``a += b``, whose
-    ``a`` is used nowhere else (it would see the mutation). Else a reason string."""
+    """``(a, b)`` of ``a + b`` when the fused norm can take it: a binary tensor add (its sum may
+    have other users: the pre-norm form writes it out) and, for ``a += b``, whose ``a`` and sum
+    are used nowhere else (they would see the mutation). Else a reason string."""
     if not R.is_add(add) or add.op != "call_function" or len(add.args) != 2 or add.kwargs:
         return "the add is not a plain binary add"
     a, b = add.args
     if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
         return "one operand of the add is not a tensor"
-    if len(add.users) != 1:
-        return "the sum is also used elsewhere (pre-norm residual stream)"
-    if add.target is operator.iadd and len(a.users) != 1:
+    if add.target is operator.iadd and (len(a.users) != 1 or len(add.users) != 1):
         return "in-place add whose target is used elsewhere"
     return a, b
 
@@ -223,7 +237,7 @@ def rw_add_norm(planner, graph, node, owner_path, mods, calls):
         return False
     if planned is not None and not isinstance(planned[0], cls):
         return False
-    drop = None
+    drop, prenorm = None, False
     if (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1
             and isinstance(planner.plan.get(_path(owner_path, src.target), (None,))[0],
                            R.DropoutAdd)):
@@ -236,11 +250,26 @@ def rw_add_norm(planner, graph, node, owner_path, mods, calls):
             planner.skip(path, f"{kind}(x + residual): {ops}")
             return False
         x, residual = ops
-        what = f"add(residual) -> {kind}: {target}(x, residual)"
+        prenorm = len(src.users) > 1
+        what = (f"add(residual) -> {kind} (pre-norm stream): {target}(x, residual, prenorm=True)"
+                if prenorm else f"add(residual) -> {kind}: {target}(x, residual)")
     if planned is None:
         planner.replace(path, R.convert(cls, norm), True, what + " (owner forward rewritten)")
     else:
         planner.replace(path, planned[0], planned[1], planned[2] + "; " + what)
+    if drop is None and prenorm:  # y, h from one call, placed where the sum was
+        with graph.inserting_after(src):
+            mod = graph.get_attr(node.target)
+        with graph.inserting_after(mod):
+            fused = graph.call_function(add_norm_prenorm, (mod, x, residual))
+        with graph.inserting_after(fused):
+            y = graph.call_function(operator.getitem, (fused, 0))
+            h = graph.call_function(operator.getitem, (fused, 1))
+        node.replace_all_uses_with(y)
+        graph.erase_node(node)
+        src.replace_all_uses_with(h)
+        graph.erase_node(src)
+        return True
     with graph.inserting_before(node):
         args = (graph.get_attr(node.target), x, residual)
         if drop is not None:

@@ -5,7 +5,7 @@ grad-weight kernels (activation gradient in the operand loads, dbias in grad-wei
 ``wgmma`` with no register spills. One subprocess (the tool must run without TRITON_INTERPRET)."""
 import pytest
 
-from tests.test_aot_compile import _failures, _has_ptxas, _run
+from test_aot_compile import _failures, _has_ptxas, _run
 
 pytestmark = pytest.mark.skipif(not _has_ptxas(), reason="triton wheel without NVIDIA ptxas")
 

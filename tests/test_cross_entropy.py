@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.utils import assert_close_to_ref
+from utils import assert_close_to_ref
 from tilefuse import ops
 
 

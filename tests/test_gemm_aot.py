@@ -5,7 +5,7 @@ the persistent kernel with the ``WARP_SPEC`` tuning option (tools/aot_check.py, 
 One subprocess for all of them (the tool must run without TRITON_INTERPRET)."""
 import pytest
 
-from tests.test_aot_compile import _failures, _has_ptxas, _run
+from test_aot_compile import _failures, _has_ptxas, _run
 
 pytestmark = pytest.mark.skipif(not _has_ptxas(), reason="triton wheel without NVIDIA ptxas")
 

@@ -223,3 +223,20 @@ def test_autotune_command_records_the_zoo_models_shapes():
     args = argparse.Namespace(kernels="matmul", shapes="model:textcls", dtype=None)
     problems, origin = cli._problems(args, current_identity())
     assert origin == "recorded from tilefuse.models (textcls)" and problems
+
+
+def test_tests_share_one_tolerance_rule_and_one_import_style():
+    """Helpers are imported as top-level modules of tests/ (``from utils import ...``), never as
+    ``tests.utils`` (two module objects); the tolerance rule is ``utils.check`` (fuzz_utils and
+    ``assert_close_to_ref`` use it)."""
+    import re
+    from pathlib import Path
+
+    import fuzz_utils
+    import utils
+
+    tests = Path(__file__).resolve().parent
+    offenders = [p.name for p in tests.glob("*.py")
+                 if re.search(r"^\s*from tests[. ]", p.read_text(), re.M)]
+    assert offenders == []
+    assert fuzz_utils.check is utils.check

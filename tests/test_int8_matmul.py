@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import tilefuse
-from tests.utils import assert_close_to_ref
+from utils import assert_close_to_ref
 
 ops = tilefuse.ops
 

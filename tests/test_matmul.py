@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import tilefuse
 from tilefuse import ops
 from tilefuse.activations import ACTIVATIONS, torch_activation
-from tests.utils import assert_close_to_ref
+from utils import assert_close_to_ref
 
 ACTS = sorted(ACTIVATIONS)
 

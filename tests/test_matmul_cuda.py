@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from tilefuse import ops
-from tests.utils import assert_close_to_ref
+from utils import assert_close_to_ref
 
 pytestmark = pytest.mark.cuda
 

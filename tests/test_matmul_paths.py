@@ -11,7 +11,7 @@ from tilefuse.kernels import gemm_common as gc
 from tilefuse.kernels import int8_matmul as ki
 from tilefuse.kernels import matmul as km
 from tilefuse.kernels.matmul_tma import WS_WARPS, gemm_tma_kernel, launch_tma, tma_params
-from tests.utils import assert_close_to_ref
+from utils import assert_close_to_ref
 
 H100_SMS = 132
 CODES = {name: code for code, name in NAMES.items()}

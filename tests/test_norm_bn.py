@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import tilefuse
 from tilefuse import ops
 from tilefuse.activations import ACTIVATIONS, torch_activation
-from tests.test_norm_helpers import check_fwd_bwd
+from test_norm_helpers import check_fwd_bwd
 
 
 def _stats(C):

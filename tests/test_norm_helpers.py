@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.utils import assert_close_to_ref
+from utils import assert_close_to_ref
 
 
 def _leaf(t, dtype=None):

@@ -154,7 +154,7 @@ def test_torch_compile_fullgraph():
 def test_torch_backend_reference_paths(monkeypatch):
     """TILEFUSE_BACKEND=torch: the plain-torch fallbacks match the same references."""
     import torch.nn.functional as F
-    from tests.test_norm_helpers import check_fwd_bwd
+    from test_norm_helpers import check_fwd_bwd
 
     monkeypatch.setenv("TILEFUSE_BACKEND", "torch")
     ops = tilefuse.ops

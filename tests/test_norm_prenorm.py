@@ -14,7 +14,7 @@ import tilefuse.kernels.norm as kn
 from tilefuse import ops
 from tilefuse.activations import torch_activation
 from tilefuse.bench.traffic import count_traffic, nbytes
-from tests.utils import assert_close_to_ref
+from utils import assert_close_to_ref
 
 
 F32_EPS = torch.finfo(torch.float32).eps

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tilefuse.optim as tfo
-from tests.utils import assert_close_to_ref, steps_in_lockstep, tiny_data, tiny_model
+from utils import assert_close_to_ref, steps_in_lockstep, tiny_data, tiny_model
 from tilefuse.kernels import optim as K
 
 STEPS = 20

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import tilefuse.optim as tfo
 from tilefuse.kernels import optim as K
-from tests.utils import steps_in_lockstep
+from utils import steps_in_lockstep
 
 # allocations, aliases and the profiler markers torch's Optimizer.step wrapper records
 _FREE = ("empty", "_reshape_alias", "lift_fresh", "detach", "alias", "_record_function")

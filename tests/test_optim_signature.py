@@ -7,7 +7,7 @@ import torch
 
 import tilefuse.optim as tfo
 import tilefuse.optim.optimizers as optimizers
-from tests.utils import steps_in_lockstep
+from utils import steps_in_lockstep
 from tilefuse._backend import backend_for_device
 
 NAMES = ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad"]

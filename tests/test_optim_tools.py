@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import tilefuse.optim as tfo
-from tests.utils import tiny_data, tiny_model
+from utils import tiny_data, tiny_model
 
 
 def _grads_like(shapes, seed=2):

@@ -21,6 +21,11 @@ ROW_CASES = [
     pytest.param(1, 2, 6, 16, 3, 1, (0, 2, 1, 0), 1, 1, "tanh", torch.float32, id="pad4"),
     pytest.param(2, 4, 8, 16, 3, 1, 1, 1, 1, "relu6", torch.float16, id="fp16"),
     pytest.param(1, 3, 9, 16, 5, 1, 2, 1, 1, "silu", torch.bfloat16, id="bf16-5x5"),
+    # stride-2 grad_input on dz row windows (BLOCK_W / 2 columns of dz per tile)
+    pytest.param(1, 3, 12, 32, 3, 2, 1, 1, 1, "relu6", torch.float32, id="dgrad-s2"),
+    pytest.param(1, 2, 11, 32, 3, 2, 1, 1, 1, "silu", torch.float16, id="dgrad-s2-fp16"),
+    pytest.param(1, 2, 12, 32, 3, 2, 2, 2, 2, None, torch.float32, id="dgrad-s2-dil2-mult2"),
+    pytest.param(1, 2, 12, 32, 5, 2, 2, 1, 1, "gelu", torch.bfloat16, id="dgrad-s2-5x5-bf16"),
 ]
 
 
@@ -72,6 +77,31 @@ def test_row_plan_rule():
     assert row_plan_wgrad(dy, dy, dy, cfg, 1, 1, 1, 3, False, 1)["ROW_VEC"] == 8
     assert row_plan_wgrad(dy.float(), dy, dy, cfg, 1, 1, 1, 3, False, 1)["ROW_VEC"] == 1
     assert row_plan_wgrad(dy, dy, dy[..., :28], cfg, 1, 1, 1, 3, False, 1)["ROW_VEC"] == 1
+
+
+def _plan_dgrad(N, C, H, W, k, s, p, d=1, m=1, dtype=torch.float32):
+    OH, OW = (H + 2 * p - d * (k - 1) - 1) // s + 1, (W + 2 * p - d * (k - 1) - 1) // s + 1
+    dy = torch.empty(N, C * m, OH, OW, dtype=dtype)
+    return row_plan_dgrad(dy, dy, tile_config(C, H, W, False), s, d, p, k, k, False, H, W, m)
+
+
+@pytest.mark.parametrize("case", [c.id for c in ROW_CASES if c.id.startswith("dgrad-s2")])
+def test_row_plan_dgrad_strided(case):
+    """The stride-2 cases above really run grad_input on dz row windows: the window starts at dz
+    column iw0 / 2, so BLOCK_W / 2 (not BLOCK_W) must be a multiple of the 16-byte group."""
+    N, C, H, W, k, s, p, d, m, _, dtype = next(c.values for c in ROW_CASES if c.id == case)
+    plan = _plan_dgrad(N, C, H, W, k, s, p, d, m, dtype)
+    assert plan["ROW_VEC"] == 16 // dtype.itemsize and plan["FLAT_N"] == 0, plan
+
+
+def test_row_plan_dgrad_mobilenet_strided():
+    """MobileNetV2's stride-2 3x3 layers: 112 -> 56 takes dz rows in every dtype (16-wide dx
+    tiles read 8 dz columns), 56 -> 28 in fp32 only (a 28-wide fp16 dz row is 8-byte aligned)."""
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        plan = _plan_dgrad(2, 32, 112, 112, 3, 2, 1, dtype=dt)
+        assert plan["ROW_VEC"] == 16 // dt.itemsize and plan["WIN_A"] == 0, plan
+    assert _plan_dgrad(2, 32, 56, 56, 3, 2, 1)["ROW_VEC"] == 4
+    assert _plan_dgrad(2, 32, 56, 56, 3, 2, 1, dtype=torch.float16)["ROW_VEC"] == 1
 
 
 def test_unaligned_views_fall_back():

@@ -165,8 +165,9 @@ def dw_conv_bwd_input_kernel(
     elif ROW_VEC > 1:
         acc = row_taps_dgrad(dy_ptr, s_ptr, w_ptr, n, ci, c_mask, pid_p, TILES_W, H, OH, OW,
                              PAD_H, PAD_W, sdn, sdc, sdh, ssn, ssc, ssh, swc, swh, sww,
-                             STRIDE_H, DIL_H, DIL_W, KH, KW, MULT, ACTIVATION, ACT_PARAM,
-                             ACC_DTYPE, ROW_VEC, WIN_A, WIN_W, TAPS, BLOCK_H, BLOCK_W, BLOCK_C)
+                             STRIDE_H, STRIDE_W, DIL_H, DIL_W, KH, KW, MULT, ACTIVATION,
+                             ACT_PARAM, ACC_DTYPE, ROW_VEC, WIN_A, WIN_W, TAPS, BLOCK_H, BLOCK_W,
+                             BLOCK_C)
     else:
         acc = _taps_dgrad(dy_ptr, s_ptr, w_ptr, n, ci, c_mask, ih, iw, p_mask, OH, OW, PAD_H,
                           PAD_W, sdn, sdc, sdh, sdw, ssn, ssc, ssh, ssw, swc, swh, sww,

@@ -99,18 +99,22 @@ def dz_window(dy_ptr, s_ptr, n, co, c_mask, oh, row_ok, ow0, OW, sdn, sdc, sdh, 
 @triton.jit
 def row_taps_dgrad(dy_ptr, s_ptr, w_ptr, n, ci, c_mask, pid_p, TILES_W, H, OH, OW, PAD_H, PAD_W,
                    sdn, sdc, sdh, ssn, ssc, ssh, swc, swh, sww,
-                   STRIDE_H: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+                   STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_H: tl.constexpr,
+                   DIL_W: tl.constexpr,
                    KH: tl.constexpr, KW: tl.constexpr, MULT: tl.constexpr,
                    ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr, ACC_DTYPE: tl.constexpr,
                    ROW_VEC: tl.constexpr, WIN_A: tl.constexpr, WIN_W: tl.constexpr,
                    TAPS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
                    BLOCK_C: tl.constexpr):
-    """grad_input taps of an NCHW tile (unit column stride): per output row one ``dz`` window
-    (:func:`dz_window`), each tap a shift of it; the ``(BLOCK_H * BLOCK_W, BLOCK_C)``
-    accumulator of the per-tap path."""
+    """grad_input taps of an NCHW tile: per output row one ``dz`` window (:func:`dz_window`,
+    columns from ``iw0 / STRIDE_W - WIN_A``), each tap a gather from it. With a column stride
+    the tap ``kw`` of input column ``iw`` reads ``dz`` column ``(iw + PAD_W - kw*DIL_W) /
+    STRIDE_W`` where divisible (the gather picks every ``STRIDE_W``-th column; the other phase
+    is zeroed). Returns the ``(BLOCK_H * BLOCK_W, BLOCK_C)`` accumulator of the per-tap path."""
     ih = (pid_p // TILES_W) * BLOCK_H + tl.arange(0, BLOCK_H)
     iw0 = (pid_p % TILES_W) * BLOCK_W
-    col = tl.arange(0, BLOCK_W) + PAD_W + WIN_A
+    # iw - iw0 + PAD_W + STRIDE_W * WIN_A: >= 0 for every tap that hits (the host's WIN_A)
+    col = tl.arange(0, BLOCK_W) + PAD_W + STRIDE_W * WIN_A
     acc = tl.zeros((BLOCK_H, BLOCK_W, BLOCK_C), dtype=ACC_DTYPE)
     for m in range(MULT):
         co = ci * MULT + m
@@ -122,11 +126,17 @@ def row_taps_dgrad(dy_ptr, s_ptr, w_ptr, n, ci, c_mask, pid_p, TILES_W, H, OH, O
             ok = (ih < H) & (th >= 0) & (oh < OH)
             if STRIDE_H > 1:
                 ok = ok & (th % STRIDE_H == 0)
-            dz = dz_window(dy_ptr, s_ptr, n, co, c_mask, oh, ok, iw0, OW, sdn, sdc, sdh, ssn,
-                           ssc, ssh, ACTIVATION, ACT_PARAM, ACC_DTYPE, ROW_VEC, WIN_A, WIN_W)
+            dz = dz_window(dy_ptr, s_ptr, n, co, c_mask, oh, ok, iw0 // STRIDE_W, OW, sdn, sdc,
+                           sdh, ssn, ssc, ssh, ACTIVATION, ACT_PARAM, ACC_DTYPE, ROW_VEC, WIN_A,
+                           WIN_W)
             for kw in tl.static_range(KW):
-                acc += shifted(dz, col - kw * DIL_W, BLOCK_W) * \
-                    tap(taps, kh * KW + kw, ACC_DTYPE)[None, None, :]
+                tw = col - kw * DIL_W
+                if STRIDE_W > 1:  # the other phases' columns take no tap kw (zeroed)
+                    dv = shifted(dz, tl.maximum(tw, 0) // STRIDE_W, BLOCK_W)
+                    dv = tl.where((tw % STRIDE_W == 0)[None, :, None], dv, 0.0)
+                else:
+                    dv = shifted(dz, tw, BLOCK_W)
+                acc += dv * tap(taps, kh * KW + kw, ACC_DTYPE)[None, None, :]
     return tl.reshape(acc, (BLOCK_H * BLOCK_W, BLOCK_C))
 
 
@@ -208,18 +218,20 @@ def row_plan(x, cfg: dict, stride_w: int, dil_w: int, pad_w: int, kh: int, kw: i
 def row_plan_dgrad(dy, saved, cfg: dict, stride_w: int, dil_w: int, pad_w: int, kh: int,
                    kw: int, channels_last: bool, H: int, W: int, mult: int) -> dict:
     """grad_input constexprs for ``dx`` tiles of ``cfg``'s shape over an ``H x W`` input: whole
-    ``dz`` planes (:func:`flat_plan` of ``dy`` and ``saved``), else ``dz`` row windows (unit
-    column stride only: a strided transposed conv picks every ``stride``-th column)."""
+    ``dz`` planes (:func:`flat_plan` of ``dy`` and ``saved``), else ``dz`` row windows starting
+    at ``dz`` column ``iw0 / stride_w`` (so ``BLOCK_W / stride_w`` must be a multiple of
+    ``ROW_VEC``; a strided transposed conv gathers every ``stride_w``-th column of it)."""
     bw = cfg["BLOCK_W"]
     if not channels_last:
         flat = [flat_plan(t, cfg, H, W, mult) for t in (dy, saved)]
         if flat[0] and flat[0] == flat[1]:
             return dict(_OFF, ROW_VEC=16 // dy.element_size(), FLAT_N=flat[0],
                         TAPS=next_pow2(kh * kw + 1))
-    vec = 1 if channels_last or stride_w != 1 else row_vec([dy, saved], bw)
+    vec = 1 if channels_last or bw % stride_w else row_vec([dy, saved], bw // stride_w)
     if vec == 1:
         return dict(_OFF, FLAT_N=0)
-    return dict(_window(vec, (kw - 1) * dil_w - pad_w, lambda a: bw + pad_w + a),
+    left = ((kw - 1) * dil_w - pad_w) // stride_w  # dz columns read left of iw0 / stride_w
+    return dict(_window(vec, left, lambda a: a + (bw - 1 + pad_w) // stride_w + 1),
                 TAPS=next_pow2(kh * kw + 1), FLAT_N=0)
 
 

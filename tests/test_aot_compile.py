@@ -4,6 +4,7 @@ needed. The tool must run in a fresh process without TRITON_INTERPRET (conftest 
 interpreter lane), so each test runs it in a subprocess."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,17 @@ def _failures(report):
     lines += [f"driver: {e['scenario']}: {e['error']} ({e['where']})"
               for e in report["driver_errors"] if e.get("level") != "note"]
     return "\n".join(lines)
+
+
+def scenario_report(tmp_path, families: str, scenarios) -> dict:
+    """The ``--full --json`` report of exactly the named ``scenarios`` of ``families`` (each name
+    matched literally), asserted to compile with no failure."""
+    only = "^(" + "|".join(re.escape(n) for n in scenarios) + ")$"
+    proc, rep = _run(tmp_path, "--families", families, "--only", only, "--full", "--jobs", "1",
+                     timeout=600)
+    assert rep is not None, proc.stdout + proc.stderr
+    assert proc.returncode == 0, _failures(rep) or proc.stdout[-4000:]
+    return rep
 
 
 def test_aot_matmul_fp16_smoke(tmp_path):

@@ -5,7 +5,7 @@ grad-weight kernels (activation gradient in the operand loads, dbias in grad-wei
 ``wgmma`` with no register spills. One subprocess (the tool must run without TRITON_INTERPRET)."""
 import pytest
 
-from test_aot_compile import _failures, _has_ptxas, _run
+from test_aot_compile import _has_ptxas, scenario_report
 
 pytestmark = pytest.mark.skipif(not _has_ptxas(), reason="triton wheel without NVIDIA ptxas")
 
@@ -21,12 +21,7 @@ SCENARIOS = {
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    only = "^(" + "|".join(n.replace("+", r"\+").replace(".", r"\.") for n in SCENARIOS) + ")$"
-    proc, rep = _run(tmp_path_factory.mktemp("aot"), "--families", "conv", "--only", only,
-                     "--full", "--jobs", "1", timeout=600)
-    assert rep is not None, proc.stdout + proc.stderr
-    assert proc.returncode == 0, _failures(rep) or proc.stdout[-4000:]
-    return rep
+    return scenario_report(tmp_path_factory.mktemp("aot"), "conv", SCENARIOS)
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))

@@ -5,7 +5,7 @@ the persistent kernel with the ``WARP_SPEC`` tuning option (tools/aot_check.py, 
 One subprocess for all of them (the tool must run without TRITON_INTERPRET)."""
 import pytest
 
-from test_aot_compile import _failures, _has_ptxas, _run
+from test_aot_compile import _has_ptxas, scenario_report
 
 pytestmark = pytest.mark.skipif(not _has_ptxas(), reason="triton wheel without NVIDIA ptxas")
 
@@ -19,12 +19,7 @@ SCENARIOS = {
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    only = "^(" + "|".join(n.replace("^", r"\^").replace(".", r"\.") for n in SCENARIOS) + ")$"
-    proc, rep = _run(tmp_path_factory.mktemp("aot"), "--families", "matmul,int8", "--only", only,
-                     "--full", "--jobs", "1", timeout=600)
-    assert rep is not None, proc.stdout + proc.stderr
-    assert proc.returncode == 0, _failures(rep) or proc.stdout[-4000:]
-    return rep
+    return scenario_report(tmp_path_factory.mktemp("aot"), "matmul,int8", SCENARIOS)
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))

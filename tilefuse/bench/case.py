@@ -60,3 +60,17 @@ def fwd_bwd(f: Callable, g, *args) -> Callable[[], Any]:
             t.grad = None
         f(*args).backward(g)
     return run
+
+
+def roundtrip_case(family: str, name: str, x, quantize: Callable, dequantize: Callable,
+                   eager: Callable, dname: str) -> "BenchCase":
+    """A quantize -> dequantize round trip of a 2-D ``x`` (memory-bound: read ``x``, write and
+    read the 8-bit codes and per-row scales, write ``x``'s dtype) against ``eager(x)``."""
+    M, K = x.shape
+    es = x.element_size()
+    return BenchCase(
+        family=family, name=name, shape={"M": M, "K": K}, dtype=dname,
+        fns={"tilefuse": lambda: dequantize(*quantize(x), dtype=x.dtype),
+             "eager": lambda: eager(x)},
+        flops=0.0, bytes=float(2 * es * M * K + 2 * M * K + 8 * M), bound="memory",
+        note=f"{quantize.__name__} (one kernel) then {dequantize.__name__} (torch ops)")

@@ -30,7 +30,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from tilefuse.bench.case import BenchCase
+from tilefuse.bench.case import BenchCase, roundtrip_case
 from tilefuse.bench.kernels_int8 import _bound, _try
 
 SHAPES = {"tiny": [(1, 64, 64), (16, 64, 64)],
@@ -101,15 +101,9 @@ def cases(device: str, dtype: torch.dtype, size: str) -> List[BenchCase]:
         vendor = _try(lambda x=x, qw=qw, sw=sw, b=bias: _torch_fp8_linear(x, qw, sw, b))
         if vendor is not None:
             fns["vendor"] = vendor
-        es = x.element_size()
-        out.append(BenchCase(
-            family="fp8", name=f"quant_roundtrip/{M}x{K}/x={dname}", shape={"M": M, "K": K},
-            dtype=dname,
-            fns={"tilefuse": lambda x=x: tilefuse.ops.dequantize_fp8(
-                     *tilefuse.ops.quantize_fp8_per_row(x), dtype=x.dtype),
-                 "eager": lambda x=x: _torch_fp8_roundtrip(x)},
-            flops=0.0, bytes=float(2 * es * M * K + 2 * M * K + 8 * M), bound="memory",
-            note="quantize_fp8_per_row (one kernel) then dequantize_fp8 (torch ops)"))
+        out.append(roundtrip_case("fp8", f"quant_roundtrip/{M}x{K}/x={dname}", x,
+                                  tilefuse.ops.quantize_fp8_per_row, tilefuse.ops.dequantize_fp8,
+                                  _torch_fp8_roundtrip, dname))
         out.append(BenchCase(
             family="fp8", name=f"linear/{M}x{N}x{K}/x={dname}", shape=shape, dtype="fp8",
             fns=fns, flops=flops, bytes=float(2 * M * K + N * K + 4 * N + 2 * N + 2 * M * N),

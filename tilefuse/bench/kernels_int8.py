@@ -36,7 +36,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from tilefuse.bench.case import BenchCase
+from tilefuse.bench.case import BenchCase, roundtrip_case
 
 SHAPES = {"tiny": [(1, 64, 64), (16, 64, 64)],
           "full": [(1, 4096, 4096), (16, 4096, 4096), (256, 4096, 4096), (4096, 4096, 4096)]}
@@ -146,14 +146,9 @@ def _float_cases(device: str, dtype: torch.dtype, size: str) -> List[BenchCase]:
             flops=2.0 * M * N * K, bytes=float(es * (M * K + M * N) + K * N + 4 * N),
             bound=_bound(M), note="x quantized per row on the fly + int8 GEMM; vendor = "
                                   "F.linear on the float weight"))
-        out.append(BenchCase(
-            family="int8", name=f"quant_roundtrip/{M}x{K}", shape={"M": M, "K": K},
-            dtype=dname,
-            fns={"tilefuse": lambda x=x: tilefuse.ops.dequantize_per_row(
-                     *tilefuse.ops.quantize_per_row(x), dtype=x.dtype),
-                 "eager": lambda x=x: _torch_roundtrip(x)},
-            flops=0.0, bytes=float(2 * es * M * K + 2 * M * K + 8 * M), bound="memory",
-            note="quantize_per_row (one kernel) then dequantize_per_row (torch ops)"))
+        out.append(roundtrip_case("int8", f"quant_roundtrip/{M}x{K}", x,
+                                  tilefuse.ops.quantize_per_row, tilefuse.ops.dequantize_per_row,
+                                  _torch_roundtrip, dname))
         if dtype in (torch.float16, torch.bfloat16):
             wt = wf.t()
             out.append(BenchCase(

@@ -68,10 +68,10 @@ def test_row_plan_rule():
     # grad_input: dz windows of dy and the saved output, unit column stride only
     dy = torch.empty(1, 8, 56, 56, dtype=f16)
     cfg = tile_config(8, 56, 56, False)
-    plan = row_plan_dgrad(dy, dy, cfg, 1, 1, 1, 3, 3, False, 56, 56, 1)
+    plan = row_plan_dgrad(dy, dy, cfg, 1, 1, 1, 3, 3, False, 56, 56, 1, 1, 1)
     assert plan["ROW_VEC"] == 8 and plan["WIN_A"] == 8 and plan["WIN_W"] == 32
-    assert row_plan_dgrad(dy, dy, cfg, 2, 1, 1, 3, 3, False, 56, 56, 1)["ROW_VEC"] == 1
-    assert row_plan_dgrad(dy, dy[..., :28], cfg, 1, 1, 1, 3, 3, False, 56, 56,
+    assert row_plan_dgrad(dy, dy, cfg, 2, 1, 1, 3, 3, False, 56, 56, 1, 2, 1)["ROW_VEC"] == 1
+    assert row_plan_dgrad(dy, dy[..., :28], cfg, 1, 1, 1, 3, 3, False, 56, 56, 1, 1,
                           1)["ROW_VEC"] == 1
     # grad_weight: x windows as the forward, dz tiles of dy and saved; one ROW_VEC for all
     assert row_plan_wgrad(dy, dy, dy, cfg, 1, 1, 1, 3, False, 1)["ROW_VEC"] == 8
@@ -82,7 +82,8 @@ def test_row_plan_rule():
 def _plan_dgrad(N, C, H, W, k, s, p, d=1, m=1, dtype=torch.float32):
     OH, OW = (H + 2 * p - d * (k - 1) - 1) // s + 1, (W + 2 * p - d * (k - 1) - 1) // s + 1
     dy = torch.empty(N, C * m, OH, OW, dtype=dtype)
-    return row_plan_dgrad(dy, dy, tile_config(C, H, W, False), s, d, p, k, k, False, H, W, m)
+    return row_plan_dgrad(dy, dy, tile_config(C, H, W, False), s, d, p, k, k, False, H, W, m, s,
+                          d)
 
 
 @pytest.mark.parametrize("case", [c.id for c in ROW_CASES if c.id.startswith("dgrad-s2")])
@@ -150,10 +151,47 @@ def test_flat_plan_rule():
     # grad_input: whole dz planes (any stride), multiplier 1
     dy = torch.empty(2, 32, 14, 14, dtype=torch.float16)
     cfg = tile_config(32, 14, 14, False)
-    assert row_plan_dgrad(dy, dy, cfg, 1, 1, 1, 3, 3, False, 14, 14, 1)["FLAT_N"] == 1024
-    assert row_plan_dgrad(dy, dy, cfg, 1, 1, 1, 3, 3, False, 14, 14, 2)["FLAT_N"] == 0
+    assert row_plan_dgrad(dy, dy, cfg, 1, 1, 1, 3, 3, False, 14, 14, 1, 1, 1)["FLAT_N"] == 1024
+    # multiplier 2: per output channel a band of dz rows (here the whole 14x14 plane)
+    plan = row_plan_dgrad(dy, dy, cfg, 1, 1, 1, 3, 3, False, 14, 14, 2, 1, 1)
+    assert plan["BAND"] == 1 and plan["FLAT_N"] == 256, plan
     plan = row_plan_wgrad(dy, dy, dy, cfg, 1, 1, 1, 3, False, 1)  # grad_weight: all planes
     assert plan["FLAT_N"] == plan["FLAT_X"] == 1024
-    cfg = tile_config(32, 28, 28, False)  # 28x28 dx tiles are 4 rows: not whole planes
-    assert row_plan_dgrad(dy, dy, cfg, 2, 1, 1, 3, 3, False, 28, 28, 1)["FLAT_N"] == 0
+    cfg = tile_config(32, 28, 28, False)  # 28x28 dx tiles are 4 rows: not whole planes,
+    plan = row_plan_dgrad(dy, dy, cfg, 2, 1, 1, 3, 3, False, 28, 28, 1, 2, 1)  # but bands
+    # 3 rows of 14 + misalignment (49), raised to one 16-byte group per thread (128 x 8 / 8)
+    assert plan["BAND"] == 1 and plan["FLAT_N"] == 128, plan
 
+
+
+# grad_input on bands of dz rows (BAND=1): (N, C, H, W, k, stride, padding, dilation, mult, act,
+# dtype); the 28x28 5x5 stride-2 layer's dx tiles are 4-row bands of a 14x14 dz map
+BAND_CASES = [
+    pytest.param(2, 4, 28, 28, 5, 2, 2, 1, 1, "relu6", torch.float32, id="28x28-k5-s2"),
+    pytest.param(1, 4, 28, 28, 5, 2, 2, 1, 1, "silu", torch.float16, id="28x28-k5-s2-fp16"),
+    pytest.param(1, 4, 28, 28, 3, 2, 1, 1, 1, None, torch.bfloat16, id="28x28-k3-s2-bf16"),
+    pytest.param(1, 2, 20, 20, 3, 2, 2, 2, 2, "gelu", torch.float32, id="dil2-s2-mult2"),
+    pytest.param(2, 4, 14, 14, 3, 1, 1, 1, 2, "relu", torch.float32, id="14x14-mult2"),
+    pytest.param(1, 8, 15, 17, 3, 1, 2, 2, 2, "relu6", torch.float16, id="15x17-dil2-mult2"),
+]
+
+
+@pytest.mark.parametrize("N,C,H,W,k,s,p,d,m,act,dtype", BAND_CASES)
+def test_band_path_matches_torch(N, C, H, W, k, s, p, d, m, act, dtype):
+    plan = _plan_dgrad(N, C, H, W, k, s, p, d, m, dtype)
+    assert plan["BAND"] == 1 and plan["ROW_VEC"] == 16 // dtype.itemsize, plan
+    x = torch.randn(N, C, H, W)
+    _check(x, torch.randn(C * m, 1, k, k) * 0.5, torch.randn(C * m), s, p, d, act, dtype=dtype)
+
+
+def test_band_plan_rule():
+    """Bands need a contiguous NCHW dz whose image is whole 16-byte groups (3 fp16 planes of
+    14x14 are not) and dx tiles spanning the width, or a few of them (7 tiles of 8 columns over
+    a 56-wide map re-read too much)."""
+    assert _plan_dgrad(1, 3, 28, 28, 5, 2, 2, dtype=torch.float16)["FLAT_N"] == 0
+    assert _plan_dgrad(1, 4, 28, 28, 5, 2, 2, dtype=torch.float16)["FLAT_N"] == 256
+    assert _plan_dgrad(1, 16, 28, 28, 5, 2, 2)["FLAT_N"] == 64  # 4 rows of 14 + 3, fp32
+    assert _plan_dgrad(2, 32, 56, 56, 3, 2, 1, dtype=torch.float16)["FLAT_N"] == 0
+    dy = torch.empty(1, 4, 14, 16)[..., :14]  # sliced: row stride 16
+    cfg = tile_config(4, 28, 28, False)
+    assert row_plan_dgrad(dy, dy, cfg, 2, 1, 2, 5, 5, False, 28, 28, 1, 2, 1)["FLAT_N"] == 0

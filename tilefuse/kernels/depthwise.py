@@ -142,7 +142,7 @@ def dw_conv_bwd_input_kernel(
     ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr, ACC_DTYPE: tl.constexpr,
     IDX: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
     ROW_VEC: tl.constexpr = 1, WIN_A: tl.constexpr = 0, WIN_W: tl.constexpr = 1,
-    TAPS: tl.constexpr = 1, FLAT_N: tl.constexpr = 0,
+    TAPS: tl.constexpr = 1, FLAT_N: tl.constexpr = 0, BAND: tl.constexpr = 0,
 ):
     """dx[n, ci, ih, iw] = sum_{m, kh, kw} dz[n, ci*MULT+m, oh, ow] * w[ci*MULT+m, kh, kw] where
     oh*STRIDE_H = ih + PAD_H - kh*DIL_H (a gather: no atomics, deterministic). ``ROW_VEC > 1``:
@@ -157,11 +157,12 @@ def dw_conv_bwd_input_kernel(
     ci = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(IDX)
     c_mask = ci < C_in
     p_mask = (ih < H) & (iw < W)
-    if FLAT_N > 0:  # whole planes (tilefuse.kernels.depthwise_rows)
+    if FLAT_N > 0:  # whole dz planes or row bands (tilefuse.kernels.depthwise_planes)
         acc = flat_taps_dgrad(dy_ptr, s_ptr, w_ptr, n, (pid_c * BLOCK_C).to(IDX), ci, c_mask, ih,
-                              iw, p_mask, C_in, OH, OW, PAD_H, PAD_W, sdn, ssn, swc, swh, sww,
-                              STRIDE_H, STRIDE_W, DIL_H, DIL_W, KH, KW, ACTIVATION, ACT_PARAM,
-                              ACC_DTYPE, ROW_VEC, FLAT_N, TAPS, BLOCK_C)
+                              iw, p_mask, (pid_p // TILES_W) * BLOCK_H, C_in, OH, OW, PAD_H,
+                              PAD_W, sdn, ssn, swc, swh, sww, STRIDE_H, STRIDE_W, DIL_H, DIL_W,
+                              KH, KW, MULT, ACTIVATION, ACT_PARAM, ACC_DTYPE, ROW_VEC, FLAT_N,
+                              BAND, TAPS, BLOCK_C)
     elif ROW_VEC > 1:
         acc = row_taps_dgrad(dy_ptr, s_ptr, w_ptr, n, ci, c_mask, pid_p, TILES_W, H, OH, OW,
                              PAD_H, PAD_W, sdn, sdc, sdh, ssn, ssc, ssh, swc, swh, sww,
@@ -360,7 +361,7 @@ def launch_backward_input(dy, weight, dx, stride=(1, 1), padding=(0, 0), dilatio
     if launch is None:
         cfg = tile_config(C_in, H, W, channels_last)
         cfg.update(row_plan_dgrad(dy, saved, cfg, stride[1], dilation[1], padding[1], KH, KW,
-                                  channels_last, H, W, C_out // C_in))
+                                  channels_last, H, W, C_out // C_in, stride[0], dilation[0]))
         launch = _BWD_INPUT_LAUNCH[sig] = _tiled_launch(
             dw_conv_bwd_input_kernel, _BWD_INPUT_RUNTIME, N, C_in, H, W, channels_last, cfg,
             dict(STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1],

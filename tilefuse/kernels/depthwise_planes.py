@@ -35,10 +35,38 @@ def plane_window(ptr, n, c0, C, HW, sn, ROW_VEC: tl.constexpr, FLAT_N: tl.conste
 def plane_gather(win, c0, co, c_mask, ih, iw, m, H, W):
     """``(pixels, channels)`` values of :func:`plane_window` ``win`` at rows ``ih`` and columns
     ``iw`` of channels ``co`` (zero where ``m`` or ``c_mask`` is false)."""
+    return window_gather(win, (co - c0) * (H * W), c_mask, ih, iw, m, W)
+
+
+@triton.jit
+def window_gather(win, c_off, c_mask, ih, iw, m, W):
+    """``(pixels, channels)`` values of a flat window ``win`` at ``c_off + ih * W + iw`` (the
+    channel's start in the window, then row-major pixels), zero where ``m`` or ``c_mask`` is
+    false."""
     mm = m[:, None] & c_mask[None, :]
-    idx = tl.where(mm, (ih * W + iw)[:, None] + ((co - c0) * (H * W))[None, :], 0)
+    idx = tl.where(mm, (ih * W + iw)[:, None] + c_off[None, :], 0)
     v = tl.gather(win, tl.reshape(idx, (idx.shape[0] * idx.shape[1],)), axis=0)
     return tl.where(mm, tl.reshape(v, (idx.shape[0], idx.shape[1])), 0.0)
+
+
+@triton.jit
+def band_window(ptr, n, co, c_mask, r0, C, HW, W, sn, ROW_VEC: tl.constexpr,
+                FLAT_N: tl.constexpr):
+    """Rows ``r0 ..`` of planes ``co`` of image ``n`` of a contiguous NCHW tensor: per channel
+    ``FLAT_N`` elements from the 16-byte group holding element ``(r0, 0)``, flattened channel
+    after channel; and each channel's start in it (``FLAT_N * c + r0 * W`` minus the group's
+    start). 128-bit loads: the host checked that ``C*HW`` and the image stride are multiples of
+    ``ROW_VEC`` and the base is 16-byte aligned (a group is wholly inside or past the image);
+    elements past the band are read but never gathered."""
+    lim = ((C * HW) // ROW_VEC) * ROW_VEC
+    first = co * HW + r0 * W
+    start = (first // ROW_VEC) * ROW_VEC
+    f = tl.max_contiguous(tl.arange(0, FLAT_N), FLAT_N)
+    off = start[:, None] + f[None, :]
+    win = tl.load(ptr + ((n * sn) // ROW_VEC) * ROW_VEC + off,
+                  mask=c_mask[:, None] & (off < lim), other=0.0)
+    c_off = tl.arange(0, co.shape[0]) * FLAT_N + (first - start) - r0 * W
+    return tl.reshape(win, (co.shape[0] * FLAT_N,)), c_off
 
 
 @triton.jit
@@ -90,36 +118,52 @@ def flat_taps_fwd(x_ptr, w_base, bias_base, n, c0, co, c_mask, oh, ow, p_mask, C
 
 
 @triton.jit
-def flat_taps_dgrad(dy_ptr, s_ptr, w_ptr, n, c0, ci, c_mask, ih, iw, p_mask, C, OH, OW, PAD_H,
-                    PAD_W, sdn, ssn, swc, swh, sww, STRIDE_H: tl.constexpr,
+def flat_taps_dgrad(dy_ptr, s_ptr, w_ptr, n, c0, ci, c_mask, ih, iw, p_mask, ih0, C, OH, OW,
+                    PAD_H, PAD_W, sdn, ssn, swc, swh, sww, STRIDE_H: tl.constexpr,
                     STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-                    KH: tl.constexpr, KW: tl.constexpr, ACTIVATION: tl.constexpr,
-                    ACT_PARAM: tl.constexpr, ACC_DTYPE: tl.constexpr, ROW_VEC: tl.constexpr,
-                    FLAT_N: tl.constexpr, TAPS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """grad_input taps when the tile holds whole planes (multiplier 1, any stride): ``dz`` of
-    the tile's output planes from two flat aligned loads (:func:`plane_window` of ``dy`` and
-    ``saved``), each tap a gather from it."""
-    dz = plane_window(dy_ptr, n, c0, C, OH * OW, sdn, ROW_VEC, FLAT_N, BLOCK_C).to(ACC_DTYPE)
-    if ACTIVATION != 0:
-        sv = plane_window(s_ptr, n, c0, C, OH * OW, ssn, ROW_VEC, FLAT_N, BLOCK_C)
-        dz = dz * activation_grad(sv.to(ACC_DTYPE), ACTIVATION, ACT_PARAM)
-    taps = tap_weights(w_ptr + ci * swc, w_ptr + ci * swc, c_mask, swh, sww, KH, KW, TAPS,
-                       False)
+                    KH: tl.constexpr, KW: tl.constexpr, MULT: tl.constexpr,
+                    ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                    ROW_VEC: tl.constexpr, FLAT_N: tl.constexpr, BAND: tl.constexpr,
+                    TAPS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """grad_input taps from flat aligned ``dz`` windows (any stride), each tap a gather.
+    ``BAND == 0``: the tile holds whole planes (multiplier 1): the tile's ``C`` output planes
+    in one :func:`plane_window` each of ``dy`` and ``saved``. ``BAND == 1``: the ``dx`` tile (rows
+    from ``ih0``) spans the input's width: per output channel ``ci * MULT + m`` the band of
+    ``dz`` rows its taps reach (:func:`band_window`, ``FLAT_N`` elements a channel)."""
     acc = tl.zeros((ih.shape[0], BLOCK_C), dtype=ACC_DTYPE)
-    for kh in range(KH):
-        th = ih + PAD_H - kh * DIL_H
-        oh = th // STRIDE_H
-        m_h = p_mask & (th >= 0) & (oh < OH)
-        if STRIDE_H > 1:
-            m_h = m_h & (th % STRIDE_H == 0)
-        for kw in tl.static_range(KW):
-            tw = iw + PAD_W - kw * DIL_W
-            ow = tw // STRIDE_W
-            mk = m_h & (tw >= 0) & (ow < OW)
-            if STRIDE_W > 1:
-                mk = mk & (tw % STRIDE_W == 0)
-            acc += plane_gather(dz, c0, ci, c_mask, oh, ow, mk, OH, OW) * \
-                tap(taps, kh * KW + kw, ACC_DTYPE)[None, :]
+    r0 = tl.maximum(ih0 + PAD_H - (KH - 1) * DIL_H, 0) // STRIDE_H  # first dz row reached
+    for m in range(MULT):
+        co = ci * MULT + m
+        if BAND:
+            dz, c_off = band_window(dy_ptr, n, co, c_mask, r0, C * MULT, OH * OW, OW, sdn,
+                                    ROW_VEC, FLAT_N)
+            if ACTIVATION != 0:
+                sv, c_off = band_window(s_ptr, n, co, c_mask, r0, C * MULT, OH * OW, OW, ssn,
+                                        ROW_VEC, FLAT_N)
+        else:
+            dz = plane_window(dy_ptr, n, c0, C, OH * OW, sdn, ROW_VEC, FLAT_N, BLOCK_C)
+            if ACTIVATION != 0:
+                sv = plane_window(s_ptr, n, c0, C, OH * OW, ssn, ROW_VEC, FLAT_N, BLOCK_C)
+            c_off = (ci - c0) * (OH * OW)
+        dz = dz.to(ACC_DTYPE)
+        if ACTIVATION != 0:
+            dz = dz * activation_grad(sv.to(ACC_DTYPE), ACTIVATION, ACT_PARAM)
+        taps = tap_weights(w_ptr + co * swc, w_ptr + co * swc, c_mask, swh, sww, KH, KW, TAPS,
+                           False)
+        for kh in range(KH):
+            th = ih + PAD_H - kh * DIL_H
+            oh = th // STRIDE_H
+            m_h = p_mask & (th >= 0) & (oh < OH)
+            if STRIDE_H > 1:
+                m_h = m_h & (th % STRIDE_H == 0)
+            for kw in tl.static_range(KW):
+                tw = iw + PAD_W - kw * DIL_W
+                ow = tw // STRIDE_W
+                mk = m_h & (tw >= 0) & (ow < OW)
+                if STRIDE_W > 1:
+                    mk = mk & (tw % STRIDE_W == 0)
+                acc += window_gather(dz, c_off, c_mask, oh, ow, mk, OW) * \
+                    tap(taps, kh * KW + kw, ACC_DTYPE)[None, :]
     return acc
 
 
@@ -168,6 +212,31 @@ def flat_plan(x, cfg: dict, OH: int, OW: int, mult: int) -> int:
             or next_pow2(bc * hw) > FLAT_MAX):
         return 0
     return next_pow2(bc * hw)
+
+
+def band_plan(dz, cfg: dict, H: int, W: int, kh: int, stride_h: int, dil_h: int) -> int:
+    """Per-channel ``FLAT_N`` of the grad_input band path (0: off) for ``dx`` tiles of
+    ``cfg``'s shape over an ``H x W`` input reading ``dz`` (here ``dy`` or ``saved``): the tile
+    spans the input's width (or a few tiles do: each reads whole ``dz`` rows), ``dz`` is a
+    contiguous, 16-byte aligned NCHW tensor whose image (``C*OH*OW``) is whole 16-byte groups,
+    and the tile's channel bands fit ``FLAT_MAX`` elements. A band is the ``dz`` rows the
+    tile's ``BLOCK_H`` input rows reach, plus the start's misalignment."""
+    N, C, OH, OW = dz.shape
+    sn, sc, sh, sw = dz.stride()
+    vec = 16 // dz.element_size()
+    rows = min(OH, (cfg["BLOCK_H"] - 1 + (kh - 1) * dil_h) // stride_h + 1)
+    # at least one 16-byte group per thread (a smaller window compiles to narrower loads):
+    # the extra elements are the next rows, read from cache (neighbouring tiles' bands)
+    flat = max(next_pow2(rows * OW + vec - 1), 32 * cfg.get("num_warps", 4) * vec // cfg["BLOCK_C"])
+    if (-(-W // cfg["BLOCK_W"]) > BAND_TILES_W or dz.data_ptr() % 16
+            or not (OW == 1 or sw == 1) or not (OH == 1 or sh == OW)
+            or not (C == 1 or sc == OH * OW) or (C * OH * OW) % vec or (N > 1 and sn % vec)
+            or cfg["BLOCK_C"] * flat > FLAT_MAX):
+        return 0
+    return flat
+
+
+BAND_TILES_W = 4  # at most this many dx tiles across the width share (re-read) a dz band
 
 
 def flat_res_plan(res, cfg: dict, flat: int) -> int:

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from tilefuse.kernels import next_pow2
 from tilefuse.kernels.activations import activation_grad
-from tilefuse.kernels.depthwise_planes import flat_plan, tap, tap_weights
+from tilefuse.kernels.depthwise_planes import band_plan, flat_plan, tap, tap_weights
 
 
 @triton.jit
@@ -216,7 +216,8 @@ def row_plan(x, cfg: dict, stride_w: int, dil_w: int, pad_w: int, kh: int, kw: i
 
 
 def row_plan_dgrad(dy, saved, cfg: dict, stride_w: int, dil_w: int, pad_w: int, kh: int,
-                   kw: int, channels_last: bool, H: int, W: int, mult: int) -> dict:
+                   kw: int, channels_last: bool, H: int, W: int, mult: int, stride_h: int,
+                   dil_h: int) -> dict:
     """grad_input constexprs for ``dx`` tiles of ``cfg``'s shape over an ``H x W`` input: whole
     ``dz`` planes (:func:`flat_plan` of ``dy`` and ``saved``), else ``dz`` row windows starting
     at ``dz`` column ``iw0 / stride_w`` (so ``BLOCK_W / stride_w`` must be a multiple of
@@ -229,6 +230,11 @@ def row_plan_dgrad(dy, saved, cfg: dict, stride_w: int, dil_w: int, pad_w: int, 
                         TAPS=next_pow2(kh * kw + 1))
     vec = 1 if channels_last or bw % stride_w else row_vec([dy, saved], bw // stride_w)
     if vec == 1:
+        band = 0 if channels_last else [band_plan(t, cfg, H, W, kh, stride_h, dil_h)
+                                         for t in (dy, saved)]
+        if band and band[0] and band[0] == band[1]:  # dz row bands
+            return dict(_OFF, ROW_VEC=16 // dy.element_size(), FLAT_N=band[0], BAND=1,
+                        TAPS=next_pow2(kh * kw + 1))
         return dict(_OFF, FLAT_N=0)
     left = ((kw - 1) * dil_w - pad_w) // stride_w  # dz columns read left of iw0 / stride_w
     return dict(_window(vec, left, lambda a: a + (bw - 1 + pad_w) // stride_w + 1),

@@ -74,9 +74,11 @@ def test_row_plan_rule():
     assert row_plan_dgrad(dy, dy[..., :28], cfg, 1, 1, 1, 3, 3, False, 56, 56, 1, 1,
                           1)["ROW_VEC"] == 1
     # grad_weight: x windows as the forward, dz tiles of dy and saved; one ROW_VEC for all
-    assert row_plan_wgrad(dy, dy, dy, cfg, 1, 1, 1, 3, False, 1)["ROW_VEC"] == 8
-    assert row_plan_wgrad(dy.float(), dy, dy, cfg, 1, 1, 1, 3, False, 1)["ROW_VEC"] == 1
-    assert row_plan_wgrad(dy, dy, dy[..., :28], cfg, 1, 1, 1, 3, False, 1)["ROW_VEC"] == 1
+    assert row_plan_wgrad(dy, dy, dy, cfg, 1, 1, 1, 3, False, 1, 3, 1, 1)["ROW_VEC"] == 8
+    assert row_plan_wgrad(dy.float(), dy, dy, cfg, 1, 1, 1, 3, False, 1, 3, 1,
+                          1)["ROW_VEC"] == 1
+    assert row_plan_wgrad(dy, dy, dy[..., :28], cfg, 1, 1, 1, 3, False, 1, 3, 1,
+                          1)["ROW_VEC"] == 1
 
 
 def _plan_dgrad(N, C, H, W, k, s, p, d=1, m=1, dtype=torch.float32):
@@ -155,7 +157,7 @@ def test_flat_plan_rule():
     # multiplier 2: per output channel a band of dz rows (here the whole 14x14 plane)
     plan = row_plan_dgrad(dy, dy, cfg, 1, 1, 1, 3, 3, False, 14, 14, 2, 1, 1)
     assert plan["BAND"] == 1 and plan["FLAT_N"] == 256, plan
-    plan = row_plan_wgrad(dy, dy, dy, cfg, 1, 1, 1, 3, False, 1)  # grad_weight: all planes
+    plan = row_plan_wgrad(dy, dy, dy, cfg, 1, 1, 1, 3, False, 1, 3, 1, 1)  # wgrad: all planes
     assert plan["FLAT_N"] == plan["FLAT_X"] == 1024
     cfg = tile_config(32, 28, 28, False)  # 28x28 dx tiles are 4 rows: not whole planes,
     plan = row_plan_dgrad(dy, dy, cfg, 2, 1, 1, 3, 3, False, 28, 28, 1, 2, 1)  # but bands
@@ -195,3 +197,39 @@ def test_band_plan_rule():
     dy = torch.empty(1, 4, 14, 16)[..., :14]  # sliced: row stride 16
     cfg = tile_config(4, 28, 28, False)
     assert row_plan_dgrad(dy, dy, cfg, 2, 1, 2, 5, 5, False, 28, 28, 1, 2, 1)["FLAT_N"] == 0
+
+
+def _plan_wgrad(N, C, H, W, k, s, p, d=1, m=1, dtype=torch.float32):
+    OH, OW = (H + 2 * p - d * (k - 1) - 1) // s + 1, (W + 2 * p - d * (k - 1) - 1) // s + 1
+    x, dy = torch.empty(N, C, H, W, dtype=dtype), torch.empty(N, C * m, OH, OW, dtype=dtype)
+    return row_plan_wgrad(x, dy, dy, tile_config(C * m, OH, OW, False), s, d, p, k, False, m,
+                          k, s, d)
+
+
+# grad_weight on bands of dz and x rows: (N, C, H, W, k, stride, padding, dilation, mult, act,
+# dtype); 24 -> 12 fp16 is MobileNetV2's 56 -> 28 stride-2 layer in small (12-wide fp16 dz rows
+# are not 16-byte aligned, the 4-row output tiles not whole planes)
+WGRAD_BAND_CASES = [
+    pytest.param(1, 8, 24, 24, 3, 2, 1, 1, 1, "relu6", torch.float16, id="24-s2-fp16"),
+    pytest.param(2, 4, 20, 20, 5, 2, 2, 1, 1, "silu", torch.bfloat16, id="20-k5-s2-bf16"),
+    pytest.param(1, 8, 15, 17, 3, 1, 2, 2, 2, "relu6", torch.float32, id="15x17-dil2-mult2"),
+    pytest.param(2, 4, 14, 14, 3, 1, 1, 1, 2, None, torch.float16, id="14x14-mult2-fp16"),
+]
+
+
+@pytest.mark.parametrize("N,C,H,W,k,s,p,d,m,act,dtype", WGRAD_BAND_CASES)
+def test_band_wgrad_matches_torch(N, C, H, W, k, s, p, d, m, act, dtype):
+    plan = _plan_wgrad(N, C, H, W, k, s, p, d, m, dtype)
+    assert plan["BAND"] == 1 and plan["FLAT_X"] > 0, plan
+    x = torch.randn(N, C, H, W)
+    _check(x, torch.randn(C * m, 1, k, k) * 0.5, torch.randn(C * m), s, p, d, act, dtype=dtype)
+
+
+def test_band_wgrad_plan_mobilenet():
+    """56 -> 28 stride 2 in fp16/bf16: x rows are aligned, dz rows (28 wide) are not: bands of
+    4 dz rows (128 with the one-group-per-thread floor) and 9 x rows (504 + 7 -> 512)."""
+    for dt in (torch.float16, torch.bfloat16):
+        plan = _plan_wgrad(2, 32, 56, 56, 3, 2, 1, dtype=dt)
+        assert (plan["BAND"], plan["FLAT_N"], plan["FLAT_X"]) == (1, 128, 512), plan
+    assert _plan_wgrad(2, 32, 56, 56, 3, 2, 1)["ROW_VEC"] == 4  # fp32: aligned rows
+    assert "BAND" not in _plan_wgrad(2, 32, 56, 56, 3, 2, 1)

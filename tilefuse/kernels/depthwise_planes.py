@@ -168,28 +168,45 @@ def flat_taps_dgrad(dy_ptr, s_ptr, w_ptr, n, c0, ci, c_mask, ih, iw, p_mask, ih0
 
 
 @triton.jit
-def flat_tile_wgrad(dy_ptr, s_ptr, x_ptr, n, c0, co, c_mask, oh, ow, p_mask, t, C, H, W, OH, OW,
-                    PAD_H, PAD_W, sdn, ssn, sxn, STRIDE_H: tl.constexpr,
+def flat_tile_wgrad(dy_ptr, s_ptr, x_ptr, n, c0, co, ci, c_mask, oh, ow, p_mask, oh0, t, C, H,
+                    W, OH, OW, PAD_H, PAD_W, sdn, ssn, sxn, STRIDE_H: tl.constexpr,
                     STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-                    KH: tl.constexpr, KW: tl.constexpr, ACTIVATION: tl.constexpr,
-                    ACT_PARAM: tl.constexpr, ACC_DTYPE: tl.constexpr, ROW_VEC: tl.constexpr,
-                    FLAT_N: tl.constexpr, FLAT_X: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One whole-plane tile's grad_weight / grad_bias contribution (multiplier 1): the ``dz``
-    planes (:func:`plane_window` of ``dy`` and ``saved``) and the ``x`` planes, each one flat
-    aligned load; the ``dz`` tile and every tap's ``x`` are gathers."""
-    dzw = plane_window(dy_ptr, n, c0, C, OH * OW, sdn, ROW_VEC, FLAT_N, BLOCK_C).to(ACC_DTYPE)
+                    KH: tl.constexpr, KW: tl.constexpr, MULT: tl.constexpr,
+                    ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                    ROW_VEC: tl.constexpr, FLAT_N: tl.constexpr, FLAT_X: tl.constexpr,
+                    BAND: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One output tile's grad_weight / grad_bias contribution from flat aligned windows of
+    ``dz`` (``dy`` and ``saved``) and ``x``, each one load; the ``dz`` tile and every tap's
+    ``x`` are gathers. ``BAND == 0``: whole planes (multiplier 1, :func:`plane_window`);
+    ``BAND == 1``: the tile (output rows from ``oh0``) spans the width: per channel the band of
+    its ``dz`` rows and of the ``x`` rows its taps reach (:func:`band_window`, ``FLAT_N`` /
+    ``FLAT_X`` elements a channel; input channel ``ci`` for output channel ``co``)."""
+    if BAND:
+        dzw, dz_off = band_window(dy_ptr, n, co, c_mask, oh0, C, OH * OW, OW, sdn, ROW_VEC,
+                                  FLAT_N)
+        if ACTIVATION != 0:
+            sv, dz_off = band_window(s_ptr, n, co, c_mask, oh0, C, OH * OW, OW, ssn, ROW_VEC,
+                                     FLAT_N)
+        xw, x_off = band_window(x_ptr, n, ci, c_mask, tl.maximum(oh0 * STRIDE_H - PAD_H, 0),
+                                C // MULT, H * W, W, sxn, ROW_VEC, FLAT_X)
+    else:
+        dzw = plane_window(dy_ptr, n, c0, C, OH * OW, sdn, ROW_VEC, FLAT_N, BLOCK_C)
+        if ACTIVATION != 0:
+            sv = plane_window(s_ptr, n, c0, C, OH * OW, ssn, ROW_VEC, FLAT_N, BLOCK_C)
+        dz_off = (co - c0) * (OH * OW)
+        xw = plane_window(x_ptr, n, c0, C, H * W, sxn, ROW_VEC, FLAT_X, BLOCK_C)
+        x_off = (co - c0) * (H * W)
+    dzw = dzw.to(ACC_DTYPE)
     if ACTIVATION != 0:
-        sv = plane_window(s_ptr, n, c0, C, OH * OW, ssn, ROW_VEC, FLAT_N, BLOCK_C)
         dzw = dzw * activation_grad(sv.to(ACC_DTYPE), ACTIVATION, ACT_PARAM)
-    dz = plane_gather(dzw, c0, co, c_mask, oh, ow, p_mask, OH, OW)
+    dz = window_gather(dzw, dz_off, c_mask, oh, ow, p_mask, OW)
     part = tl.where(t[:, None] == KH * KW, tl.sum(dz, axis=0)[None, :], 0.0)
-    xw = plane_window(x_ptr, n, c0, C, H * W, sxn, ROW_VEC, FLAT_X, BLOCK_C)
     for kh in range(KH):
         ih = oh * STRIDE_H - PAD_H + kh * DIL_H
         m_h = p_mask & (ih >= 0) & (ih < H)
         for kw in tl.static_range(KW):
             iw = ow * STRIDE_W - PAD_W + kw * DIL_W
-            xv = plane_gather(xw, c0, co, c_mask, ih, iw, m_h & (iw >= 0) & (iw < W), H, W)
+            xv = window_gather(xw, x_off, c_mask, ih, iw, m_h & (iw >= 0) & (iw < W), W)
             s = tl.sum(dz * xv.to(ACC_DTYPE), axis=0)
             part += tl.where(t[:, None] == kh * KW + kw, s[None, :], 0.0)
     return part
@@ -214,24 +231,22 @@ def flat_plan(x, cfg: dict, OH: int, OW: int, mult: int) -> int:
     return next_pow2(bc * hw)
 
 
-def band_plan(dz, cfg: dict, H: int, W: int, kh: int, stride_h: int, dil_h: int) -> int:
-    """Per-channel ``FLAT_N`` of the grad_input band path (0: off) for ``dx`` tiles of
-    ``cfg``'s shape over an ``H x W`` input reading ``dz`` (here ``dy`` or ``saved``): the tile
-    spans the input's width (or a few tiles do: each reads whole ``dz`` rows), ``dz`` is a
-    contiguous, 16-byte aligned NCHW tensor whose image (``C*OH*OW``) is whole 16-byte groups,
-    and the tile's channel bands fit ``FLAT_MAX`` elements. A band is the ``dz`` rows the
-    tile's ``BLOCK_H`` input rows reach, plus the start's misalignment."""
-    N, C, OH, OW = dz.shape
-    sn, sc, sh, sw = dz.stride()
-    vec = 16 // dz.element_size()
-    rows = min(OH, (cfg["BLOCK_H"] - 1 + (kh - 1) * dil_h) // stride_h + 1)
-    # at least one 16-byte group per thread (a smaller window compiles to narrower loads):
-    # the extra elements are the next rows, read from cache (neighbouring tiles' bands)
-    flat = max(next_pow2(rows * OW + vec - 1), 32 * cfg.get("num_warps", 4) * vec // cfg["BLOCK_C"])
-    if (-(-W // cfg["BLOCK_W"]) > BAND_TILES_W or dz.data_ptr() % 16
-            or not (OW == 1 or sw == 1) or not (OH == 1 or sh == OW)
-            or not (C == 1 or sc == OH * OW) or (C * OH * OW) % vec or (N > 1 and sn % vec)
-            or cfg["BLOCK_C"] * flat > FLAT_MAX):
+def band_plan(t, cfg: dict, rows: int, tiles_w: int) -> int:
+    """Per-channel ``FLAT_N`` of a band window (0: off) of ``rows`` rows of the NCHW tensor
+    ``t`` (``dy``, ``saved`` or ``x``) per tile of ``cfg``'s shape, ``tiles_w`` tiles across
+    the width: at most ``BAND_TILES_W`` tiles share (re-read) a band, ``t`` is contiguous and
+    16-byte aligned with whole 16-byte groups per image (``C*H*W``), and the tile's channel
+    bands fit ``FLAT_MAX`` elements. A band is the rows plus the start's misalignment, and at
+    least one 16-byte group per thread (a smaller window compiles to narrower loads; the extra
+    elements are the next rows, read from cache by the neighbouring tiles too)."""
+    N, C, H, W = t.shape
+    sn, sc, sh, sw = t.stride()
+    vec = 16 // t.element_size()
+    flat = max(next_pow2(min(rows, H) * W + vec - 1),
+               32 * cfg.get("num_warps", 4) * vec // cfg["BLOCK_C"])
+    if (tiles_w > BAND_TILES_W or t.data_ptr() % 16 or not (W == 1 or sw == 1)
+            or not (H == 1 or sh == W) or not (C == 1 or sc == H * W) or (C * H * W) % vec
+            or (N > 1 and sn % vec) or cfg["BLOCK_C"] * flat > FLAT_MAX):
         return 0
     return flat
 

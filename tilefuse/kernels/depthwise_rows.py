@@ -230,7 +230,8 @@ def row_plan_dgrad(dy, saved, cfg: dict, stride_w: int, dil_w: int, pad_w: int, 
                         TAPS=next_pow2(kh * kw + 1))
     vec = 1 if channels_last or bw % stride_w else row_vec([dy, saved], bw // stride_w)
     if vec == 1:
-        band = 0 if channels_last else [band_plan(t, cfg, H, W, kh, stride_h, dil_h)
+        rows = (cfg["BLOCK_H"] - 1 + (kh - 1) * dil_h) // stride_h + 1  # dz rows a tile reaches
+        band = 0 if channels_last else [band_plan(t, cfg, rows, -(-W // bw))
                                          for t in (dy, saved)]
         if band and band[0] and band[0] == band[1]:  # dz row bands
             return dict(_OFF, ROW_VEC=16 // dy.element_size(), FLAT_N=band[0], BAND=1,
@@ -242,10 +243,11 @@ def row_plan_dgrad(dy, saved, cfg: dict, stride_w: int, dil_w: int, pad_w: int, 
 
 
 def row_plan_wgrad(x, dy, saved, cfg: dict, stride_w: int, dil_w: int, pad_w: int, kw: int,
-                   channels_last: bool, mult: int) -> dict:
+                   channels_last: bool, mult: int, kh: int, stride_h: int, dil_h: int) -> dict:
     """grad_weight constexprs: whole planes of ``dy``, ``saved`` and ``x`` (``FLAT_N`` /
     ``FLAT_X``), else the forward's ``x`` windows plus aligned ``dz`` tiles of ``dy`` and
-    ``saved`` (one ``ROW_VEC`` valid for all three)."""
+    ``saved`` (one ``ROW_VEC`` valid for all three), else row bands of all three
+    (``BAND=1``: output tiles spanning the width, any multiplier)."""
     bw = cfg["BLOCK_W"]
     if channels_last:
         return dict(_OFF, FLAT_N=0, FLAT_X=0)
@@ -254,8 +256,15 @@ def row_plan_wgrad(x, dy, saved, cfg: dict, stride_w: int, dil_w: int, pad_w: in
     same = x.element_size() == dy.element_size() == saved.element_size()
     if same and flat[0] and flat[0] == flat[1] and flat[2]:
         return dict(_OFF, ROW_VEC=16 // x.element_size(), FLAT_N=flat[0], FLAT_X=flat[2])
-    return dict(_row_plan_wgrad(x, dy, saved, bw, stride_w, dil_w, pad_w, kw), FLAT_N=0,
-                FLAT_X=0)
+    plan = _row_plan_wgrad(x, dy, saved, bw, stride_w, dil_w, pad_w, kw)
+    if plan["ROW_VEC"] == 1 and same:
+        bh, tiles_w = cfg["BLOCK_H"], -(-OW // bw)
+        band = [band_plan(t, cfg, bh, tiles_w) for t in (dy, saved)]
+        band_x = band_plan(x, cfg, (bh - 1) * stride_h + (kh - 1) * dil_h + 1, tiles_w)
+        if band[0] and band[0] == band[1] and band_x:
+            return dict(_OFF, ROW_VEC=16 // x.element_size(), FLAT_N=band[0], FLAT_X=band_x,
+                        BAND=1)
+    return dict(plan, FLAT_N=0, FLAT_X=0)
 
 
 def _row_plan_wgrad(x, dy, saved, bw: int, stride_w: int, dil_w: int, pad_w: int,

@@ -35,7 +35,7 @@ def dw_conv_bwd_weight_kernel(
     IDX: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_T: tl.constexpr, ROW_VEC: tl.constexpr = 1, WIN_A: tl.constexpr = 0,
     WIN_W: tl.constexpr = 1, TAPS: tl.constexpr = 1, FLAT_N: tl.constexpr = 0,
-    FLAT_X: tl.constexpr = 0,
+    FLAT_X: tl.constexpr = 0, BAND: tl.constexpr = 0,
 ):
     """Stage 1 of dw/db: program (channel block, split) walks output tiles
     ``[split * TILES_PER_SPLIT, ...)`` (tile = image x pixel tile) in order; each dz tile is read
@@ -53,14 +53,15 @@ def dw_conv_bwd_weight_kernel(
     for k in range(first, tl.minimum(first + TILES_PER_SPLIT, TILES)):
         n = (k // TILES_P).to(IDX)
         p = k % TILES_P
-        if FLAT_N > 0:  # NCHW whole planes (tilefuse.kernels.depthwise_rows)
+        if FLAT_N > 0:  # NCHW whole planes or row bands (tilefuse.kernels.depthwise_planes)
             oh = ((p // TILES_W) * BLOCK_H + i // BLOCK_W).to(IDX)
             ow = ((p % TILES_W) * BLOCK_W + i % BLOCK_W).to(IDX)
-            acc += flat_tile_wgrad(dy_ptr, s_ptr, x_ptr, n, (pid_c * BLOCK_C).to(IDX), co, c_mask,
-                                   oh, ow, (oh < OH) & (ow < OW), t, C_out, H, W, OH, OW, PAD_H,
-                                   PAD_W, sdn, ssn, sxn, STRIDE_H, STRIDE_W, DIL_H, DIL_W, KH,
-                                   KW, ACTIVATION, ACT_PARAM, ACC_DTYPE, ROW_VEC, FLAT_N, FLAT_X,
-                                   BLOCK_C)
+            acc += flat_tile_wgrad(dy_ptr, s_ptr, x_ptr, n, (pid_c * BLOCK_C).to(IDX), co, ci,
+                                   c_mask, oh, ow, (oh < OH) & (ow < OW),
+                                   ((p // TILES_W) * BLOCK_H).to(IDX), t, C_out, H, W, OH, OW,
+                                   PAD_H, PAD_W, sdn, ssn, sxn, STRIDE_H, STRIDE_W, DIL_H, DIL_W,
+                                   KH, KW, MULT, ACTIVATION, ACT_PARAM, ACC_DTYPE, ROW_VEC,
+                                   FLAT_N, FLAT_X, BAND, BLOCK_C)
         elif ROW_VEC > 1:  # NCHW aligned rows (tilefuse.kernels.depthwise_rows)
             acc += row_tile_wgrad(dy_ptr, s_ptr, x_ptr, n, co, ci, c_mask, p, TILES_W, H, W, OH,
                                   OW, PAD_H, PAD_W, sdn, sdc, sdh, ssn, ssc, ssh, sxn, sxc, sxh,
@@ -174,7 +175,7 @@ def launch_backward_weight(dy, x, kernel_size, stride=(1, 1), padding=(0, 0), di
         grid, cfg, tiles_w, tiles_p, tiles, per_split, splits = weight_grad_plan(
             N, C_out, OH, OW, KH, KW, channels_last, x.device, num_splits)
         cfg.update(row_plan_wgrad(x, dy, saved, cfg, stride[1], dilation[1], padding[1], KW,
-                                  channels_last, C_out // C_in))
+                                  channels_last, C_out // C_in, KH, stride[0], dilation[0]))
         consts, opts = split_constexprs(dw_conv_bwd_weight_kernel, _BWD_WEIGHT_RUNTIME, dict(
             cfg, STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1],
             KH=KH, KW=KW, MULT=C_out // C_in, ACTIVATION=activation, ACT_PARAM=float(act_param),

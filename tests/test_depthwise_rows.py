@@ -233,3 +233,15 @@ def test_band_wgrad_plan_mobilenet():
         assert (plan["BAND"], plan["FLAT_N"], plan["FLAT_X"]) == (1, 128, 512), plan
     assert _plan_wgrad(2, 32, 56, 56, 3, 2, 1)["ROW_VEC"] == 4  # fp32: aligned rows
     assert "BAND" not in _plan_wgrad(2, 32, 56, 56, 3, 2, 1)
+
+
+def test_row_wgrad_strided_window_lowers_block_c():
+    """A stride-2 grad_weight tile's x row window spans twice its columns (2 x 128 columns x 16
+    channels here: 180-255 registers on sm_90): the plan halves BLOCK_C until a window holds at
+    most ROW_WIN_MAX elements, and the launch sizes its grid from that BLOCK_C (every channel's
+    gradient is still computed)."""
+    plan = _plan_wgrad(1, 16, 12, 64, 3, 2, 1)
+    assert plan["ROW_VEC"] == 4 and plan["WIN_W"] == 128 and plan["BLOCK_C"] == 8, plan
+    assert "BLOCK_C" not in _plan_wgrad(1, 16, 12, 64, 3, 1, 1)
+    _check(torch.randn(1, 16, 12, 64), torch.randn(16, 1, 3, 3) * 0.5, torch.randn(16), 2, 1, 1,
+           "relu6")

@@ -246,8 +246,10 @@ def row_plan_wgrad(x, dy, saved, cfg: dict, stride_w: int, dil_w: int, pad_w: in
                    channels_last: bool, mult: int, kh: int, stride_h: int, dil_h: int) -> dict:
     """grad_weight constexprs: whole planes of ``dy``, ``saved`` and ``x`` (``FLAT_N`` /
     ``FLAT_X``), else the forward's ``x`` windows plus aligned ``dz`` tiles of ``dy`` and
-    ``saved`` (one ``ROW_VEC`` valid for all three), else row bands of all three
-    (``BAND=1``: output tiles spanning the width, any multiplier)."""
+    ``saved`` (one ``ROW_VEC`` valid for all three; ``BLOCK_C`` lowered so that an x window
+    holds at most ``ROW_WIN_MAX`` elements), else row bands of all three (``BAND=1``: output
+    tiles spanning the width, any multiplier). The caller sizes its grid from the returned
+    ``BLOCK_C`` when there is one."""
     bw = cfg["BLOCK_W"]
     if channels_last:
         return dict(_OFF, FLAT_N=0, FLAT_X=0)
@@ -257,6 +259,11 @@ def row_plan_wgrad(x, dy, saved, cfg: dict, stride_w: int, dil_w: int, pad_w: in
     if same and flat[0] and flat[0] == flat[1] and flat[2]:
         return dict(_OFF, ROW_VEC=16 // x.element_size(), FLAT_N=flat[0], FLAT_X=flat[2])
     plan = _row_plan_wgrad(x, dy, saved, bw, stride_w, dil_w, pad_w, kw)
+    bc = cfg["BLOCK_C"]  # a strided tile's x window per kernel row is wide: fewer channels
+    while plan["ROW_VEC"] > 1 and cfg["BLOCK_H"] * plan["WIN_W"] * bc > ROW_WIN_MAX and bc > 1:
+        bc //= 2
+    if bc != cfg["BLOCK_C"]:
+        plan["BLOCK_C"] = bc
     if plan["ROW_VEC"] == 1 and same:
         bh, tiles_w = cfg["BLOCK_H"], -(-OW // bw)
         band = [band_plan(t, cfg, bh, tiles_w) for t in (dy, saved)]
@@ -265,6 +272,9 @@ def row_plan_wgrad(x, dy, saved, cfg: dict, stride_w: int, dil_w: int, pad_w: in
             return dict(_OFF, ROW_VEC=16 // x.element_size(), FLAT_N=band[0], FLAT_X=band_x,
                         BAND=1)
     return dict(plan, FLAT_N=0, FLAT_X=0)
+
+
+ROW_WIN_MAX = 2048  # elements of a grad_weight x row window (4096: 140-255 registers at s2)
 
 
 def _row_plan_wgrad(x, dy, saved, bw: int, stride_w: int, dil_w: int, pad_w: int,

@@ -127,12 +127,13 @@ _BWD_WEIGHT_LAUNCH = launch_cache()
 _BWD_WEIGHT_RUNTIME = dw_conv_bwd_weight_kernel.arg_names.index("STRIDE_H")
 
 
-def weight_grad_plan(N, C_out, OH, OW, KH, KW, channels_last, device, num_splits=None):
+def weight_grad_plan(N, C_out, OH, OW, KH, KW, channels_last, device, num_splits=None,
+                     config=None):
     """(stage-1 grid, tile constexprs, TILES_W, TILES_P, TILES, TILES_PER_SPLIT, splits): the
     output tiles are split into contiguous ranges, about 4 programs per SM in all (from
     :func:`~tilefuse.kernels.sm_count`: the interpreter gets the GPU's rule at its pseudo-SM
     count), at least 128 output pixels (and 2 tiles) per range so the partials stay small."""
-    cfg = tile_config(C_out, OH, OW, channels_last)
+    cfg = dict(config or tile_config(C_out, OH, OW, channels_last))
     tiles_w = triton.cdiv(OW, cfg["BLOCK_W"])
     tiles_p = triton.cdiv(OH, cfg["BLOCK_H"]) * tiles_w
     tiles = N * tiles_p
@@ -172,10 +173,11 @@ def launch_backward_weight(dy, x, kernel_size, stride=(1, 1), padding=(0, 0), di
            tuple(t.data_ptr() % 16 == 0 for t in (x, dy, saved)))
     launch = _BWD_WEIGHT_LAUNCH.get(sig) if num_splits is None else None
     if launch is None:
-        grid, cfg, tiles_w, tiles_p, tiles, per_split, splits = weight_grad_plan(
-            N, C_out, OH, OW, KH, KW, channels_last, x.device, num_splits)
+        cfg = tile_config(C_out, OH, OW, channels_last)
         cfg.update(row_plan_wgrad(x, dy, saved, cfg, stride[1], dilation[1], padding[1], KW,
                                   channels_last, C_out // C_in, KH, stride[0], dilation[0]))
+        grid, cfg, tiles_w, tiles_p, tiles, per_split, splits = weight_grad_plan(
+            N, C_out, OH, OW, KH, KW, channels_last, x.device, num_splits, cfg)
         consts, opts = split_constexprs(dw_conv_bwd_weight_kernel, _BWD_WEIGHT_RUNTIME, dict(
             cfg, STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1],
             KH=KH, KW=KW, MULT=C_out // C_in, ACTIVATION=activation, ACT_PARAM=float(act_param),

@@ -237,11 +237,12 @@ def test_band_wgrad_plan_mobilenet():
 
 def test_row_wgrad_strided_window_lowers_block_c():
     """A stride-2 grad_weight tile's x row window spans twice its columns (2 x 128 columns x 16
-    channels here: 180-255 registers on sm_90): the plan halves BLOCK_C until a window holds at
-    most ROW_WIN_MAX elements, and the launch sizes its grid from that BLOCK_C (every channel's
-    gradient is still computed)."""
+    fp32 channels here: 140-255 registers on sm_90): the plan halves BLOCK_C until a window
+    holds at most ROW_WIN_BYTES, and the launch sizes its grid from that BLOCK_C (every
+    channel's gradient is still computed). The same window in fp16 is 8 KB: kept."""
     plan = _plan_wgrad(1, 16, 12, 64, 3, 2, 1)
     assert plan["ROW_VEC"] == 4 and plan["WIN_W"] == 128 and plan["BLOCK_C"] == 8, plan
     assert "BLOCK_C" not in _plan_wgrad(1, 16, 12, 64, 3, 1, 1)
+    assert "BLOCK_C" not in _plan_wgrad(2, 32, 112, 112, 3, 2, 1, dtype=torch.float16)
     _check(torch.randn(1, 16, 12, 64), torch.randn(16, 1, 3, 3) * 0.5, torch.randn(16), 2, 1, 1,
            "relu6")

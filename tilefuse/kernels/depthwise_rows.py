@@ -247,7 +247,7 @@ def row_plan_wgrad(x, dy, saved, cfg: dict, stride_w: int, dil_w: int, pad_w: in
     """grad_weight constexprs: whole planes of ``dy``, ``saved`` and ``x`` (``FLAT_N`` /
     ``FLAT_X``), else the forward's ``x`` windows plus aligned ``dz`` tiles of ``dy`` and
     ``saved`` (one ``ROW_VEC`` valid for all three; ``BLOCK_C`` lowered so that an x window
-    holds at most ``ROW_WIN_MAX`` elements), else row bands of all three (``BAND=1``: output
+    holds at most ``ROW_WIN_BYTES``), else row bands of all three (``BAND=1``: output
     tiles spanning the width, any multiplier). The caller sizes its grid from the returned
     ``BLOCK_C`` when there is one."""
     bw = cfg["BLOCK_W"]
@@ -260,7 +260,8 @@ def row_plan_wgrad(x, dy, saved, cfg: dict, stride_w: int, dil_w: int, pad_w: in
         return dict(_OFF, ROW_VEC=16 // x.element_size(), FLAT_N=flat[0], FLAT_X=flat[2])
     plan = _row_plan_wgrad(x, dy, saved, bw, stride_w, dil_w, pad_w, kw)
     bc = cfg["BLOCK_C"]  # a strided tile's x window per kernel row is wide: fewer channels
-    while plan["ROW_VEC"] > 1 and cfg["BLOCK_H"] * plan["WIN_W"] * bc > ROW_WIN_MAX and bc > 1:
+    while (plan["ROW_VEC"] > 1 and bc > 1
+           and cfg["BLOCK_H"] * plan["WIN_W"] * bc * x.element_size() > ROW_WIN_BYTES):
         bc //= 2
     if bc != cfg["BLOCK_C"]:
         plan["BLOCK_C"] = bc
@@ -274,7 +275,7 @@ def row_plan_wgrad(x, dy, saved, cfg: dict, stride_w: int, dil_w: int, pad_w: in
     return dict(plan, FLAT_N=0, FLAT_X=0)
 
 
-ROW_WIN_MAX = 2048  # elements of a grad_weight x row window (4096: 140-255 registers at s2)
+ROW_WIN_BYTES = 8192  # of a grad_weight x row window (16 KB fp32: 140-255 registers at s2)
 
 
 def _row_plan_wgrad(x, dy, saved, bw: int, stride_w: int, dil_w: int, pad_w: int,

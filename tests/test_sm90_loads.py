@@ -58,3 +58,21 @@ def test_depthwise_nchw_rows_are_128_bit(tmp_path):
         for r in rows:
             assert 2 * r["ld_global_128"] >= r["ld_global"], (kernel, r["spec"])
             assert not r["spill_stores"] and "ROW_VEC=1 " not in r["spec"] + " ", r["spec"]
+
+
+def test_depthwise_nchw_stride2_grad_input_is_128_bit(tmp_path):
+    """MobileNetV2's stride-2 layers in NCHW (28x28 5x5 and 112x112 3x3, fp32 and bf16):
+    grad_input reads dz through 128-bit loads (dz row bands for 28x28, strided dz row windows
+    for 112x112; before: 0/85 and 0/51, all scalar), at least half of its load bytes, and
+    grad_weight too, within 128 registers and without spills."""
+    proc, report = _run(tmp_path, "--families", "depthwise", "--only",
+                        r"dwconv torch\.(float32|bfloat16) 2x\d+x(28x28 k5|112x112 k3) s2 d1 m1 "
+                        r"NCHW", "--full", "--jobs", "1", timeout=300)
+    assert report is not None and proc.returncode == 0, proc.stdout + proc.stderr
+    for kernel in ("dw_conv_bwd_input_kernel", "dw_conv_bwd_weight_kernel"):
+        rows, n128, n = _share(report, kernel)
+        assert len(rows) == 4, [r["scenario"] for r in rows]
+        for r in rows:
+            assert r["ld_global_128"] >= 2 and 2 * r["ld_bytes_128"] >= r["ld_bytes"], (
+                kernel, r["spec"], r["ld_global_128"], r["ld_global"])
+            assert r["regs"] <= 128 and not r["spill_stores"], (kernel, r["spec"], r["regs"])

@@ -125,6 +125,8 @@ def _scenarios_depthwise(torch, tf):
         (2, 16, 28, 28, 5, 2, 2, 1, 1),
         (1, 8, 15, 17, 3, 1, 2, 2, 2),
         (1, 24, 14, 14, 7, 1, 3, 1, 1),
+        (2, 32, 112, 112, 3, 2, 1, 1, 1),  # MobileNetV2's stride-2 3x3 layers
+        (2, 32, 56, 56, 3, 2, 1, 1, 1),
     ]
     for dt in (torch.float32, torch.float16, torch.bfloat16):
         for (N, C, H, W, k, s, p, d, m) in shapes:

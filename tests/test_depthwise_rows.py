@@ -42,7 +42,7 @@ def _plan(x, k=3, s=1, p=1, d=1):
     OW = (x.shape[3] + 2 * p - d * (k - 1) - 1) // s + 1
     OH = (x.shape[2] + 2 * p - d * (k - 1) - 1) // s + 1
     cfg = tile_config(x.shape[1], OH, OW, False)
-    return row_plan(x, cfg, s, d, p, k, k, False, OH, OW, 1)
+    return row_plan(x, cfg, s, d, p, k, k, False, OH, OW, 1, s, d)
 
 
 def test_row_plan_rule():
@@ -63,7 +63,7 @@ def test_row_plan_rule():
     assert _plan(torch.empty(1, 8, 56, 57)[..., :56])["ROW_VEC"] == 1  # row stride 57
     assert _plan(torch.empty(1, 8, 56, 64)[..., 1:57])["ROW_VEC"] == 1  # 4-byte aligned start
     cl = torch.empty(1, 8, 56, 56).to(memory_format=torch.channels_last)
-    assert row_plan(cl, tile_config(8, 56, 56, True), 1, 1, 1, 3, 3, True, 56, 56,
+    assert row_plan(cl, tile_config(8, 56, 56, True), 1, 1, 1, 3, 3, True, 56, 56, 1, 1,
                     1)["ROW_VEC"] == 1
     # grad_input: dz windows of dy and the saved output, unit column stride only
     dy = torch.empty(1, 8, 56, 56, dtype=f16)
@@ -246,3 +246,19 @@ def test_row_wgrad_strided_window_lowers_block_c():
     assert "BLOCK_C" not in _plan_wgrad(2, 32, 112, 112, 3, 2, 1, dtype=torch.float16)
     _check(torch.randn(1, 16, 12, 64), torch.randn(16, 1, 3, 3) * 0.5, torch.randn(16), 2, 1, 1,
            "relu6")
+
+
+def test_band_forward_plan():
+    """The forward reads x as row bands where whole planes (multiplier 1 only) and aligned rows
+    do not apply: multiplier 2 on small maps (14x14: the whole plane of each output channel's
+    input channel; 15x17 dilation 2: 3 tiles of 8 columns share each band)."""
+    for (N, C, H, W, k, s, p, d, m, dt, flat) in [
+            (2, 4, 14, 14, 3, 1, 1, 1, 2, torch.float32, 256),
+            (1, 8, 15, 17, 3, 1, 2, 2, 2, torch.float16, 512),
+            (1, 8, 15, 17, 3, 1, 2, 2, 2, torch.float32, 512)]:
+        OH = (H + 2 * p - d * (k - 1) - 1) // s + 1
+        OW = (W + 2 * p - d * (k - 1) - 1) // s + 1
+        plan = row_plan(torch.empty(N, C, H, W, dtype=dt), tile_config(C * m, OH, OW, False), s,
+                        d, p, k, k, False, OH, OW, m, s, d)
+        assert (plan.get("BAND"), plan["FLAT_N"]) == (1, flat), plan
+    assert "BAND" not in _plan(torch.empty(1, 3, 15, 17))  # 765 elements: not whole groups

@@ -56,6 +56,7 @@ def dw_conv_fwd_kernel(
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
     ROW_VEC: tl.constexpr = 1, WIN_A: tl.constexpr = 0, WIN_W: tl.constexpr = 1,
     TAPS: tl.constexpr = 1, FLAT_N: tl.constexpr = 0, RES_FLAT: tl.constexpr = 0,
+    BAND: tl.constexpr = 0,
 ):
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -70,11 +71,12 @@ def dw_conv_fwd_kernel(
     p_mask = (oh < OH) & (ow < OW)
 
     w_base = w_ptr + co * swc
-    if FLAT_N > 0:  # NCHW, whole planes: one aligned flat load + gathers
+    if FLAT_N > 0:  # NCHW, whole planes or row bands: one aligned flat load + gathers
         acc = flat_taps_fwd(x_ptr, w_base, bias_ptr + co * stride_bias, n,
-                            (pid_c * BLOCK_C).to(IDX), co, c_mask, oh, ow, p_mask, C_out, H, W,
-                            PAD_H, PAD_W, sxn, swh, sww, HAS_BIAS, STRIDE_H, STRIDE_W, DIL_H,
-                            DIL_W, KH, KW, ACC_DTYPE, ROW_VEC, FLAT_N, TAPS, BLOCK_C)
+                            (pid_c * BLOCK_C).to(IDX), co, ci, c_mask, oh, ow, p_mask,
+                            ((pid_p // TILES_W) * BLOCK_H).to(IDX), C_out, H, W, PAD_H, PAD_W,
+                            sxn, swh, sww, HAS_BIAS, STRIDE_H, STRIDE_W, DIL_H, DIL_W, KH, KW,
+                            MULT, ACC_DTYPE, ROW_VEC, FLAT_N, BAND, TAPS, BLOCK_C)
     elif ROW_VEC > 1:  # NCHW, aligned rows: one 128-bit window load per kernel row + shifts
         acc = row_taps_fwd(x_ptr, w_base, bias_ptr + co * stride_bias, n, ci, c_mask, pid_p,
                            TILES_W, H, W, OH, PAD_H, PAD_W, sxn, sxc, sxh, swh, sww, HAS_BIAS,
@@ -311,7 +313,7 @@ def launch_forward(x, weight, y, bias=None, residual=None, pre=None, stride=(1, 
     if launch is None:
         cfg = dict(config or tile_config(C_out, OH, OW, channels_last))
         cfg.update(row_plan(x, cfg, stride[1], dilation[1], padding[1], KH, KW,
-                            channels_last, OH, OW, C_out // C_in))
+                            channels_last, OH, OW, C_out // C_in, stride[0], dilation[0]))
         if residual is not None and residual.shape == y.shape:
             cfg["RES_FLAT"] = flat_res_plan(residual, cfg, cfg["FLAT_N"])
         launch = _tiled_launch(dw_conv_fwd_kernel, _FWD_RUNTIME, N, C_out, OH, OW,

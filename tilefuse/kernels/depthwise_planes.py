@@ -91,18 +91,25 @@ def tap(taps, k, ACC_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def flat_taps_fwd(x_ptr, w_base, bias_base, n, c0, co, c_mask, oh, ow, p_mask, C, H, W, PAD_H,
-                  PAD_W, sxn, swh, sww, HAS_BIAS: tl.constexpr, STRIDE_H: tl.constexpr,
+def flat_taps_fwd(x_ptr, w_base, bias_base, n, c0, co, ci, c_mask, oh, ow, p_mask, oh0, C, H, W,
+                  PAD_H, PAD_W, sxn, swh, sww, HAS_BIAS: tl.constexpr, STRIDE_H: tl.constexpr,
                   STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-                  KH: tl.constexpr, KW: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                  ROW_VEC: tl.constexpr, FLAT_N: tl.constexpr, TAPS: tl.constexpr,
-                  BLOCK_C: tl.constexpr):
-    """Forward taps when the tile holds whole planes (small maps: 28x28, 14x14, 7x7, whose rows
-    are not 16-byte aligned): the ``BLOCK_C`` planes of a contiguous NCHW image are one flat
-    range, loaded as one aligned vector of ``FLAT_N`` elements (the host checked that
-    ``BLOCK_C*H*W``, ``C*H*W`` and the image stride are multiples of ``ROW_VEC``); each tap is a
-    gather from it. Returns the per-tap path's accumulator, bias added."""
-    win = plane_window(x_ptr, n, c0, C, H * W, sxn, ROW_VEC, FLAT_N, BLOCK_C)
+                  KH: tl.constexpr, KW: tl.constexpr, MULT: tl.constexpr,
+                  ACC_DTYPE: tl.constexpr, ROW_VEC: tl.constexpr, FLAT_N: tl.constexpr,
+                  BAND: tl.constexpr, TAPS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Forward taps from one flat aligned ``x`` window, each tap a gather from it. ``BAND ==
+    0``: the tile holds whole planes (small maps: 28x28, 14x14, 7x7, whose rows are not 16-byte
+    aligned; multiplier 1): the ``BLOCK_C`` planes of a contiguous NCHW image are one flat range
+    of ``FLAT_N`` elements (:func:`plane_window`). ``BAND == 1``: the tile (output rows from
+    ``oh0``) spans the width: per output channel ``co`` the band of input channel ``ci``'s rows
+    that its taps reach (:func:`band_window`, any multiplier). Returns the per-tap path's
+    accumulator, bias added."""
+    if BAND:
+        win, x_off = band_window(x_ptr, n, ci, c_mask, tl.maximum(oh0 * STRIDE_H - PAD_H, 0),
+                                 C // MULT, H * W, W, sxn, ROW_VEC, FLAT_N)
+    else:
+        win = plane_window(x_ptr, n, c0, C, H * W, sxn, ROW_VEC, FLAT_N, BLOCK_C)
+        x_off = (co - c0) * (H * W)
     taps = tap_weights(w_base, bias_base, c_mask, swh, sww, KH, KW, TAPS, HAS_BIAS)
     acc = tl.zeros((oh.shape[0], BLOCK_C), dtype=ACC_DTYPE)
     for kh in range(KH):
@@ -110,7 +117,7 @@ def flat_taps_fwd(x_ptr, w_base, bias_base, n, c0, co, c_mask, oh, ow, p_mask, C
         m_h = p_mask & (ih >= 0) & (ih < H)
         for kw in tl.static_range(KW):
             iw = ow * STRIDE_W - PAD_W + kw * DIL_W
-            xv = plane_gather(win, c0, co, c_mask, ih, iw, m_h & (iw >= 0) & (iw < W), H, W)
+            xv = window_gather(win, x_off, c_mask, ih, iw, m_h & (iw >= 0) & (iw < W), W)
             acc += xv.to(ACC_DTYPE) * tap(taps, kh * KW + kw, ACC_DTYPE)[None, :]
     if HAS_BIAS:
         acc += tap(taps, KH * KW, ACC_DTYPE)[None, :]

@@ -199,10 +199,12 @@ def _window(vec: int, left: int, span) -> dict:
 
 
 def row_plan(x, cfg: dict, stride_w: int, dil_w: int, pad_w: int, kh: int, kw: int,
-             channels_last: bool, OH: int, OW: int, mult: int) -> dict:
-    """Forward constexprs (``ROW_VEC``, ``WIN_A``, ``WIN_W``, ``TAPS``, ``FLAT_N``;
+             channels_last: bool, OH: int, OW: int, mult: int, stride_h: int,
+             dil_h: int) -> dict:
+    """Forward constexprs (``ROW_VEC``, ``WIN_A``, ``WIN_W``, ``TAPS``, ``FLAT_N``, ``BAND``;
     ``ROW_VEC == 1`` keeps the per-tap loads) for reading ``x`` in tiles of ``cfg``'s shape:
-    whole planes (:func:`flat_plan`) or aligned rows (:func:`row_vec`)."""
+    whole planes (:func:`flat_plan`), aligned rows (:func:`row_vec`), or row bands
+    (:func:`band_plan`: tiles spanning the width, any multiplier)."""
     bw = cfg["BLOCK_W"]
     flat = 0 if channels_last else flat_plan(x, cfg, OH, OW, mult)
     if flat:
@@ -210,6 +212,11 @@ def row_plan(x, cfg: dict, stride_w: int, dil_w: int, pad_w: int, kh: int, kw: i
                     TAPS=next_pow2(kh * kw + 1))
     vec = 1 if channels_last else row_vec([x], bw * stride_w)
     if vec == 1:
+        rows = (cfg["BLOCK_H"] - 1) * stride_h + (kh - 1) * dil_h + 1  # x rows a tile reaches
+        band = 0 if channels_last else band_plan(x, cfg, rows, -(-OW // bw))
+        if band:
+            return dict(_OFF, ROW_VEC=16 // x.element_size(), FLAT_N=band, BAND=1,
+                        TAPS=next_pow2(kh * kw + 1))
         return dict(_OFF, FLAT_N=0)
     return dict(_window(vec, pad_w, lambda a: a - pad_w + (bw - 1) * stride_w
                         + (kw - 1) * dil_w + 1), TAPS=next_pow2(kh * kw + 1), FLAT_N=0)

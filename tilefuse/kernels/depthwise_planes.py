@@ -1,13 +1,17 @@
-"""Whole-plane NCHW paths of the depthwise kernels (``FLAT_N``), and the weight-tile helpers
-shared with the aligned-row paths (:mod:`tilefuse.kernels.depthwise_rows`).
+"""Whole-plane and row-band NCHW paths of the depthwise kernels (``FLAT_N``, ``BAND``), and the
+weight-tile helpers shared with the aligned-row paths (:mod:`tilefuse.kernels.depthwise_rows`).
 
 Small maps (28x28 fp16, 14x14, 7x7) have rows that are not 16-byte aligned, but their tile
 already covers the whole output plane. Then the ``BLOCK_C`` planes of a contiguous NCHW image are
 one flat range: it is loaded as one aligned vector (:func:`plane_window`, 128-bit accesses) and
 every tap is a gather from it (:func:`plane_gather`). Forward (x and a contiguous residual),
-grad_input (``dz`` planes, any stride) and grad_weight (``dz`` and x planes), multiplier 1. The
-host rule (:func:`flat_plan`) depends on shapes, strides and alignment only, so the interpreter
-takes the same path as the GPU.
+grad_input (``dz`` planes, any stride) and grad_weight (``dz`` and x planes), multiplier 1.
+Where a tile only spans the width (a row band: the 28x28 stride-2 grad_input's 4-row tiles) or
+the multiplier is not 1, each channel's rows that the tile reaches are one flat range too:
+:func:`band_window` loads them from their 16-byte group on (``BAND == 1``, any stride and
+multiplier; forward, grad_input and grad_weight). The host rules (:func:`flat_plan`,
+:func:`band_plan`) depend on shapes, strides and alignment only, so the interpreter takes the
+same path as the GPU.
 """
 from __future__ import annotations
 

@@ -62,13 +62,13 @@ def band_window(ptr, n, co, c_mask, r0, C, HW, W, sn, ROW_VEC: tl.constexpr,
     start). 128-bit loads: the host checked that ``C*HW`` and the image stride are multiples of
     ``ROW_VEC`` and the base is 16-byte aligned (a group is wholly inside or past the image);
     elements past the band are read but never gathered."""
-    lim = ((C * HW) // ROW_VEC) * ROW_VEC
+    lim = (((co * 0 + C) * HW) // ROW_VEC) * ROW_VEC  # in co's index type (int64 if huge)
     first = co * HW + r0 * W
     start = (first // ROW_VEC) * ROW_VEC
     f = tl.max_contiguous(tl.arange(0, FLAT_N), FLAT_N)
     off = start[:, None] + f[None, :]
     win = tl.load(ptr + ((n * sn) // ROW_VEC) * ROW_VEC + off,
-                  mask=c_mask[:, None] & (off < lim), other=0.0)
+                  mask=c_mask[:, None] & (off < lim[:, None]), other=0.0)
     c_off = tl.arange(0, co.shape[0]) * FLAT_N + (first - start) - r0 * W
     return tl.reshape(win, (co.shape[0] * FLAT_N,)), c_off
 

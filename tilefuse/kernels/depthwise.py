@@ -31,7 +31,7 @@ import triton.language as tl
 from tilefuse.kernels import launch_cache, next_pow2, split_constexprs
 from tilefuse.kernels.activations import activation_grad, apply_activation
 from tilefuse.kernels.depthwise_planes import (flat_res_plan, flat_taps_dgrad, flat_taps_fwd,
-                                               plane_gather, plane_window, transposed_tap)
+                                               plane_gather, plane_window)
 from tilefuse.kernels.depthwise_rows import (row_plan, row_plan_dgrad, row_taps_dgrad,
                                              row_taps_fwd)
 
@@ -194,11 +194,17 @@ def _taps_dgrad(dy_ptr, s_ptr, w_ptr, n, ci, c_mask, ih, iw, p_mask, OH, OW, PAD
         co = ci * MULT + m
         w_base = w_ptr + co * swc
         for kh in range(KH):
-            oh, ok_h = transposed_tap(ih, PAD_H, kh, DIL_H, STRIDE_H, OH)
-            m_h = p_mask & ok_h
+            th = ih + PAD_H - kh * DIL_H
+            oh = th // STRIDE_H
+            m_h = p_mask & (th >= 0) & (oh < OH)
+            if STRIDE_H > 1:
+                m_h = m_h & (th % STRIDE_H == 0)
             for kw in tl.static_range(KW):
-                ow, ok_w = transposed_tap(iw, PAD_W, kw, DIL_W, STRIDE_W, OW)
-                mk = m_h & ok_w
+                tw = iw + PAD_W - kw * DIL_W
+                ow = tw // STRIDE_W
+                mk = m_h & (tw >= 0) & (ow < OW)
+                if STRIDE_W > 1:
+                    mk = mk & (tw % STRIDE_W == 0)
                 dv = _load_dz(dy_ptr, s_ptr, n, co, oh, ow, mk[:, None] & c_mask[None, :],
                               sdn, sdc, sdh, sdw, ssn, ssc, ssh, ssw, ACTIVATION, ACT_PARAM,
                               ACC_DTYPE)

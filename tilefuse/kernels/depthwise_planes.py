@@ -23,18 +23,6 @@ from tilefuse.kernels.activations import activation_grad
 
 
 @triton.jit
-def transposed_tap(i, PAD: tl.constexpr, k, DIL: tl.constexpr, STRIDE: tl.constexpr, O):
-    """Grad-input gather of a conv along one axis: the output index ``o`` that input index ``i``
-    reads through tap ``k`` (``o * STRIDE = i + PAD - k * DIL``) and whether it exists."""
-    t = i + PAD - k * DIL
-    o = t // STRIDE
-    ok = (t >= 0) & (o < O)
-    if STRIDE > 1:
-        ok = ok & (t % STRIDE == 0)
-    return o, ok
-
-
-@triton.jit
 def plane_window(ptr, n, c0, C, HW, sn, ROW_VEC: tl.constexpr, FLAT_N: tl.constexpr,
                  BLOCK_C: tl.constexpr):
     """Planes ``c0 .. c0 + BLOCK_C`` of image ``n`` of a contiguous NCHW tensor as one flat
@@ -174,11 +162,17 @@ def flat_taps_dgrad(dy_ptr, s_ptr, w_ptr, n, c0, ci, c_mask, ih, iw, p_mask, ih0
         taps = tap_weights(w_ptr + co * swc, w_ptr + co * swc, c_mask, swh, sww, KH, KW, TAPS,
                            False)
         for kh in range(KH):
-            oh, ok_h = transposed_tap(ih, PAD_H, kh, DIL_H, STRIDE_H, OH)
-            m_h = p_mask & ok_h
+            th = ih + PAD_H - kh * DIL_H
+            oh = th // STRIDE_H
+            m_h = p_mask & (th >= 0) & (oh < OH)
+            if STRIDE_H > 1:
+                m_h = m_h & (th % STRIDE_H == 0)
             for kw in tl.static_range(KW):
-                ow, ok_w = transposed_tap(iw, PAD_W, kw, DIL_W, STRIDE_W, OW)
-                mk = m_h & ok_w
+                tw = iw + PAD_W - kw * DIL_W
+                ow = tw // STRIDE_W
+                mk = m_h & (tw >= 0) & (ow < OW)
+                if STRIDE_W > 1:
+                    mk = mk & (tw % STRIDE_W == 0)
                 acc += window_gather(dz, c_off, c_mask, oh, ow, mk, OW) * \
                     tap(taps, kh * KW + kw, ACC_DTYPE)[None, :]
     return acc

@@ -309,9 +309,15 @@ def test_bench_cases_run_and_agree():
     from tilefuse.bench.kernels_conv import cases
 
     cs = cases("cpu", torch.float32, "tiny")
-    assert {c.name.split("/")[0] for c in cs} == {"fwd", "fwd+bwd"}
-    for case in cs:
+    assert {c.name.split("/")[0] for c in cs} == {"fwd", "fwd+bwd", "int8"}
+    float_out = {}
+    for case in sorted(cs, key=lambda c: c.name.startswith("int8/")):
         outs = {impl: fn() for impl, fn in case.fns.items()}
+        layer = case.name.split("/", 1)[1]
         if case.name.startswith("fwd/"):
             assert_close_to_ref(outs["tilefuse"], outs["eager"].double(), factor=8)
             assert set(outs) == {"tilefuse", "eager", "vendor"}
+            float_out[layer] = outs["eager"]
+        elif case.name.startswith("int8/"):  # W8A8: within int8 rounding of the float block
+            ref = float_out[layer]
+            assert (outs["tilefuse"] - ref).abs().max() <= 0.05 * ref.abs().max()

@@ -12,6 +12,10 @@ Implementations per case:
   tiny case costs more than the whole benchmark);
 * ``vendor``: ``F.conv2d`` alone with the folded weights (cuDNN, no epilogue): the anchor.
 
+``int8/<layer>`` (inference): the folded conv as ``tilefuse.nn.Int8Conv2d`` (W8A8, per-image
+dynamic activation scales, the int8 implicit-GEMM kernel with the whole epilogue) against the
+float conv alone (``vendor``), reported against the int8 peak.
+
 ``fwd+bwd`` cases (training: BN cannot be folded, so the eager side is conv -> BN(train) -> act,
 ours conv -> bias -> act with the gradient through the fused activation) time forward + backward
 w.r.t. x and w. Flops: ``2 * N*OH*OW * C_out * C_in/groups * kH*kW`` per forward.
@@ -75,6 +79,35 @@ def _ours(act, stride, pad, bias, residual):
     return f
 
 
+def _int8_case(name, x, w_fold, b_fold, stride, pad, act, r, shape, dname, flops, vendor):
+    """The folded conv as ``tilefuse.nn.Int8Conv2d`` (W8A8: per-output-channel int8 weights,
+    per-image dynamic activation scales, int32 accumulation, scales + bias + act (+ residual) in
+    the epilogue of the int8 implicit GEMM) against the float conv alone (cuDNN)."""
+    from tilefuse.nn.int8_conv import Int8Conv2d
+
+    conv = torch.nn.Conv2d(x.shape[1], w_fold.shape[0], w_fold.shape[-1], stride, pad,
+                           device=x.device, dtype=x.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(w_fold)
+        conv.bias.copy_(b_fold)
+    q = Int8Conv2d.from_float(conv, act_scale="sample",
+                              activation=None if act == "none" else act,
+                              post_activation="relu" if r is not None else None)
+
+    def run():
+        with torch.no_grad():
+            return q(x) if r is None else q(x, r)
+    n, c, h, w = x.shape
+    co, k = w_fold.shape[0], w_fold.shape[-1]
+    oh, ow = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    byts = float(2 * x.numel() + n * co * oh * ow * x.element_size() + w_fold.numel() + 4 * co)
+    return BenchCase(family="conv", name=f"int8/{name}", shape=shape, dtype="int8",
+                     fns={"tilefuse": run, "vendor": vendor}, flops=flops, bytes=byts,
+                     bound="compute",
+                     note=f"Int8Conv2d W8A8 (per-image activation scales) vs the {dname} conv "
+                          f"alone (cuDNN)")
+
+
 def cases(device: str, dtype: torch.dtype, size: str) -> List[BenchCase]:
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"conv benchmarks take floating dtypes, got {dtype}")
@@ -110,6 +143,9 @@ def cases(device: str, dtype: torch.dtype, size: str) -> List[BenchCase]:
         out.append(BenchCase(family="conv", name=f"fwd/{name}", shape=shape, dtype=dname,
                              fns=fns, flops=flops, bytes=byts, bound="compute",
                              note="BN folded + act (+ residual + relu) in the epilogue"))
+        if dtype != torch.float64:
+            out.append(_int8_case(name, x, w_fold, b_fold, stride, pad, act, r, shape, dname,
+                                  flops, fns["vendor"]))
         if residual:
             continue
         xg, wg = x.detach().clone().requires_grad_(), wt.detach().clone().requires_grad_()

@@ -51,6 +51,20 @@ def _row_target(t_ptr, w_ptr, row, stride_t, ignore_index, V, HAS_WEIGHT: tl.con
 
 
 @triton.jit
+def _soft_target(t_ptr, w_ptr, row, c, cm, stride_tr, stride_tc, eps, V, SMOOTH: tl.constexpr,
+                 HAS_WEIGHT: tl.constexpr):
+    """Columns ``c`` of a class-probability target row as the loss weighs them: smoothed
+    (``q * (1 - eps) + eps / V``) and times the class weights; 0 outside ``cm``'s load."""
+    q = tl.load(t_ptr + row * stride_tr + c.to(tl.int64) * stride_tc, mask=cm,
+                other=0.0).to(tl.float32)
+    if SMOOTH:
+        q = q * (1.0 - eps) + eps / V
+    if HAS_WEIGHT:
+        q = q * tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
+    return q
+
+
+@triton.jit
 def _hint(V, stride_xr, stride_tr, VEC: tl.constexpr, SOFT: tl.constexpr):
     """``(v // VEC) * VEC == v`` (the launcher checked): the results carry divisibility VEC, so
     row loads vectorize (128-bit) when ``V`` is not a multiple of 16 (e.g. V=1000)."""
@@ -83,13 +97,8 @@ def xent_fwd_kernel(
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)  # one exp per logit
         m = m_new
         if SOFT:
-            q = tl.load(t_ptr + row * stride_tr + c.to(tl.int64) * stride_tc, mask=cm,
-                        other=0.0).to(tl.float32)
-            if SMOOTH:
-                q = q * (1.0 - eps) + eps / V
-            if HAS_WEIGHT:
-                q = q * tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
-            q = tl.where(cm, q, 0.0)
+            q = tl.where(cm, _soft_target(t_ptr, w_ptr, row, c, cm, stride_tr, stride_tc, eps,
+                                          V, SMOOTH, HAS_WEIGHT), 0.0)
             acc_a += q
             acc_b += q * tl.where(cm, x, 0.0)
         elif SMOOTH:
@@ -210,12 +219,8 @@ def xent_bwd_kernel(
         x = tl.load(x_row + c.to(tl.int64) * stride_xc, mask=cm, other=0.0).to(tl.float32)
         d = tl.exp(x - lse) * coef
         if SOFT:
-            q = tl.load(t_ptr + row * stride_tr + c.to(tl.int64) * stride_tc, mask=cm,
-                        other=0.0).to(tl.float32)
-            if SMOOTH:
-                q = q * (1.0 - eps) + eps / V
-            if HAS_WEIGHT:
-                q = q * tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32)
+            q = _soft_target(t_ptr, w_ptr, row, c, cm, stride_tr, stride_tc, eps, V, SMOOTH,
+                             HAS_WEIGHT)
             d = d - q * g
         else:
             d = tl.where(c == tc, d - hit, d)

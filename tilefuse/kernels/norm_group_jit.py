@@ -93,12 +93,7 @@ def gn_apply_kernel(x_ptr, w_ptr, b_ptr, y_ptr, pmean_ptr, pm2_ptr, mean_ptr, rs
     for c0 in range(0, Cg, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         cmask = c < Cg
-        w = tl.full((BLOCK_C,), 1.0, tl.float32)
-        b = tl.zeros((BLOCK_C,), tl.float32)
-        if HAS_W:
-            w = tl.load(w_ptr + c_first + c, mask=cmask, other=0.0).to(tl.float32)
-        if HAS_B:
-            b = tl.load(b_ptr + c_first + c, mask=cmask, other=0.0).to(tl.float32)
+        w, b = _wb(w_ptr, b_ptr, c_first, c, cmask, HAS_W, HAS_B, BLOCK_C)
         mask = cmask[:, None] & smask[None, :]
         c64 = c.to(tl.int64)
         x = tl.load(x_ptr + xo + c64[:, None] * sxc + s64[None, :] * sxs, mask=mask,

@@ -37,6 +37,18 @@ FAMILIES = tuple(_registry().FAMILIES)  # the kernel families, from the op regis
 ACTS = ("relu", "relu6", ("leaky_relu", 0.2), "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
 
 
+def _with_tf32(torch, fn):
+    """``fn`` run with torch's TF32 matmul flag set (restored after): the fp32 GEMMs' TF32 path."""
+    def run():
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            fn()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
+    return run
+
+
 def _scenarios_matmul(torch, tf):
     ops = tf.ops
     for dt in (torch.float16, torch.bfloat16, torch.float32):
@@ -60,14 +72,8 @@ def _scenarios_matmul(torch, tf):
         yield f"matmul {dt} out fp32", lambda dt=dt: ops.matmul(
             torch.randn(64, 32, dtype=dt), torch.randn(32, 64, dtype=dt), out_dtype=torch.float32)
 
-    def tf32():
-        old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        try:
-            ops.matmul(torch.randn(256, 64), torch.randn(64, 128))
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = old
-    yield "matmul fp32 tf32", tf32
+    yield "matmul fp32 tf32", _with_tf32(torch, lambda: ops.matmul(torch.randn(256, 64),
+                                                                     torch.randn(64, 128)))
 
     # issue 19: the Hopper GEMM launches (persistent TMA kernel on aligned operands, split-K for
     # small M, the grouped-order kernel for operands TMA cannot take)
@@ -82,14 +88,8 @@ def _scenarios_matmul(torch, tf):
         yield f"linear {dt} K=4095 (unaligned: grouped-order fallback)", lambda dt=dt: ops.linear(
             torch.randn(512, 4095, dtype=dt), torch.randn(1024, 4095, dtype=dt))
 
-    def tf32_big():
-        old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
-        try:
-            ops.linear(torch.randn(4096, 4096), torch.randn(4096, 4096))
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = old
-    yield "linear 4096^3 fp32 tf32", tf32_big
+    yield "linear 4096^3 fp32 tf32", _with_tf32(torch, lambda: ops.linear(
+        torch.randn(4096, 4096), torch.randn(4096, 4096)))
     yield from _scenarios_gemm_ws(torch)
     yield "matmul fp64", lambda: ops.matmul(torch.randn(128, 64, dtype=torch.float64),
                                             torch.randn(64, 128, dtype=torch.float64))

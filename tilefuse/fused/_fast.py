@@ -161,3 +161,41 @@ def lazy_module(name: str):
         return module
 
     return get
+
+
+# --------------------------------------------------------------------------------------------
+# per-signature plans: the eager hot path of an op that was already called with the same shapes
+# --------------------------------------------------------------------------------------------
+def plans_allowed() -> bool:
+    """Whether a per-signature plan may serve this call: eager (not compiling, not a jit trace,
+    not :func:`custom_op_path`) and no autocast enabled. Callers also check grad themselves."""
+    return not (_FORCE_CUSTOM_OP[0] or _is_compiling() or _jit_tracing()
+                or _any_autocast_enabled())
+
+
+def tkey(t):
+    """The part of a plan key that one tensor argument (or None) contributes: shape, strides,
+    dtype and device index. Two calls with equal keys validate, normalise and launch alike."""
+    if t is None:
+        return None
+    return (t.shape, t.stride(), t.dtype, t.get_device())
+
+
+def plan_cache() -> dict:
+    """A dict of per-signature plans (key: the op's arguments through :func:`tkey`, the
+    ``TILEFUSE_BACKEND`` setting and the op's scalar arguments; value: a closure that allocates
+    and launches). Emptied with the launch caches whenever the tuning DB changes."""
+    from tilefuse.kernels import launch_cache  # (the package itself does not import triton)
+
+    return launch_cache()
+
+
+PLAN_CACHE_MAX = 1024  # signatures per op: dynamic shapes must not grow a cache without bound
+
+
+def remember(cache: dict, key, plan):
+    """Store ``plan`` under ``key`` (emptying ``cache`` first when it is full); return it."""
+    if len(cache) >= PLAN_CACHE_MAX:
+        cache.clear()
+    cache[key] = plan
+    return plan

@@ -175,10 +175,11 @@ def plans_allowed() -> bool:
 
 def tkey(t):
     """The part of a plan key that one tensor argument (or None) contributes: shape, strides,
-    dtype and device index. Two calls with equal keys validate, normalise and launch alike."""
+    dtype and device (``t.device``: ``get_device()`` is -1 for CPU and meta alike). Two calls
+    with equal keys validate, normalise and launch alike."""
     if t is None:
         return None
-    return (t.shape, t.stride(), t.dtype, t.get_device())
+    return (t.shape, t.stride(), t.dtype, t.device)
 
 
 def plan_cache() -> dict:

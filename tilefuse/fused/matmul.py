@@ -19,7 +19,14 @@ from tilefuse._backend import backend_of
 from tilefuse._validate import (FLOAT_DTYPES_F64, check_broadcastable, check_same_dtype,
                                 check_tensor, float_tensor, same_device)
 from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
-from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, needs_grad
+from tilefuse._backend import _env_backend
+from tilefuse.fused import _fast
+from tilefuse.fused._fast import (act_code, autocast_maybe_on, fast_op, needs_grad, plan_cache,
+                                  remember, tkey)
+from torch._C import _any_requires_grad, is_grad_enabled
+
+_is_compiling, _jit_tracing = _fast._is_compiling, _fast._jit_tracing
+_autocast_on = _fast._any_autocast_enabled
 
 
 def _allow_tf32() -> bool:
@@ -140,6 +147,28 @@ matmul_op = fast_op("matmul", _matmul_impl, fake=_matmul_fake, setup_context=_se
 # --------------------------------------------------------------------------------------------
 # public functional API (re-exported by tilefuse.ops)
 # --------------------------------------------------------------------------------------------
+_PLANS = plan_cache()
+
+
+def _plan_2d(a, b, bias, residual, activation, out_dtype):
+    """The plan of a validated call on 2-D operands with no gradient: ``plan(a, b, bias,
+    residual)`` allocates the output and makes :func:`_matmul_impl`'s launch with every
+    non-tensor argument bound (:func:`tilefuse.kernels.matmul.bind_matmul`). None where the
+    call needs more than that (batch dims, autocast casts, broadcast residual, split-K, TMA,
+    the torch backend): those calls take the full path every time."""
+    if a.dim() != 2 or b.dim() != 2 or backend_of(a) != "triton":
+        return None
+    M, N = a.shape[0], b.shape[1]
+    od = a.dtype if out_dtype is None else out_dtype
+    if residual is not None and (residual.shape != (M, N) or residual.dtype != od):
+        return None
+    from tilefuse.kernels.matmul import bind_matmul
+
+    act, act_param = act_code(activation)
+    return bind_matmul(a, b, torch.empty(M, N, device=a.device, dtype=od), bias, residual, act,
+                       act_param, a.is_cuda and _allow_tf32())
+
+
 def matmul(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, activation=None,
            residual: Optional[Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """``act(a @ b + bias) + residual`` in one kernel.
@@ -169,6 +198,30 @@ def matmul(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, activation=None,
     >>> bool(torch.allclose(y, torch.relu(x @ w), atol=1e-5))
     True
     """
+    key = None
+    if not (_fast._FORCE_CUSTOM_OP[0] or _is_compiling() or _jit_tracing() or _autocast_on()
+            or (is_grad_enabled() and _any_requires_grad(a, b, bias, residual))):
+        # eager, no grad, no autocast: a call with the signature of an earlier one reuses its
+        # plan (fast_path.plans_allowed, inlined: this is the cheapest op there is)
+        try:
+            key = (a.shape, a.stride(), a.dtype, a.device, b.shape, b.stride(), b.dtype,
+                   b.device, activation, out_dtype, _env_backend(),
+                   a.is_cuda and _allow_tf32())
+            if bias is not None or residual is not None:
+                key += (tkey(bias), tkey(residual))
+            plan = _PLANS.get(key)  # None: a new signature, or one the plan cannot serve
+        except (TypeError, AttributeError):  # an unhashable activation, a non-tensor argument
+            key = plan = None
+        if plan is not None:
+            return plan(a, b, bias, residual)
+    out = _matmul(a, b, bias, activation, residual, out_dtype)
+    if key is not None and key not in _PLANS:  # validated: plan the signature (or mark None)
+        remember(_PLANS, key, _plan_2d(a, b, bias, residual, activation, out_dtype))
+    return out
+
+
+def _matmul(a, b, bias, activation, residual, out_dtype):
+    """:func:`matmul` without the plan lookup: validation, autocast, broadcasting, launch."""
     float_tensor("a", a)
     float_tensor("b", b)
     if a.dim() == 0 or b.dim() == 0:

@@ -29,7 +29,8 @@ from tilefuse.kernels.gemm_common import (SMALL_M, clamp_split, default_sms, fil
                                           tile_offsets)
 from tilefuse.kernels.matmul_tma import c_tma_ok, launch_tma, tma_params
 
-__all__ = ["grouped_pid", "matmul_kernel", "heuristic_config", "get_config", "launch_matmul"]
+__all__ = ["grouped_pid", "matmul_kernel", "heuristic_config", "get_config", "launch_matmul",
+           "bind_matmul"]
 
 MAX_GRID_Y = 65535
 
@@ -264,6 +265,53 @@ def launch_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, 
     if reduce is not None:
         launch_reduce(reduce, ws, c, None, None, bias, residual, pre)
     return c
+
+
+def bind_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, residual=None,
+                activation: int = 0, act_param: float = 0.0, allow_tf32: bool = False):
+    """``launch(a, b, bias, residual) -> c``: a new ``c`` (``c``'s dtype and device) and
+    :func:`launch_matmul` into it (no ``pre``, no DropConnect), for 2-D operands of the same
+    shapes, strides, dtypes and device as these, with every non-tensor argument computed here
+    once (the eager plans of :mod:`tilefuse.fused.matmul`). None where a launch needs per-call
+    work: batched, empty, split-K, or the TMA kernel (its descriptors hold the pointers)."""
+    M, K = a.shape
+    N = b.shape[1]
+    if c.dim() != 2 or M == 0 or N == 0:
+        return None
+    tf32 = bool(allow_tf32 and a.dtype == torch.float32 and a.is_cuda)
+    path = _gc.gemm_path(a, b, tf32) if (a.is_cuda or _gc.TMA_ON_CPU) else _CLASSIC
+    sb = b.stride()
+    sig = (M, N, K, a.dtype, activation, act_param, bias is not None, residual is not None,
+           False, sb[-2] == 1 and N > 1 and K > 1, tf32, False, path,
+           path[0] == "tma" and c_tma_ok(c), False, c.element_size())
+    kind, main, _, split = _launch_params(*sig, a.device, None)
+    if kind != "classic" or split > 1:
+        return None
+    grid_x, consts, opts = main
+    grid = (grid_x, 1, 1)
+    dev, dtype = c.device, c.dtype
+    # the pointers the kernel never reads here (DropConnect seed, split-K workspace): one
+    # element of c's dtype, as aligned as c (the same specialization as launch_matmul's)
+    unused = torch.empty(1, device=dev, dtype=dtype)
+    sr = _strides3(residual) if residual is not None else _strides3(c)
+    # every argument after the six leading pointers, as _launch_classic passes them
+    rest = (M, N, K, *_strides3(a), *_strides3(b), *_strides3(c), *sr,
+            bias.stride(0) if bias is not None else 0, unused, 0.0, 1.0, 0, 0, unused, M * N,
+            *consts)
+    if set(opts) != {"num_warps", "num_stages"}:
+        return None
+    nw, ns = opts["num_warps"], opts["num_stages"]
+    kernel = matmul_kernel
+    same = dtype == a.dtype
+
+    def launch(a, b, bias, residual):
+        # Tensor.new_empty(ints) is the cheapest allocation (~0.8 us)
+        c = a.new_empty(M, N) if same else torch.empty(M, N, device=dev, dtype=dtype)
+        kernel.run(a, b, c, c if bias is None else bias, c if residual is None else residual,
+                   c, *rest, grid=grid, warmup=False, num_warps=nw, num_stages=ns)
+        return c
+
+    return launch
 
 
 def _launch_classic(params, split, a, b, out, ws, bias, residual, pre, dropconnect):

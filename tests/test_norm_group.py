@@ -135,6 +135,8 @@ def test_split_statistics_chan_merge(cl, monkeypatch):
     import tilefuse.kernels.norm_group as kg
 
     monkeypatch.setattr(kg, "INTERP_TILE", 64)
+    monkeypatch.setattr(kg, "SMALL_TILE", 0)  # (a group of 2 x 300 fits the one-launch tile)
+    tilefuse.kernels.clear_launch_caches()  # (no launch bound before the patch)
     assert kg._geometry(1, 4, 300, 2, torch.device("cpu"))[1] > 1
     x = torch.randn(1, 4, 15, 20) * 0.5 + 300.0
     if cl:
@@ -153,6 +155,8 @@ def test_channels_last_statistics_read_rows_of_channels(shape, G, tile, monkeypa
     if tile:
         monkeypatch.setattr(kg, "INTERP_TILE", tile)
         monkeypatch.setattr(kg, "CL_SLICE_BYTES", 8)
+    monkeypatch.setattr(kg, "SMALL_TILE", 0)  # the channels_last kernels, not the one-launch
+    tilefuse.kernels.clear_launch_caches()  # (no launch bound before the patch)
     x = (torch.randn(*shape) * 0.5 + 50.0).to(memory_format=torch.channels_last)
     N, C = shape[:2]
     assert kg._cl_stats(x.reshape(N, C, -1), G)

@@ -8,7 +8,10 @@ inputs (``stride(1) == 1``) take the kernels of :mod:`tilefuse.kernels.norm_grou
 way, see there). Otherwise a group is a ``[Cg, S]`` slab walked in ``[BLOCK_C, BLOCK_S]`` tiles
 (a 2-D walk: no per-element division):
 
-Forward, two launches:
+Forward of a small group (:func:`small_group`: ``Cg x S`` fits one tile of ``SMALL_TILE``
+elements, any layout), one launch: :func:`gn_apply_kernel` with ``FUSED``, one program per
+``(n, group)`` computing the statistics of the tile it holds (as the statistics kernel does for
+one slice) and writing ``y`` from it. Otherwise, two launches:
 
 * :func:`gn_stats_kernel`, grid ``(N * G, SPLIT)``: ``SPLIT`` slices of ``S`` per group, sized so
   the grid has about 4 programs per SM (:func:`tilefuse.kernels.sm_count`; a small pseudo-device
@@ -45,6 +48,7 @@ from tilefuse.kernels.norm_group_jit import (  # noqa: F401  (the kernels, launc
 TILE = 4096         # elements per [BLOCK_C, BLOCK_S] tile on a GPU
 INTERP_TILE = 16384  # the interpreter pays per program (tests shrink it)
 MIN_S = 512         # NCHW statistics slices at batch 1: at least this many positions per row
+SMALL_TILE = 4096   # a group of at most this many elements (padded): a one-launch forward
 CL_BLOCK_C = 64     # channels_last: channels per tile (128 contiguous bytes of bf16)
 CL_SLICE_BYTES = 160  # channels_last: input bytes per channel per slice at least (the 8 bytes
                       # of per-channel partials then add at most 5% to the traffic)
@@ -102,47 +106,88 @@ def _geometry(N: int, C: int, S: int, G: int, device, cl: bool = False,
     return (sbc, sbs), split, s_per, (abc, abs_), triton.cdiv(S, abs_)
 
 
-_FWD_LAUNCH = launch_cache()
+_FWD_BOUND = launch_cache()
 _BWD_LAUNCH = launch_cache()
 _APPLY_RUNTIME = gn_apply_kernel.arg_names.index("HAS_W")
 _BWD_REDUCE_RUNTIME = gn_bwd_reduce_kernel.arg_names.index("HAS_W")
 _BWD_APPLY_RUNTIME = gn_bwd_apply_kernel.arg_names.index("HAS_W")
 
 
+def small_group(Cg: int, S: int) -> bool:
+    """Whether a group (``Cg`` channels x ``S`` positions, padded to powers of two) fits one
+    ``[BLOCK_C, BLOCK_S]`` tile of ``SMALL_TILE`` elements: the forward is then one launch,
+    one program per ``(n, group)`` (statistics in registers). By shape only: the GPU and the
+    interpreter take the same path."""
+    return next_pow2(Cg) * next_pow2(S) <= SMALL_TILE
+
+
+def _noop(*args):
+    return None
+
+
 def launch_group_norm_fwd(x, weight, bias, y, mean, rstd, num_groups: int, eps: float,
                           activation: int, act_param: float):
     """x, y: (N, C, S) any strides; mean/rstd: (N * num_groups,) fp32 (written when given; None
-    when no backward will need them). Two launches (channels_last: three); launch parameters
-    computed once per signature (:func:`tilefuse.kernels.launch_cache`)."""
+    when no backward will need them). One launch for small groups (:func:`small_group`), else
+    two (channels_last: three); the launch is bound once per signature
+    (:func:`bind_group_norm_fwd`)."""
+    sig = (x.shape, x.stride(), y.stride(), x.dtype, x.device, num_groups, eps,
+           weight is not None, bias is not None, activation, act_param, mean is not None)
+    launch = _FWD_BOUND.get(sig)
+    if launch is None:
+        launch = _FWD_BOUND[sig] = bind_group_norm_fwd(x, y.stride(), num_groups, eps, *sig[7:])
+    launch(x, weight, bias, y, mean, rstd)
+    return y
+
+
+def bind_group_norm_fwd(x, y_stride, G: int, eps: float, has_w: bool, has_b: bool,
+                        activation: int, act_param: float, store: bool):
+    """``launch(x, weight, bias, y, mean, rstd)`` for inputs with the (N, C, S) shape, strides,
+    dtype and device of ``x`` and outputs ``y`` with strides ``y_stride``: grids, constexprs,
+    strides and scalar arguments computed here, once; a call allocates the partials and
+    launches (the per-call path and the per-signature plans of :mod:`tilefuse.fused.norm_group`
+    share it: the same launches, the same bits). ``x`` and ``y`` may be passed as any view of
+    the same memory (the strides are bound). ``store``: mean/rstd are given and written."""
     N, C, S = x.shape
     if N == 0:
-        return y
-    store = mean is not None
-    if _cl_stats(x, num_groups):
-        return _cl_fwd(x, weight, bias, y, mean, rstd, num_groups, eps, activation, act_param)
-    sig = (N, C, S, num_groups, x.device, weight is not None, bias is not None, activation,
-           act_param, store)
-    launch = _FWD_LAUNCH.get(sig)
-    if launch is None:
-        (sbc, sbs), split, s_per, (abc, abs_), sblocks = _geometry(N, C, S, num_groups, x.device)
+        return _noop
+    sx, NG, Cg = tuple(x.stride()), N * G, C // G
+    if small_group(Cg, S):
+        bc, bs = next_pow2(Cg), next_pow2(S)
         consts, opts = split_constexprs(gn_apply_kernel, _APPLY_RUNTIME, dict(
-            HAS_W=sig[5], HAS_B=sig[6], STORE_STATS=store, ACTIVATION=activation,
-            ACT_PARAM=float(act_param), BLOCK_C=abc, BLOCK_S=abs_, num_warps=4))
-        warps = max(1, min(8, sbc * sbs // 512))  # 8 for 4K tiles: no spill on sm_90 (bf16)
-        launch = _FWD_LAUNCH[sig] = (split, s_per, dict(BLOCK_C=sbc, BLOCK_S=sbs, num_warps=warps),
-                                     (N * num_groups, sblocks), consts, opts)
-    split, s_per, sopts, agrid, consts, opts = launch
-    NG = N * num_groups
-    Cg = C // num_groups
-    pmean = torch.empty(NG * split, device=x.device, dtype=torch.float32)
-    pm2 = torch.empty(NG * split, device=x.device, dtype=torch.float32)
-    sx = x.stride()
-    gn_stats_kernel[(NG, split)](x, pmean, pm2, S, num_groups, Cg, s_per, split, *sx, **sopts)
-    gn_apply_kernel[agrid](
-        x, weight if weight is not None else x, bias if bias is not None else x, y, pmean, pm2,
-        mean if store else pmean, rstd if store else pmean, S, num_groups, Cg, s_per, split,
-        *sx, *y.stride(), float(eps), *consts, **opts)
-    return y
+            HAS_W=has_w, HAS_B=has_b, STORE_STATS=store, FUSED=True, ACTIVATION=activation,
+            ACT_PARAM=float(act_param), BLOCK_C=bc, BLOCK_S=bs,
+            num_warps=max(1, min(8, bc * bs // 512))))
+        args = (S, G, Cg, S, 1, *sx, *y_stride, float(eps), *consts)
+        grid = (NG, 1)
+
+        def launch(x, weight, bias, y, mean, rstd):
+            gn_apply_kernel.run(x, x if weight is None else weight, x if bias is None else bias,
+                                y, x, x, x if mean is None else mean, x if rstd is None else rstd,
+                                *args, grid=grid, warmup=False, **opts)
+        return launch
+    if _cl_stats(x, G):
+        return _bind_cl_fwd(x, y_stride, G, eps, has_w, has_b, activation, act_param)
+    (sbc, sbs), split, s_per, (abc, abs_), sblocks = _geometry(N, C, S, G, x.device)
+    consts, opts = split_constexprs(gn_apply_kernel, _APPLY_RUNTIME, dict(
+        HAS_W=has_w, HAS_B=has_b, STORE_STATS=store, FUSED=False, ACTIVATION=activation,
+        ACT_PARAM=float(act_param), BLOCK_C=abc, BLOCK_S=abs_, num_warps=4))
+    warps = max(1, min(8, sbc * sbs // 512))  # 8 for 4K tiles: no spill on sm_90 (bf16)
+    sopts = dict(BLOCK_C=sbc, BLOCK_S=sbs, num_warps=warps)
+    sargs = (S, G, Cg, s_per, split, *sx)
+    aargs = (S, G, Cg, s_per, split, *sx, *y_stride, float(eps), *consts)
+    sgrid, agrid, parts = (NG, split), (NG, sblocks), NG * split
+    f32 = torch.float32
+
+    def launch(x, weight, bias, y, mean, rstd):
+        pmean = x.new_empty(parts, dtype=f32)
+        pm2 = x.new_empty(parts, dtype=f32)
+        gn_stats_kernel.run(x, pmean, pm2, *sargs, grid=sgrid, warmup=False, **sopts)
+        gn_apply_kernel.run(x, x if weight is None else weight, x if bias is None else bias, y,
+                            pmean, pm2, pmean if mean is None else mean,
+                            pmean if rstd is None else rstd, *aargs, grid=agrid, warmup=False,
+                            **opts)
+    return launch
 
 
 def launch_group_norm_bwd(dy, x, weight, bias, mean, rstd, dx, num_groups: int,
@@ -196,7 +241,6 @@ def launch_group_norm_bwd(dy, x, weight, bias, mean, rstd, dx, num_groups: int,
     return dw, db
 
 
-_CL_FWD = launch_cache()
 _CL_BWD = launch_cache()
 _CL_APPLY_RUNTIME = gn_cl_apply_kernel.arg_names.index("HAS_W")
 _CL_REDUCE_RUNTIME = gn_cl_bwd_reduce_kernel.arg_names.index("HAS_W")
@@ -226,30 +270,31 @@ def _cl_plan(x, G: int, act: tuple, has_wb: tuple, bwd: bool = False, need: tupl
             (N * sblocks, cb), aconsts, opts)
 
 
-def _cl_fwd(x, weight, bias, y, mean, rstd, G, eps, activation, act_param):
-    """channels_last forward: statistics, merge, apply (three launches)."""
+def _bind_cl_fwd(x, y_stride, G, eps, has_w, has_b, activation, act_param):
+    """channels_last forward, bound (:func:`bind_group_norm_fwd`): statistics, merge, apply
+    (three launches)."""
     N, C, S = x.shape
-    sig = (N, C, S, G, x.device, x.dtype, weight is not None, bias is not None, activation,
-           act_param)
-    plan = _CL_FWD.get(sig)
-    if plan is None:
-        plan = _CL_FWD[sig] = _cl_plan(x, G, (activation, act_param), sig[6:8])
-    sgrid, s_per, split, sopts, mgrid, mconsts, agrid, aconsts, opts = plan
-    dev = x.device
-    if mean is None:
-        mean = torch.empty(N * G, device=dev, dtype=torch.float32)
-        rstd = torch.empty(N * G, device=dev, dtype=torch.float32)
-    pmean = torch.empty(N * split * C, device=dev, dtype=torch.float32)
-    pm2 = torch.empty(N * split * C, device=dev, dtype=torch.float32)
-    ch = torch.empty(2, N, C, device=dev, dtype=torch.float32)  # per channel: mean, rstd * w
-    sx = x.stride()
-    gn_cl_stats_kernel[sgrid](x, pmean, pm2, C, S, C // G, s_per, *sx, **sopts, **opts)
-    gn_cl_merge_kernel[mgrid](x, weight if weight is not None else x, pmean, pm2, mean, rstd,
-                              ch, mean, mean, N, C, S, G, C // G, s_per, split, sx[0], sx[1],
-                              float(eps), *mconsts, **opts)
-    gn_cl_apply_kernel[agrid](x, bias if bias is not None else x, y, ch, N, C, S, *sx,
-                              *y.stride(), *aconsts, **opts)
-    return y
+    sgrid, s_per, split, sopts, mgrid, mconsts, agrid, aconsts, opts = _cl_plan(
+        x, G, (activation, act_param), (has_w, has_b))
+    sx = tuple(x.stride())
+    sargs = (C, S, C // G, s_per, *sx)
+    margs = (N, C, S, G, C // G, s_per, split, sx[0], sx[1], float(eps), *mconsts)
+    aargs = (N, C, S, *sx, *y_stride, *aconsts)
+    NG, parts, f32 = N * G, N * split * C, torch.float32
+
+    def launch(x, weight, bias, y, mean, rstd):
+        if mean is None:
+            mean = x.new_empty(NG, dtype=f32)
+            rstd = x.new_empty(NG, dtype=f32)
+        pmean = x.new_empty(parts, dtype=f32)
+        pm2 = x.new_empty(parts, dtype=f32)
+        ch = x.new_empty(2, N, C, dtype=f32)  # per channel: mean, rstd * w
+        gn_cl_stats_kernel.run(x, pmean, pm2, *sargs, grid=sgrid, warmup=False, **sopts, **opts)
+        gn_cl_merge_kernel.run(x, x if weight is None else weight, pmean, pm2, mean, rstd, ch,
+                               mean, mean, *margs, grid=mgrid, warmup=False, **opts)
+        gn_cl_apply_kernel.run(x, x if bias is None else bias, y, ch, *aargs, grid=agrid,
+                               warmup=False, **opts)
+    return launch
 
 
 def _cl_bwd(dy, x, weight, bias, mean, rstd, dx, dw, db, G, activation, act_param):

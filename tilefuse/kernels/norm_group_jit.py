@@ -74,35 +74,69 @@ def _group_stats(x_ptr, pmean_ptr, pm2_ptr, pid, xo, S, Cg, S_PER, SPLIT, eps):
 
 
 @triton.jit
+def _tile_stats(x, mask, K, count, eps):
+    """(mean, rstd) of a whole group held in one fp32 tile (``mask``: its ``count`` elements),
+    as :func:`gn_stats_kernel` computes a slice's: the mean of ``x - K`` (``K`` the group's
+    first value), then the sum of squared deviations from it (two passes over registers)."""
+    d = tl.where(mask, x - K, 0.0)
+    total = tl.cast(count, tl.float32)
+    md = tl.sum(d) / total
+    e = tl.where(mask, d - md, 0.0)
+    return K + md, 1.0 / tl.sqrt(tl.sum(e * e) / total + eps)
+
+
+@triton.jit
+def _apply_tile(x, mean, rstd, w, b, y_ptr, yo, c64, s64, mask, syc, sys_,
+                ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr):
+    z = (x - mean) * rstd * w[:, None] + b[:, None]
+    if ACTIVATION != 0:  # (skipping the call keeps the interpreter fast)
+        z = apply_activation(z, ACTIVATION, ACT_PARAM)
+    tl.store(y_ptr + yo + c64[:, None] * syc + s64[None, :] * sys_,
+             z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def gn_apply_kernel(x_ptr, w_ptr, b_ptr, y_ptr, pmean_ptr, pm2_ptr, mean_ptr, rstd_ptr,
                     S, G, Cg, S_PER, SPLIT, sxn, sxc, sxs, syn, syc, sys_, eps,
                     HAS_W: tl.constexpr, HAS_B: tl.constexpr, STORE_STATS: tl.constexpr,
-                    ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr,
+                    FUSED: tl.constexpr, ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr,
                     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """``FUSED``: the group is one ``[BLOCK_C, BLOCK_S]`` tile (grid ``(N * G, 1)``): the
+    program computes its statistics in registers and normalises the tile it holds (one launch,
+    no partials); else the group's ``SPLIT`` partials are merged and a run of ``S`` written."""
     pid = tl.program_id(0).to(tl.int64)
     n, c_first, xo = _slab(pid, G, Cg, sxn, sxc)
-    mean, rstd = _group_stats(x_ptr, pmean_ptr, pm2_ptr, pid, xo, S, Cg, S_PER, SPLIT, eps)
-    if STORE_STATS:
-        if tl.program_id(1) == 0:
+    yo = n * syn + c_first * syc
+    if FUSED:
+        c = tl.arange(0, BLOCK_C)
+        s = tl.arange(0, BLOCK_S)
+        x, mask = _slice_tile(x_ptr, xo, c, s, Cg, S, sxc, sxs)
+        mean, rstd = _tile_stats(x, mask, tl.load(x_ptr + xo).to(tl.float32), Cg * S, eps)
+        if STORE_STATS:
             tl.store(mean_ptr + pid, mean)
             tl.store(rstd_ptr + pid, rstd)
-    yo = n * syn + c_first * syc
-    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-    smask = s < S
-    s64 = s.to(tl.int64)
-    for c0 in range(0, Cg, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        cmask = c < Cg
-        w, b = _wb(w_ptr, b_ptr, c_first, c, cmask, HAS_W, HAS_B, BLOCK_C)
-        mask = cmask[:, None] & smask[None, :]
-        c64 = c.to(tl.int64)
-        x = tl.load(x_ptr + xo + c64[:, None] * sxc + s64[None, :] * sxs, mask=mask,
-                    other=0.0).to(tl.float32)
-        z = (x - mean) * rstd * w[:, None] + b[:, None]
-        if ACTIVATION != 0:  # (skipping the call keeps the interpreter fast)
-            z = apply_activation(z, ACTIVATION, ACT_PARAM)
-        tl.store(y_ptr + yo + c64[:, None] * syc + s64[None, :] * sys_,
-                 z.to(y_ptr.dtype.element_ty), mask=mask)
+        w, b = _wb(w_ptr, b_ptr, c_first, c, c < Cg, HAS_W, HAS_B, BLOCK_C)
+        _apply_tile(x, mean, rstd, w, b, y_ptr, yo, c.to(tl.int64), s.to(tl.int64), mask, syc,
+                    sys_, ACTIVATION, ACT_PARAM)
+    else:
+        mean, rstd = _group_stats(x_ptr, pmean_ptr, pm2_ptr, pid, xo, S, Cg, S_PER, SPLIT, eps)
+        if STORE_STATS:
+            if tl.program_id(1) == 0:
+                tl.store(mean_ptr + pid, mean)
+                tl.store(rstd_ptr + pid, rstd)
+        s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+        smask = s < S
+        s64 = s.to(tl.int64)
+        for c0 in range(0, Cg, BLOCK_C):
+            c = c0 + tl.arange(0, BLOCK_C)
+            cmask = c < Cg
+            w, b = _wb(w_ptr, b_ptr, c_first, c, cmask, HAS_W, HAS_B, BLOCK_C)
+            mask = cmask[:, None] & smask[None, :]
+            c64 = c.to(tl.int64)
+            x = tl.load(x_ptr + xo + c64[:, None] * sxc + s64[None, :] * sxs, mask=mask,
+                        other=0.0).to(tl.float32)
+            _apply_tile(x, mean, rstd, w, b, y_ptr, yo, c64, s64, mask, syc, sys_, ACTIVATION,
+                        ACT_PARAM)
 
 
 @triton.jit

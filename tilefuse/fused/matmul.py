@@ -209,7 +209,9 @@ def matmul(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, activation=None,
                    a.is_cuda and _allow_tf32())
             if bias is not None or residual is not None:
                 key += (tkey(bias), tkey(residual))
-            plan = _PLANS.get(key)  # None: a new signature, or one the plan cannot serve
+            plan = _PLANS[key]  # None: a signature the plan cannot serve
+        except KeyError:  # a new signature
+            plan = None
         except (TypeError, AttributeError):  # an unhashable activation, a non-tensor argument
             key = plan = None
         if plan is not None:

@@ -14,9 +14,11 @@ import torch
 from torch import Tensor
 
 from tilefuse import _autocast
+from tilefuse._backend import _env_backend
 from tilefuse._validate import check_shape, check_tensor, float_tensor, same_device
 from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
-from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, lazy_module
+from tilefuse.fused._fast import (_c_apply, act_code, autocast_maybe_on, fast_op, lazy_module,
+                                  needs_grad, plan_cache, plans_allowed, remember, tkey)
 from tilefuse.fused._fast import use_torch_path as _use_torch
 
 
@@ -199,7 +201,113 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
     >>> bool(torch.allclose(y, ref, atol=1e-5))
     True
     """
+    if plans_allowed() and not _functorch_active():
+        try:  # the signature: every argument that validation, layout and launch depend on
+            grad = needs_grad(x, weight, bias)
+            key = (tkey(x), tkey(weight), tkey(bias), num_groups, eps, activation,
+                   _env_backend(), grad, type(x), type(num_groups), type(eps))
+            plan = _PLANS.get(key)
+        except (TypeError, AttributeError):  # unhashable arguments, a non-tensor x
+            return _group_norm(x, num_groups, weight, bias, eps, activation)[0]
+        if plan is not None:
+            return plan(x, weight, bias)
+        y = _group_norm(x, num_groups, weight, bias, eps, activation)[0]  # validates, raises
+        plan = _build_plan(x, weight, bias, num_groups, eps, activation, y, grad)
+        if plan is not None:
+            remember(_PLANS, key, plan)
+        return y
     return _group_norm(x, num_groups, weight, bias, eps, activation)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# per-signature plans (eager, no autocast): a call whose arguments have the shapes, strides,
+# dtypes, devices and scalar values of an earlier valid call skips validation and launch set-up
+# --------------------------------------------------------------------------------------------
+_PLANS = plan_cache()
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+class _Plan:
+    """What a planned call needs: the output allocator, the bound launch
+    (:func:`tilefuse.kernels.norm_group.bind_group_norm_fwd`) and, for the backward, the
+    ``(N, C, S)`` view shape and the op's scalars."""
+
+    __slots__ = ("alloc", "launch", "groups", "shape3", "G", "act", "param")
+
+    def __init__(self, alloc, launch, groups, shape3, G, act, param):
+        self.alloc, self.launch, self.groups, self.shape3 = alloc, launch, groups, shape3
+        self.G, self.act, self.param = G, act, param
+
+
+class _PlannedGroupNorm(torch.autograd.Function):
+    """The planned call with a gradient: the forward of :func:`group_norm_act_fwd` on ``x``
+    itself (no ``(N, C, S)`` view nodes in the graph); the backward reshapes ``dy``/``x`` as the
+    view nodes would and calls the same :func:`group_norm_act_bwd` (the same bits)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan):
+        y = plan.alloc(x)
+        mean = x.new_empty(plan.groups, dtype=torch.float32)
+        rstd = x.new_empty(plan.groups, dtype=torch.float32)
+        plan.launch(x, weight, bias, y, mean, rstd)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.plan, ctx.stats = plan, (mean, rstd)
+        ctx.set_materialize_grads(False)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        if dy is None:
+            return None, None, None, None
+        x, weight, bias = ctx.saved_tensors
+        p = ctx.plan
+        need = ctx.needs_input_grad
+        need_dw = weight is not None and need[1]
+        need_db = bias is not None and need[2]
+        dx, dw, db = group_norm_act_bwd(dy.reshape(p.shape3), x.reshape(p.shape3), weight, bias,
+                                        *ctx.stats, p.G, p.act, p.param, need_dw, need_db)
+        return (dx.reshape(x.shape) if need[0] else None, dw.to(weight.dtype) if need_dw else
+                None, db.to(bias.dtype) if need_db else None, None)
+
+
+_apply_planned = _c_apply.__get__(None, _PlannedGroupNorm)
+
+
+def _allocator(x: Tensor, y: Tensor):
+    """The cheapest allocation that gives ``y``'s shape and strides for inputs like ``x``."""
+    shape, stride = y.shape, y.stride()
+    if torch.empty_like(x).stride() == stride:
+        return torch.empty_like
+    if y.is_contiguous():
+        return lambda x: x.new_empty(shape)
+    return lambda x: torch.empty_strided(shape, stride, dtype=x.dtype, device=x.device)
+
+
+def _build_plan(x, weight, bias, num_groups, eps, activation, y, grad):
+    """The closure serving later calls with the signature of this (valid) one, or None where
+    none may: a module activation (parsed on every call: its parameters may change)."""
+    if activation is not None and type(activation) not in (str, tuple):
+        return None
+    G, eps = int(num_groups), float(eps)
+    act, param = act_code(activation)
+    shape = x.shape
+    shape3 = (shape[0], shape[1], math.prod(shape[2:]))
+    x3 = x if x.dim() == 3 else x.reshape(shape3)
+    if _use_torch(x3) or x3.data_ptr() != x.data_ptr():  # torch path, or x3 is a copy
+        return lambda x, weight, bias: _group_norm(x, G, weight, bias, eps, activation)[0]
+    y3 = y if y.dim() == 3 else y.view(shape3)
+    launch = _kernels().bind_group_norm_fwd(x3, y3.stride(), G, eps, weight is not None,
+                                            bias is not None, act, param, grad)
+    plan = _Plan(_allocator(x, y), launch, shape3[0] * G, shape3, G, act, param)
+    if grad:
+        return lambda x, weight, bias: _apply_planned(x, weight, bias, plan)
+    alloc = plan.alloc
+
+    def run(x, weight, bias):
+        y = alloc(x)
+        launch(x, weight, bias, y, None, None)
+        return y
+    return run
 
 
 def _group_norm(x, num_groups, weight, bias, eps, activation):

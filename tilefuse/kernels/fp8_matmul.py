@@ -160,20 +160,17 @@ def check_capability(device: torch.device) -> None:
             f"instead, or TILEFUSE_BACKEND=torch for the (slow) reference path")
 
 
-def launch_fp8_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a_scale: torch.Tensor,
-                      b_scale: torch.Tensor, bias=None, residual=None, activation: int = 0,
-                      act_param: float = 0.0, fast_accum: bool = False,
-                      config: dict | None = None) -> torch.Tensor:
-    """Launch on 2-D operands: a (M, K) and b (K, N) fp8, c (M, N) fp32/fp16/bf16.
-
-    ``a_scale`` is (M,) and ``b_scale``/``bias`` (N,) (any strides, 0 broadcasts), ``residual``
-    (M, N) with any strides. Launch parameters are computed once per signature
-    (:func:`tilefuse.kernels.launch_cache`); a later Hopper TMA/persistent kernel slots in here.
-    """
+def bind_fp8_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a_scale: torch.Tensor,
+                    b_scale: torch.Tensor, bias=None, residual=None, activation: int = 0,
+                    act_param: float = 0.0, fast_accum: bool = False,
+                    config: dict | None = None):
+    """Everything of one launch that is not a tensor, bound once per signature: None when there
+    is nothing to launch (M or N is 0), else what :func:`launcher` takes (launch
+    parameters from the per-signature cache, strides from these tensors)."""
     M, K = a.shape
     N = b.shape[1]
     if M == 0 or N == 0:
-        return c
+        return None
     sig = (M, N, K, bias is not None, residual is not None, activation, act_param, fast_accum)
     params = _LAUNCH.get(sig) if config is None else None
     if params is None:
@@ -182,10 +179,43 @@ def launch_fp8_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a_scale
             _LAUNCH[sig] = params
     grid, consts, opts = params
     res = residual if residual is not None else c
-    fp8_matmul_kernel[grid](
-        a, b, c, a_scale, b_scale, bias if bias is not None else c, res,
-        M, N, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-        res.stride(0), res.stride(1), a_scale.stride(0), b_scale.stride(0),
-        bias.stride(0) if bias is not None else 0, *consts, **opts)
+    return grid, (M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
+                  c.stride(1), res.stride(0), res.stride(1), a_scale.stride(0),
+                  b_scale.stride(0), bias.stride(0) if bias is not None else 0) + consts, opts
+
+
+def _nothing(a, b, c, a_scale=None, b_scale=None, bias=None, residual=None):
     return c
+
+
+def launcher(bound):
+    """``launch(a, b, c, a_scale, b_scale, bias, residual) -> c``: the launch of
+    :func:`bind_fp8_matmul`'s ``bound`` on tensors of its signature (only their data pointers
+    are read: the strides are bound). The one launch code of the op and of its plans."""
+    if bound is None:
+        return _nothing
+    grid, args, opts = bound
+    kernel = fp8_matmul_kernel  # (``kernel.run`` is looked up per call: tools patch the class)
+
+    def launch(a, b, c, a_scale, b_scale, bias=None, residual=None):
+        kernel.run(a, b, c, a_scale, b_scale, bias if bias is not None else c,
+                   residual if residual is not None else c, *args, grid=grid, warmup=False,
+                   **opts)
+        return c
+    return launch
+
+
+def launch_fp8_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a_scale: torch.Tensor,
+                      b_scale: torch.Tensor, bias=None, residual=None, activation: int = 0,
+                      act_param: float = 0.0, fast_accum: bool = False,
+                      config: dict | None = None) -> torch.Tensor:
+    """Launch on 2-D operands: a (M, K) and b (K, N) fp8, c (M, N) fp32/fp16/bf16.
+
+    ``a_scale`` is (M,) and ``b_scale``/``bias`` (N,) (any strides, 0 broadcasts), ``residual``
+    (M, N) with any strides. :func:`bind_fp8_matmul` then its :func:`launcher` (the
+    per-signature plans of :mod:`tilefuse.fused.fp8` keep the launcher); a later Hopper
+    TMA/persistent kernel slots in here.
+    """
+    bound = bind_fp8_matmul(a, b, c, a_scale, b_scale, bias, residual, activation, act_param,
+                            fast_accum, config)
+    return launcher(bound)(a, b, c, a_scale, b_scale, bias, residual)

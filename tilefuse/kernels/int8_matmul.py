@@ -182,21 +182,43 @@ _N_RUNTIME = int8_matmul_kernel.arg_names.index("A_IS_INT8")
 _CLASSIC = ("classic", None, None)
 
 
-def launch_int8_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a_scale=None,
-                       b_scale=None, bias=None, residual=None, activation: int = 0,
-                       act_param: float = 0.0, config: dict | None = None) -> torch.Tensor:
-    """Launch on 2-D operands: a (M, K) int8 or float, b (K, N) int8, c (M, N).
+def tma_state(a: torch.Tensor, b: torch.Tensor) -> int:
+    """The part of the path decision that a plan key (shapes, strides, dtypes, device) does not
+    hold: 0 when the device never takes the TMA kernel (or :data:`~tilefuse.kernels.gemm_common.
+    TMA_ON_CPU` is off for CPU tensors), else 1 + whether both operands are 16-byte aligned."""
+    if not _gc.tma_capable(a.get_device()):
+        return 0
+    return 1 + (not (a.data_ptr() | b.data_ptr()) % 16)
 
-    ``c`` int32 selects the raw mode (no epilogue). ``a_scale`` is (M,), ``b_scale`` and ``bias``
-    are (N,) and ``residual`` is (M, N); any strides (0 broadcasts). W8A8 with TMA-compatible
-    operands on sm_90 runs the persistent TMA kernel
-    (:func:`tilefuse.kernels.gemm_common.gemm_path`). Launch parameters are computed once per
-    signature (:func:`tilefuse.kernels.launch_cache`).
-    """
+
+def _tma_off(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return not _gc.TMA_ON_CPU
+
+
+def plan_guard(a: torch.Tensor, b: torch.Tensor):
+    """None when the path decision for operands of this signature cannot change (weight-only
+    operands, a CUDA device without TMA), else ``guard(a, b)``: True while the decision is the
+    one made for ``a``, ``b`` now (:func:`tma_state` unchanged)."""
+    dev = a.get_device()
+    if a.dtype != torch.int8 or (dev >= 0 and not _gc.tma_capable(dev)):
+        return None
+    state0 = tma_state(a, b)
+    if dev < 0 and not state0:
+        return _tma_off
+    return lambda a, b: tma_state(a, b) == state0
+
+
+def bind_int8_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a_scale=None,
+                     b_scale=None, bias=None, residual=None, activation: int = 0,
+                     act_param: float = 0.0, config: dict | None = None):
+    """Everything of one launch that is not a tensor, bound once per signature: None when there
+    is nothing to launch (M or N is 0), else the tuple :func:`launcher` takes. Launch
+    parameters come from :func:`tilefuse.kernels.launch_cache`, strides from the tensors given:
+    a later call with the same shapes, strides, dtypes and path may reuse the result."""
     M, K = a.shape
     N = b.shape[1]
     if M == 0 or N == 0:
-        return c
+        return None
     path, c_tma = _CLASSIC, False
     if a.is_cuda or _gc.TMA_ON_CPU:
         path = _gc.gemm_path(a, b)
@@ -211,28 +233,69 @@ def launch_int8_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a_scal
         if config is None:
             _LAUNCH[sig] = params
     kind, main, reduce, split = params
-    ws = None
-    if split > 1:  # exact int32 partials for W8A8, fp32 for weight-only
-        ws = torch.empty((split, M, N), device=a.device,
-                         dtype=torch.int32 if a.dtype == torch.int8 else torch.float32)
+    # exact int32 partials for W8A8, fp32 for weight-only
+    ws = ((split, M, N), torch.int32 if a.dtype == torch.int8 else torch.float32) \
+        if split > 1 else None
     if kind == "tma":
-        launch_tma(main, a, b, c, ws=ws, a_scale=a_scale, b_scale=b_scale, bias=bias,
-                   residual=residual, a_layout=path[1], b_layout=path[2])
-    else:
-        grid, consts, opts = main
-        dummy = c
-        res = residual if residual is not None else dummy
-        int8_matmul_kernel[grid](
-            a, b, c,
-            a_scale if a_scale is not None else dummy, b_scale if b_scale is not None else dummy,
-            bias if bias is not None else dummy, res,
-            M, N, K,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
-            res.stride(0), res.stride(1),
-            a_scale.stride(0) if a_scale is not None else 0,
-            b_scale.stride(0) if b_scale is not None else 0,
-            bias.stride(0) if bias is not None else 0, ws if ws is not None else dummy, M * N,
-            *consts, **opts)
-    if reduce is not None:
-        launch_reduce(reduce, ws, c, a_scale, b_scale, bias, residual, None)
+        return ("tma", main, path, None, None, ws, reduce)
+    grid, consts, opts = main
+    res = residual if residual is not None else c
+    scalars = (M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
+               c.stride(1), res.stride(0), res.stride(1),
+               a_scale.stride(0) if a_scale is not None else 0,
+               b_scale.stride(0) if b_scale is not None else 0,
+               bias.stride(0) if bias is not None else 0)
+    return ("classic", grid, scalars, (M * N,) + consts, opts, ws, reduce)
+
+
+def needs_views(bound) -> bool:
+    """Whether the launch of ``bound`` reads the tensors' shapes and strides (the TMA kernel,
+    the split-K reduction); else it only takes their data pointers (the strides are bound), so
+    a plan may pass a view's base tensor."""
+    return bound is not None and (bound[0] == "tma" or bound[6] is not None)
+
+
+def _nothing(a, b, c, a_scale=None, b_scale=None, bias=None, residual=None):
     return c
+
+
+def launcher(bound):
+    """``launch(a, b, c, a_scale, b_scale, bias, residual) -> c``: the launch(es) of
+    :func:`bind_int8_matmul`'s ``bound`` on tensors of its signature (the ones it was bound
+    with, or tensors with their shapes, strides and dtypes). The one launch code of the op and
+    of its per-signature plans."""
+    if bound is None:
+        return _nothing
+    kind, main, scalars, tail, opts, ws_spec, reduce = bound
+    kernel = int8_matmul_kernel  # (``kernel.run`` is looked up per call: tools patch the class)
+
+    def launch(a, b, c, a_scale=None, b_scale=None, bias=None, residual=None):
+        ws = None if ws_spec is None else c.new_empty(*ws_spec[0], dtype=ws_spec[1])
+        if kind == "tma":
+            launch_tma(main, a, b, c, ws=ws, a_scale=a_scale, b_scale=b_scale, bias=bias,
+                       residual=residual, a_layout=scalars[1], b_layout=scalars[2])
+        else:
+            kernel.run(a, b, c, a_scale if a_scale is not None else c,
+                       b_scale if b_scale is not None else c, bias if bias is not None else c,
+                       residual if residual is not None else c, *scalars,
+                       ws if ws is not None else c, *tail, grid=main, warmup=False, **opts)
+        if reduce is not None:
+            launch_reduce(reduce, ws, c, a_scale, b_scale, bias, residual, None)
+        return c
+    return launch
+
+
+def launch_int8_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, a_scale=None,
+                       b_scale=None, bias=None, residual=None, activation: int = 0,
+                       act_param: float = 0.0, config: dict | None = None) -> torch.Tensor:
+    """Launch on 2-D operands: a (M, K) int8 or float, b (K, N) int8, c (M, N).
+
+    ``c`` int32 selects the raw mode (no epilogue). ``a_scale`` is (M,), ``b_scale`` and ``bias``
+    are (N,) and ``residual`` is (M, N); any strides (0 broadcasts). W8A8 with TMA-compatible
+    operands on sm_90 runs the persistent TMA kernel
+    (:func:`tilefuse.kernels.gemm_common.gemm_path`). :func:`bind_int8_matmul` then its
+    :func:`launcher` (the per-signature plans of :mod:`tilefuse.fused.int8` keep the launcher).
+    """
+    bound = bind_int8_matmul(a, b, c, a_scale, b_scale, bias, residual, activation, act_param,
+                             config)
+    return launcher(bound)(a, b, c, a_scale, b_scale, bias, residual)

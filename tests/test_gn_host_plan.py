@@ -6,11 +6,13 @@ of an earlier valid one: it allocates the output and launches through the launch
 signature (the same code as the per-call path), so outputs and gradients are the bits of the
 custom-op path; it is skipped when tracing, under autocast and under functorch transforms.
 """
+import contextlib
 import os
 
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 import tilefuse
 import tilefuse.fused.norm_group as fgn
@@ -20,6 +22,25 @@ from tilefuse.bench.traffic import count_traffic, nbytes
 from tilefuse.fused._fast import custom_op_path
 
 ops = tilefuse.ops
+# tilefuse.bench.traffic hooks the triton 3.9 interpreter's loads (not 3.6's)
+traffic_lane = pytest.mark.skipif(not triton.__version__.startswith("3.9"),
+                                  reason="count_traffic: triton 3.9 interpreter")
+
+
+@contextlib.contextmanager
+def launches():
+    """Counts interpreted Triton launches (they run; any triton version)."""
+    from tilefuse.bench.host import LaunchCount, _launcher_class, _patched_run
+
+    cls = _launcher_class(interpreter=True)
+    real, count = cls.__dict__["run"], LaunchCount()
+
+    def run(self, *args, **kwargs):
+        count.n += 1
+        return real(self, *args, **kwargs)
+
+    with _patched_run(cls, run):
+        yield count
 
 
 @pytest.fixture
@@ -192,14 +213,14 @@ def test_backend_change_after_a_plan_goes_to_torch(monkeypatch, spy):
         ops.group_norm_act(x, 4, w, b, activation="relu")
     monkeypatch.setenv("TILEFUSE_BACKEND", "torch")
     for _ in range(2):
-        with count_traffic() as t:
+        with launches() as t:
             y = ops.group_norm_act(x, 4, w, b, activation="relu")
-        assert t.kernels == 0, "a plan of the triton backend served the torch backend"
+        assert t.n == 0, "a plan of the triton backend served the torch backend"
         torch.testing.assert_close(y, _ref(x, 4, w, b), atol=1e-5, rtol=1e-5)
     monkeypatch.delenv("TILEFUSE_BACKEND")
-    with count_traffic() as t:
+    with launches() as t:
         ops.group_norm_act(x, 4, w, b, activation="relu")
-    assert t.kernels == 1
+    assert t.n == 1
     assert os.environ.get("TILEFUSE_BACKEND") is None
 
 
@@ -226,6 +247,7 @@ def test_plans_skipped_under_autocast_compile_and_module_activations(spy):
                                    rtol=1e-5)
 
 
+@traffic_lane
 @pytest.mark.parametrize("cl", [False, True])
 def test_small_groups_one_launch_and_one_read(cl):
     """A group that fits one tile: one launch forward (with or without grad, the statistics
@@ -263,9 +285,9 @@ def test_forward_launches_by_group_size(shape, G, cl, fwd_launches):
     for grad in (False, True):
         for _ in range(2):  # per-call path, then the plan
             xx = x.detach().requires_grad_(grad)
-            with torch.set_grad_enabled(grad), count_traffic() as t:
+            with torch.set_grad_enabled(grad), launches() as t:
                 y = ops.group_norm_act(xx, G, activation="gelu")
-            assert t.launches == fwd_launches, (t.kernels, t.torch_ops)
+            assert t.n == fwd_launches
             torch.testing.assert_close(y, _ref(x, G, act=F.gelu), atol=1e-4, rtol=1e-4)
 
 

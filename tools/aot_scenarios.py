@@ -258,6 +258,16 @@ def _scenarios_int8(torch, tf):
         for (M, N) in ((4, 64), (300, 1000), (64, 4096), (8, 20000)):
             yield f"quantize_per_row {dt} {M}x{N}", lambda M=M, N=N, dt=dt: \
                 ops.quantize_per_row(torch.randn(M, N, dtype=dt))
+    # tilefuse::dequantize on int8: per-row / per-tensor (S_ROWS) and elementwise scales
+    q = torch.randint(-127, 127, (4096, 4096), dtype=torch.int8)
+    for odt in (torch.float32, torch.float16, torch.bfloat16):
+        for sdt in (torch.float32, torch.float16, torch.bfloat16):
+            yield f"dequantize_per_row per-row {sdt} -> {odt}", lambda odt=odt, sdt=sdt: \
+                ops.dequantize_per_row(q, torch.rand(4096, 1, dtype=sdt), odt)
+    yield "dequantize_per_row per-tensor 4x64", lambda: ops.dequantize_per_row(
+        q[:4, :64], torch.rand((), dtype=torch.bfloat16))
+    yield "dequantize_per_row elementwise -> bf16", lambda: ops.dequantize_per_row(
+        q, torch.rand(4096, 4096, dtype=torch.float16), torch.bfloat16)
 
 
 def _scenarios_fp8(torch, tf):
@@ -285,6 +295,14 @@ def _scenarios_fp8(torch, tf):
             for (M, N) in ((4, 64), (300, 1000), (8, 20000)):
                 yield f"quantize_fp8_per_row {dt} -> {fmt} {M}x{N}", lambda M=M, N=N, dt=dt, \
                     fmt=fmt: ops.quantize_fp8_per_row(torch.randn(M, N, dtype=dt), fmt)
+    # tilefuse::dequantize on fp8 (decoded from the bits): per-row and per-column scales
+    for fmt in (e4, e5):
+        q = torch.randn(4096, 4096).to(fmt)
+        for odt in (torch.float32, torch.float16, torch.bfloat16):
+            yield f"dequantize_fp8 {fmt} per-row -> {odt}", lambda q=q, odt=odt: \
+                ops.dequantize_fp8(q, torch.rand(4096, 1), odt)
+        yield f"dequantize_fp8 {fmt} per-column bf16 scale -> bf16", lambda q=q: \
+            ops.dequantize_fp8(q, torch.rand(4096, dtype=torch.bfloat16), torch.bfloat16)
 
 
 def _scenarios_norm(torch, tf):

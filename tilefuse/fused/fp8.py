@@ -24,9 +24,12 @@ import torch
 from torch import Tensor
 
 from tilefuse import _autocast
-from tilefuse._backend import backend_of
+from tilefuse._backend import _env_backend, backend_of
 from tilefuse._validate import FLOAT_DTYPES_F64, check_tensor, float_tensor, same_device
-from tilefuse.fused._fast import autocast_maybe_on, fast_op, needs_grad
+from tilefuse.fused import quant_plans
+from tilefuse.fused._fast import (autocast_maybe_on, fast_op, needs_grad, plan_cache,
+                                  plans_allowed, remember, tkey)
+from tilefuse.fused.dequant import dequantize
 from tilefuse.fused.int8 import (_epilogue_args, _per_col_scale, _per_row_scale,
                                   _torch_epilogue)
 
@@ -108,6 +111,11 @@ def _fp8_dtype(dtype) -> torch.dtype:
     return dtype
 
 
+_PLANS = plan_cache()         # fp8_matmul
+_LINEAR_PLANS = plan_cache()  # fp8_linear
+_DQ_PLANS = plan_cache()      # dequantize_fp8
+
+
 def _no_grad_check(*tensors) -> None:
     if needs_grad(*tensors):
         raise RuntimeError("tilefuse fp8 ops are inference-only (no backward): an input "
@@ -145,6 +153,17 @@ def fp8_matmul(a: Tensor, b: Tensor, a_scale: Tensor, b_scale: Tensor,
     >>> bool(torch.allclose(y, a.float() @ b.float(), atol=1e-4))
     True
     """
+    key = None
+    if plans_allowed() and not needs_grad(a_scale, b_scale, bias, residual):
+        try:  # (fast_accum=1 would hash as True: only a bool may share True's plan)
+            key = (tkey(a), tkey(b), tkey(a_scale), tkey(b_scale), tkey(bias), tkey(residual),
+                   activation, out_dtype, fast_accum if type(fast_accum) is bool else None,
+                   _env_backend())
+            plan = _PLANS.get(key)
+        except (TypeError, AttributeError):  # unhashable / not a tensor: the checks say which
+            key = plan = None
+        if plan is not None:
+            return plan(a, b, a_scale, b_scale, bias, residual)
     _fp8_tensor("a", a)
     if a.dim() == 0:
         check_tensor("a", a, min_ndim=1)
@@ -176,6 +195,12 @@ def fp8_matmul(a: Tensor, b: Tensor, a_scale: Tensor, b_scale: Tensor,
     sb = _per_col_scale("b_scale", b_scale, N)
     r2, act, act_param = _epilogue_args(N, out_shape, bias, residual, activation)
     out = fp8_matmul_op(a2, b, sa, sb, bias, r2, act, act_param, out_dtype, fast_accum)
+    if key is not None:
+        quant_plans.remember_gemm(_PLANS, key, activation,
+                                  lambda *g: quant_plans.fp8_gemm(*g, fast_accum),
+                                  (a, b, a_scale, b_scale, bias, residual),
+                                  (a2, b, sa, sb, bias, r2), act, act_param, out_dtype, (M, N),
+                                  None if a.dim() == 2 else out_shape)
     return out if a.dim() == 2 else out.reshape(out_shape)
 
 
@@ -216,6 +241,16 @@ def fp8_linear(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor]
     per-output-channel (or per-tensor) fp32 ``scale``. Inference only (``x`` is quantized
     detached). Under ``torch.autocast``, ``x``, ``bias`` and ``residual`` are cast to the
     autocast dtype first (the output follows)."""
+    key = None
+    if plans_allowed() and not needs_grad(qweight, scale, bias, residual):  # x: read detached
+        try:
+            key = (tkey(x), tkey(qweight), tkey(scale), tkey(bias), tkey(residual), activation,
+                   fast_accum if type(fast_accum) is bool else None, _env_backend())
+            plan = _LINEAR_PLANS.get(key)
+        except (TypeError, AttributeError):
+            key = plan = None
+        if plan is not None:
+            return plan(x, qweight, scale, bias, residual)
     float_tensor("x", x, allow_f64=False)
     if autocast_maybe_on():
         x, bias, residual = _autocast.lower(x, bias, residual)
@@ -224,12 +259,30 @@ def fp8_linear(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor]
         raise ValueError(f"x has shape {tuple(x.shape)} but qweight expects in_features="
                          f"{qweight.shape[1]} (qweight shape {tuple(qweight.shape)})")
     qx, sx = quantize_fp8_per_row(x, qweight.dtype)
-    return fp8_matmul(qx, qweight.t(), sx, scale, bias=bias, activation=activation,
-                      residual=residual, out_dtype=x.dtype, fast_accum=fast_accum)
+    out = fp8_matmul(qx, qweight.t(), sx, scale, bias=bias, activation=activation,
+                     residual=residual, out_dtype=x.dtype, fast_accum=fast_accum)
+    if key is not None and quant_plans.plannable_activation(activation):
+        plan = quant_plans.quant_linear_plan(x.detach(), qweight, scale, bias, residual,
+                                             activation, qweight.dtype,
+                                             lambda *g: quant_plans.fp8_gemm(*g, fast_accum))
+        if plan is not None:
+            remember(_LINEAR_PLANS, key, plan)
+    return out
 
 
 def dequantize_fp8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``q * scale`` in ``dtype`` (the inverse of :func:`quantize_fp8_per_row`, up to rounding)."""
+    """``q * scale`` in ``dtype`` (the inverse of :func:`quantize_fp8_per_row`, up to
+    rounding): ``(q.float() * scale.float()).to(dtype)`` bit for bit, in one kernel
+    (:mod:`tilefuse.fused.dequant`; ``scale`` broadcasts as in torch)."""
+    key = None
+    if plans_allowed():
+        try:
+            key = (tkey(q), tkey(scale), dtype, _env_backend())
+            plan = _DQ_PLANS.get(key)
+        except (TypeError, AttributeError):
+            key = plan = None
+        if plan is not None and not needs_grad(scale):
+            return plan(q, scale)
     _fp8_tensor("q", q)
     check_tensor("scale", scale, dtypes=FLOAT_DTYPES_F64)
-    return (q.float() * scale.float()).to(dtype)
+    return dequantize(q, scale, dtype, _DQ_PLANS, key)

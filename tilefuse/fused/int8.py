@@ -19,11 +19,14 @@ import torch
 from torch import Tensor
 
 from tilefuse import _autocast
-from tilefuse._backend import backend_of
+from tilefuse._backend import _env_backend, backend_of
 from tilefuse._validate import (FLOAT_DTYPES, FLOAT_DTYPES_F64, check_broadcastable,
                                 check_same_device, check_tensor)
 from tilefuse.activations import NAMES, torch_activation
-from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op
+from tilefuse.fused import quant_plans
+from tilefuse.fused._fast import (act_code, autocast_maybe_on, fast_op, needs_grad, plan_cache,
+                                  plans_allowed, remember, tkey)
+from tilefuse.fused.dequant import dequantize
 
 
 def _torch_int8_matmul(a, b, a_scale, b_scale, bias, residual, activation, act_param, out_dtype):
@@ -184,6 +187,12 @@ def _epilogue_args(N: int, out_shape: tuple, bias, residual, activation):
     return r2, act, act_param
 
 
+_PLANS = plan_cache()       # int8_matmul
+_WO_PLANS = plan_cache()    # weight_only_int8_linear
+_W8A8_PLANS = plan_cache()  # w8a8_linear
+_DQ_PLANS = plan_cache()    # dequantize_per_row
+
+
 def int8_matmul(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None,
                 b_scale: Optional[Tensor] = None, bias: Optional[Tensor] = None, activation=None,
                 residual: Optional[Tensor] = None,
@@ -208,6 +217,18 @@ def int8_matmul(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None,
     >>> bool(torch.equal(tilefuse.ops.int8_matmul(a, b), (a.long() @ b.long()).int()))
     True
     """
+    key = None
+    if plans_allowed() and not needs_grad(a_scale, b_scale, bias, residual):
+        try:
+            key = (tkey(a), tkey(b), tkey(a_scale), tkey(b_scale), tkey(bias), tkey(residual),
+                   activation, out_dtype, _env_backend())
+            plan = _PLANS.get(key)
+        except (TypeError, AttributeError):  # unhashable / not a tensor: the checks say which
+            key = plan = None
+        if plan is not None:
+            out = plan(a, b, a_scale, b_scale, bias, residual)
+            if out is not None:
+                return out
     check_tensor("a", a, dtypes=(torch.int8,), min_ndim=1)
     check_tensor("b", b, dtypes=(torch.int8,), ndim=2)
     check_same_device(a=a, b=b, a_scale=a_scale, b_scale=b_scale, bias=bias, residual=residual)
@@ -232,6 +253,11 @@ def int8_matmul(a: Tensor, b: Tensor, a_scale: Optional[Tensor] = None,
         raise ValueError("out_dtype=torch.int32 is the raw accumulator mode: it takes no a_scale, "
                          "b_scale, bias, activation or residual")
     out = int8_matmul_op(a2, b, sa, sb, bias, r2, act, act_param, out_dtype)
+    if key is not None:
+        quant_plans.remember_gemm(_PLANS, key, activation, quant_plans.int8_gemm,
+                                  (a, b, a_scale, b_scale, bias, residual),
+                                  (a2, b, sa, sb, bias, r2), act, act_param, out_dtype, (M, N),
+                                  None if a.dim() == 2 else out_shape)
     return out if a.dim() == 2 else out.reshape(out_shape)
 
 
@@ -249,6 +275,18 @@ def weight_only_int8_linear(x: Tensor, qweight: Tensor, scale: Tensor,
     Under ``torch.autocast``, ``x``, ``bias`` and ``residual`` are cast to the autocast dtype
     (the output follows), as for ``torch.nn.functional.linear``.
     """
+    key = None
+    if plans_allowed() and not needs_grad(x, scale, bias, residual):
+        try:
+            key = (tkey(x), tkey(qweight), tkey(scale), tkey(bias), tkey(residual), activation,
+                   _env_backend())
+            plan = _WO_PLANS.get(key)
+        except (TypeError, AttributeError):
+            key = plan = None
+        if plan is not None:
+            out = plan(x, qweight, None, scale, bias, residual)
+            if out is not None:
+                return out
     check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
     check_tensor("qweight", qweight, dtypes=(torch.int8,), ndim=2)
     if scale is None:
@@ -265,6 +303,11 @@ def weight_only_int8_linear(x: Tensor, qweight: Tensor, scale: Tensor,
     r2, act, act_param = _epilogue_args(N, out_shape, bias, residual, activation)
     x2 = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), K)
     out = int8_matmul_op(x2, qweight.t(), None, sb, bias, r2, act, act_param, x.dtype)
+    if key is not None:
+        quant_plans.remember_gemm(_WO_PLANS, key, activation, quant_plans.int8_gemm,
+                                  (x, qweight, None, scale, bias, residual),
+                                  (x2, qweight.t(), None, sb, bias, r2), act, act_param, x.dtype,
+                                  (x2.shape[0], N), None if x.dim() == 2 else out_shape)
     return out if x.dim() == 2 else out.reshape(out_shape)
 
 
@@ -291,10 +334,21 @@ def quantize_per_row(x: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def dequantize_per_row(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """``q * scale`` in ``dtype`` (the inverse of :func:`quantize_per_row`, up to rounding)."""
+    """``q * scale`` in ``dtype`` (the inverse of :func:`quantize_per_row`, up to rounding):
+    ``(q.float() * scale.float()).to(dtype)`` bit for bit, in one kernel
+    (:mod:`tilefuse.fused.dequant`; ``scale`` broadcasts as in torch)."""
+    key = None
+    if plans_allowed():
+        try:
+            key = (tkey(q), tkey(scale), dtype, _env_backend())
+            plan = _DQ_PLANS.get(key)
+        except (TypeError, AttributeError):
+            key = plan = None
+        if plan is not None and not needs_grad(scale):
+            return plan(q, scale)
     check_tensor("q", q, dtypes=(torch.int8,))
     check_tensor("scale", scale, dtypes=FLOAT_DTYPES)
-    return (q.float() * scale.float()).to(dtype)
+    return dequantize(q, scale, dtype, _DQ_PLANS, key)
 
 
 def w8a8_linear(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor] = None,
@@ -303,7 +357,18 @@ def w8a8_linear(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor
     one int8 GEMM applies both scales, bias, activation and residual and writes ``x``'s dtype.
     Inference only (no gradient through the quantizer). Under ``torch.autocast``, ``x``,
     ``bias`` and ``residual`` are cast to the autocast dtype first (the output follows)."""
-
+    key = None
+    if plans_allowed() and not needs_grad(scale, bias, residual):  # x is quantized detached
+        try:
+            key = (tkey(x), tkey(qweight), tkey(scale), tkey(bias), tkey(residual), activation,
+                   _env_backend())
+            plan = _W8A8_PLANS.get(key)
+        except (TypeError, AttributeError):
+            key = plan = None
+        if plan is not None:
+            out = plan(x, qweight, scale, bias, residual)
+            if out is not None:
+                return out
     check_tensor("x", x, dtypes=FLOAT_DTYPES, min_ndim=1)
     if autocast_maybe_on():
         x, bias, residual = _autocast.lower(x, bias, residual)
@@ -314,5 +379,11 @@ def w8a8_linear(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor
     if scale is None:
         raise TypeError("scale must be a torch.Tensor, got None")
     qx, sx = quantize_per_row(x)
-    return int8_matmul(qx, qweight.t(), sx, scale, bias=bias, activation=activation,
-                       residual=residual, out_dtype=x.dtype)
+    out = int8_matmul(qx, qweight.t(), sx, scale, bias=bias, activation=activation,
+                      residual=residual, out_dtype=x.dtype)
+    if key is not None and quant_plans.plannable_activation(activation):
+        plan = quant_plans.quant_linear_plan(x.detach(), qweight, scale, bias, residual,
+                                             activation, torch.int8, quant_plans.int8_gemm)
+        if plan is not None:
+            remember(_W8A8_PLANS, key, plan)
+    return out

@@ -283,13 +283,11 @@ def dequantize_kernel(q_ptr, s_ptr, out_ptr, R, C, stride_qr, stride_qc, stride_
 
 
 def dequant_config(R: int, C: int) -> dict:
-    """Tile shape: up to 1024 columns (4096 in the interpreter) and rows up to ~4K elements per
-    program (~64K in the interpreter, whose cost is per program). Unmeasured on GPU."""
-    interp = interpreter_enabled()
-    block_c = min(next_pow2(C), 4096 if interp else 1024)
-    target = (1 << 16) if interp else 4096
-    block_r = max(1, min(next_pow2(R), target // block_c))
-    return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8 if block_r * block_c >= 8192 else 4)
+    """Tile shape, the same on every backend: up to 1024 columns and rows up to ~4K elements per
+    program. Unmeasured on GPU."""
+    block_c = min(next_pow2(C), 1024)
+    block_r = max(1, min(next_pow2(R), 4096 // block_c))
+    return dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
 
 
 def _merge(shape, strides):

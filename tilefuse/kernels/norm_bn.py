@@ -28,6 +28,14 @@ Backward, two launches: :func:`bn_bwd_reduce_kernel` writes per-slice partial su
 (every program for its channels; the first row of programs stores them as ``db``/``dw`` in the
 parameters' dtype) and writes ``dx = w * rstd * (dz - mean(dz) - xhat * mean(dz * xhat))``
 (eval: ``dz * w * rstd``) and ``d residual = dz``. No atomics anywhere.
+
+Small problems (the padded ``(N * S, C)`` tile at most :data:`SMALL_TILE` elements, chosen by the
+shape alone): the training forward is one program, :func:`bn_small_fwd_kernel` (x read once into
+registers: the same shifted two-pass statistics, the finalize's running-stat update and counter,
+the apply), and the backward one program, :func:`bn_small_bwd_kernel` (the sums, ``dw``/``db``
+and ``dx``). :func:`bind_batch_norm_fwd` computes a forward's launch arguments once per
+signature (:class:`FwdLaunch`); the launcher and ``batch_norm_act``'s per-signature plans
+(:mod:`tilefuse.fused.norm_bn_plan`) launch through it.
 """
 from __future__ import annotations
 
@@ -38,7 +46,8 @@ from tilefuse._backend import interpreter_enabled
 from tilefuse.kernels import launch_cache, next_pow2, sm_count, split_constexprs
 from tilefuse.kernels.norm_bn_jit import (  # noqa: F401  (the kernels, launched here)
     bn_stats_kernel, bn_finalize_kernel, bn_running_kernel, bn_apply_kernel,
-    bn_bwd_reduce_kernel, bn_bwd_apply_kernel, pairwise_sum0)
+    bn_bwd_reduce_kernel, bn_bwd_apply_kernel, bn_small_fwd_kernel, bn_small_bwd_kernel,
+    pairwise_sum0)
 
 TILE = 4096           # elements per [BLOCK_R, BLOCK_C] tile on a GPU
 INTERP_TILE = 16384   # in the interpreter, which pays per program (tests shrink it)
@@ -109,12 +118,27 @@ def _split(R: int, c_blocks: int, block_r: int, device: torch.device) -> tuple[i
     return triton.cdiv(R, r_per), r_per
 
 
+SMALL_TILE = 4096  # elements: a problem whose padded (N * S, C) tile fits is one program
+
+
+def _small(R: int, C: int):
+    """(BLOCK_R, BLOCK_C, num_warps) of the one-program path of a problem of ``R = N * S``
+    rows and ``C`` channels (training forward, backward), or None: chosen by the shape alone,
+    the same on a GPU and in the interpreter. 16 elements a thread, 1 to 8 warps."""
+    br, bc = next_pow2(R), next_pow2(C)
+    if br * bc > SMALL_TILE:
+        return None
+    return br, bc, max(1, min(8, br * bc // 512))
+
+
 _FWD_LAUNCH = launch_cache()
 _BWD_LAUNCH = launch_cache()
 _APPLY_RUNTIME = bn_apply_kernel.arg_names.index("HAS_K")
 _FINALIZE_RUNTIME = bn_finalize_kernel.arg_names.index("HAS_RUNNING")
+_SMALL_FWD_RUNTIME = bn_small_fwd_kernel.arg_names.index("HAS_RESIDUAL")
 _BWD_REDUCE_RUNTIME = bn_bwd_reduce_kernel.arg_names.index("HAS_RESIDUAL")
 _BWD_APPLY_RUNTIME = bn_bwd_apply_kernel.arg_names.index("TRAINING")
+_SMALL_BWD_RUNTIME = bn_small_bwd_kernel.arg_names.index("TRAINING")
 
 
 def _fwd_launch(x, flat, Ne, Se, training, has_res, has_w, has_b, activation, act_param,
@@ -140,6 +164,121 @@ def _fwd_launch(x, flat, Ne, Se, training, has_res, has_w, has_b, activation, ac
     return stats, ((Ne * triton.cdiv(Se, br), cb), consts, opts)
 
 
+def _small_fwd_launch(R, C, has_res, has_w, has_b, activation, act_param, running, has_nbt,
+                      cumulative, store_stats):
+    """(constexprs, options) of the one-program training forward."""
+    br, bc, warps = _small(R, C)
+    return split_constexprs(bn_small_fwd_kernel, _SMALL_FWD_RUNTIME, dict(
+        HAS_RESIDUAL=has_res, HAS_W=has_w, HAS_B=has_b, ACTIVATION=activation,
+        ACT_PARAM=float(act_param), HAS_RUNNING=running, HAS_NBT=has_nbt, CUMULATIVE=cumulative,
+        STORE_STATS=store_stats, BLOCK_R=br, BLOCK_C=bc, num_warps=warps))
+
+
+class FwdLaunch:
+    """A forward signature's launches with every argument but the tensors bound
+    (:func:`bind_batch_norm_fwd`); calling it allocates the temporaries and launches. The
+    launcher and the per-signature plans of :func:`tilefuse.ops.batch_norm_act` both launch
+    through it (the same arguments, the same bits)."""
+
+    __slots__ = ("kind", "C", "split", "stats", "finalize", "apply")
+
+    def __init__(self, kind, C, split, stats, finalize, apply):
+        self.kind, self.C, self.split = kind, C, split  # kind: "eval", "small" or "split"
+        self.stats, self.finalize, self.apply = stats, finalize, apply
+
+    def __call__(self, x, residual, weight, bias, y, mean=None, var=None, running_mean=None,
+                 running_var=None, num_batches_tracked=None):
+        """Eval: ``mean``/``var`` are the fp32 contiguous running stats. Training: returns the
+        (C,) fp32 batch mean and biased var (None when bound without ``store_stats``)."""
+        res = residual if residual is not None else x
+        w = weight if weight is not None else x
+        b = bias if bias is not None else x
+        kind = self.kind
+        if kind == "eval":
+            grid, tail, opts = self.apply
+            bn_apply_kernel.run(x, res, w, b, y, mean, mean, var, *tail, grid=grid,
+                                warmup=False, **opts)
+            return mean, var
+        rm = running_mean if running_mean is not None else x
+        rv = running_var if running_var is not None else x
+        nbt = num_batches_tracked if num_batches_tracked is not None else x
+        if kind == "small":
+            tail, opts = self.apply
+            if self.split:  # (store_stats)
+                mean, var = x.new_empty(self.C, dtype=_F32), x.new_empty(self.C, dtype=_F32)
+                bn_small_fwd_kernel.run(x, res, w, b, y, mean, var, rm, rv, nbt, *tail,
+                                        grid=(1,), warmup=False, **opts)
+                return mean, var
+            bn_small_fwd_kernel.run(x, res, w, b, y, x, x, rm, rv, nbt, *tail, grid=(1,),
+                                    warmup=False, **opts)
+            return None, None
+        C, split = self.C, self.split
+        pmean = x.new_empty(split, C, dtype=_F32)
+        pm2 = x.new_empty(split, C, dtype=_F32)
+        k = x.new_empty(C, dtype=_F32)  # K: each channel's first value
+        md = x.new_empty(C, dtype=_F32)  # mean - K
+        mean = x.new_empty(C, dtype=_F32)
+        var = x.new_empty(C, dtype=_F32)
+        grid, tail, opts = self.stats
+        bn_stats_kernel.run(x, pmean, pm2, k, *tail, grid=grid, warmup=False, **opts)
+        tail, opts = self.finalize
+        bn_finalize_kernel.run(pmean, pm2, k, md, var, mean,
+                               running_mean if running_mean is not None else k,
+                               running_var if running_var is not None else k,
+                               num_batches_tracked if num_batches_tracked is not None else k,
+                               *tail, grid=(1,), warmup=False, **opts)
+        grid, tail, opts = self.apply
+        bn_apply_kernel.run(x, res, w, b, y, k, md, var, *tail, grid=grid, warmup=False,
+                            **opts)
+        return mean, var
+
+
+_F32 = torch.float32
+
+
+def bind_batch_norm_fwd(x, residual, y, has_w: bool, has_b: bool, training: bool, eps: float,
+                        activation: int, act_param: float, running: bool = False,
+                        has_nbt: bool = False, cumulative: bool = False, momentum: float = 0.0,
+                        store_stats: bool = True) -> FwdLaunch:
+    """The :class:`FwdLaunch` of a forward over non-empty (N, C, S) ``x``, ``residual`` (or
+    None) and ``y`` (strides, geometry, grids, constexprs: the tensors' shapes and strides
+    alone decide them). ``running``/``has_nbt``: training updates the running stats and
+    increments ``num_batches_tracked``; ``store_stats=False``: the one-program training path
+    need not store the batch statistics. Launch parameters are computed once per signature
+    (:func:`tilefuse.kernels.launch_cache`)."""
+    N, C, S = x.shape
+    R = N * S
+    has_res = residual is not None
+    Ne, Se = _geometry(N, S, x, y) if not has_res else _geometry(N, S, x, y, residual)
+    flat = Ne == 1
+    small = training and _small(R, C) is not None
+    sig = (N, C, S, x.stride(1) == 1, flat, x.device, training, has_res, has_w, has_b,
+           activation, act_param, running, has_nbt, cumulative, small and store_stats)
+    launch = _FWD_LAUNCH.get(sig)
+    if launch is None:
+        if small:
+            launch = _small_fwd_launch(R, C, has_res, has_w, has_b, activation, act_param,
+                                       running, has_nbt, cumulative, sig[15])
+        else:
+            launch = _fwd_launch(x, flat, Ne, Se, training, has_res, has_w, has_b, activation,
+                                 act_param, running, has_nbt, cumulative)
+        _FWD_LAUNCH[sig] = launch
+    sx = _strides(x, flat, S)
+    srs = _strides(residual if has_res else x, flat, S) + _strides(y, flat, S)
+    unbias = R / (R - 1) if R > 1 else 1.0
+    if small:
+        consts, opts = launch
+        return FwdLaunch("small", C, sig[15], None, None, (
+            (C, R, Se, *sx, *srs, float(eps), float(momentum), unbias, *consts), opts))
+    stats, (grid, consts, opts) = launch
+    apply = (grid, (C, R, Se, *sx, *srs, float(eps), *consts), opts)
+    if not training:
+        return FwdLaunch("eval", C, 0, None, None, apply)
+    sgrid, split, r_per, unbias, sopts, fconsts, fopts = stats
+    return FwdLaunch("split", C, split, (sgrid, (C, R, Se, r_per, *sx), sopts),
+                     ((C, R, split, r_per, float(momentum), unbias, *fconsts), fopts), apply)
+
+
 def launch_batch_norm_fwd(x, residual, weight, bias, y, mean, var, training: bool, eps: float,
                           activation: int, act_param: float, running_mean=None,
                           running_var=None, momentum: float = 0.0, num_batches_tracked=None,
@@ -148,52 +287,22 @@ def launch_batch_norm_fwd(x, residual, weight, bias, y, mean, var, training: boo
     contiguous running stats, read; returns them. Training (pass None for both): returns new
     (C,) fp32 batch ``mean`` and biased ``var``, and updates ``running_mean``/``running_var``
     (contiguous (C,), any float dtype; ``momentum``, or ``1 / num_batches_tracked`` with
-    ``cumulative``) and increments ``num_batches_tracked`` when given, all in the finalize
-    kernel: three launches. Launch parameters are computed once per signature
-    (:func:`tilefuse.kernels.launch_cache`)."""
+    ``cumulative``) and increments ``num_batches_tracked`` when given: in the finalize kernel
+    (three launches: statistics, finalize, apply), or, when the whole problem fits one tile
+    (:func:`_small`), in one program."""
     N, C, S = x.shape
-    R = N * S
-    if C == 0 or R == 0:
+    if C == 0 or N * S == 0:
         if training:
             mean = torch.empty(C, device=x.device, dtype=torch.float32)
             var = torch.empty(C, device=x.device, dtype=torch.float32)
         return mean, var
-    has_res = residual is not None
-    Ne, Se = _geometry(N, S, x, y) if not has_res else _geometry(N, S, x, y, residual)
-    flat = Ne == 1
     running = training and running_mean is not None
     has_nbt = training and num_batches_tracked is not None
-    sig = (N, C, S, x.stride(1) == 1, flat, x.device, training, has_res, weight is not None,
-           bias is not None, activation, act_param, running, has_nbt, cumulative)
-    launch = _FWD_LAUNCH.get(sig)
-    if launch is None:
-        launch = _FWD_LAUNCH[sig] = _fwd_launch(x, flat, Ne, Se, training, has_res, sig[8],
-                                                sig[9], activation, act_param, running, has_nbt,
-                                                cumulative)
-    stats, (grid, consts, opts) = launch
-    sx = _strides(x, flat, S)
-    if training:
-        sgrid, split, r_per, unbias, sopts, fconsts, fopts = stats
-        dev = x.device
-        pmean = torch.empty(split, C, device=dev, dtype=torch.float32)
-        pm2 = torch.empty(split, C, device=dev, dtype=torch.float32)
-        k = torch.empty(C, device=dev, dtype=torch.float32)  # K: each channel's first value
-        md = torch.empty(C, device=dev, dtype=torch.float32)  # mean - K
-        mean = torch.empty(C, device=dev, dtype=torch.float32)
-        var = torch.empty(C, device=dev, dtype=torch.float32)
-        bn_stats_kernel[sgrid](x, pmean, pm2, k, C, R, Se, r_per, *sx, **sopts)
-        bn_finalize_kernel[(1,)](
-            pmean, pm2, k, md, var, mean, running_mean if running else k,
-            running_var if running else k, num_batches_tracked if has_nbt else k,
-            C, R, split, r_per, float(momentum), unbias, *fconsts, **fopts)
-    else:
-        k = md = mean
-    res = residual if has_res else x
-    bn_apply_kernel[grid](
-        x, res, weight if weight is not None else x, bias if bias is not None else x, y,
-        k, md, var, C, R, Se, *sx, *_strides(res, flat, S), *_strides(y, flat, S), float(eps),
-        *consts, **opts)
-    return mean, var
+    launch = bind_batch_norm_fwd(x, residual, y, weight is not None, bias is not None, training,
+                                 eps, activation, act_param, running, has_nbt, cumulative,
+                                 momentum)
+    return launch(x, residual, weight, bias, y, mean, var, running_mean if running else None,
+                  running_var if running else None, num_batches_tracked if has_nbt else None)
 
 
 def _bwd_launch(x, Ne, Se, training, has_res, has_w, has_b, activation, act_param, store_dres):
@@ -213,10 +322,21 @@ def _bwd_launch(x, Ne, Se, training, has_res, has_w, has_b, activation, act_para
     return (cb, split), split, r_per, rconsts, (Ne * triton.cdiv(Se, br), cb), aconsts, opts
 
 
+def _small_bwd_launch(R, C, training, has_res, has_w, has_b, activation, act_param,
+                      store_dres):
+    """(constexprs, options) of the one-program backward."""
+    br, bc, warps = _small(R, C)
+    return split_constexprs(bn_small_bwd_kernel, _SMALL_BWD_RUNTIME, dict(
+        TRAINING=training, HAS_RESIDUAL=has_res, HAS_W=has_w, HAS_B=has_b,
+        ACTIVATION=activation, ACT_PARAM=float(act_param), STORE_DRES=store_dres,
+        BLOCK_R=br, BLOCK_C=bc, num_warps=warps))
+
+
 def launch_batch_norm_bwd(dy, x, residual, weight, bias, mean, var, dx, dres, training: bool,
                           eps: float, activation: int, act_param: float):
     """Writes dx (and dres = dy * act'(z) when given); returns (dw, db), both (C,), in the
-    dtype of ``weight``/``bias`` (fp32 without them): two launches."""
+    dtype of ``weight``/``bias`` (fp32 without them): two launches (reduction, apply), or one
+    when the whole problem fits one tile (:func:`_small`)."""
     N, C, S = x.shape
     R = N * S
     dev = x.device
@@ -228,24 +348,38 @@ def launch_batch_norm_bwd(dy, x, residual, weight, bias, mean, var, dx, dres, tr
     ts = (x, dy, dx) + ((residual,) if has_res else ()) + ((dres,) if dres is not None else ())
     Ne, Se = _geometry(N, S, *ts)
     flat = Ne == 1
+    small = _small(R, C) is not None
     sig = (N, C, S, x.stride(1) == 1, flat, dev, training, has_res, weight is not None,
            bias is not None, activation, act_param, dres is not None)
     launch = _BWD_LAUNCH.get(sig)
     if launch is None:
-        launch = _BWD_LAUNCH[sig] = _bwd_launch(x, Ne, Se, training, has_res, sig[8], sig[9],
-                                                activation, act_param, sig[12])
-    rgrid, split, r_per, rconsts, agrid, aconsts, opts = launch
-    p1 = torch.empty(split, C, device=dev, dtype=torch.float32)
-    p2 = torch.empty(split, C, device=dev, dtype=torch.float32)
+        if small:
+            launch = _small_bwd_launch(R, C, training, has_res, sig[8], sig[9], activation,
+                                       act_param, sig[12])
+        else:
+            launch = _bwd_launch(x, Ne, Se, training, has_res, sig[8], sig[9], activation,
+                                 act_param, sig[12])
+        _BWD_LAUNCH[sig] = launch
     res = residual if has_res else x
     w = weight if weight is not None else x
     b = bias if bias is not None else x
     sd, sx, sr = _strides(dy, flat, S), _strides(x, flat, S), _strides(res, flat, S)
-    bn_bwd_reduce_kernel[rgrid](dy, x, res, w, b, mean, var, p1, p2, C, R, Se, r_per,
-                                *sd, *sx, *sr, float(eps), *rconsts, **opts)
-    bn_bwd_apply_kernel[agrid](
+    if small:
+        consts, opts = launch
+        bn_small_bwd_kernel.run(dy, x, res, w, b, mean, var, dx, dres if dres is not None else dx,
+                                dw, db, C, R, Se, *sd, *sx, *sr, *_strides(dx, flat, S),
+                                float(eps), *consts, grid=(1,), warmup=False, **opts)
+        return dw, db
+    rgrid, split, r_per, rconsts, agrid, aconsts, opts = launch
+    p1 = torch.empty(split, C, device=dev, dtype=torch.float32)
+    p2 = torch.empty(split, C, device=dev, dtype=torch.float32)
+    bn_bwd_reduce_kernel.run(dy, x, res, w, b, mean, var, p1, p2, C, R, Se, r_per,
+                             *sd, *sx, *sr, float(eps), *rconsts, grid=rgrid, warmup=False,
+                             **opts)
+    bn_bwd_apply_kernel.run(
         dy, x, res, w, b, mean, var, p1, p2, dx, dres if dres is not None else dx, dw, db,
-        C, R, Se, split, *sd, *sx, *sr, *_strides(dx, flat, S), float(eps), *aconsts, **opts)
+        C, R, Se, split, *sd, *sx, *sr, *_strides(dx, flat, S), float(eps), *aconsts,
+        grid=agrid, warmup=False, **opts)
     return dw, db
 
 
@@ -256,8 +390,9 @@ def launch_batch_norm_running(mean, var, running_mean, running_var, num_batches_
     C = mean.shape[0]
     running = running_mean is not None and count > 0
     has_nbt = num_batches_tracked is not None
-    bn_running_kernel[(1,)](
+    bn_running_kernel.run(
         mean, var, running_mean if running else mean, running_var if running else mean,
         num_batches_tracked if has_nbt else mean, C, float(momentum),
         count / (count - 1) if count > 1 else 1.0, HAS_RUNNING=running, HAS_NBT=has_nbt,
-        CUMULATIVE=cumulative, BLOCK_C=min(next_pow2(C), 1024), num_warps=4)
+        CUMULATIVE=cumulative, BLOCK_C=min(next_pow2(C), 1024), num_warps=4, grid=(1,),
+        warmup=False)

@@ -150,6 +150,21 @@ def _row_run(S, BLOCK_R: tl.constexpr):
 
 
 @triton.jit
+def _finish(z, r_ptr, b_ptr, y_ptr, n, s, c, cmask, mask, srn, src, srs, syn, syc, sys_,
+            HAS_RESIDUAL: tl.constexpr, HAS_B: tl.constexpr, ACTIVATION: tl.constexpr,
+            ACT_PARAM: tl.constexpr):
+    """``y = act(z + b (+ residual))`` for a tile of normalised, scaled values ``z``."""
+    if HAS_B:
+        z += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        z += tl.load(r_ptr + _offsets(n, s, c, srn, src, srs), mask=mask,
+                     other=0.0).to(tl.float32)
+    if ACTIVATION != 0:  # (skipping the call keeps the interpreter fast)
+        z = apply_activation(z, ACTIVATION, ACT_PARAM)
+    tl.store(y_ptr + _offsets(n, s, c, syn, syc, sys_), z.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def bn_apply_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, k_ptr, md_ptr, var_ptr,
                     C, R, S, sxn, sxc, sxs, srn, src, srs, syn, syc, sys_, eps,
                     HAS_K: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_W: tl.constexpr,
@@ -166,15 +181,55 @@ def bn_apply_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, k_ptr, md_ptr, var_ptr,
     x = tl.load(x_ptr + _offsets(n, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(tl.float32)
     if HAS_K:  # ((x - K) - (mean - K)): no cancellation for large means
         x = x - tl.load(k_ptr + c, mask=cmask, other=0.0)[None, :]
-    z = (x - md[None, :]) * scale[None, :]
-    if HAS_B:
-        z += tl.load(b_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    if HAS_RESIDUAL:
-        z += tl.load(r_ptr + _offsets(n, s, c, srn, src, srs), mask=mask,
-                     other=0.0).to(tl.float32)
-    if ACTIVATION != 0:  # (skipping the call keeps the interpreter fast)
-        z = apply_activation(z, ACTIVATION, ACT_PARAM)
-    tl.store(y_ptr + _offsets(n, s, c, syn, syc, sys_), z.to(y_ptr.dtype.element_ty), mask=mask)
+    _finish((x - md[None, :]) * scale[None, :], r_ptr, b_ptr, y_ptr, n, s, c, cmask, mask,
+            srn, src, srs, syn, syc, sys_, HAS_RESIDUAL, HAS_B, ACTIVATION, ACT_PARAM)
+
+
+@triton.jit
+def _small_rows(R, S, BLOCK_R: tl.constexpr):
+    """(n, s, mask) of every row ``r = n * S + s`` of a one-program problem (``R <= BLOCK_R``;
+    the one per-element division of the BatchNorm kernels, in a single small program)."""
+    r = tl.arange(0, BLOCK_R).to(tl.int64)
+    n = r // S
+    return n, r - n * S, r < R
+
+
+@triton.jit
+def bn_small_fwd_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr,
+                        nbt_ptr, C, R, S, sxn, sxc, sxs, srn, src, srs, syn, syc, sys_, eps,
+                        momentum, unbias,
+                        HAS_RESIDUAL: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                        ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr,
+                        HAS_RUNNING: tl.constexpr, HAS_NBT: tl.constexpr,
+                        CUMULATIVE: tl.constexpr, STORE_STATS: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Training forward of a problem whose whole ``(N * S, C)`` fits one tile, in one program:
+    the statistics kernel's shifted two-pass mean and variance (one slice), the finalize
+    kernel's running-stat update and ``num_batches_tracked += 1``, and the apply kernel's
+    ``act(((x - K) - md) * scale + b (+ residual))``, with x read once."""
+    # (first, while no tile is live: the cumulative factor's fp64 division spilled after)
+    m = _momentum(nbt_ptr, momentum, HAS_NBT, CUMULATIVE)
+    n, s, smask = _small_rows(R, S, BLOCK_R)
+    c = tl.arange(0, BLOCK_C).to(tl.int64)
+    cmask = c < C
+    mask = smask[:, None] & cmask[None, :]
+    K = tl.load(x_ptr + c * sxc, mask=cmask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + _offsets(n, s, c, sxn, sxc, sxs), mask=mask, other=0.0).to(tl.float32)
+    d = tl.where(mask, x - K[None, :], 0.0)
+    md = pairwise_sum0(d, BLOCK_R, BLOCK_C) / R
+    d = tl.where(mask, d - md[None, :], 0.0)
+    var = pairwise_sum0(d * d, BLOCK_R, BLOCK_C) / R
+    mean = K + md
+    if STORE_STATS:
+        tl.store(mean_ptr + c, mean, mask=cmask)
+        tl.store(var_ptr + c, var, mask=cmask)
+    if HAS_RUNNING:
+        _update_running(rm_ptr, rv_ptr, c, cmask, mean, var, m, unbias)
+    scale = 1.0 / tl.sqrt(var + eps)
+    if HAS_W:
+        scale = scale * tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+    _finish(d * scale[None, :], r_ptr, b_ptr, y_ptr, n, s, c, cmask, mask,
+            srn, src, srs, syn, syc, sys_, HAS_RESIDUAL, HAS_B, ACTIVATION, ACT_PARAM)
 
 
 @triton.jit
@@ -262,6 +317,15 @@ def bn_bwd_apply_kernel(dy_ptr, x_ptr, r_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, p
     xhat, dz = _bwd_tile(dy_ptr, x_ptr, r_ptr, w, b, mean, rstd, n, s, c, mask,
                          sdn, sdc, sds, sxn, sxc, sxs, srn, src, srs,
                          HAS_RESIDUAL, ACTIVATION, ACT_PARAM)
+    _bwd_out(dz, xhat, s1, s2, w, rstd, R, dx_ptr, dres_ptr, n, s, c, mask, son, soc, sos,
+             TRAINING, STORE_DRES)
+
+
+@triton.jit
+def _bwd_out(dz, xhat, s1, s2, w, rstd, R, dx_ptr, dres_ptr, n, s, c, mask, son, soc, sos,
+             TRAINING: tl.constexpr, STORE_DRES: tl.constexpr):
+    """``d residual = dz`` and ``dx = w * rstd * (dz - s1 / R - xhat * s2 / R)`` (eval:
+    ``dz * w * rstd``) from the channel sums ``s1 = sum(dz)``, ``s2 = sum(dz * xhat)``."""
     out_off = _offsets(n, s, c, son, soc, sos)
     if STORE_DRES:
         tl.store(dres_ptr + out_off, dz.to(dres_ptr.dtype.element_ty), mask=mask)
@@ -269,3 +333,31 @@ def bn_bwd_apply_kernel(dy_ptr, x_ptr, r_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, p
         dz = dz - (s1 / R)[None, :] - xhat * (s2 / R)[None, :]
     dx = dz * (w * rstd)[None, :]
     tl.store(dx_ptr + out_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bn_small_bwd_kernel(dy_ptr, x_ptr, r_ptr, w_ptr, b_ptr, mean_ptr, var_ptr,
+                        dx_ptr, dres_ptr, dw_ptr, db_ptr,
+                        C, R, S, sdn, sdc, sds, sxn, sxc, sxs, srn, src, srs,
+                        son, soc, sos, eps,
+                        TRAINING: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_W: tl.constexpr,
+                        HAS_B: tl.constexpr, ACTIVATION: tl.constexpr, ACT_PARAM: tl.constexpr,
+                        STORE_DRES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The backward of a problem whose whole ``(N * S, C)`` fits one tile, in one program: the
+    reduction kernel's sums of ``dz`` and ``dz * xhat`` (one slice), stored as ``db``/``dw``,
+    and the apply kernel's ``dx`` (and ``d residual``), with dy and x read once."""
+    n, s, smask = _small_rows(R, S, BLOCK_R)
+    c = tl.arange(0, BLOCK_C).to(tl.int64)
+    cmask = c < C
+    mask = smask[:, None] & cmask[None, :]
+    mean, rstd, w, b = _channel_params(w_ptr, b_ptr, mean_ptr, var_ptr, c, cmask, eps, HAS_W,
+                                       HAS_B, BLOCK_C)
+    xhat, dz = _bwd_tile(dy_ptr, x_ptr, r_ptr, w, b, mean, rstd, n, s, c, mask,
+                         sdn, sdc, sds, sxn, sxc, sxs, srn, src, srs,
+                         HAS_RESIDUAL, ACTIVATION, ACT_PARAM)
+    s1 = pairwise_sum0(dz, BLOCK_R, BLOCK_C)
+    s2 = pairwise_sum0(dz * xhat, BLOCK_R, BLOCK_C)
+    tl.store(db_ptr + c, s1.to(db_ptr.dtype.element_ty), mask=cmask)
+    tl.store(dw_ptr + c, s2.to(dw_ptr.dtype.element_ty), mask=cmask)
+    _bwd_out(dz, xhat, s1, s2, w, rstd, R, dx_ptr, dres_ptr, n, s, c, mask, son, soc, sos,
+             TRAINING, STORE_DRES)

@@ -124,11 +124,12 @@ SMALL_TILE = 4096  # elements: a problem whose padded (N * S, C) tile fits is on
 def _small(R: int, C: int):
     """(BLOCK_R, BLOCK_C, num_warps) of the one-program path of a problem of ``R = N * S``
     rows and ``C`` channels (training forward, backward), or None: chosen by the shape alone,
-    the same on a GPU and in the interpreter. 16 elements a thread, 1 to 8 warps."""
+    the same on a GPU and in the interpreter. 8 elements a thread, 1 to 16 warps (16 a thread
+    spilled a few bytes on sm_90 under triton 3.6: GELU backward, cumulative forward)."""
     br, bc = next_pow2(R), next_pow2(C)
     if br * bc > SMALL_TILE:
         return None
-    return br, bc, max(1, min(8, br * bc // 512))
+    return br, bc, max(1, min(16, br * bc // 256))
 
 
 _FWD_LAUNCH = launch_cache()

@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch._C import _any_requires_grad, is_grad_enabled
 from torch.compiler import is_compiling as _is_compiling
 
 from tilefuse import _autocast
@@ -22,7 +23,10 @@ from tilefuse._validate import (check_broadcastable, check_shape, check_tensor, 
                                 optional_float_tensors, same_device)
 from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
 from tilefuse.fused import _fast
-from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, lazy_module, needs_grad
+from tilefuse._backend import _env_backend
+from tilefuse.fused import norm_bn_plan as _plan
+from tilefuse.fused._fast import (act_code, autocast_maybe_on, fast_op, lazy_module, needs_grad,
+                                   plans_allowed, remember, tkey)
 from tilefuse.fused._fast import use_torch_path as _use_torch
 from tilefuse.fused.norm_group import _empty_like_layout
 
@@ -100,8 +104,7 @@ def _fwd_impl(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
     return (y, mean, var) if save_stats else (y, _empty(x), _empty(x))
 
 
-def _f32_dense(t: Tensor) -> Tensor:
-    return t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32, copy=True)
+_f32_dense = _plan.f32_dense
 
 
 def _empty(x: Tensor) -> Tensor:
@@ -206,9 +209,7 @@ def _running_impl(mean: Tensor, var: Tensor, running_mean: Optional[Tensor],
                                          num_batches_tracked, momentum, count, cumulative)
 
 
-def _dense_stats(running_mean, running_var) -> bool:
-    return running_mean is None or (running_mean.is_contiguous() and
-                                    running_var.is_contiguous())
+_dense_stats = _plan.dense_stats
 
 
 batch_norm_running = torch.library.custom_op(
@@ -280,7 +281,8 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     ``num_batches_tracked`` (the module's counter, training only) is incremented by the op
     itself, and with ``momentum=None`` the running stats take the cumulative average ``1 /
     num_batches_tracked``, as :class:`torch.nn.BatchNorm2d` does: a training step is then three
-    launches (statistics, finalize with the running-stat update, apply) on the kernel backends.
+    launches (statistics, finalize with the running-stat update, apply) on the kernel backends,
+    or one where the whole problem fits one tile.
 
     >>> import torch, tilefuse
     >>> x = torch.randn(8, 3, 4, 4)
@@ -291,6 +293,52 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     >>> bool(torch.allclose(y, ref, atol=1e-5))
     True
     """
+    if plans_allowed() and not _fast._functorch_active():
+        # eager: the signature's plan (tilefuse.fused.norm_bn_plan); grad as the FastOp sees it
+        if not (is_grad_enabled() and
+                _any_requires_grad(x, residual, weight, bias, running_mean, running_var)):
+            plans = _plan.PLANS
+        elif _any_requires_grad(x, residual, weight, bias):
+            plans = _plan.GRAD_PLANS
+        else:
+            plans = None
+        if plans is not None:
+            try:
+                key = (tkey(x), tkey(running_mean), tkey(running_var), tkey(weight), tkey(bias),
+                       tkey(residual), tkey(num_batches_tracked), type(num_batches_tracked),
+                       training, momentum, type(momentum), eps, type(eps), activation,
+                       _env_backend())
+                plan = plans[key]
+            except KeyError:
+                return _first_call(plans, key, x, running_mean, running_var, weight, bias,
+                                   training, momentum, eps, activation, residual,
+                                   num_batches_tracked)
+            except (TypeError, AttributeError):  # unhashable, or not tensors: validated below
+                pass
+            else:
+                return plan(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                            activation, residual, num_batches_tracked)
+    return _batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                           activation, residual, num_batches_tracked)
+
+
+def _first_call(plans, key, x, running_mean, running_var, weight, bias, training, momentum, eps,
+                activation, residual, num_batches_tracked):
+    """A call whose signature has no plan yet: run the full path (validating: an error raises
+    and nothing is remembered), then remember the signature's plan, or the full path itself
+    where the signature takes none (the next calls go straight to it)."""
+    y = _batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                        activation, residual, num_batches_tracked)
+    plan = _plan.make_plan(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                           activation, residual, num_batches_tracked, y,
+                           plans is _plan.GRAD_PLANS, batch_norm_act_bwd)
+    remember(plans, key, plan if plan is not None else _batch_norm_act)
+    return y
+
+
+def _batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum, eps,
+                    activation, residual, num_batches_tracked):
+    """:func:`batch_norm_act` without a plan: validate, normalise, run the op."""
     float_tensor("x", x)
     if x.dim() < 2:
         check_tensor("x", x, min_ndim=2)

@@ -337,6 +337,9 @@ def _scenarios_norm(torch, tf):
                     C = shape[1]
                     w = torch.randn(C, dtype=dt, requires_grad=True)
                     b = torch.randn(C, dtype=dt, requires_grad=True)
+                    with torch.no_grad():  # no stats stored; the second call is the plan's
+                        for _ in range(2):
+                            ops.group_norm_act(x.detach(), groups, w, b, activation="silu")
                     y = ops.group_norm_act(x, groups, w, b, activation="silu")
                     y.backward(torch.ones_like(y))
                 yield f"group_norm_act {dt} {shape} G={groups} cl={cl} fwd+bwd", run

@@ -361,6 +361,7 @@ def _scenarios_norm(torch, tf):
                                                activation="relu", residual=x.detach())
                         y.backward(torch.ones_like(y))
                     yield f"batch_norm_act {dt} {shape} train={training} cl={cl} fwd+bwd", run
+        yield from _scenarios_bn_small(torch, ops, dt)
         yield from _scenarios_norm_batch1(torch, ops, dt)
         yield f"instance_norm running stats {dt}", lambda dt=dt: _instance_norm_running(
             torch, tf, dt)
@@ -382,6 +383,36 @@ def _instance_norm_running(torch, tf, dt):
     """InstanceNorm with running stats: the in-kernel update (instance_running_kernel)."""
     m = tf.nn.InstanceNormAct2d(16, track_running_stats=True, activation="relu")
     m(torch.randn(4, 16, 8, 8, dtype=dt))
+
+
+def _scenarios_bn_small(torch, ops, dt):
+    """BatchNorm's one-program path (the padded (N*S, C) tile fits SMALL_TILE): training with
+    the module's counter and ``momentum=None`` (cumulative average), twice without grad (the
+    plan's launch stores no statistics), then with grad; eval without affine parameters."""
+    for shape, cl in (((4, 8, 4, 4), False), ((4, 8, 4, 4), True), ((16, 256), False),
+                      ((2, 3, 5), False)):
+        for momentum, counter in ((0.1, False), (None, True)):
+            def run(shape=shape, cl=cl, momentum=momentum, counter=counter, dt=dt):
+                x = torch.randn(*shape, dtype=dt)
+                if cl:
+                    x = x.to(memory_format=torch.channels_last)
+                C = shape[1]
+                rm, rv = torch.zeros(C), torch.ones(C)
+                nbt = torch.tensor(0) if counter else None
+                w = torch.randn(C, requires_grad=True)
+                b = torch.randn(C, requires_grad=True)
+                kw = dict(training=True, momentum=momentum, num_batches_tracked=nbt,
+                          activation="relu")
+                with torch.no_grad():
+                    for _ in range(2):
+                        ops.batch_norm_act(x, rm, rv, w, b, **kw)
+                xg = x.clone().requires_grad_(True)
+                y = ops.batch_norm_act(xg, rm, rv, w, b, residual=x, **kw)
+                y.backward(torch.ones_like(y))
+                y = ops.batch_norm_act(xg, rm, rv, training=False, activation="gelu")
+                y.backward(torch.ones_like(y))
+            yield (f"batch_norm_act {dt} {shape} cl={cl} momentum={momentum} "
+                   f"counter={counter} small"), run
 
 
 def _scenarios_norm_batch1(torch, ops, dt):

@@ -156,6 +156,19 @@ def test_out_of_range_target_device_assert_without_sync():
         check_targets(torch.tensor([0, 4]), 4, -100)  # CPU default: ValueError naming them
 
 
+def test_sync_target_check_min_max_shortcut():
+    """On CPU a (min, max) pass accepts in-range targets; anything else takes the full mask:
+    ignore_index out of range is accepted, other out-of-range values are named."""
+    from tilefuse.fused.cross_entropy import check_targets
+
+    check_targets(torch.tensor([0, 3, 2]), 4, -100)
+    check_targets(torch.tensor([0, -100, 3]), 4, -100)
+    check_targets(torch.tensor([7, 0]), 4, 7)
+    for bad in ([0, 4], [-1, 3], [-100, -2], [5, 7]):
+        with pytest.raises(ValueError, match="outside"):
+            check_targets(torch.tensor(bad), 4, 7)
+
+
 @pytest.mark.cuda
 def test_out_of_range_target_cuda_asserts(tmp_path):
     """A device-side assert poisons the CUDA context, so it runs in a subprocess."""

@@ -1,6 +1,8 @@
 """The harness of the fast-path tests (tests/test_fast_path*.py): the eager fast path of a
 :class:`tilefuse.fused._fast.FastOp` against the ``torch.library`` custom op it bypasses, and
 ``torch.compile(fullgraph=True)`` tracing the custom op."""
+import contextlib
+
 import torch
 
 from tilefuse.fused._fast import custom_op_path
@@ -72,3 +74,19 @@ def assert_compiles_to_custom_op(fn, inputs, op_name, grad=False, seed=None):
     for a, b in zip(outs, refs):
         assert torch.equal(a, b)
     assert any(f"tilefuse.{op_name}" in s for s in seen), seen
+
+
+@contextlib.contextmanager
+def launches():
+    """Counts interpreted Triton launches (they run; any triton version)."""
+    from tilefuse.bench.host import LaunchCount, _launcher_class, _patched_run
+
+    cls = _launcher_class(interpreter=True)
+    real, count = cls.__dict__["run"], LaunchCount()
+
+    def run(self, *args, **kwargs):
+        count.n += 1
+        return real(self, *args, **kwargs)
+
+    with _patched_run(cls, run):
+        yield count

@@ -15,27 +15,12 @@ import tilefuse
 import tilefuse.fused.norm_bn as fbn
 import tilefuse.fused.norm_bn_plan as plan_mod
 import tilefuse.kernels.norm_bn as kbn
-from fast_path_utils import assert_same, compiled_targets  # noqa: I100
+from fast_path_utils import assert_same, compiled_targets, launches  # noqa: I100
 from tilefuse.fused._fast import custom_op_path
 
 ops = tilefuse.ops
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered")  # interpreter, masked
 
-
-@contextlib.contextmanager
-def launches():
-    """Counts interpreted Triton launches (they run; any triton version)."""
-    from tilefuse.bench.host import LaunchCount, _launcher_class, _patched_run
-
-    cls = _launcher_class(interpreter=True)
-    real, count = cls.__dict__["run"], LaunchCount()
-
-    def run(self, *args, **kwargs):
-        count.n += 1
-        return real(self, *args, **kwargs)
-
-    with _patched_run(cls, run):
-        yield count
 
 
 @pytest.fixture

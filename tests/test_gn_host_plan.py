@@ -6,7 +6,6 @@ of an earlier valid one: it allocates the output and launches through the launch
 signature (the same code as the per-call path), so outputs and gradients are the bits of the
 custom-op path; it is skipped when tracing, under autocast and under functorch transforms.
 """
-import contextlib
 import os
 
 import pytest
@@ -17,7 +16,7 @@ import triton
 import tilefuse
 import tilefuse.fused.norm_group as fgn
 import tilefuse.kernels.norm_group as kg
-from fast_path_utils import assert_same, compiled_targets, run  # noqa: I100
+from fast_path_utils import assert_same, compiled_targets, launches, run  # noqa: I100
 from tilefuse.bench.traffic import count_traffic, nbytes
 from tilefuse.fused._fast import custom_op_path
 
@@ -26,21 +25,6 @@ ops = tilefuse.ops
 traffic_lane = pytest.mark.skipif(not triton.__version__.startswith("3.9"),
                                   reason="count_traffic: triton 3.9 interpreter")
 
-
-@contextlib.contextmanager
-def launches():
-    """Counts interpreted Triton launches (they run; any triton version)."""
-    from tilefuse.bench.host import LaunchCount, _launcher_class, _patched_run
-
-    cls = _launcher_class(interpreter=True)
-    real, count = cls.__dict__["run"], LaunchCount()
-
-    def run(self, *args, **kwargs):
-        count.n += 1
-        return real(self, *args, **kwargs)
-
-    with _patched_run(cls, run):
-        yield count
 
 
 @pytest.fixture

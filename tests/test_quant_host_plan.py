@@ -18,6 +18,7 @@ import torch
 
 import tilefuse
 from fast_path_utils import assert_fast_equals_custom_op, assert_same
+from tilefuse.fused import dequant as fdq
 from tilefuse.fused import fp8 as ff
 from tilefuse.fused import int8 as fi
 from tilefuse.fused._fast import custom_op_path
@@ -59,11 +60,12 @@ def no_per_call_path(monkeypatch):
         raise AssertionError("the per-call path ran")
 
     with monkeypatch.context() as m:
-        for name in ("check_tensor", "int8_matmul_op", "quantize_per_row", "dequantize"):
+        for name in ("check_tensor", "int8_matmul_op", "quantize_per_row", "_check_dequantize"):
             m.setattr(fi, name, boom)
         for name in ("_fp8_tensor", "float_tensor", "fp8_matmul_op", "quantize_fp8_per_row",
-                     "dequantize"):
+                     "_check_dequantize"):
             m.setattr(ff, name, boom)
+        m.setattr(fdq, "dequantize", boom)
         yield
 
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tilefuse._backend import backend_of
-from tilefuse.fused._fast import fast_op, lazy_module, needs_grad, remember
+from tilefuse._backend import _env_backend, backend_of
+from tilefuse.fused._fast import (fast_op, lazy_module, needs_grad, plans_allowed, remember,
+                                  tkey)
 
 _kernels = lazy_module("tilefuse.kernels.quant")
 _KERNEL_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16))
@@ -73,6 +74,23 @@ def _plan(q: Tensor, scale: Tensor, dtype: torch.dtype, out: Tensor):
     def plan(q, scale):  # (sizes as separate ints: a tuple costs ~0.5 us more to parse)
         return launch(q, scale, q.new_empty(*shape, dtype=dtype))
     return plan
+
+
+def dequantize_call(q: Tensor, scale: Tensor, dtype, plans: dict, check) -> Tensor:
+    """What :func:`tilefuse.ops.dequantize_per_row` / ``dequantize_fp8`` run: an eager call with
+    a planned signature takes its plan; any other call is validated by ``check(q, scale)``
+    (raises on bad input), runs :func:`dequantize` and plans its signature."""
+    key = None
+    if plans_allowed():
+        try:
+            key = (tkey(q), tkey(scale), dtype, _env_backend())
+            plan = plans.get(key)
+        except (TypeError, AttributeError):
+            key = plan = None
+        if plan is not None and not needs_grad(scale):
+            return plan(q, scale)
+    check(q, scale)
+    return dequantize(q, scale, dtype, plans, key)
 
 
 def dequantize(q: Tensor, scale: Tensor, dtype, plans: dict, key) -> Tensor:

@@ -29,7 +29,7 @@ from tilefuse._validate import FLOAT_DTYPES_F64, check_tensor, float_tensor, sam
 from tilefuse.fused import quant_plans
 from tilefuse.fused._fast import (autocast_maybe_on, fast_op, needs_grad, plan_cache,
                                   plans_allowed, remember, tkey)
-from tilefuse.fused.dequant import dequantize
+from tilefuse.fused.dequant import dequantize_call
 from tilefuse.fused.int8 import (_epilogue_args, _per_col_scale, _per_row_scale,
                                   _torch_epilogue)
 
@@ -274,15 +274,9 @@ def dequantize_fp8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32)
     """``q * scale`` in ``dtype`` (the inverse of :func:`quantize_fp8_per_row`, up to
     rounding): ``(q.float() * scale.float()).to(dtype)`` bit for bit, in one kernel
     (:mod:`tilefuse.fused.dequant`; ``scale`` broadcasts as in torch)."""
-    key = None
-    if plans_allowed():
-        try:
-            key = (tkey(q), tkey(scale), dtype, _env_backend())
-            plan = _DQ_PLANS.get(key)
-        except (TypeError, AttributeError):
-            key = plan = None
-        if plan is not None and not needs_grad(scale):
-            return plan(q, scale)
+    return dequantize_call(q, scale, dtype, _DQ_PLANS, _check_dequantize)
+
+
+def _check_dequantize(q, scale):
     _fp8_tensor("q", q)
     check_tensor("scale", scale, dtypes=FLOAT_DTYPES_F64)
-    return dequantize(q, scale, dtype, _DQ_PLANS, key)

@@ -26,7 +26,7 @@ from tilefuse.activations import NAMES, torch_activation
 from tilefuse.fused import quant_plans
 from tilefuse.fused._fast import (act_code, autocast_maybe_on, fast_op, needs_grad, plan_cache,
                                   plans_allowed, remember, tkey)
-from tilefuse.fused.dequant import dequantize
+from tilefuse.fused.dequant import dequantize_call
 
 
 def _torch_int8_matmul(a, b, a_scale, b_scale, bias, residual, activation, act_param, out_dtype):
@@ -337,18 +337,12 @@ def dequantize_per_row(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.floa
     """``q * scale`` in ``dtype`` (the inverse of :func:`quantize_per_row`, up to rounding):
     ``(q.float() * scale.float()).to(dtype)`` bit for bit, in one kernel
     (:mod:`tilefuse.fused.dequant`; ``scale`` broadcasts as in torch)."""
-    key = None
-    if plans_allowed():
-        try:
-            key = (tkey(q), tkey(scale), dtype, _env_backend())
-            plan = _DQ_PLANS.get(key)
-        except (TypeError, AttributeError):
-            key = plan = None
-        if plan is not None and not needs_grad(scale):
-            return plan(q, scale)
+    return dequantize_call(q, scale, dtype, _DQ_PLANS, _check_dequantize)
+
+
+def _check_dequantize(q, scale):
     check_tensor("q", q, dtypes=(torch.int8,))
     check_tensor("scale", scale, dtypes=FLOAT_DTYPES)
-    return dequantize(q, scale, dtype, _DQ_PLANS, key)
 
 
 def w8a8_linear(x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor] = None,

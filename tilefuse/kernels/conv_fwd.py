@@ -256,27 +256,19 @@ def _fwd_params(sig, config):
     return grid, consts, opts
 
 
-def launch_conv2d_fwd(x, weight, y, bias=None, residual=None, pre=None, mid=None,
-                      stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1,
-                      activation: int = 0, act_param: float = 0.0, post_activation: int = 0,
-                      post_param: float = 0.0, allow_tf32: bool = False,
-                      config: dict | None = None, a_scale=None, w_scale=None):
-    """``y = post_act(act(conv2d(x, weight) + bias) + residual)`` into ``y`` (N, C_out, OH, OW),
-    any strides for every tensor; ``padding`` is (top, left) (the bottom/right padding follows
-    from ``y``'s size). ``pre`` / ``mid`` (``y``'s shape and strides) receive ``z`` and ``u``.
-    Launch parameters are computed once per signature.
-
-    int8 ``weight`` (with ``w_scale`` (C_out,) fp32): W8A8 when ``x`` is int8 too, with
-    ``a_scale`` an fp32 tensor broadcast to (N, H, W) (one scale per image, per tensor or per
-    input pixel: an expanded view); a float ``x`` with a one-element ``a_scale``: W8A8 with that
-    static scale, ``x`` quantized in the load; a float ``x`` alone: weight-only."""
+def _fwd_args(x, weight, y, bias, residual, has_pre: bool, has_mid: bool, stride, padding,
+              dilation, groups, activation, act_param, post_activation, post_param,
+              allow_tf32, config, a_scale, w_scale):
+    """The launch of :func:`launch_conv2d_fwd` minus its pointers: ``(grid, args, opts,
+    a_scale)``, ``args`` every kernel argument after the nine pointers (sizes, strides,
+    constexprs), ``a_scale`` as the kernel reads it; None when there is nothing to launch."""
     N, C_in, H, W = x.shape
     C_out, cig, KH, KW = weight.shape
     OH, OW = y.shape[2], y.shape[3]
     M = N * OH * OW
     cog = C_out // groups
     if M == 0 or cog == 0:
-        return y
+        return None
     if M >= 2 ** 31:
         raise ValueError(f"conv2d: N*OH*OW = {M} output pixels exceed 2^31; split the batch")
     tf32 = bool(allow_tf32 and x.dtype == torch.float32 and x.is_cuda)
@@ -296,19 +288,69 @@ def launch_conv2d_fwd(x, weight, y, bias=None, residual=None, pre=None, mid=None
             quant = 2 if per_pixel else 1
     sig = (M, cog, cig, groups, (KH, KW), tuple(stride), tuple(dilation), x.dtype, activation,
            act_param, post_activation, post_param, bias is not None, residual is not None,
-           pre is not None, mid is not None, tf32, is_channels_last(x), quant)
+           has_pre, has_mid, tf32, is_channels_last(x), quant)
     params = _LAUNCH.get(sig) if config is None else None
     if params is None:
         params = _fwd_params(sig, config)
         if config is None:
             _LAUNCH[sig] = params
     grid, consts, opts = params
-    res = residual if residual is not None else y
-    conv2d_fwd_kernel[grid](
-        x, weight, bias if bias is not None else y, res, y,
+    args = (M, cog, cig, H, W, OH, OW, padding[0], padding[1], *x.stride(), *weight.stride(),
+            *y.stride(), *(residual if residual is not None else y).stride(), *s_strides,
+            bias.stride(0) if bias is not None else 0, *consts)
+    return grid, args, opts, a_scale
+
+
+def launch_conv2d_fwd(x, weight, y, bias=None, residual=None, pre=None, mid=None,
+                      stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups: int = 1,
+                      activation: int = 0, act_param: float = 0.0, post_activation: int = 0,
+                      post_param: float = 0.0, allow_tf32: bool = False,
+                      config: dict | None = None, a_scale=None, w_scale=None):
+    """``y = post_act(act(conv2d(x, weight) + bias) + residual)`` into ``y`` (N, C_out, OH, OW),
+    any strides for every tensor; ``padding`` is (top, left) (the bottom/right padding follows
+    from ``y``'s size). ``pre`` / ``mid`` (``y``'s shape and strides) receive ``z`` and ``u``.
+    Launch parameters are computed once per signature.
+
+    int8 ``weight`` (with ``w_scale`` (C_out,) fp32): W8A8 when ``x`` is int8 too, with
+    ``a_scale`` an fp32 tensor broadcast to (N, H, W) (one scale per image, per tensor or per
+    input pixel: an expanded view); a float ``x`` with a one-element ``a_scale``: W8A8 with that
+    static scale, ``x`` quantized in the load; a float ``x`` alone: weight-only."""
+    launch = _fwd_args(x, weight, y, bias, residual, pre is not None, mid is not None, stride,
+                       padding, dilation, groups, activation, act_param, post_activation,
+                       post_param, allow_tf32, config, a_scale, w_scale)
+    if launch is None:
+        return y
+    grid, args, opts, a_scale = launch
+    conv2d_fwd_kernel.run(
+        x, weight, bias if bias is not None else y, residual if residual is not None else y, y,
         pre if pre is not None else y, mid if mid is not None else y,
         a_scale if a_scale is not None else y, w_scale if w_scale is not None else y,
-        M, cog, cig, H, W, OH, OW, padding[0], padding[1],
-        *x.stride(), *weight.stride(), *y.stride(), *res.stride(), *s_strides,
-        bias.stride(0) if bias is not None else 0, *consts, **opts)
+        *args, grid=grid, warmup=False, **opts)
     return y
+
+
+def _no_launch(x, weight, bias, residual, y, pre, mid):
+    pass
+
+
+def bind_conv2d_fwd(x, weight, y, bias, residual, save_pre: bool, save_mid: bool, stride,
+                    padding, dilation, groups: int, activation: int, act_param: float,
+                    post_activation: int, post_param: float, allow_tf32: bool):
+    """``launch(x, weight, bias, residual, y, pre, mid)``: :func:`launch_conv2d_fwd`'s float
+    launch (the same arguments, the same bits) for tensors with the shapes, strides, dtypes and
+    devices of these (``pre`` / ``mid``: ``y``'s, given exactly when ``save_pre`` /
+    ``save_mid``), every non-tensor argument computed here once (the eager plans of
+    :mod:`tilefuse.fused.conv_plan`)."""
+    launch = _fwd_args(x, weight, y, bias, residual, save_pre, save_mid, stride, padding,
+                       dilation, groups, activation, act_param, post_activation, post_param,
+                       allow_tf32, None, None, None)
+    if launch is None:
+        return _no_launch
+    grid, args, opts, _ = launch
+    kernel = conv2d_fwd_kernel
+
+    def run(x, weight, bias, residual, y, pre, mid):
+        kernel.run(x, weight, y if bias is None else bias, y if residual is None else residual, y,
+                   y if pre is None else pre, y if mid is None else mid, y, y, *args, grid=grid,
+                   warmup=False, **opts)
+    return run

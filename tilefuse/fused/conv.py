@@ -21,13 +21,16 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._C import _any_requires_grad, is_grad_enabled
 
 from tilefuse import _autocast
-from tilefuse._backend import backend_of
+from tilefuse._backend import _env_backend, backend_of
 from tilefuse._validate import (check_broadcastable, check_same_dtype, float_tensor,
                                 optional_float_tensors, same_device)
 from tilefuse.activations import NAMES, torch_activation
-from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, needs_grad
+from tilefuse.fused import conv_plan as _plan
+from tilefuse.fused._fast import (act_code, autocast_maybe_on, fast_op, needs_grad, plan_cache,
+                                  plans_allowed, tkey)
 from tilefuse.fused.depthwise import (_act_backward, _compute_dtype, _full_padding,
                                       _out_memory_format, _pair, resolve_padding)
 
@@ -176,18 +179,25 @@ def _act_grad(grad, saved, code, param, what):
 
 
 def _backward(ctx, grad_out, grad_pre, grad_mid):
-    """The activation gradients fused into the GEMMs' operand loads where one saved tensor
+    x, weight, pre, mid = ctx.saved_tensors
+    if grad_out is None:
+        return (None,) * _N_INPUTS
+    return input_grads(grad_out, x, weight, pre, mid, ctx.needs_input_grad, ctx.conv, ctx.acts,
+                       ctx.has_bias, ctx.has_residual, ctx.bias_dtype) + (None,) * (_N_INPUTS - 4)
+
+
+def input_grads(grad_out, x, weight, pre, mid, need, conv, acts, has_bias, has_residual,
+                bias_dtype):
+    """``(dx, dweight, dbias, dresidual)`` (None where not needed) of the op's backward (its
+    autograd formula and the per-signature plans' one, :mod:`tilefuse.fused.conv_plan`).
+
+    The activation gradients are fused into the GEMMs' operand loads where one saved tensor
     suffices: ``act`` alone (``dz = dy * act'(z)``), ``post_activation`` alone with no residual
     gradient (``dz = dy * post'(u)``). ``du = dy * post'(u)`` is one elementwise pass when it is
     itself needed: the residual's gradient, or ``act`` and ``post_activation`` both set (then
     ``dz = du * act'(z)`` is fused)."""
-    x, weight, pre, mid = ctx.saved_tensors
-    rest = (None,) * (_N_INPUTS - 4)
-    if grad_out is None:
-        return (None,) * _N_INPUTS
-    need = ctx.needs_input_grad
-    act, act_param, post, post_param = ctx.acts
-    need_res = bool(ctx.has_residual and need[3])
+    act, act_param, post, post_param = acts
+    need_res = bool(has_residual and need[3])
     if post and (act or need_res):
         du = _act_grad(grad_out, mid, post, post_param, "residual sum")
         g, saved, code, param, what = du, pre, act, act_param, "pre-activation"
@@ -198,18 +208,18 @@ def _backward(ctx, grad_out, grad_pre, grad_mid):
         du = grad_out
         g, saved, code, param, what = grad_out, pre, act, act_param, "pre-activation"
     dres = du if need_res else None
-    need_bias = bool(ctx.has_bias and need[2])
+    need_bias = bool(has_bias and need[2])
     if not (need[0] or need[1] or need_bias):
-        return (None, None, None, dres) + rest
+        return None, None, None, dres
     if code and saved.numel() == 0 and g.numel() != 0:
         raise RuntimeError(f"tilefuse.conv2d: the {what} was not saved; cannot backprop through "
                            f"the fused activation")
-    stride, padding, dilation, groups = ctx.conv
+    stride, padding, dilation, groups = conv
     gx, gw, gb = conv2d_backward_op(g.to(x.dtype), saved if code else g.new_empty(0), x, weight,
                                     stride, padding, dilation, groups, code, param,
                                     bool(need[0]), bool(need[1]), need_bias)
     return (gx if need[0] else None, gw if need[1] else None,
-            gb.to(ctx.bias_dtype) if need_bias else None, dres) + rest
+            gb.to(bias_dtype) if need_bias else None, dres)
 
 
 conv2d_op = fast_op("conv2d", _conv2d_impl, fake=_conv2d_fake, setup_context=_setup_context,
@@ -268,7 +278,11 @@ def conv_geometry(in_shape, w_shape, stride=1, padding=0, dilation=1, groups=1):
     torch's argument rules, cached per argument signature (``ValueError``/``TypeError`` naming
     the argument on bad input)."""
     try:
-        key = (in_shape[-3:], w_shape, stride, padding, dilation, groups, len(in_shape))
+        # (with the types: True == 1 and 1.0 == 1 as dict keys, and bools and floats raise)
+        key = (in_shape[-3:], w_shape, stride if type(stride) is int else _plan.arg_key(stride),
+               padding if type(padding) is int else _plan.arg_key(padding),
+               dilation if type(dilation) is int else _plan.arg_key(dilation), groups,
+               type(groups), len(in_shape))
         hit = _GEOMETRY.get(key)
     except TypeError:  # unhashable (list) arguments: no cache
         key = hit = None
@@ -318,6 +332,37 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     ...                     atol=1e-4))
     True
     """
+    if plans_allowed() and not _functorch_active():
+        try:  # the signature: every argument that validation, layout and launch depend on
+            grad = is_grad_enabled()
+            key = (tkey(input), tkey(weight), tkey(bias), tkey(residual), type(input),
+                   type(weight), stride if type(stride) is int else _plan.arg_key(stride),
+                   padding if type(padding) is int else _plan.arg_key(padding),
+                   dilation if type(dilation) is int else _plan.arg_key(dilation), groups,
+                   type(groups), activation, post_activation, _env_backend(),
+                   input.is_cuda and _allow_tf32(),
+                   grad and _any_requires_grad(input, weight, bias),
+                   grad and residual is not None and residual.requires_grad)
+            plan = _PLANS[key]
+        except KeyError:
+            return _plan.first_call(_PLANS, key, _conv2d, input, weight, bias, stride, padding,
+                                    dilation, groups, activation, residual, post_activation)
+        except (TypeError, AttributeError):  # unhashable arguments, non-tensors: validated below
+            pass
+        else:
+            if plan is not None:
+                return plan(input, weight, bias, residual)
+    return _conv2d(input, weight, bias, stride, padding, dilation, groups, activation, residual,
+                   post_activation)
+
+
+_PLANS = plan_cache()
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def _conv2d(input, weight, bias, stride, padding, dilation, groups, activation, residual,
+            post_activation):
+    """:func:`conv2d` without the plan lookup: validation, autocast, normalisation, the op."""
     float_tensor("input", input)
     float_tensor("weight", weight)
     optional_float_tensors(bias=bias, residual=residual)

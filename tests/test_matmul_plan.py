@@ -118,18 +118,59 @@ def test_grad_and_autocast_step_aside():
         assert ops.matmul(a.detach(), b).dtype == torch.bfloat16
 
 
-def test_unhashable_activation_is_not_planned():
+def test_activation_modules_are_not_planned():
+    """A module is parsed on every call (its parameters may change between calls)."""
     a, b = torch.randn(4, 8), torch.randn(8, 3)
-    act = torch.nn.ReLU()
+    act = torch.nn.LeakyReLU(0.1)
     with torch.no_grad():
-        for _ in range(2):
-            torch.testing.assert_close(ops.matmul(a, b, activation=act), torch.relu(a @ b))
+        for slope in (0.1, 0.1, 0.5):
+            act.negative_slope = slope
+            torch.testing.assert_close(ops.matmul(a, b, activation=act),
+                                       torch.nn.functional.leaky_relu(a @ b, slope))
 
 
-def test_linear_weight_is_read_through_strides_by_the_plan():
-    x, w = torch.randn(3, 16), torch.randn(10, 16)
-    with torch.no_grad():
-        y1 = ops.linear(x, w)
-        w.mul_(2)  # same signature, new values: the plan reads the tensor, not a copy
-        y2 = ops.linear(x, w)
-    torch.testing.assert_close(y2, 2 * y1)
+GRAD_CASES = {
+    "plain": (lambda a, b: ops.matmul(a, b), lambda: (torch.randn(5, 8), torch.randn(8, 6))),
+    "bias_gelu": (lambda a, b, c: ops.matmul(a, b, c, activation="gelu"),
+                  lambda: (torch.randn(5, 8), torch.randn(8, 6), torch.randn(6))),
+    "residual_silu": (lambda a, b, r: ops.matmul(a, b, activation="silu", residual=r),
+                      lambda: (torch.randn(5, 8), torch.randn(8, 6), torch.randn(5, 6))),
+    "linear_relu": (lambda x, w, b: ops.linear(x, w, b, activation="relu"),
+                    lambda: (torch.randn(3, 16), torch.randn(10, 16), torch.randn(10))),
+    "bf16": (lambda a, b: ops.matmul(a, b, activation=("leaky_relu", 0.2)),
+             lambda: (torch.randn(4, 16).bfloat16(), torch.randn(16, 8).bfloat16())),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRAD_CASES))
+def test_planned_grad_call_equals_custom_op(name):
+    """With grad: the first call plans, the next ones run _PlannedMatmul; outputs and every
+    input gradient equal the custom-op path's bit for bit, also when only some inputs (or only
+    the residual) require grad."""
+    fn, make = GRAD_CASES[name]
+    inputs = make()
+    for mask in ([True] * len(inputs), [False] + [True] * (len(inputs) - 1),
+                 [False] * (len(inputs) - 1) + [True]):
+        results = []
+        for path in ("plan", "plan", "plan", "custom"):
+            xs = [t.detach().clone().requires_grad_(m) for t, m in zip(inputs, mask)]
+            with custom_op_path(path == "custom"):
+                y = fn(*xs)
+                y.backward(torch.ones_like(y))
+            results.append([y.detach()] + [t.grad for t in xs])
+        for res in results[:3]:
+            for got, ref in zip(res, results[3]):
+                assert (got is None) == (ref is None)
+                if got is not None:
+                    assert_same(got, ref)
+
+
+def test_grad_plan_hit_skips_the_full_path(monkeypatch):
+    a, b, c = (torch.randn(5, 8, requires_grad=True), torch.randn(8, 6, requires_grad=True),
+               torch.randn(6, requires_grad=True))
+    ops.matmul(a, b, c, activation="gelu")  # plans
+    monkeypatch.setattr(fm, "_matmul", lambda *args: pytest.fail("full path ran"))
+    with stub_launches() as count:
+        y = ops.matmul(a, b, c, activation="gelu")
+    assert count.n == 1 and y.requires_grad and y.grad_fn is not None
+

@@ -26,6 +26,7 @@ from tilefuse.fused._fast import (act_code, autocast_maybe_on, fast_op, needs_gr
 from torch._C import _any_requires_grad, is_grad_enabled
 
 _is_compiling, _jit_tracing = _fast._is_compiling, _fast._jit_tracing
+_functorch_active = _fast._functorch_active
 _autocast_on = _fast._any_autocast_enabled
 
 
@@ -150,23 +151,57 @@ matmul_op = fast_op("matmul", _matmul_impl, fake=_matmul_fake, setup_context=_se
 _PLANS = plan_cache()
 
 
-def _plan_2d(a, b, bias, residual, activation, out_dtype):
-    """The plan of a validated call on 2-D operands with no gradient: ``plan(a, b, bias,
-    residual)`` allocates the output and makes :func:`_matmul_impl`'s launch with every
-    non-tensor argument bound (:func:`tilefuse.kernels.matmul.bind_matmul`). None where the
-    call needs more than that (batch dims, autocast casts, broadcast residual, split-K, TMA,
-    the torch backend): those calls take the full path every time."""
+_GRAD_PLANS = plan_cache()  # the same, for calls that need a gradient
+
+
+class _PlannedMatmul(torch.autograd.Function):
+    """A planned call with a gradient: the forward is the plan's bound launch (with the
+    pre-activation store when an activation is fused), ``ctx`` is set up by the op's own
+    ``_setup_context`` and the backward is the op's own ``_backward``: the gradients of the
+    full path, bit for bit, with one output and no per-call set-up."""
+
+    @staticmethod
+    def forward(ctx, a, b, bias, residual, plan):
+        launch, act, act_param = plan
+        if act:
+            out, pre = launch(a, b, bias, residual)
+        else:
+            out, pre = launch(a, b, bias, residual), a.new_empty(0)
+        _setup_context(ctx, (a, b, bias, residual, act, act_param, None, bool(act)), (out, pre))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _backward(ctx, grad_out, None)[:4] + (None,)
+
+
+_apply_planned = _fast._c_apply.__get__(None, _PlannedMatmul)
+
+
+def _plan_2d(a, b, bias, residual, activation, out_dtype, grad=False):
+    """The plan of a validated call on 2-D operands: ``plan(a, b, bias, residual)`` allocates
+    the output and makes :func:`_matmul_impl`'s launch with every non-tensor argument bound
+    (:func:`tilefuse.kernels.matmul.bind_matmul`); with ``grad``, through
+    :class:`_PlannedMatmul`. None where the call needs more than that (batch dims, autocast
+    casts, broadcast residual, split-K, TMA, the torch backend): those calls take the full
+    path every time."""
     if a.dim() != 2 or b.dim() != 2 or backend_of(a) != "triton":
         return None
     M, N = a.shape[0], b.shape[1]
     od = a.dtype if out_dtype is None else out_dtype
     if residual is not None and (residual.shape != (M, N) or residual.dtype != od):
         return None
+    if type(activation) not in (str, tuple, type(None)) or (grad and od != a.dtype):
+        return None  # (an activation module is parsed on every call: its parameters may change)
     from tilefuse.kernels.matmul import bind_matmul
 
     act, act_param = act_code(activation)
-    return bind_matmul(a, b, torch.empty(M, N, device=a.device, dtype=od), bias, residual, act,
-                       act_param, a.is_cuda and _allow_tf32())
+    launch = bind_matmul(a, b, torch.empty(M, N, device=a.device, dtype=od), bias, residual,
+                         act, act_param, a.is_cuda and _allow_tf32(), save_pre=grad and act != 0)
+    if launch is None or not grad:
+        return launch
+    state = (launch, act, act_param)
+    return lambda a, b, bias, residual: _apply_planned(a, b, bias, residual, state)
 
 
 def matmul(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, activation=None,
@@ -199,17 +234,20 @@ def matmul(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, activation=None,
     True
     """
     key = None
-    if not (_fast._FORCE_CUSTOM_OP[0] or _is_compiling() or _jit_tracing() or _autocast_on()
-            or (is_grad_enabled() and _any_requires_grad(a, b, bias, residual))):
-        # eager, no grad, no autocast: a call with the signature of an earlier one reuses its
-        # plan (fast_path.plans_allowed, inlined: this is the cheapest op there is)
+    if not (_fast._FORCE_CUSTOM_OP[0] or _is_compiling() or _jit_tracing() or _autocast_on()):
+        # eager, no autocast: a call with the signature of an earlier one reuses its plan
+        # (fast_path.plans_allowed, inlined: this is the cheapest op there is)
+        grad = is_grad_enabled() and _any_requires_grad(a, b, bias, residual)
+        plans = _GRAD_PLANS if grad else _PLANS
         try:
+            if grad and _functorch_active():
+                raise TypeError  # (functorch: the custom op's autograd, not a plan)
             key = (a.shape, a.stride(), a.dtype, a.device, b.shape, b.stride(), b.dtype,
                    b.device, activation, out_dtype, _env_backend(),
                    a.is_cuda and _allow_tf32())
             if bias is not None or residual is not None:
                 key += (tkey(bias), tkey(residual))
-            plan = _PLANS[key]  # None: a signature the plan cannot serve
+            plan = plans[key]  # None: a signature the plan cannot serve
         except KeyError:  # a new signature
             plan = None
         except (TypeError, AttributeError):  # an unhashable activation, a non-tensor argument
@@ -217,8 +255,8 @@ def matmul(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, activation=None,
         if plan is not None:
             return plan(a, b, bias, residual)
     out = _matmul(a, b, bias, activation, residual, out_dtype)
-    if key is not None and key not in _PLANS:  # validated: plan the signature (or mark None)
-        remember(_PLANS, key, _plan_2d(a, b, bias, residual, activation, out_dtype))
+    if key is not None and key not in plans:  # validated: plan the signature (or mark None)
+        remember(plans, key, _plan_2d(a, b, bias, residual, activation, out_dtype, grad))
     return out
 
 

@@ -268,12 +268,15 @@ def launch_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, 
 
 
 def bind_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, residual=None,
-                activation: int = 0, act_param: float = 0.0, allow_tf32: bool = False):
+                activation: int = 0, act_param: float = 0.0, allow_tf32: bool = False,
+                save_pre: bool = False):
     """``launch(a, b, bias, residual) -> c``: a new ``c`` (``c``'s dtype and device) and
-    :func:`launch_matmul` into it (no ``pre``, no DropConnect), for 2-D operands of the same
-    shapes, strides, dtypes and device as these, with every non-tensor argument computed here
-    once (the eager plans of :mod:`tilefuse.fused.matmul`). None where a launch needs per-call
-    work: batched, empty, split-K, or the TMA kernel (its descriptors hold the pointers)."""
+    :func:`launch_matmul` into it (no DropConnect), for 2-D operands of the same shapes,
+    strides, dtypes and device as these, with every non-tensor argument computed here once (the
+    eager plans of :mod:`tilefuse.fused.matmul`). ``save_pre``: the launch also writes the
+    pre-activation into a new ``pre`` (``a``'s dtype) and returns ``(c, pre)``. None where a
+    launch needs per-call work: batched, empty, split-K, or the TMA kernel (its descriptors
+    hold the pointers)."""
     M, K = a.shape
     N = b.shape[1]
     if c.dim() != 2 or M == 0 or N == 0:
@@ -282,7 +285,7 @@ def bind_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, re
     path = _gc.gemm_path(a, b, tf32) if (a.is_cuda or _gc.TMA_ON_CPU) else _CLASSIC
     sb = b.stride()
     sig = (M, N, K, a.dtype, activation, act_param, bias is not None, residual is not None,
-           False, sb[-2] == 1 and N > 1 and K > 1, tf32, False, path,
+           save_pre, sb[-2] == 1 and N > 1 and K > 1, tf32, False, path,
            path[0] == "tma" and c_tma_ok(c), False, c.element_size())
     kind, main, _, split = _launch_params(*sig, a.device, None)
     if kind != "classic" or split > 1:
@@ -311,7 +314,14 @@ def bind_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, re
                    c, *rest, grid=grid, warmup=False, num_warps=nw, num_stages=ns)
         return c
 
-    return launch
+    def launch_pre(a, b, bias, residual):
+        c = a.new_empty(M, N) if same else torch.empty(M, N, device=dev, dtype=dtype)
+        pre = a.new_empty(M, N)
+        kernel.run(a, b, c, c if bias is None else bias, c if residual is None else residual,
+                   pre, *rest, grid=grid, warmup=False, num_warps=nw, num_stages=ns)
+        return c, pre
+
+    return launch_pre if save_pre else launch
 
 
 def _launch_classic(params, split, a, b, out, ws, bias, residual, pre, dropconnect):

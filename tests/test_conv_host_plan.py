@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 import tilefuse
 import tilefuse.fused.conv as fc
-from fast_path_utils import assert_same, compiled_targets, launches, run  # noqa: I100
+from fast_path_utils import (assert_grads_equal_custom_op, assert_same,  # noqa: I100
+                             compiled_targets, launches, run)
 from tilefuse.fused._fast import custom_op_path
 
 ops = tilefuse.ops
@@ -142,18 +143,9 @@ def test_plan_launches_one_kernel_and_reads_the_tensors():
 @pytest.mark.parametrize("cl", [False, True])
 def test_plan_gradient_of_a_strided_upstream_gradient(cl):
     """``y.sum()``'s gradient reaches the op expanded (stride 0): the same bits as the op's."""
-    x0, w0, b0 = _f(2, 4, 5, 5, cl=cl), _f(4, 4, 3, 3), _f(4)
-
-    def grads():
-        x, w, b = (t.detach().clone().requires_grad_() for t in (x0, w0, b0))
-        ops.conv2d(x, w, b, padding=1, activation="gelu").sum().backward()
-        return x.grad, w.grad, b.grad
-
-    with custom_op_path():
-        want = grads()
-    for _ in range(3):
-        for a, b in zip(grads(), want):
-            assert_same(a, b)
+    assert_grads_equal_custom_op(
+        lambda x, w, b: ops.conv2d(x, w, b, padding=1, activation="gelu").sum(),
+        (_f(2, 4, 5, 5, cl=cl), _f(4, 4, 3, 3), _f(4)))
 
 
 def test_checkpoint_forward_and_recomputation_on_either_path():

@@ -16,7 +16,8 @@ import triton
 import tilefuse
 import tilefuse.fused.norm_group as fgn
 import tilefuse.kernels.norm_group as kg
-from fast_path_utils import assert_same, compiled_targets, launches, run  # noqa: I100
+from fast_path_utils import (assert_grads_equal_custom_op, assert_same,  # noqa: I100
+                             compiled_targets, launches, run)
 from tilefuse.bench.traffic import count_traffic, nbytes
 from tilefuse.fused._fast import custom_op_path
 
@@ -101,18 +102,9 @@ def test_plan_equals_custom_op_bit_for_bit(name, grad, spy):
 def test_plan_gradient_of_a_strided_upstream_gradient(cl):
     """``y.sum()``'s gradient reaches the op expanded (stride 0): reshaped as the view nodes of
     the per-call path reshape it, the same bits."""
-    x0, w0, b0 = _f(2, 8, 4, 4, cl=cl, shift=2), _f(8), _f(8)
-
-    def grads():
-        x, w, b = (t.detach().clone().requires_grad_() for t in (x0, w0, b0))
-        (ops.group_norm_act(x, 4, w, b, activation="silu") * 1.0).sum().backward()
-        return x.grad, w.grad, b.grad
-
-    with custom_op_path():
-        want = grads()
-    for _ in range(3):
-        for a, b in zip(grads(), want):
-            assert_same(a, b)
+    assert_grads_equal_custom_op(
+        lambda x, w, b: (ops.group_norm_act(x, 4, w, b, activation="silu") * 1.0).sum(),
+        (_f(2, 8, 4, 4, cl=cl, shift=2), _f(8), _f(8)))
 
 
 def _ref(x, G, w=None, b=None, act=F.relu):

@@ -305,4 +305,8 @@ def test_train_rewrite_torch_backend(name, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet50", "efficientnet_b0", "mobilenet_v2"])
 def test_train_in_interpreter_slow(name, monkeypatch):
-    _train_check(name, True, monkeypatch)
+    # efficientnet_b0 at 16x16 reaches 1x1 maps: at batch 2 its BatchNorms normalise 2 values a
+    # channel, whose backward cancels (1 - xhat^2 = eps / (var + eps)) and turns any ulp into
+    # noise, torch fp32's included (its own error there moves 2.6x with oneDNN on or off), so a
+    # tolerance tied to torch's error is a coin toss; batch 4 is well conditioned
+    _train_check(name, True, monkeypatch, batch=4 if name == "efficientnet_b0" else 2)

@@ -168,9 +168,10 @@ def lazy_module(name: str):
 # --------------------------------------------------------------------------------------------
 def plans_allowed() -> bool:
     """Whether a per-signature plan may serve this call: eager (not compiling, not a jit trace,
-    not :func:`custom_op_path`) and no autocast enabled. Callers also check grad themselves."""
+    not :func:`custom_op_path`), no autocast enabled and no functorch transform active (its
+    wrapped tensors are not what a plan launches on). Callers also check grad themselves."""
     return not (_FORCE_CUSTOM_OP[0] or _is_compiling() or _jit_tracing()
-                or _any_autocast_enabled())
+                or _any_autocast_enabled() or _functorch_active())
 
 
 def tkey(t):
@@ -180,6 +181,21 @@ def tkey(t):
     if t is None:
         return None
     return (t.shape, t.stride(), t.dtype, t.device)
+
+
+def allocator(x, y):
+    """``alloc(x)``: the cheapest allocation with ``y``'s shape, strides and dtype for inputs
+    laid out like ``x`` (``y``: the full path's output for ``x``), for a plan to call per call.
+    ``torch.empty_like(x)`` or ``x.new_empty(*sizes)`` (~0.85 us) where they give ``y``'s
+    strides exactly, else ``torch.empty_strided``."""
+    shape, stride = tuple(y.shape), y.stride()
+    if y.dtype == x.dtype:
+        if x.shape == y.shape and torch.empty_like(x).stride() == stride:
+            return torch.empty_like
+        if x.new_empty(shape).stride() == stride:
+            return lambda x: x.new_empty(*shape)  # (sizes as ints: cheaper than a tuple)
+    dtype = y.dtype
+    return lambda x: torch.empty_strided(shape, stride, dtype=dtype, device=x.device)
 
 
 def plan_cache() -> dict:

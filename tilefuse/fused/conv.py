@@ -332,7 +332,7 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
     ...                     atol=1e-4))
     True
     """
-    if plans_allowed() and not _functorch_active():
+    if plans_allowed():
         try:  # the signature: every argument that validation, layout and launch depend on
             grad = is_grad_enabled()
             key = (tkey(input), tkey(weight), tkey(bias), tkey(residual), type(input),
@@ -357,7 +357,6 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
 
 
 _PLANS = plan_cache()
-_functorch_active = torch._C._are_functorch_transforms_active
 
 
 def _conv2d(input, weight, bias, stride, padding, dilation, groups, activation, residual,

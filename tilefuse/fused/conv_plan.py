@@ -60,17 +60,6 @@ def first_call(plans, key, full, input, weight, bias, stride, padding, dilation,
     return y
 
 
-def _allocator(x, y):
-    """The cheapest allocation that gives ``y``'s shape and strides for inputs like ``x``."""
-    shape, stride = tuple(y.shape), y.stride()
-    if x.new_empty(shape).stride() == stride:
-        n, c, h, w = shape
-        return lambda x: x.new_empty(n, c, h, w)  # (sizes as ints: cheaper than a tuple)
-    if x.shape == y.shape and torch.empty_like(x).stride() == stride:
-        return torch.empty_like
-    return lambda x: torch.empty_strided(shape, stride, dtype=x.dtype, device=x.device)
-
-
 def make_plan(x, weight, bias, residual, stride, padding, dilation, groups, activation,
               post_activation, y, grad_xwb: bool, grad_res: bool):
     """The plan of a call that the full path ran (validated) and returned ``y`` for, or None.
@@ -96,7 +85,7 @@ def make_plan(x, weight, bias, residual, stride, padding, dilation, groups, acti
     launch = _kernels().bind_conv2d_fwd(x, w, y, bias, residual, save_pre, save_mid, stride,
                                         pad, dilation, groups, act, act_param, post, post_param,
                                         x.is_cuda and op._allow_tf32())
-    alloc = _allocator(x, y)
+    alloc = _fast.allocator(x, y)
     if grad:
         plan = _Plan(alloc, launch, to_cl, save_pre, save_mid, x.new_empty(0), op.input_grads,
                      ((list(stride), list(pad), list(dilation), groups),

@@ -234,14 +234,13 @@ def matmul(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, activation=None,
     True
     """
     key = None
-    if not (_fast._FORCE_CUSTOM_OP[0] or _is_compiling() or _jit_tracing() or _autocast_on()):
+    if not (_fast._FORCE_CUSTOM_OP[0] or _is_compiling() or _jit_tracing() or _autocast_on()
+            or _functorch_active()):
         # eager, no autocast: a call with the signature of an earlier one reuses its plan
         # (fast_path.plans_allowed, inlined: this is the cheapest op there is)
         grad = is_grad_enabled() and _any_requires_grad(a, b, bias, residual)
         plans = _GRAD_PLANS if grad else _PLANS
         try:
-            if grad and _functorch_active():
-                raise TypeError  # (functorch: the custom op's autograd, not a plan)
             key = (a.shape, a.stride(), a.dtype, a.device, b.shape, b.stride(), b.dtype,
                    b.device, activation, out_dtype, _env_backend(),
                    a.is_cuda and _allow_tf32())

@@ -293,7 +293,7 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
     >>> bool(torch.allclose(y, ref, atol=1e-5))
     True
     """
-    if plans_allowed() and not _fast._functorch_active():
+    if plans_allowed():
         # eager: the signature's plan (tilefuse.fused.norm_bn_plan); grad as the FastOp sees it
         if not (is_grad_enabled() and
                 _any_requires_grad(x, residual, weight, bias, running_mean, running_var)):

@@ -17,8 +17,9 @@ from tilefuse import _autocast
 from tilefuse._backend import _env_backend
 from tilefuse._validate import check_shape, check_tensor, float_tensor, same_device
 from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
-from tilefuse.fused._fast import (_c_apply, act_code, autocast_maybe_on, fast_op, lazy_module,
-                                  needs_grad, plan_cache, plans_allowed, remember, tkey)
+from tilefuse.fused._fast import (_c_apply, act_code, allocator, autocast_maybe_on, fast_op,
+                                  lazy_module, needs_grad, plan_cache, plans_allowed, remember,
+                                  tkey)
 from tilefuse.fused._fast import use_torch_path as _use_torch
 
 
@@ -201,7 +202,7 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
     >>> bool(torch.allclose(y, ref, atol=1e-5))
     True
     """
-    if plans_allowed() and not _functorch_active():
+    if plans_allowed():
         try:  # the signature: every argument that validation, layout and launch depend on
             grad = needs_grad(x, weight, bias)
             key = (tkey(x), tkey(weight), tkey(bias), num_groups, eps, activation,
@@ -224,7 +225,6 @@ def group_norm_act(x: Tensor, num_groups: int, weight: Optional[Tensor] = None,
 # dtypes, devices and scalar values of an earlier valid call skips validation and launch set-up
 # --------------------------------------------------------------------------------------------
 _PLANS = plan_cache()
-_functorch_active = torch._C._are_functorch_transforms_active
 
 
 class _Plan:
@@ -273,16 +273,6 @@ class _PlannedGroupNorm(torch.autograd.Function):
 _apply_planned = _c_apply.__get__(None, _PlannedGroupNorm)
 
 
-def _allocator(x: Tensor, y: Tensor):
-    """The cheapest allocation that gives ``y``'s shape and strides for inputs like ``x``."""
-    shape, stride = y.shape, y.stride()
-    if torch.empty_like(x).stride() == stride:
-        return torch.empty_like
-    if y.is_contiguous():
-        return lambda x: x.new_empty(shape)
-    return lambda x: torch.empty_strided(shape, stride, dtype=x.dtype, device=x.device)
-
-
 def _build_plan(x, weight, bias, num_groups, eps, activation, y, grad):
     """The closure serving later calls with the signature of this (valid) one, or None where
     none may: a module activation (parsed on every call: its parameters may change)."""
@@ -298,7 +288,7 @@ def _build_plan(x, weight, bias, num_groups, eps, activation, y, grad):
     y3 = y if y.dim() == 3 else y.view(shape3)
     launch = _kernels().bind_group_norm_fwd(x3, y3.stride(), G, eps, weight is not None,
                                             bias is not None, act, param, grad)
-    plan = _Plan(_allocator(x, y), launch, shape3[0] * G, shape3, G, act, param)
+    plan = _Plan(allocator(x, y), launch, shape3[0] * G, shape3, G, act, param)
     if grad:
         return lambda x, weight, bias: _apply_planned(x, weight, bias, plan)
     alloc = plan.alloc

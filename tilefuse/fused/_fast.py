@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import warnings
 
 import torch
 from torch._C import _any_requires_grad, is_grad_enabled
@@ -208,6 +209,71 @@ def plan_cache() -> dict:
 
 
 PLAN_CACHE_MAX = 1024  # signatures per op: dynamic shapes must not grow a cache without bound
+
+
+def tensor_guard(*tensors):
+    """``check(*tensors) -> bool``, one C call: whether the tensors of a later call have these
+    tensors' exact Python types, dtypes, devices, dispatch keys (with the thread's dispatch
+    modes: autocast, functorch), ``requires_grad``, sizes and strides, and are distinct objects
+    (torch's own dynamo tensor guard). A plan's single-entry fast check (:func:`hot_slot`);
+    None where this torch lacks the guard or it fails its self-test (callers then keep to the
+    keyed lookup)."""
+    if not _guards_work():
+        return None
+    try:
+        check = _TensorGuards(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None).check
+        return check if check(*tensors) else None
+    except Exception:  # pragma: no cover - a torch whose guard API changed
+        return None
+
+
+try:
+    from torch._C._dynamo.guards import TensorGuards as _TensorGuards
+except ImportError:  # pragma: no cover - torch without dynamo
+    _TensorGuards = None
+_GUARDS_OK: list = []
+
+
+def _guards_work() -> bool:
+    """Whether torch's tensor guard tells apart what a plan key does (type, dtype, device,
+    sizes, strides, requires_grad) and also fails under autocast, a functorch transform and a
+    jit trace, which the plans' hot slots rely on instead of checking those modes themselves.
+    Probed once, on plain CPU tensors (a failure under a dispatch mode is not cached)."""
+    if not _GUARDS_OK:
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                ok = _probe_guards()
+        except Exception:  # pragma: no cover - a torch whose guard API changed
+            ok = False
+        if ok or not torch._C._len_torch_dispatch_stack():
+            _GUARDS_OK.append(ok)
+        return ok
+    return _GUARDS_OK[0]
+
+
+def _probe_guards() -> bool:
+    if _TensorGuards is None:  # pragma: no cover
+        return False
+    x = torch.zeros(2, 3, device="cpu", dtype=torch.float32)
+    check = _TensorGuards(x, dynamic_dims_sizes=None, dynamic_dims_strides=None).check
+    if not (check(x) and check(torch.ones(2, 3, device="cpu")) and not check(x.t())
+            and not check(torch.zeros(3, 2, device="cpu")) and not check(x.double())
+            and not check(torch.zeros(4, 3, device="cpu")[::2]) and not check(x.to("meta"))
+            and not check(x.clone().requires_grad_())):
+        return False
+    with torch.autocast("cpu"):
+        if check(x):
+            return False
+    seen = []
+    torch.func.vmap(lambda z: seen.append(check(x)) or z)(torch.zeros(2, device="cpu"))
+    try:
+        with warnings.catch_warnings():  # (jit.trace is deprecated; it still traces)
+            warnings.simplefilter("ignore")
+            torch.jit.trace(lambda z: seen.append(check(x)) or z * 2,
+                            (torch.zeros(1, device="cpu"),), check_trace=False)
+    except Exception:  # pragma: no cover - a torch without jit tracing: nothing to detect
+        seen.append(False)
+    return seen == [False, False]
 
 
 def remember(cache: dict, key, plan):

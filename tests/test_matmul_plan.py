@@ -14,6 +14,7 @@ import tilefuse
 from fast_path_utils import assert_same
 from tilefuse.bench.host import stub_launches
 from tilefuse.fused import matmul as fm
+from tilefuse.kernels import matmul as km
 from tilefuse.fused._fast import custom_op_path
 
 ops = tilefuse.ops
@@ -174,3 +175,87 @@ def test_grad_plan_hit_skips_the_full_path(monkeypatch):
         y = ops.matmul(a, b, c, activation="gelu")
     assert count.n == 1 and y.requires_grad and y.grad_fn is not None
 
+
+
+# ------------------------------------------------------------- the TMA path (sm_90) in plans
+@pytest.fixture
+def kernels_run(monkeypatch):
+    """Every kernel launch (the kernel objects, in order); the launches still run."""
+    seen = []
+    cls = type(km.matmul_kernel)
+    real = cls.run
+
+    def run(self, *args, **kwargs):
+        seen.append(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "run", run)
+    return seen
+
+
+def _misaligned(t):
+    """A copy of ``t`` with the same shape and strides whose base is not 16-byte aligned."""
+    base = torch.empty(t.numel() + 1, dtype=t.dtype)
+    out = base[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_tma_plan_tests_alignment_and_the_switch_per_call(monkeypatch, kernels_run, grad):
+    """On an sm_90 device (here: the interpreter under TMA_ON_CPU) aligned TMA-readable operands
+    take the persistent TMA kernel and misaligned ones the classic kernel, on the full path; the
+    plan of such a signature makes the same choice on every call (and follows TMA_ON_CPU for
+    CPU tensors), so each call equals the custom-op path bit for bit."""
+    from tilefuse.kernels import gemm_common as gc
+    from tilefuse.kernels.matmul_tma import gemm_tma_kernel
+
+    monkeypatch.setattr(gc, "TMA_ON_CPU", True)
+    a, w = torch.randn(24, 32).half(), torch.randn(16, 32).half()
+    a_odd = _misaligned(a)
+
+    def call(x):
+        if grad:  # (fresh leaves with x's base alignment)
+            xs = ((_misaligned(x) if x.data_ptr() % 16 else x.clone()).requires_grad_(),
+                  w.clone().requires_grad_())
+        else:
+            xs = (x, w)
+        with torch.set_grad_enabled(grad):
+            y = ops.matmul(xs[0], xs[1].t(), activation="gelu")
+            if grad:
+                y.backward(torch.ones_like(y))
+                return [y.detach(), xs[0].grad, xs[1].grad]
+        return [y]
+
+    def ref(x):
+        with custom_op_path():
+            return call(x)
+
+    for x, kernel in ((a, gemm_tma_kernel), (a_odd, km.matmul_kernel), (a, gemm_tma_kernel),
+                      (a_odd, km.matmul_kernel), (a, gemm_tma_kernel)):
+        if x is a_odd:
+            assert (x.data_ptr() % 16) and x.stride() == a.stride()
+        del kernels_run[:]
+        got = call(x)
+        assert kernels_run[0] is kernel  # (the forward's launch)
+        for g, r in zip(got, ref(x)):
+            assert_same(g, r)
+    plans = fm._GRAD_PLANS if grad else fm._PLANS
+    assert any(p is not None for p in plans.values())
+    monkeypatch.setattr(gc, "TMA_ON_CPU", False)  # CPU tensors: classic again, same plan
+    del kernels_run[:]
+    got = call(a)
+    assert kernels_run[0] is km.matmul_kernel
+    for g, r in zip(got, ref(a)):
+        assert_same(g, r)
+
+
+def test_fp32_without_tf32_binds_no_switch(monkeypatch):
+    """Operands TMA cannot read (fp32 without TF32) keep the one classic launch."""
+    from tilefuse.kernels import gemm_common as gc
+
+    monkeypatch.setattr(gc, "TMA_ON_CPU", True)
+    a, b = torch.randn(4, 32), torch.randn(32, 16)
+    assert gc.tma_layouts(a, b) is None and gc.tma_layouts(a.half(), b.half()) == ("row", "row")
+    launch = km.bind_matmul(a, b, torch.empty(4, 16))
+    assert launch.__name__ == "launch" and "classic" not in launch.__code__.co_freevars

@@ -275,15 +275,24 @@ def gemm_path(a: torch.Tensor, b: torch.Tensor, tf32: bool = False) -> tuple:
     only that way); else ``("classic", None, None)``."""
     if a.dim() != 2 or b.dim() != 2 or not tma_capable(a.get_device()):
         return ("classic", None, None)
+    layouts = tma_layouts(a, b, tf32)
+    if layouts is None or (a.data_ptr() | b.data_ptr()) % 16:
+        return ("classic", None, None)
+    return ("tma",) + layouts
+
+
+def tma_layouts(a: torch.Tensor, b: torch.Tensor, tf32: bool = False) -> tuple | None:
+    """The part of :func:`gemm_path` that shapes, strides and dtypes decide (not the device,
+    not the base addresses): ``(a_layout, b_layout)`` for operands TMA can read when their
+    bases are 16-byte aligned on an sm_90 device, else None. Per-signature plans bind both
+    paths of such operands and test the bases per call."""
     dt = a.dtype
     if dt not in TMA_DTYPES or b.dtype != dt or (dt == torch.float32 and not tf32):
-        return ("classic", None, None)
+        return None
     la, lb = operand_layout(a), operand_layout(b)
-    if la is None or lb is None or (a.data_ptr() | b.data_ptr()) % 16:
-        return ("classic", None, None)
-    if dt.itemsize != 2 and (la != "row" or lb != "col"):
-        return ("classic", None, None)
-    return ("tma", la, lb)
+    if la is None or lb is None or (dt.itemsize != 2 and (la != "row" or lb != "col")):
+        return None
+    return la, lb
 
 
 def describe_path(device) -> str:

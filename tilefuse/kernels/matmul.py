@@ -275,24 +275,66 @@ def bind_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, re
     strides, dtypes and device as these, with every non-tensor argument computed here once (the
     eager plans of :mod:`tilefuse.fused.matmul`). ``save_pre``: the launch also writes the
     pre-activation into a new ``pre`` (``a``'s dtype) and returns ``(c, pre)``. None where a
-    launch needs per-call work: batched, empty, split-K, or the TMA kernel (its descriptors
-    hold the pointers)."""
+    launch needs per-call work: batched, empty or split-K.
+
+    Operands that the persistent TMA kernel can read (:func:`tilefuse.kernels.gemm_common.
+    tma_layouts`) take it only when both bases are 16-byte aligned on an sm_90 device, which the
+    plan key does not hold: such a plan binds both launches and tests the bases per call, as
+    :func:`launch_matmul` does."""
     M, K = a.shape
     N = b.shape[1]
     if c.dim() != 2 or M == 0 or N == 0:
         return None
     tf32 = bool(allow_tf32 and a.dtype == torch.float32 and a.is_cuda)
-    path = _gc.gemm_path(a, b, tf32) if (a.is_cuda or _gc.TMA_ON_CPU) else _CLASSIC
+    args = (a, b, c, bias, residual, activation, act_param, tf32, save_pre)
+    classic = _bind_path(_CLASSIC, False, *args)
+    # CPU tensors: the layouts whatever TMA_ON_CPU says now (the plan reads it per call)
+    layouts = (_gc.tma_layouts(a, b, tf32) if not a.is_cuda or _gc.tma_capable(a.get_device())
+               else None)
+    if layouts is None or classic is None:
+        return classic
+    tma = _bind_path(("tma",) + layouts, c_tma_ok(c), *args)
+    if tma is None:
+        return None
+    on_cpu = not a.is_cuda
+
+    def launch(a, b, bias, residual):
+        if (on_cpu and not _gc.TMA_ON_CPU) or (a.data_ptr() | b.data_ptr()) % 16:
+            return classic(a, b, bias, residual)
+        return tma(a, b, bias, residual)
+
+    return launch
+
+
+def _bind_path(path, c_tma, a, b, c, bias, residual, activation, act_param, tf32, save_pre):
+    """:func:`bind_matmul`'s launch on one ``path`` (:func:`tilefuse.kernels.gemm_common.
+    gemm_path`'s answer), or None for split-K."""
+    M, K = a.shape
+    N = b.shape[1]
     sb = b.stride()
     sig = (M, N, K, a.dtype, activation, act_param, bias is not None, residual is not None,
-           save_pre, sb[-2] == 1 and N > 1 and K > 1, tf32, False, path,
-           path[0] == "tma" and c_tma_ok(c), False, c.element_size())
+           save_pre, sb[-2] == 1 and N > 1 and K > 1, tf32, False, path, c_tma, False,
+           c.element_size())
     kind, main, _, split = _launch_params(*sig, a.device, None)
-    if kind != "classic" or split > 1:
+    if split > 1:
         return None
-    grid_x, consts, opts = main
-    grid = (grid_x, 1, 1)
     dev, dtype = c.device, c.dtype
+    same = dtype == a.dtype
+    if kind == "tma":
+        la, lb = path[1], path[2]
+
+        def launch_tma_pre(a, b, bias, residual):
+            # Tensor.new_empty(ints) is the cheapest allocation (~0.8 us)
+            c = a.new_empty(M, N) if same else torch.empty(M, N, device=dev, dtype=dtype)
+            pre = a.new_empty(M, N) if save_pre else None
+            launch_tma(main, a, b, c, bias=bias, residual=residual, pre=pre, a_layout=la,
+                       b_layout=lb)
+            return (c, pre) if save_pre else c
+
+        return launch_tma_pre
+    grid_x, consts, opts = main
+    if set(opts) != {"num_warps", "num_stages"}:
+        return None
     # the pointers the kernel never reads here (DropConnect seed, split-K workspace): one
     # element of c's dtype, as aligned as c (the same specialization as launch_matmul's)
     unused = torch.empty(1, device=dev, dtype=dtype)
@@ -301,24 +343,21 @@ def bind_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, re
     rest = (M, N, K, *_strides3(a), *_strides3(b), *_strides3(c), *sr,
             bias.stride(0) if bias is not None else 0, unused, 0.0, 1.0, 0, 0, unused, M * N,
             *consts)
-    if set(opts) != {"num_warps", "num_stages"}:
-        return None
-    nw, ns = opts["num_warps"], opts["num_stages"]
-    kernel = matmul_kernel
-    same = dtype == a.dtype
+    kw = dict(grid=(grid_x, 1, 1), warmup=False, num_warps=opts["num_warps"],
+              num_stages=opts["num_stages"])  # (one prebuilt dict: cheaper than 4 keywords)
+    kernel = matmul_kernel  # (``kernel.run`` is looked up per call: tools patch the class)
 
     def launch(a, b, bias, residual):
-        # Tensor.new_empty(ints) is the cheapest allocation (~0.8 us)
         c = a.new_empty(M, N) if same else torch.empty(M, N, device=dev, dtype=dtype)
         kernel.run(a, b, c, c if bias is None else bias, c if residual is None else residual,
-                   c, *rest, grid=grid, warmup=False, num_warps=nw, num_stages=ns)
+                   c, *rest, **kw)
         return c
 
     def launch_pre(a, b, bias, residual):
         c = a.new_empty(M, N) if same else torch.empty(M, N, device=dev, dtype=dtype)
         pre = a.new_empty(M, N)
         kernel.run(a, b, c, c if bias is None else bias, c if residual is None else residual,
-                   pre, *rest, grid=grid, warmup=False, num_warps=nw, num_stages=ns)
+                   pre, *rest, **kw)
         return c, pre
 
     return launch_pre if save_pre else launch

@@ -23,10 +23,10 @@ ops = tilefuse.ops
 
 @pytest.fixture(autouse=True)
 def _cold():
-    fm._HOT.clear()
-    fm._LAST[:] = [None, None]
+    fm._MATMUL.hot.clear()
+    fm._MATMUL.last[:] = [None, None]
     yield
-    fm._HOT.clear()
+    fm._MATMUL.hot.clear()
 
 
 def _make_hot(a, b, **kw):
@@ -34,7 +34,7 @@ def _make_hot(a, b, **kw):
     with torch.no_grad():
         for _ in range(3):
             ops.matmul(a, b, **kw)
-    assert False in fm._HOT
+    assert False in fm._MATMUL.hot
 
 
 def _ref(a, b, **kw):
@@ -53,7 +53,7 @@ def test_hot_call_equals_custom_op_and_skips_the_full_path(monkeypatch, kw):
     xs = (a, a.clone(), torch.randn(5, 8))  # any tensor with the same signature
     refs = [_ref(x, b, **kw) for x in xs]
     monkeypatch.setattr(fm, "_matmul", lambda *args: pytest.fail("full path ran"))
-    monkeypatch.setattr(fm, "_PLANS", None)  # nor a keyed lookup
+    monkeypatch.setattr(fm, "find_plan", None)  # nor a keyed lookup
     with torch.no_grad(), stub_launches() as count:
         ops.matmul(a, b, **kw)
     assert count.n == 1
@@ -86,7 +86,7 @@ def _variants(a, b):
 def test_other_signatures_miss_the_slot(name):
     a, b = torch.randn(5, 8), torch.randn(8, 6)
     _make_hot(a, b)
-    hot = fm._HOT[False]
+    hot = fm._MATMUL.hot[False]
     x, y, kw = _variants(a, b)[name]
     if y is None:  # matmul(x, x): one tensor twice
         y = x
@@ -96,7 +96,7 @@ def test_other_signatures_miss_the_slot(name):
     assert_same(out.detach(), ref)
     # a miss empties the slot (or, for a tensor that only differs in requires_grad under
     # no_grad, whose plan key is the same, makes a slot for that tensor)
-    assert fm._HOT.get(False) is not hot
+    assert fm._MATMUL.hot.get(False) is not hot
     with torch.no_grad():  # and the hot signature is served right again
         assert_same(ops.matmul(a, b), _ref(a, b))
 
@@ -108,7 +108,7 @@ def test_alternating_signatures_keep_no_slot():
             a, b = pairs[i % 2]
             assert_same(ops.matmul(a, b), _ref(a, b))
             if i >= 2:
-                assert False not in fm._HOT
+                assert False not in fm._MATMUL.hot
 
 
 def test_modes_miss_the_slot(monkeypatch):
@@ -117,17 +117,17 @@ def test_modes_miss_the_slot(monkeypatch):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert ops.matmul(a, b).dtype == torch.bfloat16
     _make_hot(a, b)
-    hot = fm._HOT[False]
-    fm._HOT[False] = hot[:5] + (lambda *args: pytest.fail("hot plan ran under vmap"),)
+    hot = fm._MATMUL.hot[False]
+    fm._MATMUL.hot[False] = hot[:6] + (lambda *args: pytest.fail("hot plan ran under vmap"),)
     try:  # (the interpreter cannot launch on vmap's batched tensors: only the path matters)
         torch.func.vmap(lambda x: ops.matmul(x, b))(torch.stack([a, 2 * a]))
     except NotImplementedError:
         pass
-    assert False not in fm._HOT
+    assert False not in fm._MATMUL.hot
     _make_hot(a, b)
     with custom_op_path(), stub_launches() as count:
         ops.matmul(a, b)  # (the custom op launches the same kernel)
-    assert count.n == 1 and False in fm._HOT  # the switch is checked before the slot
+    assert count.n == 1 and False in fm._MATMUL.hot  # the switch is checked before the slot
     monkeypatch.setenv("TILEFUSE_BACKEND", "torch")
     with torch.no_grad(), stub_launches() as count:
         torch.testing.assert_close(ops.matmul(a, b), a @ b)
@@ -161,7 +161,7 @@ def test_grad_slot_equals_custom_op():
             y = ops.matmul(x, w, activation="silu")
             y.backward(torch.ones_like(y))
         results.append((y.detach(), x.grad, w.grad))
-    assert True in fm._HOT
+    assert True in fm._MATMUL.hot
     for res in results[:4]:
         for got, ref in zip(res, results[4]):
             assert_same(got, ref)
@@ -173,7 +173,7 @@ def test_tuning_change_empties_the_slot():
     a, b = torch.randn(5, 8), torch.randn(8, 6)
     _make_hot(a, b)
     clear_launch_caches()
-    assert not fm._HOT
+    assert not fm._MATMUL.hot
     with torch.no_grad():
         assert_same(ops.matmul(a, b), _ref(a, b))
 

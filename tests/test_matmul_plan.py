@@ -63,7 +63,7 @@ def test_plan_hit_launches_one_kernel_and_is_cached():
     a, b = torch.randn(6, 12), torch.randn(12, 5)
     with torch.no_grad(), stub_launches() as count:
         ops.matmul(a, b)  # plans the signature
-        n = len([p for p in fm._PLANS.values() if p is not None])
+        n = len([p for p in fm._MATMUL.plans[0].values() if p is not None])
         start = count.n
         ops.matmul(a, b)
         assert count.n - start == 1
@@ -240,7 +240,7 @@ def test_tma_plan_tests_alignment_and_the_switch_per_call(monkeypatch, kernels_r
         assert kernels_run[0] is kernel  # (the forward's launch)
         for g, r in zip(got, ref(x)):
             assert_same(g, r)
-    plans = fm._GRAD_PLANS if grad else fm._PLANS
+    plans = fm._MATMUL.plans[grad]
     assert any(p is not None for p in plans.values())
     monkeypatch.setattr(gc, "TMA_ON_CPU", False)  # CPU tensors: classic again, same plan
     del kernels_run[:]

@@ -64,7 +64,7 @@ OPS: Tuple[OpSpec, ...] = (
     _op("matmul", "tilefuse.fused.matmul", "matmul", "act(a @ b + bias) + residual", "lower",
         ["matmul", "activation_backward"], _F + "test_fuzz_matmul", aot=r"^linear ",
         tuning="matmul"),
-    _op("linear", "tilefuse.fused.matmul", "matmul", "act(F.linear(x, w, bias)) + residual",
+    _op("linear", "tilefuse.fused.linear", "matmul", "act(F.linear(x, w, bias)) + residual",
         "lower", ["matmul", "activation_backward"], _F + "test_fuzz_linear", tuning="matmul"),
     _op("layer_norm_act", "tilefuse.fused.norm", "norm",
         "act(F.layer_norm(x + residual, ...))", "norm_fp32",

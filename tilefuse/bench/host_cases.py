@@ -30,27 +30,33 @@ def _t(*shape, device, grad=False, dtype=torch.float32):
     return torch.randn(*shape, device=device, dtype=dtype).requires_grad_(grad)
 
 
-def _linear(grad: bool, backward: bool):
+def _linear(grad: bool, backward: bool, gelu: bool = True):
     def build(dev):
         import tilefuse
 
         x, w, b = _t(4, 32, device=dev, grad=grad), _t(32, 32, device=dev, grad=grad), \
             _t(32, device=dev, grad=grad)
-        ours = lambda x, w, b: tilefuse.ops.linear(x, w, b, activation="gelu")  # noqa: E731
-        ref = lambda x, w, b: F.gelu(F.linear(x, w, b))  # noqa: E731
+        act = "gelu" if gelu else None
+        ours = lambda x, w, b: tilefuse.ops.linear(x, w, b, activation=act)  # noqa: E731
+        if gelu:
+            ref = lambda x, w, b: F.gelu(F.linear(x, w, b))  # noqa: E731
+            label = "F.gelu(F.linear(x, w, b))"
+        else:
+            ref, label = F.linear, "F.linear(x, w, b)"
         if backward:
             g = torch.ones(4, 32, device=dev)
-            return fwd_bwd(ours, g, x, w, b), fwd_bwd(ref, g, x, w, b), \
-                "F.gelu(F.linear(x, w, b)).backward(g)"
-        return fwd(ours, x, w, b), fwd(ref, x, w, b), "F.gelu(F.linear(x, w, b))"
+            return fwd_bwd(ours, g, x, w, b), fwd_bwd(ref, g, x, w, b), label + ".backward(g)"
+        return fwd(ours, x, w, b), fwd(ref, x, w, b), label
     return build
 
 
-def _matmul(dev):
-    import tilefuse
+def _matmul(grad: bool = False):
+    def build(dev):
+        import tilefuse
 
-    a, b = _t(4, 32, device=dev), _t(32, 32, device=dev)
-    return fwd(tilefuse.ops.matmul, a, b), fwd(torch.matmul, a, b), "torch.matmul(a, b)"
+        a, b = _t(4, 32, device=dev, grad=grad), _t(32, 32, device=dev, grad=grad)
+        return fwd(tilefuse.ops.matmul, a, b), fwd(torch.matmul, a, b), "torch.matmul(a, b)"
+    return build
 
 
 def _layer_norm(grad: bool):
@@ -246,10 +252,13 @@ def _adamw(dev):
 
 
 CASES: List[HostCase] = [
+    HostCase("linear", "linear", _linear(grad=False, backward=False, gelu=False)),
+    HostCase("linear/grad", "linear", _linear(grad=True, backward=False, gelu=False), grad=True),
     HostCase("linear+gelu", "linear", _linear(grad=False, backward=False)),
     HostCase("linear+gelu/grad", "linear", _linear(grad=True, backward=False), grad=True),
     HostCase("linear+gelu/fwd+bwd", "linear", _linear(grad=True, backward=True), grad=True),
-    HostCase("matmul", "matmul", _matmul),
+    HostCase("matmul", "matmul", _matmul()),
+    HostCase("matmul/grad", "matmul", _matmul(grad=True), grad=True),
     HostCase("layer_norm_act", "layer_norm_act", _layer_norm(grad=False)),
     HostCase("layer_norm_act/grad", "layer_norm_act", _layer_norm(grad=True), grad=True),
     HostCase("rms_norm_act", "rms_norm_act", _rms_norm()),

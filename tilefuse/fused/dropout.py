@@ -32,7 +32,7 @@ from tilefuse._validate import (check_broadcastable, check_probability, check_sa
 from tilefuse.activations import NAMES, torch_activation
 from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, needs_grad
 from tilefuse.fused.matmul import activation_backward_op
-from tilefuse.fused.matmul import linear as fused_linear
+from tilefuse.fused.linear import linear as fused_linear
 
 _SEED_HIGH = 2**31 - 1
 # tilefuse.kernels.dropout / .matmul, imported on the first launch (triton is optional); their

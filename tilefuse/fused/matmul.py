@@ -19,21 +19,14 @@ from tilefuse._backend import backend_of
 from tilefuse._validate import (FLOAT_DTYPES_F64, check_broadcastable, check_same_dtype,
                                 check_tensor, float_tensor, same_device)
 from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
-from tilefuse._backend import _ENV_DATA, _ENV_KEY, _env_backend
+from tilefuse._backend import _ENV_DATA, _ENV_KEY
 from tilefuse.fused import _fast
-from tilefuse.fused._fast import (act_code, autocast_maybe_on, fast_op, needs_grad, plan_cache,
-                                  remember, tensor_guard, tkey)
+from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, needs_grad
+from tilefuse.fused.matmul_plan import OpPlans, _allow_tf32, add_plan, find_plan
 from torch._C import _any_requires_grad, is_grad_enabled
 
-_is_compiling, _jit_tracing = _fast._is_compiling, _fast._jit_tracing
+_is_compiling = _fast._is_compiling
 _FORCE_CUSTOM_OP = _fast._FORCE_CUSTOM_OP  # (the list itself: custom_op_path sets its item)
-_functorch_active = _fast._functorch_active
-_autocast_on = _fast._any_autocast_enabled
-
-
-def _allow_tf32() -> bool:
-    # read at run time inside the op (not in traced code), like torch.mm does
-    return bool(torch.backends.cuda.matmul.allow_tf32)
 
 
 def _torch_matmul(a, b, bias, residual, activation, act_param, out_dtype, want_pre):
@@ -118,7 +111,8 @@ def _mm(x, y):
 
 
 def _backward(ctx, grad_out, grad_pre):
-    a, b, pre = ctx.saved_tensors
+    saved = ctx.saved_tensors  # (a planned call saves no pre-activation without activation)
+    a, b, pre = saved[0], saved[1], (saved[2] if len(saved) > 2 else None)
     if grad_out is None:
         return (None,) * 8
     need = ctx.needs_input_grad
@@ -149,30 +143,30 @@ matmul_op = fast_op("matmul", _matmul_impl, fake=_matmul_fake, setup_context=_se
 # --------------------------------------------------------------------------------------------
 # public functional API (re-exported by tilefuse.ops)
 # --------------------------------------------------------------------------------------------
-_PLANS = plan_cache()
-
-
-_GRAD_PLANS = plan_cache()  # the same, for calls that need a gradient
-
-
 class _PlannedMatmul(torch.autograd.Function):
     """A planned call with a gradient: the forward is the plan's bound launch (with the
-    pre-activation store when an activation is fused), ``ctx`` is set up by the op's own
-    ``_setup_context`` and the backward is the op's own ``_backward``: the gradients of the
-    full path, bit for bit, with one output and no per-call set-up."""
+    pre-activation store when an activation is fused) and the backward is the op's own
+    ``_backward``: the gradients of the full path, bit for bit, with one output and no per-call
+    set-up. ``ctx`` gets what the op's ``_setup_context`` sets, in one attribute (the plan's
+    constant ``state``, unpacked in backward) and without the empty pre-activation placeholder
+    (autograd's per-call cost is most of a small call's host time)."""
 
     @staticmethod
     def forward(ctx, a, b, bias, residual, plan):
-        launch, act, act_param = plan
-        if act:
+        launch, state = plan
+        if state[0]:  # an activation: the launch also stores the pre-activation
             out, pre = launch(a, b, bias, residual)
+            ctx.save_for_backward(a, b, pre)
         else:
-            out, pre = launch(a, b, bias, residual), a.new_empty(0)
-        _setup_context(ctx, (a, b, bias, residual, act, act_param, None, bool(act)), (out, pre))
+            out = launch(a, b, bias, residual)
+            ctx.save_for_backward(a, b)
+        ctx.state = state
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
+        ctx.activation, ctx.act_param, ctx.has_bias, ctx.has_residual, ctx.bias_dtype = \
+            ctx.state
         return _backward(ctx, grad_out, None)[:4] + (None,)
 
 
@@ -202,8 +196,9 @@ def _plan_2d(a, b, bias, residual, activation, out_dtype, grad=False):
                          act, act_param, a.is_cuda and _allow_tf32(), save_pre=grad and act != 0)
     if launch is None or not grad:
         return launch
-    state = (launch, act, act_param)
-    return lambda a, b, bias, residual: _apply_planned(a, b, bias, residual, state)
+    plan = (launch, (act, act_param, bias is not None, residual is not None,
+                     bias.dtype if bias is not None else None))
+    return lambda a, b, bias, residual: _apply_planned(a, b, bias, residual, plan)
 
 
 def matmul(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, activation=None,
@@ -235,61 +230,25 @@ def matmul(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, activation=None,
     >>> bool(torch.allclose(y, torch.relu(x @ w), atol=1e-5))
     True
     """
-    key = None
-    if not (_FORCE_CUSTOM_OP[0] or _is_compiling()):
-        # eager: a call with the signature of an earlier one reuses its plan
-        grad = is_grad_enabled() and _any_requires_grad(a, b, bias, residual)
-        hot = _HOT.get(grad)
-        if hot is not None:  # the signature of the last calls: one guard call, no key.
-            # (The guard also fails under autocast, functorch transforms and jit tracing: their
-            # dispatch keys are part of what it checks; _fast.tensor_guard tests that.)
-            if (bias is None and residual is None and activation is hot[0]
-                    and out_dtype is hot[1] and hot[2] == _ENV_DATA.get(_ENV_KEY)
-                    and hot[3](a, b) and (hot[4] is None or hot[4] == _allow_tf32())):
-                return hot[5](a, b, None, None)
-            del _HOT[grad]  # another signature: keyed lookups until one repeats
-        if not (_jit_tracing() or _autocast_on() or _functorch_active()):
-            # (fast_path.plans_allowed, inlined: this is the cheapest op there is)
-            plans = _GRAD_PLANS if grad else _PLANS
-            try:
-                key = (a.shape, a.stride(), a.dtype, a.device, b.shape, b.stride(), b.dtype,
-                       b.device, activation, out_dtype, _env_backend(),
-                       a.is_cuda and _allow_tf32())
-                if bias is not None or residual is not None:
-                    key += (tkey(bias), tkey(residual))
-                plan = plans[key]  # None: a signature the plan cannot serve
-            except KeyError:  # a new signature
-                plan = None
-            except (TypeError, AttributeError):  # an unhashable activation, a non-tensor arg
-                key = plan = None
-            if plan is not None:
-                if plan is _LAST[grad] and bias is None and residual is None:
-                    # the same signature twice in a row: make it the hot one
-                    _promote(grad, plan, a, b, activation, out_dtype, key)
-                _LAST[grad] = plan
-                return plan(a, b, bias, residual)
+    if _FORCE_CUSTOM_OP[0] or _is_compiling():
+        return _matmul(a, b, bias, activation, residual, out_dtype)
+    # eager: a call with the signature of an earlier one reuses its plan
+    grad = is_grad_enabled() and _any_requires_grad(a, b, bias, residual)
+    hot = _MATMUL_HOT.get(grad)  # (OpPlans.hot's check, inlined: the cheapest op there is)
+    if (hot is not None and bias is None and residual is None and activation is hot[0]
+            and out_dtype is hot[1] and hot[3] == _ENV_DATA.get(_ENV_KEY) and hot[4](a, b)
+            and (hot[5] is None or hot[5] == _allow_tf32())):
+        return hot[6](a, b, None, None)
+    plan = find_plan(_MATMUL, grad, a, b, bias, residual, activation, out_dtype)
+    if plan is not None:
+        return plan(a, b, bias, residual)
     out = _matmul(a, b, bias, activation, residual, out_dtype)
-    if key is not None and key not in plans:  # validated: plan the signature (or mark None)
-        remember(plans, key, _plan_2d(a, b, bias, residual, activation, out_dtype, grad))
+    add_plan(_MATMUL, grad, a, b, bias, residual, activation, out_dtype, _plan_2d)
     return out
 
 
-# The hot slot (per grad mode): the plan of the signature that the last two keyed lookups both
-# found, with a guard that checks a call against it in one C call (_fast.tensor_guard) instead
-# of building and hashing a key. Any other call empties the slot, so a caller that alternates
-# signatures pays one failed check, then keyed lookups only.
-_HOT = plan_cache()
-_LAST = [None, None]  # per grad mode: the plan the last keyed lookup found
-
-
-def _promote(grad, plan, a, b, activation, out_dtype, key):
-    """Make ``plan`` (found under ``key`` for this call, no bias or residual) the hot one: the
-    guard is built from this call's tensors, the scalars are this call's objects (the slot
-    compares them by identity: an equal but distinct activation tuple misses it)."""
-    check = tensor_guard(a, b) if _ENV_DATA is not None else None
-    if check is not None:
-        _HOT[grad] = (activation, out_dtype, key[10], check, key[11] if a.is_cuda else None,
-                      plan)
+_MATMUL = OpPlans()
+_MATMUL_HOT = _MATMUL.hot
 
 
 def _matmul(a, b, bias, activation, residual, out_dtype):
@@ -389,25 +348,3 @@ def _matmul_2d(a, b, bias, residual, act, act_param, out_dtype):
     save_pre = act != 0 and needs_grad(a2, b, bias)
     out, _ = matmul_op(a2, b, bias, r2, act, act_param, out_dtype, save_pre)
     return out if a.dim() == 2 else out.view(a.shape[:-1] + (N,))
-
-
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation=None,
-           residual: Optional[Tensor] = None) -> Tensor:
-    """``act(x @ weight.T + bias) + residual``, the fused form of :func:`torch.nn.functional.linear`.
-
-    ``weight`` is ``(out_features, in_features)`` as in torch; it is read through strides (no
-    transposed copy).
-    """
-    float_tensor("x", x)
-    float_tensor("weight", weight)
-    if x.dim() == 0 or weight.dim() != 2:
-        check_tensor("x", x, min_ndim=1)
-        check_tensor("weight", weight, ndim=2)
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x has {x.shape[-1]} features but weight expects in_features="
-                         f"{weight.shape[1]} (weight shape {tuple(weight.shape)})")
-    squeeze = x.dim() == 1
-    if squeeze:
-        x = x.unsqueeze(0)
-    y = matmul(x, weight.t(), bias=bias, activation=activation, residual=residual)
-    return y.squeeze(0) if squeeze else y

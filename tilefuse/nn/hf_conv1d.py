@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from tilefuse.activations import parse_activation
-from tilefuse.fused.matmul import linear as fused_linear
+from tilefuse.fused.linear import linear as fused_linear
 
 
 def is_hf_conv1d(m: torch.nn.Module) -> bool:

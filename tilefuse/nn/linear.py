@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from tilefuse.activations import parse_activation
-from tilefuse.fused.matmul import linear as fused_linear
+from tilefuse.fused.linear import linear as fused_linear
 
 
 class Linear(torch.nn.Linear):

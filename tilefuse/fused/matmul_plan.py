@@ -1,0 +1,100 @@
+"""The per-signature plans of the GEMM ops ``matmul`` and ``linear`` (:mod:`tilefuse.fused.matmul`,
+:mod:`tilefuse.fused.linear`): where an eager call finds the plan made for an earlier call with
+its signature, and how that plan becomes the op's hot one (docs/host_path.md)."""
+from __future__ import annotations
+
+import torch
+
+from tilefuse._backend import _ENV_DATA, _ENV_KEY, _env_backend
+from tilefuse.fused import _fast
+from tilefuse.fused._fast import plan_cache, remember, tensor_guard, tkey
+
+_jit_tracing, _functorch_active = _fast._jit_tracing, _fast._functorch_active
+_autocast_on = _fast._any_autocast_enabled
+
+
+def _allow_tf32() -> bool:
+    # read at run time inside the op (not in traced code), like torch.mm does
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+class OpPlans:
+    """The per-signature plans of one GEMM op (``matmul``, ``linear``): a keyed dict per grad
+    mode (key: the two operands, bias and residual through their shapes, strides, dtypes and
+    devices, the activation, out_dtype, ``TILEFUSE_BACKEND`` and TF32), and the hot slot.
+
+    The hot slot (per grad mode) holds the plan of the signature that the last two keyed
+    lookups both found, with a guard that checks a call against it in one C call
+    (:func:`tilefuse.fused._fast.tensor_guard`) instead of building and hashing a key. Any
+    other call empties it, so a caller that alternates signatures pays one failed check, then
+    keyed lookups only. The guard also fails under autocast, functorch transforms and jit
+    tracing (their dispatch keys are part of what it checks; ``_fast._guards_work`` tests
+    that), so the slot needs no checks of its own for those modes."""
+
+    __slots__ = ("plans", "hot", "last")
+
+    def __init__(self):
+        self.plans = (plan_cache(), plan_cache())  # no grad, grad
+        self.hot = plan_cache()
+        self.last = [None, None]  # per grad mode: the plan the last keyed lookup found
+
+
+def _key(a, b, bias, residual, activation, out_dtype):
+    key = (a.shape, a.stride(), a.dtype, a.device, b.shape, b.stride(), b.dtype, b.device,
+           activation, out_dtype, _env_backend(), a.is_cuda and _allow_tf32())
+    if bias is not None or residual is not None:
+        key += (tkey(bias), tkey(residual))
+    return key
+
+
+def find_plan(ops, grad, a, b, bias, residual, activation, out_dtype):
+    """The plan of this eager call (not compiling, not under ``custom_op_path``): the hot slot's,
+    else the keyed one; None for a new or unplannable signature (then the op takes its full
+    path and calls :func:`add_plan`)."""
+    hot = ops.hot.get(grad)
+    if hot is not None:
+        if (residual is None and activation is hot[0] and out_dtype is hot[1]
+                and (bias is None) is hot[2] and hot[3] == _ENV_DATA.get(_ENV_KEY)
+                and (hot[4](a, b) if bias is None else hot[4](a, b, bias))
+                and (hot[5] is None or hot[5] == _allow_tf32())):
+            return hot[6]
+        del ops.hot[grad]  # another signature: keyed lookups until one repeats
+    if _jit_tracing() or _autocast_on() or _functorch_active():  # (_fast.plans_allowed)
+        return None
+    try:
+        plan = ops.plans[grad][_key(a, b, bias, residual, activation, out_dtype)]
+    except KeyError:  # a new signature
+        return None
+    except (TypeError, AttributeError):  # an unhashable activation, a non-tensor argument
+        return None
+    if plan is not None:
+        if plan is ops.last[grad] and residual is None:
+            _promote(ops, grad, plan, a, b, bias, activation, out_dtype)
+        ops.last[grad] = plan
+    return plan
+
+
+def add_plan(ops, grad, a, b, bias, residual, activation, out_dtype, planner):
+    """After a validated full-path call: store ``planner(a, b, bias, residual, activation,
+    out_dtype, grad)`` (None: the signature cannot be planned) under the call's key."""
+    if _jit_tracing() or _autocast_on() or _functorch_active():
+        return
+    try:
+        key = _key(a, b, bias, residual, activation, out_dtype)
+    except (TypeError, AttributeError):
+        return
+    plans = ops.plans[grad]
+    if key not in plans:
+        remember(plans, key, planner(a, b, bias, residual, activation, out_dtype, grad))
+
+
+def _promote(ops, grad, plan, a, b, bias, activation, out_dtype):
+    """Make ``plan`` (found by key for this call, no residual) the hot one: the guard is built
+    from this call's tensors, the scalars are this call's objects (the slot compares them by
+    identity: an equal but distinct activation tuple misses it)."""
+    if _ENV_DATA is None:  # pragma: no cover - not CPython's os.environ
+        return
+    check = tensor_guard(a, b) if bias is None else tensor_guard(a, b, bias)
+    if check is not None:
+        ops.hot[grad] = (activation, out_dtype, bias is None, _ENV_DATA.get(_ENV_KEY), check,
+                         _allow_tf32() if a.is_cuda else None, plan)

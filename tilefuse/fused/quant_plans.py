@@ -54,13 +54,16 @@ def gemm_plan(gemm, raws, norms, shape2, out_dtype, out_shape):
     (Sizes go to ``new_empty`` as separate ints: a tuple costs ~0.5 us more to parse.)"""
     launch, views, guard = gemm
     m, n = shape2
+    # Tensor.new_empty(ints) without keywords on a held element of the output's dtype and
+    # device (the key holds the device): ~0.2 us cheaper than new_empty(..., dtype=)
+    proto = norms[0].new_empty(1, dtype=out_dtype)
     if views:
         specs = view_specs(raws, norms)
 
         def plan(a, b, a_scale, b_scale, bias, residual):
             if guard is not None and not guard(a, b):
                 return None
-            c = a.new_empty(m, n, dtype=out_dtype)
+            c = proto.new_empty(m, n)
             launch(*map(_as_view, (a, b), specs[:2]), c,
                    *map(_as_view, (a_scale, b_scale, bias, residual), specs[2:]))
             return c if out_shape is None else c.view(out_shape)
@@ -68,7 +71,7 @@ def gemm_plan(gemm, raws, norms, shape2, out_dtype, out_shape):
         def plan(a, b, a_scale, b_scale, bias, residual):
             if guard is not None and not guard(a, b):
                 return None
-            c = a.new_empty(m, n, dtype=out_dtype)
+            c = proto.new_empty(m, n)
             launch(a, b, c, a_scale, b_scale, bias, residual)
             return c if out_shape is None else c.view(out_shape)
     return plan

@@ -105,3 +105,23 @@ def assert_grads_equal_custom_op(loss, tensors, repeats=3):
     for _ in range(repeats):
         for a, b in zip(grads(), want):
             assert_same(a, b)
+
+
+def record_launches(monkeypatch, record):
+    """Wrap the launch method of Triton's kernel class: every launch calls
+    ``record(kernel, args, kwargs)`` and still runs. Returns nothing; the callers' fixtures keep
+    what ``record`` collects."""
+    cls = _kernel_class()
+    real = cls.run
+
+    def run(self, *args, **kwargs):
+        record(self, args, kwargs)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "run", run)
+
+
+def _kernel_class():
+    from tilefuse.kernels.activations import activation_backward_kernel
+
+    return type(activation_backward_kernel)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import tilefuse
-from fast_path_utils import assert_compiles_to_custom_op, assert_fast_equals_custom_op
+from fast_path_utils import (assert_compiles_to_custom_op, assert_fast_equals_custom_op,
+                             record_launches)
 from tilefuse.kernels import quant
 
 ops = tilefuse.ops
@@ -32,15 +33,8 @@ def assert_same(out, expected):
 def launches(monkeypatch):
     """The dequantize kernel's launches (the real launch still runs)."""
     calls = []
-    cls = type(quant.dequantize_kernel)
-    real = cls.run
-
-    def run(self, *args, **kwargs):
-        if self is quant.dequantize_kernel:
-            calls.append(kwargs["grid"])
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(cls, "run", run)
+    record_launches(monkeypatch, lambda kernel, args, kwargs: calls.append(kwargs["grid"])
+                    if kernel is quant.dequantize_kernel else None)
     return calls
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tilefuse
-from fast_path_utils import assert_same
+from fast_path_utils import assert_same, record_launches
 from tilefuse.bench.host import stub_launches
 from tilefuse.fused import matmul as fm
 from tilefuse.kernels import matmul as km
@@ -182,14 +182,7 @@ def test_grad_plan_hit_skips_the_full_path(monkeypatch):
 def kernels_run(monkeypatch):
     """Every kernel launch (the kernel objects, in order); the launches still run."""
     seen = []
-    cls = type(km.matmul_kernel)
-    real = cls.run
-
-    def run(self, *args, **kwargs):
-        seen.append(self)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(cls, "run", run)
+    record_launches(monkeypatch, lambda kernel, args, kwargs: seen.append(kernel))
     return seen
 
 

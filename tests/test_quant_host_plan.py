@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import tilefuse
-from fast_path_utils import assert_fast_equals_custom_op, assert_same
+from fast_path_utils import assert_fast_equals_custom_op, assert_same, record_launches
 from tilefuse.fused import dequant as fdq
 from tilefuse.fused import fp8 as ff
 from tilefuse.fused import int8 as fi
@@ -42,14 +42,7 @@ def f8(*shape, dtype=E4):
 def launches(monkeypatch):
     """Every kernel launch (the kernel objects, in order); the launches still run."""
     seen = []
-    cls = type(ki.int8_matmul_kernel)
-    real = cls.run
-
-    def run(self, *args, **kwargs):
-        seen.append(self)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(cls, "run", run)
+    record_launches(monkeypatch, lambda kernel, args, kwargs: seen.append(kernel))
     return seen
 
 

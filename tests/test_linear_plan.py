@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tilefuse
-from fast_path_utils import assert_same, compiled_targets
+from fast_path_utils import assert_same, compiled_targets, record_launches
 from tilefuse.bench.host import stub_launches
 from tilefuse.fused import linear as fl
 from tilefuse.fused import matmul_plan
@@ -42,9 +42,17 @@ def _cases():
     }
 
 
+def _fresh(t):
+    """A copy of ``t`` (a fresh leaf) whose base has ``t``'s 16-byte alignment."""
+    if not t.data_ptr() % 16:
+        return t.detach().clone()
+    out = torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view(t.shape)
+    return out.copy_(t)
+
+
 def _run(fn, inputs, grad, mask=None):
     mask = mask or [True] * len(inputs)
-    xs = [t.detach().clone().requires_grad_(grad and m) for t, m in zip(inputs, mask)]
+    xs = [_fresh(t).requires_grad_(grad and m) for t, m in zip(inputs, mask)]
     with torch.set_grad_enabled(grad):
         y = fn(*xs)
         if grad:
@@ -133,3 +141,27 @@ def test_the_gemm_plan_helpers_are_shared():
     from tilefuse.fused import matmul as fm
 
     assert isinstance(fl._LINEAR, matmul_plan.OpPlans) and fl._LINEAR is not fm._MATMUL
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_planned_linear_on_the_tma_path(monkeypatch, grad):
+    """Under TMA_ON_CPU the fp16 product can take the TMA kernel, whose launch reads shapes:
+    the linear plan then passes weight.t() (inside the autograd function with grad), and a
+    misaligned x takes the classic kernel; every call equals the custom-op path."""
+    from tilefuse.kernels import gemm_common as gc
+
+    monkeypatch.setattr(gc, "TMA_ON_CPU", True)
+    x, w, b = torch.randn(24, 32).half(), torch.randn(16, 32).half(), torch.randn(16).half()
+    base = torch.empty(x.numel() + 1, dtype=x.dtype)
+    x_odd = base[1:].view(x.shape)
+    x_odd.copy_(x)
+    fn = lambda x, w, b: ops.linear(x, w, b, activation="gelu")  # noqa: E731
+    seen = []
+    record_launches(monkeypatch, lambda kernel, args, kwargs: seen.append(kernel.fn.__name__))
+    for inputs in ((x, w, b), (x_odd, w, b), (x, w, b), (x, w, b), (x_odd, w, b)):
+        with custom_op_path():
+            ref = _run(fn, inputs, grad)
+        del seen[:]
+        for got, want in zip(_run(fn, inputs, grad), ref):
+            assert_same(got, want)
+        assert seen[0] == ("matmul_kernel" if inputs[0] is x_odd else "gemm_tma_kernel")

@@ -81,11 +81,8 @@ def _plan_linear(x, weight, bias, residual, activation, out_dtype, grad):
     declines."""
     if x.dim() < 2 or backend_of(x) != "triton":
         return None
-    if x.dim() == 2:
-        mm = _plan_2d(x, weight.t(), bias, residual, activation, None, grad)
-        if mm is None:
-            return None
-        return lambda x, weight, bias, residual: mm(x, weight.t(), bias, residual)
+    if x.dim() == 2:  # (the matmul plan takes the weight as is: no weight.t() per call)
+        return _plan_2d(x, weight.t(), bias, residual, activation, None, grad, weight=True)
     K, N = x.shape[-1], weight.shape[0]
     M = math.prod(x.shape[:-1])
     shape = x.shape[:-1] + (N,)
@@ -93,11 +90,12 @@ def _plan_linear(x, weight, bias, residual, activation, out_dtype, grad):
             residual.shape != shape or not residual.is_contiguous())):
         return None
     mm = _plan_2d(x.view(M, K), weight.t(), bias,
-                  None if residual is None else residual.view(M, N), activation, None, grad)
+                  None if residual is None else residual.view(M, N), activation, None, grad,
+                  weight=True)
     if mm is None:
         return None
 
     def plan(x, weight, bias, residual):
         r = None if residual is None else residual.view(M, N)
-        return mm(x.view(M, K), weight.t(), bias, r).view(shape)
+        return mm(x.view(M, K), weight, bias, r).view(shape)
     return plan

@@ -111,29 +111,36 @@ def _mm(x, y):
 
 
 def _backward(ctx, grad_out, grad_pre):
-    saved = ctx.saved_tensors  # (a planned call saves no pre-activation without activation)
-    a, b, pre = saved[0], saved[1], (saved[2] if len(saved) > 2 else None)
+    a, b, pre = ctx.saved_tensors
+    return _gemm_backward(a, b.transpose(-1, -2), pre, ctx.needs_input_grad, ctx.activation,
+                          ctx.act_param, ctx.has_bias, ctx.has_residual, ctx.bias_dtype,
+                          grad_out) + (None,) * 4
+
+
+def _gemm_backward(a, b_t, pre, need, activation, act_param, has_bias, has_residual, bias_dtype,
+                   grad_out):
+    """``(da, db, dbias, dresidual)`` of ``act(a @ b + bias) + residual`` given ``b_t``, ``b``'s
+    transpose (a planned ``linear`` passes its weight), and the saved pre-activation."""
     if grad_out is None:
-        return (None,) * 8
-    need = ctx.needs_input_grad
-    dres = grad_out if (ctx.has_residual and need[3]) else None
+        return (None,) * 4
+    dres = grad_out if (has_residual and need[3]) else None
     if not (need[0] or need[1] or need[2]):
-        return None, None, None, dres, None, None, None, None
-    if ctx.activation != 0:
+        return None, None, None, dres
+    if activation != 0:
         if pre.numel() == 0 and grad_out.numel() != 0:
             raise RuntimeError("tilefuse.matmul: pre-activation was not saved; cannot backprop "
                                "through the fused activation")
-        dz = activation_backward_op(grad_out, pre, ctx.activation, ctx.act_param, a.dtype)
+        dz = activation_backward_op(grad_out, pre, activation, act_param, a.dtype)
     else:
         dz = grad_out.to(a.dtype)
-    da = _mm(dz, b.transpose(-1, -2)) if need[0] else None
+    da = _mm(dz, b_t) if need[0] else None
     db = _mm(a.transpose(-1, -2), dz) if need[1] else None
     dbias = None
-    if ctx.has_bias and need[2]:
+    if has_bias and need[2]:
         acc = torch.float64 if dz.dtype == torch.float64 else torch.float32
         dims = (0,) if dz.dim() == 2 else (0, 1)
-        dbias = dz.sum(dim=dims, dtype=acc).to(ctx.bias_dtype)
-    return da, db, dbias, dres, None, None, None, None
+        dbias = dz.sum(dim=dims, dtype=acc).to(bias_dtype)
+    return da, db, dbias, dres
 
 
 matmul_op = fast_op("matmul", _matmul_impl, fake=_matmul_fake, setup_context=_setup_context,
@@ -146,10 +153,12 @@ matmul_op = fast_op("matmul", _matmul_impl, fake=_matmul_fake, setup_context=_se
 class _PlannedMatmul(torch.autograd.Function):
     """A planned call with a gradient: the forward is the plan's bound launch (with the
     pre-activation store when an activation is fused) and the backward is the op's own
-    ``_backward``: the gradients of the full path, bit for bit, with one output and no per-call
-    set-up. ``ctx`` gets what the op's ``_setup_context`` sets, in one attribute (the plan's
-    constant ``state``, unpacked in backward) and without the empty pre-activation placeholder
-    (autograd's per-call cost is most of a small call's host time)."""
+    (:func:`_gemm_backward`): the gradients of the full path, bit for bit, with one output and
+    no per-call set-up. ``ctx`` holds the plan's constant ``state`` in one attribute and no
+    empty pre-activation placeholder (autograd's per-call cost is most of a small call's host
+    time). With ``state[5]`` (a planned ``linear``) ``b`` is the weight, ``(N, K)``: the
+    full path's ``weight.t()`` view and its autograd node are left out, and the weight's
+    gradient is the transpose of ``b``'s, as that node would give."""
 
     @staticmethod
     def forward(ctx, a, b, bias, residual, plan):
@@ -165,22 +174,28 @@ class _PlannedMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        ctx.activation, ctx.act_param, ctx.has_bias, ctx.has_residual, ctx.bias_dtype = \
-            ctx.state
-        return _backward(ctx, grad_out, None)[:4] + (None,)
+        saved = ctx.saved_tensors
+        act, act_param, has_bias, has_residual, bias_dtype, weight = ctx.state
+        a, b = saved[0], saved[1]
+        da, db, dbias, dres = _gemm_backward(
+            a, b if weight else b.transpose(-1, -2), saved[2] if act else None,
+            ctx.needs_input_grad, act, act_param, has_bias, has_residual, bias_dtype, grad_out)
+        return da, (db.t() if weight and db is not None else db), dbias, dres, None
 
 
 _apply_planned = _fast._c_apply.__get__(None, _PlannedMatmul)
 
 
-def _plan_2d(a, b, bias, residual, activation, out_dtype, grad=False):
+def _plan_2d(a, b, bias, residual, activation, out_dtype, grad=False, weight=False):
     """The plan of a validated call on 2-D operands: ``plan(a, b, bias, residual)`` allocates
     the output and makes :func:`_matmul_impl`'s launch with every non-tensor argument bound
     (:func:`tilefuse.kernels.matmul.bind_matmul`); with ``grad``, through
     :class:`_PlannedMatmul`. None where the call needs more than that (batch dims, autocast
     casts, broadcast residual, split-K, the torch backend): those calls take the full path
     every time. (A signature the sm_90 TMA kernel can read is planned with both launches and
-    a per-call test of the operands' alignment.)"""
+    a per-call test of the operands' alignment.) ``weight``: the plan is called with ``b``'s
+    transpose, a ``linear`` weight ``(N, K)`` (a launch that reads only pointers takes it as
+    is)."""
     if a.dim() != 2 or b.dim() != 2 or backend_of(a) != "triton":
         return None
     M, N = a.shape[0], b.shape[1]
@@ -194,10 +209,15 @@ def _plan_2d(a, b, bias, residual, activation, out_dtype, grad=False):
     act, act_param = act_code(activation)
     launch = bind_matmul(a, b, torch.empty(M, N, device=a.device, dtype=od), bias, residual,
                          act, act_param, a.is_cuda and _allow_tf32(), save_pre=grad and act != 0)
-    if launch is None or not grad:
+    if launch is None:
+        return None
+    if weight and not getattr(launch, "pointers_only", False):
+        inner = launch  # (with grad this runs inside _PlannedMatmul.forward: no view node)
+        launch = lambda a, w, bias, residual: inner(a, w.t(), bias, residual)  # noqa: E731
+    if not grad:
         return launch
     plan = (launch, (act, act_param, bias is not None, residual is not None,
-                     bias.dtype if bias is not None else None))
+                     bias.dtype if bias is not None else None, weight))
     return lambda a, b, bias, residual: _apply_planned(a, b, bias, residual, plan)
 
 

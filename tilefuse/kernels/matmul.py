@@ -360,6 +360,7 @@ def _bind_path(path, c_tma, a, b, c, bias, residual, activation, act_param, tf32
                    pre, *rest, **kw)
         return c, pre
 
+    launch.pointers_only = launch_pre.pointers_only = True  # (strides bound: views not needed)
     return launch_pre if save_pre else launch
 
 

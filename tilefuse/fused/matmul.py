@@ -8,6 +8,7 @@ copies), and ``dbias = dz.sum(rows)``.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -161,7 +162,7 @@ class _PlannedMatmul(torch.autograd.Function):
     gradient is the transpose of ``b``'s, as that node would give."""
 
     @staticmethod
-    def forward(ctx, a, b, bias, residual, plan):
+    def forward(ctx, plan, a, b, bias, residual):  # (plan first: a C partial binds it)
         launch, state = plan
         if state[0]:  # an activation: the launch also stores the pre-activation
             out, pre = launch(a, b, bias, residual)
@@ -179,8 +180,9 @@ class _PlannedMatmul(torch.autograd.Function):
         a, b = saved[0], saved[1]
         da, db, dbias, dres = _gemm_backward(
             a, b if weight else b.transpose(-1, -2), saved[2] if act else None,
-            ctx.needs_input_grad, act, act_param, has_bias, has_residual, bias_dtype, grad_out)
-        return da, (db.t() if weight and db is not None else db), dbias, dres, None
+            ctx.needs_input_grad[1:], act, act_param, has_bias, has_residual, bias_dtype,
+            grad_out)
+        return None, da, (db.t() if weight and db is not None else db), dbias, dres
 
 
 _apply_planned = _fast._c_apply.__get__(None, _PlannedMatmul)
@@ -218,7 +220,7 @@ def _plan_2d(a, b, bias, residual, activation, out_dtype, grad=False, weight=Fal
         return launch
     plan = (launch, (act, act_param, bias is not None, residual is not None,
                      bias.dtype if bias is not None else None, weight))
-    return lambda a, b, bias, residual: _apply_planned(a, b, bias, residual, plan)
+    return functools.partial(_apply_planned, plan)  # (a C call: no Python frame)
 
 
 def matmul(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, activation=None,

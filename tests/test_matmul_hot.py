@@ -185,3 +185,29 @@ def test_validation_still_runs_for_a_new_signature_after_a_hot_slot():
         ops.matmul(a, torch.randn(7, 6))
     with pytest.raises(TypeError):
         ops.matmul(a, b.long())
+
+
+def test_threads_alternating_signatures():
+    """Two threads with different signatures share the slot: each call is right, none raises
+    (a miss empties the slot with pop: the other thread may have emptied it already)."""
+    import threading
+
+    pairs = [(torch.randn(4, 8), torch.randn(8, 3)), (torch.randn(6, 8), torch.randn(8, 5))]
+    with torch.no_grad():
+        refs = [_ref(a, b) for a, b in pairs]
+    errors = []
+
+    def work(i):
+        try:
+            with torch.no_grad():
+                for _ in range(40):
+                    assert_same(ops.matmul(*pairs[i]), refs[i])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors

@@ -58,7 +58,9 @@ def find_plan(ops, grad, a, b, bias, residual, activation, out_dtype):
                 and (hot[4](a, b) if bias is None else hot[4](a, b, bias))
                 and (hot[5] is None or hot[5] == _allow_tf32())):
             return hot[6]
-        del ops.hot[grad]  # another signature: keyed lookups until one repeats
+        # another signature: keyed lookups until one repeats (pop: another thread may have
+        # emptied the slot since the get)
+        ops.hot.pop(grad, None)
     if _jit_tracing() or _autocast_on() or _functorch_active():  # (_fast.plans_allowed)
         return None
     try:

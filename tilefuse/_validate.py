@@ -118,6 +118,13 @@ def optional_float_tensors(**tensors) -> None:
             check_float(name, t)
 
 
+def dense(t):
+    """``t`` (None allowed) with unit stride: the kernels read per-channel parameters (norm
+    weights and biases) as ``ptr + index``; a strided view (``w[::2]``) is copied (a
+    differentiable ``contiguous()``: its gradient reaches the view)."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 def same_device(**tensors) -> None:
     """:func:`check_same_device` without building names unless a device differs."""
     device = None

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from tilefuse import _autocast
-from tilefuse._validate import (check_broadcastable, check_shape, float_tensor,
+from tilefuse._validate import (check_broadcastable, check_shape, dense, float_tensor,
                                 optional_float_tensors, same_device)
 from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
 from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, needs_grad
@@ -312,8 +312,8 @@ def _row_norm(x, normalized_shape, weight, bias, eps, activation, residual, is_r
     else:
         x2 = x.reshape(math.prod(x.shape[:x.dim() - k]), N)  # not -1: N may be 0
     r2 = (residual.expand(x.shape).reshape(x2.shape) if residual is not None else None)
-    w1 = weight if weight is None or k == 1 else weight.reshape(N)
-    b1 = bias if bias is None or k == 1 else bias.reshape(N)
+    w1 = dense(weight if weight is None or k == 1 else weight.reshape(N))
+    b1 = dense(bias if bias is None or k == 1 else bias.reshape(N))
     save = needs_grad(x2, r2, w1, b1)
     if prenorm:
         if type(prenorm) is not bool:

@@ -19,8 +19,8 @@ from torch._C import _any_requires_grad, is_grad_enabled
 from torch.compiler import is_compiling as _is_compiling
 
 from tilefuse import _autocast
-from tilefuse._validate import (check_broadcastable, check_shape, check_tensor, float_tensor,
-                                optional_float_tensors, same_device)
+from tilefuse._validate import (check_broadcastable, check_shape, check_tensor, dense,
+                                float_tensor, optional_float_tensors, same_device)
 from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
 from tilefuse.fused import _fast
 from tilefuse._backend import _env_backend
@@ -391,6 +391,7 @@ def _batch_norm_act(x, running_mean, running_var, weight, bias, training, moment
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{tuple(shape)}")
     act, act_param = act_code(activation)
+    weight, bias = dense(weight), dense(bias)
     x3 = x if x.dim() == 3 else x.reshape(N, C, S)  # a view for NCHW / channels_last; else a copy
     r3 = None
     if residual is not None:

@@ -56,8 +56,9 @@ def make_plan(x, running_mean, running_var, weight, bias, training, momentum, ep
     if type(training) is not bool or not (activation is None or
                                           type(activation) in (str, tuple)):
         return None  # (an activation module is parsed on every call)
-    if _use_torch(x):
-        return None
+    if _use_torch(x) or (weight is not None and not weight.is_contiguous()) or (
+            bias is not None and not bias.is_contiguous()):
+        return None  # (strided parameters: the full path copies them)
     shape = x.shape
     N, C = shape[0], shape[1]
     S = math.prod(shape[2:])

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from tilefuse import _autocast
 from tilefuse._backend import _env_backend
-from tilefuse._validate import check_shape, check_tensor, float_tensor, same_device
+from tilefuse._validate import check_shape, check_tensor, dense, float_tensor, same_device
 from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
 from tilefuse.fused._fast import (_c_apply, act_code, allocator, autocast_maybe_on, fast_op,
                                   lazy_module, needs_grad, plan_cache, plans_allowed, remember,
@@ -278,6 +278,8 @@ def _build_plan(x, weight, bias, num_groups, eps, activation, y, grad):
     none may: a module activation (parsed on every call: its parameters may change)."""
     if activation is not None and type(activation) not in (str, tuple):
         return None
+    if dense(weight) is not weight or dense(bias) is not bias:
+        return None  # (strided parameters: the full path copies them)
     G, eps = int(num_groups), float(eps)
     act, param = act_code(activation)
     shape = x.shape
@@ -332,5 +334,6 @@ def _group_norm(x, num_groups, weight, bias, eps, activation):
     act, act_param = act_code(activation)
     # a view for NCHW / channels_last; else a copy
     x3 = x if x.dim() == 3 else x.reshape(N, C, math.prod(shape[2:]))
-    y, mean, rstd = group_norm_act_fwd(x3, weight, bias, num_groups, eps, act, act_param)
+    y, mean, rstd = group_norm_act_fwd(x3, dense(weight), dense(bias), num_groups, eps, act,
+                                       act_param)
     return (y if x.dim() == 3 else y.view(*shape)), mean, rstd

@@ -54,3 +54,20 @@ def test_strided_weight_and_bias(name, grad):
             y_ref.backward(g)
             for got, want in zip(xs, rs):
                 torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("ls", [0.0, 0.1])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_strided_class_weight(ls, reduction):
+    """Class weights ``w[::2]`` (read as ``ptr + class``): loss and logit gradient as torch's."""
+    logits, target = torch.randn(5, 6), torch.randint(0, 6, (5,))
+    w = torch.rand(12)[::2]
+    x, xr = logits.clone().requires_grad_(), logits.double().requires_grad_()
+    for _ in range(2):
+        out = ops.cross_entropy(x, target, weight=w, label_smoothing=ls, reduction=reduction)
+        ref = F.cross_entropy(xr, target, weight=w.double(), label_smoothing=ls,
+                              reduction=reduction)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+        g, = torch.autograd.grad(out.sum(), x)
+        gr, = torch.autograd.grad(ref.sum(), xr)
+        torch.testing.assert_close(g.double(), gr, rtol=1e-5, atol=1e-6)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from tilefuse import _autocast
 from tilefuse._backend import backend_of
-from tilefuse._validate import check_probability, check_tensor, float_tensor
+from tilefuse._validate import check_probability, check_tensor, dense, float_tensor
 from tilefuse.fused._fast import autocast_maybe_on, fast_op, needs_grad
 from tilefuse.fused.cross_entropy_ref import acc_dtype, check_targets, torch_backward, torch_forward
 
@@ -214,6 +214,7 @@ def cross_entropy(logits: Tensor, target: Tensor, label_smoothing: float = 0.0,
     C = shape[0] if ndim == 1 else shape[1]
     if weight is not None:
         _check_weight(weight, logits, C)
+        weight = dense(weight)  # (the kernels read weight[class] as ptr + class)
     t_shape = target.shape
     if soft:
         if t_shape != shape:

@@ -28,7 +28,9 @@ from tilefuse import _autocast
 from tilefuse._validate import (check_broadcastable, check_shape, dense, float_tensor,
                                 optional_float_tensors, same_device)
 from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
-from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, needs_grad
+from tilefuse._backend import _env_backend
+from tilefuse.fused._fast import (act_code, allocator, autocast_maybe_on, fast_op, needs_grad,
+                                  plan_cache, plans_allowed, remember, tkey)
 from tilefuse.fused._fast import use_torch_path as _use_torch
 
 
@@ -276,6 +278,67 @@ def _normalized_shape(normalized_shape) -> Tuple[Tuple[int, ...], int]:
 
 def _row_norm(x, normalized_shape, weight, bias, eps, activation, residual, is_rms, name,
               prenorm=False):
+    if prenorm is not False or needs_grad(x, weight, bias, residual) or not plans_allowed():
+        return _row_norm_full(x, normalized_shape, weight, bias, eps, activation, residual,
+                              is_rms, name, prenorm)
+    try:  # no grad: a call with the signature of an earlier one reuses its plan
+        key = (tkey(x), tkey(weight), tkey(bias), tkey(residual), normalized_shape,
+               type(normalized_shape), eps, type(eps), activation, is_rms, _env_backend())
+        plan = _PLANS.get(key)
+    except (TypeError, AttributeError):  # unhashable arguments (a list shape), a non-tensor
+        return _row_norm_full(x, normalized_shape, weight, bias, eps, activation, residual,
+                              is_rms, name)
+    if plan is not None:
+        return plan(x, weight, bias, residual)
+    y = _row_norm_full(x, normalized_shape, weight, bias, eps, activation, residual, is_rms,
+                       name)  # (validates: raises on bad arguments)
+    if key not in _PLANS:
+        remember(_PLANS, key, _plan(x, normalized_shape, weight, bias, eps, activation,
+                                    residual, is_rms, y))
+    return y
+
+
+# per-signature plans (eager, no grad, no autocast): a call whose arguments have the shapes,
+# strides, dtypes, devices and scalars of an earlier valid call skips validation and launch
+# set-up; the launch is the full path's (kernels.norm.bind_norm_fwd), so the bits are the same
+_PLANS = plan_cache()
+
+
+def _plan(x, normalized_shape, weight, bias, eps, activation, residual, is_rms, y):
+    """The plan of a validated no-grad call that returned ``y``, or None where a later call
+    needs more than allocate + launch: the torch path, an empty tensor, an activation module,
+    rows that are not a view of ``x``, a broadcast residual, strided parameters."""
+    if _use_torch(x) or y.numel() == 0 or not (
+            activation is None or type(activation) in (str, tuple)):
+        return None
+    shape, N = _normalized_shape(normalized_shape)
+    M = x.numel() // N
+    if residual is not None and residual.shape != x.shape:
+        return None  # (broadcast: the full path expands it)
+    views = [t if t is None or t.shape == (M, N) else t.reshape(M, N) for t in (x, residual)]
+    for raw, view in zip((x, residual), views):
+        if raw is not None and view.data_ptr() != raw.data_ptr():
+            return None  # (the full path's reshape copies)
+    if any(t is not None and not t.is_contiguous() for t in (weight, bias)):
+        return None
+    if eps is None:  # (rms_norm's default, as the full path resolves it)
+        eps = _F64_EPS if x.dtype == torch.float64 else _F32_EPS
+    act, act_param = act_code(activation)
+    from tilefuse.kernels.norm import bind_norm_fwd
+
+    launch = bind_norm_fwd(views[0], views[1], weight is not None, bias is not None,
+                           float(eps), is_rms, act, act_param, False)
+    alloc = allocator(x, y)
+
+    def run(x, weight, bias, residual):
+        y = alloc(x)
+        launch(x, residual, weight, bias, y, None, None, None)
+        return y
+    return run
+
+
+def _row_norm_full(x, normalized_shape, weight, bias, eps, activation, residual, is_rms, name,
+                   prenorm=False):
     float_tensor("x", x)
     shape, N = _normalized_shape(normalized_shape)
     k = len(shape)
@@ -307,9 +370,9 @@ def _row_norm(x, normalized_shape, weight, bias, eps, activation, residual, is_r
             raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
     act, act_param = act_code(activation)
     # a view where the leading dims can be flattened; otherwise reshape copies (documented)
-    if x.dim() == 2:
+    if x.dim() == 2 and k == 1:
         x2 = x
-    else:
+    else:  # (also a 2-D x normalised over both dims: one row)
         x2 = x.reshape(math.prod(x.shape[:x.dim() - k]), N)  # not -1: N may be 0
     r2 = (residual.expand(x.shape).reshape(x2.shape) if residual is not None else None)
     w1 = dense(weight if weight is None or k == 1 else weight.reshape(N))
@@ -320,11 +383,11 @@ def _row_norm(x, normalized_shape, weight, bias, eps, activation, residual, is_r
             raise TypeError(f"prenorm must be a bool, got {prenorm!r}")
         if r2 is None:  # h = x: nothing to add or store (flash-attn returns x as well)
             y, _, _ = norm_act_fwd(x2, None, w1, b1, eps, is_rms, act, act_param, save)
-            return (y if x.dim() == 2 else y.view(x.shape)), x
+            return (y if x2 is x else y.view(x.shape)), x
         y, h, _, _ = norm_act_prenorm_fwd(x2, r2, w1, b1, eps, is_rms, act, act_param, save)
-        return ((y, h) if x.dim() == 2 else (y.view(x.shape), h.view(x.shape)))
+        return ((y, h) if x2 is x else (y.view(x.shape), h.view(x.shape)))
     y, _, _ = norm_act_fwd(x2, r2, w1, b1, eps, is_rms, act, act_param, save)
-    return y if x.dim() == 2 else y.view(x.shape)
+    return y if x2 is x else y.view(x.shape)
 
 
 def layer_norm_act(x: Tensor, normalized_shape, weight: Optional[Tensor] = None,

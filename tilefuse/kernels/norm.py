@@ -21,6 +21,8 @@ atomics (the Liger / Fast-LLM design noted in shared/perf-notes.md).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -435,28 +437,57 @@ def launch_norm_fwd(x, residual, weight, bias, y, mean, rstd, eps: float, is_rms
     ``config`` (``BLOCK_M``, ``BLOCK_N``, ``num_warps``) overrides the tuned/heuristic choice;
     ``max_block`` forces the heuristic with that row-block cap. The launch parameters of a
     signature are computed once (:func:`tilefuse.kernels.launch_cache`)."""
+    bound = _fwd_bound(x, residual, weight is not None, bias is not None, eps, is_rms,
+                       activation, act_param, rstd is not None, h is not None, max_block, config)
+    if bound is not None:
+        _launch_fwd(bound, x, residual, weight, bias, y, mean, rstd, h)
+    return y
+
+
+def bind_norm_fwd(x, residual, has_w: bool, has_b: bool, eps: float, is_rms: bool,
+                  activation: int, act_param: float, stats: bool, store_h: bool = False):
+    """``launch(x, residual, weight, bias, y, mean, rstd, h)``: :func:`launch_norm_fwd`'s launch
+    for (M, N) inputs with the shapes, strides and dtype of ``x`` and ``residual``, everything
+    but the tensors computed here once. The tensors are read through the bound strides, so any
+    tensor with the same first element (an N-D ``x`` whose rows are these) may be passed: the
+    per-signature plans of :mod:`tilefuse.fused.norm` keep the launch."""
+    bound = _fwd_bound(x, residual, has_w, has_b, eps, is_rms, activation, act_param, stats,
+                       store_h, None, None)
+    if bound is None:
+        return _no_launch
+    return functools.partial(_launch_fwd, bound)
+
+
+def _no_launch(x, residual, weight, bias, y, mean, rstd, h):
+    pass
+
+
+def _fwd_bound(x, residual, has_w, has_b, eps, is_rms, activation, act_param, stats, store_h,
+               max_block, config):
+    """The launch of one forward signature bar its tensors: ``(arguments after the 8 pointers,
+    launch keywords)``, or None for no rows."""
     M, N = x.shape
     if M == 0:
-        return y
+        return None
     has_res = residual is not None
-    store_h = h is not None
-    sig = (M, N, x.dtype, is_rms, has_res, weight is not None, bias is not None, activation,
-           act_param, rstd is not None, store_h)
+    sig = (M, N, x.dtype, is_rms, has_res, has_w, has_b, activation, act_param, stats, store_h)
     launch = _FWD_LAUNCH.get(sig) if max_block is None and config is None else None
     if launch is None:
-        launch = _fwd_launch(M, N, x.dtype, is_rms, has_res, sig[5], sig[6], activation,
-                             act_param, sig[9], max_block, config, store_h)
+        launch = _fwd_launch(M, N, x.dtype, is_rms, has_res, has_w, has_b, activation,
+                             act_param, stats, max_block, config, store_h)
         if max_block is None and config is None:
             _FWD_LAUNCH[sig] = launch
     grid, consts, opts = launch
-    res = residual if has_res else x
     sx0, sx1 = x.stride()
-    sr0, sr1 = res.stride() if has_res else (sx0, sx1)
-    norm_fwd_kernel[grid](
-        x, res, weight if weight is not None else x, bias if bias is not None else x,
-        y, mean if mean is not None else y, rstd if rstd is not None else y, h if store_h else y,
-        M, N, sx0, sx1, sr0, sr1, float(eps), *consts, **opts)
-    return y
+    sr0, sr1 = residual.stride() if has_res else (sx0, sx1)
+    return (M, N, sx0, sx1, sr0, sr1, float(eps), *consts), dict(grid=grid, warmup=False, **opts)
+
+
+def _launch_fwd(bound, x, residual, weight, bias, y, mean, rstd, h):
+    args, kw = bound
+    norm_fwd_kernel.run(x, x if residual is None else residual, x if weight is None else weight,
+                        x if bias is None else bias, y, y if mean is None else mean,
+                        y if rstd is None else rstd, y if h is None else h, *args, **kw)
 
 
 @triton.jit

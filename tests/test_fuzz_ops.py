@@ -278,7 +278,8 @@ def test_fuzz_row_norm(data):
     g = seed(data)
     is_rms = data.draw(st.booleans(), label="rms")
     dtype = data.draw(st.sampled_from(FLOATS), label="dtype")
-    lead = data.draw(st.sampled_from([(1,), (5,), (2, 3), (17,), (0,), (33,)]), label="lead")
+    lead = data.draw(st.sampled_from([(1,), (5,), (2, 3), (17,), (0,), (33,), ()]),
+                     label="lead")
     norm = data.draw(st.sampled_from([(1,), (2,), (7,), (16,), (17,), (31,), (33,), (64,),
                                       (3, 5), (4, 8)]), label="normalized_shape")
     affine = data.draw(st.sampled_from(["none", "weight", "both"]), label="affine")
@@ -287,9 +288,12 @@ def test_fuzz_row_norm(data):
     act = data.draw(st.sampled_from(ACTS), label="act")
     res_kind = data.draw(st.sampled_from([None, "full", "bcast_row", "bcast_lead"]),
                          label="residual")
+    if res_kind == "bcast_lead" and not lead:  # (a (1, *norm) residual would grow x's shape)
+        res_kind = "full"
     eps = data.draw(st.sampled_from([1e-5, 1e-6, 0.1] + ([None] if is_rms else [])), label="eps")
     shift = data.draw(st.sampled_from([0.0, 0.0, 3.0]), label="shift")
     lx = draw_layout(data, LAYOUTS, "x_layout")
+    lp = draw_layout(data, ["contig", "step"], "param_layout")  # (w[::2]-like parameters)
     shape = lead + norm
     x = randn(g, shape, dtype, shift=shift)
     w = randn(g, norm, dtype, shift=1.0) if affine != "none" else None
@@ -302,6 +306,7 @@ def test_fuzz_row_norm(data):
         if eps is None else eps
 
     def kern(x, w, b, res):
+        w, b = layout(w, *lp), layout(b, *lp)
         if is_rms:
             return ops.rms_norm_act(layout(x, *lx), norm, w, eps=eps, activation=act,
                                     residual=res)
@@ -341,6 +346,7 @@ def test_fuzz_group_norm(data):
     shift = data.draw(st.sampled_from([0.0, 0.0, 5.0]), label="shift")
     kinds = ["contig", "step", "reversed", "channels_last"]
     lx = draw_layout(data, kinds, "x_layout")
+    lp = draw_layout(data, ["contig", "step"], "param_layout")
     shape = (N, C) + spatial
     if math.prod(spatial) == 1 and G == C:   # torch: one value per group is fine (var 0)
         pass
@@ -350,7 +356,7 @@ def test_fuzz_group_norm(data):
 
     def kern(x, w, b):
         xx = layout(x, *lx)
-        y = ops.group_norm_act(xx, G, w, b, eps=eps, activation=act)
+        y = ops.group_norm_act(xx, G, layout(w, *lp), layout(b, *lp), eps=eps, activation=act)
         if lx[0] == "channels_last" and x.dim() == 4 and C > 1 and math.prod(spatial) > 1:
             assert y.is_contiguous(memory_format=torch.channels_last), "layout not kept"
         return y
@@ -394,6 +400,7 @@ def test_fuzz_batch_norm(data):
     param_dtype = data.draw(st.sampled_from([dtype, torch.float32]), label="param_dtype")
     kinds = ["contig", "step", "reversed", "channels_last"]
     lx = draw_layout(data, kinds, "x_layout")
+    lp = draw_layout(data, ["contig", "step"], "param_layout")
     shape = (N, C) + spatial
     x = randn(g, shape, dtype, shift=shift)
     w = randn(g, (C,), param_dtype, shift=1.0) if affine != "none" else None
@@ -406,7 +413,8 @@ def test_fuzz_batch_norm(data):
 
     def kern(x, w, b, res):
         rm, rv = rm0.clone(), rv0.clone()
-        y = ops.batch_norm_act(layout(x, *lx), rm, rv, w, b, training=training,
+        y = ops.batch_norm_act(layout(x, *lx), rm, rv, layout(w, *lp), layout(b, *lp),
+                               training=training,
                                momentum=momentum, eps=eps, activation=act, residual=res)
         stats["kernel"] = (rm, rv)
         return y
@@ -646,13 +654,19 @@ def test_fuzz_cross_entropy(data):
     drop = torch.rand(tshape, generator=g) < p_ignore
     target = torch.where(drop, torch.full_like(target, ignore_index), target).to(tdtype)
 
+    cw_kind = data.draw(st.sampled_from([None, None, "contig", "step"]), label="class_weight")
+    cw = None if cw_kind is None else (torch.rand((V,), generator=g, dtype=torch.float64)
+                                       + 0.5).to(dtype)
+
     def kern(logits):
         return ops.cross_entropy(layout(logits, *lx), target, label_smoothing=eps,
-                                 ignore_index=ignore_index, reduction=reduction)
+                                 ignore_index=ignore_index, reduction=reduction,
+                                 weight=layout(cw, cw_kind or "contig"))
 
     def ref(logits):
         return F.cross_entropy(logits, target.long(), label_smoothing=eps,
-                               ignore_index=ignore_index, reduction=reduction)
+                               ignore_index=ignore_index, reduction=reduction,
+                               weight=None if cw is None else cw.to(logits.dtype))
 
     # fp32 softmax / log-sum-exp error grows with |logits| (exp(x - lse), lse ~ max|x|)
     run_and_compare(data, g, dict(logits=logits), kern, ref, name="cross_entropy",

@@ -165,3 +165,42 @@ def test_planned_linear_on_the_tma_path(monkeypatch, grad):
         for got, want in zip(_run(fn, inputs, grad), ref):
             assert_same(got, want)
         assert seen[0] == ("matmul_kernel" if inputs[0] is x_odd else "gemm_tma_kernel")
+
+
+CKPT_CASES = {
+    "matmul": (lambda a, b, c: ops.matmul(a, b), [(4, 8), (8, 6), (6,)]),
+    "matmul gelu bias": (lambda a, b, c: ops.matmul(a, b, c, activation="gelu"),
+                         [(4, 8), (8, 6), (6,)]),
+    "linear": (lambda x, w, b: ops.linear(x, w, b), [(4, 8), (6, 8), (6,)]),
+    "linear 3d relu": (lambda x, w, b: ops.linear(x, w, b, activation="relu"),
+                       [(2, 3, 8), (6, 8), (6,)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CKPT_CASES))
+def test_checkpoint_forward_and_recomputation_on_either_path(name):
+    """``torch.utils.checkpoint`` compares the count and metadata of the tensors saved by the
+    forward and by its recomputation: the first call of a signature (full path) and its plan
+    (recomputation) must save alike (the linear plan saves weight.t() under the hooks)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from tilefuse.fused import matmul as fm
+
+    fn, shapes = CKPT_CASES[name]
+    inputs = [torch.randn(s) for s in shapes]
+
+    def grads(wrap):
+        xs = [t.clone().requires_grad_() for t in inputs]
+        y = wrap(fn, *xs)
+        y.square().sum().backward()
+        return [y.detach()] + [t.grad for t in xs]
+
+    with custom_op_path():
+        want = grads(lambda f, *a: f(*a))
+    for ops_plans in (fm._MATMUL, fl._LINEAR):
+        ops_plans.plans[1].clear()
+        ops_plans.hot.clear()
+    for _ in range(4):  # forward: full path, then plans / hot slot; recomputation: plans
+        got = grads(lambda f, *a: checkpoint(f, *a, use_reentrant=False))
+        for a, b in zip(got, want):
+            assert_same(a, b)

@@ -1,9 +1,10 @@
-"""The per-signature plans of ``layer_norm_act`` / ``rms_norm_act`` without grad
-(tilefuse.fused.norm): a repeated no-grad call allocates and makes the full path's launch
-(``kernels.norm.bind_norm_fwd``) on the caller's tensors. Checked here: the planned call equals
-the custom-op path bit for bit and launches one kernel without the full path; signatures the
-plan cannot serve (copies, broadcast residuals, strided parameters, modules) keep the full
-path; grad, autocast and prenorm step aside; bad input still raises.
+"""The per-signature plans of ``layer_norm_act`` / ``rms_norm_act`` (tilefuse.fused.norm,
+norm_plan): a repeated call allocates and makes the full path's launch
+(``kernels.norm.bind_norm_fwd``) on the caller's tensors; with grad through one
+autograd.Function. Checked here: the planned call equals the custom-op path bit for bit
+(outputs and gradients) and launches one kernel without the full path; signatures the plan
+cannot serve (copies, broadcast residuals, strided parameters, modules) keep the full path;
+autocast and prenorm step aside; bad input still raises.
 """
 import pytest
 import torch
@@ -77,17 +78,11 @@ def test_unservable_signatures_are_not_planned():
             assert list(fn._PLANS.values()) == [None]
 
 
-def test_grad_autocast_and_prenorm_take_the_full_path(monkeypatch):
+def test_autocast_and_prenorm_take_the_full_path(monkeypatch):
     x, w, b = torch.randn(4, 16), torch.randn(16), torch.randn(16)
     with torch.no_grad():
         ops.layer_norm_act(x, 16, w, b)
     n = len(fn._PLANS)
-    xg, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y = ops.layer_norm_act(xg, 16, w, b)
-    assert y.requires_grad
-    (y * y).sum().backward()
-    (F.layer_norm(xr, (16,), w, b) ** 2).sum().backward()
-    torch.testing.assert_close(xg.grad, xr.grad, atol=1e-4, rtol=1e-4)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         ops.layer_norm_act(x, 16, w, b)
     with torch.no_grad():
@@ -119,3 +114,76 @@ def test_two_dim_x_normalised_over_both_dims():
             with torch.set_grad_enabled(grad):
                 y = fn_(xs, (3, 4), w)
             torch.testing.assert_close(y, ref(x, (3, 4), w), rtol=1e-5, atol=1e-5)
+
+
+GRAD_CASES = {
+    "ln 2d": (lambda x, w, b, r: ops.layer_norm_act(x, 16, w, b), (5, 16), (16,)),
+    "ln 3d gelu": (lambda x, w, b, r: ops.layer_norm_act(x, 16, w, b, activation="gelu"),
+                   (2, 3, 16), (16,)),
+    "ln residual": (lambda x, w, b, r: ops.layer_norm_act(x, 16, w, b, residual=r),
+                    (2, 3, 16), (16,)),
+    "ln two dims": (lambda x, w, b, r: ops.layer_norm_act(x, (3, 16), w, b), (2, 3, 16),
+                    (3, 16)),
+    "rms silu residual": (lambda x, w, b, r: ops.rms_norm_act(x, 16, w, None, "silu", r) +
+                          0 * b.sum(), (2, 3, 16), (16,)),
+    "rms 2d both dims": (lambda x, w, b, r: ops.rms_norm_act(x, (5, 16), w) + 0 * b.sum(),
+                         (5, 16), (5, 16)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRAD_CASES))
+def test_planned_norm_with_grad_equals_custom_op(name):
+    """With grad the plan is one autograd.Function; outputs and the gradients of every input
+    (also when only some require grad) equal the custom-op path's bit for bit."""
+    fn_, shape, pshape = GRAD_CASES[name]
+    inputs = (torch.randn(shape), torch.randn(pshape) + 1, torch.randn(pshape),
+              torch.randn(shape))
+    for mask in ([True] * 4, [False, True, True, False], [True, False, False, True]):
+        results = []
+        for path in ("plan",) * 3 + ("custom",):
+            xs = [t.clone().requires_grad_(m) for t, m in zip(inputs, mask)]
+            with custom_op_path(path == "custom"):
+                y = fn_(*xs)
+                y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
+            results.append([y.detach()] + [t.grad for t in xs])
+        for res in results[:3]:
+            for got, want in zip(res, results[3]):
+                assert (got is None) == (want is None)
+                if got is not None:
+                    assert_same(got, want)
+
+
+def test_grad_plan_hit_skips_the_full_path(monkeypatch):
+    x, w = torch.randn(2, 3, 16, requires_grad=True), torch.randn(16, requires_grad=True)
+    ops.layer_norm_act(x, 16, w)  # plans
+    monkeypatch.setattr(fn, "_row_norm_full", lambda *a: pytest.fail("full path ran"))
+    with stub_launches() as count:
+        y = ops.layer_norm_act(x, 16, w)
+    assert count.n == 1 and y.requires_grad
+
+
+@pytest.mark.parametrize("name", ["ln 3d gelu", "ln residual", "ln two dims", "ln 2d"])
+def test_checkpoint_forward_and_recomputation_on_either_path(name):
+    """The plan with grad saves, under saved-tensor hooks (checkpoint), the full path's 2-D
+    views: the forward (full path on a new signature) and its recomputation (plan) agree."""
+    from torch.utils.checkpoint import checkpoint
+
+    fn_, shape, pshape = GRAD_CASES[name]
+    inputs = (torch.randn(shape), torch.randn(pshape) + 1, torch.randn(pshape),
+              torch.randn(shape))
+
+    def grads(wrap):
+        xs = [t.clone().requires_grad_() for t in inputs]
+        y = wrap(fn_, *xs)
+        y.square().sum().backward()
+        return [y.detach()] + [t.grad for t in xs]
+
+    with custom_op_path():
+        want = grads(lambda f, *a: f(*a))
+    fn._PLANS.clear()
+    for _ in range(3):
+        got = grads(lambda f, *a: checkpoint(f, *a, use_reentrant=False))
+        for a, b in zip(got, want):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert_same(a, b)

@@ -175,6 +175,22 @@ def plans_allowed() -> bool:
                 or _any_autocast_enabled() or _functorch_active())
 
 
+def _saved_hooks_probe():
+    top = torch._C._autograd._top_saved_tensors_default_hooks
+    try:
+        top(False)
+    except TypeError:  # pragma: no cover - a torch whose function takes no argument
+        return lambda: top() is not None
+    return lambda: top(False) is not None
+
+
+#: ``saving_hooked()``: whether saved-tensor hooks are active (``torch.utils.checkpoint``,
+#: activation offloading): they see what an autograd function saves, and checkpoint compares
+#: the count and metadata of those tensors between a forward and its recomputation, so a plan
+#: then saves exactly the tensors the op's full path saves (views included). One C call.
+saving_hooked = _saved_hooks_probe()
+
+
 def tkey(t):
     """The part of a plan key that one tensor argument (or None) contributes: shape, strides,
     dtype and device (``t.device``: ``get_device()`` is -1 for CPU and meta alike). Two calls

@@ -22,7 +22,7 @@ from tilefuse._validate import (FLOAT_DTYPES_F64, check_broadcastable, check_sam
 from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
 from tilefuse._backend import _ENV_DATA, _ENV_KEY
 from tilefuse.fused import _fast
-from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, needs_grad
+from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, needs_grad, saving_hooked
 from tilefuse.fused.matmul_plan import OpPlans, _allow_tf32, add_plan, find_plan
 from torch._C import _any_requires_grad, is_grad_enabled
 
@@ -103,7 +103,9 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
     ctx.has_residual = residual is not None
     ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.save_for_backward(a, b, output[1])
+    # (no pre-activation without an activation: the planned call saves none either, and
+    # torch.utils.checkpoint compares the count of saved tensors between the two)
+    ctx.save_for_backward(a, b, output[1] if activation else None)
 
 
 def _mm(x, y):
@@ -155,31 +157,37 @@ class _PlannedMatmul(torch.autograd.Function):
     """A planned call with a gradient: the forward is the plan's bound launch (with the
     pre-activation store when an activation is fused) and the backward is the op's own
     (:func:`_gemm_backward`): the gradients of the full path, bit for bit, with one output and
-    no per-call set-up. ``ctx`` holds the plan's constant ``state`` in one attribute and no
-    empty pre-activation placeholder (autograd's per-call cost is most of a small call's host
-    time). With ``state[5]`` (a planned ``linear``) ``b`` is the weight, ``(N, K)``: the
-    full path's ``weight.t()`` view and its autograd node are left out, and the weight's
-    gradient is the transpose of ``b``'s, as that node would give."""
+    no per-call set-up. ``ctx`` holds the plan's constant ``state`` in one attribute
+    (autograd's per-call cost is most of a small call's host time). With ``state[5]`` (a
+    planned ``linear``) ``b`` is the weight, ``(N, K)``: the full path's ``weight.t()`` view
+    and its autograd node are left out, and the weight's gradient is the transpose of ``b``'s,
+    as that node would give; ``state[6]``: the saved ``b`` is that weight (under saved-tensor
+    hooks, e.g. ``torch.utils.checkpoint``, the forward saves ``weight.t()`` as the full path
+    does)."""
 
     @staticmethod
     def forward(ctx, plan, a, b, bias, residual):  # (plan first: a C partial binds it)
-        launch, state = plan
+        launch, state, hooked = plan
+        saved_b = b
+        if hooked is not None and saving_hooked():
+            # checkpoint compares the saved tensors with the full path's: weight.t()
+            state, saved_b = hooked, b.t()
         if state[0]:  # an activation: the launch also stores the pre-activation
             out, pre = launch(a, b, bias, residual)
-            ctx.save_for_backward(a, b, pre)
+            ctx.save_for_backward(a, saved_b, pre)
         else:
             out = launch(a, b, bias, residual)
-            ctx.save_for_backward(a, b)
+            ctx.save_for_backward(a, saved_b)
         ctx.state = state
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         saved = ctx.saved_tensors
-        act, act_param, has_bias, has_residual, bias_dtype, weight = ctx.state
+        act, act_param, has_bias, has_residual, bias_dtype, weight, saved_weight = ctx.state
         a, b = saved[0], saved[1]
         da, db, dbias, dres = _gemm_backward(
-            a, b if weight else b.transpose(-1, -2), saved[2] if act else None,
+            a, b if saved_weight else b.transpose(-1, -2), saved[2] if act else None,
             ctx.needs_input_grad[1:], act, act_param, has_bias, has_residual, bias_dtype,
             grad_out)
         return None, da, (db.t() if weight and db is not None else db), dbias, dres
@@ -218,8 +226,10 @@ def _plan_2d(a, b, bias, residual, activation, out_dtype, grad=False, weight=Fal
         launch = lambda a, w, bias, residual: inner(a, w.t(), bias, residual)  # noqa: E731
     if not grad:
         return launch
-    plan = (launch, (act, act_param, bias is not None, residual is not None,
-                     bias.dtype if bias is not None else None, weight))
+    state = (act, act_param, bias is not None, residual is not None,
+             bias.dtype if bias is not None else None, weight, weight)
+    # (weight: under saved-tensor hooks the forward saves weight.t(), as the full path does)
+    plan = (launch, state, state[:-1] + (False,) if weight else None)
     return functools.partial(_apply_planned, plan)  # (a C call: no Python frame)
 
 

@@ -29,8 +29,9 @@ from tilefuse._validate import (check_broadcastable, check_shape, dense, float_t
                                 optional_float_tensors, same_device)
 from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
 from tilefuse._backend import _env_backend
-from tilefuse.fused._fast import (act_code, allocator, autocast_maybe_on, fast_op, needs_grad,
-                                  plan_cache, plans_allowed, remember, tkey)
+from tilefuse.fused import norm_plan as _norm_plan
+from tilefuse.fused._fast import (act_code, autocast_maybe_on, fast_op, needs_grad, plan_cache,
+                                  plans_allowed, remember, tkey)
 from tilefuse.fused._fast import use_torch_path as _use_torch
 
 
@@ -278,12 +279,13 @@ def _normalized_shape(normalized_shape) -> Tuple[Tuple[int, ...], int]:
 
 def _row_norm(x, normalized_shape, weight, bias, eps, activation, residual, is_rms, name,
               prenorm=False):
-    if prenorm is not False or needs_grad(x, weight, bias, residual) or not plans_allowed():
+    if prenorm is not False or not plans_allowed():
         return _row_norm_full(x, normalized_shape, weight, bias, eps, activation, residual,
                               is_rms, name, prenorm)
-    try:  # no grad: a call with the signature of an earlier one reuses its plan
+    try:  # a call with the signature of an earlier one reuses its plan
+        grad = needs_grad(x, weight, bias, residual)
         key = (tkey(x), tkey(weight), tkey(bias), tkey(residual), normalized_shape,
-               type(normalized_shape), eps, type(eps), activation, is_rms, _env_backend())
+               type(normalized_shape), eps, type(eps), activation, is_rms, _env_backend(), grad)
         plan = _PLANS.get(key)
     except (TypeError, AttributeError):  # unhashable arguments (a list shape), a non-tensor
         return _row_norm_full(x, normalized_shape, weight, bias, eps, activation, residual,
@@ -293,48 +295,16 @@ def _row_norm(x, normalized_shape, weight, bias, eps, activation, residual, is_r
     y = _row_norm_full(x, normalized_shape, weight, bias, eps, activation, residual, is_rms,
                        name)  # (validates: raises on bad arguments)
     if key not in _PLANS:
-        remember(_PLANS, key, _plan(x, normalized_shape, weight, bias, eps, activation,
-                                    residual, is_rms, y))
+        if eps is None:  # (rms_norm's default, as the full path resolves it)
+            eps = _F64_EPS if x.dtype == torch.float64 else _F32_EPS
+        remember(_PLANS, key, _norm_plan.make_plan(
+            x, _normalized_shape(normalized_shape)[1], weight, bias, eps, activation, residual,
+            is_rms, y, grad, norm_act_bwd))
     return y
 
 
-# per-signature plans (eager, no grad, no autocast): a call whose arguments have the shapes,
-# strides, dtypes, devices and scalars of an earlier valid call skips validation and launch
-# set-up; the launch is the full path's (kernels.norm.bind_norm_fwd), so the bits are the same
+# per-signature plans (eager, no autocast, with or without grad): tilefuse.fused.norm_plan
 _PLANS = plan_cache()
-
-
-def _plan(x, normalized_shape, weight, bias, eps, activation, residual, is_rms, y):
-    """The plan of a validated no-grad call that returned ``y``, or None where a later call
-    needs more than allocate + launch: the torch path, an empty tensor, an activation module,
-    rows that are not a view of ``x``, a broadcast residual, strided parameters."""
-    if _use_torch(x) or y.numel() == 0 or not (
-            activation is None or type(activation) in (str, tuple)):
-        return None
-    shape, N = _normalized_shape(normalized_shape)
-    M = x.numel() // N
-    if residual is not None and residual.shape != x.shape:
-        return None  # (broadcast: the full path expands it)
-    views = [t if t is None or t.shape == (M, N) else t.reshape(M, N) for t in (x, residual)]
-    for raw, view in zip((x, residual), views):
-        if raw is not None and view.data_ptr() != raw.data_ptr():
-            return None  # (the full path's reshape copies)
-    if any(t is not None and not t.is_contiguous() for t in (weight, bias)):
-        return None
-    if eps is None:  # (rms_norm's default, as the full path resolves it)
-        eps = _F64_EPS if x.dtype == torch.float64 else _F32_EPS
-    act, act_param = act_code(activation)
-    from tilefuse.kernels.norm import bind_norm_fwd
-
-    launch = bind_norm_fwd(views[0], views[1], weight is not None, bias is not None,
-                           float(eps), is_rms, act, act_param, False)
-    alloc = allocator(x, y)
-
-    def run(x, weight, bias, residual):
-        y = alloc(x)
-        launch(x, residual, weight, bias, y, None, None, None)
-        return y
-    return run
 
 
 def _row_norm_full(x, normalized_shape, weight, bias, eps, activation, residual, is_rms, name,

@@ -125,3 +125,46 @@ def _kernel_class():
     from tilefuse.kernels.activations import activation_backward_kernel
 
     return type(activation_backward_kernel)
+
+
+def _assert_all_same(got, want):
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert_same(a, b)
+
+
+def assert_plans_match_custom_op(fn, inputs, mask, calls=3, dy=None):
+    """``calls`` calls of ``fn`` on fresh leaves (``mask``: which require grad; the first call
+    of a new signature takes the full path, later ones the plans) and one on the custom-op
+    path: outputs and input gradients bit for bit equal. ``dy(y)``: the upstream gradient
+    (ones by default)."""
+    results = []
+    for path in ("plan",) * calls + ("custom",):
+        xs = [t.detach().clone().requires_grad_(m) for t, m in zip(inputs, mask)]
+        with custom_op_path(path == "custom"):
+            y = fn(*xs)
+            y.backward(torch.ones_like(y) if dy is None else dy(y))
+        results.append([y.detach()] + [t.grad for t in xs])
+    for res in results[:-1]:
+        _assert_all_same(res, results[-1])
+
+
+def assert_checkpoint_matches_custom_op(fn, inputs, clear, calls=3):
+    """``torch.utils.checkpoint`` (non-reentrant) around ``fn`` after ``clear()`` emptied the
+    plans: the first forward takes the full path and its recomputation the plan, later ones
+    plans; checkpoint's saved-tensor check passes and outputs and gradients equal the
+    custom-op path's bit for bit."""
+    from torch.utils.checkpoint import checkpoint
+
+    def grads(wrap):
+        xs = [t.clone().requires_grad_() for t in inputs]
+        y = wrap(fn, *xs)
+        y.square().sum().backward()
+        return [y.detach()] + [t.grad for t in xs]
+
+    with custom_op_path():
+        want = grads(lambda f, *a: f(*a))
+    clear()
+    for _ in range(calls):
+        _assert_all_same(grads(lambda f, *a: checkpoint(f, *a, use_reentrant=False)), want)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import tilefuse
-from fast_path_utils import assert_same, compiled_targets, record_launches
+from fast_path_utils import (assert_checkpoint_matches_custom_op, assert_same, compiled_targets,
+                             record_launches)
 from tilefuse.bench.host import stub_launches
 from tilefuse.fused import linear as fl
 from tilefuse.fused import matmul_plan
@@ -182,25 +183,13 @@ def test_checkpoint_forward_and_recomputation_on_either_path(name):
     """``torch.utils.checkpoint`` compares the count and metadata of the tensors saved by the
     forward and by its recomputation: the first call of a signature (full path) and its plan
     (recomputation) must save alike (the linear plan saves weight.t() under the hooks)."""
-    from torch.utils.checkpoint import checkpoint
-
     from tilefuse.fused import matmul as fm
 
     fn, shapes = CKPT_CASES[name]
-    inputs = [torch.randn(s) for s in shapes]
 
-    def grads(wrap):
-        xs = [t.clone().requires_grad_() for t in inputs]
-        y = wrap(fn, *xs)
-        y.square().sum().backward()
-        return [y.detach()] + [t.grad for t in xs]
+    def clear():
+        for ops_plans in (fm._MATMUL, fl._LINEAR):
+            ops_plans.plans[1].clear()
+            ops_plans.hot.clear()
 
-    with custom_op_path():
-        want = grads(lambda f, *a: f(*a))
-    for ops_plans in (fm._MATMUL, fl._LINEAR):
-        ops_plans.plans[1].clear()
-        ops_plans.hot.clear()
-    for _ in range(4):  # forward: full path, then plans / hot slot; recomputation: plans
-        got = grads(lambda f, *a: checkpoint(f, *a, use_reentrant=False))
-        for a, b in zip(got, want):
-            assert_same(a, b)
+    assert_checkpoint_matches_custom_op(fn, [torch.randn(s) for s in shapes], clear, calls=4)

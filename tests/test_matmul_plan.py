@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tilefuse
-from fast_path_utils import assert_same, record_launches
+from fast_path_utils import assert_plans_match_custom_op, assert_same, record_launches
 from tilefuse.bench.host import stub_launches
 from tilefuse.fused import matmul as fm
 from tilefuse.kernels import matmul as km
@@ -152,18 +152,7 @@ def test_planned_grad_call_equals_custom_op(name):
     inputs = make()
     for mask in ([True] * len(inputs), [False] + [True] * (len(inputs) - 1),
                  [False] * (len(inputs) - 1) + [True]):
-        results = []
-        for path in ("plan", "plan", "plan", "custom"):
-            xs = [t.detach().clone().requires_grad_(m) for t, m in zip(inputs, mask)]
-            with custom_op_path(path == "custom"):
-                y = fn(*xs)
-                y.backward(torch.ones_like(y))
-            results.append([y.detach()] + [t.grad for t in xs])
-        for res in results[:3]:
-            for got, ref in zip(res, results[3]):
-                assert (got is None) == (ref is None)
-                if got is not None:
-                    assert_same(got, ref)
+        assert_plans_match_custom_op(fn, inputs, mask)
 
 
 def test_grad_plan_hit_skips_the_full_path(monkeypatch):

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import tilefuse
-from fast_path_utils import assert_same
+from fast_path_utils import (assert_checkpoint_matches_custom_op, assert_plans_match_custom_op,
+                             assert_same)
 from tilefuse.bench.host import stub_launches
 from tilefuse.fused import norm as fn
 from tilefuse.fused._fast import custom_op_path
@@ -139,18 +140,8 @@ def test_planned_norm_with_grad_equals_custom_op(name):
     inputs = (torch.randn(shape), torch.randn(pshape) + 1, torch.randn(pshape),
               torch.randn(shape))
     for mask in ([True] * 4, [False, True, True, False], [True, False, False, True]):
-        results = []
-        for path in ("plan",) * 3 + ("custom",):
-            xs = [t.clone().requires_grad_(m) for t, m in zip(inputs, mask)]
-            with custom_op_path(path == "custom"):
-                y = fn_(*xs)
-                y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
-            results.append([y.detach()] + [t.grad for t in xs])
-        for res in results[:3]:
-            for got, want in zip(res, results[3]):
-                assert (got is None) == (want is None)
-                if got is not None:
-                    assert_same(got, want)
+        assert_plans_match_custom_op(fn_, inputs, mask,
+                                     dy=lambda y: torch.linspace(-1, 1, y.numel()).view(y.shape))
 
 
 def test_grad_plan_hit_skips_the_full_path(monkeypatch):
@@ -166,24 +157,7 @@ def test_grad_plan_hit_skips_the_full_path(monkeypatch):
 def test_checkpoint_forward_and_recomputation_on_either_path(name):
     """The plan with grad saves, under saved-tensor hooks (checkpoint), the full path's 2-D
     views: the forward (full path on a new signature) and its recomputation (plan) agree."""
-    from torch.utils.checkpoint import checkpoint
-
     fn_, shape, pshape = GRAD_CASES[name]
     inputs = (torch.randn(shape), torch.randn(pshape) + 1, torch.randn(pshape),
               torch.randn(shape))
-
-    def grads(wrap):
-        xs = [t.clone().requires_grad_() for t in inputs]
-        y = wrap(fn_, *xs)
-        y.square().sum().backward()
-        return [y.detach()] + [t.grad for t in xs]
-
-    with custom_op_path():
-        want = grads(lambda f, *a: f(*a))
-    fn._PLANS.clear()
-    for _ in range(3):
-        got = grads(lambda f, *a: checkpoint(f, *a, use_reentrant=False))
-        for a, b in zip(got, want):
-            assert (a is None) == (b is None)
-            if a is not None:
-                assert_same(a, b)
+    assert_checkpoint_matches_custom_op(fn_, inputs, fn._PLANS.clear)

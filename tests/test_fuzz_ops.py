@@ -78,6 +78,7 @@ def run_and_compare(data, g, leaves: dict, kernel_fn, ref_fn, grad=True, out_dty
     assert out.dtype == want_dtype, f"{name}: dtype {out.dtype} != {want_dtype}"
     check(f"{name} forward", out, ref, eager, factor, scale=scale, n_reduce=n_reduce, cond=cond)
     if not grad or out.numel() == 0:
+        _assert_repeat_same(name, kernel_fn, leaves, names, out, None, False, None)
         return out
     dy64 = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype).double()
     gk = _grads(out, [kl[k] for k in names], dy64.to(out.dtype))
@@ -92,7 +93,22 @@ def run_and_compare(data, g, leaves: dict, kernel_fn, ref_fn, grad=True, out_dty
         assert gk[i].dtype == kl[k].dtype, f"{name} grad {k}: dtype {gk[i].dtype}"
         check(f"{name} grad {k}", gk[i], gr[i], ge[i] if ge is not None else None, grad_factor,
               scale=scale, n_reduce=n_reduce, cond=cond)
+    _assert_repeat_same(name, kernel_fn, leaves, names, out, gk, grad, dy64.to(out.dtype))
     return out
+
+
+def _assert_repeat_same(name, kernel_fn, leaves, names, out, gk, grad, dy):
+    """The same call again on fresh leaves: the first call of a signature took the op's full
+    path, this one its per-signature plan where the op has one (docs/host_path.md). Output and
+    gradients must be the same bits."""
+    kl = {k: (_leaf(v, grad) if v is not None else None) for k, v in leaves.items()}
+    out2 = kernel_fn(**kl)
+    assert out2.dtype == out.dtype and out2.shape == out.shape, f"{name}: repeat differs"
+    assert torch.equal(out2.detach().nan_to_num(), out.detach().nan_to_num()), \
+        f"{name}: a repeated call (plan) gave other bits than the first (full path)"
+    if grad and out.numel():
+        for k, a, b in zip(names, _grads(out2, [kl[k] for k in names], dy), gk):
+            assert torch.equal(a.nan_to_num(), b.nan_to_num()), f"{name} grad {k}: repeat differs"
 
 
 # --------------------------------------------------------------------------------------------

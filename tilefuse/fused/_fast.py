@@ -231,7 +231,8 @@ def tensor_guard(*tensors):
     """``check(*tensors) -> bool``, one C call: whether the tensors of a later call have these
     tensors' exact Python types, dtypes, devices, dispatch keys (with the thread's dispatch
     modes: autocast, functorch), ``requires_grad``, sizes and strides, and are distinct objects
-    (torch's own dynamo tensor guard). A plan's single-entry fast check (:func:`hot_slot`);
+    (torch's own dynamo tensor guard). A plan's single-entry fast check (the GEMM ops' hot
+    slot, :class:`tilefuse.fused.matmul_plan.OpPlans`);
     None where this torch lacks the guard or it fails its self-test (callers then keep to the
     keyed lookup)."""
     if not _guards_work():

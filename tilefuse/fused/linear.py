@@ -6,8 +6,8 @@ call plus checks and a transposed view. Its plans are keyed on its own arguments
 passed, ``(out_features, in_features)``) and reuse the matmul plan of the 2-D product: an
 ``x`` with more than two dims is viewed as ``(M, K)`` (planned only where that is a view, i.e.
 ``x`` contiguous) and the output viewed back, exactly as the full path does, so results and
-gradients are the same bits. The hot slot (:class:`tilefuse.fused.matmul.OpPlans`) serves
-calls with or without ``bias``.
+gradients are the same bits. The hot slot (:class:`tilefuse.fused.matmul_plan.OpPlans`)
+serves calls with or without ``bias``.
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from typing import Optional
 from torch import Tensor
 from torch._C import _any_requires_grad, is_grad_enabled
 
-from tilefuse._backend import _ENV_DATA, _ENV_KEY, backend_of
+from tilefuse._backend import backend_of
 from tilefuse._validate import check_tensor, float_tensor
-from tilefuse.fused.matmul import (_FORCE_CUSTOM_OP, OpPlans, _allow_tf32, _is_compiling,
-                                   _plan_2d, add_plan, find_plan, matmul)
+from tilefuse.fused.matmul import (_FORCE_CUSTOM_OP, OpPlans, _is_compiling, _plan_2d, add_plan,
+                                   find_plan, hot_plan, matmul)
 
 _LINEAR = OpPlans()
 _LINEAR_HOT = _LINEAR.hot
@@ -42,12 +42,11 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation=
     if _FORCE_CUSTOM_OP[0] or _is_compiling():
         return _linear(x, weight, bias, activation, residual)
     grad = is_grad_enabled() and _any_requires_grad(x, weight, bias, residual)
-    hot = _LINEAR_HOT.get(grad)  # (OpPlans' hot check, inlined, with or without bias)
-    if (hot is not None and residual is None and activation is hot[0]
-            and (bias is None) is hot[2] and hot[3] == _ENV_DATA.get(_ENV_KEY)
-            and (hot[4](x, weight) if bias is None else hot[4](x, weight, bias))
-            and (hot[5] is None or hot[5] == _allow_tf32())):
-        return hot[6](x, weight, bias, None)
+    hot = _LINEAR_HOT.get(grad)
+    if hot is not None:
+        plan = hot_plan(hot, x, weight, bias, residual, activation, None)
+        if plan is not None:
+            return plan(x, weight, bias, None)
     plan = find_plan(_LINEAR, grad, x, weight, bias, residual, activation, None)
     if plan is not None:
         return plan(x, weight, bias, residual)

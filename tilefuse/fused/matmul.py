@@ -20,10 +20,9 @@ from tilefuse._backend import backend_of
 from tilefuse._validate import (FLOAT_DTYPES_F64, check_broadcastable, check_same_dtype,
                                 check_tensor, float_tensor, same_device)
 from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
-from tilefuse._backend import _ENV_DATA, _ENV_KEY
 from tilefuse.fused import _fast
 from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, needs_grad, saving_hooked
-from tilefuse.fused.matmul_plan import OpPlans, _allow_tf32, add_plan, find_plan
+from tilefuse.fused.matmul_plan import OpPlans, _allow_tf32, add_plan, find_plan, hot_plan
 from torch._C import _any_requires_grad, is_grad_enabled
 
 _is_compiling = _fast._is_compiling
@@ -266,11 +265,11 @@ def matmul(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, activation=None,
         return _matmul(a, b, bias, activation, residual, out_dtype)
     # eager: a call with the signature of an earlier one reuses its plan
     grad = is_grad_enabled() and _any_requires_grad(a, b, bias, residual)
-    hot = _MATMUL_HOT.get(grad)  # (OpPlans.hot's check, inlined: the cheapest op there is)
-    if (hot is not None and bias is None and residual is None and activation is hot[0]
-            and out_dtype is hot[1] and hot[3] == _ENV_DATA.get(_ENV_KEY) and hot[4](a, b)
-            and (hot[5] is None or hot[5] == _allow_tf32())):
-        return hot[6](a, b, None, None)
+    hot = _MATMUL_HOT.get(grad)
+    if hot is not None:
+        plan = hot_plan(hot, a, b, bias, residual, activation, out_dtype)
+        if plan is not None:
+            return plan(a, b, bias, None)
     plan = find_plan(_MATMUL, grad, a, b, bias, residual, activation, out_dtype)
     if plan is not None:
         return plan(a, b, bias, residual)

@@ -6,11 +6,7 @@ from __future__ import annotations
 import torch
 
 from tilefuse._backend import _ENV_DATA, _ENV_KEY, _env_backend
-from tilefuse.fused import _fast
-from tilefuse.fused._fast import plan_cache, remember, tensor_guard, tkey
-
-_jit_tracing, _functorch_active = _fast._jit_tracing, _fast._functorch_active
-_autocast_on = _fast._any_autocast_enabled
+from tilefuse.fused._fast import plan_cache, plans_allowed, remember, tensor_guard, tkey
 
 
 def _allow_tf32() -> bool:
@@ -25,8 +21,10 @@ class OpPlans:
 
     The hot slot (per grad mode) holds the plan of the signature that the last two keyed
     lookups both found, with a guard that checks a call against it in one C call
-    (:func:`tilefuse.fused._fast.tensor_guard`) instead of building and hashing a key. Any
-    other call empties it, so a caller that alternates signatures pays one failed check, then
+    (:func:`tilefuse.fused._fast.tensor_guard`) instead of building and hashing a key
+    (:func:`hot_plan`): ``hot = (activation, out_dtype, bias is None, TILEFUSE_BACKEND, guard,
+    TF32 or None, plan)``, scalars compared by identity. Any other call empties it
+    (:func:`find_plan`), so a caller that alternates signatures pays one failed check, then
     keyed lookups only. The guard also fails under autocast, functorch transforms and jit
     tracing (their dispatch keys are part of what it checks; ``_fast._guards_work`` tests
     that), so the slot needs no checks of its own for those modes."""
@@ -47,21 +45,24 @@ def _key(a, b, bias, residual, activation, out_dtype):
     return key
 
 
+def hot_plan(hot, a, b, bias, residual, activation, out_dtype):
+    """The hot slot's plan when this call matches it (one guard call, no key), else None."""
+    if (residual is None and activation is hot[0] and out_dtype is hot[1]
+            and (bias is None) is hot[2] and hot[3] == _ENV_DATA.get(_ENV_KEY)
+            and (hot[4](a, b) if bias is None else hot[4](a, b, bias))
+            and (hot[5] is None or hot[5] == _allow_tf32())):
+        return hot[6]
+    return None
+
+
 def find_plan(ops, grad, a, b, bias, residual, activation, out_dtype):
-    """The plan of this eager call (not compiling, not under ``custom_op_path``): the hot slot's,
-    else the keyed one; None for a new or unplannable signature (then the op takes its full
-    path and calls :func:`add_plan`)."""
-    hot = ops.hot.get(grad)
-    if hot is not None:
-        if (residual is None and activation is hot[0] and out_dtype is hot[1]
-                and (bias is None) is hot[2] and hot[3] == _ENV_DATA.get(_ENV_KEY)
-                and (hot[4](a, b) if bias is None else hot[4](a, b, bias))
-                and (hot[5] is None or hot[5] == _allow_tf32())):
-            return hot[6]
-        # another signature: keyed lookups until one repeats (pop: another thread may have
-        # emptied the slot since the get)
-        ops.hot.pop(grad, None)
-    if _jit_tracing() or _autocast_on() or _functorch_active():  # (_fast.plans_allowed)
+    """The keyed plan of this eager call (not compiling, not under ``custom_op_path``), for a
+    caller whose inlined hot-slot check missed: the slot is emptied (any other signature
+    empties it; pop: another thread may have emptied it since), then the key is looked up.
+    None for a new or unplannable signature (then the op takes its full path and calls
+    :func:`add_plan`)."""
+    ops.hot.pop(grad, None)
+    if not plans_allowed():
         return None
     try:
         plan = ops.plans[grad][_key(a, b, bias, residual, activation, out_dtype)]
@@ -79,7 +80,7 @@ def find_plan(ops, grad, a, b, bias, residual, activation, out_dtype):
 def add_plan(ops, grad, a, b, bias, residual, activation, out_dtype, planner):
     """After a validated full-path call: store ``planner(a, b, bias, residual, activation,
     out_dtype, grad)`` (None: the signature cannot be planned) under the call's key."""
-    if _jit_tracing() or _autocast_on() or _functorch_active():
+    if not plans_allowed():
         return
     try:
         key = _key(a, b, bias, residual, activation, out_dtype)

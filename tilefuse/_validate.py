@@ -125,6 +125,12 @@ def dense(t):
     return t if t is None or t.is_contiguous() else t.contiguous()
 
 
+def all_dense(*tensors) -> bool:
+    """Whether every one of ``tensors`` (None allowed) is contiguous, i.e. what :func:`dense`
+    passes as is (a per-signature plan then takes the caller's tensors as the full path does)."""
+    return all(t is None or t.is_contiguous() for t in tensors)
+
+
 def same_device(**tensors) -> None:
     """:func:`check_same_device` without building names unless a device differs."""
     device = None

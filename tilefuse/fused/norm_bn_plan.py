@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from tilefuse._validate import all_dense
 from tilefuse.fused import _fast
 from tilefuse.fused._fast import act_code, lazy_module, plan_cache
 from tilefuse.fused._fast import use_torch_path as _use_torch
@@ -56,8 +57,7 @@ def make_plan(x, running_mean, running_var, weight, bias, training, momentum, ep
     if type(training) is not bool or not (activation is None or
                                           type(activation) in (str, tuple)):
         return None  # (an activation module is parsed on every call)
-    if _use_torch(x) or (weight is not None and not weight.is_contiguous()) or (
-            bias is not None and not bias.is_contiguous()):
+    if _use_torch(x) or not all_dense(weight, bias):
         return None  # (strided parameters: the full path copies them)
     shape = x.shape
     N, C = shape[0], shape[1]

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from tilefuse import _autocast
 from tilefuse._backend import _env_backend
-from tilefuse._validate import check_shape, check_tensor, dense, float_tensor, same_device
+from tilefuse._validate import (all_dense, check_shape, check_tensor, dense, float_tensor,
+                                same_device)
 from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
 from tilefuse.fused._fast import (_c_apply, act_code, allocator, autocast_maybe_on, fast_op,
                                   lazy_module, needs_grad, plan_cache, plans_allowed, remember,
@@ -278,7 +279,7 @@ def _build_plan(x, weight, bias, num_groups, eps, activation, y, grad):
     none may: a module activation (parsed on every call: its parameters may change)."""
     if activation is not None and type(activation) not in (str, tuple):
         return None
-    if dense(weight) is not weight or dense(bias) is not bias:
+    if not all_dense(weight, bias):
         return None  # (strided parameters: the full path copies them)
     G, eps = int(num_groups), float(eps)
     act, param = act_code(activation)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from tilefuse._validate import all_dense
 from tilefuse.fused._fast import _c_apply, act_code, allocator, saving_hooked
 from tilefuse.fused._fast import use_torch_path as _use_torch
 
@@ -88,7 +89,7 @@ def make_plan(x, N, weight, bias, eps, activation, residual, is_rms, y, grad, bw
     for raw, view in zip((x, residual), views):
         if raw is not None and view.data_ptr() != raw.data_ptr():
             return None  # (the full path's reshape copies)
-    if any(t is not None and not t.is_contiguous() for t in (weight, bias)):
+    if not all_dense(weight, bias):
         return None  # (the full path copies strided parameters)
     act, act_param = act_code(activation)
     from tilefuse.kernels.norm import bind_norm_fwd

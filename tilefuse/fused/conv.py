@@ -279,10 +279,8 @@ def conv_geometry(in_shape, w_shape, stride=1, padding=0, dilation=1, groups=1):
     the argument on bad input)."""
     try:
         # (with the types: True == 1 and 1.0 == 1 as dict keys, and bools and floats raise)
-        key = (in_shape[-3:], w_shape, stride if type(stride) is int else _plan.arg_key(stride),
-               padding if type(padding) is int else _plan.arg_key(padding),
-               dilation if type(dilation) is int else _plan.arg_key(dilation), groups,
-               type(groups), len(in_shape))
+        key = (in_shape[-3:], w_shape, _plan.geometry_key(stride, padding, dilation, groups),
+               len(in_shape))
         hit = _GEOMETRY.get(key)
     except TypeError:  # unhashable (list) arguments: no cache
         key = hit = None
@@ -336,10 +334,8 @@ def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=
         try:  # the signature: every argument that validation, layout and launch depend on
             grad = is_grad_enabled()
             key = (tkey(input), tkey(weight), tkey(bias), tkey(residual), type(input),
-                   type(weight), stride if type(stride) is int else _plan.arg_key(stride),
-                   padding if type(padding) is int else _plan.arg_key(padding),
-                   dilation if type(dilation) is int else _plan.arg_key(dilation), groups,
-                   type(groups), activation, post_activation, _env_backend(),
+                   type(weight), _plan.geometry_key(stride, padding, dilation, groups),
+                   activation, post_activation, _env_backend(),
                    input.is_cuda and _allow_tf32(),
                    grad and _any_requires_grad(input, weight, bias),
                    grad and residual is not None and residual.requires_grad)

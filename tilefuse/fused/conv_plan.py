@@ -32,6 +32,15 @@ _kernels = lazy_module("tilefuse.kernels.conv_fwd")
 _CL = torch.channels_last
 
 
+def geometry_key(stride, padding, dilation, groups):
+    """The plan-key part of conv2d's geometry arguments (the op's plans and its cached
+    :func:`tilefuse.fused.conv.conv_geometry`): ints as they are, other forms through
+    :func:`arg_key`, ``groups`` with its type (``True == 1`` as dict keys; a bool raises)."""
+    return (stride if type(stride) is int else arg_key(stride),
+            padding if type(padding) is int else arg_key(padding),
+            dilation if type(dilation) is int else arg_key(dilation), groups, type(groups))
+
+
 def arg_key(v):
     """The plan-key part of a stride / padding / dilation that is not an int: the value with
     its type and its elements' types (as dict keys ``True == 1`` and ``1.0 == 1``; a bool or a

@@ -3,6 +3,7 @@
 ``torch.compile(fullgraph=True)`` tracing the custom op."""
 import contextlib
 
+import pytest
 import torch
 
 from tilefuse.fused._fast import custom_op_path
@@ -168,3 +169,15 @@ def assert_checkpoint_matches_custom_op(fn, inputs, clear, calls=3):
     clear()
     for _ in range(calls):
         _assert_all_same(grads(lambda f, *a: checkpoint(f, *a, use_reentrant=False)), want)
+
+
+def assert_raises_after_plan(op, good: dict, bad: dict, err, match):
+    """``op(**good)`` twice (a plan exists for those arguments), then ``op(**good, **bad)``
+    raises ``err`` matching ``match`` on every call (a bad argument equal to a valid one as a
+    dict key, ``True == 1`` or ``1.0 == 1``, is not served by that plan)."""
+    for _ in range(2):
+        op(**good)
+    args = {**good, **bad}
+    for _ in range(3):
+        with pytest.raises(err, match=match):
+            op(**args)

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 import tilefuse
 import tilefuse.fused.conv as fc
-from fast_path_utils import (assert_grads_equal_custom_op, assert_same,  # noqa: I100
-                             compiled_targets, launches, run)
+from fast_path_utils import (assert_grads_equal_custom_op, assert_raises_after_plan,  # noqa: I100
+                             assert_same, compiled_targets, launches, run)
 from tilefuse.fused._fast import custom_op_path
 
 ops = tilefuse.ops
@@ -239,12 +239,7 @@ def test_bad_input_raises_on_every_call(bad, err, match):
     good = dict(input=torch.randn(2, 3, 5, 5), weight=torch.randn(4, 3, 3, 3), bias=None,
                 stride=1, padding=1, dilation=1, groups=1, activation="relu", residual=None,
                 post_activation=None)
-    for _ in range(2):
-        ops.conv2d(**good)
-    args = {**good, **bad}
-    for _ in range(3):
-        with pytest.raises(err, match=match):
-            ops.conv2d(**args)
+    assert_raises_after_plan(ops.conv2d, good, bad, err, match)
 
 
 def test_backend_change_after_a_plan_launches_nothing(monkeypatch):

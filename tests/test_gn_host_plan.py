@@ -16,8 +16,8 @@ import triton
 import tilefuse
 import tilefuse.fused.norm_group as fgn
 import tilefuse.kernels.norm_group as kg
-from fast_path_utils import (assert_grads_equal_custom_op, assert_same,  # noqa: I100
-                             compiled_targets, launches, run)
+from fast_path_utils import (assert_grads_equal_custom_op, assert_raises_after_plan,  # noqa: I100
+                             assert_same, compiled_targets, launches, run)
 from tilefuse.bench.traffic import count_traffic, nbytes
 from tilefuse.fused._fast import custom_op_path
 
@@ -164,12 +164,7 @@ def test_bad_input_raises_on_every_call(bad, err, match):
     argument equal to a valid one as a dict key (True == 1) still raises, on every call."""
     good = dict(x=torch.randn(2, 6, 4), num_groups=1, weight=None, bias=None, eps=1.0,
                 activation="relu")
-    for _ in range(2):
-        ops.group_norm_act(**good)
-    args = {**good, **bad}
-    for _ in range(3):
-        with pytest.raises(err, match=match):
-            ops.group_norm_act(**args)
+    assert_raises_after_plan(ops.group_norm_act, good, bad, err, match)
 
 
 def test_parameter_on_another_device_raises_after_a_plan():

@@ -287,28 +287,28 @@ def bind_matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias=None, re
         return None
     tf32 = bool(allow_tf32 and a.dtype == torch.float32 and a.is_cuda)
     args = (a, b, c, bias, residual, activation, act_param, tf32, save_pre)
-    classic = _bind_path(_CLASSIC, False, *args)
     # CPU tensors: the layouts whatever TMA_ON_CPU says now (the plan reads it per call)
     layouts = (_gc.tma_layouts(a, b, tf32) if not a.is_cuda or _gc.tma_capable(a.get_device())
                else None)
-    if layouts is None or classic is None:
-        return classic
-    tma = _bind_path(("tma",) + layouts, c_tma_ok(c), *args)
-    if tma is None:
-        return None
-    on_cpu = not a.is_cuda
-
-    def launch(a, b, bias, residual):
-        if (on_cpu and not _gc.TMA_ON_CPU) or (a.data_ptr() | b.data_ptr()) % 16:
-            return classic(a, b, bias, residual)
-        return tma(a, b, bias, residual)
-
-    return launch
+    if layouts is None:
+        return _bind_path(_CLASSIC, False, *args)
+    # both launches: the one a call of this device usually takes is the plan and tests, per
+    # call, whether this call takes the other (one Python frame less than a dispatcher)
+    tma_path = ("tma",) + layouts
+    if not a.is_cuda:
+        tma = _bind_path(tma_path, c_tma_ok(c), *args)
+        return None if tma is None else _bind_path(_CLASSIC, False, *args, other=tma)
+    classic = _bind_path(_CLASSIC, False, *args)
+    return None if classic is None else _bind_path(tma_path, c_tma_ok(c), *args, other=classic)
 
 
-def _bind_path(path, c_tma, a, b, c, bias, residual, activation, act_param, tf32, save_pre):
+def _bind_path(path, c_tma, a, b, c, bias, residual, activation, act_param, tf32, save_pre,
+               other=None):
     """:func:`bind_matmul`'s launch on one ``path`` (:func:`tilefuse.kernels.gemm_common.
-    gemm_path`'s answer), or None for split-K."""
+    gemm_path`'s answer), or None for split-K. ``other``: the launch of the other path, which
+    a call takes instead where its operands say so: a classic launch (CPU tensors) hands a call
+    to the TMA one under ``TMA_ON_CPU`` with both bases 16-byte aligned; a TMA launch hands a
+    call with a misaligned base to the classic one."""
     M, K = a.shape
     N = b.shape[1]
     sb = b.stride()
@@ -324,6 +324,8 @@ def _bind_path(path, c_tma, a, b, c, bias, residual, activation, act_param, tf32
         la, lb = path[1], path[2]
 
         def launch_tma_pre(a, b, bias, residual):
+            if other is not None and (a.data_ptr() | b.data_ptr()) % 16:
+                return other(a, b, bias, residual)
             # Tensor.new_empty(ints) is the cheapest allocation (~0.8 us)
             c = a.new_empty(M, N) if same else torch.empty(M, N, device=dev, dtype=dtype)
             pre = a.new_empty(M, N) if save_pre else None
@@ -348,13 +350,17 @@ def _bind_path(path, c_tma, a, b, c, bias, residual, activation, act_param, tf32
     kernel = matmul_kernel  # (``kernel.run`` is looked up per call: tools patch the class)
 
     def launch(a, b, bias, residual):
+        if other is not None and _gc.TMA_ON_CPU and not (a.data_ptr() | b.data_ptr()) % 16:
+            return other(a, b, bias, residual)
         c = a.new_empty(M, N) if same else torch.empty(M, N, device=dev, dtype=dtype)
         pre = a.new_empty(M, N) if save_pre else c
         kernel.run(a, b, c, c if bias is None else bias, c if residual is None else residual,
                    pre, *rest, **kw)
         return (c, pre) if save_pre else c
 
-    launch.pointers_only = True  # (strides bound: any tensor with the same first element)
+    # strides bound: any tensor with the same first element (not where a call may take the
+    # TMA launch, which builds descriptors from the tensors' shapes)
+    launch.pointers_only = other is None
     return launch
 
 

@@ -5,6 +5,7 @@
 # models; default all, so a rerun can repeat only what failed):
 #
 #   1. nvidia-smi / versions / `tilefuse info`                          (always)
+#      beside it and step 2: tilefuse build-ext (the C++ autograd node)  (timeout 60 s)
 #   2. tests:    pytest -m cuda in 3 parallel shards, verbose, slowest listed (timeout 150 s)
 #                pytest-benchmark of matmul+bias+GELU vs eager           (timeout 25 s)
 #   3. autotune: tilefuse autotune for the shipped shape sets, export the table under the
@@ -55,6 +56,11 @@ step() {  # step NAME TIMEOUT_S CMD...   (never aborts the script)
   printf "%s\t%s\t%ss\t%s\n" "$name" "$status" "$dt" "$*" >> "$STEPS"
 }
 
+# the C++ autograd node (tilefuse build-ext, ~10-30 s of one core) compiles beside steps 1-2;
+# the host bench (step 4) waits for it, earlier steps use whichever path is there when they start
+( step build_ext 60 $PY -m tilefuse build-ext --verbose ) &
+EXT_PID=$!
+
 # 1. environment
 { nvidia-smi || true; echo; $PY -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print('gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"; git rev-parse HEAD 2>/dev/null; git status --short 2>/dev/null | head -50; } > "$WORK/env.log" 2>&1
 step info 20 $PY -m tilefuse info
@@ -103,6 +109,7 @@ if want kernels; then
     --time-budget 15 --out "$RES/kernels_compile" --no-progress
   # real per-call time of tiny ops (launch included) vs torch: the host-path proxy's GPU check
   mkdir -p "$RES/host"
+  wait "$EXT_PID" 2>/dev/null
   step bench_host 25 $PY -m tilefuse bench host --calls 50 --repeats 5 --json "$RES/host/host.json"
 fi
 

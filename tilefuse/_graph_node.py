@@ -51,12 +51,17 @@ def ext_path() -> Path:
     return cache_dir() / "ext" / f"{_MODULE}-{tag}{sysconfig.get_config_var('EXT_SUFFIX')}"
 
 
-def _compile_command(src: Path, dst: Path) -> list:
+#: the C++ standards tried in turn: torch's own extensions build with C++20 since 2.12 (2.14's
+#: headers need it), torch 2.11's with C++17
+STANDARDS = ("c++20", "c++17")
+
+
+def _compile_command(src: Path, dst: Path, std: str = STANDARDS[0]) -> list:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     cxx = os.environ.get("CXX", "c++")
     abi = int(bool(torch._C._GLIBCXX_USE_CXX11_ABI))
-    cmd = shlex.split(cxx) + ["-O2", "-std=c++17", "-shared", "-fPIC", "-w",
+    cmd = shlex.split(cxx) + ["-O2", f"-std={std}", "-shared", "-fPIC", "-w",
                               f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
                               f"-I{sysconfig.get_paths()['include']}"]
     cmd += [f"-I{p}" for p in include_paths()]
@@ -79,15 +84,20 @@ def build(force: bool = False, verbose: bool = False) -> Path:
             return dst
         with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
             out = Path(tmp) / dst.name
-            cmd = _compile_command(SOURCE, out)
-            if verbose:
-                print(" ".join(shlex.quote(c) for c in cmd), flush=True)
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-            except OSError as e:  # no compiler
-                raise RuntimeError(f"cannot run the C++ compiler {cmd[0]!r}: {e}") from e
-            if proc.returncode != 0:
-                raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr[-4000:]}")
+            errors = []
+            for std in STANDARDS:
+                cmd = _compile_command(SOURCE, out, std)
+                if verbose:
+                    print(" ".join(shlex.quote(c) for c in cmd), flush=True)
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                except OSError as e:  # no compiler
+                    raise RuntimeError(f"cannot run the C++ compiler {cmd[0]!r}: {e}") from e
+                if proc.returncode == 0:
+                    break
+                errors.append(f"-std={std}:\n{proc.stderr[-3000:]}")
+            else:
+                raise RuntimeError(f"compiling {SOURCE.name} failed\n" + "\n".join(errors))
             _load_file(out)  # it must import before it is published
             os.replace(out, dst)
     _STATE.clear()

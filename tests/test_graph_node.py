@@ -202,3 +202,52 @@ def test_cli_and_info_report_the_node(attach, capsys):
     assert str(_graph_node.ext_path()) in capsys.readouterr().out
     assert main(["info"]) == 0
     assert "autograd node     C++" in capsys.readouterr().out
+
+
+def _t(*shape):
+    return torch.randn(*shape)
+
+
+# the other ops whose plans record through node_plan: (fn, inputs, how many lead inputs may
+# require grad, the node's name)
+OP_CASES = {
+    "layer_norm_residual_gelu": (
+        lambda x, w, b, r: ops.layer_norm_act(x, (16,), w, b, activation="gelu", residual=r),
+        lambda: (_t(2, 3, 16), _t(16), _t(16), _t(2, 3, 16)), 4, "TilefuseRowNormBackward"),
+    "rms_norm_silu": (lambda x, w: ops.rms_norm_act(x, (16,), w, activation="silu"),
+                      lambda: (_t(5, 16), _t(16)), 2, "TilefuseRowNormBackward"),
+    "group_norm_relu": (lambda x, w, b: ops.group_norm_act(x, 4, w, b, activation="relu"),
+                        lambda: (_t(2, 8, 3, 3), _t(8), _t(8)), 3, "TilefuseGroupNormBackward"),
+    "batch_norm_train_residual": (
+        lambda x, w, b, r, rm, rv: ops.batch_norm_act(x, rm, rv, w, b, training=True,
+                                                      activation="relu", residual=r),
+        lambda: (_t(4, 6, 3, 3), _t(6), _t(6), _t(4, 6, 3, 3), torch.zeros(6), torch.ones(6)),
+        4, "TilefuseBatchNormBackward"),
+    "batch_norm_eval": (
+        lambda x, w, b, rm, rv: ops.batch_norm_act(x, rm, rv, w, b, training=False),
+        lambda: (_t(4, 6, 5), _t(6), _t(6), _t(6), _t(6).abs() + 0.5), 3,
+        "TilefuseBatchNormBackward"),
+    "conv2d_relu_residual": (
+        lambda x, w, b, r: ops.conv2d(x, w, b, padding=1, activation="relu", residual=r),
+        lambda: (_t(2, 3, 6, 6), _t(4, 3, 3, 3), _t(4), _t(2, 4, 6, 6)), 4,
+        "TilefuseConv2dBackward"),
+    "conv2d_post_activation": (
+        lambda x, w, b: ops.conv2d(x, w, b, activation="silu", post_activation="relu"),
+        lambda: (_t(1, 3, 5, 5), _t(4, 3, 3, 3), _t(4)), 3, "TilefuseConv2dBackward"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OP_CASES))
+def test_op_plans_on_either_recorder(recorder, name):
+    """Planned calls with grad record through the C++ node or their ``autograd.Function``:
+    either gives the custom-op path's outputs and gradients bit for bit, also when only some
+    inputs require grad."""
+    fn, make, n_grad, node_name = OP_CASES[name]
+    inputs = make()
+    n = len(inputs)
+    for lead in ([True] * n_grad, [False] + [True] * (n_grad - 1), [True] + [False] * (n_grad - 1)):
+        assert_plans_match_custom_op(fn, inputs, lead + [False] * (n - n_grad), calls=4)
+    xs = [t.detach().clone().requires_grad_(i < n_grad) for i, t in enumerate(inputs)]
+    for _ in range(3):
+        y = fn(*xs)
+    assert (y.grad_fn.name() == node_name) == (recorder == "node")

@@ -9,8 +9,8 @@ the output allocated with the full path's shape and strides, the kernel launched
 full path runs (the same arguments, the same bits).
 
 * no gradient needed: a closure (allocate, launch);
-* a gradient needed: :class:`_PlannedConv`, an ``autograd.Function`` over the caller's tensors
-  with one output, saving what the op's ``setup_context`` saves (``x``, ``weight`` and the
+* a gradient needed: one autograd node over the caller's tensors (the C++ one of
+  :func:`tilefuse.fused._fast.node_plan`, else :class:`_PlannedConv`) with one output, saving what the op's ``setup_context`` saves (``x``, ``weight`` and the
   stored ``z`` / ``u`` or an empty tensor); its backward is the op's own
   (:func:`tilefuse.fused.conv.input_grads`, the custom-op backward), so gradients are the bits
   of the full path.
@@ -100,7 +100,10 @@ def make_plan(x, weight, bias, residual, stride, padding, dilation, groups, acti
                      ((list(stride), list(pad), list(dilation), groups),
                       (act, act_param, post, post_param), bias is not None,
                       residual is not None, bias.dtype if bias is not None else None))
-        return lambda x, weight, bias, residual: _apply(x, weight, bias, residual, plan)
+        return _fast.node_plan(
+            lambda x, weight, bias, residual: _apply(x, weight, bias, residual, plan),
+            lambda x, weight, bias, residual: _planned_forward(plan, x, weight, bias, residual),
+            _node_backward, plan)
     if to_cl:
         def run_cl(x, weight, bias, residual):
             y = alloc(x)
@@ -128,6 +131,26 @@ class _Plan:
         self.grads, self.bwd = grads, bwd
 
 
+def _planned_forward(plan, x, weight, bias, residual):
+    """The op's forward with the bound launch: ``y`` and what its ``setup_context`` saves."""
+    y = plan.alloc(x)
+    pre = torch.empty_like(y) if plan.save_pre else None
+    mid = torch.empty_like(y) if plan.save_mid else None
+    # (detach: the copy is the launch's operand, not a node of the graph)
+    plan.launch(x, weight.detach().contiguous(memory_format=_CL) if plan.to_cl else weight,
+                bias, residual, y, pre, mid)
+    empty = plan.empty
+    return y, (x, weight, empty if pre is None else pre, empty if mid is None else mid)
+
+
+def _node_backward(plan, saved, needs, dy):
+    """The C++ node's backward: the op's (inputs ``(x, weight, bias, residual)``)."""
+    return plan.grads(dy, *saved, needs, *plan.bwd)
+
+
+_node_backward.__name__ = "TilefuseConv2dBackward"  # (the node's name: grad_fn.name())
+
+
 class _PlannedConv(torch.autograd.Function):
     """``y = conv2d(...)`` over the caller's tensors (one output): the forward of the op's
     implementation with the bound launch, saving the tensors its ``setup_context`` saves (the
@@ -136,14 +159,8 @@ class _PlannedConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, plan):
-        y = plan.alloc(x)
-        pre = torch.empty_like(y) if plan.save_pre else None
-        mid = torch.empty_like(y) if plan.save_mid else None
-        plan.launch(x, weight.contiguous(memory_format=_CL) if plan.to_cl else weight, bias,
-                    residual, y, pre, mid)
-        empty = plan.empty
-        ctx.save_for_backward(x, weight, empty if pre is None else pre,
-                              empty if mid is None else mid)
+        y, saved = _planned_forward(plan, x, weight, bias, residual)
+        ctx.save_for_backward(*saved)
         ctx.plan = plan
         return y
 

@@ -15,16 +15,16 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from tilefuse import _autocast, _graph_node
+from tilefuse import _autocast
 from tilefuse._backend import backend_of
 from tilefuse._validate import (FLOAT_DTYPES_F64, check_broadcastable, check_same_dtype,
                                 check_tensor, float_tensor, same_device)
 from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
 from tilefuse.fused import _fast
-from tilefuse.fused._fast import act_code, autocast_maybe_on, fast_op, needs_grad, saving_hooked
+from tilefuse.fused._fast import (act_code, autocast_maybe_on, fast_op, needs_grad, node_plan,
+                                  saving_hooked)
 from tilefuse.fused.matmul_plan import OpPlans, _allow_tf32, add_plan, find_plan, hot_plan
 from torch._C import _any_requires_grad, _set_grad_enabled, is_grad_enabled
-from torch.autograd import forward_ad as _fwad
 
 _is_compiling = _fast._is_compiling
 _FORCE_CUSTOM_OP = _fast._FORCE_CUSTOM_OP  # (the list itself: custom_op_path sets its item)
@@ -205,33 +205,6 @@ def _planned_backward(state, saved, needs, grad_out):
 _planned_backward.__name__ = "TilefuseMatmulBackward"  # (the node's name: grad_fn.name())
 
 
-def _node_plan(launch, state, function_plan):
-    """A planned call with a gradient recorded by the C++ node (:mod:`tilefuse._graph_node`,
-    about 3 us less host time than :class:`_PlannedMatmul`): the same launch, saved tensors
-    and backward. Under saved-tensor hooks (``torch.utils.checkpoint`` compares what the
-    forward and its recomputation save) and forward-mode AD, ``function_plan`` (the
-    :class:`_PlannedMatmul` one) runs instead. None where the extension is not available."""
-    attach = _graph_node.attach_fn()
-    if attach is None:
-        return None
-    backward = _planned_backward
-
-    if state[0]:  # an activation: the launch also stores the pre-activation, saved
-        def plan(a, b, bias, residual):
-            if saving_hooked() or _fwad._current_level >= 0:
-                return function_plan(a, b, bias, residual)
-            out, pre = launch(a, b, bias, residual)
-            return attach(out, backward, state, (a, b, bias, residual), (a, b, pre))
-        return plan
-
-    def plan(a, b, bias, residual):
-        if saving_hooked() or _fwad._current_level >= 0:
-            return function_plan(a, b, bias, residual)
-        return attach(launch(a, b, bias, residual), backward, state, (a, b, bias, residual),
-                      (a, b))
-    return plan
-
-
 def _plan_2d(a, b, bias, residual, activation, out_dtype, grad=False, weight=False):
     """The plan of a validated call on 2-D operands: ``plan(a, b, bias, residual)`` allocates
     the output and makes :func:`_matmul_impl`'s launch with every non-tensor argument bound
@@ -266,7 +239,14 @@ def _plan_2d(a, b, bias, residual, activation, out_dtype, grad=False, weight=Fal
     # (weight: under saved-tensor hooks the forward saves weight.t(), as the full path does)
     plan = (launch, state, state[:-1] + (False,) if weight else None)
     function_plan = functools.partial(_apply_planned, plan)  # (a C call: no Python frame)
-    return _node_plan(launch, state, function_plan) or function_plan
+    if act:  # the launch also stores the pre-activation, saved
+        def forward(a, b, bias, residual):
+            out, pre = launch(a, b, bias, residual)
+            return out, (a, b, pre)
+    else:
+        def forward(a, b, bias, residual):
+            return launch(a, b, bias, residual), (a, b)
+    return node_plan(function_plan, forward, _planned_backward, state)
 
 
 def _launch_transposed(launch):

@@ -10,8 +10,8 @@ not cover (the torch path, an input that needs a copy, torch ops around the kern
 full path.
 
 * no gradient needed: a closure (allocate, launch);
-* a gradient needed: :class:`_GradPlan`, an ``autograd.Function`` over the caller's tensors
-  with one output (no view nodes around it), saving the ``(N, C, S)`` views the full path's op
+* a gradient needed: :class:`_GradPlan`, one autograd node over the caller's tensors (the C++
+  one of :func:`tilefuse.fused._fast.node_plan`, else :class:`_GradFunction`) with one output (no view nodes around it), saving the ``(N, C, S)`` views the full path's op
   saves; its backward reshapes ``dy`` to ``(N, C, S)`` and runs the op's own backward
   (``batch_norm_act_bwd``), as the full path's view / custom-op / view chain does.
 
@@ -114,16 +114,25 @@ class _GradPlan:
     """The plan of a signature that needs a gradient: :class:`_GradFunction` with the bound
     launch, and the backward's constants."""
 
-    __slots__ = ("launch", "training", "eps", "act", "act_param", "nchw", "dim3", "bwd_op")
-    # (nchw: the (N, C, S) of the full path's views; dim3: x is (N, C, S) already)
+    __slots__ = ("launch", "training", "eps", "act", "act_param", "nchw", "dim3", "bwd_op",
+                 "record")
+    # (nchw: the (N, C, S) of the full path's views; dim3: x is (N, C, S) already; record:
+    # how a call records its autograd node, the C++ node or the Function)
 
     def __init__(self, launch, training, eps, act, act_param, nchw, dim3, bwd_op):
         self.launch, self.training, self.eps = launch, training, eps
         self.act, self.act_param, self.nchw, self.dim3, self.bwd_op = (act, act_param, nchw,
                                                                         dim3, bwd_op)
+        self.record = _fast.node_plan(self.function, self.node_forward, _node_backward, self)
 
     def __call__(self, x, running_mean, running_var, weight, bias, training, momentum, eps,
                  activation, residual, num_batches_tracked):
+        return self.record(x, running_mean, running_var, weight, bias, residual,
+                           num_batches_tracked)
+
+    def function(self, x, running_mean, running_var, weight, bias, residual,
+                 num_batches_tracked):
+        """The call recorded through :class:`_GradFunction`."""
         return _apply(x, running_mean, running_var, weight, bias, residual, num_batches_tracked,
                       self)
 
@@ -151,10 +160,10 @@ class _GradPlan:
                 residual = residual.view(N, C, S)
         ctx.save_for_backward(x, residual, weight, bias, mean, var)
 
-    def backward(self, ctx, dy):
-        """The full path's backward (``batch_norm_act_bwd`` on the (N, C, S) views)."""
-        x, residual, weight, bias, mean, var = ctx.saved_tensors
-        need = ctx.needs_input_grad  # (x, running_mean, running_var, weight, bias, residual)
+    def grads(self, x, residual, weight, bias, mean, var, need, dy, shape):
+        """The full path's backward (``batch_norm_act_bwd`` on the (N, C, S) views ``x``,
+        ``residual``; ``need`` per op input, ``shape``: ``x``'s): ``(dx, None, None, dweight,
+        dbias, dresidual)``."""
         if not self.dim3:
             dy = dy.reshape(self.nchw)
         dres_needed = residual is not None and need[5]
@@ -163,11 +172,32 @@ class _GradPlan:
                                        dres_needed and self.act != 0)
         if dres_needed and self.act == 0:
             dres = dy
-        shape = ctx.x_shape
         return (dx.reshape(shape) if need[0] else None, None, None,
                 dw.to(weight.dtype) if weight is not None and need[3] else None,
                 db.to(bias.dtype) if bias is not None and need[4] else None,
-                dres.reshape(shape) if dres_needed else None, None, None)
+                dres.reshape(shape) if dres_needed else None)
+
+    def node_forward(self, x, running_mean, running_var, weight, bias, residual,
+                     num_batches_tracked):
+        """The C++ node's forward (:func:`tilefuse.fused._fast.node_plan`): ``y`` and the
+        saved tensors (``x`` and ``residual`` as passed: the node's backward views them)."""
+        y, mean, var = self.forward(x, running_mean, running_var, weight, bias, residual,
+                                    num_batches_tracked)
+        return y, (x, residual, weight, bias, mean, var)
+
+
+def _node_backward(plan, saved, needs, dy):
+    """The C++ node's backward (inputs: ``x, running_mean, running_var, weight, bias,
+    residual, num_batches_tracked``)."""
+    x, residual, weight, bias, mean, var = saved
+    shape = x.shape
+    if not plan.dim3:
+        x = x.view(plan.nchw)
+        residual = None if residual is None else residual.view(plan.nchw)
+    return plan.grads(x, residual, weight, bias, mean, var, needs, dy, shape) + (None,)
+
+
+_node_backward.__name__ = "TilefuseBatchNormBackward"  # (the node's name: grad_fn.name())
 
 
 class _GradFunction(torch.autograd.Function):
@@ -185,7 +215,8 @@ class _GradFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        return ctx.plan.backward(ctx, dy)
+        return ctx.plan.grads(*ctx.saved_tensors, ctx.needs_input_grad, dy,
+                              ctx.x_shape) + (None, None)
 
 
 # (Function.apply's Python preamble does nothing for this function outside functorch

@@ -19,8 +19,8 @@ from tilefuse._validate import (all_dense, check_shape, check_tensor, dense, flo
                                 same_device)
 from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
 from tilefuse.fused._fast import (_c_apply, act_code, allocator, autocast_maybe_on, fast_op,
-                                  lazy_module, needs_grad, plan_cache, plans_allowed, remember,
-                                  tkey)
+                                  lazy_module, needs_grad, node_plan, plan_cache, plans_allowed,
+                                  remember, tkey)
 from tilefuse.fused._fast import use_torch_path as _use_torch
 
 
@@ -240,6 +240,36 @@ class _Plan:
         self.G, self.act, self.param = G, act, param
 
 
+def _planned_forward(plan, x, weight, bias):
+    """:func:`group_norm_act_fwd` on ``x`` itself with the bound launch: ``y``, mean, rstd."""
+    y = plan.alloc(x)
+    mean = x.new_empty(plan.groups, dtype=torch.float32)
+    rstd = x.new_empty(plan.groups, dtype=torch.float32)
+    plan.launch(x, weight, bias, y, mean, rstd)
+    return y, mean, rstd
+
+
+def _planned_grads(p, x, weight, bias, mean, rstd, need, dy):
+    """``(dx, dweight, dbias)`` (``need``: per x, weight, bias): ``dy``/``x`` reshaped as the
+    full path's view nodes would and the same :func:`group_norm_act_bwd` (the same bits)."""
+    if dy is None:
+        return None, None, None
+    need_dw = weight is not None and need[1]
+    need_db = bias is not None and need[2]
+    dx, dw, db = group_norm_act_bwd(dy.reshape(p.shape3), x.reshape(p.shape3), weight, bias,
+                                    mean, rstd, p.G, p.act, p.param, need_dw, need_db)
+    return (dx.reshape(x.shape) if need[0] else None, dw.to(weight.dtype) if need_dw else None,
+            db.to(bias.dtype) if need_db else None)
+
+
+def _node_backward(plan, saved, needs, dy):
+    """The C++ node's backward (inputs ``(x, weight, bias)``; saved: those and the stats)."""
+    return _planned_grads(plan, *saved, needs, dy)
+
+
+_node_backward.__name__ = "TilefuseGroupNormBackward"  # (the node's name: grad_fn.name())
+
+
 class _PlannedGroupNorm(torch.autograd.Function):
     """The planned call with a gradient: the forward of :func:`group_norm_act_fwd` on ``x``
     itself (no ``(N, C, S)`` view nodes in the graph); the backward reshapes ``dy``/``x`` as the
@@ -247,10 +277,7 @@ class _PlannedGroupNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, plan):
-        y = plan.alloc(x)
-        mean = x.new_empty(plan.groups, dtype=torch.float32)
-        rstd = x.new_empty(plan.groups, dtype=torch.float32)
-        plan.launch(x, weight, bias, y, mean, rstd)
+        y, mean, rstd = _planned_forward(plan, x, weight, bias)
         ctx.save_for_backward(x, weight, bias)
         ctx.plan, ctx.stats = plan, (mean, rstd)
         ctx.set_materialize_grads(False)
@@ -258,17 +285,9 @@ class _PlannedGroupNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        if dy is None:
-            return None, None, None, None
         x, weight, bias = ctx.saved_tensors
-        p = ctx.plan
-        need = ctx.needs_input_grad
-        need_dw = weight is not None and need[1]
-        need_db = bias is not None and need[2]
-        dx, dw, db = group_norm_act_bwd(dy.reshape(p.shape3), x.reshape(p.shape3), weight, bias,
-                                        *ctx.stats, p.G, p.act, p.param, need_dw, need_db)
-        return (dx.reshape(x.shape) if need[0] else None, dw.to(weight.dtype) if need_dw else
-                None, db.to(bias.dtype) if need_db else None, None)
+        return _planned_grads(ctx.plan, x, weight, bias, *ctx.stats, ctx.needs_input_grad,
+                              dy) + (None,)
 
 
 _apply_planned = _c_apply.__get__(None, _PlannedGroupNorm)
@@ -293,7 +312,11 @@ def _build_plan(x, weight, bias, num_groups, eps, activation, y, grad):
                                             bias is not None, act, param, grad)
     plan = _Plan(allocator(x, y), launch, shape3[0] * G, shape3, G, act, param)
     if grad:
-        return lambda x, weight, bias: _apply_planned(x, weight, bias, plan)
+        def forward(x, weight, bias):
+            y, mean, rstd = _planned_forward(plan, x, weight, bias)
+            return y, (x, weight, bias, mean, rstd)
+        return node_plan(lambda x, weight, bias: _apply_planned(x, weight, bias, plan), forward,
+                         _node_backward, plan)
     alloc = plan.alloc
 
     def run(x, weight, bias):

@@ -251,3 +251,22 @@ def test_op_plans_on_either_recorder(recorder, name):
     for _ in range(3):
         y = fn(*xs)
     assert (y.grad_fn.name() == node_name) == (recorder == "node")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["bias_gelu", "bf16", "linear_relu"])
+def test_gemm_plans_on_either_recorder_cuda(recorder, name):
+    """On the GPU (compiled kernels, the TMA path where the operands allow it): the same bits
+    through the C++ node, the ``autograd.Function`` and the custom-op path."""
+    fn, make = GRAD_CASES[name]
+    inputs = [t.cuda() for t in make()]
+    assert_plans_match_custom_op(fn, inputs, [True] * len(inputs), calls=4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["layer_norm_residual_gelu", "group_norm_relu",
+                                  "batch_norm_train_residual", "conv2d_relu_residual"])
+def test_op_plans_on_either_recorder_cuda(recorder, name):
+    fn, make, n_grad, _ = OP_CASES[name]
+    inputs = [t.cuda() for t in make()]
+    assert_plans_match_custom_op(fn, inputs, [i < n_grad for i in range(len(inputs))], calls=4)

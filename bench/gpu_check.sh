@@ -167,6 +167,7 @@ SUM="$WORK/summary.md"
 } > "$SUM" 2>&1
 cp "$WORK"/*.log "$WORK/steps.tsv" "$SUM" "$RES/" 2>/dev/null
 cp -r "$TILEFUSE_CACHE_DIR" "$RES/autotune_cache" 2>/dev/null
+rm -rf "$RES/autotune_cache/ext"   # (the built autograd node: a binary, not a result)
 tar -czf "$OUT/results.tar.gz" -C "$WORK" bench
 cp "$SUM" "$OUT/summary.md"
 [ -f "$RES/kernels/kernels.json" ] && cp "$RES/kernels/kernels.json" "$OUT/kernels.json"

@@ -23,8 +23,9 @@ from tilefuse.activations import NAMES, torch_activation, torch_activation_grad
 from tilefuse.fused import _fast
 from tilefuse.fused._fast import (act_code, autocast_maybe_on, fast_op, needs_grad, node_plan,
                                   saving_hooked)
-from tilefuse.fused.matmul_plan import OpPlans, _allow_tf32, add_plan, find_plan, hot_plan
-from torch._C import _any_requires_grad, _set_grad_enabled, is_grad_enabled
+from tilefuse.fused.matmul_plan import (OpPlans, _allow_tf32, add_plan, find_plan, hot_plan,
+                                       launch_transposed)
+from torch._C import _any_requires_grad, is_grad_enabled
 
 _is_compiling = _fast._is_compiling
 _FORCE_CUSTOM_OP = _fast._FORCE_CUSTOM_OP  # (the list itself: custom_op_path sets its item)
@@ -231,7 +232,7 @@ def _plan_2d(a, b, bias, residual, activation, out_dtype, grad=False, weight=Fal
     if launch is None:
         return None
     if weight and not getattr(launch, "pointers_only", False):
-        launch = _launch_transposed(launch)
+        launch = launch_transposed(launch)
     if not grad:
         return launch
     state = (act, act_param, bias is not None, residual is not None,
@@ -247,19 +248,6 @@ def _plan_2d(a, b, bias, residual, activation, out_dtype, grad=False, weight=Fal
         def forward(a, b, bias, residual):
             return launch(a, b, bias, residual), (a, b)
     return node_plan(function_plan, forward, _planned_backward, state)
-
-
-def _launch_transposed(launch):
-    """``launch`` for a ``linear`` plan that is passed the weight ``(N, K)``: the launch of
-    ``weight.t()``, that view taken without an autograd node (grad mode off around it)."""
-    def transposed(a, w, bias, residual):
-        enabled = is_grad_enabled()
-        _set_grad_enabled(False)
-        try:
-            return launch(a, w.t(), bias, residual)
-        finally:
-            _set_grad_enabled(enabled)
-    return transposed
 
 
 def matmul(a: Tensor, b: Tensor, bias: Optional[Tensor] = None, activation=None,

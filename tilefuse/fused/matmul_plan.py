@@ -4,6 +4,7 @@ its signature, and how that plan becomes the op's hot one (docs/host_path.md).""
 from __future__ import annotations
 
 import torch
+from torch._C import _set_grad_enabled, is_grad_enabled
 
 from tilefuse._backend import _ENV_DATA, _ENV_KEY, _env_backend
 from tilefuse.fused._fast import plan_cache, plans_allowed, remember, tensor_guard, tkey
@@ -101,3 +102,16 @@ def _promote(ops, grad, plan, a, b, bias, activation, out_dtype):
     if check is not None:
         ops.hot[grad] = (activation, out_dtype, bias is None, _ENV_DATA.get(_ENV_KEY), check,
                          _allow_tf32() if a.is_cuda else None, plan)
+
+
+def launch_transposed(launch):
+    """``launch`` for a ``linear`` plan that is passed the weight ``(N, K)``: the launch of
+    ``weight.t()``, that view taken without an autograd node (grad mode off around it)."""
+    def transposed(a, w, bias, residual):
+        enabled = is_grad_enabled()
+        _set_grad_enabled(False)
+        try:
+            return launch(a, w.t(), bias, residual)
+        finally:
+            _set_grad_enabled(enabled)
+    return transposed

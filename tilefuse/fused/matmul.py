@@ -155,10 +155,10 @@ matmul_op = fast_op("matmul", _matmul_impl, fake=_matmul_fake, setup_context=_se
 # public functional API (re-exported by tilefuse.ops)
 # --------------------------------------------------------------------------------------------
 class _PlannedMatmul(torch.autograd.Function):
-    """A planned call with a gradient: the forward is the plan's bound launch (with the
-    pre-activation store when an activation is fused) and the backward is the op's own
-    (:func:`_gemm_backward`): the gradients of the full path, bit for bit, with one output and
-    no per-call set-up. ``ctx`` holds the plan's constant ``state`` in one attribute
+    """A planned call with a gradient: the forward is the plan's, shared with the C++ node (the
+    bound launch, with the pre-activation store when an activation is fused) and the backward
+    is the op's own (:func:`_gemm_backward`): the gradients of the full path, bit for bit, with
+    one output and no per-call set-up. ``ctx`` holds the plan's constant ``state`` in one attribute
     (autograd's per-call cost is most of a small call's host time). With ``state[5]`` (a
     planned ``linear``) ``b`` is the weight, ``(N, K)``: the full path's ``weight.t()`` view
     and its autograd node are left out, and the weight's gradient is the transpose of ``b``'s,
@@ -168,17 +168,12 @@ class _PlannedMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, plan, a, b, bias, residual):  # (plan first: a C partial binds it)
-        launch, state, hooked = plan
-        saved_b = b
+        forward, state, hooked = plan
+        out, saved = forward(a, b, bias, residual)
         if hooked is not None and saving_hooked():
             # checkpoint compares the saved tensors with the full path's: weight.t()
-            state, saved_b = hooked, b.t()
-        if state[0]:  # an activation: the launch also stores the pre-activation
-            out, pre = launch(a, b, bias, residual)
-            ctx.save_for_backward(a, saved_b, pre)
-        else:
-            out = launch(a, b, bias, residual)
-            ctx.save_for_backward(a, saved_b)
+            state, saved = hooked, (a, b.t()) + saved[2:]
+        ctx.save_for_backward(*saved)
         ctx.state = state
         return out
 
@@ -235,11 +230,6 @@ def _plan_2d(a, b, bias, residual, activation, out_dtype, grad=False, weight=Fal
         launch = launch_transposed(launch)
     if not grad:
         return launch
-    state = (act, act_param, bias is not None, residual is not None,
-             bias.dtype if bias is not None else None, weight, weight)
-    # (weight: under saved-tensor hooks the forward saves weight.t(), as the full path does)
-    plan = (launch, state, state[:-1] + (False,) if weight else None)
-    function_plan = functools.partial(_apply_planned, plan)  # (a C call: no Python frame)
     if act:  # the launch also stores the pre-activation, saved
         def forward(a, b, bias, residual):
             out, pre = launch(a, b, bias, residual)
@@ -247,6 +237,11 @@ def _plan_2d(a, b, bias, residual, activation, out_dtype, grad=False, weight=Fal
     else:
         def forward(a, b, bias, residual):
             return launch(a, b, bias, residual), (a, b)
+    state = (act, act_param, bias is not None, residual is not None,
+             bias.dtype if bias is not None else None, weight, weight)
+    # (weight: under saved-tensor hooks the forward saves weight.t(), as the full path does)
+    plan = (forward, state, state[:-1] + (False,) if weight else None)
+    function_plan = functools.partial(_apply_planned, plan)  # (a C call: no Python frame)
     return node_plan(function_plan, forward, _planned_backward, state)
 
 

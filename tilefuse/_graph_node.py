@@ -39,13 +39,11 @@ _STATE: dict = {}  # "attach": the loaded attach (None: unavailable), "error": w
 _OFF = [False]  # set_enabled(False)
 
 
-def cache_dir() -> Path:
-    env = os.environ.get("TILEFUSE_CACHE_DIR")
-    return Path(env).expanduser() if env else Path("~/.cache/tilefuse").expanduser()
-
-
 def ext_path() -> Path:
-    """Where the extension for this torch, Python and source lives."""
+    """Where the extension for this torch, Python and source lives: ``ext/`` in the tuning
+    DB's cache directory."""
+    from tilefuse.autotune.chain import cache_dir
+
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
     tag = f"torch{torch.__version__.replace('+', '_')}-{sys.implementation.cache_tag}-{digest}"
     return cache_dir() / "ext" / f"{_MODULE}-{tag}{sysconfig.get_config_var('EXT_SUFFIX')}"
